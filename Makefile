@@ -1,0 +1,58 @@
+# imgsim: `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.imgsim-installed
+# The embedded default's environment (Airflow home, DAG folder, spark_default, Spark paths).
+ENV = eval "$$($(VENV)/bin/imgsim env)"
+PYTEST_ARGS ?=
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v java >/dev/null || { echo "installing Java 17 (Spark needs it)"; \
+	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv from requirements.lock (pinned) and install imgsim into it
+
+demo: $(STAMP) ## set up, then index the offline demo archive (or IMGSIM_ARCHIVE_URL) and print the summary
+	$(VENV)/bin/imgsim demo
+
+test: $(STAMP) ## set up, then run the whole test suite (every marker)
+	$(ENV) && $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser markers)
+	$(ENV) && $(PY) -m pytest -m "not slow and not spark and not airflow and not browser" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check include spark_jobs dags tests
+	$(VENV)/bin/mypy
+
+airflow: $(STAMP) ## start the Airflow UI (standalone) on http://127.0.0.1:8080 with the DAGs loaded
+	@$(ENV) && airflow db migrate >/dev/null && \
+	  echo "Airflow UI: http://127.0.0.1:8080  user: admin  password: see $$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated" && \
+	  exec airflow standalone
+
+versions: $(STAMP) ## list the published model versions
+	$(VENV)/bin/imgsim versions
+
+lock: ## re-freeze requirements.lock from the current .venv
+	$(PY) -m pip freeze --all --exclude-editable | grep -v '^imgsim' > requirements.lock
+
+clean-data: ## delete the local data root and Airflow home (keeps .venv)
+	rm -rf data .airflow
+
+clean: clean-data ## also delete .venv
+	rm -rf $(VENV)
+
+.PHONY: help install demo test test-fast lint airflow versions lock clean-data clean

@@ -1,0 +1,148 @@
+"""The catalog: every reference image, identified by the sha256 of its bytes.
+
+Sources are the extracted archive(s) under ``images/`` and the daily drop folder
+``incoming/<date>/``. A run re-hashes only files whose size or mtime changed, marks images whose
+files disappeared as ``gone`` (they are never silently kept), and diffs the live set against
+the embedding store to say what must be embedded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgsim.config import Layout
+from imgsim.fsutil import sha256_file
+from imgsim.sources.labels import LabelRecord, find_images, read_labels
+from imgsim.store import embedded_ids, quarantined_ids, read_catalog, write_catalog
+
+log = logging.getLogger(__name__)
+
+LIVE = "live"
+GONE = "gone"
+INCOMING_LABELS = "labels.csv"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A folder of reference images and the labels that go with it."""
+
+    name: str                       # "archive:<folder>" or "incoming:<date>"
+    root: Path
+    labels: dict[str, LabelRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CatalogDiff:
+    live: int
+    new_images: int                 # ids first seen this run
+    gone: int                       # ids that went from live to gone this run
+    changed_paths: int              # files whose bytes changed at the same path
+    unlabelled: int                 # live images without a class
+    to_embed: list[dict[str, str]]  # [{"image_id", "path"}], sorted by id
+    quarantined_skipped: int
+
+    def summary(self) -> dict[str, int]:
+        return {"live": self.live, "new_images": self.new_images, "gone": self.gone,
+                "changed_paths": self.changed_paths, "unlabelled": self.unlabelled,
+                "to_embed": len(self.to_embed), "quarantined_skipped": self.quarantined_skipped}
+
+
+def incoming_source(layout: Layout, day: str) -> Source | None:
+    """``incoming/<day>/`` as a source (with its optional labels.csv), or None if absent."""
+    folder = layout.incoming_day(day)
+    if not folder.is_dir():
+        return None
+    labels_file = folder / INCOMING_LABELS
+    labels = read_labels(labels_file) if labels_file.exists() else {}
+    return Source(f"incoming:{day}", folder, labels)
+
+
+def _rel(layout: Layout, path: Path) -> str:
+    return path.resolve().relative_to(layout.root.resolve()).as_posix()
+
+
+def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
+                   backbone: str, *, full_rebuild: bool = False) -> CatalogDiff:
+    """Scan ``sources``, update the catalog atomically and return what must be embedded."""
+    previous = read_catalog(layout)
+    by_path: dict[str, dict[str, Any]] = {r["path"]: r for r in previous}
+    prev_status = {r["image_id"]: r["status"] for r in previous}
+    prev_first_seen = {r["image_id"]: r["first_seen"] for r in previous}
+
+    rows: dict[str, dict[str, Any]] = {}       # image_id -> row
+    changed = 0
+    seen_paths: set[str] = set()
+
+    def add(path: Path, source: str, label: LabelRecord | None) -> None:
+        nonlocal changed
+        rel = _rel(layout, path)
+        seen_paths.add(rel)
+        st = path.stat()
+        old = by_path.get(rel)
+        if old is not None and old["size"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
+            image_id = old["image_id"]
+        else:
+            image_id = sha256_file(path)
+            if old is not None and old["image_id"] != image_id:
+                changed += 1
+        row = rows.get(image_id)
+        if row is not None:             # the same bytes at several paths: one image
+            row["n_paths"] += 1
+            if row["class_id"] is None and label is not None:
+                row["class_id"], row["class_name"] = label.class_id, label.class_name
+            return
+        first_seen = prev_first_seen.get(image_id, run_date)
+        rows[image_id] = {
+            "image_id": image_id, "path": rel, "source": source, "file_name": path.name,
+            "class_id": label.class_id if label else None,
+            "class_name": label.class_name if label else None,
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns, "first_seen": first_seen,
+            "last_seen": run_date, "status": LIVE, "n_paths": 1,
+        }
+
+    for source in sources:
+        for path in find_images(source.root):
+            add(path, source.name, source.labels.get(path.name))
+
+    # Images catalogued by earlier runs from sources not scanned now (other days' drops):
+    # still live while their file exists unchanged; otherwise gone.
+    for old in previous:
+        if old["path"] in seen_paths or old["image_id"] in rows:
+            continue
+        path = layout.root / old["path"]
+        if old["status"] == LIVE and path.is_file():
+            st = path.stat()
+            if st.st_size == old["size"] and st.st_mtime_ns == old["mtime_ns"]:
+                rows[old["image_id"]] = dict(old)
+                continue
+            # Changed in place outside a scanned source: re-identify it.
+            add(path, old["source"], None)
+            if old["image_id"] in rows:
+                continue
+        gone_row = dict(old, status=GONE)
+        rows.setdefault(old["image_id"], gone_row)
+
+    gone_now = sum(1 for iid, r in rows.items()
+                   if r["status"] == GONE and prev_status.get(iid) == LIVE)
+    new_now = sum(1 for iid in rows if iid not in prev_status)
+    write_catalog(layout, rows.values())
+
+    live = {iid: r for iid, r in rows.items() if r["status"] == LIVE}
+    have = set() if full_rebuild else embedded_ids(layout, backbone)
+    bad = quarantined_ids(layout)
+    to_embed = [{"image_id": iid, "path": live[iid]["path"]}
+                for iid in sorted(live) if iid not in have and iid not in bad]
+    diff = CatalogDiff(
+        live=len(live), new_images=new_now, gone=gone_now, changed_paths=changed,
+        unlabelled=sum(1 for r in live.values() if r["class_id"] is None), to_embed=to_embed,
+        quarantined_skipped=sum(1 for iid in live if iid in bad))
+    log.info("catalog for %s: %s", run_date, diff.summary())
+    return diff
+
+
+def live_rows(layout: Layout) -> list[dict[str, Any]]:
+    return [r for r in read_catalog(layout) if r["status"] == LIVE]

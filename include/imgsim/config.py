@@ -1,0 +1,171 @@
+"""One settings module: every environment variable imgsim reads is read here, with its default.
+
+Nothing here imports torch, pyspark or PIL, so DAG files may import it at parse time.
+Settings are read when ``Settings.from_env()`` is called, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+#: The project checkout (``include/imgsim/config.py`` -> project root).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+STANFORD_ARCHIVE_URL = "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz"
+STANFORD_LABELS_URL = "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat"
+
+BACKBONES = ("resnet18", "efficientnet_lite0", "random")
+
+
+class ConfigError(ValueError):
+    """A setting has a value imgsim cannot use; the message names the variable."""
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = _env(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from exc
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a number") from exc
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The data root's layout (see README, "Data layout")."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    def incoming_day(self, day: str) -> Path:
+        return self.incoming / day
+
+    @property
+    def thumbs(self) -> Path:
+        return self.root / "thumbs"
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.root / "catalog"
+
+    @property
+    def catalog(self) -> Path:
+        return self.catalog_dir / "catalog.parquet"
+
+    def embeddings(self, backbone: str) -> Path:
+        return self.root / "embeddings" / backbone
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / "lsh"
+
+    @property
+    def staging(self) -> Path:
+        return self.models / ".staging"
+
+    @property
+    def current_pointer(self) -> Path:
+        return self.models / "CURRENT"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def queries(self) -> Path:
+        return self.root / "queries"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_root: Path = field(default_factory=lambda: PROJECT_ROOT / "data")
+    archive_url: str = STANFORD_ARCHIVE_URL
+    labels_url: str = STANFORD_LABELS_URL
+    archive_sha256: str = ""
+    labels_sha256: str = ""
+    backbone: str = "resnet18"
+    weights_path: str = ""
+    device: str = "auto"
+    batch_size: int = 32
+    shard_size: int = 1000
+    num_threads: int = 0
+    lsh_num_hash_tables: int = 12
+    lsh_bucket_length: float = 1.0
+    lsh_seed: int = 42
+    recall_floor: float = 0.8
+    validation_sample: int = 200
+    keep_versions: int = 5
+    max_image_pixels: int = 90_000_000
+    download_timeout_s: float = 60.0
+    download_retries: int = 5
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        backbone = _env("IMGSIM_BACKBONE", "resnet18")
+        if backbone not in BACKBONES:
+            raise ConfigError(f"IMGSIM_BACKBONE={backbone!r}; choose one of {', '.join(BACKBONES)}")
+        return cls(
+            data_root=Path(_env("IMGSIM_DATA_ROOT", str(PROJECT_ROOT / "data"))).resolve(),
+            archive_url=_env("IMGSIM_ARCHIVE_URL", STANFORD_ARCHIVE_URL),
+            labels_url=_env("IMGSIM_LABELS_URL", STANFORD_LABELS_URL),
+            archive_sha256=_env("IMGSIM_ARCHIVE_SHA256", ""),
+            labels_sha256=_env("IMGSIM_LABELS_SHA256", ""),
+            backbone=backbone,
+            weights_path=_env("IMGSIM_WEIGHTS", ""),
+            device=_env("IMGSIM_DEVICE", "auto"),
+            batch_size=_env_int("IMGSIM_BATCH_SIZE", 32, minimum=1),
+            shard_size=_env_int("IMGSIM_SHARD_SIZE", 1000, minimum=1),
+            num_threads=_env_int("IMGSIM_NUM_THREADS", 0),
+            lsh_num_hash_tables=_env_int("IMGSIM_LSH_NUM_HASH_TABLES", 12, minimum=1),
+            lsh_bucket_length=_env_float("IMGSIM_LSH_BUCKET_LENGTH", 1.0, minimum=1e-6),
+            lsh_seed=_env_int("IMGSIM_LSH_SEED", 42),
+            recall_floor=_env_float("IMGSIM_RECALL_FLOOR", 0.8),
+            validation_sample=_env_int("IMGSIM_VALIDATION_SAMPLE", 200, minimum=1),
+            keep_versions=_env_int("IMGSIM_KEEP_VERSIONS", 5, minimum=1),
+            max_image_pixels=_env_int("IMGSIM_MAX_IMAGE_PIXELS", 90_000_000, minimum=1),
+            download_timeout_s=_env_float("IMGSIM_DOWNLOAD_TIMEOUT_S", 60.0, minimum=0.1),
+            download_retries=_env_int("IMGSIM_DOWNLOAD_RETRIES", 5),
+        )
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.data_root)
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Path)
+                else getattr(self, f.name) for f in fields(self)}

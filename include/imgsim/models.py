@@ -1,0 +1,224 @@
+"""Model versions: naming, validation, atomic publish, rollback and retention.
+
+A version is built in ``models/lsh/.staging/<version>/`` by the Spark job, validated, then
+renamed into ``models/lsh/<version>/`` (a directory rename is atomic on one filesystem) and
+``CURRENT`` is replaced atomically to name it. A published version directory is never modified.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imgsim.config import Layout
+from imgsim.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+class ValidationFailed(RuntimeError):
+    """A fitted version did not pass validation; CURRENT was left unchanged."""
+
+
+class VersionNotFound(LookupError):
+    pass
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A sortable, unique version name such as ``v20261122T171400Z-3fa9c2``."""
+    now = now or datetime.now(UTC)
+    return f"v{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def check_version_name(version: str) -> str:
+    if not VERSION_RE.match(version):
+        raise ValueError(f"{version!r} is not a version name "
+                         "(expected like v20261122T171400Z-3fa9c2)")
+    return version
+
+
+@contextmanager
+def models_lock(layout: Layout) -> Iterator[None]:
+    """An exclusive lock over CURRENT changes (publish, rollback, prune) on this data root."""
+    layout.models.mkdir(parents=True, exist_ok=True)
+    with open(layout.models / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def current_version(layout: Layout) -> str | None:
+    try:
+        text = layout.current_pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def version_dir(layout: Layout, version: str) -> Path:
+    return layout.models / check_version_name(version)
+
+
+def published_versions(layout: Layout) -> list[str]:
+    """Published versions, oldest first (names sort by creation time)."""
+    if not layout.models.exists():
+        return []
+    return sorted(p.name for p in layout.models.iterdir()
+                  if p.is_dir() and VERSION_RE.match(p.name) and (p / "manifest.json").exists())
+
+
+def read_manifest(layout: Layout, version: str | None = None) -> dict[str, Any]:
+    """The manifest of ``version`` (default: CURRENT)."""
+    version = version or current_version(layout)
+    if version is None:
+        raise VersionNotFound(f"no published model under {layout.models} (CURRENT is missing); "
+                              "run the imgsim_index DAG first")
+    path = version_dir(layout, version) / "manifest.json"
+    if not path.exists():
+        raise VersionNotFound(f"model version {version} not found under {layout.models}")
+    manifest: dict[str, Any] = read_json(path)
+    return manifest
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    version: str
+    checks: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "checks": self.checks}
+
+
+def validate_staged(layout: Layout, version: str, *, expected_count: int,
+                    expected_fingerprint: str, backbone: str, recall_floor: float,
+                    hash_check_rows: int = 1000) -> ValidationReport:
+    """Check a staged version before it may become CURRENT; raise ValidationFailed if not fit.
+
+    Checks: the manifest is complete; the backbone is the configured one; the image count and
+    snapshot fingerprint equal what the catalog says; recall@k against exact search (from the
+    manifest) is at or above the floor; the reference table has one row per image; and the
+    model's hashes, recomputed here in NumPy from the saved random matrix, equal Spark's.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from imgsim.lsh import hash_vectors, load_brp_model
+
+    staged = layout.staging / check_version_name(version)
+    problems: list[str] = []
+    if not (staged / "manifest.json").exists():
+        raise ValidationFailed(f"{staged}: no manifest.json; the fit did not complete")
+    manifest = read_json(staged / "manifest.json")
+    checks: dict[str, Any] = {}
+
+    got_backbone = manifest.get("backbone", {}).get("name")
+    checks["backbone"] = got_backbone
+    if got_backbone != backbone:
+        problems.append(f"backbone {got_backbone!r} != configured {backbone!r}")
+    count = manifest.get("counts", {}).get("indexed")
+    checks["indexed"] = count
+    if count != expected_count:
+        problems.append(f"indexed {count} images, the catalog has {expected_count} with vectors")
+    fp = manifest.get("snapshot", {}).get("fingerprint")
+    if fp != expected_fingerprint:
+        problems.append("the embedding snapshot differs from the catalog's (fingerprint mismatch)")
+    recall = manifest.get("metrics", {}).get("recall_at_k")
+    checks["recall_at_k"] = recall
+    checks["recall_floor"] = recall_floor
+    if recall is None or recall < recall_floor:
+        problems.append(f"recall@k {recall} is below the floor {recall_floor} "
+                        "(raise numHashTables or bucketLength, or lower IMGSIM_RECALL_FLOOR)")
+
+    ref = pq.read_table(staged / "reference", columns=["image_id", "vector", "hashes"])
+    checks["reference_rows"] = ref.num_rows
+    ids = ref.column("image_id").to_pylist()
+    if ref.num_rows != count or len(set(ids)) != len(ids):
+        problems.append(f"reference table has {ref.num_rows} rows ({len(set(ids))} distinct ids), "
+                        f"manifest says {count}")
+    params = load_brp_model(staged / "model")
+    lsh = manifest.get("lsh", {})
+    if (params.num_hash_tables != lsh.get("numHashTables")
+            or params.bucket_length != lsh.get("bucketLength")):
+        problems.append(f"saved model ({params.num_hash_tables} tables, bucketLength "
+                        f"{params.bucket_length}) differs from the manifest's {lsh}")
+    head = ref.slice(0, hash_check_rows)
+    if head.num_rows:
+        x = np.stack([np.asarray(v, np.float32) for v in head.column("vector").to_pylist()])
+        h = np.stack([np.asarray(v, np.int64) for v in head.column("hashes").to_pylist()])
+        same = bool((hash_vectors(params, x) == h).all())
+        checks["numpy_hashes_match_spark"] = same
+        checks["hash_rows_checked"] = head.num_rows
+        if not same:
+            problems.append("hashes recomputed from the saved model differ from Spark's")
+    checks["problems"] = problems
+    report = ValidationReport(version, checks)
+    atomic_write_json(staged / "validation.json", report.as_dict())
+    if problems:
+        raise ValidationFailed(f"version {version} failed validation: " + "; ".join(problems))
+    log.info("version %s validated: %s", version, checks)
+    return report
+
+
+def publish(layout: Layout, version: str, *, keep: int = 5) -> str:
+    """Move a validated staged version into place and point CURRENT at it, atomically."""
+    staged = layout.staging / check_version_name(version)
+    final = layout.models / version
+    with models_lock(layout):
+        if not final.exists():
+            report = staged / "validation.json"
+            if not report.exists() or read_json(report)["checks"].get("problems"):
+                raise ValidationFailed(f"{version} has not passed validation; not publishing")
+            os.rename(staged, final)
+            fsync_dir(layout.models)
+        atomic_write_text(layout.current_pointer, version + "\n")
+        log.info("CURRENT -> %s", version)
+        prune(layout, keep)
+    return version
+
+
+def rollback(layout: Layout, version: str) -> str:
+    """Point CURRENT at an older published version, atomically."""
+    with models_lock(layout):
+        if version not in published_versions(layout):
+            raise VersionNotFound(f"cannot roll back: version {version} is not published under "
+                                  f"{layout.models}; published: {published_versions(layout)}")
+        atomic_write_text(layout.current_pointer, version + "\n")
+    log.info("rolled back: CURRENT -> %s", version)
+    return version
+
+
+def prune(layout: Layout, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` published versions (never CURRENT). Caller holds lock."""
+    versions = published_versions(layout)
+    current = current_version(layout)
+    doomed = [v for v in versions[:-keep] if v != current] if keep > 0 else []
+    for v in doomed:
+        # Rename first so a half-deleted directory is never seen as a version.
+        trash = layout.models / f".trash-{v}"
+        os.rename(layout.models / v, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("pruned old version %s", v)
+    return doomed
+
+
+def clean_staging(layout: Layout, keep: str | None = None) -> None:
+    """Remove abandoned staged versions (crashed or rejected fits), except ``keep``."""
+    if not layout.staging.exists():
+        return
+    for p in layout.staging.iterdir():
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,192 @@
+"""The embedding store (Parquet shards per backbone), the catalog table and the quarantine.
+
+Shard files are named by run and shard index, so re-running a shard replaces its file instead
+of adding a copy. Readers deduplicate by image id, keeping the newest row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imgsim.config import Layout
+from imgsim.fsutil import TMP_PREFIX, atomic_open, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CATALOG_COLUMNS = ("image_id", "path", "source", "file_name", "class_id", "class_name",
+                   "size", "mtime_ns", "first_seen", "last_seen", "status", "n_paths")
+
+
+def _pa() -> Any:
+    import pyarrow as pa
+
+    return pa
+
+
+def catalog_schema() -> Any:
+    pa = _pa()
+    return pa.schema([
+        ("image_id", pa.string()), ("path", pa.string()), ("source", pa.string()),
+        ("file_name", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
+        ("size", pa.int64()), ("mtime_ns", pa.int64()), ("first_seen", pa.string()),
+        ("last_seen", pa.string()), ("status", pa.string()), ("n_paths", pa.int32()),
+    ])
+
+
+def embedding_schema(dim: int | None = None) -> Any:
+    pa = _pa()
+    vec = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+    return pa.schema([
+        ("image_id", pa.string()), ("vector", vec), ("backbone", pa.string()),
+        ("run_key", pa.string()), ("shard", pa.int32()), ("embedded_at", pa.timestamp("us", "UTC")),
+    ])
+
+
+def write_parquet_atomic(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_open(path, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+
+
+def read_catalog(layout: Layout) -> list[dict[str, Any]]:
+    """All catalog rows (live and gone); empty when no catalog was written yet."""
+    import pyarrow.parquet as pq
+
+    if not layout.catalog.exists():
+        return []
+    return pq.read_table(layout.catalog).to_pylist()  # type: ignore[no-any-return]
+
+
+def write_catalog(layout: Layout, rows: Iterable[dict[str, Any]]) -> None:
+    pa = _pa()
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["image_id"]), schema=catalog_schema())
+    write_parquet_atomic(table, layout.catalog)
+
+
+def shard_files(layout: Layout, backbone: str) -> list[Path]:
+    root = layout.embeddings(backbone)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("part-*.parquet") if not p.name.startswith(TMP_PREFIX))
+
+
+def shard_path(layout: Layout, backbone: str, run_key: str, shard: int) -> Path:
+    return layout.embeddings(backbone) / f"part-{run_key}-{shard:05d}.parquet"
+
+
+def embedded_ids(layout: Layout, backbone: str) -> set[str]:
+    """Ids that have a vector in the store for ``backbone``."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for f in shard_files(layout, backbone):
+        ids.update(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+    return ids
+
+
+def write_shard(layout: Layout, backbone: str, run_key: str, shard: int,
+                rows: list[tuple[str, Any]], dim: int) -> Path:
+    """Write one shard (image id, float32 vector) atomically; returns its path."""
+    import numpy as np
+
+    pa = _pa()
+    now = datetime.now(UTC)
+    ids = [r[0] for r in rows]
+    flat = (np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]).reshape(-1)
+            if rows else np.zeros(0, np.float32))
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+    n = len(rows)
+    table = pa.Table.from_arrays(
+        [pa.array(ids, pa.string()), vectors, pa.array([backbone] * n, pa.string()),
+         pa.array([run_key] * n, pa.string()), pa.array([shard] * n, pa.int32()),
+         pa.array([now] * n, pa.timestamp("us", "UTC"))],
+        schema=embedding_schema(dim))
+    path = shard_path(layout, backbone, run_key, shard)
+    write_parquet_atomic(table, path)
+    return path
+
+
+def load_vectors(layout: Layout, backbone: str, ids: set[str] | None = None,
+                 ) -> tuple[list[str], Any]:
+    """Newest vector per image id (optionally only ``ids``), sorted by id: (ids, float32 matrix)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    newest: dict[str, tuple[Any, Any]] = {}
+    for f in shard_files(layout, backbone):
+        t = pq.read_table(f, columns=["image_id", "vector", "embedded_at"])
+        col_ids = t.column("image_id").to_pylist()
+        col_at = t.column("embedded_at").to_pylist()
+        vecs = t.column("vector").combine_chunks()
+        dim = vecs.type.list_size if hasattr(vecs.type, "list_size") else None
+        mat = vecs.flatten().to_numpy().reshape(len(col_ids), dim or -1)
+        for i, (iid, at) in enumerate(zip(col_ids, col_at, strict=True)):
+            if ids is not None and iid not in ids:
+                continue
+            prev = newest.get(iid)
+            if prev is None or at >= prev[0]:
+                newest[iid] = (at, mat[i])
+    keys = sorted(newest)
+    if not keys:
+        return [], np.zeros((0, 0), np.float32)
+    return keys, np.stack([newest[k][1] for k in keys]).astype(np.float32, copy=False)
+
+
+def snapshot_fingerprint(ids: Iterable[str]) -> str:
+    """The identity of an embedding snapshot: sha256 of the sorted ids, one per line."""
+    digest = hashlib.sha256()
+    for iid in sorted(ids):
+        digest.update(iid.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+# -- quarantine -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    image_id: str
+    source_path: str
+    reason: str
+    detail: str
+    run_key: str
+    quarantined_at: str
+
+
+def quarantine(layout: Layout, image_id: str, source: Path, reason: str, detail: str,
+               run_key: str) -> QuarantineRecord:
+    """Copy a rejected input into quarantine/ with a reason file (the original is not touched)."""
+    record = QuarantineRecord(image_id, str(source), reason, detail, run_key,
+                              datetime.now(UTC).isoformat())
+    layout.quarantine.mkdir(parents=True, exist_ok=True)
+    copy = layout.quarantine / f"{image_id}{source.suffix.lower()}"
+    if source.exists() and not copy.exists():
+        with open(source, "rb") as fin, atomic_open(copy, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    atomic_write_json(layout.quarantine / f"{image_id}.json", record.__dict__)
+    return record
+
+
+def quarantined_ids(layout: Layout) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if not layout.quarantine.exists():
+        return out
+    for f in layout.quarantine.glob("*.json"):
+        if f.name.startswith(TMP_PREFIX):
+            continue
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("unreadable quarantine record %s", f)
+            continue
+        out[rec["image_id"]] = rec
+    return out

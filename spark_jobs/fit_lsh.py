@@ -1,0 +1,282 @@
+"""Fit BucketedRandomProjectionLSH on all live embeddings and write a new model version.
+
+    spark-submit --master 'local[*]' spark_jobs/fit_lsh.py \
+        --data-root data --backbone resnet18 --version v20261122T170000Z-ab12cd \
+        --num-hash-tables 12 --bucket-length 1.0 --seed 42 --run-id manual
+
+Reads ``catalog/catalog.parquet`` (live images) and ``embeddings/<backbone>/part-*.parquet``
+(newest vector per image id), L2-normalises the vectors, fits the LSH, hashes the reference
+set and writes, into ``models/lsh/.staging/<version>/``:
+
+* ``model/``      the Spark model (``BucketedRandomProjectionLSHModel.load``)
+* ``reference/``  the hashed reference table: image_id, path, class_id, class_name,
+                  vector (array<float>, unit length), hashes (array<bigint>, one per table)
+* ``manifest.json`` written last: backbone, LSH parameters, snapshot, counts and metrics
+  (leave-one-out recall@k against exact search on a sample, computed partition by partition).
+
+The version is published by the DAG's validate/publish tasks, never by this job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark.ml.feature import BucketedRandomProjectionLSH, BucketedRandomProjectionLSHModel
+from pyspark.ml.functions import array_to_vector, vector_to_array
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from imgsim.config import Layout
+from imgsim.fsutil import atomic_write_json, read_json
+
+log = logging.getLogger("imgsim.fit_lsh")
+
+MANIFEST_FORMAT = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", required=True, type=Path)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--num-hash-tables", type=int, default=12)
+    p.add_argument("--bucket-length", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--sample-size", type=int, default=200)
+    p.add_argument("--run-id", default="manual")
+    args = p.parse_args(argv)
+    if args.num_hash_tables < 1:
+        p.error("--num-hash-tables must be >= 1")
+    if args.bucket_length <= 0:
+        p.error("--bucket-length must be > 0")
+    if not args.version or "/" in args.version or args.version.startswith("."):
+        p.error(f"--version {args.version!r} is not a valid version name")
+    return args
+
+
+# -- read ---------------------------------------------------------------------------------------
+
+def read_live_catalog(spark: SparkSession, layout: Layout) -> DataFrame:
+    if not layout.catalog.exists():
+        raise FileNotFoundError(f"{layout.catalog}: no catalog; run the catalog task first")
+    return (spark.read.parquet(str(layout.catalog))
+            .where(F.col("status") == "live")
+            .select("image_id", "path", "class_id", "class_name"))
+
+
+def read_embeddings(spark: SparkSession, layout: Layout,
+                    backbone: str) -> tuple[DataFrame, list[str]]:
+    root = layout.embeddings(backbone)
+    files = sorted(str(p) for p in root.glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no embedding shards for backbone {backbone!r}")
+    return spark.read.parquet(*files).select("image_id", "vector", "embedded_at"), files
+
+
+# -- transform ----------------------------------------------------------------------------------
+
+def newest_per_image(embeddings: DataFrame) -> DataFrame:
+    """One row per image id: the most recently embedded vector."""
+    w = Window.partitionBy("image_id").orderBy(F.col("embedded_at").desc())
+    return (embeddings.withColumn("_rn", F.row_number().over(w))
+            .where(F.col("_rn") == 1).drop("_rn", "embedded_at"))
+
+
+def live_vectors(catalog: DataFrame, embeddings: DataFrame) -> DataFrame:
+    """Live images that have a vector, with unit-length ``features`` for the LSH."""
+    joined = catalog.join(newest_per_image(embeddings), "image_id", "inner")
+    norm = F.sqrt(F.aggregate("vector", F.lit(0.0).cast("double"), lambda acc, x: acc + x * x))
+    safe = F.when(norm > 0, norm).otherwise(1.0)
+    unit = F.transform("vector", lambda x: (x / safe).cast("float"))
+    return (joined.withColumn("vector", unit)
+            .withColumn("features", array_to_vector("vector")))
+
+
+def flatten_hashes(hashed: DataFrame) -> DataFrame:
+    """Spark's array<vector(1)> hashes -> array<bigint>, one bucket id per table."""
+    return hashed.withColumn(
+        "hashes", F.transform("hashes", lambda h: vector_to_array(h)[0].cast("long")))
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def sample_queries(ref: DataFrame, n: int, seed: int) -> pd.DataFrame:
+    ordered = ref.select("image_id", "vector", "hashes", "class_id").orderBy(
+        F.xxhash64(F.col("image_id"), F.lit(seed)))
+    return ordered.limit(n).toPandas()
+
+
+def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates."""
+    q_ids = queries["image_id"].tolist()
+    q_vec = np.stack(queries["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+    q_hash = np.stack(queries["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
+    bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, q_hash))
+    kk = k + 1   # the query itself is in the reference set
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ids_, qv, qh = bq.value
+        for b in batches:
+            if b.empty:
+                continue
+            ids = b["image_id"].to_numpy()
+            x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+            h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
+            d = ((qv * qv).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * qv @ x.T)
+            d = np.sqrt(np.maximum(d, 0.0))
+            cand = (qh[:, None, :] == h[None, :, :]).any(axis=2)
+            out: list[tuple[str, str, str | None, float, int]] = []
+            for qi, qid in enumerate(ids_):
+                for kind, allowed in (("exact", None), ("lsh", np.flatnonzero(cand[qi]))):
+                    idx = np.arange(len(ids)) if allowed is None else allowed
+                    if idx.size:
+                        sel = idx[np.argsort(d[qi, idx], kind="stable")[:kk]]
+                        out.extend((qid, kind, ids[j], float(d[qi, j]), 0) for j in sel)
+                out.append((qid, "count", None, 0.0, int(cand[qi].sum())))
+            yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
+
+    schema = T.StructType([
+        T.StructField("query_id", T.StringType()), T.StructField("kind", T.StringType()),
+        T.StructField("image_id", T.StringType()), T.StructField("distance", T.DoubleType()),
+        T.StructField("n", T.LongType())])
+    return ref.select("image_id", "vector", "hashes").mapInPandas(run, schema).toPandas()
+
+
+def recall_metrics(parts: pd.DataFrame, queries: pd.DataFrame, labels: dict[str, Any],
+                   total: int, k: int) -> dict[str, Any]:
+    """Merge partition results: recall@k of the LSH against exact, share compared, label hits."""
+    recalls, shares, precisions, hits, short = [], [], [], [], 0
+    for qid, qclass in zip(queries["image_id"], queries["class_id"], strict=True):
+        rows = parts[parts["query_id"] == qid]
+
+        def best(kind: str, _rows: pd.DataFrame = rows, _qid: str = qid) -> list[str]:
+            r = _rows[(_rows["kind"] == kind) & (_rows["image_id"] != _qid)]
+            return r.sort_values(["distance", "image_id"])["image_id"].head(k).tolist()
+
+        exact, approx = best("exact"), best("lsh")
+        recalls.append(len(set(exact) & set(approx)) / max(len(exact), 1))
+        compared = int(rows.loc[rows["kind"] == "count", "n"].sum()) - 1
+        shares.append(max(compared, 0) / max(total - 1, 1))
+        short += int(len(approx) < min(k, total - 1))
+        if qclass is not None and not pd.isna(qclass):
+            same = [labels.get(i) == qclass for i in approx]
+            precisions.append(sum(same) / k)
+            hits.append(float(any(same)))
+    n = len(recalls)
+    return {
+        "k": k, "queries": n,
+        "recall_at_k": float(np.mean(recalls)) if n else None,
+        "candidates_share": float(np.mean(shares)) if n else None,
+        "short_answers": short,
+        "label_precision_at_k": float(np.mean(precisions)) if precisions else None,
+        "label_hit_at_k": float(np.mean(hits)) if hits else None,
+    }
+
+
+# -- write --------------------------------------------------------------------------------------
+
+def write_version(model: BucketedRandomProjectionLSHModel, reference: DataFrame,
+                  out_dir: Path) -> None:
+    model.write().overwrite().save(str(out_dir / "model"))
+    (reference.select("image_id", "path", "class_id", "class_name", "vector", "hashes")
+     .orderBy("image_id").write.mode("overwrite").parquet(str(out_dir / "reference")))
+
+
+def fingerprint(ids: list[str]) -> str:
+    digest = hashlib.sha256()
+    for iid in sorted(ids):
+        digest.update(iid.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
+    layout = Layout(args.data_root.resolve())
+    out_dir = layout.staging / args.version
+    if out_dir.exists():                       # a retry of the same run: start clean
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+    catalog = read_live_catalog(spark, layout).cache()
+    embeddings, files = read_embeddings(spark, layout, args.backbone)
+    data = live_vectors(catalog, embeddings).cache()
+    n_live = catalog.count()
+    n = data.count()
+    if n == 0:
+        raise ValueError("no live image has an embedding: nothing to index")
+    dims = data.select(F.size("vector").alias("d")).distinct().collect()
+    if len(dims) != 1:
+        raise ValueError(f"embeddings of mixed dimensions {sorted(r.d for r in dims)} in {files}")
+    ids = [r.image_id for r in data.select("image_id").collect()]
+
+    t0 = time.perf_counter()
+    lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes",
+                                      bucketLength=args.bucket_length,
+                                      numHashTables=args.num_hash_tables, seed=args.seed)
+    model = lsh.fit(data)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = flatten_hashes(model.transform(data)).drop("features").cache()
+    reference.count()
+    transform_s = time.perf_counter() - t0
+
+    queries = sample_queries(reference, args.sample_size, args.seed)
+    t0 = time.perf_counter()
+    parts = partial_neighbours(reference, queries, args.k)
+    labels = {r.image_id: r.class_id for r in data.select("image_id", "class_id").collect()}
+    metrics = recall_metrics(parts, queries, labels, n, args.k)
+    metrics.update(fit_seconds=round(fit_s, 3), transform_seconds=round(transform_s, 3),
+                   evaluation_seconds=round(time.perf_counter() - t0, 3))
+
+    write_version(model, reference, out_dir)
+    backbone_file = layout.embeddings(args.backbone) / "BACKBONE.json"
+    backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": args.version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "run_id": args.run_id,
+        "backbone": backbone,
+        "embedding_dim": int(dims[0].d),
+        "normalize": "l2",
+        "distance": "euclidean on unit vectors",
+        "lsh": {"algorithm": "BucketedRandomProjectionLSH",
+                "numHashTables": args.num_hash_tables,
+                "bucketLength": args.bucket_length, "seed": args.seed},
+        "snapshot": {"fingerprint": fingerprint(ids), "count": n,
+                     "shard_files": [Path(f).name for f in files]},
+        "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},
+        "metrics": metrics,
+        "spark": {"version": spark.version, "master": spark.sparkContext.master},
+        "files": {"model": "model", "reference": "reference"},
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    log.info("wrote %s: %d images, recall@%d=%s", out_dir, n, args.k, metrics["recall_at_k"])
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = parse_args(argv)
+    spark = SparkSession.builder.appName(f"imgsim-fit-lsh-{args.version}").getOrCreate()
+    try:
+        run(spark, args)
+    finally:
+        spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
