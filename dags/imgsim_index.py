@@ -63,9 +63,10 @@ Backfill past days (each reads its own `incoming/<date>/`):
                           title="Backbone", description="CNN that embeds the images"),
         "num_hash_tables": Param(DEFAULTS.lsh_num_hash_tables, type="integer", minimum=1,
                                  maximum=512, title="LSH hash tables (numHashTables)"),
-        "bucket_length": Param(DEFAULTS.lsh_bucket_length, type="number", exclusiveMinimum=0,
-                               maximum=100, title="LSH bucket length",
-                               description="on L2-normalised vectors (distances 0..2)"),
+        "bucket_length": Param(DEFAULTS.lsh_bucket_length, type="number", minimum=0,
+                               maximum=100, title="LSH bucket length (0 = auto)",
+                               description="bucket width of the projections of L2-normalised "
+                                           "vectors; 0 derives it from the data's scale"),
         "full_rebuild": Param(False, type="boolean", title="Full rebuild",
                               description="re-embed every image and refit even if unchanged"),
     },

@@ -69,7 +69,9 @@ def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
                    backbone: str, *, full_rebuild: bool = False) -> CatalogDiff:
     """Scan ``sources``, update the catalog atomically and return what must be embedded."""
     previous = read_catalog(layout)
-    by_path: dict[str, dict[str, Any]] = {r["path"]: r for r in previous}
+    # Only live rows vouch for a path's bytes: a gone row may share its path with the live row
+    # of the file that replaced it.
+    by_path: dict[str, dict[str, Any]] = {r["path"]: r for r in previous if r["status"] == LIVE}
     prev_status = {r["image_id"]: r["status"] for r in previous}
     prev_first_seen = {r["image_id"]: r["first_seen"] for r in previous}
 
@@ -111,10 +113,11 @@ def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
     # Images catalogued by earlier runs from sources not scanned now (other days' drops):
     # still live while their file exists unchanged; otherwise gone.
     for old in previous:
-        if old["path"] in seen_paths or old["image_id"] in rows:
+        if old["image_id"] in rows:
             continue
         path = layout.root / old["path"]
-        if old["status"] == LIVE and path.is_file():
+        # A path scanned this run that no longer holds these bytes: the old image is gone.
+        if old["status"] == LIVE and old["path"] not in seen_paths and path.is_file():
             st = path.stat()
             if st.st_size == old["size"] and st.st_mtime_ns == old["mtime_ns"]:
                 rows[old["image_id"]] = dict(old)

@@ -124,8 +124,8 @@ class Settings:
     batch_size: int = 32
     shard_size: int = 1000
     num_threads: int = 0
-    lsh_num_hash_tables: int = 12
-    lsh_bucket_length: float = 1.0
+    lsh_num_hash_tables: int = 8
+    lsh_bucket_length: float = 0.0   # 0 = auto, from the data's scale
     lsh_seed: int = 42
     recall_floor: float = 0.8
     validation_sample: int = 200
@@ -151,8 +151,8 @@ class Settings:
             batch_size=_env_int("IMGSIM_BATCH_SIZE", 32, minimum=1),
             shard_size=_env_int("IMGSIM_SHARD_SIZE", 1000, minimum=1),
             num_threads=_env_int("IMGSIM_NUM_THREADS", 0),
-            lsh_num_hash_tables=_env_int("IMGSIM_LSH_NUM_HASH_TABLES", 12, minimum=1),
-            lsh_bucket_length=_env_float("IMGSIM_LSH_BUCKET_LENGTH", 1.0, minimum=1e-6),
+            lsh_num_hash_tables=_env_int("IMGSIM_LSH_NUM_HASH_TABLES", 8, minimum=1),
+            lsh_bucket_length=_env_float("IMGSIM_LSH_BUCKET_LENGTH", 0.0),
             lsh_seed=_env_int("IMGSIM_LSH_SEED", 42),
             recall_floor=_env_float("IMGSIM_RECALL_FLOOR", 0.8),
             validation_sample=_env_int("IMGSIM_VALIDATION_SAMPLE", 200, minimum=1),

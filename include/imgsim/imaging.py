@@ -9,7 +9,6 @@ PIL is imported lazily so this module is cheap to import from DAG files.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,29 +51,31 @@ def load_rgb(path: str | Path, *, max_pixels: int = 90_000_000,
         raise ImageRejected(p, "unreadable", str(exc)) from exc
     if size == 0:
         raise ImageRejected(p, "empty", "the file has 0 bytes")
+    # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that. Our own limit is checked
+    # from the header right after open (before any pixel is decoded), so PIL's threshold only
+    # needs to be no stricter than ours. (No warnings filters: decoding runs in threads.)
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise ImageRejected(
-                        p, "too_large",
-                        f"{width}x{height} = {width * height} pixels exceeds the limit of "
-                        f"{max_pixels} (IMGSIM_MAX_IMAGE_PIXELS)")
-                if width < 8 or height < 8:
-                    raise ImageRejected(p, "too_small", f"{width}x{height} is below 8x8 pixels")
-                fmt = im.format or "unknown"
-                mode = im.mode
-                if draft_size is not None and fmt == "JPEG" and mode in ("RGB", "L", "CMYK"):
-                    # DCT-domain downscaling: decodes at >= draft_size, 2-4x faster for photos.
-                    im.draft("RGB" if mode != "CMYK" else "CMYK", draft_size)
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(im)
+        with Image.open(p) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    p, "too_large",
+                    f"{width}x{height} = {width * height} pixels exceeds the limit of "
+                    f"{max_pixels} (IMGSIM_MAX_IMAGE_PIXELS)")
+            if width < 8 or height < 8:
+                raise ImageRejected(p, "too_small", f"{width}x{height} is below 8x8 pixels")
+            fmt = im.format or "unknown"
+            mode = im.mode
+            if draft_size is not None and fmt == "JPEG" and mode in ("RGB", "L", "CMYK"):
+                # DCT-domain downscaling: decodes at >= draft_size, 2-4x faster for photos.
+                im.draft("RGB" if mode != "CMYK" else "CMYK", draft_size)
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
     except ImageRejected:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageRejected(p, "decompression_bomb", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected(p, "not_an_image", "not a recognised image format") from exc
@@ -93,8 +94,8 @@ def _to_rgb(im: Image) -> Image:
         background = PILImage.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits by the image's own range.
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit integer or float greyscale: scale to 8 bits by the image's own range.
         import numpy as np
 
         arr = np.asarray(im, dtype=np.float64)

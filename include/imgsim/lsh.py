@@ -39,8 +39,9 @@ def _matrix_from_udt(m: dict[str, Any]) -> np.ndarray:
     values = np.asarray(m["values"], dtype=np.float64)
     transposed = bool(m.get("isTransposed"))
     if int(m["type"]) == 1:
-        order = "C" if transposed else "F"
-        return values.reshape((rows, cols), order=order)
+        if transposed:                       # row-major values
+            return values.reshape((rows, cols), order="C")
+        return values.reshape((rows, cols), order="F")
     dense = np.zeros((rows, cols))
     col_ptrs, row_idx = m["colPtrs"], m["rowIndices"]
     major = rows if transposed else cols
@@ -97,8 +98,14 @@ def top_k(dist_row: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np
         return idx
     sub = dist_row[idx]
     kk = min(k, idx.size)
-    part = np.argpartition(sub, kk - 1)[:kk] if kk < idx.size else np.arange(idx.size)
-    order = np.lexsort((idx[part], sub[part]))
+    if kk < idx.size:
+        # Keep every entry tied with the k-th smallest: argpartition alone picks an arbitrary
+        # subset of the ties, which would break the tie-by-index order.
+        kth = np.partition(sub, kk - 1)[kk - 1]
+        part = np.flatnonzero(sub <= kth)
+    else:
+        part = np.arange(idx.size)
+    order = np.lexsort((idx[part], sub[part]))[:kk]
     return idx[part][order]
 
 

@@ -190,7 +190,8 @@ def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_len
     same = (current["snapshot"]["fingerprint"] == fingerprint
             and current["backbone"].get("name") == backbone
             and current["lsh"]["numHashTables"] == int(num_hash_tables)
-            and float(current["lsh"]["bucketLength"]) == float(bucket_length))
+            and float(current["lsh"].get("requested_bucket_length",
+                                         current["lsh"]["bucketLength"])) == float(bucket_length))
     if same and not full_rebuild:
         log.info("nothing changed since %s (%d images): no refit", current["version"],
                  len(indexed))

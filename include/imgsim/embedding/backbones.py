@@ -177,7 +177,7 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto") ->
                                    f"{tkey} {tuple(tval.shape)}")
             renamed[tkey] = sval
         model.load_state_dict(renamed, strict=True)
-        model.reset_classifier(0)
+        model.reset_classifier(0)  # type: ignore[operator]
         spec = BackboneSpec(name, 1280, wpath.name, sha256_file(wpath), EFFICIENTNET_PREPROCESSING)
         preprocess = _efficientnet_preprocess()
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,19 +86,19 @@ def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *, batch_size: i
     done = 0
     started = time.monotonic()
     last_log = started
+    Pending = tuple[Sequence[EmbedItem], list[Future[torch.Tensor | Rejected]]]
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
         # Decode of batch i+1 is submitted before the forward pass of batch i.
-        pending = None
         batch_iter = iter(_batches(items, batch_size))
 
-        def submit(batch: Sequence[EmbedItem] | None) -> object:
-            if batch is None:
+        def submit(chunk: Sequence[EmbedItem] | None) -> Pending | None:
+            if chunk is None:
                 return None
-            return batch, [pool.submit(_prepare, it, backbone, max_pixels) for it in batch]
+            return chunk, [pool.submit(_prepare, it, backbone, max_pixels) for it in chunk]
 
         pending = submit(next(batch_iter, None))
         while pending is not None:
-            batch, futures = pending  # type: ignore[misc]
+            batch, futures = pending
             prepared = [f.result() for f in futures]
             pending = submit(next(batch_iter, None))
             tensors = [p for p in prepared if not isinstance(p, Rejected)]

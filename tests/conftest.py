@@ -1,0 +1,64 @@
+"""Shared fixtures: paths to the shared real data, a local SparkSession, the Airflow env."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SAMPLE_DIR = SHARED_DATA / "stanford_cars_sample"
+LABELS_DIR = SHARED_DATA / "stanford_cars_labels"
+
+
+def require_sample() -> Path:
+    """The shared real Stanford Cars sample, or skip with the reason."""
+    if not (SAMPLE_DIR / "labels.csv").exists():
+        pytest.skip(f"needs the shared Stanford Cars sample at {SAMPLE_DIR} (absent here)")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return require_sample()
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[object]:
+    """One local SparkSession for the whole test session (marker: spark)."""
+    from imgsim.envsetup import embedded_environment
+
+    for key in ("SPARK_LOCAL_IP", "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON"):
+        os.environ.setdefault(key, embedded_environment()[key])
+    from pyspark.sql import SparkSession
+
+    session = (SparkSession.builder.master("local[2]").appName("imgsim-tests")
+               .config("spark.sql.shuffle.partitions", "4")
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.session.timeZone", "UTC")
+               .getOrCreate())
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An isolated embedded-default environment (own Airflow home, migrated once)."""
+    from imgsim.envsetup import embedded_environment
+
+    home = tmp_path_factory.mktemp("airflow-home")
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AIRFLOW", "IMGSIM_"))}
+    base["AIRFLOW_HOME"] = str(home)
+    env = embedded_environment(base)
+    env["AIRFLOW_HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    airflow = str(Path(sys.executable).parent / "airflow")
+    proc = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return env

@@ -1,0 +1,136 @@
+"""spark_jobs/fit_lsh.py on one local SparkSession."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsim.config import Layout
+from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.models import validate_staged
+from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
+import fit_lsh  # needs the sys.path entry above
+
+pytestmark = pytest.mark.spark
+
+
+def make_store(root: Path, n: int = 400, dim: int = 16, gone: int = 5) -> Layout:
+    layout = Layout(root)
+    rng = np.random.default_rng(1)
+    ids = [f"{i:064x}" for i in range(n)]
+    rows = [{"image_id": iid, "path": f"images/a/{k}.jpg", "source": "archive:a",
+             "file_name": f"{k}.jpg", "class_id": k % 7, "class_name": f"class {k % 7}",
+             "size": 1, "mtime_ns": 1, "first_seen": "2026-01-01", "last_seen": "2026-01-01",
+             "status": "gone" if k < gone else "live", "n_paths": 1}
+            for k, iid in enumerate(ids)]
+    write_catalog(layout, rows)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    half = n // 2
+    write_shard(layout, "random", "run1", 0, list(zip(ids[:half], x[:half], strict=True)), dim)
+    write_shard(layout, "random", "run1", 1, list(zip(ids[half:], x[half:], strict=True)), dim)
+    atomic_write_json(layout.embeddings("random") / "BACKBONE.json",
+                      {"name": "random", "dim": dim})
+    return layout
+
+
+def test_newest_per_image_keeps_latest(spark) -> None:
+    from pyspark.testing import assertDataFrameEqual
+
+    t1, t2 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
+    df = spark.createDataFrame(
+        [("a", [1.0], t1), ("a", [2.0], t2), ("b", [3.0], t1)],
+        "image_id string, vector array<float>, embedded_at timestamp")
+    expected = spark.createDataFrame([("a", [2.0]), ("b", [3.0])],
+                                     "image_id string, vector array<float>")
+    assertDataFrameEqual(fit_lsh.newest_per_image(df), expected)
+
+
+def test_live_vectors_are_unit_length_and_skip_gone(spark) -> None:
+    catalog = spark.createDataFrame([("a", "p", 1, "x"), ("c", "q", 2, "y")],
+                                    "image_id string, path string, class_id int, class_name string")
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    emb = spark.createDataFrame([("a", [3.0, 4.0], t), ("b", [1.0, 0.0], t)],
+                                "image_id string, vector array<float>, embedded_at timestamp")
+    rows = fit_lsh.live_vectors(catalog, emb).collect()
+    assert [r.image_id for r in rows] == ["a"]
+    assert rows[0].vector == pytest.approx([0.6, 0.8])
+
+
+def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
+    layout = make_store(tmp_path / "data")
+    args = fit_lsh.parse_args(["--data-root", str(layout.root), "--backbone", "random",
+                               "--version", "v20260101T000000Z-abcdef", "--num-hash-tables", "6",
+                               "--bucket-length", "2.0", "--sample-size", "50"])
+    manifest = fit_lsh.run(spark, args)
+    staged = layout.staging / "v20260101T000000Z-abcdef"
+    assert read_json(staged / "manifest.json") == manifest
+    assert manifest["counts"] == {"catalog_live": 395, "indexed": 395, "without_embedding": 0}
+    live_ids = [f"{i:064x}" for i in range(5, 400)]
+    assert manifest["snapshot"]["fingerprint"] == snapshot_fingerprint(live_ids)
+    assert manifest["lsh"]["numHashTables"] == 6
+    assert manifest["metrics"]["queries"] == 50
+    assert 0.0 < manifest["metrics"]["candidates_share"] <= 1.0
+    # Leave-one-out recall from the Spark job equals the NumPy twin's on the same sample.
+    report = validate_staged(layout, "v20260101T000000Z-abcdef", expected_count=395,
+                             expected_fingerprint=snapshot_fingerprint(live_ids),
+                             backbone="random", recall_floor=0.0)
+    assert report.checks["numpy_hashes_match_spark"] is True
+    assert report.checks["reference_rows"] == 395
+
+
+def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from imgsim.lsh import leave_one_out_recall, load_brp_model
+
+    layout = make_store(tmp_path / "data", n=300, dim=8, gone=0)
+    version = "v20260101T000000Z-000001"
+    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
+        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
+        "--num-hash-tables", "3", "--bucket-length", "0.5", "--sample-size", "300"]))
+    staged = layout.staging / version
+    ref = pq.read_table(staged / "reference").to_pydict()
+    x = np.array(ref["vector"], dtype=np.float32)
+    h = np.array(ref["hashes"], dtype=np.int64)
+    params = load_brp_model(staged / "model")
+    twin = leave_one_out_recall(x, h, np.arange(len(x)), k=5)
+    assert manifest["metrics"]["recall_at_k"] == pytest.approx(twin.recall_at_k, abs=1e-9)
+    assert manifest["metrics"]["candidates_share"] == pytest.approx(twin.candidates_share)
+    assert params.num_hash_tables == 3
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        fit_lsh.parse_args(["--data-root", "x", "--backbone", "b", "--version", "../evil"])
+    with pytest.raises(SystemExit):
+        fit_lsh.parse_args(["--data-root", "x", "--backbone", "b", "--version", "v",
+                            "--bucket-length", "-1"])
+
+
+def test_missing_embeddings_is_a_clear_error(spark, tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "data")
+    write_catalog(layout, [])
+    args = fit_lsh.parse_args(["--data-root", str(layout.root), "--backbone", "random",
+                               "--version", "v20260101T000000Z-000002"])
+    with pytest.raises(FileNotFoundError, match="no embedding shards"):
+        fit_lsh.run(spark, args)
+
+
+def test_auto_bucket_length_follows_the_scale_of_the_data(spark, tmp_path: Path) -> None:
+    layout = make_store(tmp_path / "data", n=300, dim=64, gone=0)
+    version = "v20260101T000000Z-000003"
+    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
+        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
+        "--num-hash-tables", "4", "--bucket-length", "0", "--sample-size", "20"]))
+    lsh = manifest["lsh"]
+    # Random Gaussian vectors, normalised: pair distances are about sqrt(2).
+    assert lsh["median_pair_distance"] == pytest.approx(np.sqrt(2), rel=0.05)
+    assert lsh["bucketLength"] == pytest.approx(0.5 * lsh["median_pair_distance"] / 8.0)
+    assert lsh["requested_bucket_length"] == 0
+    assert 0.0 < manifest["metrics"]["candidates_share"] < 1.0

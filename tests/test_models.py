@@ -1,0 +1,456 @@
+"""Model versions: validation of a staged fit, atomic publish, rollback, retention, the fit gate."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imgsim import models, pipeline
+from imgsim.config import Layout, Settings
+from imgsim.fsutil import TMP_PREFIX, read_json
+from imgsim.lsh import l2_normalize
+from imgsim.models import ValidationFailed, VersionNotFound
+from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
+
+BACKBONE = "random"
+DIM = 6
+TABLES = 3
+BUCKET = 0.5
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+MATRIX_UDT = pa.struct([
+    ("type", pa.int8()), ("numRows", pa.int32()), ("numCols", pa.int32()),
+    ("colPtrs", pa.list_(pa.int32())), ("rowIndices", pa.list_(pa.int32())),
+    ("values", pa.list_(pa.float64())), ("isTransposed", pa.bool_()),
+])
+REFERENCE_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("path", pa.string()), ("class_id", pa.int32()),
+    ("class_name", pa.string()), ("vector", pa.list_(pa.float32())),
+    ("hashes", pa.list_(pa.int64())),
+])
+
+
+def version_at(minutes: int) -> str:
+    return models.new_version(T0 + timedelta(minutes=minutes))
+
+
+def make_ids(n: int, prefix: str = "") -> list[str]:
+    return [f"{prefix}{i:064x}"[-64:] for i in range(n)]
+
+
+def build_version(root: Path, version: str, ids: list[str], *, backbone: str = BACKBONE,
+                  num_hash_tables: int = TABLES, bucket_length: float = BUCKET,
+                  recall: float | None = 0.95, seed: int = 0,
+                  manifest_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fitted version laid out as spark_jobs/fit_lsh.py writes it, under ``root/version``.
+
+    model/metadata/part-00000: Spark's JSON metadata line; model/data/*.parquet: one row with
+    the random matrix as a dense, row-major (isTransposed) MatrixUDT; reference/*.parquet: the
+    unit vectors and their hashes floor(R @ x / w); manifest.json last. Returns the manifest.
+    """
+    rng = np.random.default_rng(seed)
+    matrix = rng.normal(size=(num_hash_tables, DIM))
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    vectors = l2_normalize(rng.normal(size=(len(ids), DIM)))
+    hashes = np.floor(vectors.astype(np.float64) @ matrix.T / bucket_length).astype(np.int64)
+
+    out = root / version
+    meta = out / "model" / "metadata"
+    data = out / "model" / "data"
+    ref = out / "reference"
+    for d in (meta, data, ref):
+        d.mkdir(parents=True)
+    (meta / "part-00000").write_text(json.dumps({
+        "class": "org.apache.spark.ml.feature.BucketedRandomProjectionLSHModel",
+        "timestamp": 1767323045000, "sparkVersion": "4.0.0", "uid": "brp_0123",
+        "paramMap": {"bucketLength": bucket_length, "numHashTables": num_hash_tables,
+                     "inputCol": "features", "outputCol": "hashes", "seed": 42},
+        "defaultParamMap": {"numHashTables": 1, "seed": 12345},
+    }) + "\n")
+    (meta / "_SUCCESS").write_text("")
+    udt = {"type": 1, "numRows": num_hash_tables, "numCols": DIM, "colPtrs": None,
+           "rowIndices": None, "values": matrix.ravel(order="C").tolist(), "isTransposed": True}
+    pq.write_table(pa.Table.from_pylist([{"randUnitVectors": udt}],
+                                        schema=pa.schema([("randUnitVectors", MATRIX_UDT)])),
+                   data / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(
+        [{"image_id": iid, "path": f"images/car_ims/{i:06d}.jpg", "class_id": 1 + i % 3,
+          "class_name": None, "vector": vectors[i].tolist(), "hashes": hashes[i].tolist()}
+         for i, iid in enumerate(ids)], schema=REFERENCE_SCHEMA), ref / "part-0.parquet")
+    (ref / "_SUCCESS").write_text("")
+    manifest: dict[str, Any] = {
+        "format": 1, "version": version, "created_at": T0.isoformat(), "run_id": "manual__x",
+        "backbone": {"name": backbone, "dim": DIM}, "embedding_dim": DIM, "normalize": "l2",
+        "distance": "euclidean on unit vectors",
+        "lsh": {"algorithm": "BucketedRandomProjectionLSH", "numHashTables": num_hash_tables,
+                "bucketLength": bucket_length, "seed": 42},
+        "snapshot": {"fingerprint": snapshot_fingerprint(ids), "count": len(ids),
+                     "shard_files": ["part-run1-00000.parquet"]},
+        "counts": {"catalog_live": len(ids), "indexed": len(ids), "without_embedding": 0},
+        "metrics": {"k": 5, "queries": len(ids), "recall_at_k": recall},
+        "files": {"model": "model", "reference": "reference"},
+    }
+    for key, value in (manifest_overrides or {}).items():
+        manifest[key] = value
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path / "data")
+
+
+IDS = make_ids(12)
+
+
+def stage(layout: Layout, version: str, ids: list[str] = IDS, **kwargs: Any) -> dict[str, Any]:
+    return build_version(layout.staging, version, ids, **kwargs)
+
+
+def validate(layout: Layout, version: str, ids: list[str] = IDS,
+             **overrides: Any) -> models.ValidationReport:
+    args: dict[str, Any] = {"expected_count": len(ids),
+                            "expected_fingerprint": snapshot_fingerprint(ids),
+                            "backbone": BACKBONE, "recall_floor": 0.8}
+    args.update(overrides)
+    return models.validate_staged(layout, version, **args)
+
+
+def staged_and_published(layout: Layout, version: str) -> str:
+    stage(layout, version)
+    validate(layout, version)
+    return models.publish(layout, version, keep=100)
+
+
+def tmp_leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith((TMP_PREFIX, ".trash-"))]
+
+
+def current_text(layout: Layout) -> str | None:
+    p = layout.current_pointer
+    return p.read_text() if p.exists() else None
+
+
+# -- names --------------------------------------------------------------------------------------
+
+def test_new_version_names_are_valid_and_sortable() -> None:
+    names = [models.new_version(T0 + timedelta(seconds=s)) for s in (0, 1, 59, 3600, 86400)]
+    for name in names:
+        assert models.VERSION_RE.match(name), name
+        assert models.check_version_name(name) == name
+    assert names == sorted(names)
+    assert names[0].startswith("v20260102T030405Z-")
+    assert len({models.new_version(T0) for _ in range(20)}) > 1     # random suffix
+    assert models.VERSION_RE.match(models.new_version())
+
+
+@pytest.mark.parametrize("bad", ["", "latest", "v20260102T030405Z", "../v20260102T030405Z-abcdef",
+                                 "v20260102T030405Z-ABCDEF", "v20260102T030405Z-abcdef/x"])
+def test_check_version_name_rejects(bad: str) -> None:
+    with pytest.raises(ValueError, match="not a version name"):
+        models.check_version_name(bad)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def test_validate_staged_passes_on_a_consistent_version(layout: Layout) -> None:
+    v = version_at(0)
+    stage(layout, v)
+
+    report = validate(layout, v)
+
+    assert report.version == v
+    checks = report.checks
+    assert checks["problems"] == []
+    assert checks["numpy_hashes_match_spark"] is True
+    assert checks["hash_rows_checked"] == len(IDS)
+    assert checks["reference_rows"] == len(IDS)
+    assert checks["indexed"] == len(IDS)
+    assert checks["backbone"] == BACKBONE
+    assert checks["recall_at_k"] == 0.95
+    on_disk = read_json(layout.staging / v / "validation.json")
+    assert on_disk == json.loads(json.dumps(report.as_dict()))
+    assert tmp_leftovers(layout.root) == []
+
+
+def tamper_hashes(layout: Layout, version: str) -> None:
+    f = layout.staging / version / "reference" / "part-0.parquet"
+    t = pq.read_table(f).to_pylist()
+    t[3]["hashes"][1] += 1
+    pq.write_table(pa.Table.from_pylist(t, schema=REFERENCE_SCHEMA), f)
+
+
+def duplicate_reference_row(layout: Layout, version: str) -> None:
+    f = layout.staging / version / "reference" / "part-0.parquet"
+    t = pq.read_table(f).to_pylist()
+    t[-1] = dict(t[0])
+    pq.write_table(pa.Table.from_pylist(t, schema=REFERENCE_SCHEMA), f)
+
+
+@pytest.mark.parametrize(("stage_kwargs", "validate_kwargs", "corrupt", "message"), [
+    ({"recall": 0.5}, {}, None, r"recall@k 0\.5 is below the floor 0\.8"),
+    ({"recall": None}, {}, None, r"recall@k None is below the floor"),
+    ({}, {"expected_count": len(IDS) + 1}, None,
+     rf"indexed {len(IDS)} images, the catalog has {len(IDS) + 1}"),
+    ({}, {"expected_fingerprint": snapshot_fingerprint(IDS[:-1])}, None, "fingerprint mismatch"),
+    ({"backbone": "resnet18"}, {}, None, r"backbone 'resnet18' != configured 'random'"),
+    ({}, {}, tamper_hashes, "hashes recomputed from the saved model differ"),
+    ({}, {}, duplicate_reference_row, r"reference table has 12 rows \(11 distinct ids\)"),
+    ({"manifest_overrides": {"lsh": {"numHashTables": TABLES + 1, "bucketLength": BUCKET}}},
+     {}, None, "saved model .* differs from the manifest"),
+], ids=["recall", "no-recall", "count", "fingerprint", "backbone", "hashes", "dup-ref", "params"])
+def test_validate_staged_failures(layout: Layout, stage_kwargs: dict[str, Any],
+                                  validate_kwargs: dict[str, Any], corrupt: Any,
+                                  message: str) -> None:
+    good = staged_and_published(layout, version_at(0))
+    v = version_at(1)
+    stage(layout, v, **stage_kwargs)
+    if corrupt is not None:
+        corrupt(layout, v)
+
+    with pytest.raises(ValidationFailed, match=message) as err:
+        validate(layout, v, **validate_kwargs)
+
+    assert v in str(err.value)
+    report = read_json(layout.staging / v / "validation.json")
+    assert len(report["checks"]["problems"]) == 1, report["checks"]["problems"]
+    # A failed version cannot be published; CURRENT keeps naming the good one.
+    with pytest.raises(ValidationFailed, match="has not passed validation"):
+        models.publish(layout, v)
+    assert models.current_version(layout) == good
+    assert (layout.staging / v).is_dir()
+    assert not (layout.models / v).exists()
+
+
+def test_validate_staged_without_manifest(layout: Layout) -> None:
+    v = version_at(0)
+    stage(layout, v)
+    (layout.staging / v / "manifest.json").unlink()
+    with pytest.raises(ValidationFailed, match=r"no manifest\.json"):
+        validate(layout, v)
+
+
+# -- publish / rollback / prune -----------------------------------------------------------------
+
+def test_publish_moves_version_and_points_current(layout: Layout) -> None:
+    assert models.current_version(layout) is None
+    assert models.published_versions(layout) == []
+    with pytest.raises(VersionNotFound, match="CURRENT is missing"):
+        models.read_manifest(layout)
+    v = version_at(0)
+    stage(layout, v)
+    validate(layout, v)
+
+    assert models.publish(layout, v) == v
+
+    assert not (layout.staging / v).exists()
+    assert (layout.models / v / "model" / "metadata" / "part-00000").is_file()
+    assert (layout.models / v / "validation.json").is_file()
+    assert current_text(layout) == v + "\n"
+    assert models.current_version(layout) == v
+    assert models.published_versions(layout) == [v]
+    assert models.read_manifest(layout)["version"] == v
+    assert models.read_manifest(layout, v)["counts"]["indexed"] == len(IDS)
+    assert tmp_leftovers(layout.root) == []
+
+
+def test_publish_refuses_unvalidated_version(layout: Layout) -> None:
+    good = staged_and_published(layout, version_at(0))
+    v = version_at(1)
+    stage(layout, v)                                # never validated
+
+    with pytest.raises(ValidationFailed, match="has not passed validation"):
+        models.publish(layout, v)
+
+    assert current_text(layout) == good + "\n"
+    assert models.published_versions(layout) == [good]
+    assert (layout.staging / v / "manifest.json").is_file()
+    with pytest.raises(ValidationFailed):
+        models.publish(layout, version_at(2))       # not even staged
+    assert models.current_version(layout) == good
+
+
+def test_republishing_a_published_version_only_moves_current(layout: Layout) -> None:
+    v1 = staged_and_published(layout, version_at(0))
+    v2 = staged_and_published(layout, version_at(1))
+    assert models.current_version(layout) == v2
+
+    models.publish(layout, v1)
+
+    assert models.current_version(layout) == v1
+    assert models.published_versions(layout) == [v1, v2]
+
+
+def test_rollback(layout: Layout) -> None:
+    v1 = staged_and_published(layout, version_at(0))
+    v2 = staged_and_published(layout, version_at(1))
+    assert models.current_version(layout) == v2
+
+    assert models.rollback(layout, v1) == v1
+    assert current_text(layout) == v1 + "\n"
+    assert models.read_manifest(layout)["version"] == v1
+
+    unknown = version_at(5)
+    with pytest.raises(VersionNotFound, match=unknown):
+        models.rollback(layout, unknown)
+    with pytest.raises(VersionNotFound):
+        models.rollback(layout, "latest")
+    assert models.current_version(layout) == v1
+
+    # A staged (unpublished) version is not a rollback target either.
+    v3 = version_at(2)
+    stage(layout, v3)
+    validate(layout, v3)
+    with pytest.raises(VersionNotFound):
+        models.rollback(layout, v3)
+    assert models.current_version(layout) == v1
+    assert models.rollback(layout, v2) == v2
+    assert tmp_leftovers(layout.root) == []
+
+
+def test_prune_keeps_newest_and_never_current(layout: Layout) -> None:
+    vs = [staged_and_published(layout, version_at(i)) for i in range(4)]
+    assert models.published_versions(layout) == vs
+    models.rollback(layout, vs[0])
+
+    with models.models_lock(layout):
+        doomed = models.prune(layout, keep=2)
+
+    assert doomed == [vs[1]]
+    assert models.published_versions(layout) == [vs[0], vs[2], vs[3]]
+    assert models.current_version(layout) == vs[0]
+    assert (layout.models / vs[0] / "manifest.json").is_file()
+
+    # Publishing a new version with keep=2 now lets the old CURRENT go.
+    v5 = version_at(10)
+    stage(layout, v5)
+    validate(layout, v5)
+    models.publish(layout, v5, keep=2)
+    assert models.published_versions(layout) == [vs[3], v5]
+    assert models.current_version(layout) == v5
+    assert tmp_leftovers(layout.root) == []
+    assert sorted(p.name for p in layout.models.iterdir()
+                  if not p.name.startswith(".")) == sorted(["CURRENT", vs[3], v5])
+
+
+def test_prune_with_fewer_versions_than_keep_is_a_noop(layout: Layout) -> None:
+    vs = [staged_and_published(layout, version_at(i)) for i in range(2)]
+    assert models.prune(layout, keep=5) == []
+    assert models.published_versions(layout) == vs
+
+
+def test_published_versions_ignores_incomplete_and_foreign_dirs(layout: Layout) -> None:
+    v = staged_and_published(layout, version_at(0))
+    (layout.models / version_at(3)).mkdir()                 # no manifest: not a version
+    (layout.models / "not-a-version").mkdir()
+    (layout.models / ".trash-x").mkdir()
+    assert models.published_versions(layout) == [v]
+
+
+def test_clean_staging(layout: Layout) -> None:
+    keep, drop1, drop2 = version_at(0), version_at(1), version_at(2)
+    for v in (keep, drop1, drop2):
+        stage(layout, v)
+    models.clean_staging(layout, keep=keep)
+    assert [p.name for p in layout.staging.iterdir()] == [keep]
+    models.clean_staging(layout)
+    assert list(layout.staging.iterdir()) == []
+    models.clean_staging(Layout(layout.root / "elsewhere"))  # no staging dir: no error
+
+
+# -- the fit gate (pipeline.fit_plan) and the backbone record ------------------------------------
+
+def catalog_row(iid: str, status: str = "live") -> dict[str, Any]:
+    return {"image_id": iid, "path": f"images/car_ims/{iid[-6:]}.jpg", "source": "archive:x",
+            "file_name": f"{iid[-6:]}.jpg", "class_id": 1, "class_name": None, "size": 1,
+            "mtime_ns": 1, "first_seen": "2026-01-02", "last_seen": "2026-01-02",
+            "status": status, "n_paths": 1}
+
+
+@pytest.fixture
+def settings(layout: Layout) -> Settings:
+    """A catalog of 12 live images (all embedded), one gone and one live without a vector."""
+    write_catalog(layout, [*(catalog_row(i) for i in IDS), catalog_row("f" * 64, "gone"),
+                           catalog_row("e" * 64)])
+    write_shard(layout, BACKBONE, "run1", 0,
+                [(i, np.ones(DIM, np.float32)) for i in [*IDS, "f" * 64]], DIM)
+    return Settings(data_root=layout.root, backbone=BACKBONE, lsh_num_hash_tables=TABLES,
+                    lsh_bucket_length=BUCKET, recall_floor=0.8, keep_versions=3)
+
+
+def test_fit_plan_without_current_model(settings: Settings) -> None:
+    plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+
+    assert models.VERSION_RE.match(plan["version"])
+    assert plan["expected_count"] == len(IDS)                # live and embedded only
+    assert plan["fingerprint"] == snapshot_fingerprint(IDS)
+    assert plan["backbone"] == BACKBONE
+    assert (plan["num_hash_tables"], plan["bucket_length"]) == (TABLES, BUCKET)
+    assert plan["data_root"] == str(settings.layout.root)
+
+
+def test_fit_plan_skips_when_nothing_changed(settings: Settings) -> None:
+    layout = settings.layout
+    plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    build_version(layout.staging, plan["version"], IDS)
+    pipeline.validate(settings, plan)
+    out = pipeline.publish(settings, plan["version"])
+    assert out == {"version": plan["version"], "indexed": len(IDS), "recall_at_k": 0.95}
+    assert not layout.staging.exists() or list(layout.staging.iterdir()) == []
+
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, float(BUCKET)) == {}
+
+    changed = [
+        pipeline.fit_plan(settings, BACKBONE, TABLES + 1, BUCKET),
+        pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET * 2),
+        pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET, full_rebuild=True),
+    ]
+    for new_plan in changed:
+        assert new_plan, "a refit was expected"
+        assert new_plan["fingerprint"] == snapshot_fingerprint(IDS)
+        assert new_plan["version"] != plan["version"]
+    assert changed[0]["num_hash_tables"] == TABLES + 1
+    assert changed[1]["bucket_length"] == BUCKET * 2
+
+    # A newly embedded live image changes the snapshot.
+    write_shard(layout, BACKBONE, "run2", 0, [("e" * 64, np.ones(DIM, np.float32))], DIM)
+    grown = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    assert grown["expected_count"] == len(IDS) + 1
+    assert grown["fingerprint"] == snapshot_fingerprint([*IDS, "e" * 64])
+
+
+def test_fit_plan_refits_for_another_backbone(settings: Settings) -> None:
+    layout = settings.layout
+    v = version_at(0)
+    build_version(layout.models, v, IDS, backbone="resnet18")
+    layout.current_pointer.write_text(v + "\n")
+    assert models.current_version(layout) == v
+
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+
+
+def test_fit_plan_without_embeddings_raises(settings: Settings) -> None:
+    with pytest.raises(pipeline.PipelineError, match="nothing to index"):
+        pipeline.fit_plan(settings, "resnet18", TABLES, BUCKET)
+
+
+def test_check_backbone_record(layout: Layout) -> None:
+    spec = {"name": BACKBONE, "dim": DIM, "weights_sha256": "abc", "image_size": 224}
+    record = layout.embeddings(BACKBONE) / "BACKBONE.json"
+
+    pipeline.check_backbone_record(layout, spec)
+    assert read_json(record) == spec
+    pipeline.check_backbone_record(layout, dict(spec))      # same spec: fine
+
+    with pytest.raises(pipeline.PipelineError, match="must not be mixed"):
+        pipeline.check_backbone_record(layout, {**spec, "weights_sha256": "def"})
+    assert read_json(record) == spec                        # the record is not overwritten
