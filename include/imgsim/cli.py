@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from imgsim.config import ConfigError, Settings
 
@@ -61,6 +62,101 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    """Look images up in-process with the published model; print a table, write the sheet."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    import numpy as np
+
+    from imgsim.fsutil import sha256_file
+    from imgsim.lookup import embed_files, load_model, load_query_backbone, lookup
+    from imgsim.results import write_results
+
+    settings = Settings.from_env()
+    layout = settings.layout
+    if not 1 <= args.k <= 100:
+        raise ValueError(f"-k must be between 1 and 100, got {args.k}")
+    model = load_model(layout, args.version)
+    backbone = load_query_backbone(model.manifest, weights_path=settings.weights_path,
+                                   device=settings.device)
+    paths = [Path(p) for p in args.images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    good, bad = embed_files(backbone, [p for p in paths if p.is_file()],
+                            batch_size=settings.batch_size, max_pixels=settings.max_image_pixels)
+    answers = (dict(zip(good, lookup(model, np.stack(list(good.values())), args.k), strict=True))
+               if good else {})
+    stamp = datetime.now(UTC)
+    run_id = f"cli-{stamp:%Y%m%dT%H%M%S%fZ}"
+    queries: list[dict[str, Any]] = []
+    for p in paths:
+        key = str(p)
+        entry: dict[str, Any] = {
+            "query_name": p.name, "query_path": str(p.absolute()), "source": "cli",
+            "query_id": sha256_file(p) if p.is_file() else None,
+            "model_version": model.version, "neighbours": [], "note": None,
+            "reason": None, "detail": None}
+        if key in missing:
+            entry.update(status="rejected", reason="missing", detail=f"{p} is not a file")
+        elif key in bad:
+            entry.update(status="rejected", reason=bad[key].reason, detail=bad[key].detail)
+        else:
+            ans = answers[key]
+            entry.update(status="answered", candidates=ans.candidates,
+                         found=len(ans.neighbours),
+                         neighbours=[n.__dict__ for n in ans.neighbours])
+            if len(ans.neighbours) < args.k:
+                entry["note"] = f"LSH returned {len(ans.neighbours)} of {args.k} neighbours"
+        queries.append(entry)
+    results = {"run_id": run_id, "model_version": model.version, "k": args.k,
+               "created_at": stamp.isoformat(), "queries": queries}
+    out = Path(args.out) if args.out else layout.queries / "results" / run_id
+    files = write_results(out, results, layout)
+    print(f"model version {model.version} ({model.manifest['backbone']['name']}, "
+          f"{len(model.ids)} reference images), k={args.k}")
+    for q in queries:
+        print(f"\n{q['query_name']}")
+        if q["status"] != "answered":
+            print(f"  rejected: {q['reason']}: {q['detail']}")
+            continue
+        print(f"  {'rank':>4}  {'distance':>8}  {'class':<36} image")
+        for n in q["neighbours"]:
+            print(f"  {n['rank']:>4}  {n['distance']:>8.4f}  "
+                  f"{(n['class_name'] or '-')[:36]:<36} {n['path']}")
+        if q["note"]:
+            print(f"  note: {q['note']}")
+    print(f"\ncontact sheet: {files['contact_sheet']}\ngallery: {files['gallery_html']}")
+    return 0 if all(q["status"] == "answered" for q in queries) else 1
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from imgsim import evaluate as ev
+
+    if args.sample:
+        report = ev.evaluate_sample(Path(args.sample), Path(args.data_root), Path(args.out),
+                                    seed=args.seed, query_share=args.query_share, k=args.k,
+                                    backbone=args.backbone)
+    else:
+        if not (args.images and args.labels):
+            raise ValueError("give --images DIR and --labels CSV (or --sample DIR)")
+        queries = ev.read_query_set(Path(args.images), Path(args.labels))
+        report = ev.evaluate(Settings.from_env(), queries, version=args.version, k=args.k)
+        ev.write_report(report, Path(args.out))
+    k = report["k"]
+    print(f"model {report['model_version']} ({report['backbone']}), "
+          f"{report['reference_images']} references, {report['queries']} queries, k={k}")
+    print(f"  precision@{k}  LSH {report[f'precision_at_{k}']:.3f}   exact "
+          f"{report[f'exact_precision_at_{k}']:.3f}   (chance {report['chance_precision']:.3f})")
+    print(f"  hit@{k}        LSH {report[f'hit_at_{k}']:.3f}   exact "
+          f"{report[f'exact_hit_at_{k}']:.3f}")
+    print(f"  recall@{k} of the LSH against exact search: {report[f'recall_at_{k}_vs_exact']:.3f}"
+          f", comparing {100 * report['candidates_share_mean']:.1f}% of the references per query")
+    print(f"  written: {Path(args.out) / 'evaluation.json'}, {Path(args.out) / 'evaluation.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgsim", description="imgsim: image similarity pipeline")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -73,6 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("summary", help="summarise the current index").set_defaults(func=cmd_summary)
     sub.add_parser("versions", help="list published model versions").set_defaults(
         func=cmd_versions)
+    q = sub.add_parser("query", help="find the reference images most like IMAGE(s)")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    q.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
+    q.add_argument("--version", help="model version (default: CURRENT)")
+    q.add_argument("--out", help="folder for the contact sheet and results "
+                                 "(default: queries/results/cli-<time>/)")
+    q.set_defaults(func=cmd_query)
+    ev = sub.add_parser("evaluate", help="precision/hit@k by label and recall@k vs exact search")
+    ev.add_argument("--images", help="folder of labelled query images")
+    ev.add_argument("--labels", help="CSV with Class and image columns for --images")
+    ev.add_argument("--version", help="model version (default: CURRENT)")
+    ev.add_argument("--sample", help="instead: split this Stanford Cars sample folder (images/ + "
+                                     "labels.csv) by --seed, index the reference part in "
+                                     "--data-root and evaluate the rest")
+    ev.add_argument("--data-root", default="data/evaluate", help="scratch data root for --sample")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--query-share", type=float, default=0.2)
+    ev.add_argument("--backbone", default="efficientnet_lite0")
+    ev.add_argument("-k", type=int, default=5)
+    ev.add_argument("--out", default="evaluation", help="folder for evaluation.json/.png")
+    ev.set_defaults(func=cmd_evaluate)
     rb = sub.add_parser("rollback", help="make an older published version current")
     rb.add_argument("version")
     rb.set_defaults(func=cmd_rollback)

@@ -133,6 +133,8 @@ class Settings:
     max_image_pixels: int = 90_000_000
     download_timeout_s: float = 60.0
     download_retries: int = 5
+    query_roots: tuple[Path, ...] = ()
+    query_schedule: str = "*/30 * * * *"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -160,11 +162,19 @@ class Settings:
             max_image_pixels=_env_int("IMGSIM_MAX_IMAGE_PIXELS", 90_000_000, minimum=1),
             download_timeout_s=_env_float("IMGSIM_DOWNLOAD_TIMEOUT_S", 60.0, minimum=0.1),
             download_retries=_env_int("IMGSIM_DOWNLOAD_RETRIES", 5),
+            query_roots=tuple(Path(p).expanduser().resolve() for p in
+                              _env("IMGSIM_QUERY_ROOTS", "").split(os.pathsep) if p),
+            query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
         )
 
     @property
     def layout(self) -> Layout:
         return Layout(self.data_root)
+
+    @property
+    def allowed_query_roots(self) -> list[Path]:
+        """Folders that query images named in Params may come from (always the data root)."""
+        return [self.data_root, *self.query_roots]
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Path)

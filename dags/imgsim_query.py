@@ -1,0 +1,101 @@
+"""imgsim_query: answer new query images with the published model. Wiring only."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import Param, dag, task
+
+from imgsim.config import Settings
+
+SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
+DEFAULTS = Settings.from_env()
+
+DOC = """
+# imgsim_query
+
+Answers query photos with the **published** model: for each, the k most similar reference
+images, as data (`results.json`, `results.csv`) and as pictures (`contact_sheet.png`,
+`gallery.html`), under `queries/results/<run>/`.
+
+Drop photos into `queries/inbox/` (they are picked up by the next scheduled run) or name files
+in the trigger form. The run pins the model version when it starts (the current one, or the
+one given), embeds the queries with exactly the backbone and weights recorded in that version's
+manifest, looks them up in one Spark job (`spark_jobs/query_lsh.py`), writes the results and
+moves answered photos to `queries/processed/<run>/` (unusable ones to `queries/rejected/<run>/`,
+with the reason in the results). A photo already answered by the same version is not answered
+again.
+
+| task | what it does |
+| --- | --- |
+| `collect` | inbox + Params, ids, version pinned, already-answered ones marked |
+| `embed` | the manifest's backbone (a different one is an error), bad images recorded with the reason |
+| `lookup` | spark-submit: approxSimilarityJoin over all queries, top k per query |
+| `write_results` | JSON, CSV, contact sheet, HTML gallery; ledger; inbox emptied |
+"""
+
+
+@dag(
+    dag_id="imgsim_query",
+    schedule=DEFAULTS.query_schedule,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    tags=["imgsim", "query"],
+    doc_md=DOC,
+    params={
+        "image_paths": Param([], type="array", items={"type": "string", "minLength": 1},
+                             title="Query images",
+                             description="files to look up, besides queries/inbox/ (absolute "
+                                         "paths under the data root or IMGSIM_QUERY_ROOTS)"),
+        "k": Param(5, type="integer", minimum=1, maximum=100, title="Neighbours (k)",
+                   description="how many similar reference images per query"),
+        "version": Param("", type="string", pattern="^(v\\d{8}T\\d{6}Z-[0-9a-f]{6})?$",
+                         title="Model version",
+                         description="empty = the current version; see `imgsim versions`"),
+    },
+)
+def imgsim_query() -> None:
+    @task.short_circuit
+    def collect(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+        from imgsim import query
+
+        return query.collect(Settings.from_env(), run_id, list(params["image_paths"]),
+                             params["k"], params["version"] or None)
+
+    @task
+    def embed(plan: dict[str, Any]) -> dict[str, Any]:
+        from imgsim import query
+
+        return query.embed(Settings.from_env(), plan["run_dir"])
+
+    plan = "ti.xcom_pull(task_ids='collect')"
+    lookup = SparkSubmitOperator(
+        task_id="lookup",
+        conn_id="spark_default",
+        application=str(SPARK_JOBS / "query_lsh.py"),
+        name="imgsim-query-lsh",
+        conf={"spark.sql.shuffle.partitions": "8", "spark.ui.showConsoleProgress": "false"},
+        application_args=[
+            "--data-root", f"{{{{ {plan}['data_root'] }}}}",
+            "--version", f"{{{{ {plan}['model_version'] }}}}",
+            "--run-dir", f"{{{{ {plan}['run_dir'] }}}}",
+            "--k", f"{{{{ {plan}['k'] }}}}",
+        ],
+    )
+
+    @task
+    def write_results(plan: dict[str, Any]) -> dict[str, Any]:
+        from imgsim import query
+
+        return query.finalize(Settings.from_env(), plan["run_dir"])
+
+    planned = collect()
+    embed(planned) >> lookup >> write_results(planned)  # type: ignore[operator]
+
+
+imgsim_query()
