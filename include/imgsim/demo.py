@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import io
 import logging
 import subprocess
@@ -67,7 +68,9 @@ def build_demo_archive(out_dir: Path, per_class: int = 8) -> tuple[Path, Path]:
         return archive, labels
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[tuple[str, int]] = []
-    with atomic_open(archive, "wb") as fh, tarfile.open(fileobj=fh, mode="w:gz") as tar:
+    with (atomic_open(archive, "wb") as fh,
+          gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz,   # same bytes every time
+          tarfile.open(fileobj=gz, mode="w") as tar):
         n = 0
         for c in range(len(DEMO_CLASSES)):
             for v in range(per_class):
@@ -126,13 +129,16 @@ def summary(data_root: Path) -> str:
         f"  backbone        : {m['backbone'].get('name')} {m['backbone'].get('dim')}-d "
         f"({m['backbone'].get('weights')})",
         f"  LSH             : {m['lsh']['numHashTables']} tables, bucketLength "
-        f"{m['lsh']['bucketLength']}",
+        f"{m['lsh']['bucketLength']:.4g}",
         f"  recall@{metrics['k']}        : {metrics['recall_at_k']:.3f} against exact search "
         f"({metrics['queries']} queries, {100 * metrics['candidates_share']:.0f}% of the index "
         "compared)",
         f"  data root       : {layout.root}",
         f"  model           : {layout.models / m['version']}",
         f"  catalog         : {layout.catalog}",
+        "",
+        "next: .venv/bin/imgsim query PHOTO.jpg   (or drop photos into "
+        f"{layout.queries / 'inbox'} and trigger imgsim_query); make airflow for the UI",
     ]
     return "\n".join(lines)
 

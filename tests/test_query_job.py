@@ -1,0 +1,74 @@
+"""spark_jobs/query_lsh.py against the in-process lookup: same model, same neighbours."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from imgsim.lookup import load_model, lookup
+from imgsim.models import publish, validate_staged
+from imgsim.store import snapshot_fingerprint, write_parquet_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
+import fit_lsh  # needs the sys.path entry above
+import query_lsh
+from test_fit_job import make_store
+
+pytestmark = pytest.mark.spark
+VERSION = "v20260101T000000Z-0000aa"
+
+
+@pytest.fixture(scope="module")
+def published(spark, tmp_path_factory: pytest.TempPathFactory):
+    layout = make_store(tmp_path_factory.mktemp("qjob") / "data", n=500, dim=16, gone=0)
+    fit_lsh.run(spark, fit_lsh.parse_args([
+        "--data-root", str(layout.root), "--backbone", "random", "--version", VERSION,
+        "--num-hash-tables", "4", "--bucket-length", "0.15", "--sample-size", "20"]))
+    ids = [f"{i:064x}" for i in range(500)]
+    validate_staged(layout, VERSION, expected_count=500,
+                    expected_fingerprint=snapshot_fingerprint(ids), backbone="random",
+                    recall_floor=0.0)
+    publish(layout, VERSION)
+    return layout
+
+
+def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    model = load_model(published)
+    queries = np.concatenate([model.vectors[:5],                      # references themselves
+                              rng.normal(size=(15, 16)).astype(np.float32)])
+    qids = [f"q{i:03d}" for i in range(len(queries))]
+    from imgsim.lsh import l2_normalize
+
+    unit = l2_normalize(queries)
+    write_parquet_atomic(pa.table({
+        "query_id": qids,
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), 16),
+    }), tmp_path / "query_vectors.parquet")
+    spark_model, ref_path = query_lsh.read_model(published.root, VERSION)
+    result = query_lsh.nearest(spark_model, query_lsh.read_queries(spark, tmp_path),
+                               query_lsh.read_reference(spark, ref_path), k=5).collect()
+    local = lookup(model, queries, k=5)
+    for qid, answer in zip(qids, local, strict=True):
+        rows = sorted((r for r in result if r.query_id == qid), key=lambda r: r.rank or 0)
+        if not answer.neighbours:
+            assert len(rows) == 1 and rows[0].image_id is None and rows[0].candidates == 0
+            continue
+        assert [r.image_id for r in rows] == [n.image_id for n in answer.neighbours], qid
+        assert [r.distance for r in rows] == pytest.approx(
+            [n.distance for n in answer.neighbours], abs=1e-5)
+        assert rows[0].candidates == answer.candidates
+    for i in range(5):                       # a reference finds itself first, at distance ~0
+        assert local[i].neighbours[0].image_id == model.ids[i]
+        assert local[i].neighbours[0].distance < 1e-5
+
+
+def test_query_job_refuses_an_unpublished_version(published) -> None:
+    with pytest.raises(FileNotFoundError, match="not published"):
+        query_lsh.read_model(published.root, "v20990101T000000Z-ffffff")
+    with pytest.raises(SystemExit):
+        query_lsh.parse_args(["--data-root", "x", "--version", "../x", "--run-dir", "y"])
