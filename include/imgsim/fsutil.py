@@ -7,6 +7,7 @@ half-written file. Temporary names start with ``.tmp-`` so scanners can ignore t
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -52,9 +53,27 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         fsync_dir(target.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(target, exc) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class DiskFull(OSError):
+    """No space left while writing; the message names the file and the free space there."""
+
+    def __init__(self, target: Path, cause: OSError) -> None:
+        try:
+            free = shutil.disk_usage(target.parent).free
+        except OSError:
+            free = -1
+        super().__init__(cause.errno, f"no space left on the device while writing {target} "
+                                      f"({free} bytes free there); nothing was replaced: free "
+                                      "space or move IMGSIM_DATA_ROOT, then re-run the task")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
