@@ -40,7 +40,7 @@ Backfill past days (each reads its own `incoming/<date>/`):
 @dag(
     dag_id="imgsim_index",
     schedule="@daily",
-    start_date=datetime(2026, 1, 1),
+    start_date=datetime.fromisoformat(DEFAULTS.index_start_date),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1),

@@ -67,7 +67,20 @@ def _rel(layout: Layout, path: Path) -> str:
 
 def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
                    backbone: str, *, full_rebuild: bool = False) -> CatalogDiff:
-    """Scan ``sources``, update the catalog atomically and return what must be embedded."""
+    """Scan ``sources``, update the catalog atomically and return what must be embedded.
+
+    Runs under an exclusive lock on the catalog, so two runs at once cannot lose an update.
+    """
+    import fcntl
+
+    layout.catalog_dir.mkdir(parents=True, exist_ok=True)
+    with open(layout.catalog_dir / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _update_catalog(layout, sources, run_date, backbone, full_rebuild)
+
+
+def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
+                    backbone: str, full_rebuild: bool) -> CatalogDiff:
     previous = read_catalog(layout)
     # Only live rows vouch for a path's bytes: a gone row may share its path with the live row
     # of the file that replaced it.

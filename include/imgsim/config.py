@@ -50,6 +50,16 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
+def _env_date(name: str, default: str) -> str:
+    from datetime import date
+
+    raw = _env(name, default)
+    try:
+        return date.fromisoformat(raw).isoformat()
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
+
+
 @dataclass(frozen=True)
 class Layout:
     """The data root's layout (see README, "Data layout")."""
@@ -135,6 +145,7 @@ class Settings:
     download_retries: int = 5
     query_roots: tuple[Path, ...] = ()
     query_schedule: str = "*/30 * * * *"
+    index_start_date: str = "2026-01-01"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -165,6 +176,7 @@ class Settings:
             query_roots=tuple(Path(p).expanduser().resolve() for p in
                               _env("IMGSIM_QUERY_ROOTS", "").split(os.pathsep) if p),
             query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
+            index_start_date=_env_date("IMGSIM_INDEX_START_DATE", "2026-01-01"),
         )
 
     @property

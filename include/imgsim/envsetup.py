@@ -47,6 +47,10 @@ def embedded_environment(base: Mapping[str, str] | None = None) -> dict[str, str
     for key, value in defaults.items():
         if not env.get(key):
             env[key] = value
+    # Task processes reach the API server's execution API; it must follow a changed host/port.
+    if not env.get("AIRFLOW__CORE__EXECUTION_API_SERVER_URL"):
+        env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = (
+            f"http://{env['AIRFLOW__API__HOST']}:{env['AIRFLOW__API__PORT']}/execution/")
     path = env.get("PATH", "")
     if str(venv_bin()) not in path.split(os.pathsep):
         env["PATH"] = os.pathsep.join([str(venv_bin()), path]) if path else str(venv_bin())

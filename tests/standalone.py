@@ -1,0 +1,126 @@
+"""Run `airflow standalone` (as `make airflow` does) for a test, and talk to its REST API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Airflow:
+    base: str
+    env: dict[str, str]
+    token: str = ""
+
+    def login(self, user: str = "admin", timeout: float = 180.0) -> None:
+        """Wait for the API, then get a token with the generated password."""
+        pw_file = Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                password = json.loads(pw_file.read_text())[user]
+                body = self.call("POST", "/auth/token", {"username": user, "password": password},
+                                 auth=False)
+                self.token = body["access_token"]
+                return
+            except (OSError, ValueError, KeyError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             auth: bool = True) -> Any:
+        req = urllib.request.Request(self.base + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None)
+        req.add_header("Content-Type", "application/json")
+        if auth:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = resp.read()
+        return json.loads(data) if data else None
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.call("GET", f"/api/v2/dags/{dag_id}")
+                return
+            except urllib.error.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"])
+
+    def wait_for_runs(self, dag_id: str, count: int, timeout: float) -> list[dict[str, Any]]:
+        """Until ``count`` runs are finished; fails fast on a failed run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.runs(dag_id)
+            failed = [r for r in runs if r["state"] == "failed"]
+            assert not failed, f"failed runs: {[r['dag_run_id'] for r in failed]}"
+            done = [r for r in runs if r["state"] == "success"]
+            if len(done) >= count:
+                return done
+            assert time.monotonic() < deadline, f"only {len(done)}/{count} runs finished: {runs}"
+            time.sleep(3)
+
+    def wait_for_backfills(self, dag_id: str, count: int, timeout: float) -> None:
+        """Until ``count`` backfills of ``dag_id`` have completed; fails fast on a failed run."""
+        deadline = time.monotonic() + timeout
+        while True:
+            failed = [r["dag_run_id"] for r in self.runs(dag_id) if r["state"] == "failed"]
+            assert not failed, f"failed runs: {failed}"
+            fills = self.call("GET", f"/api/v2/backfills?dag_id={dag_id}")["backfills"]
+            if sum(b["completed_at"] is not None for b in fills) >= count:
+                return
+            assert time.monotonic() < deadline, f"backfills not completed: {fills}"
+            time.sleep(3)
+
+
+@contextlib.contextmanager
+def standalone(env: dict[str, str], log: Path) -> Iterator[Airflow]:
+    """`airflow standalone` on a free port; stopped (SIGINT, then SIGKILL) on exit."""
+    port = free_port()
+    env = {**env, "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__HOST": "127.0.0.1",
+           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+           "AIRFLOW__CORE__PARALLELISM": "4",
+           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            airflow = Airflow(f"http://127.0.0.1:{port}", env)
+            airflow.login()
+            yield airflow
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):   # stray children of standalone
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""Backfill: `airflow backfill create` over past dates, each with its own incoming/<date>/,
+run by a real scheduler (`airflow standalone`). Run twice: the second changes nothing, and the
+index holds every image exactly once."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from imgsim.catalog import live_rows
+from imgsim.config import Layout
+from imgsim.demo import serve_directory
+from imgsim.models import current_version, published_versions, read_manifest
+from imgsim.store import shard_files
+from standalone import standalone
+
+pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow]
+DATES = ["2026-01-01", "2026-01-02"]
+ARCHIVE, PER_DAY = 24, 4
+
+
+def backfill(env: dict[str, str], *extra: str) -> None:
+    cmd = [str(Path(sys.executable).parent / "airflow"), "backfill", "create", "--dag-id",
+           "imgsim_index", "--from-date", DATES[0], "--to-date", DATES[-1],
+           "--max-active-runs", "1", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sample_dir: Path,
+                                                tmp_path: Path) -> None:
+    with open(sample_dir / "labels.csv", newline="") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: r["image"])
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "cars_train.tgz", "w:gz") as tar:
+        for r in rows[:ARCHIVE]:
+            tar.add(sample_dir / "images" / r["image"], arcname=f"cars_train/{r['image']}")
+    (src / "labels.csv").write_text("Class,image\n" + "".join(
+        f"{r['Class']},{r['image']}\n" for r in rows[:ARCHIVE]))
+    layout = Layout(tmp_path / "data")
+    for d, day in enumerate(DATES):
+        folder = layout.incoming_day(day)
+        folder.mkdir(parents=True)
+        picked = rows[ARCHIVE + d * PER_DAY: ARCHIVE + (d + 1) * PER_DAY]
+        for r in picked:
+            (folder / r["image"]).write_bytes((sample_dir / "images" / r["image"]).read_bytes())
+        (folder / "labels.csv").write_text("Class,image\n" + "".join(
+            f"{r['Class']},{r['image']}\n" for r in picked))
+    expected = ARCHIVE + PER_DAY * len(DATES)
+
+    with serve_directory(src) as base:
+        env = {**airflow_env, "AIRFLOW_HOME": str(tmp_path / "airflow-home"),
+               "IMGSIM_DATA_ROOT": str(layout.root), "IMGSIM_BACKBONE": "efficientnet_lite0",
+               "IMGSIM_ARCHIVE_URL": f"{base}/cars_train.tgz",
+               "IMGSIM_LABELS_URL": f"{base}/labels.csv",
+               # No scheduled run of its own while the test backfills the past.
+               "IMGSIM_INDEX_START_DATE": "2099-01-01"}
+        with standalone(env, tmp_path / "standalone.log") as airflow:
+            airflow.wait_for_dag("imgsim_index")
+            airflow.call("PATCH", "/api/v2/dags/imgsim_index", {"is_paused": False})
+            backfill(env)
+            airflow.wait_for_backfills("imgsim_index", 1, timeout=900)
+            assert len(airflow.wait_for_runs("imgsim_index", len(DATES), timeout=60)) == 2
+            live = live_rows(layout)
+            assert len(live) == expected
+            shards = shard_files(layout, "efficientnet_lite0")
+            ids = [i for f in shards for i in
+                   pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()]
+            assert len(ids) == len(set(ids)) == expected          # each image exactly once
+            assert set(ids) == {r["image_id"] for r in live}
+            versions = published_versions(layout)
+            current = current_version(layout)
+            assert read_manifest(layout)["counts"]["indexed"] == expected
+            assert len(versions) == len(DATES)                     # one per day with news
+
+            backfill(env, "--reprocess-behavior", "completed")     # the same dates again
+            airflow.wait_for_backfills("imgsim_index", 2, timeout=900)
+            assert all(r["state"] == "success" for r in airflow.runs("imgsim_index"))
+            assert shard_files(layout, "efficientnet_lite0") == shards
+            assert published_versions(layout) == versions
+            assert current_version(layout) == current
+            assert len(live_rows(layout)) == expected
