@@ -20,7 +20,6 @@ The version is published by the DAG's validate/publish tasks, never by this job.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import shutil
 import time
@@ -43,6 +42,7 @@ from pyspark.sql import types as T
 
 from imgsim.config import Layout
 from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.store import snapshot_fingerprint
 
 log = logging.getLogger("imgsim.fit_lsh")
 
@@ -222,14 +222,6 @@ def write_version(model: BucketedRandomProjectionLSHModel, reference: DataFrame,
      .orderBy("image_id").write.mode("overwrite").parquet(str(out_dir / "reference")))
 
 
-def fingerprint(ids: list[str]) -> str:
-    digest = hashlib.sha256()
-    for iid in sorted(ids):
-        digest.update(iid.encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
 def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     layout = Layout(args.data_root.resolve())
     out_dir = layout.staging / args.version
@@ -293,7 +285,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
                 "requested_bucket_length": args.bucket_length,
                 "auto_bucket_factor": args.auto_bucket_factor if args.bucket_length == 0
                 else None, "median_pair_distance": median_distance},
-        "snapshot": {"fingerprint": fingerprint(ids), "count": n,
+        "snapshot": {"fingerprint": snapshot_fingerprint(ids), "count": n,
                      "shard_files": [Path(f).name for f in files]},
         "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},
         "metrics": metrics,
