@@ -17,6 +17,8 @@ help: ## list the targets
 $(STAMP): requirements.lock pyproject.toml
 	@command -v java >/dev/null || { echo "installing Java 17 (Spark needs it)"; \
 	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing Chromium and chromedriver (browser tests)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -r requirements.lock
@@ -35,7 +37,7 @@ test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser m
 	$(ENV) && $(PY) -m pytest -m "not slow and not spark and not airflow and not browser" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check include spark_jobs dags tests
+	$(VENV)/bin/ruff check include spark_jobs dags plugins tests
 	$(VENV)/bin/mypy
 
 airflow: $(STAMP) ## start the Airflow UI (standalone) on http://127.0.0.1:8080 with the DAGs loaded

@@ -54,10 +54,11 @@ Backfill past days (each reads its own `incoming/<date>/`):
                                          "image archive (car_ims.tgz or a Kaggle-layout zip/tgz)"),
         "labels_url": Param(DEFAULTS.labels_url, type="string", minLength=1, title="Labels URL",
                             description="cars_annos.mat or a CSV with Class and image columns"),
-        "archive_sha256": Param(DEFAULTS.archive_sha256, type="string",
+        # Optional values are nullable: the trigger form treats an empty string as missing.
+        "archive_sha256": Param(DEFAULTS.archive_sha256 or None, type=["null", "string"],
                                 pattern="^([0-9a-f]{64})?$", title="Archive sha256 (optional)",
                                 description="verified after download when given"),
-        "labels_sha256": Param(DEFAULTS.labels_sha256, type="string",
+        "labels_sha256": Param(DEFAULTS.labels_sha256 or None, type=["null", "string"],
                                pattern="^([0-9a-f]{64})?$", title="Labels sha256 (optional)"),
         "backbone": Param(DEFAULTS.backbone, type="string", enum=list(BACKBONES),
                           title="Backbone", description="CNN that embeds the images"),
@@ -77,8 +78,8 @@ def imgsim_index() -> None:
         from imgsim import pipeline
 
         return pipeline.download_sources(Settings.from_env(), params["archive_url"],
-                                         params["labels_url"], params["archive_sha256"],
-                                         params["labels_sha256"])
+                                         params["labels_url"], params["archive_sha256"] or "",
+                                         params["labels_sha256"] or "")
 
     @task
     def extract(fetched: dict[str, Any]) -> dict[str, Any]:

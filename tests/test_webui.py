@@ -1,0 +1,405 @@
+"""The imgsim pages in the Airflow UI (imgsim.webui), through FastAPI's TestClient.
+
+Authentication is Airflow's ``get_user`` dependency; the tests override it with a fake user
+(as the API server would resolve from the ``_token`` cookie), except where they check that
+nothing is served without it. Model versions are built with test_models.build_version.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from airflow.api_fastapi.core_api.security import get_user
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imgsim import webui
+from imgsim.config import Layout
+from imgsim.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
+from test_models import build_version, make_ids
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OLD, NEW = "v20260101T000000Z-aaaaaa", "v20260102T000000Z-bbbbbb"
+IDS = make_ids(12)
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+
+class FakeUser:
+    def get_name(self) -> str:
+        return "tester"
+
+
+def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48),
+              fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv("IMGSIM_DATA_ROOT", str(root))
+    for key in ("IMGSIM_WEIGHTS", "IMGSIM_DEVICE"):
+        monkeypatch.delenv(key, raising=False)
+    return Layout(root.resolve())
+
+
+def publish_two_versions(layout: Layout) -> None:
+    extra = {"metrics": {"k": 5, "queries": 12, "recall_at_k": 0.9167,
+                         "candidates_share": 0.42, "label_hit_at_k": 0.75}}
+    build_version(layout.models, OLD, IDS, num_hash_tables=3, manifest_overrides=extra)
+    build_version(layout.models, NEW, IDS, num_hash_tables=6, bucket_length=0.25,
+                  manifest_overrides={
+                      **extra,
+                      "backbone": {"name": "random", "dim": 6, "weights": "random(seed=0)",
+                                   "weights_sha256": ""}})
+    atomic_write_text(layout.current_pointer, NEW + "\n")
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    webui.app.dependency_overrides[get_user] = FakeUser
+    webui._MODEL_CACHE.clear()
+    webui._BACKBONE_CACHE.clear()
+    try:
+        with TestClient(webui.app) as c:
+            yield c
+    finally:
+        webui.app.dependency_overrides.pop(get_user, None)
+        webui._MODEL_CACHE.clear()
+        webui._BACKBONE_CACHE.clear()
+
+
+@pytest.fixture
+def anonymous() -> Iterator[TestClient]:
+    webui.app.dependency_overrides.pop(get_user, None)
+    with TestClient(webui.app) as c:
+        yield c
+
+
+# -- authentication -----------------------------------------------------------------------------
+
+ROUTES = [("get", "/"), ("get", "/gallery"), ("get", "/search"),
+          ("get", f"/thumb/{IDS[0]}"), ("get", "/photo?path=x.jpg"), ("post", "/search")]
+
+
+@pytest.mark.parametrize(("method", "url"), ROUTES)
+def test_nothing_is_served_without_a_login(anonymous: TestClient, layout: Layout,
+                                           method: str, url: str) -> None:
+    publish_two_versions(layout)
+    resp = getattr(anonymous, method)(url)
+    assert resp.status_code == 401, resp.text
+    assert resp.json() == {"detail": "Not authenticated"}
+    assert NEW not in resp.text
+
+
+def test_a_browser_without_a_login_is_sent_to_the_login_page(anonymous: TestClient,
+                                                             layout: Layout) -> None:
+    resp = anonymous.get("/gallery", headers=HTML, follow_redirects=False)
+    assert resp.status_code == 303
+    assert resp.headers["location"].startswith("/auth/login?next=")
+    assert "gallery" in resp.headers["location"]
+
+
+def test_an_invalid_token_is_refused(anonymous: TestClient, layout: Layout) -> None:
+    from airflow.api_fastapi.app import _AuthManagerState
+
+    class Refusing:
+        async def get_user_from_token(self, token: str) -> Any:
+            from jwt import InvalidTokenError
+
+            raise InvalidTokenError("bad")
+
+    old, _AuthManagerState.instance = _AuthManagerState.instance, Refusing()  # type: ignore
+    try:
+        resp = anonymous.get("/", headers={"Authorization": "Bearer forged"})
+        anonymous.cookies.set("_token", "forged")
+        cookie = anonymous.get("/")
+    finally:
+        _AuthManagerState.instance = old
+    assert resp.status_code == 403 and cookie.status_code == 403
+    assert "Model versions" not in resp.text + cookie.text
+
+
+def test_no_api_docs_are_exposed(anonymous: TestClient) -> None:
+    for url in ("/docs", "/redoc", "/openapi.json"):
+        assert anonymous.get(url).status_code == 404
+
+
+# -- model versions -----------------------------------------------------------------------------
+
+def test_versions_page_lists_the_published_versions_with_current_marked(
+        client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)
+    resp = client.get("/")
+    assert resp.status_code == 200
+    page = resp.text
+    assert page.index(NEW) < page.index(OLD)               # newest first
+    new_row = page[page.index(f'data-version="{NEW}"'):]
+    new_row = new_row[:new_row.index("</tr>")]
+    old_row = page[page.index(f'data-version="{OLD}"'):]
+    old_row = old_row[:old_row.index("</tr>")]
+    assert "CURRENT" in new_row and "CURRENT" not in old_row
+    assert 'id="current-version">' + NEW in page
+    assert ">6<" in new_row and ">3<" in old_row             # numHashTables
+    assert "0.25" in new_row and "0.5" in old_row            # bucketLength
+    assert "0.917" in new_row and "42%" in new_row and "0.750" in new_row
+    assert "random 6-d" in new_row and "random(seed=0)" in new_row
+    assert ">12<" in new_row                                  # images indexed
+    assert "2026-01-02 03:04:05" in new_row or "2026-01-02" in new_row
+    assert "signed in as tester" in page
+
+
+def test_versions_page_without_a_model_says_what_to_do(client: TestClient,
+                                                       layout: Layout) -> None:
+    resp = client.get("/")
+    assert resp.status_code == 200
+    assert 'id="no-versions"' in resp.text and "imgsim_index" in resp.text
+
+
+def test_a_broken_manifest_is_shown_without_hiding_the_others(client: TestClient,
+                                                              layout: Layout) -> None:
+    publish_two_versions(layout)
+    (layout.models / OLD / "manifest.json").write_text("{not json")
+    resp = client.get("/")
+    assert resp.status_code == 200
+    assert "manifest unreadable" in resp.text and NEW in resp.text
+
+
+# -- gallery and pictures -----------------------------------------------------------------------
+
+def write_results(layout: Layout, run: str) -> dict[str, Any]:
+    query_copy = layout.queries / "processed" / run / "q1.png"
+    query_copy.parent.mkdir(parents=True)
+    query_copy.write_bytes(png_bytes())
+    layout.thumbs.mkdir(parents=True, exist_ok=True)
+    for iid in IDS[:3]:
+        (layout.thumbs / f"{iid}.jpg").write_bytes(png_bytes((10, 200, 10), fmt="JPEG"))
+    results = {
+        "run_id": f"manual__{run}", "model_version": NEW, "k": 3,
+        "created_at": "2026-01-02T00:00:00+00:00",
+        "queries": [
+            {"query_name": "q1.png", "query_path": str(layout.queries / "inbox" / "q1.png"),
+             "query_copy": str(query_copy), "status": "answered", "query_id": "1" * 64,
+             "neighbours": [{"rank": r + 1, "image_id": IDS[r], "path": f"images/{r}.jpg",
+                             "class_id": r, "class_name": f"Class <{r}>",
+                             "distance": 0.1 * (r + 1)} for r in range(3)],
+             "note": None},
+            {"query_name": "broken.jpg", "query_path": "/elsewhere/broken.jpg",
+             "status": "rejected", "reason": "not_an_image",
+             "detail": "not a recognised image format", "neighbours": []},
+        ]}
+    atomic_write_json(layout.queries / "results" / run / "results.json", results)
+    return results
+
+
+def test_gallery_shows_the_latest_run_with_neighbours_classes_and_distances(
+        client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)
+    write_results(layout, "manual__2026-01-01")
+    latest = "manual__2026-01-02"
+    write_results(layout, latest)
+    os.utime(layout.queries / "results" / latest / "results.json", (2e9, 2e9))
+    resp = client.get("/gallery")
+    assert resp.status_code == 200
+    page = resp.text
+    assert f'id="run-id">manual__{latest}<' in page
+    assert page.count('class="neighbour"') == 3
+    assert "Class &lt;0&gt;" in page and "<0>" not in page       # escaped
+    assert "0.1000" in page and "0.3000" in page
+    assert "rejected: not_an_image" in page
+    for iid in IDS[:3]:
+        assert f"thumb/{iid}" in page
+    assert "photo?path=queries%2Fprocessed%2F" in page            # the query's copy
+    assert "manual__2026-01-01" in page                            # listed as an older run
+
+    older = client.get("/gallery", params={"run": "manual__2026-01-01"})
+    assert older.status_code == 200 and 'id="run-id">manual__manual__2026-01-01<' in older.text
+    for bad in ("../../etc", "nope"):
+        assert client.get("/gallery", params={"run": bad}).status_code == 404
+
+
+def test_gallery_without_results_says_how_to_get_some(client: TestClient,
+                                                      layout: Layout) -> None:
+    resp = client.get("/gallery")
+    assert resp.status_code == 200 and 'id="no-results"' in resp.text
+
+
+def test_pictures_are_served(client: TestClient, layout: Layout) -> None:
+    write_results(layout, "r1")
+    thumb = client.get(f"/thumb/{IDS[0]}")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    photo = client.get("/photo", params={"path": "queries/processed/r1/q1.png", "size": 64})
+    assert photo.status_code == 200 and photo.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(photo.content)) as im:
+        assert im.format == "JPEG" and max(im.size) <= 64
+    absolute = client.get("/photo", params={"path": str(layout.queries / "processed/r1/q1.png")})
+    assert absolute.status_code == 200
+
+
+def test_no_file_outside_the_data_root_is_served(client: TestClient, layout: Layout,
+                                                 tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes())
+    (layout.root / "link.png").symlink_to(secret)
+    (layout.root / "notes.txt").write_text("not a picture")
+    refused = {
+        "../secret.png": 403,
+        str(secret): 403,
+        "../../../../../../etc/passwd": 403,
+        "/etc/passwd": 403,
+        "link.png": 403,                      # a symlink pointing outside
+        "queries/../../secret.png": 403,
+        "notes.txt": 415,                     # inside, but only pictures leave the server
+        "nothing-here.jpg": 404,
+    }
+    for path, status in refused.items():
+        resp = client.get("/photo", params={"path": path})
+        assert resp.status_code == status, (path, resp.status_code, resp.text)
+        assert resp.headers["content-type"] != "image/jpeg"
+    for url in ("/thumb/..%2F..%2Fsecret.png", "/thumb/../../etc/passwd",
+                "/thumb/" + "A" * 64, f"/thumb/{IDS[5]}", "/thumb/%2Fetc%2Fpasswd"):
+        assert client.get(url).status_code == 404, url
+
+
+# -- upload -------------------------------------------------------------------------------------
+
+def uploads(layout: Layout) -> list[Path]:
+    d = layout.queries / "uploads"
+    return sorted(d.iterdir()) if d.exists() else []
+
+
+def test_search_page_has_the_upload_form(client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)
+    resp = client.get("/search")
+    assert resp.status_code == 200
+    assert 'enctype="multipart/form-data"' in resp.text and NEW in resp.text
+
+
+@pytest.mark.parametrize(("content", "status", "message"), [
+    (b"%PDF-1.4 this is a document, not a photo\n" * 20, 415, "is not an image"),
+    (b"", 400, "is empty"),
+    (png_bytes(fmt="GIF"), 415, "is a GIF image; upload a JPEG, PNG or WebP"),
+])
+def test_an_upload_that_is_not_a_usable_image_gets_a_clear_error(
+        client: TestClient, layout: Layout, content: bytes, status: int, message: str) -> None:
+    publish_two_versions(layout)
+    resp = client.post("/search", files={"image": ("notes.jpg", content, "image/jpeg")},
+                       data={"k": "3"})
+    assert resp.status_code == status
+    assert 'id="error"' in resp.text and message in resp.text
+    assert "notes.jpg" in resp.text
+    assert 'id="upload-form"' in resp.text                     # the form is offered again
+    assert uploads(layout) == []
+
+
+def test_an_upload_over_the_size_limit_is_refused(client: TestClient, layout: Layout,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    publish_two_versions(layout)
+    monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 1000)
+    big = png_bytes(size=(400, 400)) + b"\0" * 5000
+    resp = client.post("/search", files={"image": ("big.png", big, "image/png")})
+    assert resp.status_code == 413 and "limit" in resp.text
+    assert uploads(layout) == []
+
+
+def test_an_upload_without_a_model_says_to_build_one(client: TestClient,
+                                                     layout: Layout) -> None:
+    resp = client.post("/search", files={"image": ("car.png", png_bytes(), "image/png")})
+    assert resp.status_code == 409 and "imgsim_index" in resp.text
+
+
+def test_an_upload_is_saved_and_answered_by_the_current_version(
+        client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup path of the upload, with the CNN replaced by a known vector."""
+    import imgsim.lookup as lookup_mod
+
+    publish_two_versions(layout)
+    model = lookup_mod.load_model(layout, NEW)
+    target = model.vectors[4]
+    calls: dict[str, Any] = {}
+
+    def fake_backbone(manifest: dict[str, Any], **kwargs: Any) -> str:
+        calls["backbone"] = manifest["version"]
+        return "backbone"
+
+    def fake_embed(backbone: Any, paths: list[Path], **kwargs: Any) -> tuple[dict, dict]:
+        calls["paths"] = paths
+        return {str(p): np.asarray(target) * 3.0 for p in paths}, {}
+
+    monkeypatch.setattr(lookup_mod, "load_query_backbone", fake_backbone)
+    monkeypatch.setattr(lookup_mod, "embed_files", fake_embed)
+    data = png_bytes((1, 2, 3))
+    resp = client.post("/search", files={"image": ("my car.png", data, "image/png")},
+                       data={"k": "3"})
+    assert resp.status_code == 200, resp.text
+    saved = layout.queries / "uploads" / f"{sha256_bytes(data)}.png"
+    assert uploads(layout) == [saved] and saved.read_bytes() == data
+    assert calls == {"backbone": NEW, "paths": [saved]}
+    page = resp.text
+    assert f'id="answer-version">{NEW}<' in page
+    answer = page[page.index('id="answer"'):]
+    assert answer.count('class="neighbour"') >= 1
+    assert f"thumb/{IDS[4]}" in answer or model.ids[4][:12] in answer
+    assert "0.0000" in answer                                   # the same vector, distance 0
+    assert f"photo?path=queries%2Fuploads%2F{sha256_bytes(data)}.png" in page
+
+    again = client.post("/search", files={"image": ("again.png", data, "image/png")})
+    assert again.status_code == 200 and uploads(layout) == [saved]   # same bytes, same file
+
+
+def test_an_upload_the_backbone_rejects_is_reported(client: TestClient, layout: Layout,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgsim.lookup as lookup_mod
+    from imgsim.embedding.infer import Rejected
+
+    publish_two_versions(layout)
+    monkeypatch.setattr(lookup_mod, "load_query_backbone", lambda m, **kw: "backbone")
+    monkeypatch.setattr(lookup_mod, "embed_files", lambda b, paths, **kw: (
+        {}, {str(p): Rejected(str(p), p, "too_small", "4x4 is below 8x8 pixels")
+             for p in paths}))
+    resp = client.post("/search", files={"image": ("tiny.png", png_bytes(size=(4, 4)),
+                                                   "image/png")})
+    assert resp.status_code == 422 and "too_small" in resp.text
+
+
+# -- the plugin ---------------------------------------------------------------------------------
+
+def test_the_plugin_mounts_the_app_and_adds_menu_entries() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "imgsim_plugin_under_test", PROJECT_ROOT / "plugins" / "imgsim_plugin.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plugin = module.ImgsimPlugin
+    assert plugin.name == "imgsim"
+    (mounted,) = plugin.fastapi_apps
+    assert mounted["app"] is webui.app and mounted["url_prefix"] == "/imgsim"
+    hrefs = {v["href"] for v in plugin.external_views}
+    assert hrefs == {"imgsim/", "imgsim/gallery", "imgsim/search"}
+    assert all(not h.startswith("/") for h in hrefs)            # relative to the UI's base
+    assert len({v["url_route"] for v in plugin.external_views}) == 3
+
+
+def test_importing_the_plugin_loads_no_torch_pil_or_pyspark() -> None:
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
+            "import json; print(json.dumps(sorted(m for m in ('torch', 'PIL', 'pyspark', "
+            "'pyarrow', 'timm') if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code,
+                           str(PROJECT_ROOT / "plugins" / "imgsim_plugin.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
