@@ -111,7 +111,3 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def remove_tree_quietly(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -201,7 +200,3 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     log.info("results for %d queries in %s: %s", len(plan["queries"]), rdir, summary)
     return {"run_dir": run_dir, "model_version": version, **summary,
             "files": {k: str(v) for k, v in paths.items()}}
-
-
-def remove_run(layout: Layout, run_id: str) -> None:
-    shutil.rmtree(run_dir_for(layout, run_id), ignore_errors=True)
