@@ -339,6 +339,25 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
         yield env
 
 
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on ``port`` (from /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hex_port = local.rsplit(":", 1)
+                if state != "0A" or int(hex_port, 16) != port:      # 0A = LISTEN
+                    continue
+                if len(addr) == 8:                                  # IPv4, little-endian
+                    found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+                else:
+                    words = bytes.fromhex(addr)
+                    raw = b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
+    return found
+
+
 def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -350,6 +369,8 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
     timings: dict[str, float] = {}
     with standalone(env, tmp_path / "standalone.log") as airflow, chromium() as driver:
         timings["standalone healthy, DAGs parsed"] = time.monotonic() - started
+        # The UI/API listens on the loopback interface only.
+        assert listening_addresses(int(env["AIRFLOW__API__PORT"])) == {"127.0.0.1"}
         steps = Steps(driver)
         try:
             # 1. Log in: the plugin page sends an anonymous browser to Airflow's login page.
