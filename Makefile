@@ -19,6 +19,9 @@ $(STAMP): requirements.lock pyproject.toml
 	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing Chromium and chromedriver (browser tests)"; \
 	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+	@{ command -v redis-server && command -v docker-compose && { command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl; }; } >/dev/null 2>&1 || \
+	  { echo "installing PostgreSQL, Redis and docker-compose (scale-out tests)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql redis-server docker-compose; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -r requirements.lock
