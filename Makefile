@@ -51,6 +51,12 @@ airflow: $(STAMP) ## start the Airflow UI (standalone) on http://127.0.0.1:8080 
 versions: $(STAMP) ## list the published model versions
 	$(VENV)/bin/imgsim versions
 
+BENCH_ARGS ?=
+bench: $(STAMP) ## run every benchmark and rebuild benchmarks/README.md from their results
+	$(ENV) && for b in embedding incremental lsh latency; do \
+	  echo "== benchmarks/bench_$$b.py"; $(PY) benchmarks/bench_$$b.py $(BENCH_ARGS); done
+	$(PY) benchmarks/report.py
+
 lock: ## re-freeze requirements.lock from the current .venv
 	$(PY) -m pip freeze --all --exclude-editable | grep -v '^imgsim' > requirements.lock
 
@@ -60,4 +66,4 @@ clean-data: ## delete the local data root and Airflow home (keeps .venv)
 clean: clean-data ## also delete .venv
 	rm -rf $(VENV)
 
-.PHONY: help install demo test test-fast lint airflow versions lock clean-data clean
+.PHONY: help install demo test test-fast lint airflow versions bench lock clean-data clean
