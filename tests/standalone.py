@@ -84,6 +84,38 @@ class Airflow:
             assert time.monotonic() < deadline, f"only {len(done)}/{count} runs finished: {runs}"
             time.sleep(3)
 
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None,
+                logical_date: str | None = "now") -> str:
+        """A manual run of ``dag_id``; returns its run id.
+
+        ``logical_date`` "now" (the default) gives the run the current time, as the UI's
+        trigger form does; ``None`` makes a run without a logical date (no ``ds``).
+        """
+        if logical_date == "now":
+            from datetime import UTC, datetime
+
+            logical_date = datetime.now(UTC).isoformat()
+        body = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns",
+                         {"logical_date": logical_date, "conf": conf or {}})
+        return str(body["dag_run_id"])
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=100"
+        return list(self.call("GET", path)["task_instances"])
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float) -> dict[str, Any]:
+        """Until run ``run_id`` succeeds; fails at once, naming the task states, if it fails."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] == "success":
+                return dict(run)
+            if run["state"] == "failed" or time.monotonic() > deadline:
+                states = {(t["task_id"], t["map_index"]): t["state"]
+                          for t in self.task_instances(dag_id, run_id)}
+                raise AssertionError(f"{dag_id} run {run_id} is {run['state']}: {states}")
+            time.sleep(3)
+
     def wait_for_backfills(self, dag_id: str, count: int, timeout: float) -> None:
         """Until ``count`` backfills of ``dag_id`` have completed; fails fast on a failed run."""
         deadline = time.monotonic() + timeout
