@@ -40,7 +40,7 @@ test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser m
 	$(ENV) && $(PY) -m pytest -m "not slow and not spark and not airflow and not browser" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check include spark_jobs dags plugins tests
+	$(VENV)/bin/ruff check include spark_jobs dags plugins tests benchmarks
 	$(VENV)/bin/mypy
 
 airflow: $(STAMP) ## start the Airflow UI (standalone) on http://127.0.0.1:8080 with the DAGs loaded

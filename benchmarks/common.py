@@ -8,6 +8,7 @@ measured side by side in one run; never use them as thresholds in tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -67,16 +68,12 @@ def machine_info() -> dict[str, Any]:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for mod in ("numpy", "torch", "torchvision", "pyspark", "onnxruntime", "faiss"):
-        try:
+        with contextlib.suppress(Exception):
             info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional packages
-            pass
-    try:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
         info["git_commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
             text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
     return info
 
 

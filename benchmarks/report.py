@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, RESULTS_DIR  # noqa: E402
+from common import BENCH_DIR, RESULTS_DIR
 
 ORDER = ["embedding", "incremental", "lsh", "latency"]
 

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
 
 from imgsim.assets import LSH_MODEL
-from imgsim.config import BACKBONES, Settings
+from imgsim.config import BACKBONES, EMBED_ENGINES, Settings
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
+#: choose_embed_engine's routes (imgsim.pipeline.embed_route) -> the task that follows.
+EMBED_ROUTES = {"none": "embed_summary", "tasks": "embed", "spark": "embed_spark"}
 DEFAULTS = Settings.from_env()
 
 DOC = """
@@ -26,7 +28,10 @@ Builds the reference index of car photos and keeps it current, one run per day.
 | `extract` | safe extraction (no paths outside the target, no links or devices), once per archive | `images/<archive>/` |
 | `catalog` | sha256 id per image; archive + `incoming/<logical date>/`; marks gone images; diff against the embedding store | `catalog/catalog.parquet` |
 | `plan_shards` | splits the new images into shards | `runs/<run>/shards/` |
-| `embed` | one mapped task per shard: decode, RGB, 224x224 thumbnail, batched CNN embedding; bad images quarantined | `embeddings/<backbone>/`, `thumbs/`, `quarantine/` |
+| `choose_embed_engine` | picks the engine (Param `embed_engine`, default `IMGSIM_EMBED_ENGINE`): the mapped `embed` tasks or the Spark job; neither when nothing is new | `runs/<run>/spark_embed.json` (spark) |
+| `embed` | engine `tasks`: one mapped task per shard: decode, RGB, 224x224 thumbnail, batched CNN embedding; bad images quarantined | `embeddings/<backbone>/`, `thumbs/`, `quarantine/` |
+| `embed_spark` | engine `spark`: spark-submit `spark_jobs/embed_images.py`, the same code and the same store files, spread over Spark executors | the same |
+| `embed_summary` | totals over the shards' result records, the same for both engines (images, embedded, quarantined by reason) | XCom |
 | `fit_plan` | skips the rest when nothing changed since the current version | XCom: version |
 | `fit_lsh` | spark-submit `spark_jobs/fit_lsh.py`: BucketedRandomProjectionLSH on all live embeddings | `models/lsh/.staging/<version>/` |
 | `validate` | counts, snapshot, recall@5 against exact search >= floor, NumPy re-hash equals Spark's | `validation.json` |
@@ -62,17 +67,39 @@ Backfill past days (each reads its own `incoming/<date>/`):
                                pattern="^([0-9a-f]{64})?$", title="Labels sha256 (optional)"),
         "backbone": Param(DEFAULTS.backbone, type="string", enum=list(BACKBONES),
                           title="Backbone", description="CNN that embeds the images"),
-        "num_hash_tables": Param(DEFAULTS.lsh_num_hash_tables, type="integer", minimum=1,
-                                 maximum=512, title="LSH hash tables (numHashTables)"),
+        "num_hash_tables": Param(DEFAULTS.lsh_num_hash_tables, type="integer", minimum=0,
+                                 maximum=512, title="LSH hash tables (numHashTables, 0 = auto)",
+                                 description="0 auto-tunes numHashTables and bucketLength to "
+                                             "reach IMGSIM_TARGET_RECALL on a sample"),
         "bucket_length": Param(DEFAULTS.lsh_bucket_length, type="number", minimum=0,
                                maximum=100, title="LSH bucket length (0 = auto)",
                                description="bucket width of the projections of L2-normalised "
                                            "vectors; 0 derives it from the data's scale"),
         "full_rebuild": Param(False, type="boolean", title="Full rebuild",
                               description="re-embed every image and refit even if unchanged"),
+        "embed_engine": Param(DEFAULTS.embed_engine, type="string", enum=list(EMBED_ENGINES),
+                              title="Embedding engine",
+                              description="tasks: one mapped Airflow task per shard; spark: "
+                                          "one Spark application (spark_default) for large "
+                                          "backfills. Both write the same vectors."),
     },
 )
 def imgsim_index() -> None:
+    # One index run at a time per data root, whoever started it (scheduler, backfill, another
+    # deployment): a lease taken first and given back last (imgsim.runlease).
+    @task.sensor(poke_interval=DEFAULTS.lease_poke_s, timeout=24 * 3600, mode="reschedule")
+    def take_lease(run_id: str) -> PokeReturnValue:
+        from imgsim.runlease import take_for_run
+
+        return PokeReturnValue(is_done=take_for_run(Settings.from_env().layout, run_id,
+                                                    "imgsim_index"))
+
+    @task
+    def release_lease(run_id: str) -> bool:
+        from imgsim.runlease import release
+
+        return release(Settings.from_env().layout, run_id)
+
     @task(retries=3)
     def download(params: dict[str, Any]) -> dict[str, Any]:
         from imgsim import pipeline
@@ -89,11 +116,12 @@ def imgsim_index() -> None:
 
     @task
     def catalog(extracted: dict[str, Any], fetched: dict[str, Any], params: dict[str, Any],
-                ds: str, run_id: str) -> dict[str, Any]:
+                run_id: str, ds: str | None = None, dag_run: Any = None) -> dict[str, Any]:
         from imgsim import pipeline
 
+        day = pipeline.run_day(ds, dag_run.run_after if dag_run is not None else None)
         return pipeline.catalog(Settings.from_env(), extracted["root"], fetched["labels"]["path"],
-                                ds, run_id, params["backbone"], params["full_rebuild"])
+                                day, run_id, params["backbone"], params["full_rebuild"])
 
     @task
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
@@ -107,13 +135,40 @@ def imgsim_index() -> None:
 
         return pipeline.embed_shard(Settings.from_env(), shard["spec"], params["backbone"])
 
+    @task.branch
+    def choose_embed_engine(shards: list[dict[str, Any]], params: dict[str, Any],
+                            run_id: str) -> str:
+        from imgsim import pipeline
+
+        route, job = pipeline.embed_route(Settings.from_env(), params["embed_engine"], shards,
+                                          run_id, params["backbone"])
+        get_current_context()["ti"].xcom_push(key="spark_job", value=job)
+        return EMBED_ROUTES[route]
+
+    embed_spark = SparkSubmitOperator(
+        task_id="embed_spark",
+        conn_id="spark_default",
+        application=str(SPARK_JOBS / "embed_images.py"),
+        name="imgsim-embed",
+        conf={"spark.ui.showConsoleProgress": "false", "spark.python.worker.reuse": "true"},
+        application_args=[
+            "--job", "{{ ti.xcom_pull(task_ids='choose_embed_engine', key='spark_job') }}",
+        ],
+    )
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def embed_summary(shards: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+        from imgsim import pipeline
+
+        return pipeline.embed_summary(shards, params["embed_engine"])
+
     @task.short_circuit(trigger_rule="none_failed")
-    def fit_plan(params: dict[str, Any]) -> dict[str, Any]:
+    def fit_plan(embedded: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim import pipeline
 
         return pipeline.fit_plan(Settings.from_env(), params["backbone"],
                                  params["num_hash_tables"], params["bucket_length"],
-                                 params["full_rebuild"])
+                                 params["full_rebuild"], embedded=embedded)
 
     plan = "ti.xcom_pull(task_ids='fit_plan')"
     fit_lsh = SparkSubmitOperator(
@@ -139,20 +194,34 @@ def imgsim_index() -> None:
         return pipeline.validate(Settings.from_env(), plan)
 
     @task(outlets=[LSH_MODEL])
-    def publish(plan: dict[str, Any]) -> dict[str, Any]:
+    def publish(plan: dict[str, Any], run_id: str) -> dict[str, Any]:
         from imgsim import pipeline
 
-        published = pipeline.publish(Settings.from_env(), plan["version"])
+        published = pipeline.publish(Settings.from_env(), plan["version"], run_id)
         get_current_context()["outlet_events"][LSH_MODEL].extra = published
         return published
 
+    lease = take_lease()
     fetched = download()
+    lease >> fetched
     extracted = extract(fetched)
     cataloged = catalog(extracted, fetched)
-    embedded = embed.expand(shard=plan_shards(cataloged))
-    planned = fit_plan()
-    embedded >> planned >> fit_lsh
-    fit_lsh >> validate(planned) >> publish(planned)  # type: ignore[operator]
+    shards = plan_shards(cataloged)
+    chosen = choose_embed_engine(shards)
+    embedded = embed.expand(shard=shards)
+    summary = embed_summary(shards)
+    chosen >> [embedded, embed_spark, summary]
+    [embedded, embed_spark] >> summary  # type: ignore[operator]
+    planned = fit_plan(summary)
+    planned >> fit_lsh
+    validated = validate(planned)
+    published = publish(planned)
+    fit_lsh >> validated >> published  # type: ignore[operator]
+    # The teardown waits for every task of the run, also when one fails or the run is skipped
+    # at fit_plan, and does not decide the run's state.
+    released = release_lease()
+    [embedded, embed_spark, summary, planned, fit_lsh, validated, published] >> released  # type: ignore[operator]
+    released.as_teardown(setups=lease)
 
 
 imgsim_index()

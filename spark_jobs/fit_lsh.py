@@ -4,6 +4,20 @@
         --data-root data --backbone resnet18 --version v20261122T170000Z-ab12cd \
         --num-hash-tables 8 --bucket-length 0 --seed 42 --run-id manual
 
+``--num-hash-tables 0`` asks for automatic parameters: the auto-tuner (:mod:`imgsim.tuning`)
+measures, on a seeded driver-side sample of at most ``--tune-sample`` reference vectors, the
+leave-one-out recall@k against exact search of a grid of (numHashTables, bucketLength) and
+picks the cheapest one (fewest candidates compared) that reaches ``--target-recall`` (default
+``IMGSIM_TARGET_RECALL``, 0.95). A non-zero ``--bucket-length`` then fixes the width and only
+the number of tables is tuned. The manifest keeps the curve and the choice (``tuning``).
+
+``--keys-per-band K`` (AND-amplified keys) fits ``numHashTables = bands x K`` projections and
+searches bands of K consecutive hash values; ``--probes P`` also looks up, per band, P
+neighbouring buckets of the projections nearest a bucket boundary (multi-probe). Both are
+recorded in the manifest (``lsh.bands``, ``lsh.keys_per_band``, ``lsh.probes``), and
+``spark_jobs/query_lsh.py`` and ``imgsim.lookup`` search that way. The auto-tuner's grid
+includes them (``--tune-keys-per-band``, ``--tune-probes``).
+
 Reads ``catalog/catalog.parquet`` (live images) and ``embeddings/<backbone>/part-*.parquet``
 (newest vector per image id), L2-normalises the vectors, fits the LSH, hashes the reference
 set and writes, into ``models/lsh/.staging/<version>/``:
@@ -51,6 +65,8 @@ MANIFEST_FORMAT = 1
 #: *unit* vectors, so a difference of length d projects to about d / sqrt(dim): with 1,280-d
 #: unit-length embeddings a bucketLength of 1.0 puts every image in one bucket per table.
 AUTO_BUCKET_FACTOR = 0.5
+#: the auto-tuner works on at most this many reference vectors, collected on the driver.
+MAX_TUNE_SAMPLE = 4000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, type=Path)
     p.add_argument("--backbone", required=True)
     p.add_argument("--version", required=True)
-    p.add_argument("--num-hash-tables", type=int, default=8)
+    p.add_argument("--num-hash-tables", type=int, default=8,
+                   help="number of hash tables (bands); 0 = auto-tune (with bucketLength)")
+    p.add_argument("--keys-per-band", type=int, default=1,
+                   help="projections ANDed into one band key (1 = Spark's plain BRP)")
+    p.add_argument("--probes", type=int, default=0,
+                   help="extra buckets looked up per band (multi-probe), <= keys per band")
     p.add_argument("--bucket-length", type=float, default=0.0,
                    help="bucket width on unit vectors; 0 = auto (see estimate_bucket_length)")
     p.add_argument("--auto-bucket-factor", type=float, default=AUTO_BUCKET_FACTOR)
@@ -66,9 +87,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--sample-size", type=int, default=200)
     p.add_argument("--run-id", default="manual")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="recall@k the auto-tuner aims for (default: IMGSIM_TARGET_RECALL)")
+    p.add_argument("--tune-sample", type=int, default=MAX_TUNE_SAMPLE,
+                   help="reference vectors the auto-tuner samples (at most)")
+    p.add_argument("--tune-queries", type=int, default=200,
+                   help="sampled references that query the rest while tuning")
+    p.add_argument("--tune-keys-per-band", type=_int_list, default=(1, 2, 4, 8),
+                   help="keys-per-band values the auto-tuner tries, comma-separated")
+    p.add_argument("--tune-probes", type=_int_list, default=(0, 1, 2),
+                   help="probe counts the auto-tuner tries, comma-separated")
     args = p.parse_args(argv)
-    if args.num_hash_tables < 1:
-        p.error("--num-hash-tables must be >= 1")
+    if args.num_hash_tables < 0:
+        p.error("--num-hash-tables must be >= 1, or 0 for auto-tuning")
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        p.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if args.tune_sample < 2 or args.tune_queries < 1:
+        p.error("--tune-sample must be >= 2 and --tune-queries >= 1")
+    if args.keys_per_band < 1 or not 0 <= args.probes <= args.keys_per_band:
+        p.error("--keys-per-band must be >= 1 and --probes between 0 and --keys-per-band")
+    if min(args.tune_keys_per_band) < 1 or min(args.tune_probes) < 0:
+        p.error("--tune-keys-per-band values must be >= 1 and --tune-probes values >= 0")
     if args.bucket_length < 0:
         p.error("--bucket-length must be >= 0 (0 = auto)")
     if args.auto_bucket_factor <= 0:
@@ -76,6 +115,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.version or "/" in args.version or args.version.startswith("."):
         p.error(f"--version {args.version!r} is not a valid version name")
     return args
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") \
+            from exc
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
 
 
 # -- read ---------------------------------------------------------------------------------------
@@ -124,6 +174,44 @@ def flatten_hashes(hashed: DataFrame) -> DataFrame:
         "hashes", F.transform("hashes", lambda h: vector_to_array(h)[0].cast("long")))
 
 
+def collect_sample(data: DataFrame, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most ``size`` unit vectors, on the driver, (n, dim) float32."""
+    rows = (data.select("vector").orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
+            .limit(size).toPandas())
+    return np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+
+
+def target_recall(args: argparse.Namespace) -> float:
+    """--target-recall, else IMGSIM_TARGET_RECALL (default 0.95)."""
+    if args.target_recall is not None:
+        return float(args.target_recall)
+    from imgsim.config import Settings
+
+    return Settings.from_env().target_recall
+
+
+def auto_tune(data: DataFrame, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the auto-tuner on a driver-side sample; the manifest's ``tuning`` entry."""
+    from imgsim.tuning import DEFAULT_WIDTH_FACTORS, data_scale, tune
+
+    t0 = time.perf_counter()
+    x = collect_sample(data, args.tune_sample, args.seed)
+    scale = data_scale(x, args.seed)
+    factors = ((args.bucket_length / scale,) if args.bucket_length > 0
+               else DEFAULT_WIDTH_FACTORS)
+    result = tune(x, target=target_recall(args), k=args.k, max_queries=args.tune_queries,
+                  seed=args.seed, width_factors=factors,
+                  keys_per_band=args.tune_keys_per_band, probes=args.tune_probes)
+    tuning = result.as_dict()
+    tuning.update(seconds=round(time.perf_counter() - t0, 3),
+                  method="leave-one-out on a seeded sample; grid of bands x keys per band x "
+                         "bucketLength x probes over BRP projections")
+    log.info("auto-tuned LSH on %d vectors: %s (target %.3f met: %s) in %.1f s",
+             result.sample_size, result.choice.as_dict(), result.target, result.target_met,
+             tuning["seconds"])
+    return tuning
+
+
 def estimate_bucket_length(data: DataFrame, dim: int, factor: float, seed: int,
                            sample: int = 2000) -> tuple[float, float]:
     """(bucketLength, median distance) from random pairs of a sample of the unit vectors."""
@@ -146,16 +234,23 @@ def sample_queries(ref: DataFrame, n: int, seed: int) -> pd.DataFrame:
     return ordered.limit(n).toPandas()
 
 
-def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates."""
+def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int,
+                       probe_keys: np.ndarray | None = None) -> pd.DataFrame:
+    """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates.
+
+    Candidates share a bucket in one table, or, given ``probe_keys`` (m, bands, probes + 1,
+    keys per band; imgsim.lsh.probe_keys), a band key with one of the query's probe keys.
+    """
     q_ids = queries["image_id"].tolist()
     q_vec = np.stack(queries["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
     q_hash = np.stack(queries["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
-    bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, q_hash))
+    bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, q_hash, probe_keys))
     kk = k + 1   # the query itself is in the reference set
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        ids_, qv, qh = bq.value
+        from imgsim.lsh import band_candidates
+
+        ids_, qv, qh, qkeys = bq.value
         for b in batches:
             if b.empty:
                 continue
@@ -164,7 +259,10 @@ def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int) -> pd.Data
             h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
             d = ((qv * qv).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * qv @ x.T)
             d = np.sqrt(np.maximum(d, 0.0))
-            cand = (qh[:, None, :] == h[None, :, :]).any(axis=2)
+            if qkeys is None:
+                cand = (qh[:, None, :] == h[None, :, :]).any(axis=2)
+            else:
+                cand = np.stack([band_candidates(qkeys[qi], h) for qi in range(len(ids_))])
             out: list[tuple[str, str, str | None, float, int]] = []
             for qi, qid in enumerate(ids_):
                 for kind, allowed in (("exact", None), ("lsh", np.flatnonzero(cand[qi]))):
@@ -243,7 +341,15 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
 
     dim = int(dims[0].d)
     bucket_length, median_distance = args.bucket_length, None
-    if bucket_length == 0:
+    bands, tuning = args.num_hash_tables, None
+    keys_per_band, probes = args.keys_per_band, args.probes
+    if bands == 0:
+        tuning = auto_tune(data, args)
+        bands = int(tuning["choice"]["tables"])
+        keys_per_band = int(tuning["choice"]["keys_per_band"])
+        probes = int(tuning["choice"]["probes"])
+        bucket_length = float(tuning["choice"]["bucket_length"])
+    elif bucket_length == 0:
         bucket_length, median_distance = estimate_bucket_length(
             data, dim, args.auto_bucket_factor, args.seed)
         log.info("auto bucketLength %.6f (median pair distance %.4f, dim %d)", bucket_length,
@@ -251,7 +357,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes",
                                       bucketLength=bucket_length,
-                                      numHashTables=args.num_hash_tables, seed=args.seed)
+                                      numHashTables=bands * keys_per_band, seed=args.seed)
     model = lsh.fit(data)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -259,15 +365,21 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     reference.count()
     transform_s = time.perf_counter() - t0
 
+    write_version(model, reference, out_dir)
     queries = sample_queries(reference, args.sample_size, args.seed)
     t0 = time.perf_counter()
-    parts = partial_neighbours(reference, queries, args.k)
+    qkeys = None
+    if keys_per_band > 1 or probes > 0:
+        from imgsim.lsh import load_brp_model, probe_keys
+
+        q_vec = np.stack(queries["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+        qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
+    parts = partial_neighbours(reference, queries, args.k, qkeys)
     labels = {r.image_id: r.class_id for r in data.select("image_id", "class_id").collect()}
     metrics = recall_metrics(parts, queries, labels, n, args.k)
     metrics.update(fit_seconds=round(fit_s, 3), transform_seconds=round(transform_s, 3),
                    evaluation_seconds=round(time.perf_counter() - t0, 3))
 
-    write_version(model, reference, out_dir)
     backbone_file = layout.embeddings(args.backbone) / "BACKBONE.json"
     backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
     manifest = {
@@ -280,11 +392,15 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         "normalize": "l2",
         "distance": "euclidean on unit vectors",
         "lsh": {"algorithm": "BucketedRandomProjectionLSH",
-                "numHashTables": args.num_hash_tables,
+                "numHashTables": bands * keys_per_band,
                 "bucketLength": bucket_length, "seed": args.seed,
+                "bands": bands, "keys_per_band": keys_per_band, "probes": probes,
+                "requested_num_hash_tables": args.num_hash_tables,
                 "requested_bucket_length": args.bucket_length,
-                "auto_bucket_factor": args.auto_bucket_factor if args.bucket_length == 0
-                else None, "median_pair_distance": median_distance},
+                "auto_bucket_factor": args.auto_bucket_factor
+                if args.bucket_length == 0 and tuning is None else None,
+                "median_pair_distance": median_distance},
+        "tuning": tuning,
         "snapshot": {"fingerprint": snapshot_fingerprint(ids), "count": n,
                      "shard_files": [Path(f).name for f in files]},
         "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},

@@ -11,6 +11,12 @@ a bucket in at least one hash table, with its distance: exactly the candidates S
 ``approxNearestNeighbors`` compares, for all queries at once. The k nearest per query are kept.
 Writes ``<run-dir>/neighbours`` (Parquet: query_id, rank, image_id, path, class_id, class_name,
 distance, candidates); a query with no candidate gets one row with a null image_id.
+
+A version whose manifest records AND-amplified bands or multi-probe (``lsh.keys_per_band`` > 1
+or ``lsh.probes`` > 0) is answered by joining on band keys instead: the reference table's
+hash columns, ``keys_per_band`` at a time, against each query's probe keys (computed with
+:func:`imgsim.lsh.probe_keys` from the saved random vectors, as the in-process lookup does).
+The join carries ids only; distances are computed once per distinct candidate pair.
 """
 
 from __future__ import annotations
@@ -21,12 +27,17 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
 from pyspark.ml.feature import BucketedRandomProjectionLSHModel
 from pyspark.ml.functions import array_to_vector
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 log = logging.getLogger("imgsim.query_lsh")
 
@@ -48,13 +59,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_model(data_root: Path, version: str) -> tuple[BucketedRandomProjectionLSHModel, Path]:
+def version_manifest(data_root: Path, version: str) -> tuple[dict[str, Any], Path]:
     vdir = data_root / "models" / "lsh" / version
     if not (vdir / "manifest.json").exists():
         raise FileNotFoundError(f"model version {version} is not published under {vdir.parent}")
-    manifest = json.loads((vdir / "manifest.json").read_text())
+    return json.loads((vdir / "manifest.json").read_text()), vdir
+
+
+def read_model(data_root: Path, version: str) -> tuple[BucketedRandomProjectionLSHModel, Path]:
+    manifest, vdir = version_manifest(data_root, version)
     model = BucketedRandomProjectionLSHModel.load(str(vdir / manifest["files"]["model"]))
     return model, vdir / manifest["files"]["reference"]
+
+
+def banding(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(keys_per_band, probes); (1, 0) is Spark's plain OR search (older manifests too)."""
+    lsh = manifest.get("lsh", {})
+    return int(lsh.get("keys_per_band") or 1), int(lsh.get("probes") or 0)
 
 
 def read_reference(spark: SparkSession, path: Path) -> DataFrame:
@@ -94,6 +115,123 @@ def nearest(model: BucketedRandomProjectionLSHModel, queries: DataFrame, referen
     return top.select(*none.columns).unionByName(none)
 
 
+def reference_band_keys(reference: DataFrame, keys_per_band: int) -> DataFrame:
+    """(image_id, band, key): each reference's hash columns, ``keys_per_band`` at a time."""
+    kb = keys_per_band
+    bands = F.transform(F.sequence(F.lit(0), (F.size("hashes") / kb).cast("int") - 1),
+                        lambda b: F.slice("hashes", b * kb + 1, kb))
+    return reference.select("image_id", F.posexplode(bands).alias("band", "key"))
+
+
+def query_probe_keys(queries: DataFrame, matrix: np.ndarray, bucket_length: float,
+                     keys_per_band: int, probes: int) -> DataFrame:
+    """(query_id, band, key) for every probe key of every query (imgsim.lsh.probe_keys)."""
+    from imgsim.lsh import BrpParams, probe_keys
+
+    params = queries.sparkSession.sparkContext.broadcast(BrpParams(matrix, bucket_length))
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for b in batches:
+            if b.empty:
+                continue
+            x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+            keys = probe_keys(params.value, x, keys_per_band, probes)   # (m, L, P, K)
+            m, tables, p, _ = keys.shape
+            yield pd.DataFrame({
+                "query_id": np.repeat(b["query_id"].to_numpy(), tables * p),
+                "band": np.tile(np.repeat(np.arange(tables, dtype=np.int32), p), m),
+                "key": list(keys.reshape(m * tables * p, keys_per_band))})
+
+    schema = T.StructType([T.StructField("query_id", T.StringType()),
+                           T.StructField("band", T.IntegerType()),
+                           T.StructField("key", T.ArrayType(T.LongType()))])
+    return queries.select("query_id", "vector").mapInPandas(run, schema)
+
+
+def candidate_distances(pairs: DataFrame, queries: DataFrame,
+                        reference: DataFrame) -> DataFrame:
+    """(query_id, image_id, path, class_id, class_name, distance) for every candidate pair.
+
+    The pairs are grouped per reference, so each reference vector is read once and never
+    copied per pair; the (few) query vectors are broadcast. Distances are L2 in float64.
+    """
+    q_rows = queries.select("query_id", "vector").collect()
+    q_index = {r.query_id: i for i, r in enumerate(q_rows)}
+    q_mat = (np.stack([np.asarray(r.vector, np.float64) for r in q_rows]) if q_rows
+             else np.zeros((0, 1)))
+    bq = pairs.sparkSession.sparkContext.broadcast((q_index, q_mat))
+    grouped = (pairs.groupBy("image_id").agg(F.collect_list("query_id").alias("qids"))
+               .join(reference.select("image_id", "path", "class_id", "class_name", "vector"),
+                     "image_id"))
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        index, qm = bq.value
+        for b in batches:
+            out: list[tuple[str, str, str | None, Any, str | None, float]] = []
+            for row in b.itertuples(index=False):
+                qi = np.fromiter((index[q] for q in row.qids), np.int64, len(row.qids))
+                d = np.sqrt(((qm[qi] - np.asarray(row.vector, np.float64)) ** 2).sum(axis=1))
+                cid = None if pd.isna(row.class_id) else int(row.class_id)
+                out.extend((q, row.image_id, row.path, cid, row.class_name, float(v))
+                           for q, v in zip(row.qids, d, strict=True))
+            yield pd.DataFrame(out, columns=["query_id", "image_id", "path", "class_id",
+                                             "class_name", "distance"])
+
+    schema = T.StructType([
+        T.StructField("query_id", T.StringType()), T.StructField("image_id", T.StringType()),
+        T.StructField("path", T.StringType()), T.StructField("class_id", T.IntegerType()),
+        T.StructField("class_name", T.StringType()), T.StructField("distance", T.DoubleType())])
+    return grouped.mapInPandas(run, schema)
+
+
+def nearest_banded(params: Any, queries: DataFrame, reference: DataFrame, k: int,
+                   keys_per_band: int, probes: int) -> DataFrame:
+    """Top-k per query among references sharing a band key with one of its probe keys.
+
+    ``queries``: query_id, vector (array<float>); ``reference``: image_id, path, class_id,
+    class_name, vector, hashes (the stored reference table); ``params``: imgsim.lsh.BrpParams.
+    """
+    qkeys = query_probe_keys(queries, params.matrix, params.bucket_length, keys_per_band,
+                             probes)
+    rkeys = reference_band_keys(reference, keys_per_band)
+    pairs = qkeys.join(rkeys, ["band", "key"]).select("query_id", "image_id").distinct()
+    flat = candidate_distances(pairs, queries, reference)
+    by_query = Window.partitionBy("query_id")
+    ranked = (flat.withColumn("candidates", F.count("*").over(by_query))
+              .withColumn("rank", F.row_number().over(by_query.orderBy("distance", "image_id"))))
+    top = ranked.where(F.col("rank") <= k)
+    none = (queries.select("query_id").join(pairs.select("query_id").distinct(), "query_id",
+                                             "left_anti")
+            .select("query_id", F.lit(None).cast("string").alias("image_id"),
+                    F.lit(None).cast("string").alias("path"),
+                    F.lit(None).cast("int").alias("class_id"),
+                    F.lit(None).cast("string").alias("class_name"),
+                    F.lit(None).cast("double").alias("distance"),
+                    F.lit(0).cast("long").alias("candidates"),
+                    F.lit(None).cast("int").alias("rank")))
+    return top.select(*none.columns).unionByName(none)
+
+
+def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
+           k: int) -> DataFrame:
+    """The neighbours of the run's queries with the version's search (plain or banded)."""
+    from imgsim.lsh import load_brp_model
+
+    manifest, vdir = version_manifest(data_root, version)
+    keys_per_band, probes = banding(manifest)
+    reference_path = vdir / manifest["files"]["reference"]
+    if keys_per_band == 1 and probes == 0:
+        model, _ = read_model(data_root, version)
+        return nearest(model, read_queries(spark, run_dir), read_reference(spark, reference_path),
+                       k)
+    params = load_brp_model(vdir / manifest["files"]["model"])
+    queries = (spark.read.parquet(str(run_dir / "query_vectors.parquet"))
+               .select("query_id", F.col("vector").cast("array<float>").alias("vector")))
+    reference = spark.read.parquet(str(reference_path)).select(
+        "image_id", "path", "class_id", "class_name", "vector", "hashes")
+    return nearest_banded(params, queries, reference, k, keys_per_band, probes)
+
+
 def write_atomically(df: DataFrame, target: Path) -> None:
     """Write to a temporary sibling directory, then rename it onto ``target``."""
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
@@ -108,11 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spark = SparkSession.builder.appName(f"imgsim-query-lsh-{args.run_dir.name}").getOrCreate()
     try:
-        model, reference_path = read_model(args.data_root.resolve(), args.version)
-        queries = read_queries(spark, args.run_dir)
-        result = nearest(model, queries, read_reference(spark, reference_path), args.k)
+        result = answer(spark, args.data_root.resolve(), args.version, args.run_dir, args.k)
         write_atomically(result, args.run_dir / "neighbours")
-        log.info("answered %d queries with %s", queries.count(), args.version)
+        log.info("answered the queries of %s with %s", args.run_dir, args.version)
     finally:
         spark.stop()
     return 0

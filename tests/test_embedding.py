@@ -415,3 +415,19 @@ def test_efficientnet_lite0_same_model_photos_are_closer(effnet: Backbone,
     np.fill_diagonal(sim, -np.inf)
     hits = labels[sim.argmax(axis=1)] == labels
     assert hits.mean() >= 0.15, hits.mean()
+
+
+def test_the_index_path_reusing_the_thumbnail_gives_the_query_path_vectors(
+        random_backbone: Backbone, tmp_path: Path) -> None:
+    """Index items pass their fresh 224x224 thumbnail to the ResNet preprocessing; queries (no
+    thumbnail) resize inside it: both must give the same vectors."""
+    paths = _write_images(tmp_path / "img", 4)
+    indexed = [EmbedItem(p.name, p, tmp_path / "thumbs" / f"{p.stem}.jpg") for p in paths]
+    with_thumbs = [r for r in embed_items(indexed, random_backbone, batch_size=3)]
+    queried = [r for r in embed_items([EmbedItem(p.name, p) for p in paths], random_backbone)]
+    assert random_backbone.square_input
+    assert all(isinstance(r, Embedded) for r in with_thumbs + queried)
+    for a, b in zip(with_thumbs, queried, strict=True):
+        assert isinstance(a, Embedded) and isinstance(b, Embedded)
+        np.testing.assert_allclose(a.vector, b.vector, rtol=1e-5, atol=1e-5)
+    assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == 4

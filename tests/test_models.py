@@ -454,3 +454,13 @@ def test_check_backbone_record(layout: Layout) -> None:
     with pytest.raises(pipeline.PipelineError, match="must not be mixed"):
         pipeline.check_backbone_record(layout, {**spec, "weights_sha256": "def"})
     assert read_json(record) == spec                        # the record is not overwritten
+
+
+def test_describe_lsh_names_plain_and_banded_keys() -> None:
+    from imgsim.models import describe_lsh
+
+    assert describe_lsh({"numHashTables": 8}) == "8 tables"
+    assert describe_lsh({"numHashTables": 256, "bands": 32, "keys_per_band": 8, "probes": 1,
+                         "requested_num_hash_tables": 0}) == "32 bands x 8 keys, 1 probe (auto)"
+    assert describe_lsh({"numHashTables": 10, "keys_per_band": 2, "probes": 2}) == \
+        "5 bands x 2 keys, 2 probes"

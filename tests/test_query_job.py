@@ -22,23 +22,34 @@ pytestmark = pytest.mark.spark
 VERSION = "v20260101T000000Z-0000aa"
 
 
+BANDED = "v20260101T000000Z-0000bb"
+
+
+def fit_and_publish(spark, layout, version: str, *extra: str) -> None:
+    fit_lsh.run(spark, fit_lsh.parse_args([
+        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
+        "--sample-size", "20", *extra]))
+    ids = [f"{i:064x}" for i in range(500)]
+    validate_staged(layout, version, expected_count=500,
+                    expected_fingerprint=snapshot_fingerprint(ids), backbone="random",
+                    recall_floor=0.0)
+    publish(layout, version)
+
+
 @pytest.fixture(scope="module")
 def published(spark, tmp_path_factory: pytest.TempPathFactory):
     layout = make_store(tmp_path_factory.mktemp("qjob") / "data", n=500, dim=16, gone=0)
-    fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", "random", "--version", VERSION,
-        "--num-hash-tables", "4", "--bucket-length", "0.15", "--sample-size", "20"]))
-    ids = [f"{i:064x}" for i in range(500)]
-    validate_staged(layout, VERSION, expected_count=500,
-                    expected_fingerprint=snapshot_fingerprint(ids), backbone="random",
-                    recall_floor=0.0)
-    publish(layout, VERSION)
+    fit_and_publish(spark, layout, BANDED, "--num-hash-tables", "5", "--keys-per-band", "2",
+                    "--probes", "2", "--bucket-length", "0.25")
+    fit_and_publish(spark, layout, VERSION, "--num-hash-tables", "4", "--bucket-length", "0.15")
     return layout
 
 
-def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [VERSION, BANDED], ids=["plain-or", "and-multiprobe"])
+def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Path,
+                                                 version: str) -> None:
     rng = np.random.default_rng(7)
-    model = load_model(published)
+    model = load_model(published, version)
     queries = np.concatenate([model.vectors[:5],                      # references themselves
                               rng.normal(size=(15, 16)).astype(np.float32)])
     qids = [f"q{i:03d}" for i in range(len(queries))]
@@ -49,10 +60,11 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
         "query_id": qids,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), 16),
     }), tmp_path / "query_vectors.parquet")
-    spark_model, ref_path = query_lsh.read_model(published.root, VERSION)
-    result = query_lsh.nearest(spark_model, query_lsh.read_queries(spark, tmp_path),
-                               query_lsh.read_reference(spark, ref_path), k=5).collect()
+    result = query_lsh.answer(spark, published.root, version, tmp_path, k=5).collect()
     local = lookup(model, queries, k=5)
+    if version == BANDED:
+        assert (model.manifest["lsh"]["keys_per_band"], model.manifest["lsh"]["probes"]) == (2, 2)
+        assert model.params.num_hash_tables == 10
     for qid, answer in zip(qids, local, strict=True):
         rows = sorted((r for r in result if r.query_id == qid), key=lambda r: r.rank or 0)
         if not answer.neighbours:

@@ -152,7 +152,7 @@ def test_versions_page_lists_the_published_versions_with_current_marked(
     old_row = old_row[:old_row.index("</tr>")]
     assert "CURRENT" in new_row and "CURRENT" not in old_row
     assert 'id="current-version">' + NEW in page
-    assert ">6<" in new_row and ">3<" in old_row             # numHashTables
+    assert ">6 tables<" in new_row and ">3 tables<" in old_row   # numHashTables
     assert "0.25" in new_row and "0.5" in old_row            # bucketLength
     assert "0.917" in new_row and "42%" in new_row and "0.750" in new_row
     assert "random 6-d" in new_row and "random(seed=0)" in new_row

@@ -33,7 +33,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from imgsim.models import current_version, published_versions, read_manifest
+    from imgsim.models import current_version, describe_lsh, published_versions, read_manifest
 
     layout = Settings.from_env().layout
     versions = published_versions(layout)
@@ -42,12 +42,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
         return 0
     current = current_version(layout)
     print(f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
-          f"{'tables':>7}{'bucket':>8}{'recall@5':>10}")
+          f"{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}")
     for v in reversed(versions):
         m = read_manifest(layout, v)
         print(f"{'*' if v == current else ' ':2}{v:<26}{m['created_at'][:19]:<21}"
               f"{m['counts']['indexed']:>8}  {m['backbone'].get('name', '?'):<20}"
-              f"{m['lsh']['numHashTables']:>7}{m['lsh']['bucketLength']:>8}"
+              f"{describe_lsh(m['lsh']):<34}{m['lsh']['bucketLength']:>9.4g}"
               f"{m['metrics']['recall_at_k']:>10.3f}")
     print("\n* = CURRENT")
     return 0

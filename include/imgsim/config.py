@@ -17,6 +17,10 @@ STANFORD_ARCHIVE_URL = "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz"
 STANFORD_LABELS_URL = "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat"
 
 BACKBONES = ("resnet18", "efficientnet_lite0", "random")
+#: How the backbone runs: PyTorch, or ONNX Runtime on the CPU in fp32 or static int8.
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+#: Where the index DAG embeds: mapped Airflow tasks, or one Spark application.
+EMBED_ENGINES = ("tasks", "spark")
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,13 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
+def _env_recall(name: str, default: float) -> float:
+    value = _env_float(name, default)
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{name}={value} must be in (0, 1]")
+    return value
+
+
 def _env_date(name: str, default: str) -> str:
     from datetime import date
 
@@ -58,6 +69,25 @@ def _env_date(name: str, default: str) -> str:
         return date.fromisoformat(raw).isoformat()
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
+
+
+def check_embed_engine(value: str, source: str = "embed engine") -> str:
+    """``value`` if it names an embedding engine, else a ConfigError naming ``source``."""
+    engine = value.strip().lower()
+    if engine not in EMBED_ENGINES:
+        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(EMBED_ENGINES)} "
+                          "(tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py)")
+    return engine
+
+
+def check_runtime(value: str, source: str = "IMGSIM_RUNTIME") -> str:
+    """``value`` if it names an inference runtime, else a ConfigError naming ``source``."""
+    runtime = value.strip().lower()
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(RUNTIMES)} (torch: "
+                          "PyTorch; onnx: ONNX Runtime fp32; onnx-int8: ONNX Runtime, static "
+                          "int8 quantization)")
+    return runtime
 
 
 @dataclass(frozen=True)
@@ -113,6 +143,11 @@ class Layout:
         return self.models / "CURRENT"
 
     @property
+    def model_cache(self) -> Path:
+        """Derived model files (ONNX exports, int8 models), keyed by the weights' sha256."""
+        return self.root / "cache" / "models"
+
+    @property
     def runs(self) -> Path:
         return self.root / "runs"
 
@@ -134,10 +169,13 @@ class Settings:
     batch_size: int = 32
     shard_size: int = 1000
     num_threads: int = 0
-    lsh_num_hash_tables: int = 8
+    runtime: str = "torch"          # RUNTIMES: torch, onnx, onnx-int8
+    embed_engine: str = "tasks"
+    lsh_num_hash_tables: int = 0    # 0 = auto-tuned to reach target_recall
     lsh_bucket_length: float = 0.0   # 0 = auto, from the data's scale
     lsh_seed: int = 42
     recall_floor: float = 0.8
+    target_recall: float = 0.95      # the LSH auto-tuner's recall@5 target (imgsim.tuning)
     validation_sample: int = 200
     keep_versions: int = 5
     max_image_pixels: int = 90_000_000
@@ -146,12 +184,15 @@ class Settings:
     query_roots: tuple[Path, ...] = ()
     query_schedule: str = "*/30 * * * *"
     index_start_date: str = "2026-01-01"
+    lease_poke_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
         backbone = _env("IMGSIM_BACKBONE", "resnet18")
         if backbone not in BACKBONES:
             raise ConfigError(f"IMGSIM_BACKBONE={backbone!r}; choose one of {', '.join(BACKBONES)}")
+        embed_engine = check_embed_engine(_env("IMGSIM_EMBED_ENGINE", "tasks"),
+                                          "IMGSIM_EMBED_ENGINE")
         return cls(
             data_root=Path(_env("IMGSIM_DATA_ROOT", str(PROJECT_ROOT / "data"))).resolve(),
             archive_url=_env("IMGSIM_ARCHIVE_URL", STANFORD_ARCHIVE_URL),
@@ -164,10 +205,13 @@ class Settings:
             batch_size=_env_int("IMGSIM_BATCH_SIZE", 32, minimum=1),
             shard_size=_env_int("IMGSIM_SHARD_SIZE", 1000, minimum=1),
             num_threads=_env_int("IMGSIM_NUM_THREADS", 0),
-            lsh_num_hash_tables=_env_int("IMGSIM_LSH_NUM_HASH_TABLES", 8, minimum=1),
+            runtime=check_runtime(_env("IMGSIM_RUNTIME", "torch")),
+            embed_engine=embed_engine,
+            lsh_num_hash_tables=_env_int("IMGSIM_LSH_NUM_HASH_TABLES", 0, minimum=0),
             lsh_bucket_length=_env_float("IMGSIM_LSH_BUCKET_LENGTH", 0.0),
             lsh_seed=_env_int("IMGSIM_LSH_SEED", 42),
             recall_floor=_env_float("IMGSIM_RECALL_FLOOR", 0.8),
+            target_recall=_env_recall("IMGSIM_TARGET_RECALL", 0.95),
             validation_sample=_env_int("IMGSIM_VALIDATION_SAMPLE", 200, minimum=1),
             keep_versions=_env_int("IMGSIM_KEEP_VERSIONS", 5, minimum=1),
             max_image_pixels=_env_int("IMGSIM_MAX_IMAGE_PIXELS", 90_000_000, minimum=1),
@@ -177,6 +221,7 @@ class Settings:
                               _env("IMGSIM_QUERY_ROOTS", "").split(os.pathsep) if p),
             query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
             index_start_date=_env_date("IMGSIM_INDEX_START_DATE", "2026-01-01"),
+            lease_poke_s=_env_float("IMGSIM_LEASE_POKE_S", 30.0, minimum=1.0),
         )
 
     @property

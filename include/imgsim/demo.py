@@ -114,7 +114,7 @@ def airflow(args: list[str], env: Mapping[str, str], check: bool = True,
 def summary(data_root: Path) -> str:
     from imgsim.catalog import live_rows
     from imgsim.config import Layout
-    from imgsim.models import current_version, published_versions, read_manifest
+    from imgsim.models import current_version, describe_lsh, published_versions, read_manifest
     from imgsim.store import quarantined_ids
 
     layout = Layout(data_root)
@@ -128,7 +128,7 @@ def summary(data_root: Path) -> str:
         f"(quarantined: {len(quarantined_ids(layout))})",
         f"  backbone        : {m['backbone'].get('name')} {m['backbone'].get('dim')}-d "
         f"({m['backbone'].get('weights')})",
-        f"  LSH             : {m['lsh']['numHashTables']} tables, bucketLength "
+        f"  LSH             : {describe_lsh(m['lsh'])}, bucketLength "
         f"{m['lsh']['bucketLength']:.4g}",
         f"  recall@{metrics['k']}        : {metrics['recall_at_k']:.3f} against exact search "
         f"({metrics['queries']} queries, {100 * metrics['candidates_share']:.0f}% of the index "

@@ -3,7 +3,10 @@
 The in-process lookup reads the version's saved Spark model (random unit vectors and
 bucketLength) and its hashed reference table, and answers like Spark's approximate nearest
 neighbour search (candidates share a bucket in at least one table; exact distances among
-them), in milliseconds and without a JVM.
+them), in milliseconds and without a JVM. A version whose manifest records AND-amplified bands
+(``lsh.keys_per_band`` > 1) or multi-probe (``lsh.probes`` > 0) is searched the same way as
+``spark_jobs/query_lsh.py`` does: candidates share a band key with one of the query's probe
+keys (:func:`imgsim.lsh.probe_keys`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class LoadedModel:
     hashes: np.ndarray         # (n, tables) int64
     meta: list[dict[str, Any]]  # path, class_id, class_name per row
     params: Any                # imgsim.lsh.BrpParams
+    band_index: Any = None     # imgsim.lsh.BandIndex, built on the first banded lookup
 
 
 def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
@@ -73,7 +77,14 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
 
 def lookup(model: LoadedModel, queries: np.ndarray, k: int) -> list[Answer]:
     """k nearest references per (raw) query vector, as the published LSH answers them."""
-    from imgsim.lsh import hash_vectors, l2_normalize, lsh_search
+    from imgsim.lsh import (
+        BandIndex,
+        amplified_search,
+        hash_vectors,
+        l2_normalize,
+        lsh_search,
+        probe_keys,
+    )
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -81,10 +92,17 @@ def lookup(model: LoadedModel, queries: np.ndarray, k: int) -> list[Answer]:
     if q.shape[1] != model.vectors.shape[1]:
         raise BackboneMismatch(f"query vectors have {q.shape[1]} dimensions, model "
                                f"{model.version} has {model.vectors.shape[1]}")
-    qh = hash_vectors(model.params, q)
+    keys_per_band, probes = banding(model.manifest)
+    plain = keys_per_band == 1 and probes == 0
+    qh = hash_vectors(model.params, q) if plain else probe_keys(model.params, q, keys_per_band,
+                                                                 probes)
+    if not plain and model.band_index is None:
+        model.band_index = BandIndex.build(model.hashes, keys_per_band)
     answers = []
     for i in range(q.shape[0]):
-        found = lsh_search(q[i], qh[i], model.vectors, model.hashes, k)
+        found = (lsh_search(q[i], qh[i], model.vectors, model.hashes, k) if plain
+                 else amplified_search(q[i], qh[i], model.vectors, model.hashes, k,
+                                       index=model.band_index))
         neighbours = [
             Neighbour(rank + 1, model.ids[j], model.meta[j]["path"], model.meta[j]["class_id"],
                       model.meta[j]["class_name"], float(d))
@@ -93,13 +111,30 @@ def lookup(model: LoadedModel, queries: np.ndarray, k: int) -> list[Answer]:
     return answers
 
 
-def load_query_backbone(manifest: dict[str, Any], *, weights_path: str = "",
-                        device: str = "auto") -> Any:
-    """Build the backbone recorded in ``manifest`` and check it is exactly the same one."""
-    from imgsim.embedding.backbones import load_backbone
+def banding(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(keys_per_band, probes) of a version; older manifests: (1, 0), Spark's plain OR."""
+    lsh = manifest.get("lsh", {})
+    return int(lsh.get("keys_per_band") or 1), int(lsh.get("probes") or 0)
 
-    recorded = manifest["backbone"]
-    backbone = load_backbone(recorded["name"], weights_path=weights_path, device=device)
+
+def load_query_backbone(manifest: dict[str, Any], *, weights_path: str = "",
+                        device: str = "auto", cache_dir: Path | None = None) -> Any:
+    """Build the backbone recorded in ``manifest`` and check it is exactly the same one.
+
+    It runs on the runtime the manifest records (torch when it names none), whatever
+    IMGSIM_RUNTIME says; ``cache_dir`` holds the ONNX files (default: the configured data
+    root's ``cache/models``, where the index's embed tasks put them).
+    """
+    from imgsim.config import Settings
+    from imgsim.embedding.backbones import comparable_spec, load_backbone, spec_runtime
+
+    recorded = comparable_spec(manifest["backbone"])
+    runtime = spec_runtime(recorded)
+    if cache_dir is None and runtime != "torch":
+        cache_dir = Settings.from_env().layout.model_cache
+    backbone = load_backbone(recorded["name"], weights_path=weights_path,
+                             device="cpu" if runtime != "torch" else device,
+                             runtime=runtime, cache_dir=cache_dir)
     have = backbone.spec.as_dict()
     diffs = {k: (recorded.get(k), have[k]) for k in have if recorded.get(k) != have[k]}
     if diffs:

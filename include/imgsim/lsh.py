@@ -4,6 +4,13 @@ Spark's hash for table i is ``floor(r_i . x / bucketLength)``, where the rows r_
 random matrix are stored in the saved model (``data/*.parquet``). Reading that matrix reproduces
 Spark's hashes exactly, so lookups and validation need no JVM. A candidate is any reference
 that shares at least one table's bucket with the query (Spark's OR-amplification).
+
+AND-amplified keys and multi-probe work over the same projections: a model with
+``tables * keys_per_band`` projections forms ``tables`` bands of ``keys_per_band`` consecutive
+hash values; a reference is a candidate when one of its band keys equals one of the query's
+probe keys for that band (its own key, plus ``probes`` keys that move the projections nearest a
+bucket boundary into the neighbouring bucket; see :func:`probe_keys`). ``keys_per_band=1,
+probes=0`` is exactly Spark's OR search.
 """
 
 from __future__ import annotations
@@ -83,6 +90,112 @@ def hash_vectors(params: BrpParams, x: np.ndarray) -> np.ndarray:
     return np.floor(x64 @ params.matrix.T / params.bucket_length).astype(np.int64)
 
 
+def projections(params: BrpParams, x: np.ndarray) -> np.ndarray:
+    """(n, dim) -> (n, numHashTables) ``r_i . x / bucketLength`` (float64); floor = the hash."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return x64 @ params.matrix.T / params.bucket_length
+
+
+def probe_keys(params: BrpParams, x: np.ndarray, keys_per_band: int = 1,
+               probes: int = 0) -> np.ndarray:
+    """Band keys each query looks up: (m, tables, 1 + probes, keys_per_band) int64.
+
+    Probe 0 is the query's own band key (its hash values, as :func:`hash_vectors`); probe p
+    moves the p-th key nearest a bucket boundary by one bucket towards that boundary.
+    """
+    from imgsim.tuning import probe_keys as _probe_keys
+
+    return _probe_keys(projections(params, np.atleast_2d(x)), keys_per_band, probes)
+
+
+def band_candidates(query_keys: np.ndarray, ref_hashes: np.ndarray) -> np.ndarray:
+    """(n,) bool: the reference shares a band key with one of the query's probe keys.
+
+    ``query_keys`` is one query's (tables, probes + 1, keys_per_band); ``ref_hashes`` is
+    (n, tables * keys_per_band), the hash columns in Spark's order.
+    """
+    tables, _, kb = query_keys.shape
+    n = ref_hashes.shape[0]
+    if ref_hashes.shape[1] != tables * kb:
+        raise ValueError(f"reference hashes have {ref_hashes.shape[1]} columns, expected "
+                         f"{tables} bands x {kb} keys")
+    mask = np.zeros(n, bool)
+    for b in range(tables):                 # band by band: memory stays O(n * keys_per_band)
+        band = ref_hashes[:, b * kb:(b + 1) * kb]
+        for key in query_keys[b]:
+            mask |= (band == key).all(axis=1)
+    return mask
+
+
+@dataclass(frozen=True)
+class _Band:
+    lo: np.ndarray              # (K,) smallest reference hash per key
+    span: np.ndarray            # (K,) hash range per key
+    radix: np.ndarray           # (K,) mixed-radix weights; packed id = ((h - lo) * radix).sum()
+    order: np.ndarray           # reference rows sorted by packed id
+    ids: np.ndarray             # packed ids, sorted
+
+
+@dataclass(frozen=True)
+class BandIndex:
+    """Reference band keys packed into exact integer ids and sorted, per band.
+
+    A probe key then finds its bucket with a binary search instead of a comparison against
+    every reference. Bands whose key range does not fit 63 bits are left to the comparison
+    (``None``). Same candidates as :func:`band_candidates`, only faster on large indexes.
+    """
+
+    keys_per_band: int
+    bands: list[_Band | None]
+
+    @classmethod
+    def build(cls, ref_hashes: np.ndarray, keys_per_band: int) -> BandIndex:
+        n, total = ref_hashes.shape
+        if keys_per_band < 1 or total % keys_per_band:
+            raise ValueError(f"{total} hash columns cannot form bands of {keys_per_band} keys")
+        out: list[_Band | None] = []
+        for b in range(total // keys_per_band):
+            band = ref_hashes[:, b * keys_per_band:(b + 1) * keys_per_band]
+            if n == 0:
+                out.append(None)
+                continue
+            lo, hi = band.min(axis=0), band.max(axis=0)
+            span = hi - lo + 1
+            if float(np.prod(span.astype(np.float64))) >= 2.0 ** 62:
+                out.append(None)
+                continue
+            radix = np.concatenate([[1], np.cumprod(span[:-1])]).astype(np.int64)
+            packed = ((band - lo) * radix).sum(axis=1)
+            order = np.argsort(packed, kind="stable")
+            out.append(_Band(lo, span, radix, order, packed[order]))
+        return cls(keys_per_band, out)
+
+    def candidates(self, query_keys: np.ndarray, ref_hashes: np.ndarray) -> np.ndarray:
+        """(n,) bool, as :func:`band_candidates` for one query's (bands, probes+1, K) keys."""
+        n = ref_hashes.shape[0]
+        kb = self.keys_per_band
+        if query_keys.shape[0] != len(self.bands) or query_keys.shape[2] != kb:
+            raise ValueError(f"query keys {query_keys.shape} do not fit {len(self.bands)} bands "
+                             f"of {kb} keys")
+        mask = np.zeros(n, bool)
+        for b, band in enumerate(self.bands):
+            if band is None:
+                cols = ref_hashes[:, b * kb:(b + 1) * kb]
+                for key in query_keys[b]:
+                    mask |= (cols == key).all(axis=1)
+                continue
+            rel = query_keys[b] - band.lo                         # (probes+1, K)
+            inside = ((rel >= 0) & (rel < band.span)).all(axis=1)
+            if not inside.any():
+                continue
+            ids = (rel[inside] * band.radix).sum(axis=1)
+            left = np.searchsorted(band.ids, ids, side="left")
+            right = np.searchsorted(band.ids, ids, side="right")
+            for a, z in zip(left, right, strict=True):
+                mask[band.order[a:z]] = True
+        return mask
+
+
 def squared_distances(q: np.ndarray, x: np.ndarray) -> np.ndarray:
     """(m, dim), (n, dim) -> (m, n) squared L2 distances (clipped at 0)."""
     q = np.asarray(q, dtype=np.float32)
@@ -120,6 +233,25 @@ def lsh_search(query: np.ndarray, query_hashes: np.ndarray, ref: np.ndarray,
                ref_hashes: np.ndarray, k: int, exclude: int | None = None) -> Neighbours:
     """Spark's approximate kNN for one query: exact distances among bucket-sharing candidates."""
     mask = (ref_hashes == query_hashes[None, :]).any(axis=1)
+    if exclude is not None:
+        mask[exclude] = False
+    cand = np.flatnonzero(mask)
+    if cand.size == 0:
+        return Neighbours(cand, np.zeros(0, np.float32), 0)
+    d = squared_distances(query[None, :], ref[cand])[0]
+    order = top_k(d, k)
+    return Neighbours(cand[order], np.sqrt(d[order]), int(cand.size))
+
+
+def amplified_search(query: np.ndarray, query_keys: np.ndarray, ref: np.ndarray,
+                     ref_hashes: np.ndarray, k: int, exclude: int | None = None,
+                     index: BandIndex | None = None) -> Neighbours:
+    """Approximate kNN with AND-amplified band keys and multi-probe (see :func:`probe_keys`).
+
+    ``index`` (:class:`BandIndex` of ``ref_hashes``) finds the same candidates faster.
+    """
+    mask = (band_candidates(query_keys, ref_hashes) if index is None
+            else index.candidates(query_keys, ref_hashes))
     if exclude is not None:
         mask[exclude] = False
     cand = np.flatnonzero(mask)

