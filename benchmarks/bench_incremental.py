@@ -144,7 +144,7 @@ def plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(runs)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 4.0))
     left = [0.0] * len(names)
     colours = plt.get_cmap("tab10")
     for i, stage_name in enumerate(STAGES):
@@ -156,7 +156,7 @@ def plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds (lower is better)")
     ax.set_xlim(0, max(left) * 1.15)
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.legend(fontsize=7, ncol=len(STAGES), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     ax.set_title("index run cost per stage", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

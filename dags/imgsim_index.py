@@ -86,8 +86,10 @@ Backfill past days (each reads its own `incoming/<date>/`):
 )
 def imgsim_index() -> None:
     # One index run at a time per data root, whoever started it (scheduler, backfill, another
-    # deployment): a lease taken first and given back last (imgsim.runlease).
-    @task.sensor(poke_interval=DEFAULTS.lease_poke_s, timeout=24 * 3600, mode="reschedule")
+    # deployment): a lease taken first and given back last (imgsim.runlease). Poke mode: in
+    # Airflow 3.3, a reschedule-mode sensor re-queued quickly could meet the executor's late
+    # report of its previous poke and be failed into a retry (seen in tests/test_backfill.py).
+    @task.sensor(poke_interval=DEFAULTS.lease_poke_s, timeout=24 * 3600, mode="poke")
     def take_lease(run_id: str) -> PokeReturnValue:
         from imgsim.runlease import take_for_run
 

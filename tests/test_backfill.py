@@ -66,6 +66,7 @@ def assert_serialized(airflow: Any, run_ids: list[str]) -> None:
         assert end <= start, f"index runs overlapped: {spans}"
 
 
+@pytest.mark.timeout(1800)
 def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sample_dir: Path,
                                                 tmp_path: Path) -> None:
     with open(sample_dir / "labels.csv", newline="") as fh:

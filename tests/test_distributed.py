@@ -117,6 +117,8 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                  "IMGSIM_LABELS_URL": f"{base}/labels.csv",
                  "IMGSIM_BACKBONE": "efficientnet_lite0",
                  "IMGSIM_SHARD_SIZE": str(SHARD_SIZE),
+                 # Embedding as a Spark application too, so it also runs on the worker.
+                 "IMGSIM_EMBED_ENGINE": "spark",
                  # Only the runs this test starts: no scheduled run of either DAG.
                  "IMGSIM_INDEX_START_DATE": "2099-01-01",
                  "IMGSIM_QUERY_SCHEDULE": "0 0 29 2 *"}
@@ -141,8 +143,9 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             assert manifest["spark"]["master"] == c.spark.url     # not local[*]
             index_tis = check_ran_in_celery_worker(
                 c, "imgsim_index", index_run,
-                {"download", "extract", "catalog", "plan_shards", "fit_plan", "fit_lsh",
-                 "validate", "publish"})
+                {"take_lease", "download", "extract", "catalog", "plan_shards",
+                 "choose_embed_engine", "embed_spark", "embed_summary", "fit_plan", "fit_lsh",
+                 "validate", "publish", "release_lease"})
 
             # ---- imgsim_query on the cluster
             wait_idle(c, "imgsim_query")
@@ -178,15 +181,23 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                 assert f"task_id='{ti['task_id']}'" in worker_log, ti["task_id"]
 
             # ---- Airflow's metadata (and Celery's results) are in Postgres
-            with c.postgres.connect() as conn, conn.cursor() as cur:
-                cur.execute("SELECT dag_id, run_id, state FROM dag_run")
-                db_runs = {(d, r): s for d, r, s in cur.fetchall()}
-                cur.execute("SELECT count(*) FROM task_instance WHERE hostname = %s",
-                            (CELERY_WORKER_NAME,))
-                (db_tis,) = cur.fetchone()
-                cur.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")
-                celery_results = dict(cur.fetchall())
-            conn.close()
+            # The worker stores a task's Celery result just after the task's own state, so
+            # the last one may lag the run's end by a moment.
+            deadline = time.monotonic() + 60
+            while True:
+                with c.postgres.connect() as conn, conn.cursor() as cur:
+                    cur.execute("SELECT dag_id, run_id, state FROM dag_run")
+                    db_runs = {(d, r): s for d, r, s in cur.fetchall()}
+                    cur.execute("SELECT count(*) FROM task_instance WHERE hostname = %s",
+                                (CELERY_WORKER_NAME,))
+                    (db_tis,) = cur.fetchone()
+                    cur.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")
+                    celery_results = dict(cur.fetchall())
+                conn.close()
+                if (celery_results.get("SUCCESS", 0) >= len(index_tis) + len(query_tis)
+                        or time.monotonic() > deadline):
+                    break
+                time.sleep(2)
             assert db_runs[("imgsim_index", index_run)] == "success"
             assert db_runs[("imgsim_query", query_run)] == "success"
             assert db_tis == len(index_tis) + len(query_tis)
@@ -197,10 +208,11 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             (OUTPUT / "spark-master.json").write_text(json.dumps(master, indent=2))
             (OUTPUT / "spark-worker.json").write_text(json.dumps(worker, indent=2))
             assert [w["state"] for w in master["workers"]] == ["ALIVE"]
+            embed = spark_app(master, "imgsim-embed")
             fit = spark_app(master, "imgsim-fit-lsh")
             query = spark_app(master, "imgsim-query-lsh")
             on_worker = {e["appid"] for e in worker["finishedexecutors"]}
-            for app in (fit, query):
+            for app in (embed, fit, query):
                 assert app["state"] == "FINISHED", app
                 assert app["id"] in on_worker, (app["id"], on_worker)
                 logs = list((c.spark.worker_dir / app["id"]).glob("*/stderr"))
@@ -213,7 +225,7 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                 "query_run": query_run, "model_version": manifest["version"],
                 "spark_master": c.spark.url,
                 "spark_apps": {a["name"]: {"id": a["id"], "state": a["state"],
-                                           "cores": a["cores"]} for a in (fit, query)},
+                                           "cores": a["cores"]} for a in (embed, fit, query)},
                 "executors_on_worker": sorted(on_worker),
                 "task_instances_on_celery_worker": db_tis,
             }

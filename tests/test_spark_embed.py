@@ -7,14 +7,10 @@ files, the vectors, the quarantine and the shard results must agree. A DAG run w
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import subprocess
 import sys
-import tarfile
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -293,81 +289,6 @@ def test_the_dag_wires_both_engines(airflow_env: dict[str, str]) -> None:
     assert wiring["engine_param"] == ["tasks", "spark"]
     assert wiring["engine_default"] == "spark"          # IMGSIM_EMBED_ENGINE sets the default
 
-DAG_PHOTOS = 24
 
-
-def build_archive(sample: Path, out: Path) -> None:
-    """cars_train.tgz with 24 sample photos and one corrupt .jpg, and their labels CSV."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(sample / "labels.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:DAG_PHOTOS]
-    corrupt = (sample / "images" / rows[0]["image"]).read_bytes()[:2500]
-    with tarfile.open(out / "cars_train.tgz", "w:gz") as tar:
-        for row in rows:
-            tar.add(sample / "images" / row["image"], arcname=f"cars_train/{row['image']}")
-        info = tarfile.TarInfo("cars_train/99999.jpg")
-        info.size = len(corrupt)
-        tar.addfile(info, io.BytesIO(corrupt))
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["image", "Class"])
-    writer.writerows([r["image"], r["Class"]] for r in rows)
-    (out / "labels.csv").write_text(buf.getvalue())
-
-
-@pytest.fixture(scope="module")
-def served(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from imgsim.demo import serve_directory
-
-    src = tmp_path_factory.mktemp("spark-dag-source")
-    build_archive(sample_dir, src)
-    with serve_directory(src) as base:
-        yield base
-
-
-@pytest.mark.airflow
-@pytest.mark.spark
-@pytest.mark.slow
-def test_index_dag_with_the_spark_engine_publishes(airflow_env: dict[str, str], served: str,
-                                                   tmp_path: Path) -> None:
-    from imgsim.catalog import live_rows
-    from imgsim.models import current_version, read_manifest
-
-    data = tmp_path / "data"
-    env = {**airflow_env, "IMGSIM_DATA_ROOT": str(data),
-           "IMGSIM_ARCHIVE_URL": f"{served}/cars_train.tgz",
-           "IMGSIM_LABELS_URL": f"{served}/labels.csv",
-           "IMGSIM_BACKBONE": "efficientnet_lite0", "IMGSIM_SHARD_SIZE": "10",
-           "IMGSIM_RECALL_FLOOR": "0.5"}
-    airflow = str(Path(sys.executable).parent / "airflow")
-    proc = subprocess.run([airflow, "dags", "test", "imgsim_index", "2026-01-01", "--conf",
-                           json.dumps({"embed_engine": "spark"})],
-                          env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "state=success" in out, out[-6000:]
-    assert "embedded with spark: 3 shard(s), 24 of 25 images" in out, out[-6000:]
-    proc = subprocess.run([airflow, "tasks", "states-for-dag-run", "imgsim_index",
-                           "2026-01-01", "-o", "json"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    states = {row["task_id"]: row["state"] for row in json.loads(proc.stdout)}
-    assert states["choose_embed_engine"] == "success", states
-    assert states["embed"] == "skipped", states
-    assert {states[t] for t in ("embed_spark", "embed_summary", "fit_plan", "fit_lsh",
-                                "validate", "publish")} == {"success"}, states
-
-    layout = Layout(data)
-    (run_dir,) = layout.runs.iterdir()
-    assert (run_dir / "spark_embed.json").exists()    # the Spark job ran, not the mapped tasks
-    shards = sorted(layout.embeddings("efficientnet_lite0").glob("part-*.parquet"))
-    assert [p.name for p in shards] == [f"part-{run_dir.name}-{i:05d}.parquet"
-                                        for i in range(3)]
-    results = [read_json(p) for p in sorted((run_dir / "embedded").glob("shard-*.json"))]
-    assert sum(r["embedded"] for r in results) == DAG_PHOTOS
-    (quarantined,) = [read_json(p) for p in layout.quarantine.glob("*.json")]
-    assert quarantined["reason"] == "corrupt"
-    m = read_manifest(layout)
-    assert current_version(layout) == m["version"]
-    assert m["counts"]["indexed"] == DAG_PHOTOS
-    assert m["counts"]["catalog_live"] == DAG_PHOTOS + 1   # the corrupt file is catalogued
-    assert len(live_rows(layout)) == DAG_PHOTOS + 1
+# The index DAG with the Spark engine, end to end, runs in tests/test_distributed.py (on a
+# Spark standalone cluster, where the embedding executors must run on the worker).
