@@ -90,15 +90,10 @@ def read_queries(spark: SparkSession, run_dir: Path) -> DataFrame:
                     .alias("features")))
 
 
-def nearest(model: BucketedRandomProjectionLSHModel, queries: DataFrame, reference: DataFrame,
-            k: int) -> DataFrame:
-    """Top-k references per query among the LSH candidates, with the candidate count."""
-    pairs = model.approxSimilarityJoin(queries, reference, ALL_CANDIDATES, distCol="distance")
-    flat = pairs.select(F.col("datasetA.query_id").alias("query_id"),
-                        F.col("datasetB.image_id").alias("image_id"),
-                        F.col("datasetB.path").alias("path"),
-                        F.col("datasetB.class_id").alias("class_id"),
-                        F.col("datasetB.class_name").alias("class_name"), "distance")
+def top_k_per_query(flat: DataFrame, queries: DataFrame, k: int) -> DataFrame:
+    """The k nearest of each query's candidates (query_id, image_id, path, class_id,
+    class_name, distance), with the candidate count; a query without candidates gets one row
+    with nulls and ``candidates`` 0."""
     by_query = Window.partitionBy("query_id")
     ranked = (flat.withColumn("candidates", F.count("*").over(by_query))
               .withColumn("rank", F.row_number().over(by_query.orderBy("distance", "image_id"))))
@@ -113,6 +108,18 @@ def nearest(model: BucketedRandomProjectionLSHModel, queries: DataFrame, referen
                     F.lit(0).cast("long").alias("candidates"),
                     F.lit(None).cast("int").alias("rank")))
     return top.select(*none.columns).unionByName(none)
+
+
+def nearest(model: BucketedRandomProjectionLSHModel, queries: DataFrame, reference: DataFrame,
+            k: int) -> DataFrame:
+    """Top-k references per query among the LSH candidates, with the candidate count."""
+    pairs = model.approxSimilarityJoin(queries, reference, ALL_CANDIDATES, distCol="distance")
+    flat = pairs.select(F.col("datasetA.query_id").alias("query_id"),
+                        F.col("datasetB.image_id").alias("image_id"),
+                        F.col("datasetB.path").alias("path"),
+                        F.col("datasetB.class_id").alias("class_id"),
+                        F.col("datasetB.class_name").alias("class_name"), "distance")
+    return top_k_per_query(flat, queries, k)
 
 
 def reference_band_keys(reference: DataFrame, keys_per_band: int) -> DataFrame:
@@ -196,20 +203,7 @@ def nearest_banded(params: Any, queries: DataFrame, reference: DataFrame, k: int
     rkeys = reference_band_keys(reference, keys_per_band)
     pairs = qkeys.join(rkeys, ["band", "key"]).select("query_id", "image_id").distinct()
     flat = candidate_distances(pairs, queries, reference)
-    by_query = Window.partitionBy("query_id")
-    ranked = (flat.withColumn("candidates", F.count("*").over(by_query))
-              .withColumn("rank", F.row_number().over(by_query.orderBy("distance", "image_id"))))
-    top = ranked.where(F.col("rank") <= k)
-    none = (queries.select("query_id").join(pairs.select("query_id").distinct(), "query_id",
-                                             "left_anti")
-            .select("query_id", F.lit(None).cast("string").alias("image_id"),
-                    F.lit(None).cast("string").alias("path"),
-                    F.lit(None).cast("int").alias("class_id"),
-                    F.lit(None).cast("string").alias("class_name"),
-                    F.lit(None).cast("double").alias("distance"),
-                    F.lit(0).cast("long").alias("candidates"),
-                    F.lit(None).cast("int").alias("rank")))
-    return top.select(*none.columns).unionByName(none)
+    return top_k_per_query(flat, queries, k)
 
 
 def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,

@@ -53,9 +53,19 @@ class Airflow:
         req.add_header("Content-Type", "application/json")
         if auth:
             req.add_header("Authorization", f"Bearer {self.token}")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            data = resp.read()
-        return json.loads(data) if data else None
+        # SQLite (the embedded default) has one writer: a read can meet a busy scheduler and
+        # answer 5xx. Reads are retried; writes are not (they might have happened).
+        attempts = 5 if method == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    data = resp.read()
+                return json.loads(data) if data else None
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == attempts - 1:
+                    raise
+                time.sleep(2)
+        raise AssertionError("unreachable")
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -117,13 +127,14 @@ class Airflow:
             time.sleep(3)
 
     def wait_for_backfills(self, dag_id: str, count: int, timeout: float) -> None:
-        """Until ``count`` backfills of ``dag_id`` have completed; fails fast on a failed run."""
+        """Until ``count`` backfills of ``dag_id`` exist and every one has completed; fails
+        fast on a failed run."""
         deadline = time.monotonic() + timeout
         while True:
             failed = [r["dag_run_id"] for r in self.runs(dag_id) if r["state"] == "failed"]
             assert not failed, f"failed runs: {failed}"
             fills = self.call("GET", f"/api/v2/backfills?dag_id={dag_id}")["backfills"]
-            if sum(b["completed_at"] is not None for b in fills) >= count:
+            if len(fills) >= count and all(b["completed_at"] is not None for b in fills):
                 return
             assert time.monotonic() < deadline, f"backfills not completed: {fills}"
             time.sleep(3)

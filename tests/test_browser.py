@@ -468,7 +468,7 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             row = table.find_element(By.CSS_SELECTOR, f"tr[data-version='{version}']")
             assert "CURRENT" in row.text and "efficientnet_lite0" in row.text
             cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
-            assert cells[2] == "48" and cells[4] == "6", cells
+            assert cells[2] == "48" and cells[4] == "6 tables", cells
             driver.switch_to.default_content()
             steps.shot("plugin-versions")
 
