@@ -232,12 +232,13 @@ def test_incoming_labels_csv_is_applied(layout: Layout, archive: Path) -> None:
     day = layout.incoming_day(DAY1)
     labelled = write_image(day / "sub" / "x1.jpg", 21)
     unlabelled = write_image(day / "x2.jpg", 22)
-    (day / "labels.csv").write_text("Class,image,class_name\n7,incoming/x1.jpg,Audi R8 2012\n")
+    (day / "labels.csv").write_text("Class,image,class_name\n7,sub/x1.jpg,Audi R8 2012\n"
+                                    "8,other/x2.jpg/x3.jpg,Audi TT 2012\n")
 
     src = incoming_source(layout, DAY1)
     assert src is not None
     assert src.name == f"incoming:{DAY1}"
-    assert set(src.labels) == {"x1.jpg"}
+    assert set(src.labels) == {"sub/x1.jpg", "other/x2.jpg/x3.jpg"}
 
     diff = run(layout, archive, DAY1)
 
@@ -411,3 +412,69 @@ def test_missing_source_folder_raises_and_keeps_catalog(layout: Layout, archive:
 
     assert read_catalog(layout) == before
     assert live_ids(layout) == {iid}
+
+
+# -- labels: kept, keyed by path, coverage -------------------------------------------------------
+
+def test_earlier_days_touched_file_keeps_its_label(layout: Layout, archive: Path) -> None:
+    """Issue 13 item 4: a touch (or a copy) of an earlier day's photo must not drop its label."""
+    write_image(archive / "000001.jpg", 1)
+    day = layout.incoming_day(DAY1)
+    photo = write_image(day / "x1.jpg", 21)
+    (day / "labels.csv").write_text("Class,image,class_name\n7,x1.jpg,Audi R8 2012\n")
+    run(layout, archive, DAY1)
+    assert rows_by_id(layout)[photo]["class_id"] == 7
+
+    bump_mtime(day / "x1.jpg")                      # same bytes, new mtime
+    diff = run(layout, archive, DAY2)               # DAY1's folder is not a source now
+
+    row = rows_by_id(layout)[photo]
+    assert (row["class_id"], row["class_name"], row["status"]) == (7, "Audi R8 2012", LIVE)
+    assert row["mtime_ns"] == (day / "x1.jpg").stat().st_mtime_ns
+    assert (diff.gone, diff.new_images, diff.changed_paths) == (0, 0, 0)
+    assert diff.label_coverage["labelled_images"] == 2
+
+
+def test_same_file_name_in_two_folders_keeps_each_label(layout: Layout) -> None:
+    root = layout.images / "stanford-cars"
+    train = write_image(root / "cars_train" / "00001.jpg", 1)
+    test = write_image(root / "cars_test" / "00001.jpg", 2)
+    labels = {"cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, "Audi TT 2012"),
+              "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, "Suzuki 2012")}
+    update_catalog(layout, [Source("archive:stanford-cars", root, labels)], DAY1, BACKBONE)
+    rows = rows_by_id(layout)
+    assert (rows[train]["class_id"], rows[test]["class_id"]) == (14, 181)
+
+    # Labels that name only "00001.jpg" cannot tell the two photos apart: neither gets one.
+    bare = {"00001.jpg": LabelRecord("00001.jpg", 14, "Audi TT 2012")}
+    layout.catalog.unlink()
+    diff = update_catalog(layout, [Source("archive:stanford-cars", root, bare)], DAY1, BACKBONE)
+    rows = rows_by_id(layout)
+    assert (rows[train]["class_id"], rows[test]["class_id"]) == (None, None)
+    assert diff.label_coverage == {"labelled_images": 0, "images": 2, "classes": 0, "share": 0.0}
+
+
+def test_label_coverage_counts_live_images_only() -> None:
+    rows = [{"status": LIVE, "class_id": 1}, {"status": LIVE, "class_id": 1},
+            {"status": LIVE, "class_id": 5}, {"status": LIVE, "class_id": None},
+            {"status": GONE, "class_id": 9}]
+    assert catalog.label_coverage(rows) == {"labelled_images": 3, "images": 4, "classes": 2,
+                                            "share": 0.75}
+    assert catalog.label_coverage([])["share"] == 0.0
+
+
+def test_low_coverage_names_examples_from_both_sides_and_the_fix(tmp_path: Path) -> None:
+    from imgsim.sources.labels import find_images, match_labels
+
+    for name in ("00001.jpg", "00002.jpg", "00003.jpg"):
+        write_image(tmp_path / "cars_train" / name, int(name[:5]))
+    labels = {f"car_ims/{i:06d}.jpg": LabelRecord(f"car_ims/{i:06d}.jpg", 1, None)
+              for i in range(1, 5)}
+    match = match_labels(tmp_path, find_images(tmp_path), labels)
+    with pytest.raises(catalog.LabelCoverageError) as info:
+        catalog.check_label_coverage(match, 0.5, "cars_annos.mat", "images/x")
+    msg = str(info.value)
+    assert "match 0 of the 3 images" in msg and "at least 50%" in msg
+    assert "cars_train/00001.jpg" in msg and "car_ims/000001.jpg" in msg
+    assert "IMGSIM_MIN_LABEL_COVERAGE=0" in msg and "IMGSIM_LABELS_URL" in msg
+    assert catalog.check_label_coverage(match, 0, "l", "i")["share"] == 0.0   # allowed

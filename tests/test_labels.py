@@ -11,9 +11,12 @@ from imgsim.sources.labels import (
     LabelRecord,
     LabelsError,
     find_images,
+    match_labels,
     read_cars_annos_mat,
+    read_class_names,
     read_labels,
     read_labels_csv,
+    with_class_names,
     write_cars_annos_mat,
 )
 
@@ -35,13 +38,15 @@ def test_real_cars_annos_mat() -> None:
     labels = read_labels(_shared(LABELS_DIR / "cars_annos.mat"))
     assert len(labels) == 16_185
     assert len({r.class_id for r in labels.values()}) == 196
-    assert labels["000001.jpg"] == LabelRecord("000001.jpg", 1, "AM General Hummer SUV 2000")
-    assert set(labels) == {f"{i:06d}.jpg" for i in range(1, 16_186)}
+    assert labels["car_ims/000001.jpg"] == LabelRecord(
+        "car_ims/000001.jpg", 1, "AM General Hummer SUV 2000")
+    assert set(labels) == {f"car_ims/{i:06d}.jpg" for i in range(1, 16_186)}
     with open(_shared(LABELS_DIR / "car_ims_to_split.csv"), newline="") as fh:
         expected = {
             r["car_ims_image"]: (int(r["Class"]), r["class_name"]) for r in csv.DictReader(fh)
         }
-    assert {k: (r.class_id, r.class_name) for k, r in labels.items()} == expected
+    assert {k.removeprefix("car_ims/"): (r.class_id, r.class_name)
+            for k, r in labels.items()} == expected
 
 
 def test_real_kaggle_csv() -> None:
@@ -102,9 +107,10 @@ def test_mat_round_trip(tmp_path: Path) -> None:
     write_cars_annos_mat(path, records, names)
     for labels in (read_labels(path), read_cars_annos_mat(path)):
         assert len(labels) == len(records)
-        assert labels["000001.jpg"] == LabelRecord("000001.jpg", 2, "Make Model 2 2012")
-        assert labels["000999.jpg"].class_id == 196
-        assert labels["000999.jpg"].class_name == "Make Model 196 2012"
+        assert labels["car_ims/000001.jpg"] == LabelRecord("car_ims/000001.jpg", 2,
+                                                           "Make Model 2 2012")
+        assert labels["car_ims/000999.jpg"].class_id == 196
+        assert labels["car_ims/000999.jpg"].class_name == "Make Model 196 2012"
     assert [p.name for p in path.parent.iterdir()] == ["cars_annos.mat"]  # no temp files left
 
 
@@ -119,14 +125,16 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_csv_keys_by_basename_and_ignores_extra_columns(tmp_path: Path) -> None:
+def test_csv_keys_by_stored_path_and_ignores_extra_columns(tmp_path: Path) -> None:
     path = _write(
         tmp_path / "train.csv",
-        ",x1,y1,x2,y2,Class,image\n0,1,2,3,4,14,cars_train/00001.jpg\n1,1,2,3,4,3,00002.jpg\n\n",
+        ",x1,y1,x2,y2,Class,image\n0,1,2,3,4,14,./cars_train/00001.jpg\n1,1,2,3,4,3,00002.jpg\n"
+        "2,1,2,3,4,5,cars_test\\00001.jpg\n\n",
     )
     assert read_labels(path) == {
-        "00001.jpg": LabelRecord("00001.jpg", 14, None),
+        "cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
         "00002.jpg": LabelRecord("00002.jpg", 3, None),
+        "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 5, None),
     }
 
 
@@ -161,8 +169,8 @@ def test_csv_empty_image_names_the_line(tmp_path: Path) -> None:
 
 
 def test_csv_duplicate_image_with_other_class(tmp_path: Path) -> None:
-    same = _write(tmp_path / "same.csv", "Class,image\n5,a/00001.jpg\n5,b/00001.jpg\n")
-    assert read_labels(same) == {"00001.jpg": LabelRecord("00001.jpg", 5, None)}
+    same = _write(tmp_path / "same.csv", "Class,image\n5,a/00001.jpg\n5,./a/00001.jpg\n")
+    assert read_labels(same) == {"a/00001.jpg": LabelRecord("a/00001.jpg", 5, None)}
     other = _write(tmp_path / "other.csv", "Class,image\n5,00001.jpg\n6,00001.jpg\n")
     with pytest.raises(LabelsError, match=r"'00001.jpg' has two classes"):
         read_labels(other)
@@ -223,3 +231,76 @@ def test_find_images(tmp_path: Path) -> None:
     assert find_images(tmp_path) == sorted(tmp_path / rel for rel in wanted)
     with pytest.raises(FileNotFoundError):
         find_images(tmp_path / "missing")
+
+
+# --- class names ----------------------------------------------------------------------------
+
+
+def test_real_class_names_files_agree() -> None:
+    meta = read_class_names(_shared(LABELS_DIR / "cars_meta.mat"))
+    assert len(meta) == 196
+    assert meta[1] == "AM General Hummer SUV 2000"
+    assert read_class_names(_shared(LABELS_DIR / "names.csv")) == meta  # one name per line
+    assert read_class_names(_shared(LABELS_DIR / "class_names.csv")) == meta  # Class,class_name
+
+
+def test_class_names_fill_only_missing_names(tmp_path: Path) -> None:
+    labels = {"a.jpg": LabelRecord("a.jpg", 1, None), "b.jpg": LabelRecord("b.jpg", 2, "Own"),
+              "c.jpg": LabelRecord("c.jpg", 3, None)}
+    named = with_class_names(labels, {1: "One", 2: "Two"})
+    assert [named[k].class_name for k in ("a.jpg", "b.jpg", "c.jpg")] == ["One", "Own", None]
+
+
+def test_bad_class_names_file(tmp_path: Path) -> None:
+    bad = _write(tmp_path / "names.csv", "Class,class_name\nx,Audi\n")
+    with pytest.raises(LabelsError, match="row 2"):
+        read_class_names(bad)
+    with pytest.raises(LabelsError, match="empty"):
+        read_class_names(_write(tmp_path / "empty.csv", "\n"))
+
+
+# --- matching labels to images ----------------------------------------------------------------
+
+
+def _touch(root: Path, *names: str) -> list[Path]:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    return find_images(root)
+
+
+def test_same_base_name_in_two_folders_never_mixes(tmp_path: Path) -> None:
+    images = _touch(tmp_path, "cars_train/00001.jpg", "cars_test/00001.jpg", "cars_train/2.jpg")
+    by_folder = {"cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
+                 "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, None)}
+    match = match_labels(tmp_path, images, by_folder)
+    assert {p.relative_to(tmp_path).as_posix(): r.class_id for p, r in match.labels.items()} == {
+        "cars_train/00001.jpg": 14, "cars_test/00001.jpg": 181}
+    assert match.unmatched == ["cars_train/2.jpg"]
+    # A bare name fits both photos: it labels neither rather than one at random.
+    bare = {"00001.jpg": LabelRecord("00001.jpg", 14, None), "2.jpg": LabelRecord("2.jpg", 3, None)}
+    match = match_labels(tmp_path, images, bare)
+    assert {p.name for p in match.labels} == {"2.jpg"}
+    assert match.ambiguous == ["00001.jpg"]
+    assert match.unmatched == ["cars_test/00001.jpg", "cars_train/00001.jpg"]
+
+
+def test_key_matches_by_path_suffix_either_way(tmp_path: Path) -> None:
+    images = _touch(tmp_path, "car_ims/000001.jpg", "000002.jpg", "x/y/3.jpg")
+    labels = {"car_ims/000001.jpg": LabelRecord("car_ims/000001.jpg", 1, None),
+              "car_ims/000002.jpg": LabelRecord("car_ims/000002.jpg", 2, None),
+              "y/3.jpg": LabelRecord("y/3.jpg", 3, None),
+              "z/3.jpg": LabelRecord("z/3.jpg", 4, None)}
+    match = match_labels(tmp_path, images, labels)
+    assert sorted(r.class_id for r in match.labels.values()) == [1, 2, 3]
+    assert match.unused == ["z/3.jpg"]
+    assert match.images == 3
+
+
+def test_two_keys_with_other_classes_for_one_image_label_it_not(tmp_path: Path) -> None:
+    images = _touch(tmp_path, "00001.jpg")
+    labels = {"cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
+              "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, None)}
+    match = match_labels(tmp_path, images, labels)
+    assert match.labels == {}
+    assert match.ambiguous == ["cars_test/00001.jpg", "cars_train/00001.jpg"]

@@ -4,19 +4,24 @@ Sources are the extracted archive(s) under ``images/`` and the daily drop folder
 ``incoming/<date>/``. A run re-hashes only files whose size or mtime changed, marks images whose
 files disappeared as ``gone`` (they are never silently kept), and diffs the live set against
 the embedding store to say what must be embedded.
+
+Labels are matched to images by path (:func:`imgsim.sources.labels.match_labels`), and how many
+live images carry a label is a first-class figure: :func:`label_coverage`. A labels file that
+matches too few of a source's images is refused by :func:`check_label_coverage`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout
 from imgsim.fsutil import sha256_file
-from imgsim.sources.labels import LabelRecord, find_images, read_labels
+from imgsim.sources.labels import LabelMatch, LabelRecord, find_images, match_labels, read_labels
 from imgsim.store import embedded_ids, quarantined_ids, read_catalog, write_catalog
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,11 @@ log = logging.getLogger(__name__)
 LIVE = "live"
 GONE = "gone"
 INCOMING_LABELS = "labels.csv"
+EXAMPLES = 3  # example names shown from each side when labels do not match
+
+
+class LabelCoverageError(ValueError):
+    """The labels match too few images; the message shows examples from both sides and the fix."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ class Source:
 
     name: str                       # "archive:<folder>" or "incoming:<date>"
     root: Path
-    labels: dict[str, LabelRecord] = field(default_factory=dict)
+    labels: Mapping[str, LabelRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,7 @@ class CatalogDiff:
     unlabelled: int                 # live images without a class
     to_embed: list[dict[str, str]]  # [{"image_id", "path"}], sorted by id
     quarantined_skipped: int
+    label_coverage: dict[str, Any] = field(default_factory=dict)  # see label_coverage()
 
     def summary(self) -> dict[str, int]:
         return {"live": self.live, "new_images": self.new_images, "gone": self.gone,
@@ -62,7 +73,51 @@ def incoming_source(layout: Layout, day: str) -> Source | None:
 
 
 def _rel(layout: Layout, path: Path) -> str:
-    return path.resolve().relative_to(layout.root.resolve()).as_posix()
+    # Not resolved: a source may be a link under images/ to a folder elsewhere (a local folder
+    # location), and its images are read through the link.
+    return Path(os.path.abspath(path)).relative_to(os.path.abspath(layout.root)).as_posix()
+
+
+def label_coverage(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """How many live images carry a label: ``labelled_images``, ``images``, ``classes``, ``share``.
+
+    ``share`` is ``labelled_images / images`` rounded to 4 digits (0.0 for no image).
+    """
+    live = [r for r in rows if r.get("status", LIVE) == LIVE]
+    labelled = [r for r in live if r.get("class_id") is not None]
+    return {"labelled_images": len(labelled), "images": len(live),
+            "classes": len({r["class_id"] for r in labelled}),
+            "share": round(len(labelled) / len(live), 4) if live else 0.0}
+
+
+def check_label_coverage(match: LabelMatch, minimum: float, labels_name: str,
+                         images_name: str) -> dict[str, Any]:
+    """Coverage of one source by its labels; LabelCoverageError when under ``minimum``.
+
+    ``minimum`` 0 never fails. The message shows example names from both sides and the fix.
+    """
+    share = len(match.labels) / match.images if match.images else 0.0
+    coverage = {"labelled_images": len(match.labels), "images": match.images,
+                "classes": len({r.class_id for r in match.labels.values()}),
+                "share": round(share, 4)}
+    if minimum <= 0 or not match.images or share >= minimum:
+        return coverage
+
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:EXAMPLES]) + (", ..." if len(names) > EXAMPLES else "")
+
+    lines = [f"the labels {labels_name} match {len(match.labels)} of the {match.images} images "
+             f"in {images_name} ({share:.0%}; at least {minimum:.0%} required).",
+             f"  images without a label, e.g.: {show(match.unmatched)}",
+             f"  label names without an image, e.g.: {show(match.unused)}"]
+    if match.ambiguous:
+        lines.append(f"  {len(match.ambiguous)} label name(s) fit several images (one file name "
+                     f"in several folders), so they label none: {show(match.ambiguous)}")
+    raise LabelCoverageError("\n".join(lines) + "\n" +
+        "Fix: give the labels file that belongs to these images (IMGSIM_LABELS_URL or the Param "
+        "labels_url), e.g. the Kaggle CSV whose 'image' column names the cars_train files, with "
+        "the class names from IMGSIM_CLASS_NAMES_URL (cars_meta.mat or names.csv); or index "
+        "without labels by setting IMGSIM_MIN_LABEL_COVERAGE=0 (Param min_label_coverage).")
 
 
 def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
@@ -92,7 +147,7 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
     changed = 0
     seen_paths: set[str] = set()
 
-    def add(path: Path, source: str, label: LabelRecord | None) -> None:
+    def add(path: Path, source: str, label: LabelRecord | None) -> str:
         nonlocal changed
         rel = _rel(layout, path)
         seen_paths.add(rel)
@@ -109,7 +164,7 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
             row["n_paths"] += 1
             if row["class_id"] is None and label is not None:
                 row["class_id"], row["class_name"] = label.class_id, label.class_name
-            return
+            return image_id
         first_seen = prev_first_seen.get(image_id, run_date)
         rows[image_id] = {
             "image_id": image_id, "path": rel, "source": source, "file_name": path.name,
@@ -118,10 +173,13 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
             "size": st.st_size, "mtime_ns": st.st_mtime_ns, "first_seen": first_seen,
             "last_seen": run_date, "status": LIVE, "n_paths": 1,
         }
+        return image_id
 
     for source in sources:
-        for path in find_images(source.root):
-            add(path, source.name, source.labels.get(path.name))
+        images = find_images(source.root)
+        matched = match_labels(source.root, images, source.labels).labels
+        for path in images:
+            add(path, source.name, matched.get(path))
 
     # Images catalogued by earlier runs from sources not scanned now (other days' drops):
     # still live while their file exists unchanged; otherwise gone.
@@ -135,9 +193,12 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
             if st.st_size == old["size"] and st.st_mtime_ns == old["mtime_ns"]:
                 rows[old["image_id"]] = dict(old)
                 continue
-            # Changed in place outside a scanned source: re-identify it.
-            add(path, old["source"], None)
-            if old["image_id"] in rows:
+            # Touched or changed in place outside a scanned source: re-identify it. The same
+            # bytes are the same image, with the label it had.
+            if add(path, old["source"], None) == old["image_id"]:
+                row = rows[old["image_id"]]
+                if row["class_id"] is None and old["class_id"] is not None:
+                    row["class_id"], row["class_name"] = old["class_id"], old["class_name"]
                 continue
         gone_row = dict(old, status=GONE)
         rows.setdefault(old["image_id"], gone_row)
@@ -155,8 +216,10 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
     diff = CatalogDiff(
         live=len(live), new_images=new_now, gone=gone_now, changed_paths=changed,
         unlabelled=sum(1 for r in live.values() if r["class_id"] is None), to_embed=to_embed,
-        quarantined_skipped=sum(1 for iid in live if iid in bad))
-    log.info("catalog for %s: %s", run_date, diff.summary())
+        quarantined_skipped=sum(1 for iid in live if iid in bad),
+        label_coverage=label_coverage(live.values()))
+    log.info("catalog for %s: %s; label coverage %s", run_date, diff.summary(),
+             diff.label_coverage)
     return diff
 
 

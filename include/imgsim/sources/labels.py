@@ -7,16 +7,22 @@
 * The Kaggle CSV (``,x1,y1,x2,y2,Class,image``): needs the header with ``Class`` and ``image``;
   an optional ``class_name`` column is used; other columns are ignored.
 
-Keys are base names ('000001.jpg' for car_ims, '00001.jpg' for cars_train), so a folder in the
-stored path does not matter. scipy is imported only when a .mat file is read or written.
+Keys are the image paths as the labels file stores them ('car_ims/000001.jpg', '00001.jpg',
+'cars_test/00001.jpg'), never bare base names: cars_train/00001.jpg and cars_test/00001.jpg are
+different photos. :func:`match_labels` gives each image the label whose key ends its path
+(component by component); a key that fits several images labels none of them (ambiguous).
+
+Class names come from the labels file, or from a class-names file (:func:`read_class_names`:
+``cars_meta.mat``, a ``Class,class_name`` CSV, or one name per line) for labels without one.
+scipy is imported only when a .mat file is read or written.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -43,13 +49,15 @@ class LabelsError(ValueError):
 
 @dataclass(frozen=True)
 class LabelRecord:
-    image: str  # file name key, the basename e.g. "000001.jpg" or "00001.jpg"
+    image: str  # the image path as stored: "car_ims/000001.jpg", "00001.jpg", ...
     class_id: int  # 1..196
     class_name: str | None
 
 
-def _basename(value: str) -> str:
-    return PurePosixPath(value.strip().replace("\\", "/")).name
+def _image_key(value: str) -> str:
+    """The stored image path, normalised: forward slashes, no leading '/' or './'."""
+    parts = PurePosixPath(value.strip().replace("\\", "/")).parts
+    return "/".join(p for p in parts if p not in ("/", ".", ""))
 
 
 def _add(out: dict[str, LabelRecord], record: LabelRecord, path: Path, where: str) -> None:
@@ -120,7 +128,7 @@ def read_cars_annos_mat(path: Path) -> dict[str, LabelRecord]:
 
     out: dict[str, LabelRecord] = {}
     for i, entry in enumerate(annotations.ravel(), start=1):
-        image = _basename(_mat_str(entry[path_field]))
+        image = _image_key(_mat_str(entry[path_field]))
         if not image:
             raise LabelsError(f"labels file {path}: annotation {i} has an empty {path_field}")
         try:
@@ -226,7 +234,7 @@ def read_labels_csv(path: Path) -> dict[str, LabelRecord]:
                 if not any(cell.strip() for cell in row):
                     continue
                 out_of_row = len(row) <= max(i_class, i_image)
-                image = "" if out_of_row else _basename(row[i_image])
+                image = "" if out_of_row else _image_key(row[i_image])
                 if not image:
                     raise LabelsError(f"labels file {path}, line {line}: empty image name")
                 raw_class = row[i_class].strip()
@@ -311,12 +319,155 @@ def find_images(root: Path) -> list[Path]:
     return found
 
 
+# --- class names ----------------------------------------------------------------------------
+
+CLASS_ID_COLUMNS = ("Class", "class", "class_id", "id")
+CLASS_NAME_COLUMNS = ("class_name", "name", "class_names")
+
+
+def read_class_names(path: Path) -> dict[int, str]:
+    """Class id -> name from ``cars_meta.mat`` (or any .mat with ``class_names``) or a CSV.
+
+    A CSV either has a header naming an id column (``Class``, ``class_id``, ...) and a name
+    column (``class_name``, ``name``), or holds one name per line, line i naming class i
+    (the Kaggle ``names.csv``).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise LabelsError(f"class-names file {path} cannot be read: {exc}") from exc
+    if head.startswith(b"MATLAB") or (b"\x00" in head and path.suffix.lower() == ".mat"):
+        return _read_class_names_mat(path)
+    if b"\x00" in head:
+        raise LabelsError(f"class-names file {path} is neither a .mat file nor a CSV")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [row for row in csv.reader(fh)]
+    except UnicodeDecodeError as exc:
+        raise LabelsError(f"class-names file {path} is not UTF-8 text: {exc}") from exc
+    except csv.Error as exc:
+        raise LabelsError(f"class-names file {path} is not a readable CSV: {exc}") from exc
+    rows = [[c.strip() for c in row] for row in rows if any(c.strip() for c in row)]
+    if not rows:
+        raise LabelsError(f"class-names file {path} is empty")
+    header = rows[0]
+    i_id = next((header.index(c) for c in CLASS_ID_COLUMNS if c in header), None)
+    i_name = next((header.index(c) for c in CLASS_NAME_COLUMNS if c in header), None)
+    if i_id is None or i_name is None:  # one name per line
+        return {i: ",".join(row) for i, row in enumerate(rows, start=1)}
+    out: dict[int, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        class_id = _parse_class(row[i_id]) if i_id < len(row) else None
+        if class_id is None or i_name >= len(row) or not row[i_name]:
+            raise LabelsError(f"class-names file {path}, row {n}: expected a class id >= 1 "
+                              f"and a name, got {row}")
+        out[class_id] = row[i_name]
+    return out
+
+
+def _read_class_names_mat(path: Path) -> dict[int, str]:
+    import numpy as np
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=True)
+    except Exception as exc:  # scipy raises many types on junk
+        raise LabelsError(f"class-names file {path} is not a readable .mat file: {exc}") from exc
+    raw = mat.get("class_names")
+    if not isinstance(raw, np.ndarray) or not raw.size:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise LabelsError(f"class-names file {path} has no 'class_names': found {found}")
+    return {i: _mat_str(v) for i, v in enumerate(raw.ravel(), start=1)}
+
+
+def with_class_names(labels: Mapping[str, LabelRecord],
+                     names: Mapping[int, str]) -> dict[str, LabelRecord]:
+    """``labels`` with names from ``names`` where the labels file gave none."""
+    return {key: rec if rec.class_name is not None or rec.class_id not in names
+            else replace(rec, class_name=names[rec.class_id]) for key, rec in labels.items()}
+
+
+# --- matching labels to images ------------------------------------------------------------
+
+
+@dataclass
+class LabelMatch:
+    """Which images of a folder the labels name (see :func:`match_labels`)."""
+
+    labels: dict[Path, LabelRecord] = field(default_factory=dict)  # image path -> label
+    images: int = 0
+    unmatched: list[str] = field(default_factory=list)  # image paths (relative), sorted
+    unused: list[str] = field(default_factory=list)  # label keys that matched no image
+    ambiguous: list[str] = field(default_factory=list)  # keys that fit several images
+
+
+def _parts(key: str) -> tuple[str, ...]:
+    return tuple(p for p in key.split("/") if p)
+
+
+def match_labels(root: Path, images: Iterable[Path],
+                 labels: Mapping[str, LabelRecord]) -> LabelMatch:
+    """Match each image under ``root`` to the label whose key ends its path, or vice versa.
+
+    Key ``cars_train/00001.jpg`` fits ``<root>/cars_train/00001.jpg`` and
+    ``<root>/x/cars_train/00001.jpg``, never ``<root>/cars_test/00001.jpg``; key ``00001.jpg``
+    fits any image named ``00001.jpg``, so when two such images exist it labels neither. When
+    several keys fit one image (``car_ims/1.jpg`` and ``1.jpg``), the longest wins; keys as
+    long with other classes (``a/1.jpg``, ``b/1.jpg`` for an image ``1.jpg``) label it not.
+    """
+    root = Path(root)
+    by_name: dict[str, list[tuple[tuple[str, ...], LabelRecord]]] = {}
+    for key, rec in labels.items():
+        parts = _parts(key)
+        if parts:
+            by_name.setdefault(parts[-1], []).append((parts, rec))
+    result = LabelMatch()
+    chosen: dict[Path, tuple[str, ...]] = {}
+    users: dict[tuple[str, ...], list[Path]] = {}
+    clashes: set[tuple[str, ...]] = set()
+    unmatched: list[str] = []
+    for image in images:
+        result.images += 1
+        rel = image.relative_to(root).parts
+        fits = [(parts, rec) for parts, rec in by_name.get(rel[-1], ())
+                if rel[-len(parts):] == parts or parts[-len(rel):] == rel]
+        if not fits:
+            unmatched.append("/".join(rel))
+            continue
+        best = max(len(parts) for parts, _ in fits)
+        top = [(p, rec) for p, rec in fits if len(p) == best]
+        if len({rec.class_id for _, rec in top}) > 1:  # keys as long, other classes
+            unmatched.append("/".join(rel))
+            clashes.update(p for p, _ in top)
+            continue
+        chosen[image] = top[0][0]
+        users.setdefault(top[0][0], []).append(image)
+    records = {_parts(k): rec for k, rec in labels.items()}
+    for image, parts in chosen.items():
+        if len(users[parts]) == 1:
+            result.labels[image] = records[parts]
+        else:
+            unmatched.append(image.relative_to(root).as_posix())
+    result.ambiguous = sorted({"/".join(p) for p, imgs in users.items() if len(imgs) > 1}
+                              | {"/".join(p) for p in clashes})
+    used = set(users)
+    result.unused = sorted(k for k in labels if _parts(k) not in used)
+    result.unmatched = sorted(unmatched)
+    return result
+
+
 __all__ = [
+    "LabelMatch",
     "LabelRecord",
     "LabelsError",
     "find_images",
+    "match_labels",
     "read_cars_annos_mat",
+    "read_class_names",
     "read_labels",
     "read_labels_csv",
+    "with_class_names",
     "write_cars_annos_mat",
 ]
