@@ -16,6 +16,7 @@ SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 #: choose_embed_engine's routes (imgsim.pipeline.embed_route) -> the task that follows.
 EMBED_ROUTES = {"none": "embed_summary", "tasks": "embed", "spark": "embed_spark"}
 DEFAULTS = Settings.from_env()
+CHECKSUM_PATTERN = "^((md5:)?[0-9a-f]{32}|(sha256:)?[0-9a-f]{64})?$"
 
 DOC = """
 # imgsim_index
@@ -24,9 +25,9 @@ Builds the reference index of car photos and keeps it current, one run per day.
 
 | task | what it does | output |
 | --- | --- | --- |
-| `download` | fetches the archive and labels (http/https/file/local path; resumable, retried, checksum-checked, skipped when current) | `raw/` |
+| `download` | fetches the archive, labels and optional class names, each from the first of its locations that gives the right bytes (http/https/file/local path, or a local folder of images; md5/sha256-checked, resumable, transient errors retried, skipped when current). A permanent error (404, bad URL, wrong bytes) fails the task at once | `raw/` |
 | `extract` | safe extraction (no paths outside the target, no links or devices), once per archive | `images/<archive>/` |
-| `catalog` | sha256 id per image; archive + `incoming/<logical date>/`; marks gone images; diff against the embedding store | `catalog/catalog.parquet` |
+| `catalog` | sha256 id per image; archive + `incoming/<logical date>/`; labels matched by path; fails when they match under `min_label_coverage` of the archive's images; marks gone images; diff against the embedding store; reports label coverage | `catalog/catalog.parquet` |
 | `plan_shards` | splits the new images into shards | `runs/<run>/shards/` |
 | `choose_embed_engine` | picks the engine (Param `embed_engine`, default `IMGSIM_EMBED_ENGINE`): the mapped `embed` tasks or the Spark job; neither when nothing is new | `runs/<run>/spark_embed.json` (spark) |
 | `embed` | engine `tasks`: one mapped task per shard: decode, RGB, 224x224 thumbnail, batched CNN embedding; bad images quarantined | `embeddings/<backbone>/`, `thumbs/`, `quarantine/` |
@@ -53,18 +54,28 @@ Backfill past days (each reads its own `incoming/<date>/`):
     tags=["imgsim", "index"],
     doc_md=DOC,
     params={
-        "archive_url": Param(DEFAULTS.archive_url, type="string", minLength=1,
-                             title="Archive URL",
-                             description="https://, http://, file:// URL or local path of the "
-                                         "image archive (car_ims.tgz or a Kaggle-layout zip/tgz)"),
-        "labels_url": Param(DEFAULTS.labels_url, type="string", minLength=1, title="Labels URL",
+        "archive_url": Param(DEFAULTS.archive_locations, type="array",
+                             items={"type": "string", "minLength": 1}, minItems=1,
+                             title="Archive locations (one per line, tried in order)",
+                             description="https://, http://, file:// URLs or local paths of the "
+                                         "image archive (car_ims.tgz or a Kaggle-layout "
+                                         "zip/tgz), or a local folder that holds the images"),
+        "labels_url": Param(DEFAULTS.labels_locations, type="array",
+                            items={"type": "string", "minLength": 1}, minItems=1,
+                            title="Labels locations (one per line, tried in order)",
                             description="cars_annos.mat or a CSV with Class and image columns"),
         # Optional values are nullable: the trigger form treats an empty string as missing.
-        "archive_sha256": Param(DEFAULTS.archive_sha256 or None, type=["null", "string"],
-                                pattern="^([0-9a-f]{64})?$", title="Archive sha256 (optional)",
-                                description="verified after download when given"),
-        "labels_sha256": Param(DEFAULTS.labels_sha256 or None, type=["null", "string"],
-                               pattern="^([0-9a-f]{64})?$", title="Labels sha256 (optional)"),
+        "archive_checksum": Param(DEFAULTS.archive_checksum or None, type=["null", "string"],
+                                  pattern=CHECKSUM_PATTERN, title="Archive checksum (optional)",
+                                  description="md5:<hex> or sha256:<hex> (a bare 64-digit hex "
+                                              "is sha256); a location serving other bytes is "
+                                              "refused and the next one tried"),
+        "labels_checksum": Param(DEFAULTS.labels_checksum or None, type=["null", "string"],
+                                 pattern=CHECKSUM_PATTERN, title="Labels checksum (optional)"),
+        "min_label_coverage": Param(DEFAULTS.min_label_coverage, type="number", minimum=0,
+                                    maximum=1, title="Minimum label coverage (0 = off)",
+                                    description="share of the archive's images the labels must "
+                                                "name, else the run fails at catalog"),
         "backbone": Param(DEFAULTS.backbone, type="string", enum=list(BACKBONES),
                           title="Backbone", description="CNN that embeds the images"),
         "num_hash_tables": Param(DEFAULTS.lsh_num_hash_tables, type="integer", minimum=0,
@@ -102,19 +113,27 @@ def imgsim_index() -> None:
 
         return release(Settings.from_env().layout, run_id)
 
-    @task(retries=3)
+    # The downloader retries transient errors itself: any download error is final here.
+    @task
     def download(params: dict[str, Any]) -> dict[str, Any]:
         from imgsim import pipeline
 
-        return pipeline.download_sources(Settings.from_env(), params["archive_url"],
-                                         params["labels_url"], params["archive_sha256"] or "",
-                                         params["labels_sha256"] or "")
+        settings = Settings.from_env()
+        with pipeline.fail_fast(downloads_retried=True):
+            return pipeline.download_sources(settings, params["archive_url"],
+                                             params["labels_url"],
+                                             params["archive_checksum"] or "",
+                                             params["labels_checksum"] or "",
+                                             settings.class_names_locations)
 
     @task
     def extract(fetched: dict[str, Any]) -> dict[str, Any]:
         from imgsim import pipeline
 
-        return pipeline.extract(Settings.from_env(), fetched["archive"]["path"])
+        archive = fetched["archive"]
+        with pipeline.fail_fast():
+            return pipeline.extract(Settings.from_env(), archive["path"], archive["sha256"],
+                                    archive.get("kind", "file"))
 
     @task
     def catalog(extracted: dict[str, Any], fetched: dict[str, Any], params: dict[str, Any],
@@ -122,8 +141,12 @@ def imgsim_index() -> None:
         from imgsim import pipeline
 
         day = pipeline.run_day(ds, dag_run.run_after if dag_run is not None else None)
-        return pipeline.catalog(Settings.from_env(), extracted["root"], fetched["labels"]["path"],
-                                day, run_id, params["backbone"], params["full_rebuild"])
+        names = fetched.get("class_names")
+        with pipeline.fail_fast():
+            return pipeline.catalog(Settings.from_env(), extracted["root"],
+                                    fetched["labels"]["path"], day, run_id, params["backbone"],
+                                    params["full_rebuild"], names["path"] if names else None,
+                                    params["min_label_coverage"])
 
     @task
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:

@@ -407,8 +407,8 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             # The form marks the empty optional checksum Params as missing and keeps Trigger
             # disabled, so give the real checksums (which the download then verifies).
             source = tmp_path / "demo-source"
-            set_field(driver, "element_archive_sha256", sha256(source / "car_ims.tgz"))
-            set_field(driver, "element_labels_sha256", sha256(source / "cars_annos.mat"))
+            set_field(driver, "element_archive_checksum", sha256(source / "car_ims.tgz"))
+            set_field(driver, "element_labels_checksum", sha256(source / "cars_annos.mat"))
             unpause = driver.find_element(
                 By.XPATH, "//label[contains(normalize-space(), 'Unpause imgsim_index on "
                           "trigger')]//input[@type='checkbox']")
@@ -434,7 +434,7 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
                            RUN_TIMEOUT_S, 3)
             timings["imgsim_index run (trigger to success)"] = time.monotonic() - triggered
             assert run["run_type"] == "manual" and run["conf"]["num_hash_tables"] == 6
-            assert run["conf"]["archive_sha256"] == sha256(source / "car_ims.tgz")
+            assert run["conf"]["archive_checksum"] == sha256(source / "car_ims.tgz")
             driver.get(f"{airflow.base}/dags/imgsim_index/runs/{run['dag_run_id']}")
             visible(driver, "body")
             time.sleep(2)

@@ -13,8 +13,25 @@ from pathlib import Path
 #: The project checkout (``include/imgsim/config.py`` -> project root).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-STANFORD_ARCHIVE_URL = "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz"
-STANFORD_LABELS_URL = "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat"
+#: Where Stanford Cars' all-in-one files are looked for by default, in this order: the Internet
+#: Archive's copy of the original URL ("id_": the stored bytes as they were served), the older
+#: imagenet.stanford.edu location pinned by several public loaders, then the original URL
+#: (404 since 2023, kept in case it returns). Each must match the md5 those loaders pin.
+#: None can be reached from CI; see README, "Indexing the real dataset".
+STANFORD_ARCHIVE_URLS = (
+    "https://web.archive.org/web/2023id_/http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",
+    "http://imagenet.stanford.edu/internal/car196/car_ims.tgz",
+    "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",
+)
+STANFORD_LABELS_URLS = (
+    "https://web.archive.org/web/2023id_/http://ai.stanford.edu/~jkrause/car196/cars_annos.mat",
+    "http://imagenet.stanford.edu/internal/car196/cars_annos.mat",
+    "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat",
+)
+STANFORD_ARCHIVE_URL = " ".join(STANFORD_ARCHIVE_URLS)
+STANFORD_LABELS_URL = " ".join(STANFORD_LABELS_URLS)
+STANFORD_ARCHIVE_CHECKSUM = "md5:d5c8f0aa497503f355e17dc7886c3f14"
+STANFORD_LABELS_CHECKSUM = "md5:b407c6086d669747186bd1d764ff9dbc"
 
 BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 #: How the backbone runs: PyTorch, or ONNX Runtime on the CPU in fp32 or static int8.
@@ -61,6 +78,13 @@ def _env_recall(name: str, default: float) -> float:
     return value
 
 
+def _env_share(name: str, default: float) -> float:
+    value = _env_float(name, default)
+    if value > 1.0:
+        raise ConfigError(f"{name}={value} must be in [0, 1] (a share, e.g. 0.5 for 50%)")
+    return value
+
+
 def _env_date(name: str, default: str) -> str:
     from datetime import date
 
@@ -69,6 +93,32 @@ def _env_date(name: str, default: str) -> str:
         return date.fromisoformat(raw).isoformat()
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
+
+
+def check_checksum(value: str, source: str) -> str:
+    """``md5:<hex>``/``sha256:<hex>`` (a bare 32/64-digit hex is md5/sha256) normalised, or ""."""
+    import re
+
+    raw = value.strip().lower()
+    if not raw:
+        return ""
+    algorithm, sep, digest = raw.partition(":")
+    if not sep:
+        algorithm, digest = {32: "md5", 64: "sha256"}.get(len(raw), ""), raw
+    if {"md5": 32, "sha256": 64}.get(algorithm) != len(digest) or not re.fullmatch(
+            r"[0-9a-f]+", digest):
+        raise ConfigError(f"{source}={value!r}: expected md5:<32 hex digits> or "
+                          "sha256:<64 hex digits>")
+    return f"{algorithm}:{digest}"
+
+
+def _env_checksum(name: str, legacy_sha256: str, default: str) -> str:
+    """``name`` if set, else the older ``*_SHA256`` setting (a bare sha256), else ``default``."""
+    if _env(name, ""):
+        return check_checksum(_env(name, ""), name)
+    if _env(legacy_sha256, ""):
+        return check_checksum("sha256:" + _env(legacy_sha256, "").strip(), legacy_sha256)
+    return default
 
 
 def check_embed_engine(value: str, source: str = "embed engine") -> str:
@@ -159,10 +209,12 @@ class Layout:
 @dataclass(frozen=True)
 class Settings:
     data_root: Path = field(default_factory=lambda: PROJECT_ROOT / "data")
-    archive_url: str = STANFORD_ARCHIVE_URL
+    archive_url: str = STANFORD_ARCHIVE_URL    # locations, separated by whitespace
     labels_url: str = STANFORD_LABELS_URL
-    archive_sha256: str = ""
-    labels_sha256: str = ""
+    archive_checksum: str = STANFORD_ARCHIVE_CHECKSUM  # md5:<hex> or sha256:<hex>, "" = none
+    labels_checksum: str = STANFORD_LABELS_CHECKSUM
+    class_names_url: str = ""        # locations of cars_meta.mat or a names CSV ("" = none)
+    min_label_coverage: float = 0.5  # share of archive images the labels must match (0 = off)
     backbone: str = "resnet18"
     weights_path: str = ""
     device: str = "auto"
@@ -193,12 +245,21 @@ class Settings:
             raise ConfigError(f"IMGSIM_BACKBONE={backbone!r}; choose one of {', '.join(BACKBONES)}")
         embed_engine = check_embed_engine(_env("IMGSIM_EMBED_ENGINE", "tasks"),
                                           "IMGSIM_EMBED_ENGINE")
+        # The pinned md5s belong to the default locations: other locations have no default.
+        archive_url = " ".join(_env("IMGSIM_ARCHIVE_URL", STANFORD_ARCHIVE_URL).split())
+        labels_url = " ".join(_env("IMGSIM_LABELS_URL", STANFORD_LABELS_URL).split())
         return cls(
             data_root=Path(_env("IMGSIM_DATA_ROOT", str(PROJECT_ROOT / "data"))).resolve(),
-            archive_url=_env("IMGSIM_ARCHIVE_URL", STANFORD_ARCHIVE_URL),
-            labels_url=_env("IMGSIM_LABELS_URL", STANFORD_LABELS_URL),
-            archive_sha256=_env("IMGSIM_ARCHIVE_SHA256", ""),
-            labels_sha256=_env("IMGSIM_LABELS_SHA256", ""),
+            archive_url=archive_url,
+            labels_url=labels_url,
+            archive_checksum=_env_checksum(
+                "IMGSIM_ARCHIVE_CHECKSUM", "IMGSIM_ARCHIVE_SHA256",
+                STANFORD_ARCHIVE_CHECKSUM if archive_url == STANFORD_ARCHIVE_URL else ""),
+            labels_checksum=_env_checksum(
+                "IMGSIM_LABELS_CHECKSUM", "IMGSIM_LABELS_SHA256",
+                STANFORD_LABELS_CHECKSUM if labels_url == STANFORD_LABELS_URL else ""),
+            class_names_url=" ".join(_env("IMGSIM_CLASS_NAMES_URL", "").split()),
+            min_label_coverage=_env_share("IMGSIM_MIN_LABEL_COVERAGE", 0.5),
             backbone=backbone,
             weights_path=_env("IMGSIM_WEIGHTS", ""),
             device=_env("IMGSIM_DEVICE", "auto"),
@@ -227,6 +288,18 @@ class Settings:
     @property
     def layout(self) -> Layout:
         return Layout(self.data_root)
+
+    @property
+    def archive_locations(self) -> list[str]:
+        return self.archive_url.split()
+
+    @property
+    def labels_locations(self) -> list[str]:
+        return self.labels_url.split()
+
+    @property
+    def class_names_locations(self) -> list[str]:
+        return self.class_names_url.split()
 
     @property
     def allowed_query_roots(self) -> list[Path]:

@@ -6,8 +6,10 @@ runs the same from Airflow, from the CLI and from a test.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +33,109 @@ def run_key(run_id: str) -> str:
     return key[:120]
 
 
+# -- permanent errors ---------------------------------------------------------------------------
+
+def is_permanent(exc: BaseException, *, downloads_retried: bool = False) -> bool:
+    """True for errors that no retry can fix: a bad URL, HTTP 404, wrong bytes, a bad archive,
+    labels that do not fit, a bad setting. Transient ones (network, disk) are False.
+
+    ``downloads_retried``: every download error is final, because the downloader has already
+    retried its transient failures (retries happen at one level only).
+    """
+    from imgsim.catalog import LabelCoverageError
+    from imgsim.config import ConfigError
+    from imgsim.sources.archive import ArchiveError
+    from imgsim.sources.download import DownloadError
+    from imgsim.sources.labels import LabelsError
+
+    if isinstance(exc, DownloadError):
+        return exc.permanent or downloads_retried
+    return isinstance(exc, (ArchiveError, LabelsError, LabelCoverageError, ConfigError,
+                            SourceError))
+
+
+@contextlib.contextmanager
+def fail_fast(*, downloads_retried: bool = False) -> Iterator[None]:
+    """For task bodies: a permanent error fails the task at once, without Airflow retries.
+
+    It is re-raised as ``AirflowFailException`` with the same message; any other error is
+    left to the task's retries. See :func:`is_permanent` for ``downloads_retried``.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not is_permanent(exc, downloads_retried=downloads_retried):
+            raise
+        try:
+            from airflow.sdk.exceptions import AirflowFailException
+        except ImportError:  # pragma: no cover - older layouts
+            from airflow.exceptions import AirflowFailException
+        raise AirflowFailException(str(exc)) from exc
+
+
+class SourceError(PipelineError):
+    """A source cannot be used as given (permanent)."""
+
+
 # -- download / extract -------------------------------------------------------------------------
 
-def download_sources(settings: Settings, archive_url: str, labels_url: str,
-                     archive_sha256: str = "", labels_sha256: str = "") -> dict[str, Any]:
-    """Fetch the archive and the labels file into ``raw/`` (no-op when current)."""
-    from imgsim.sources.download import fetch
+ARCHIVE_HELP = (
+    "Get Stanford Cars' car_ims.tgz (md5 d5c8f0aa497503f355e17dc7886c3f14) and cars_annos.mat "
+    "(md5 b407c6086d669747186bd1d764ff9dbc) from a mirror, or download and unzip the Kaggle "
+    "copy (\"stanford-cars-dataset\"), then point imgsim at it: IMGSIM_ARCHIVE_URL (Param "
+    "archive_url) takes URLs, file:// URLs, paths to an archive or a folder that holds the "
+    "images, several separated by spaces, tried in order; IMGSIM_ARCHIVE_CHECKSUM takes "
+    "md5:<hex> or sha256:<hex>. See README, \"Indexing the real dataset\".")
+LABELS_HELP = (
+    "Point IMGSIM_LABELS_URL (Param labels_url) at cars_annos.mat or at a CSV with the columns "
+    "Class and image that names these images (e.g. the Kaggle CSV), and IMGSIM_CLASS_NAMES_URL "
+    "at cars_meta.mat or names.csv for class names. See README, \"Indexing the real dataset\".")
+
+
+def download_sources(settings: Settings, archive_url: str | Sequence[str],
+                     labels_url: str | Sequence[str], archive_checksum: str = "",
+                     labels_checksum: str = "", class_names_url: str | Sequence[str] = "",
+                     ) -> dict[str, Any]:
+    """Fetch the archive, the labels and the optional class names into ``raw/``.
+
+    Each ``*_url`` is a list of locations (or one string of them separated by whitespace),
+    tried in order until one gives the right bytes (``*_checksum``: ``md5:<hex>``,
+    ``sha256:<hex>`` or a bare sha256). The archive may also be a local folder that already
+    holds the images. No-op for files already current. Raises ``SourceUnavailable`` naming
+    every location tried when none works.
+    """
+    from imgsim.sources.download import fetch_first
 
     raw = settings.layout.raw
+    common = {"timeout_s": settings.download_timeout_s, "retries": settings.download_retries}
     out: dict[str, Any] = {}
-    for name, url, digest in (("archive", archive_url, archive_sha256),
-                              ("labels", labels_url, labels_sha256)):
-        if not url:
-            raise PipelineError(f"no {name} URL given (Param {name}_url or IMGSIM_"
-                                f"{name.upper()}_URL)")
-        res = fetch(url, raw, sha256=digest, timeout_s=settings.download_timeout_s,
-                    retries=settings.download_retries)
-        log.info("%s: %s (%d bytes, sha256 %s, %s)", name, res.path, res.size, res.sha256,
-                 "downloaded" if res.downloaded else "already current")
-        out[name] = {"path": str(res.path), "sha256": res.sha256, "size": res.size,
-                     "downloaded": res.downloaded}
+    for name, what, urls, digest, help_text, folders in (
+            ("archive", "image archive", archive_url, archive_checksum, ARCHIVE_HELP, True),
+            ("labels", "labels file", labels_url, labels_checksum, LABELS_HELP, False),
+            ("class_names", "class-names file", class_names_url, "", LABELS_HELP, False)):
+        if name == "class_names" and not _locations(urls):
+            out[name] = None
+            continue
+        if not _locations(urls):
+            raise SourceError(f"no {what} location given (Param {name}_url or "
+                              f"IMGSIM_{name.upper()}_URL). {help_text}")
+        res = fetch_first(_locations(urls), raw, what=what, checksum=digest,
+                          allow_folders=folders, help_text=help_text, **common)
+        log.info("%s: %s (%s%s, from %s)", name, res.path,
+                 "a folder of images" if res.kind == "folder" else
+                 f"{res.size} bytes, sha256 {res.sha256}",
+                 "" if res.kind == "folder" else
+                 (", downloaded" if res.downloaded else ", already current"), res.url)
+        out[name] = {"path": str(res.path), "sha256": res.sha256, "md5": res.md5,
+                     "size": res.size, "downloaded": res.downloaded, "kind": res.kind,
+                     "url": res.url, "failed_locations": list(res.tried)}
     return out
+
+
+def _locations(urls: str | Sequence[str] | None) -> list[str]:
+    from imgsim.sources.download import split_locations
+
+    return split_locations(urls or "")
 
 
 def archive_folder_name(archive: Path) -> str:
@@ -62,16 +146,46 @@ def archive_folder_name(archive: Path) -> str:
     return archive.stem or "archive"
 
 
-def extract(settings: Settings, archive_path: str) -> dict[str, Any]:
-    """Safely extract the archive into ``images/<archive name>/`` (no-op when done before)."""
+def extract(settings: Settings, archive_path: str, archive_sha256: str = "",
+            kind: str = "file") -> dict[str, Any]:
+    """Safely extract the archive into ``images/<archive name>/`` (no-op when done before).
+
+    ``archive_sha256`` is the digest the download step computed, so the archive is not read
+    twice. A ``kind="folder"`` source is not extracted: ``images/<folder name>`` becomes a
+    link to it, and its images are read in place.
+    """
     from imgsim.sources.archive import safe_extract
 
     archive = Path(archive_path)
+    if kind == "folder":
+        link = link_folder(settings.layout, archive)
+        log.info("using the images in %s in place, through %s", archive, link)
+        return {"root": str(link), "files": None, "extracted": False}
     target = settings.layout.images / archive_folder_name(archive)
-    res = safe_extract(archive, target)
+    res = safe_extract(archive, target, archive_sha256=archive_sha256)
     log.info("extract %s -> %s: %d files, %d bytes (%s)", archive, target, res.files,
              res.total_bytes, "extracted" if res.extracted else "already extracted")
     return {"root": str(res.target), "files": res.files, "extracted": res.extracted}
+
+
+def link_folder(layout: Layout, folder: Path) -> Path:
+    """``images/<folder name>``: a link to ``folder`` (made or repointed atomically)."""
+    import os
+    import secrets
+
+    folder = Path(folder).resolve()
+    link = layout.images / folder.name
+    if link.is_symlink():
+        if Path(os.readlink(link)) == folder:
+            return link
+    elif link.exists():
+        raise SourceError(f"{link} already exists and is not a link: cannot use the folder "
+                          f"{folder} under that name; move one of them")
+    layout.images.mkdir(parents=True, exist_ok=True)
+    tmp = layout.images / f".tmp-link-{folder.name}-{secrets.token_hex(6)}"
+    os.symlink(folder, tmp, target_is_directory=True)
+    os.replace(tmp, link)
+    return link
 
 
 # -- catalog / shards ---------------------------------------------------------------------------
@@ -89,14 +203,34 @@ def run_day(ds: str | None, run_after: Any = None) -> str:
 
 
 def catalog(settings: Settings, image_root: str, labels_path: str, run_date: str,
-            run_id: str, backbone: str, full_rebuild: bool = False) -> dict[str, Any]:
-    """Update the catalog from the archive and ``incoming/<run_date>/``; save what to embed."""
-    from imgsim.catalog import Source, incoming_source, update_catalog
-    from imgsim.sources.labels import read_labels
+            run_id: str, backbone: str, full_rebuild: bool = False,
+            class_names_path: str | None = None,
+            min_label_coverage: float | None = None) -> dict[str, Any]:
+    """Update the catalog from the archive and ``incoming/<run_date>/``; save what to embed.
+
+    The labels must match at least ``min_label_coverage`` (default: the setting) of the
+    archive's images, else ``LabelCoverageError`` and nothing is written. Class names missing
+    from the labels file come from ``class_names_path``. The result holds
+    ``label_coverage`` (all live images) and ``archive_label_coverage``.
+    """
+    from imgsim.catalog import Source, check_label_coverage, incoming_source, update_catalog
+    from imgsim.sources.labels import (
+        find_images,
+        match_labels,
+        read_class_names,
+        read_labels,
+        with_class_names,
+    )
 
     layout = settings.layout
     labels = read_labels(Path(labels_path))
-    sources = [Source(f"archive:{Path(image_root).name}", Path(image_root), labels)]
+    if class_names_path:
+        labels = with_class_names(labels, read_class_names(Path(class_names_path)))
+    root = Path(image_root)
+    minimum = settings.min_label_coverage if min_label_coverage is None else min_label_coverage
+    archive_coverage = check_label_coverage(match_labels(root, find_images(root), labels),
+                                            float(minimum), str(labels_path), str(root))
+    sources = [Source(f"archive:{root.name}", root, labels)]
     daily = incoming_source(layout, run_date)
     if daily is not None:
         sources.append(daily)
@@ -105,7 +239,12 @@ def catalog(settings: Settings, image_root: str, labels_path: str, run_date: str
     diff = update_catalog(layout, sources, run_date, backbone, full_rebuild=full_rebuild)
     todo = layout.runs / run_key(run_id) / "to_embed.json"
     atomic_write_json(todo, diff.to_embed)
-    return {**diff.summary(), "to_embed_file": str(todo)}
+    log.info("label coverage: %d of %d live images labelled (%.0f%%, %d classes); archive: %s",
+             diff.label_coverage["labelled_images"], diff.label_coverage["images"],
+             100 * diff.label_coverage["share"], diff.label_coverage["classes"],
+             archive_coverage)
+    return {**diff.summary(), "label_coverage": diff.label_coverage,
+            "archive_label_coverage": archive_coverage, "to_embed_file": str(todo)}
 
 
 def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dict[str, Any]]:

@@ -376,6 +376,7 @@ def safe_extract(
     max_total_bytes: int = 20 * 2**30,
     max_ratio: float = 200.0,
     replace_unmarked: bool = False,
+    archive_sha256: str = "",
 ) -> ExtractResult:
     """Extract ``archive`` into the directory ``target`` safely and at most once.
 
@@ -383,12 +384,14 @@ def safe_extract(
     existing ``target`` is left as it was. An existing ``target`` from another archive (it
     has a marker with another sha256) is replaced. An existing non-empty ``target`` without
     a marker was not made here; it is refused unless ``replace_unmarked`` is true.
+    ``archive_sha256``, when the caller already knows it (the download step computed it),
+    saves reading the whole archive once more to hash it.
     """
     archive = Path(archive)
     target = Path(target)
     if not archive.is_file():
         raise _err(archive, "no such file")
-    digest = sha256_file(archive)
+    digest = archive_sha256.strip().lower() or sha256_file(archive)
 
     marker = _read_marker(target) if target.is_dir() else None
     if marker is not None and marker.get("sha256") == digest:

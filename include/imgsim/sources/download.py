@@ -9,12 +9,21 @@ HTTP(S) downloads resume from an existing ``.part`` with a ``Range`` request gua
 ``If-Range``; the server validators seen when the ``.part`` was started are kept in
 ``<filename>.part.json`` so a changed remote file restarts from zero instead of being spliced.
 Transient failures (connection errors, timeouts, truncated bodies, HTTP 5xx and 429) are retried
-with exponential backoff, each retry resuming from the bytes already on disk.
+with exponential backoff, each retry resuming from the bytes already on disk. Permanent ones (an
+invalid URL, HTTP 4xx, a checksum mismatch, a missing local file) are never retried: the
+:class:`DownloadError` says which kind it was (``permanent``), so a caller retries nothing more.
+
+A checksum is ``sha256:<hex>`` or ``md5:<hex>`` (a bare hex string is read by its length);
+md5 is accepted because that is what the dataset's users publish.
+
+:func:`fetch_first` tries an ordered list of locations (mirrors) and returns the first that gives
+the right bytes; when none does, its error names every location and what happened there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import logging
 import os
@@ -23,7 +32,8 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from http.client import HTTPMessage
@@ -31,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from imgsim.fsutil import atomic_write_json, fsync_dir, read_json, sha256_file
+from imgsim.fsutil import atomic_write_json, fsync_dir, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +51,59 @@ _PROGRESS_INTERVAL_S = 2.0
 _USER_AGENT = "imgsim-downloader/1"
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE_RE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+_HEX_LENGTHS = {"md5": 32, "sha256": 64}
+# Whitespace and control characters are never part of a URL (http.client refuses them too).
+_BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 
 class DownloadError(RuntimeError):
-    """A download failed for good; the message names the URL and what went wrong."""
+    """A download failed; the message names the URL and what went wrong.
+
+    ``permanent`` is True when trying again cannot help (invalid URL, HTTP 4xx, wrong bytes,
+    no such file); False when transient failures used up the retries.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class SourceUnavailable(DownloadError):
+    """No location of a source gave the right bytes; ``attempts``: (location, what happened)."""
+
+    def __init__(self, message: str, attempts: list[tuple[str, str]], *, permanent: bool) -> None:
+        super().__init__(message, permanent=permanent)
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """An expected digest: ``algorithm`` is ``md5`` or ``sha256``, ``hexdigest`` lower case."""
+
+    algorithm: str
+    hexdigest: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hexdigest}"
+
+
+def parse_checksum(text: str, what: str = "checksum") -> Checksum | None:
+    """``md5:<hex>``, ``sha256:<hex>`` or a bare hex digest (by length); "" gives None."""
+    raw = (text or "").strip()
+    if not raw:
+        return None
+    algorithm, sep, value = raw.partition(":")
+    if not sep:
+        algorithm, value = "", raw
+    algorithm, value = algorithm.strip().lower(), value.strip().lower()
+    if not algorithm:
+        algorithm = next((a for a, n in _HEX_LENGTHS.items() if len(value) == n), "")
+    n = _HEX_LENGTHS.get(algorithm)
+    if n is None or len(value) != n or not re.fullmatch(r"[0-9a-f]+", value):
+        raise DownloadError(
+            f"{what} {text!r} is not md5:<32 hex digits> or sha256:<64 hex digits>"
+        )
+    return Checksum(algorithm, value)
 
 
 @dataclass(frozen=True)
@@ -54,6 +113,19 @@ class DownloadResult:
     sha256: str
     size: int
     downloaded: bool
+    md5: str = ""
+    kind: str = "file"  # "file", or "folder" (a local folder that already holds the images)
+    tried: tuple[str, ...] = field(default=())  # locations that failed before this one
+
+
+def file_digests(path: Path, chunk_size: int = 1 << 20) -> tuple[str, str]:
+    """(sha256, md5) of a file, read once."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
 
 
 class _TransientError(Exception):
@@ -86,6 +158,7 @@ def fetch(
     *,
     filename: str | None = None,
     sha256: str = "",
+    checksum: str | Checksum | None = None,
     timeout_s: float = 60.0,
     retries: int = 5,
     backoff_s: float = 1.0,
@@ -96,13 +169,20 @@ def fetch(
     """Download ``url`` to ``dest_dir/<filename>`` unless the local copy is already current.
 
     ``url`` may be ``http(s)://``, ``file://`` or a plain local path (allowed when ``"file"`` is
-    in ``allowed_schemes``). Raises :class:`DownloadError` on any permanent failure.
+    in ``allowed_schemes``). ``checksum`` (``md5:<hex>``/``sha256:<hex>``) or ``sha256`` (hex)
+    is verified before the file gets its final name. Raises :class:`DownloadError`.
     """
     if retries < 0:
         raise ValueError(f"retries must be >= 0, not {retries}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, not {chunk_size}")
-    expected_sha = sha256.strip().lower()
+    if checksum is None or checksum == "":
+        expected_sha: Checksum | None = parse_checksum(f"sha256:{sha256}" if sha256.strip()
+                                                       else "", "sha256")
+    elif isinstance(checksum, Checksum):
+        expected_sha = checksum
+    else:
+        expected_sha = parse_checksum(checksum)
     scheme = _scheme_of(url, allowed_schemes)
     is_url = urlsplit(url).scheme != ""
     name = _safe_filename(url, filename, is_url=is_url)
@@ -110,7 +190,7 @@ def fetch(
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DownloadError(f"cannot create {dest_dir} for {url}: {exc}") from exc
+        raise DownloadError(f"cannot create {dest_dir} for {url}: {exc}", permanent=False) from exc
     target = _Target(
         final=dest_dir / name,
         part=dest_dir / f"{name}.part",
@@ -139,8 +219,8 @@ def fetch(
 
 def _scheme_of(url: str, allowed_schemes: tuple[str, ...]) -> str:
     """Return ``http``/``https``/``file`` (plain local paths count as ``file``)."""
-    if not url or "\0" in url:
-        raise DownloadError(f"invalid URL {url!r}")
+    if not url or _BAD_URL_CHARS.search(url):
+        raise DownloadError(f"invalid URL {url!r} (empty, or holds a space or control character)")
     scheme = urlsplit(url).scheme.lower()
     if scheme == "":
         scheme = "file"
@@ -210,22 +290,38 @@ def _discard_part(target: _Target) -> None:
     _unlink_quietly(target.part_meta)
 
 
-def _result_for_existing(url: str, target: _Target, digest: str = "") -> DownloadResult:
+def _result_for_existing(
+    url: str, target: _Target, digests: tuple[str, str] | None = None
+) -> DownloadResult:
     size = target.final.stat().st_size
-    digest = digest or sha256_file(target.final)
+    sha, md5 = digests or file_digests(target.final)
     logger.info("%s is current (%s bytes); skipping download of %s", target.final, size, url)
-    return DownloadResult(path=target.final, url=url, sha256=digest, size=size, downloaded=False)
+    return DownloadResult(
+        path=target.final, url=url, sha256=sha, size=size, downloaded=False, md5=md5
+    )
+
+
+def _mismatch(expected: Checksum | None, digests: tuple[str, str]) -> str:
+    """"" when ``digests`` (sha256, md5) satisfy ``expected``, else what was found instead."""
+    if expected is None:
+        return ""
+    got = digests[0] if expected.algorithm == "sha256" else digests[1]
+    return "" if got == expected.hexdigest else f"{expected.algorithm}:{got}"
 
 
 def _finalize(
-    url: str, target: _Target, expected_sha: str, extra_meta: dict[str, Any]
+    url: str, target: _Target, expected_sha: Checksum | None, extra_meta: dict[str, Any]
 ) -> DownloadResult:
     """Verify the complete ``.part`` and rename it onto the final name, then write the meta."""
     size = target.part.stat().st_size
-    digest = sha256_file(target.part)
-    if expected_sha and digest != expected_sha:
+    digests = file_digests(target.part)
+    digest = digests[0]
+    if got := _mismatch(expected_sha, digests):
         _discard_part(target)
-        raise DownloadError(f"checksum mismatch for {url}: expected {expected_sha}, got {digest}")
+        raise DownloadError(
+            f"checksum mismatch for {url}: expected {expected_sha}, got {got} "
+            "(the location serves other bytes)"
+        )
     meta = {
         "url": url,
         "sha256": digest,
@@ -245,11 +341,13 @@ def _finalize(
         atomic_write_json(target.meta, meta)
     except OSError as exc:
         raise DownloadError(
-            f"cannot move the download of {url} into {target.final}: {exc}"
+            f"cannot move the download of {url} into {target.final}: {exc}", permanent=False
         ) from exc
     _unlink_quietly(target.part_meta)
     logger.info("saved %s (%s bytes, sha256 %s) from %s", target.final, size, digest, url)
-    return DownloadResult(path=target.final, url=url, sha256=digest, size=size, downloaded=True)
+    return DownloadResult(
+        path=target.final, url=url, sha256=digest, size=size, downloaded=True, md5=digests[1]
+    )
 
 
 def _fsync_file(path: Path) -> None:
@@ -257,15 +355,15 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _sha_current(target: _Target, expected_sha: str) -> str:
-    """The final file's digest if it equals ``expected_sha``, else ""."""
+def _sha_current(target: _Target, expected_sha: Checksum) -> tuple[str, str] | None:
+    """The final file's (sha256, md5) if they satisfy ``expected_sha``, else None."""
     if not target.final.is_file():
-        return ""
-    digest = sha256_file(target.final)
-    if digest == expected_sha:
-        return digest
-    logger.info("%s has sha256 %s, expected %s; fetching again", target.final, digest, expected_sha)
-    return ""
+        return None
+    digests = file_digests(target.final)
+    if not (got := _mismatch(expected_sha, digests)):
+        return digests
+    logger.info("%s has %s, expected %s; fetching again", target.final, got, expected_sha)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,14 +433,14 @@ class _Progress:
 
 
 def _fetch_local(
-    url: str, source: Path, target: _Target, expected_sha: str, *, chunk_size: int
+    url: str, source: Path, target: _Target, expected_sha: Checksum | None, *, chunk_size: int
 ) -> DownloadResult:
     st = source.stat()
     if target.final.is_file() and source.samefile(target.final):
         return _source_is_destination(url, target, expected_sha, st)
     if expected_sha:
-        if digest := _sha_current(target, expected_sha):
-            return _result_for_existing(url, target, digest)
+        if digests := _sha_current(target, expected_sha):
+            return _result_for_existing(url, target, digests)
     elif _local_meta_current(url, target, st):
         return _result_for_existing(url, target)
     logger.info("copying %s (%s) to %s", source, _human_bytes(st.st_size), target.final)
@@ -357,13 +455,16 @@ def _fetch_local(
             os.fsync(fout.fileno())
     except OSError as exc:
         _discard_part(target)
-        raise DownloadError(f"copy of {url} to {target.part} failed: {exc}") from exc
+        raise DownloadError(
+            f"copy of {url} to {target.part} failed: {exc}", permanent=False
+        ) from exc
     progress.finish()
     copied = target.part.stat().st_size
     if copied != st.st_size:
         _discard_part(target)
         raise DownloadError(
-            f"source changed while copying {url}: expected {st.st_size} bytes, copied {copied}"
+            f"source changed while copying {url}: expected {st.st_size} bytes, copied {copied}",
+            permanent=False,
         )
     return _finalize(
         url,
@@ -374,13 +475,14 @@ def _fetch_local(
 
 
 def _source_is_destination(
-    url: str, target: _Target, expected_sha: str, st: os.stat_result
+    url: str, target: _Target, expected_sha: Checksum | None, st: os.stat_result
 ) -> DownloadResult:
     """The source already lies under the final name: verify it, record it, never copy it."""
-    digest = sha256_file(target.final)
-    if expected_sha and digest != expected_sha:
+    digests = file_digests(target.final)
+    digest = digests[0]
+    if got := _mismatch(expected_sha, digests):
         raise DownloadError(
-            f"checksum mismatch for {url}: expected {expected_sha}, got {digest} "
+            f"checksum mismatch for {url}: expected {expected_sha}, got {got} "
             "(the source is the destination file itself; it was left in place)"
         )
     meta = _read_meta(target.meta)
@@ -398,7 +500,7 @@ def _source_is_destination(
                 "downloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
             },
         )
-    return _result_for_existing(url, target, digest)
+    return _result_for_existing(url, target, digests)
 
 
 def _local_meta_current(url: str, target: _Target, st: os.stat_result) -> bool:
@@ -503,7 +605,7 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
 def _fetch_http(
     url: str,
     target: _Target,
-    expected_sha: str,
+    expected_sha: Checksum | None,
     *,
     timeout_s: float,
     retries: int,
@@ -513,8 +615,8 @@ def _fetch_http(
 ) -> DownloadResult:
     opener = _opener(allowed_schemes)
     if expected_sha:
-        if digest := _sha_current(target, expected_sha):
-            return _result_for_existing(url, target, digest)
+        if digests := _sha_current(target, expected_sha):
+            return _result_for_existing(url, target, digests)
     elif _http_meta_current(url, target, opener, timeout_s):
         return _result_for_existing(url, target)
 
@@ -526,6 +628,8 @@ def _fetch_http(
             break
         except DownloadError:
             raise
+        except (http.client.InvalidURL, ValueError) as exc:
+            raise DownloadError(f"invalid URL {url!r}: {exc}") from exc
         except (_TransientError, OSError, http.client.HTTPException) as exc:
             if isinstance(exc, urllib.error.URLError) and isinstance(
                 exc.reason, ssl.SSLCertVerificationError
@@ -535,7 +639,8 @@ def _fetch_http(
             reason = _describe(exc, timeout_s)
             if attempt + 1 >= attempts:
                 raise DownloadError(
-                    f"download of {url} failed after {attempts} attempt(s): {reason}"
+                    f"download of {url} failed after {attempts} attempt(s): {reason}",
+                    permanent=False,
                 ) from exc
             delay = min(backoff_s * 2**attempt, _MAX_BACKOFF_S)
             logger.warning(
@@ -780,7 +885,7 @@ def _stream(
     try:
         fh = open(part, mode)  # noqa: SIM115 - closed in finally, write errors are fatal
     except OSError as exc:
-        raise DownloadError(f"cannot open {part}: {exc}") from exc
+        raise DownloadError(f"cannot open {part}: {exc}", permanent=False) from exc
     # read1 returns whatever one receive brings, so a stall or drop loses no received bytes.
     read = getattr(response, "read1", response.read)
     try:
@@ -791,9 +896,92 @@ def _stream(
             try:
                 fh.write(chunk)
             except OSError as exc:
-                raise DownloadError(f"cannot write {part}: {exc}") from exc
+                raise DownloadError(f"cannot write {part}: {exc}", permanent=False) from exc
             progress.add(len(chunk))
         fh.flush()
         os.fsync(fh.fileno())
     finally:
         fh.close()
+
+
+# --------------------------------------------------------------------------------------------
+# ordered locations (mirrors)
+# --------------------------------------------------------------------------------------------
+
+
+def split_locations(value: str | Sequence[str]) -> list[str]:
+    """Locations from a whitespace-separated string or a list (each item may hold several)."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [loc for item in items for loc in str(item or "").split()]
+
+
+def _local_folder(location: str) -> Path | None:
+    """The folder ``location`` names (a plain path or ``file://`` URL), or None."""
+    parts = urlsplit(location)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        raw = urllib.request.url2pathname(unquote(parts.path))
+    elif parts.scheme == "":
+        raw = location
+    else:
+        return None
+    try:
+        path = Path(raw).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return None
+    return path if path.is_dir() else None
+
+
+def fetch_first(
+    locations: str | Sequence[str],
+    dest_dir: Path,
+    *,
+    what: str,
+    checksum: str | Checksum | None = None,
+    allow_folders: bool = False,
+    help_text: str = "",
+    **kwargs: Any,
+) -> DownloadResult:
+    """Fetch from the first of ``locations`` that works and gives the right bytes.
+
+    Locations are tried in order; one that fails (404, unreachable, wrong checksum, ...) is
+    logged and the next is tried. With ``allow_folders``, a location that is a local folder
+    holding images is used in place (``kind="folder"``; a checksum does not apply to it).
+    When every location fails, :class:`SourceUnavailable` names each one with what happened,
+    followed by ``help_text``; it is permanent when every failure was. ``kwargs`` go to
+    :func:`fetch`.
+    """
+    from imgsim.sources.labels import find_images
+
+    locs = split_locations(locations)
+    expected = checksum if isinstance(checksum, Checksum) else parse_checksum(checksum or "")
+    attempts: list[tuple[str, str]] = []
+    permanent = True
+    for loc in locs:
+        folder = _local_folder(loc) if allow_folders else None
+        if folder is not None:
+            if find_images(folder):
+                logger.info("%s: using the images already in the folder %s", what, folder)
+                return DownloadResult(path=folder, url=loc, sha256="", size=0, downloaded=False,
+                                      kind="folder", tried=tuple(a for a, _ in attempts))
+            attempts.append((loc, "a folder without any .jpg/.jpeg/.png image"))
+            continue
+        try:
+            result = fetch(loc, dest_dir, checksum=expected, **kwargs)
+        except DownloadError as exc:
+            logger.warning("%s: location %s failed: %s", what, loc, exc)
+            attempts.append((loc, str(exc)))
+            permanent = permanent and exc.permanent
+            continue
+        if attempts:
+            logger.info("%s: got it from %s after %d failed location(s)", what, loc,
+                        len(attempts))
+        return DownloadResult(**{**result.__dict__, "tried": tuple(a for a, _ in attempts)})
+    if not locs:
+        raise SourceUnavailable(f"no location given for the {what}. {help_text}".strip(), [],
+                                permanent=True)
+    lines = [f"could not get the {what} from any of its {len(locs)} location(s)"
+             + (f" (expected {expected})" if expected else "") + ":"]
+    lines += [f"  {i}. {loc}: {why}" for i, (loc, why) in enumerate(attempts, start=1)]
+    if help_text:
+        lines.append(help_text)
+    raise SourceUnavailable("\n".join(lines), attempts, permanent=permanent)
