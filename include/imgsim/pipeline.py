@@ -84,7 +84,8 @@ ARCHIVE_HELP = (
     "(md5 b407c6086d669747186bd1d764ff9dbc) from a mirror, or download and unzip the Kaggle "
     "copy (\"stanford-cars-dataset\"), then point imgsim at it: IMGSIM_ARCHIVE_URL (Param "
     "archive_url) takes URLs, file:// URLs, paths to an archive or a folder that holds the "
-    "images, several separated by spaces, tried in order; IMGSIM_ARCHIVE_CHECKSUM takes "
+    "images, several separated by spaces (so write a space inside a URL as %20), tried in "
+    "order; IMGSIM_ARCHIVE_CHECKSUM takes "
     "md5:<hex> or sha256:<hex>. See README, \"Indexing the real dataset\".")
 LABELS_HELP = (
     "Point IMGSIM_LABELS_URL (Param labels_url) at cars_annos.mat or at a CSV with the columns "
