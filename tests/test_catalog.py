@@ -478,3 +478,13 @@ def test_low_coverage_names_examples_from_both_sides_and_the_fix(tmp_path: Path)
     assert "cars_train/00001.jpg" in msg and "car_ims/000001.jpg" in msg
     assert "IMGSIM_MIN_LABEL_COVERAGE=0" in msg and "IMGSIM_LABELS_URL" in msg
     assert catalog.check_label_coverage(match, 0, "l", "i")["share"] == 0.0   # allowed
+
+
+def test_data_root_through_a_link_and_a_source_by_its_real_path(tmp_path: Path) -> None:
+    real = tmp_path / "real-data"
+    (tmp_path / "link-data").symlink_to(real, target_is_directory=True)
+    layout = Layout(tmp_path / "link-data")
+    iid = write_image(real / "images" / "car_ims" / "000001.jpg", 1)
+    update_catalog(layout, [Source("archive:car_ims", real / "images" / "car_ims", LABELS)],
+                   DAY1, BACKBONE)
+    assert rows_by_id(layout)[iid]["path"] == "images/car_ims/000001.jpg"

@@ -75,7 +75,10 @@ def incoming_source(layout: Layout, day: str) -> Source | None:
 def _rel(layout: Layout, path: Path) -> str:
     # Not resolved: a source may be a link under images/ to a folder elsewhere (a local folder
     # location), and its images are read through the link.
-    return Path(os.path.abspath(path)).relative_to(os.path.abspath(layout.root)).as_posix()
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(layout.root)).as_posix()
+    except ValueError:  # the data root given through a link, the source by its real path
+        return path.resolve().relative_to(layout.root.resolve()).as_posix()
 
 
 def label_coverage(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
