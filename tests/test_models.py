@@ -53,7 +53,8 @@ def build_version(root: Path, version: str, ids: list[str], *, backbone: str = B
 
     model/metadata/part-00000: Spark's JSON metadata line; model/data/*.parquet: one row with
     the random matrix as a dense, row-major (isTransposed) MatrixUDT; reference/*.parquet: the
-    unit vectors and their hashes floor(R @ x / w); manifest.json last. Returns the manifest.
+    unit vectors and their hashes floor(R @ x / w), with page CRCs; manifest.json last. Returns
+    the manifest.
     """
     rng = np.random.default_rng(seed)
     matrix = rng.normal(size=(num_hash_tables, DIM))
@@ -83,7 +84,8 @@ def build_version(root: Path, version: str, ids: list[str], *, backbone: str = B
     pq.write_table(pa.Table.from_pylist(
         [{"image_id": iid, "path": f"images/car_ims/{i:06d}.jpg", "class_id": 1 + i % 3,
           "class_name": None, "vector": vectors[i].tolist(), "hashes": hashes[i].tolist()}
-         for i, iid in enumerate(ids)], schema=REFERENCE_SCHEMA), ref / "part-0.parquet")
+         for i, iid in enumerate(ids)], schema=REFERENCE_SCHEMA), ref / "part-0.parquet",
+        write_page_checksum=True)                      # as Spark (parquet-mr) writes pages
     (ref / "_SUCCESS").write_text("")
     manifest: dict[str, Any] = {
         "format": 1, "version": version, "created_at": T0.isoformat(), "run_id": "manual__x",
@@ -364,6 +366,201 @@ def test_clean_staging(layout: Layout) -> None:
     models.clean_staging(layout)
     assert list(layout.staging.iterdir()) == []
     models.clean_staging(Layout(layout.root / "elsewhere"))  # no staging dir: no error
+
+
+# -- integrity: sizes and sha256 recorded at publish (issue 13 item 7) -------------------------
+
+def overwrite_middle(path: Path, n: int = 64) -> None:
+    """The hand-made fault of issue 13: ``n`` bytes in the middle of a file overwritten in place
+    (same size, so only a sha256 tells)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2 - n // 2
+    data[mid:mid + n] = bytes((b + 0x5A) % 256 for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def reference_part(layout: Layout, version: str) -> Path:
+    (part,) = sorted((layout.models / version / "reference").glob("part-*.parquet"))
+    return part
+
+
+def test_publish_records_every_file_size_and_sha256(layout: Layout) -> None:
+    from imgsim.fsutil import sha256_file
+
+    v = version_at(0)
+    stage(layout, v)
+    (layout.staging / v / "projection.npy").write_bytes(b"any future file")   # covered too
+    validate(layout, v)
+    models.publish(layout, v)
+
+    vdir = layout.models / v
+    recorded = models.read_manifest(layout, v)["checksums"]
+    on_disk = sorted(p.relative_to(vdir).as_posix() for p in vdir.rglob("*") if p.is_file())
+    assert sorted(recorded) == [f for f in on_disk if f != "manifest.json"]
+    assert {"reference/part-0.parquet", "model/metadata/part-00000", "validation.json",
+            "projection.npy"} <= set(recorded)
+    for rel, entry in recorded.items():
+        assert entry == {"size": (vdir / rel).stat().st_size, "sha256": sha256_file(vdir / rel)}
+    integrity = models.verify_version(layout, v, hashes=True)
+    assert (integrity.status, integrity.problems) == ("ok (sha256)", [])
+    assert models.check_version(layout, v).status == "ok (sizes)"
+
+
+def test_check_version_finds_missing_truncated_and_unexpected_files(layout: Layout) -> None:
+    v = staged_and_published(layout, version_at(0))
+    vdir = layout.models / v
+    part = reference_part(layout, v)
+    part.write_bytes(part.read_bytes()[:-10])
+    (vdir / "model" / "metadata" / "part-00000").unlink()
+    (vdir / "reference" / "part-1.parquet").write_bytes(b"PAR1")
+
+    problems = models.check_version(layout, v).problems      # sizes only: no hashing needed
+
+    assert problems == [
+        "model/metadata/part-00000 is missing",
+        f"reference/part-0.parquet has {part.stat().st_size} bytes, "
+        f"{part.stat().st_size + 10} were recorded",
+        "reference/part-1.parquet was not part of the version when it was published"]
+    with pytest.raises(models.VersionDamaged) as err:
+        models.verify_version(layout, v)
+    message = str(err.value)
+    assert v in message and "reference/part-0.parquet" in message and "imgsim rollback" in message
+
+
+def test_an_overwrite_is_found_by_sha256_and_remembered_until_repaired(layout: Layout) -> None:
+    v = staged_and_published(layout, version_at(0))
+    part = reference_part(layout, v)
+    good = part.read_bytes()
+    overwrite_middle(part)
+
+    assert models.check_version(layout, v).problems == []         # same size: sizes pass
+    found = models.check_version(layout, v, hashes=True)
+    assert found.status == "damaged"
+    assert found.problems == ["reference/part-0.parquet has been altered (its sha256 differs "
+                              "from the recorded one)"]
+    # Known now: the cheap check (and every load) reports it without hashing again.
+    later = models.check_version(layout, v)
+    assert later.problems == found.problems and later.checked_at == found.checked_at
+    with pytest.raises(models.VersionDamaged, match=r"reference/part-0\.parquet"):
+        models.verify_version(layout, v)
+
+    part.write_bytes(good)                                            # restored from a backup
+    assert models.check_version(layout, v).status == "damaged"        # until checked again
+    assert models.check_version(layout, v, hashes=True).status == "ok (sha256)"
+    assert models.check_version(layout, v).status == "ok (sizes)"
+
+
+def test_versions_without_checksums_are_not_recorded_and_not_checked(layout: Layout) -> None:
+    v = version_at(0)
+    build_version(layout.models, v, IDS)                # as published before checksums existed
+    overwrite_middle(layout.models / v / "reference" / "part-0.parquet")
+    for hashes in (False, True):
+        integrity = models.verify_version(layout, v, hashes=hashes)
+        assert (integrity.status, integrity.recorded, integrity.problems) == (
+            "not recorded", False, [])
+
+
+def test_a_failed_read_checks_hashes_and_names_the_damage(layout: Layout) -> None:
+    v = staged_and_published(layout, version_at(0))
+    overwrite_middle(reference_part(layout, v))
+    with (pytest.raises(models.VersionDamaged, match=r"reference/part-0\.parquet") as err,
+          models.reading_version(layout, v)):
+        raise OSError("Corrupt snappy compressed data")
+    assert isinstance(err.value.__cause__, OSError) and err.value.version == v
+
+    intact = staged_and_published(layout, version_at(1))
+    with pytest.raises(KeyError), models.reading_version(layout, intact):   # not damage
+        raise KeyError("a bug")
+
+
+def test_rollback_refuses_a_damaged_version(layout: Layout) -> None:
+    v1 = staged_and_published(layout, version_at(0))
+    v2 = staged_and_published(layout, version_at(1))
+    overwrite_middle(reference_part(layout, v1))
+    with pytest.raises(models.VersionDamaged, match=v1):
+        models.rollback(layout, v1)
+    assert models.current_version(layout) == v2
+
+
+def test_an_unreadable_manifest_is_damage(layout: Layout) -> None:
+    v = staged_and_published(layout, version_at(0))
+    (layout.models / v / "manifest.json").write_text("{not json")
+    with pytest.raises(models.VersionDamaged, match=r"manifest\.json is not valid JSON"):
+        models.read_manifest(layout, v)
+    assert models.check_version(layout, v).status == "damaged"
+
+
+def test_prune_forgets_the_checks_of_pruned_versions(layout: Layout) -> None:
+    vs = [staged_and_published(layout, version_at(i)) for i in range(3)]
+    models.check_version(layout, vs[0], hashes=True)
+    assert (models.checks_dir(layout) / f"{vs[0]}.json").is_file()
+    with models.models_lock(layout):
+        models.prune(layout, keep=2)
+    assert not (models.checks_dir(layout) / f"{vs[0]}.json").exists()
+    assert models.published_versions(layout) == vs[1:]
+
+
+def imgsim_versions(layout: Layout, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    from imgsim import cli
+
+    monkeypatch.setenv("IMGSIM_DATA_ROOT", str(layout.root))
+    rc = cli.main(["versions", *args])
+    return rc, capsys.readouterr().out
+
+
+def row_of(out: str, version: str) -> str:
+    return next(line for line in out.splitlines() if version in line and "CURRENT" not in line)
+
+
+def test_versions_command_says_when_current_names_a_missing_version(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from imgsim.fsutil import atomic_write_text
+
+    v = staged_and_published(layout, version_at(0))
+    gone = version_at(9)
+    atomic_write_text(layout.current_pointer, gone + "\n")
+
+    rc, out = imgsim_versions(layout, monkeypatch, capsys)
+    assert rc == 1
+    assert f"CURRENT names {gone}, which is not a published version" in out
+    assert "imgsim rollback VERSION" in out
+    assert row_of(out, v).startswith("  ")                     # listed, not marked current
+
+    shutil.rmtree(layout.models / v)
+    rc, out = imgsim_versions(layout, monkeypatch, capsys)
+    assert rc == 1
+    assert "no published versions" in out and f"CURRENT names {gone}" in out
+
+    layout.current_pointer.unlink()
+    assert imgsim_versions(layout, monkeypatch, capsys)[0] == 0  # empty, and says so
+
+
+def test_versions_command_checks_sizes_and_with_verify_sha256(
+        layout: Layout, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    old = version_at(0)
+    build_version(layout.models, old, IDS)           # published before checksums existed
+    v1 = staged_and_published(layout, version_at(1))
+    v2 = staged_and_published(layout, version_at(2))
+    overwrite_middle(reference_part(layout, v1))
+
+    rc, out = imgsim_versions(layout, monkeypatch, capsys)
+    assert rc == 0
+    assert row_of(out, v2).startswith("* ") and row_of(out, v2).endswith("ok (sizes)")
+    assert row_of(out, v1).endswith("ok (sizes)")   # same size: only a sha256 tells
+    assert row_of(out, old).endswith("not recorded")
+
+    rc, out = imgsim_versions(layout, monkeypatch, capsys, "--verify")
+    assert rc == 1
+    assert row_of(out, v1).endswith("damaged") and row_of(out, v2).endswith("ok (sha256)")
+    assert "! reference/part-0.parquet has been altered" in out
+    assert f"damaged: {v1}; `imgsim rollback VERSION`" in out
+    rc, out = imgsim_versions(layout, monkeypatch, capsys)     # remembered without hashing
+    assert rc == 1 and row_of(out, v1).endswith("damaged")
 
 
 # -- the fit gate (pipeline.fit_plan) and the backbone record ------------------------------------

@@ -121,3 +121,99 @@ def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Setting
     photo(query.inbox(layout) / "again.jpg", (200, 0, 0))
     again = query.collect(settings, "manual__5", [], k=2)
     assert again["pending"] == 0
+
+
+# -- a damaged version (issue 13 item 7) ---------------------------------------------------------
+
+@pytest.fixture
+def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A version published by models.publish (so its manifest records its files), CURRENT."""
+    from imgsim import models
+    from test_models import stage, validate, version_at
+
+    s = replace(Settings(), data_root=(tmp_path / "data").resolve())
+    v = version_at(0)
+    ids = make_ids(300)        # a reference file whose middle is vector data, as in the issue
+    stage(s.layout, v, ids)
+    validate(s.layout, v, ids)
+    models.publish(s.layout, v)
+    monkeypatch.setenv("IMGSIM_DATA_ROOT", str(s.data_root))
+    return s
+
+
+def damage(settings: Settings, *, truncate: bool = False) -> tuple[str, str]:
+    """The issue's fault (64 bytes overwritten mid-file) or a truncation, in the CURRENT
+    version's reference table; returns (version, the file relative to the version)."""
+    from imgsim.models import current_version
+    from test_models import overwrite_middle, reference_part
+
+    version = current_version(settings.layout)
+    assert version
+    part = reference_part(settings.layout, version)
+    if truncate:
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    else:
+        overwrite_middle(part)
+    return version, part.relative_to(settings.layout.models / version).as_posix()
+
+
+def assert_names_damage(message: str, version: str, rel: str) -> None:
+    assert version in message and rel in message and "imgsim rollback" in message, message
+    assert "Traceback" not in message and "snappy" not in message.lower(), message
+
+
+def test_in_process_lookup_of_a_damaged_version_names_version_file_and_rollback(
+        published: Settings) -> None:
+    from imgsim.lookup import load_model
+    from imgsim.models import VersionDamaged
+
+    assert load_model(published.layout).ids                  # intact: loads
+    version, rel = damage(published)
+    with pytest.raises(VersionDamaged) as err:
+        load_model(published.layout)
+    assert_names_damage(str(err.value), version, rel)
+
+
+def test_imgsim_query_on_a_damaged_version_is_a_clear_error(published: Settings,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path) -> None:
+    from imgsim import cli
+
+    version, rel = damage(published)
+    image = photo(tmp_path / "q.jpg", (10, 120, 200))
+    assert cli.main(["query", str(image), "-k", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgsim: error: model version ")
+    assert_names_damage(err, version, rel)
+
+
+def test_collect_refuses_a_damaged_version(published: Settings) -> None:
+    from imgsim.models import VersionDamaged
+
+    version, rel = damage(published, truncate=True)
+    with pytest.raises(VersionDamaged) as err:
+        query.collect(published, "manual__6", [str(published.layout.root / "x.jpg")], k=3)
+    assert_names_damage(str(err.value), version, rel)
+
+
+def test_the_spark_query_job_checks_sizes_before_spark_starts(
+        published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from imgsim.models import VersionDamaged
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
+    import query_lsh
+
+    class NoSpark:
+        class builder:
+            @staticmethod
+            def appName(name: str) -> Any:
+                raise AssertionError("Spark started on a damaged version")
+
+    monkeypatch.setattr(query_lsh, "SparkSession", NoSpark)
+    version, rel = damage(published, truncate=True)
+    with pytest.raises(VersionDamaged) as err:
+        query_lsh.main(["--data-root", str(published.data_root), "--version", version,
+                        "--run-dir", str(tmp_path / "run"), "--k", "3"])
+    assert_names_damage(str(err.value), version, rel)

@@ -84,3 +84,35 @@ def test_query_job_refuses_an_unpublished_version(published) -> None:
         query_lsh.read_model(published.root, "v20990101T000000Z-ffffff")
     with pytest.raises(SystemExit):
         query_lsh.parse_args(["--data-root", "x", "--version", "../x", "--run-dir", "y"])
+
+
+def test_query_job_on_a_damaged_version_names_version_file_and_rollback(
+        spark, published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13's fault (64 bytes overwritten mid-file, same size) in a copy of a published
+    version: the job's failed read is answered with VersionDamaged, not Spark's stack trace."""
+    import shutil
+
+    from imgsim.config import Layout
+    from imgsim.lsh import l2_normalize
+    from imgsim.models import VersionDamaged
+    from test_models import overwrite_middle
+
+    layout = Layout(tmp_path / "data")
+    shutil.copytree(published.models / VERSION, layout.models / VERSION)
+    part = max((layout.models / VERSION / "reference").glob("part-*.parquet"),
+               key=lambda p: p.stat().st_size)
+    overwrite_middle(part)
+    unit = l2_normalize(np.random.default_rng(3).normal(size=(4, 16)))
+    run_dir = tmp_path / "run"
+    write_parquet_atomic(pa.table({
+        "query_id": [f"q{i}" for i in range(4)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), 16),
+    }), run_dir / "query_vectors.parquet")
+    monkeypatch.setattr(spark, "stop", lambda: None)        # main() stops its session
+    with pytest.raises(VersionDamaged) as err:
+        query_lsh.main(["--data-root", str(layout.root), "--version", VERSION,
+                        "--run-dir", str(run_dir), "--k", "3"])
+    message = str(err.value)
+    rel = part.relative_to(layout.models / VERSION).as_posix()
+    assert VERSION in message and rel in message and "imgsim rollback" in message
+    assert not (run_dir / "neighbours").exists()

@@ -177,6 +177,56 @@ def test_a_broken_manifest_is_shown_without_hiding_the_others(client: TestClient
     assert "manifest unreadable" in resp.text and NEW in resp.text
 
 
+def versions_row(page: str, version: str) -> str:
+    row = page[page.rindex("<tr", 0, page.index(f'data-version="{version}"')):]
+    return row[:row.index("</tr>")]
+
+
+def test_versions_page_marks_a_damaged_version(client: TestClient, layout: Layout) -> None:
+    from imgsim import models
+    from test_models import overwrite_middle
+
+    publish_two_versions(layout)
+    for v in (OLD, NEW):
+        models.record_checksums(layout.models / v)           # as models.publish does
+    resp = client.get("/")
+    assert 'data-files="ok (sizes)"' in versions_row(resp.text, NEW)
+    assert "DAMAGED" not in resp.text and 'id="current-problem"' not in resp.text
+
+    part = layout.models / OLD / "reference" / "part-0.parquet"
+    part.write_bytes(part.read_bytes()[:-1])                  # sizes tell at once
+    overwrite_middle(layout.models / NEW / "reference" / "part-0.parquet")
+    models.check_version(layout, NEW, hashes=True)           # as `imgsim versions --verify`
+    page = client.get("/").text
+    old, new = versions_row(page, OLD), versions_row(page, NEW)
+    assert 'class="version damaged"' in old and ">DAMAGED<" in old
+    assert "reference/part-0.parquet has" in old and "were recorded" in old
+    assert 'class="version current damaged"' in new and "has been altered" in new
+    assert 'id="current-problem"' in page and "imgsim rollback" in page
+
+
+def test_versions_page_says_when_current_names_a_missing_version(
+        client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)
+    atomic_write_text(layout.current_pointer, "v20990101T000000Z-cccccc\n")
+    page = client.get("/").text
+    assert 'id="current-problem"' in page and "v20990101T000000Z-cccccc" in page
+    assert 'data-files="not recorded"' in versions_row(page, NEW)   # older versions: no check
+
+
+def test_an_upload_to_a_damaged_current_version_is_refused_clearly(
+        client: TestClient, layout: Layout) -> None:
+    from imgsim import models
+
+    publish_two_versions(layout)
+    models.record_checksums(layout.models / NEW)
+    part = layout.models / NEW / "reference" / "part-0.parquet"
+    part.write_bytes(part.read_bytes()[:-1])
+    resp = client.post("/search", files={"image": ("car.png", png_bytes(), "image/png")})
+    assert resp.status_code == 409
+    assert NEW in resp.text and "imgsim rollback" in resp.text
+
+
 # -- gallery and pictures -----------------------------------------------------------------------
 
 def write_results(layout: Layout, run: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imgsim.config import ConfigError, Settings
+from imgsim.models import VersionDamaged
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -33,24 +34,56 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from imgsim.models import current_version, describe_lsh, published_versions, read_manifest
+    """List the published versions, their files' state and CURRENT; 1 when something is wrong
+    (CURRENT names no published version, or a version is damaged)."""
+    from imgsim.models import (
+        check_version,
+        current_version,
+        describe_lsh,
+        published_versions,
+        read_manifest,
+    )
 
     layout = Settings.from_env().layout
     versions = published_versions(layout)
+    current = current_version(layout)
+    damaged: list[str] = []
     if not versions:
         print(f"no published versions under {layout.models}")
-        return 0
-    current = current_version(layout)
-    print(f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
-          f"{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}")
+    else:
+        print(f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
+              f"{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}  files")
     for v in reversed(versions):
-        m = read_manifest(layout, v)
-        print(f"{'*' if v == current else ' ':2}{v:<26}{m['created_at'][:19]:<21}"
-              f"{m['counts']['indexed']:>8}  {m['backbone'].get('name', '?'):<20}"
-              f"{describe_lsh(m['lsh']):<34}{m['lsh']['bucketLength']:>9.4g}"
-              f"{m['metrics']['recall_at_k']:>10.3f}")
-    print("\n* = CURRENT")
-    return 0
+        integrity = check_version(layout, v, hashes=args.verify)
+        try:
+            m = read_manifest(layout, v)
+            row = (f"{m['created_at'][:19]:<21}{m['counts']['indexed']:>8}  "
+                   f"{m['backbone'].get('name', '?'):<20}{describe_lsh(m['lsh']):<34}"
+                   f"{m['lsh']['bucketLength']:>9.4g}{m['metrics']['recall_at_k']:>10.3f}")
+        except (VersionDamaged, LookupError, KeyError, TypeError, ValueError) as exc:
+            row = f"{'manifest unreadable: ' + str(exc)[:80]:<102}"
+        print(f"{'*' if v == current else ' ':2}{v:<26}{row}  {integrity.status}")
+        for problem in integrity.problems:
+            print(f"{'':4}! {problem}")
+        if integrity.problems:
+            damaged.append(v)
+    if versions:
+        print("\n* = CURRENT; files: sizes (with --verify also sha256) against those recorded "
+              "at publish")
+    ok = not damaged
+    if current is None:
+        if versions:
+            print(f"CURRENT is not set ({layout.current_pointer} is missing or empty); "
+                  "`imgsim rollback VERSION` sets it")
+            ok = False
+    elif current not in versions:
+        print(f"CURRENT names {current}, which is not a published version under {layout.models}"
+              "; point it at one with `imgsim rollback VERSION`")
+        ok = False
+    if damaged:
+        print(f"damaged: {', '.join(damaged)}; `imgsim rollback VERSION` makes an intact "
+              "version CURRENT")
+    return 0 if ok else 1
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -167,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--date", help="logical date of the run (default: today, UTC)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("summary", help="summarise the current index").set_defaults(func=cmd_summary)
-    sub.add_parser("versions", help="list published model versions").set_defaults(
-        func=cmd_versions)
+    ver = sub.add_parser("versions", help="list published model versions and check their files")
+    ver.add_argument("--verify", action="store_true",
+                     help="check every file's sha256 too, not only its size")
+    ver.set_defaults(func=cmd_versions)
     q = sub.add_parser("query", help="find the reference images most like IMAGE(s)")
     q.add_argument("images", nargs="+", metavar="IMAGE")
     q.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
@@ -190,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-k", type=int, default=5)
     ev.add_argument("--out", default="evaluation", help="folder for evaluation.json/.png")
     ev.set_defaults(func=cmd_evaluate)
-    rb = sub.add_parser("rollback", help="make an older published version current")
+    rb = sub.add_parser("rollback", help="make another (intact) published version current")
     rb.add_argument("version")
     rb.set_defaults(func=cmd_rollback)
     return p
@@ -202,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ConfigError, LookupError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, LookupError, ValueError, FileNotFoundError, VersionDamaged) as exc:
         print(f"imgsim: error: {exc}", file=sys.stderr)
         return 2
 

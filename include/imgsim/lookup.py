@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import Layout
-from imgsim.models import read_manifest, version_dir
+from imgsim.models import read_manifest, reading_version, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,21 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
 
     manifest = read_manifest(layout, version)
     vdir = version_dir(layout, manifest["version"])
-    table = pq.read_table(vdir / manifest["files"]["reference"])
-    n = table.num_rows
-    vec = table.column("vector").combine_chunks()
-    vectors = np.asarray(vec.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(n, -1)
-    hashes = np.asarray(table.column("hashes").combine_chunks().flatten()
-                        .to_numpy(zero_copy_only=False), np.int64).reshape(n, -1)
-    meta = table.select(["path", "class_id", "class_name"]).to_pylist()
+    with reading_version(layout, manifest["version"]):   # damage: VersionDamaged, not a traceback
+        # Spark writes a CRC per Parquet page; checking them turns silent damage into a failed
+        # read (and so a sha256 check), at the cost of a CRC32 over bytes read anyway.
+        table = pq.read_table(vdir / manifest["files"]["reference"],
+                              page_checksum_verification=True)
+        n = table.num_rows
+        vec = table.column("vector").combine_chunks()
+        vectors = np.asarray(vec.flatten().to_numpy(zero_copy_only=False),
+                             np.float32).reshape(n, -1)
+        hashes = np.asarray(table.column("hashes").combine_chunks().flatten()
+                            .to_numpy(zero_copy_only=False), np.int64).reshape(n, -1)
+        meta = table.select(["path", "class_id", "class_name"]).to_pylist()
+        params = load_brp_model(vdir / manifest["files"]["model"])
     return LoadedModel(manifest["version"], manifest, table.column("image_id").to_pylist(),
-                       vectors, hashes, meta, load_brp_model(vdir / manifest["files"]["model"]))
+                       vectors, hashes, meta, params)
 
 
 def lookup(model: LoadedModel, queries: np.ndarray, k: int) -> list[Answer]:

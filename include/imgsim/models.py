@@ -3,6 +3,15 @@
 A version is built in ``models/lsh/.staging/<version>/`` by the Spark job, validated, then
 renamed into ``models/lsh/<version>/`` (a directory rename is atomic on one filesystem) and
 ``CURRENT`` is replaced atomically to name it. A published version directory is never modified.
+
+At publish, the size and sha256 of every file of the version (all but ``manifest.json`` itself)
+are recorded in the manifest's ``checksums``. Loading a version checks the sizes (a few stats);
+the hashes are checked by ``imgsim versions --verify`` and whenever a read of the version fails,
+so damage is reported as :class:`VersionDamaged` (naming the version, the file and
+``imgsim rollback``) rather than as a reader's traceback. The result of the last hash check is
+kept in ``models/lsh/.checks/<version>.json``; a version found damaged stays marked damaged
+until a later check finds it whole. Versions published before checksums existed have none
+("not recorded") and are not checked.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout
-from imgsim.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from imgsim.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^v\d{8}T\d{6}Z-[0-9a-f]{6}$")
+MANIFEST = "manifest.json"
 
 
 class ValidationFailed(RuntimeError):
@@ -34,6 +44,22 @@ class ValidationFailed(RuntimeError):
 
 class VersionNotFound(LookupError):
     pass
+
+
+class VersionDamaged(RuntimeError):
+    """A published version's files differ from those recorded in its manifest at publish."""
+
+    def __init__(self, version: str, problems: list[str], where: Path | None = None) -> None:
+        self.version, self.problems = version, list(problems)
+        shown = "; ".join(self.problems[:3])
+        if len(self.problems) > 3:
+            shown += f" (and {len(self.problems) - 3} more)"
+        place = f" under {where}" if where else ""
+        super().__init__(
+            f"model version {version} is damaged: {shown}. Its files{place} are not those "
+            "recorded when it was published. Make an intact version current with "
+            "`imgsim rollback VERSION` (`imgsim versions --verify` checks them all), or refit "
+            "with the imgsim_index DAG.")
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -87,11 +113,145 @@ def read_manifest(layout: Layout, version: str | None = None) -> dict[str, Any]:
     if version is None:
         raise VersionNotFound(f"no published model under {layout.models} (CURRENT is missing); "
                               "run the imgsim_index DAG first")
-    path = version_dir(layout, version) / "manifest.json"
+    path = version_dir(layout, version) / MANIFEST
     if not path.exists():
         raise VersionNotFound(f"model version {version} not found under {layout.models}")
-    manifest: dict[str, Any] = read_json(path)
+    try:
+        manifest: dict[str, Any] = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VersionDamaged(version, [f"{MANIFEST} is not valid JSON ({exc})"],
+                             path.parent) from exc
+    if not isinstance(manifest, dict):
+        raise VersionDamaged(version, [f"{MANIFEST} is not a JSON object"], path.parent)
     return manifest
+
+
+# -- integrity: sizes and sha256 recorded at publish ---------------------------------------------
+
+
+def version_files(directory: Path) -> dict[str, Path]:
+    """Every file of a version directory by its relative POSIX path, except the manifest."""
+    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+            if not p.is_dir() and p.relative_to(directory).as_posix() != MANIFEST}
+
+
+def file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` for every file but the manifest."""
+    return {rel: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for rel, p in version_files(directory).items()}
+
+
+def record_checksums(directory: Path) -> dict[str, Any]:
+    """Write every file's size and sha256 into ``directory``'s manifest (``checksums``)."""
+    manifest = read_json(directory / MANIFEST)
+    manifest["checksums"] = file_checksums(directory)
+    atomic_write_json(directory / MANIFEST, manifest)
+    return dict(manifest)
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """What a check of a published version's files found."""
+
+    version: str
+    recorded: bool                 # the manifest lists its files (False for older versions)
+    hashed: bool                   # sha256 compared too, not only sizes
+    problems: list[str]
+    checked_at: str | None = None  # when the hash check that found ``problems`` ran
+
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return "damaged"
+        if not self.recorded:
+            return "not recorded"
+        return "ok (sha256)" if self.hashed else "ok (sizes)"
+
+
+def checks_dir(layout: Layout) -> Path:
+    return layout.models / ".checks"
+
+
+def _remembered(layout: Layout, version: str) -> dict[str, Any] | None:
+    try:
+        record: dict[str, Any] = read_json(checks_dir(layout) / f"{version}.json")
+    except (OSError, ValueError):
+        return None
+    return record
+
+
+def _remember(layout: Layout, result: Integrity) -> None:
+    try:
+        atomic_write_json(checks_dir(layout) / f"{result.version}.json",
+                          {"version": result.version, "checked_at": result.checked_at,
+                           "problems": result.problems})
+    except OSError as exc:        # a read-only data root: the check itself still stands
+        log.warning("could not record the check of %s: %s", result.version, exc)
+
+
+def check_version(layout: Layout, version: str, *, hashes: bool = False) -> Integrity:
+    """Compare a published version's files with the sizes (and, with ``hashes``, the sha256)
+    recorded at publish; report missing, changed and unexpected files. Never raises for damage.
+
+    A sizes-only check also reports the problems that the last hash check found (kept until a
+    later hash check finds the version whole). A hash check's result is kept for that purpose.
+    """
+    vdir = version_dir(layout, version)
+    try:
+        manifest = read_manifest(layout, version)
+    except VersionDamaged as exc:
+        return Integrity(version, False, hashes, exc.problems)
+    recorded = manifest.get("checksums")
+    if not isinstance(recorded, dict):
+        return Integrity(version, False, False, [])
+    actual = version_files(vdir)
+    problems: list[str] = []
+    for rel, want in sorted(recorded.items()):
+        path = actual.get(rel)
+        if path is None:
+            problems.append(f"{rel} is missing")
+            continue
+        size = path.stat().st_size
+        if size != want.get("size"):
+            problems.append(f"{rel} has {size} bytes, {want.get('size')} were recorded")
+        elif hashes and sha256_file(path) != want.get("sha256"):
+            problems.append(f"{rel} has been altered (its sha256 differs from the recorded one)")
+    problems += [f"{rel} was not part of the version when it was published"
+                 for rel in sorted(set(actual) - set(recorded))]
+    if hashes:
+        result = Integrity(version, True, True, problems, datetime.now(UTC).isoformat())
+        _remember(layout, result)
+        return result
+    if not problems:
+        last = _remembered(layout, version)
+        if last and last.get("problems"):
+            return Integrity(version, True, False, list(last["problems"]), last.get("checked_at"))
+    return Integrity(version, True, False, problems)
+
+
+def verify_version(layout: Layout, version: str, *, hashes: bool = False) -> Integrity:
+    """:func:`check_version`, raising :class:`VersionDamaged` when it finds a problem."""
+    result = check_version(layout, version, hashes=hashes)
+    if result.problems:
+        raise VersionDamaged(version, result.problems, version_dir(layout, version))
+    return result
+
+
+@contextmanager
+def reading_version(layout: Layout, version: str) -> Iterator[Integrity]:
+    """Guard the reads of a published version: sizes are checked first; if a read inside the
+    block fails, the sha256 of every file is checked, and damage raises :class:`VersionDamaged`
+    (chained to the reader's error) instead of the reader's error."""
+    result = verify_version(layout, version)
+    try:
+        yield result
+    except VersionDamaged:
+        raise
+    except Exception as exc:
+        full = check_version(layout, version, hashes=True)
+        if full.problems:
+            raise VersionDamaged(version, full.problems, version_dir(layout, version)) from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -189,6 +349,7 @@ def publish(layout: Layout, version: str, *, keep: int = 5) -> str:
             report = staged / "validation.json"
             if not report.exists() or read_json(report)["checks"].get("problems"):
                 raise ValidationFailed(f"{version} has not passed validation; not publishing")
+            record_checksums(staged)       # the final staging directory, every file in it
             os.rename(staged, final)
             fsync_dir(layout.models)
         atomic_write_text(layout.current_pointer, version + "\n")
@@ -203,6 +364,7 @@ def rollback(layout: Layout, version: str) -> str:
         if version not in published_versions(layout):
             raise VersionNotFound(f"cannot roll back: version {version} is not published under "
                                   f"{layout.models}; published: {published_versions(layout)}")
+        verify_version(layout, version, hashes=True)   # never roll back onto a damaged one
         atomic_write_text(layout.current_pointer, version + "\n")
     log.info("rolled back: CURRENT -> %s", version)
     return version
@@ -218,6 +380,7 @@ def prune(layout: Layout, keep: int) -> list[str]:
         trash = layout.models / f".trash-{v}"
         os.rename(layout.models / v, trash)
         shutil.rmtree(trash, ignore_errors=True)
+        (checks_dir(layout) / f"{v}.json").unlink(missing_ok=True)
         log.info("pruned old version %s", v)
     return doomed
 

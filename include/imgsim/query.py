@@ -47,7 +47,7 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
 
     Returns ``{}`` when there is nothing to look at (the rest of the run is skipped).
     """
-    from imgsim.models import current_version, read_manifest
+    from imgsim.models import current_version, read_manifest, verify_version
     from imgsim.sources.labels import find_images
 
     layout = settings.layout
@@ -63,6 +63,7 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
     pinned = version or current_version(layout)
     manifest = read_manifest(layout, pinned)          # VersionNotFound names the problem
     pinned = manifest["version"]
+    verify_version(layout, pinned)                    # VersionDamaged names file and rollback
     roots = settings.allowed_query_roots
     queries: list[dict[str, Any]] = []
     seen: set[str] = set()

@@ -131,6 +131,9 @@ td.num { text-align:right; font-variant-numeric:tabular-nums; }
 tr.current { background:#eaf4fe; }
 .badge { display:inline-block; background:var(--accent); color:#fff; border-radius:9px;
          padding:0 7px; font-size:11px; font-weight:600; margin-left:6px; }
+.badge.bad { background:var(--bad); }
+tr.damaged { background:var(--badbg); }
+td.files ul { margin:2px 0 0; padding-left:16px; }
 .error { border:1px solid var(--bad); background:var(--badbg); color:var(--bad);
          padding:10px 14px; border-radius:6px; margin:10px 0; }
 .query { border:1px solid var(--line); border-radius:8px; padding:10px 12px; margin:12px 0; }
@@ -221,31 +224,47 @@ class VersionRow:
     current: bool
     manifest: dict[str, Any] | None
     error: str | None = None
+    files: str = "not recorded"          # models.Integrity.status of a sizes check
+    problems: tuple[str, ...] = ()       # what that check (or the last sha256 check) found
 
 
 def version_rows(layout: Layout) -> list[VersionRow]:
-    """Published versions, newest first, each with its manifest (or why it is unreadable)."""
-    from imgsim.models import current_version, published_versions, read_manifest
+    """Published versions, newest first, each with its manifest (or why it is unreadable) and
+    the state of its files (sizes against those recorded at publish)."""
+    from imgsim.models import check_version, current_version, published_versions, read_manifest
 
     current = current_version(layout)
     rows: list[VersionRow] = []
     for version in reversed(published_versions(layout)):
+        files = check_version(layout, version)
+        state = {"files": files.status, "problems": tuple(files.problems)}
         try:
-            rows.append(VersionRow(version, version == current, read_manifest(layout, version)))
+            rows.append(VersionRow(version, version == current, read_manifest(layout, version),
+                                   **state))
         except Exception as exc:  # one broken manifest must not hide the others
             rows.append(VersionRow(version, version == current, None,
-                                   f"{type(exc).__name__}: {exc}"))
+                                   f"{type(exc).__name__}: {exc}", **state))
     return rows
+
+
+def _files_cell(row: VersionRow) -> str:
+    if not row.problems:
+        return f'<td class="files">{_esc(row.files)}</td>'
+    items = "".join(f"<li>{_esc(p)}</li>" for p in row.problems)
+    return f'<td class="files error"><b>damaged</b><ul>{items}</ul></td>'
 
 
 def _version_row_html(row: VersionRow) -> str:
     badge = '<span class="badge">CURRENT</span>' if row.current else ""
-    head = (f'<tr class="version{" current" if row.current else ""}" '
-            f'data-version="{_esc(row.version)}"><td><code>{_esc(row.version)}</code>{badge}</td>')
+    if row.problems:
+        badge += '<span class="badge bad">DAMAGED</span>'
+    css = "version" + (" current" if row.current else "") + (" damaged" if row.problems else "")
+    head = (f'<tr class="{css}" data-version="{_esc(row.version)}" data-files="'
+            f'{_esc(row.files)}"><td><code>{_esc(row.version)}</code>{badge}</td>')
     m = row.manifest
     if m is None:
         return (head + f'<td colspan="8" class="error">manifest unreadable: '
-                f"{_esc(row.error)}</td></tr>")
+                f"{_esc(row.error)}</td>{_files_cell(row)}</tr>")
     from imgsim.models import describe_lsh
 
     backbone, lsh = m.get("backbone") or {}, m.get("lsh") or {}
@@ -265,7 +284,25 @@ def _version_row_html(row: VersionRow) -> str:
         f'<td class="num">{_pct(metrics.get("candidates_share"))}</td>',
         f'<td class="num">{_fmt(metrics.get("label_hit_at_k"), ".3f")}</td>',
     ]
-    return head + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells) + "</tr>"
+    return (head + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells)
+            + _files_cell(row) + "</tr>")
+
+
+def _current_warning(layout: Layout, rows: list[VersionRow]) -> list[str]:
+    """An error box when CURRENT names no published version or a damaged one."""
+    from imgsim.models import current_version
+
+    current = current_version(layout)
+    row = next((r for r in rows if r.current), None)
+    if current is not None and row is None:
+        return [f'<div class="error" id="current-problem">CURRENT names <code>{_esc(current)}'
+                "</code>, which is not a published version; queries fail until "
+                "<code>imgsim rollback VERSION</code> points it at one.</div>"]
+    if row is not None and row.problems:
+        return [f'<div class="error" id="current-problem">The CURRENT version <code>'
+                f"{_esc(current)}</code> is damaged; queries fail until <code>imgsim rollback "
+                "VERSION</code> makes an intact version current.</div>"]
+    return []
 
 
 @app.get("/", include_in_schema=False)
@@ -282,19 +319,21 @@ def versions_page(request: Request, user: CurrentUser) -> Response:
     k = ks.pop() if len(ks) == 1 else "k"
     current = next((r.version for r in rows if r.current), None)
     body = "\n".join([
+        *_current_warning(layout, rows),
         f'<p class="meta">Data root <code>{_esc(layout.root)}</code> &middot; '
         f"{len(rows)} published version{'s' if len(rows) != 1 else ''} &middot; "
         f'CURRENT: <code id="current-version">{_esc(current or "none")}</code></p>',
         '<table id="versions"><thead><tr><th>version</th><th>created (UTC)</th>'
         "<th>images</th><th>backbone + weights</th><th>LSH keys</th>"
         f"<th>bucketLength</th><th>recall@{_esc(k)}</th><th>candidates share</th>"
-        f"<th>label hit@{_esc(k)}</th></tr></thead><tbody>",
+        f"<th>label hit@{_esc(k)}</th><th>files</th></tr></thead><tbody>",
         *(_version_row_html(r) for r in rows),
         "</tbody></table>",
         '<p class="meta">recall: LSH answers against exact search on a validation sample; '
         "candidates share: the part of the index compared per query; label hit: a neighbour "
-        "of the same class among the first k. <code>imgsim rollback VERSION</code> moves "
-        "CURRENT.</p>",
+        "of the same class among the first k; files: sizes against those recorded at publish "
+        "(<code>imgsim versions --verify</code> checks sha256 too). "
+        "<code>imgsim rollback VERSION</code> moves CURRENT.</p>",
     ])
     return _html(request, "Model versions", body, user=user, active="versions")
 
@@ -592,10 +631,11 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
 def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
     """Embed the saved upload with the current version's backbone and look it up."""
     from imgsim.lookup import BackboneMismatch, embed_files, lookup
+    from imgsim.models import VersionDamaged
 
     try:
         model, backbone = _model_and_backbone(settings)
-    except BackboneMismatch as exc:
+    except (BackboneMismatch, VersionDamaged) as exc:
         raise UploadError(409, str(exc)) from exc
     good, bad = embed_files(backbone, [path], batch_size=1, max_pixels=settings.max_image_pixels)
     if str(path) in bad:
