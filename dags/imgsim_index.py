@@ -10,7 +10,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
 
 from imgsim.assets import LSH_MODEL
-from imgsim.config import BACKBONES, EMBED_ENGINES, Settings
+from imgsim.config import BACKBONES, EMBED_ENGINES, PROJECTIONS, Settings
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 #: choose_embed_engine's routes (imgsim.pipeline.embed_route) -> the task that follows.
@@ -34,7 +34,8 @@ Builds the reference index of car photos and keeps it current, one run per day.
 | `embed_spark` | engine `spark`: spark-submit `spark_jobs/embed_images.py`, the same code and the same store files, spread over Spark executors | the same |
 | `embed_summary` | totals over the shards' result records, the same for both engines (images, embedded, quarantined by reason) | XCom |
 | `fit_plan` | skips the rest when nothing changed since the current version | XCom: version |
-| `fit_lsh` | spark-submit `spark_jobs/fit_lsh.py`: BucketedRandomProjectionLSH on all live embeddings | `models/lsh/.staging/<version>/` |
+| `learn_projection` | learns the search space from the live references (Param `projection`, default `IMGSIM_PROJECTION`=auto): Fisher LDA from the labels (shrinkage and dims cross-validated inside the references) when they cover the index, else PCA-whitening; `none` opts out. In the task, or on Spark for large indexes | `runs/<run>/projection/` |
+| `fit_lsh` | spark-submit `spark_jobs/fit_lsh.py`: projects the live embeddings, fits BucketedRandomProjectionLSH in that space | `models/lsh/.staging/<version>/` |
 | `validate` | counts, snapshot, recall@5 against exact search >= floor, NumPy re-hash equals Spark's | `validation.json` |
 | `publish` | atomic rename + `CURRENT` pointer; emits the `imgsim_lsh_model` asset | `models/lsh/<version>/` |
 
@@ -86,6 +87,11 @@ Backfill past days (each reads its own `incoming/<date>/`):
                                maximum=100, title="LSH bucket length (0 = auto)",
                                description="bucket width of the projections of L2-normalised "
                                            "vectors; 0 derives it from the data's scale"),
+        "projection": Param(DEFAULTS.projection, type="string", enum=list(PROJECTIONS),
+                            title="Projection (search space)",
+                            description="auto: Fisher LDA learned from the labels when they "
+                                        "cover the index, else PCA-whitening; lda, whiten, or "
+                                        "none (L2-normalised embeddings as they are)"),
         "full_rebuild": Param(False, type="boolean", title="Full rebuild",
                               description="re-embed every image and refit even if unchanged"),
         "embed_engine": Param(DEFAULTS.embed_engine, type="string", enum=list(EMBED_ENGINES),
@@ -193,7 +199,15 @@ def imgsim_index() -> None:
 
         return pipeline.fit_plan(Settings.from_env(), params["backbone"],
                                  params["num_hash_tables"], params["bucket_length"],
-                                 params["full_rebuild"], embedded=embedded)
+                                 params["full_rebuild"], embedded=embedded,
+                                 projection=params["projection"],
+                                 run_id=get_current_context()["run_id"])
+
+    @task
+    def learn_projection(plan: dict[str, Any]) -> dict[str, Any]:
+        from imgsim import pipeline
+
+        return pipeline.learn_projection(Settings.from_env(), plan)
 
     plan = "ti.xcom_pull(task_ids='fit_plan')"
     fit_lsh = SparkSubmitOperator(
@@ -208,6 +222,10 @@ def imgsim_index() -> None:
             "--version", f"{{{{ {plan}['version'] }}}}",
             "--num-hash-tables", f"{{{{ {plan}['num_hash_tables'] }}}}",
             "--bucket-length", f"{{{{ {plan}['bucket_length'] }}}}",
+            "--seed", f"{{{{ {plan}['seed'] }}}}",
+            "--sample-size", f"{{{{ {plan}['validation_sample'] }}}}",
+            "--target-recall", f"{{{{ {plan}['target_recall'] }}}}",
+            "--projection-dir", f"{{{{ {plan}['projection_dir'] }}}}",
             "--run-id", "{{ run_id }}",
         ],
     )
@@ -238,14 +256,16 @@ def imgsim_index() -> None:
     chosen >> [embedded, embed_spark, summary]
     [embedded, embed_spark] >> summary  # type: ignore[operator]
     planned = fit_plan(summary)
-    planned >> fit_lsh
+    learned = learn_projection(planned)
+    learned >> fit_lsh
     validated = validate(planned)
     published = publish(planned)
     fit_lsh >> validated >> published  # type: ignore[operator]
     # The teardown waits for every task of the run, also when one fails or the run is skipped
     # at fit_plan, and does not decide the run's state.
     released = release_lease()
-    [embedded, embed_spark, summary, planned, fit_lsh, validated, published] >> released  # type: ignore[operator]
+    [embedded, embed_spark, summary, planned, learned, fit_lsh, validated,
+     published] >> released  # type: ignore[operator]
     released.as_teardown(setups=lease)
 
 

@@ -86,6 +86,7 @@ def imgsim_query() -> None:
             "--version", f"{{{{ {plan}['model_version'] }}}}",
             "--run-dir", f"{{{{ {plan}['run_dir'] }}}}",
             "--k", f"{{{{ {plan}['k'] }}}}",
+            "--expansion", f"{{{{ {plan}.get('query_expansion', 0) }}}}",
         ],
     )
 

@@ -47,16 +47,16 @@ import pandas as pd
 from pyspark.ml.feature import (
     BucketedRandomProjectionLSH,
     BucketedRandomProjectionLSHModel,
-    Normalizer,
 )
-from pyspark.ml.functions import array_to_vector, vector_to_array
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.ml.functions import vector_to_array
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from imgsim.config import Layout
 from imgsim.fsutil import atomic_write_json, read_json
-from imgsim.store import snapshot_fingerprint
+from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
+from imgsim.store import labels_fingerprint, snapshot_fingerprint
 
 log = logging.getLogger("imgsim.fit_lsh")
 
@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--sample-size", type=int, default=200)
     p.add_argument("--run-id", default="manual")
+    p.add_argument("--projection-dir", type=Path, default=None,
+                   help="a learned projection (spark_jobs/learn_projection.py --out); the LSH "
+                        "is fitted in its space and the version keeps it")
     p.add_argument("--target-recall", type=float, default=None,
                    help="recall@k the auto-tuner aims for (default: IMGSIM_TARGET_RECALL)")
     p.add_argument("--tune-sample", type=int, default=MAX_TUNE_SAMPLE,
@@ -126,46 +129,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("empty list")
     return values
-
-
-# -- read ---------------------------------------------------------------------------------------
-
-def read_live_catalog(spark: SparkSession, layout: Layout) -> DataFrame:
-    if not layout.catalog.exists():
-        raise FileNotFoundError(f"{layout.catalog}: no catalog; run the catalog task first")
-    return (spark.read.parquet(str(layout.catalog))
-            .where(F.col("status") == "live")
-            .select("image_id", "path", "class_id", "class_name"))
-
-
-def read_embeddings(spark: SparkSession, layout: Layout,
-                    backbone: str) -> tuple[DataFrame, list[str]]:
-    root = layout.embeddings(backbone)
-    files = sorted(str(p) for p in root.glob("part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{root}: no embedding shards for backbone {backbone!r}")
-    return spark.read.parquet(*files).select("image_id", "vector", "embedded_at"), files
-
-
-# -- transform ----------------------------------------------------------------------------------
-
-def newest_per_image(embeddings: DataFrame) -> DataFrame:
-    """One row per image id: the most recently embedded vector."""
-    w = Window.partitionBy("image_id").orderBy(F.col("embedded_at").desc())
-    return (embeddings.withColumn("_rn", F.row_number().over(w))
-            .where(F.col("_rn") == 1).drop("_rn", "embedded_at"))
-
-
-def live_vectors(catalog: DataFrame, embeddings: DataFrame) -> DataFrame:
-    """Live images that have a vector, L2-normalised: ``features`` (ml Vector) and ``vector``.
-
-    Normalisation uses ml's Normalizer (native). A SQL ``transform`` over the 1,280 elements
-    that divided by a per-row norm column ran for over ten minutes on 2,000 rows here.
-    """
-    joined = catalog.join(newest_per_image(embeddings), "image_id", "inner")
-    raw = joined.withColumn("raw", array_to_vector("vector")).drop("vector")
-    unit = Normalizer(inputCol="raw", outputCol="features", p=2.0).transform(raw).drop("raw")
-    return unit.withColumn("vector", vector_to_array("features", "float32"))
 
 
 def flatten_hashes(hashed: DataFrame) -> DataFrame:
@@ -224,6 +187,25 @@ def estimate_bucket_length(data: DataFrame, dim: int, factor: float, seed: int,
     dist = np.linalg.norm(x[i[keep]] - x[j[keep]], axis=1) if keep.any() else np.ones(1)
     median = float(np.median(dist)) or 1.0
     return factor * median / float(np.sqrt(dim)), median
+
+
+def apply_projection(data: DataFrame, projection_dir: Path,
+                     out_dir: Path) -> tuple[DataFrame, dict[str, Any]]:
+    """The live vectors mapped into the learned space; the projection copied into the version."""
+    from pyspark.ml.functions import array_to_vector
+
+    from imgsim.projection import PROJECTION_DIR, read_choice
+    from imgsim.spark_projection import project
+
+    entry, proj = read_choice(projection_dir)
+    if proj is None:
+        return data, entry
+    entry = {**entry, **proj.save(out_dir / PROJECTION_DIR)}
+    projected = project(data.drop("features"), proj).withColumn(
+        "features", array_to_vector("vector")).cache()
+    log.info("vectors projected: %s %d -> %d dims (%s)", proj.kind, proj.dim, proj.dims,
+             entry.get("reason"))
+    return projected, entry
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -337,9 +319,14 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     dims = data.select(F.size("vector").alias("d")).distinct().collect()
     if len(dims) != 1:
         raise ValueError(f"embeddings of mixed dimensions {sorted(r.d for r in dims)} in {files}")
-    ids = [r.image_id for r in data.select("image_id").collect()]
+    labels = {r.image_id: r.class_id for r in data.select("image_id", "class_id").collect()}
+    ids = list(labels)
 
-    dim = int(dims[0].d)
+    raw_dim = int(dims[0].d)
+    projection_entry: dict[str, Any] | None = None
+    if args.projection_dir is not None:
+        data, projection_entry = apply_projection(data, args.projection_dir, out_dir)
+    dim = int(projection_entry["dims"]) if projection_entry else raw_dim
     bucket_length, median_distance = args.bucket_length, None
     bands, tuning = args.num_hash_tables, None
     keys_per_band, probes = args.keys_per_band, args.probes
@@ -375,7 +362,6 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         q_vec = np.stack(queries["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
         qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
     parts = partial_neighbours(reference, queries, args.k, qkeys)
-    labels = {r.image_id: r.class_id for r in data.select("image_id", "class_id").collect()}
     metrics = recall_metrics(parts, queries, labels, n, args.k)
     metrics.update(fit_seconds=round(fit_s, 3), transform_seconds=round(transform_s, 3),
                    evaluation_seconds=round(time.perf_counter() - t0, 3))
@@ -388,9 +374,12 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         "created_at": datetime.now(UTC).isoformat(),
         "run_id": args.run_id,
         "backbone": backbone,
-        "embedding_dim": dim,
+        "embedding_dim": raw_dim,
+        "search_dim": dim,
         "normalize": "l2",
-        "distance": "euclidean on unit vectors",
+        "distance": "euclidean on unit vectors" + (" of the projection" if projection_entry
+                                                   else ""),
+        "projection": projection_entry or {"kind": "none", "dim": raw_dim, "dims": raw_dim},
         "lsh": {"algorithm": "BucketedRandomProjectionLSH",
                 "numHashTables": bands * keys_per_band,
                 "bucketLength": bucket_length, "seed": args.seed,
@@ -401,12 +390,21 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
                 if args.bucket_length == 0 and tuning is None else None,
                 "median_pair_distance": median_distance},
         "tuning": tuning,
-        "snapshot": {"fingerprint": snapshot_fingerprint(ids), "count": n,
+        "fit_settings": {
+            "num_hash_tables": args.num_hash_tables, "bucket_length": args.bucket_length,
+            "seed": args.seed, "validation_sample": args.sample_size,
+            "target_recall": target_recall(args),
+            "projection": (projection_entry or {}).get("requested", "none"),
+            "projection_min_coverage": (projection_entry or {}).get("min_coverage")},
+        "snapshot": {"fingerprint": snapshot_fingerprint(ids),
+                     "labels_fingerprint": labels_fingerprint(labels.items()), "count": n,
                      "shard_files": [Path(f).name for f in files]},
         "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},
         "metrics": metrics,
         "spark": {"version": spark.version, "master": spark.sparkContext.master},
-        "files": {"model": "model", "reference": "reference"},
+        "files": {"model": "model", "reference": "reference",
+                  **({"projection": projection_entry["file"]}
+                     if projection_entry and "file" in projection_entry else {})},
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     log.info("wrote %s: %d images, recall@%d=%s", out_dir, n, args.k, metrics["recall_at_k"])

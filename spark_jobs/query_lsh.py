@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", required=True)
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--k", type=int, default=5)
+    p.add_argument("--expansion", type=int, default=0,
+                   help="query expansion: search again with each query plus its first N "
+                        "answers (0 = off; IMGSIM_QUERY_EXPANSION)")
     args = p.parse_args(argv)
     if not 1 <= args.k <= 100:
         p.error("--k must be between 1 and 100")
@@ -210,23 +213,110 @@ def nearest_banded(params: Any, queries: DataFrame, reference: DataFrame, k: int
 
 
 def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
-           k: int) -> DataFrame:
-    """The neighbours of the run's queries with the version's search (plain or banded)."""
+           k: int, expansion: int = 0) -> DataFrame:
+    """The neighbours of the run's queries with the version's search (plain or banded).
+
+    The query vectors are mapped into the version's search space first (its projection, as
+    :meth:`imgsim.lookup.LoadedModel.to_search_space`). Queries for which the LSH finds fewer
+    than ``min(k, index size)`` candidates are searched again with every probe, then exactly,
+    as :func:`imgsim.lookup.lookup` does; ``method`` says which search answered.
+    """
     from imgsim.lsh import load_brp_model
+    from imgsim.projection import load as load_projection
+    from imgsim.spark_projection import project
 
     manifest, vdir = version_manifest(data_root, version)
     keys_per_band, probes = banding(manifest)
     reference_path = vdir / manifest["files"]["reference"]
-    if keys_per_band == 1 and probes == 0:
-        model, _ = read_model(data_root, version)
-        return nearest(model, read_queries(spark, run_dir), read_reference(spark, reference_path),
-                       k)
     params = load_brp_model(vdir / manifest["files"]["model"])
     queries = (spark.read.parquet(str(run_dir / "query_vectors.parquet"))
                .select("query_id", F.col("vector").cast("array<float>").alias("vector")))
+    projection = load_projection(vdir, manifest.get("projection"))
+    if projection is not None:
+        queries = project(queries, projection)
+    queries = queries.cache()
     reference = spark.read.parquet(str(reference_path)).select(
-        "image_id", "path", "class_id", "class_name", "vector", "hashes")
-    return nearest_banded(params, queries, reference, k, keys_per_band, probes)
+        "image_id", "path", "class_id", "class_name", "vector", "hashes").cache()
+    model = (read_model(data_root, version)[0] if keys_per_band == 1 and probes == 0
+             else None)
+    want = min(k, int(manifest["counts"]["indexed"]))
+
+    def search(q: DataFrame) -> DataFrame:
+        if model is not None:
+            found = nearest(model, q.withColumn("features", array_to_vector("vector")),
+                            read_reference(spark, reference_path), k)
+        else:
+            found = nearest_banded(params, q, reference, k, keys_per_band, probes)
+        found = found.withColumn("method", F.lit("lsh")).localCheckpoint()
+        steps = ([("widened", lambda s: nearest_banded(params, s, reference, k, keys_per_band,
+                                                        keys_per_band))]
+                 if probes < keys_per_band else [])
+        steps.append(("exact", lambda s: exact_nearest(s, reference, k)))
+        for method, widen in steps:
+            short = [r.query_id for r in found.groupBy("query_id")
+                     .agg(F.count("image_id").alias("n")).where(F.col("n") < want).collect()]
+            if not short:
+                break
+            log.info("%d queries found fewer than %d candidates: %s search", len(short), want,
+                     method)
+            is_short = F.col("query_id").isin(short)
+            again = widen(q.where(is_short)).withColumn("method", F.lit(method))
+            found = found.where(~is_short).unionByName(again).localCheckpoint()
+        return found
+
+    found = search(queries)
+    if expansion <= 0 or found.isEmpty():
+        return found
+    return expand_and_search(spark, queries, found, reference, search, expansion, k)
+
+
+METHODS = ("lsh", "widened", "exact")
+
+
+def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
+                      reference: DataFrame, search: Any, expansion: int, k: int) -> DataFrame:
+    """Search again with each query plus its first neighbours (imgsim.lsh.expand_queries);
+    order the new answers by distance to the original query, as imgsim.lookup.lookup does."""
+    from imgsim.lsh import expand_queries
+
+    counts = found.groupBy("query_id").agg(F.count("image_id").alias("n"))
+    n = min(expansion, int(counts.agg(F.min("n")).first()[0] or 0))
+    if n == 0:
+        return found
+    first = (found.where(F.col("rank") <= n).select("query_id", "image_id")
+             .join(reference.select("image_id", F.col("vector").alias("rvec")), "image_id")
+             .collect())
+    q_rows = queries.select("query_id", "vector").collect()
+    ids = [r.query_id for r in q_rows]
+    pos = {qid: i for i, qid in enumerate(ids)}
+    q = np.stack([np.asarray(r.vector, np.float32) for r in q_rows])
+    neigh = np.zeros((len(ids), n, q.shape[1]), np.float32)
+    filled = np.zeros(len(ids), int)
+    for r in sorted(first, key=lambda r: r.image_id):
+        i = pos[r.query_id]
+        neigh[i, filled[i]] = np.asarray(r.rvec, np.float32)
+        filled[i] += 1
+    wide = expand_queries(q, neigh)
+    expanded = spark.createDataFrame(
+        [(qid, [float(v) for v in wide[i]]) for i, qid in enumerate(ids)],
+        "query_id string, vector array<float>")
+    again = search(expanded)
+    info = (again.groupBy("query_id").agg(F.max("candidates").alias("candidates"),
+                                           F.first("method").alias("method2"))
+            .join(found.groupBy("query_id").agg(F.first("method").alias("method1")),
+                  "query_id"))
+    order = F.udf(lambda a, b: max(a, b, key=METHODS.index))
+    flat = candidate_distances(again.where(F.col("image_id").isNotNull())
+                               .select("query_id", "image_id"), queries, reference)
+    ranked = top_k_per_query(flat, queries, k).drop("candidates")
+    return (ranked.join(info, "query_id")
+            .withColumn("method", order("method1", "method2")).drop("method1", "method2"))
+
+
+def exact_nearest(queries: DataFrame, reference: DataFrame, k: int) -> DataFrame:
+    """Top-k per query over the whole reference table (every pair compared)."""
+    pairs = queries.select("query_id").crossJoin(reference.select("image_id"))
+    return top_k_per_query(candidate_distances(pairs, queries, reference), queries, k)
 
 
 def write_atomically(df: DataFrame, target: Path) -> None:

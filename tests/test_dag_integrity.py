@@ -35,7 +35,10 @@ out = {
     "import_errors": {k: str(v)[-500:] for k, v in bag.import_errors.items()},
     "dags": {d.dag_id: {"tags": sorted(d.tags), "doc": bool(d.doc_md),
                         "max_active_runs": d.max_active_runs,
-                        "retries": {t.task_id: t.retries for t in d.tasks}}
+                        "retries": {t.task_id: t.retries for t in d.tasks},
+                        "spark_args": {t.task_id: list(getattr(t, "application_args", None)
+                                                       or getattr(t, "_application_args", None)
+                                                       or []) for t in d.tasks}}
              for d in bag.dags.values()},
 }
 print("RESULT" + json.dumps(out))
@@ -64,6 +67,22 @@ def test_dag_file_integrity(dag_file: Path, airflow_env: dict[str, str]) -> None
         assert info["doc"], f"{dag_id} has no doc_md"
         assert info["max_active_runs"] == 1
         assert all(r >= 1 for r in info["retries"].values()), info["retries"]
+    if dag_file.stem == "imgsim_index":
+        # The fit task passes every fit setting of the plan, in the same form as
+        # pipeline.fit_job_args (evaluate and the benchmarks), so none is silently dropped.
+        from imgsim.pipeline import fit_job_args
+
+        args = result["dags"]["imgsim_index"]["spark_args"]["fit_lsh"]
+        plan = {key: f"<{key}>" for key in ("data_root", "backbone", "version",
+                                             "num_hash_tables", "bucket_length", "seed",
+                                             "validation_sample", "target_recall",
+                                             "projection_dir")}
+        want = fit_job_args(plan, "<run_id>")
+        assert args[0::2] == want[0::2]
+        for flag, value in zip(want[0::2], want[1::2], strict=True):
+            key = value.strip("<>")
+            templated = args[args.index(flag) + 1]
+            assert (f"['{key}']" in templated) or (key == "run_id" and "run_id" in templated)
 
 
 def test_every_dag_file_is_checked() -> None:

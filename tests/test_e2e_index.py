@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -111,6 +112,17 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
     assert metrics["label_hit_at_k"] > 0.2                   # chance is about 2.5%
     validation = (layout.models / m["version"] / "validation.json")
     assert validation.exists()
+    # The learn_projection task: every photo is labelled, so auto learns LDA from the labels
+    # (cross-validated inside the references); the LSH lives in its space, and validation
+    # re-projected stored vectors in NumPy and found Spark's.
+    proj = m["projection"]
+    assert proj["kind"] == "lda" and proj["requested"] == "auto"
+    assert proj["coverage"]["labelled_images"] == 1960 and proj["coverage"]["classes"] == 196
+    assert m["search_dim"] == proj["dims"] <= 195
+    assert (layout.models / m["version"] / proj["file"]).exists()
+    checks = json.loads(validation.read_text())["checks"]
+    assert checks["projection"] == "lda" and checks["projection_max_abs_diff"] < 1e-4
+    assert metrics["label_precision_at_k"] > 0.3             # raw space: about 0.15
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from imgsim import spark_io
 from imgsim.config import Layout
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.models import validate_staged
@@ -48,7 +49,7 @@ def test_newest_per_image_keeps_latest(spark) -> None:
         "image_id string, vector array<float>, embedded_at timestamp")
     expected = spark.createDataFrame([("a", [2.0]), ("b", [3.0])],
                                      "image_id string, vector array<float>")
-    assertDataFrameEqual(fit_lsh.newest_per_image(df), expected)
+    assertDataFrameEqual(spark_io.newest_per_image(df), expected)
 
 
 def test_live_vectors_are_unit_length_and_skip_gone(spark) -> None:
@@ -57,7 +58,7 @@ def test_live_vectors_are_unit_length_and_skip_gone(spark) -> None:
     t = datetime(2026, 1, 1, tzinfo=UTC)
     emb = spark.createDataFrame([("a", [3.0, 4.0], t), ("b", [1.0, 0.0], t)],
                                 "image_id string, vector array<float>, embedded_at timestamp")
-    rows = fit_lsh.live_vectors(catalog, emb).collect()
+    rows = spark_io.live_vectors(catalog, emb).collect()
     assert [r.image_id for r in rows] == ["a"]
     assert rows[0].vector == pytest.approx([0.6, 0.8])
 
@@ -66,8 +67,15 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data")
     args = fit_lsh.parse_args(["--data-root", str(layout.root), "--backbone", "random",
                                "--version", "v20260101T000000Z-abcdef", "--num-hash-tables", "6",
-                               "--bucket-length", "2.0", "--sample-size", "50"])
+                               "--bucket-length", "2.0", "--sample-size", "50", "--seed", "7",
+                               "--target-recall", "0.9"])
     manifest = fit_lsh.run(spark, args)
+    # Every fit setting reaches the job and is recorded (IMGSIM_LSH_SEED,
+    # IMGSIM_VALIDATION_SAMPLE, IMGSIM_TARGET_RECALL: fit_plan compares them).
+    assert manifest["lsh"]["seed"] == 7
+    assert manifest["fit_settings"] == {
+        "num_hash_tables": 6, "bucket_length": 2.0, "seed": 7, "validation_sample": 50,
+        "target_recall": 0.9, "projection": "none", "projection_min_coverage": None}
     staged = layout.staging / "v20260101T000000Z-abcdef"
     assert read_json(staged / "manifest.json") == manifest
     assert manifest["counts"] == {"catalog_live": 395, "indexed": 395, "without_embedding": 0}

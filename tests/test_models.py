@@ -14,7 +14,7 @@ import pytest
 
 from imgsim import models, pipeline
 from imgsim.config import Layout, Settings
-from imgsim.fsutil import TMP_PREFIX, read_json
+from imgsim.fsutil import TMP_PREFIX, atomic_write_json, read_json
 from imgsim.lsh import l2_normalize
 from imgsim.models import ValidationFailed, VersionNotFound
 from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
@@ -594,10 +594,73 @@ def test_fit_plan_without_current_model(settings: Settings) -> None:
     assert plan["data_root"] == str(settings.layout.root)
 
 
+def as_fitted(plan: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The manifest fields fit_lsh.py records for ``plan`` (snapshot, labels, fit settings)."""
+    return {"snapshot": {"fingerprint": plan["fingerprint"], "count": plan["expected_count"],
+                         "labels_fingerprint": plan["labels_fingerprint"]},
+            "backbone": {"name": plan["backbone"]},
+            "fit_settings": pipeline.fit_settings(settings, plan["num_hash_tables"],
+                                                  plan["bucket_length"], plan["projection"])}
+
+
+def publish_plan(settings: Settings, plan: dict[str, Any]) -> None:
+    build_version(settings.layout.staging, plan["version"], IDS,
+                  manifest_overrides=as_fitted(plan, settings))
+    pipeline.validate(settings, plan)
+    pipeline.publish(settings, plan["version"])
+
+
+def test_fit_plan_refits_when_any_fit_setting_changes(settings: Settings) -> None:
+    from dataclasses import replace
+
+    publish_plan(settings, pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET))
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
+    for field, value, key in (("lsh_seed", 7, "seed"), ("validation_sample", 50, None),
+                              ("target_recall", 0.9, None), ("projection", "none", None),
+                              ("projection_min_coverage", 0.9, None)):
+        plan = pipeline.fit_plan(replace(settings, **{field: value}), BACKBONE, TABLES, BUCKET)
+        assert plan, f"{field}={value} must refit"
+        assert plan["refit_because"] == [f"{key or field} {getattr(settings, field)!r} -> "
+                                         f"{value!r}"]
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET, projection="whiten")
+
+
+def test_fit_plan_refits_when_the_backbone_spec_or_labels_change(settings: Settings) -> None:
+    layout = settings.layout
+    record = layout.embeddings(BACKBONE) / "BACKBONE.json"
+    atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "a" * 64})
+    plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    fitted = as_fitted(plan, settings)
+    fitted["backbone"] = read_json(record)
+    build_version(layout.staging, plan["version"], IDS, manifest_overrides=fitted)
+    pipeline.validate(settings, plan)
+    pipeline.publish(settings, plan["version"])
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
+
+    # New weights (same name, same ids, same fingerprint): the store was rebuilt.
+    atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "b" * 64})
+    assert "backbone" in " ".join(pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+                                  ["refit_because"])
+    # Another runtime.
+    atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "a" * 64,
+                               "runtime": "onnx"})
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "a" * 64})
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
+
+    # A label changes: the projection learned from the labels must be refitted.
+    rows = [catalog_row(i) for i in IDS]
+    rows[0]["class_id"] = 99
+    write_catalog(layout, [*rows, catalog_row("f" * 64, "gone"), catalog_row("e" * 64)])
+    relabelled = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    assert relabelled and "labels changed" in relabelled["refit_because"][0]
+
+
 def test_fit_plan_skips_when_nothing_changed(settings: Settings) -> None:
     layout = settings.layout
     plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
-    build_version(layout.staging, plan["version"], IDS)
+    build_version(layout.staging, plan["version"], IDS,
+                  manifest_overrides=as_fitted(plan, settings))
     pipeline.validate(settings, plan)
     out = pipeline.publish(settings, plan["version"])
     assert out == {"version": plan["version"], "indexed": len(IDS), "recall_at_k": 0.95}

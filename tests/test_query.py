@@ -111,7 +111,8 @@ def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Setting
     results = read_json(run_dir / "results.json")
     answered = next(q for q in results["queries"] if q["query_name"] == "a.jpg")
     assert answered["model_version"] == VERSION and answered["found"] == 1
-    assert answered["note"].startswith("LSH returned 1 of 2")
+    assert answered["note"].startswith("only 1 of 2 neighbours were found")
+    assert answered["method"] == "lsh"
     assert (run_dir / "contact_sheet.png").exists() and (run_dir / "gallery.html").exists()
     assert query.ledger_entry(layout, VERSION, qid).exists()
     assert list(query.inbox(layout).iterdir()) == []

@@ -15,6 +15,7 @@ from imgsim.store import snapshot_fingerprint, write_parquet_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
 import fit_lsh  # needs the sys.path entry above
+import learn_projection
 import query_lsh
 from test_fit_job import make_store
 
@@ -23,6 +24,7 @@ VERSION = "v20260101T000000Z-0000aa"
 
 
 BANDED = "v20260101T000000Z-0000bb"
+PROJECTED = "v20260101T000000Z-0000cc"
 
 
 def fit_and_publish(spark, layout, version: str, *extra: str) -> None:
@@ -41,16 +43,42 @@ def published(spark, tmp_path_factory: pytest.TempPathFactory):
     layout = make_store(tmp_path_factory.mktemp("qjob") / "data", n=500, dim=16, gone=0)
     fit_and_publish(spark, layout, BANDED, "--num-hash-tables", "5", "--keys-per-band", "2",
                     "--probes", "2", "--bucket-length", "0.25")
-    fit_and_publish(spark, layout, VERSION, "--num-hash-tables", "4", "--bucket-length", "0.15")
+    # The Spark job learns an LDA projection (statistics on the executors); the LSH is fitted
+    # in its space.
+    out = layout.runs / "manual" / "projection"
+    learn_projection.run(spark, learn_projection.parse_args([
+        "--data-root", str(layout.root), "--backbone", "random", "--out", str(out),
+        "--kind", "lda"]))
+    fit_and_publish(spark, layout, PROJECTED, "--num-hash-tables", "4", "--bucket-length",
+                    "0.2", "--projection-dir", str(out))
+    fit_and_publish(spark, layout, VERSION, "--num-hash-tables", "2", "--bucket-length", "0.004")
     return layout
 
 
-@pytest.mark.parametrize("version", [VERSION, BANDED], ids=["plain-or", "and-multiprobe"])
+def test_a_projected_version_keeps_its_projection(published) -> None:
+    model = load_model(published, PROJECTED)
+    entry = model.manifest["projection"]
+    assert entry["kind"] == "lda" and entry["requested"] == "lda"
+    assert entry["dims"] == model.vectors.shape[1] <= 6          # at most classes - 1 (7 - 1)
+    assert entry["coverage"]["labelled_images"] == 500 and entry["coverage"]["classes"] == 7
+    assert model.manifest["embedding_dim"] == 16 and model.manifest["search_dim"] == entry["dims"]
+    assert model.projection is not None and model.projection.kind == "lda"
+    assert model.manifest["files"]["projection"] == "projection/projection.npz"
+    assert model.manifest["fit_settings"]["projection"] == "lda"
+
+
+@pytest.mark.parametrize(("version", "expansion"),
+                         [(VERSION, 0), (BANDED, 0), (PROJECTED, 0), (PROJECTED, 1)],
+                         ids=["plain-or", "and-multiprobe", "lda-projected", "lda-expanded"])
 def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Path,
-                                                 version: str) -> None:
+                                                 version: str, expansion: int) -> None:
     rng = np.random.default_rng(7)
     model = load_model(published, version)
-    queries = np.concatenate([model.vectors[:5],                      # references themselves
+    from imgsim.store import load_vectors
+
+    own_ids, own = load_vectors(published, "random", ids=set(model.ids[:5]))
+    assert own_ids == model.ids[:5]
+    queries = np.concatenate([own,                                  # references themselves
                               rng.normal(size=(15, 16)).astype(np.float32)])
     qids = [f"q{i:03d}" for i in range(len(queries))]
     from imgsim.lsh import l2_normalize
@@ -60,8 +88,9 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
         "query_id": qids,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), 16),
     }), tmp_path / "query_vectors.parquet")
-    result = query_lsh.answer(spark, published.root, version, tmp_path, k=5).collect()
-    local = lookup(model, queries, k=5)
+    result = query_lsh.answer(spark, published.root, version, tmp_path, k=5,
+                              expansion=expansion).collect()
+    local = lookup(model, queries, k=5, expansion=expansion)
     if version == BANDED:
         assert (model.manifest["lsh"]["keys_per_band"], model.manifest["lsh"]["probes"]) == (2, 2)
         assert model.params.num_hash_tables == 10
@@ -74,6 +103,10 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
         assert [r.distance for r in rows] == pytest.approx(
             [n.distance for n in answer.neighbours], abs=1e-5)
         assert rows[0].candidates == answer.candidates
+        assert rows[0].method == answer.method, qid
+        assert len(answer.neighbours) == 5            # widened or exact when the LSH finds few
+    if version == VERSION:
+        assert {a.method for a in local} & {"widened", "exact"}, "narrow: must widen some"
     for i in range(5):                       # a reference finds itself first, at distance ~0
         assert local[i].neighbours[0].image_id == model.ids[i]
         assert local[i].neighbours[0].distance < 1e-5

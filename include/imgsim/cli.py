@@ -43,6 +43,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         published_versions,
         read_manifest,
     )
+    from imgsim.projection import describe as describe_projection
 
     layout = Settings.from_env().layout
     versions = published_versions(layout)
@@ -52,16 +53,17 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(f"no published versions under {layout.models}")
     else:
         print(f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
-              f"{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}  files")
+              f"{'search space':<22}{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}  files")
     for v in reversed(versions):
         integrity = check_version(layout, v, hashes=args.verify)
         try:
             m = read_manifest(layout, v)
             row = (f"{m['created_at'][:19]:<21}{m['counts']['indexed']:>8}  "
-                   f"{m['backbone'].get('name', '?'):<20}{describe_lsh(m['lsh']):<34}"
+                   f"{m['backbone'].get('name', '?'):<20}"
+                   f"{describe_projection(m.get('projection')):<22}{describe_lsh(m['lsh']):<34}"
                    f"{m['lsh']['bucketLength']:>9.4g}{m['metrics']['recall_at_k']:>10.3f}")
         except (VersionDamaged, LookupError, KeyError, TypeError, ValueError) as exc:
-            row = f"{'manifest unreadable: ' + str(exc)[:80]:<102}"
+            row = f"{'manifest unreadable: ' + str(exc)[:80]:<124}"
         print(f"{'*' if v == current else ' ':2}{v:<26}{row}  {integrity.status}")
         for problem in integrity.problems:
             print(f"{'':4}! {problem}")
@@ -103,7 +105,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import numpy as np
 
     from imgsim.fsutil import sha256_file
-    from imgsim.lookup import embed_files, load_model, load_query_backbone, lookup
+    from imgsim.lookup import answer_note, embed_files, load_model, load_query_backbone, lookup
     from imgsim.results import write_results
 
     settings = Settings.from_env()
@@ -117,7 +119,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     good, bad = embed_files(backbone, [p for p in paths if p.is_file()],
                             batch_size=settings.batch_size, max_pixels=settings.max_image_pixels)
-    answers = (dict(zip(good, lookup(model, np.stack(list(good.values())), args.k), strict=True))
+    answers = (dict(zip(good, lookup(model, np.stack(list(good.values())), args.k,
+                                              settings.query_expansion), strict=True))
                if good else {})
     stamp = datetime.now(UTC)
     run_id = f"cli-{stamp:%Y%m%dT%H%M%S%fZ}"
@@ -136,10 +139,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         else:
             ans = answers[key]
             entry.update(status="answered", candidates=ans.candidates,
-                         found=len(ans.neighbours),
+                         found=len(ans.neighbours), method=ans.method,
                          neighbours=[n.__dict__ for n in ans.neighbours])
-            if len(ans.neighbours) < args.k:
-                entry["note"] = f"LSH returned {len(ans.neighbours)} of {args.k} neighbours"
+            entry["note"] = answer_note(ans.method, len(ans.neighbours), args.k, len(model.ids))
         queries.append(entry)
     results = {"run_id": run_id, "model_version": model.version, "k": args.k,
                "created_at": stamp.isoformat(), "queries": queries}
@@ -186,6 +188,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{report[f'exact_hit_at_{k}']:.3f}")
     print(f"  recall@{k} of the LSH against exact search: {report[f'recall_at_{k}_vs_exact']:.3f}"
           f", comparing {100 * report['candidates_share_mean']:.1f}% of the references per query")
+    proj = report["projection"]
+    print(f"  search space: {proj['kind']} ({proj.get('dim')} -> {proj.get('dims')} dims): "
+          f"{proj.get('reason') or 'no projection'}; query expansion {report['query_expansion']}")
+    if report.get("kinds"):
+        print("  side by side (P: label precision, recall: LSH against exact search in that "
+              "space, compared: share of the index, QE: query expansion):")
+        print("\n".join(ev.table(report)))
     print(f"  written: {Path(args.out) / 'evaluation.json'}, {Path(args.out) / 'evaluation.png'}")
     return 0
 

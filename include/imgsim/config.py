@@ -40,6 +40,12 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 EMBED_ENGINES = ("tasks", "spark")
 
 
+#: the learned projection in front of the search (imgsim.projection)
+PROJECTIONS = ("auto", "none", "whiten", "lda")
+#: where it is learned: in the task (NumPy, streaming the store) or a Spark application
+PROJECTION_ENGINES = ("auto", "local", "spark")
+
+
 class ConfigError(ValueError):
     """A setting has a value imgsim cannot use; the message names the variable."""
 
@@ -127,6 +133,25 @@ def check_embed_engine(value: str, source: str = "embed engine") -> str:
     if engine not in EMBED_ENGINES:
         raise ConfigError(f"{source}={value!r}; choose one of {', '.join(EMBED_ENGINES)} "
                           "(tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py)")
+    return engine
+
+
+def check_projection(value: str, source: str = "projection") -> str:
+    """``value`` if it names a projection kind, else a ConfigError naming ``source``."""
+    kind = value.strip().lower()
+    if kind not in PROJECTIONS:
+        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(PROJECTIONS)} (auto: "
+                          "lda when labels cover the references, else whiten; none: no "
+                          "projection)")
+    return kind
+
+
+def check_projection_engine(value: str, source: str = "projection engine") -> str:
+    engine = value.strip().lower()
+    if engine not in PROJECTION_ENGINES:
+        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(PROJECTION_ENGINES)} "
+                          "(local: in the Airflow task; spark: spark_jobs/learn_projection.py; "
+                          "auto: local up to IMGSIM_PROJECTION_LOCAL_MAX references)")
     return engine
 
 
@@ -237,6 +262,11 @@ class Settings:
     query_schedule: str = "*/30 * * * *"
     index_start_date: str = "2026-01-01"
     lease_poke_s: float = 30.0
+    projection: str = "auto"         # PROJECTIONS: auto, none, whiten, lda (imgsim.projection)
+    projection_min_coverage: float = 0.5  # labelled share of the references lda needs
+    projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
+    projection_local_max: int = 200_000  # auto: learn in the task up to this many references
+    query_expansion: int = 1         # search again with each query + its first N answers (0 off)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -283,6 +313,12 @@ class Settings:
             query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
             index_start_date=_env_date("IMGSIM_INDEX_START_DATE", "2026-01-01"),
             lease_poke_s=_env_float("IMGSIM_LEASE_POKE_S", 30.0, minimum=1.0),
+            projection=check_projection(_env("IMGSIM_PROJECTION", "auto"), "IMGSIM_PROJECTION"),
+            projection_min_coverage=_env_share("IMGSIM_PROJECTION_MIN_COVERAGE", 0.5),
+            projection_engine=check_projection_engine(_env("IMGSIM_PROJECTION_ENGINE", "auto"),
+                                                      "IMGSIM_PROJECTION_ENGINE"),
+            projection_local_max=_env_int("IMGSIM_PROJECTION_LOCAL_MAX", 200_000, minimum=1),
+            query_expansion=_env_int("IMGSIM_QUERY_EXPANSION", 1),
         )
 
     @property

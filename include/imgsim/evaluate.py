@@ -48,59 +48,178 @@ def read_query_set(images: Path, labels_csv: Path) -> list[LabelledImage]:
     return out
 
 
-def evaluate(settings: Settings, queries: list[LabelledImage], *, version: str | None = None,
-             k: int = 5) -> dict[str, Any]:
-    from imgsim.lookup import embed_files, load_model, load_query_backbone, lookup
-    from imgsim.lsh import exact_search, l2_normalize
+def score(model: Any, queries: list[LabelledImage], raw: np.ndarray, k: int,
+          expansion: int = 0) -> dict[str, Any]:
+    """Label precision/hit@i (i = 1..k) of ``model``'s answers (LSH as published, with
+    ``expansion``) and of exact search in the same space; recall@k of the LSH against exact
+    search, share of the index compared, milliseconds per query."""
+    import time
 
-    model = load_model(settings.layout, version)
-    backbone = load_query_backbone(model.manifest, weights_path=settings.weights_path,
-                                   device=settings.device)
-    good, bad = embed_files(backbone, [q.path for q in queries], batch_size=settings.batch_size)
-    usable = [q for q in queries if str(q.path) in good]
-    vectors = l2_normalize(np.stack([good[str(q.path)] for q in usable]))
-    answers = lookup(model, vectors, k)
+    from imgsim.lookup import lookup
+    from imgsim.lsh import exact_search
+
+    t0 = time.perf_counter()
+    answers = lookup(model, raw, k, expansion)
+    query_ms = 1000 * (time.perf_counter() - t0) / max(len(queries), 1)
+    space = model.to_search_space(raw)
     ref_class = np.array([m["class_id"] if m["class_id"] is not None else -1
                           for m in model.meta])
+    index_of = {iid: i for i, iid in enumerate(model.ids)}
     n_ref = len(model.ids)
     per_k = {"lsh_precision": np.zeros(k), "lsh_hit": np.zeros(k),
              "exact_precision": np.zeros(k), "exact_hit": np.zeros(k)}
-    recalls, shares, short = [], [], 0
-    for q, vec, ans in zip(usable, vectors, answers, strict=True):
+    recalls, shares, methods = [], [], {m: 0 for m in ("lsh", "widened", "exact")}
+    for q, vec, ans in zip(queries, space, answers, strict=True):
         exact = exact_search(vec, model.vectors, k).indices
-        approx_ids = [n.image_id for n in ans.neighbours]
-        index_of = {iid: i for i, iid in enumerate(model.ids)}
-        approx = np.array([index_of[i] for i in approx_ids], dtype=int)
+        approx = np.array([index_of[n.image_id] for n in ans.neighbours], dtype=int)
         recalls.append(len(set(exact.tolist()) & set(approx.tolist())) / k)
         shares.append(ans.candidates / n_ref)
-        short += int(len(approx) < k)
+        methods[ans.method] += 1
         for name, idx in (("lsh", approx), ("exact", exact)):
             same = np.zeros(k)
             same[: len(idx)] = ref_class[idx] == q.class_id
             cum = np.cumsum(same)
             per_k[f"{name}_precision"] += cum / np.arange(1, k + 1)
             per_k[f"{name}_hit"] += cum > 0
-    n = max(len(usable), 1)
+    n = max(len(queries), 1)
     curves = {key: (val / n).round(4).tolist() for key, val in per_k.items()}
     return {
-        "model_version": model.version,
-        "backbone": model.manifest["backbone"].get("name"),
-        "lsh": model.manifest["lsh"],
-        "reference_images": n_ref,
-        "queries": len(usable),
-        "rejected_queries": {str(p): r.reason for p, r in bad.items()},
-        "k": k,
         f"precision_at_{k}": curves["lsh_precision"][-1],
-        f"hit_at_{k}": curves["lsh_hit"][-1],
         "hit_at_1": curves["lsh_hit"][0],
+        f"hit_at_{k}": curves["lsh_hit"][-1],
         f"exact_precision_at_{k}": curves["exact_precision"][-1],
+        "exact_hit_at_1": curves["exact_hit"][0],
         f"exact_hit_at_{k}": curves["exact_hit"][-1],
         f"recall_at_{k}_vs_exact": round(float(np.mean(recalls)), 4) if recalls else None,
         "candidates_share_mean": round(float(np.mean(shares)), 4) if shares else None,
-        "short_answers": short,
+        "answered_by": methods,
+        "query_ms": round(query_ms, 3),
         "curves": curves,
-        "chance_precision": round(1.0 / max(len(set(ref_class.tolist()) - {-1}), 1), 4),
     }
+
+
+def evaluate(settings: Settings, queries: list[LabelledImage], *, version: str | None = None,
+             k: int = 5, compare: bool = True) -> dict[str, Any]:
+    """The published version's answers (default settings at the top level) and, with
+    ``compare``, every projection kind side by side (:func:`compare_kinds`)."""
+    from imgsim.lookup import embed_files, load_model, load_query_backbone
+
+    model = load_model(settings.layout, version)
+    backbone = load_query_backbone(model.manifest, weights_path=settings.weights_path,
+                                   device=settings.device)
+    good, bad = embed_files(backbone, [q.path for q in queries], batch_size=settings.batch_size,
+                            max_pixels=settings.max_image_pixels)
+    usable = [q for q in queries if str(q.path) in good]
+    raw = np.stack([good[str(q.path)] for q in usable])
+    ref_class = [m["class_id"] for m in model.meta if m["class_id"] is not None]
+    expansion = settings.query_expansion
+    report = {
+        "model_version": model.version,
+        "backbone": model.manifest["backbone"].get("name"),
+        "lsh": model.manifest["lsh"],
+        "projection": _projection_summary(model.manifest.get("projection")),
+        "query_expansion": expansion,
+        "reference_images": len(model.ids),
+        "queries": len(usable),
+        "rejected_queries": {str(p): r.reason for p, r in bad.items()},
+        "k": k,
+        **score(model, usable, raw, k, expansion),
+        "chance_precision": round(1.0 / max(len(set(ref_class)), 1), 4),
+    }
+    if compare:
+        report["kinds"] = compare_kinds(settings, model, usable, raw, k)
+    return report
+
+
+def _projection_summary(entry: dict[str, Any] | None) -> dict[str, Any]:
+    entry = entry or {"kind": "none"}
+    return {key: entry.get(key) for key in ("kind", "dim", "dims", "reason", "coverage",
+                                            "params", "seconds")}
+
+
+def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], raw: np.ndarray,
+                  k: int) -> list[dict[str, Any]]:
+    """Each projection kind (none, whiten, lda), without and with query expansion, on the
+    version's references: the projection learned as the index learns it, the LSH auto-tuned in
+    its space (the fit job's tuner and grid) over NumPy-drawn projections (the twin of Spark's).
+    The published version's own rows come first."""
+    import time
+    from dataclasses import replace
+
+    from imgsim.lsh import BrpParams, hash_vectors
+    from imgsim.projection import ProjectionError, choose, stats_from_arrays
+    from imgsim.store import load_vectors
+    from imgsim.tuning import random_unit_vectors, tune
+
+    expansions = sorted({0, settings.query_expansion})
+    rows = [{"kind": f"{model.manifest.get('projection', {}).get('kind', 'none')} "
+                     "(published version, Spark LSH)", "expansion": e,
+             **_brief(score(model, queries, raw, k, e), k)} for e in expansions]
+    ids, vectors = load_vectors(settings.layout, model.manifest["backbone"]["name"],
+                                ids=set(model.ids))
+    pos = {iid: i for i, iid in enumerate(ids)}
+    order = [pos[i] for i in model.ids]
+    x = vectors[order]
+    y = np.array([-1 if m["class_id"] is None else int(m["class_id"]) for m in model.meta])
+    stats = stats_from_arrays(x, y)
+    lab = y >= 0
+    for kind in ("none", "whiten", "lda"):
+        t0 = time.perf_counter()
+        try:
+            choice = choose(stats, kind, cv_vectors=x[lab], cv_labels=y[lab],
+                            seed=settings.lsh_seed,
+                            min_coverage=settings.projection_min_coverage)
+        except ProjectionError as exc:
+            rows.append({"kind": kind, "skipped": str(exc)})
+            continue
+        learn_s = time.perf_counter() - t0
+        proj = None if choice.projection.kind == "none" else choice.projection
+        space = choice.projection.apply(x)
+        t0 = time.perf_counter()
+        tuned = tune(space, target=settings.target_recall, k=k, seed=settings.lsh_seed,
+                     keys_per_band=(1, 2, 4, 8), probes=(0, 1, 2)).choice.config
+        params = BrpParams(random_unit_vectors(tuned.projections, space.shape[1],
+                                               settings.lsh_seed), tuned.bucket_length)
+        manifest = {**model.manifest, "version": f"twin-{kind}",
+                    "lsh": {"keys_per_band": tuned.keys_per_band, "probes": tuned.probes,
+                            "bands": tuned.tables, "numHashTables": tuned.projections,
+                            "bucketLength": tuned.bucket_length}}
+        twin = replace(model, version=f"twin-{kind}", manifest=manifest, vectors=space,
+                       hashes=hash_vectors(params, space), params=params, band_index=None,
+                       projection=proj)
+        fit_s = learn_s + time.perf_counter() - t0
+        for e in expansions:
+            rows.append({"kind": kind, "expansion": e, "dims": choice.projection.dims,
+                         "projection_seconds": round(learn_s, 3),
+                         "fit_seconds": round(fit_s, 3), "lsh": tuned.as_dict(),
+                         **_brief(score(twin, queries, raw, k, e), k)})
+    return rows
+
+
+def _brief(result: dict[str, Any], k: int) -> dict[str, Any]:
+    return {key: result[key] for key in (f"precision_at_{k}", "hit_at_1", f"hit_at_{k}",
+                                         f"exact_precision_at_{k}", "exact_hit_at_1",
+                                         f"recall_at_{k}_vs_exact", "candidates_share_mean",
+                                         "query_ms", "answered_by", "curves")}
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    """The side-by-side comparison as text lines (the CLI prints them)."""
+    k = report["k"]
+    lines = [f"  {'search space':<44} {'QE':>2} {'P@' + str(k):>6} {'hit@1':>6} "
+             f"{'hit@' + str(k):>6} {'exactP@' + str(k):>8} {'recall':>6} {'compared':>8} "
+             f"{'ms/q':>6}"]
+    for row in report.get("kinds", []):
+        if "skipped" in row:
+            lines.append(f"  {row['kind']:<44} skipped: {row['skipped']}")
+            continue
+        name = row["kind"] if "dims" not in row else f"{row['kind']} ({row['dims']}-d, twin)"
+        lines.append(
+            f"  {name:<44} {row['expansion']:>2} {row[f'precision_at_{k}']:>6.3f} "
+            f"{row['hit_at_1']:>6.3f} {row[f'hit_at_{k}']:>6.3f} "
+            f"{row[f'exact_precision_at_{k}']:>8.3f} {row[f'recall_at_{k}_vs_exact']:>6.3f} "
+            f"{100 * row['candidates_share_mean']:>7.1f}% {row['query_ms']:>6.2f}")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -116,13 +235,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for key, style in (("lsh_precision", "-o"), ("exact_precision", "--o"),
                        ("lsh_hit", "-s"), ("exact_hit", "--s")):
         ax.plot(xs, report["curves"][key], style, label=key.replace("_", " "))
+    for row in report.get("kinds", []):
+        if "curves" in row and "dims" in row:
+            ax.plot(xs, row["curves"]["lsh_precision"], ":", lw=1,
+                    label=f"precision {row['kind']}{' +QE' if row['expansion'] else ''} (twin)")
     ax.axhline(report["chance_precision"], color="grey", lw=0.8, label="chance precision")
     ax.set_xlabel("k")
     ax.set_ylim(0, 1)
     ax.set_title(f"{report['backbone']} {report['model_version']}: {report['queries']} queries, "
                  f"LSH compares {100 * (report['candidates_share_mean'] or 0):.0f}%",
                  fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_open(path, "wb") as fh:
@@ -159,8 +282,11 @@ def split_sample(sample: Path, seed: int, query_share: float
 
 
 def build_reference_index(settings: Settings, sample: Path, reference: list[dict[str, str]],
-                          backbone: str, run_id: str = "evaluate") -> str:
-    """Index ``reference`` photos with the DAG's own task functions; returns the version."""
+                          backbone: str, run_id: str = "evaluate") -> tuple[str, dict[str, float]]:
+    """Index ``reference`` photos with the DAG's own task functions: (version, seconds per
+    stage)."""
+    import time
+
     from imgsim import pipeline
     from imgsim.envsetup import embedded_environment
 
@@ -177,27 +303,35 @@ def build_reference_index(settings: Settings, sample: Path, reference: list[dict
         w = csv.writer(fh)
         w.writerow(["Class", "image", "class_name"])
         w.writerows([r["Class"], r["image"], r["class_name"]] for r in reference)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     cat = pipeline.catalog(settings, str(src), str(labels_csv), "2026-01-01", run_id, backbone)
     for shard in pipeline.plan_shards(settings, cat["to_embed_file"], run_id):
         pipeline.embed_shard(settings, shard["spec"], backbone)
+    seconds["catalog_and_embed"] = time.perf_counter() - t0
     plan = pipeline.fit_plan(settings, backbone, settings.lsh_num_hash_tables,
-                             settings.lsh_bucket_length)
+                             settings.lsh_bucket_length, run_id=run_id)
     if plan:
+        t0 = time.perf_counter()
+        pipeline.learn_projection(settings, plan)
+        seconds["projection"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         env = embedded_environment()
         cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[*]",
-               str(PROJECT_ROOT / "spark_jobs" / "fit_lsh.py"), "--data-root", str(layout.root),
-               "--backbone", backbone, "--version", plan["version"],
-               "--num-hash-tables", str(plan["num_hash_tables"]),
-               "--bucket-length", str(plan["bucket_length"]), "--run-id", run_id]
+               str(PROJECT_ROOT / "spark_jobs" / "fit_lsh.py"),
+               *pipeline.fit_job_args(plan, run_id)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"fit_lsh failed:\n{proc.stderr[-4000:]}")
+        seconds["fit_spark_submit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         pipeline.validate(settings, plan)
         pipeline.publish(settings, plan["version"])
-        return str(plan["version"])
+        seconds["validate_and_publish"] = time.perf_counter() - t0
+        return str(plan["version"]), {k: round(v, 2) for k, v in seconds.items()}
     from imgsim.models import current_version
 
-    return str(current_version(layout))
+    return str(current_version(layout)), {k: round(v, 2) for k, v in seconds.items()}
 
 
 def evaluate_sample(sample: Path, data_root: Path, out_dir: Path, *, seed: int = 0,
@@ -207,9 +341,10 @@ def evaluate_sample(sample: Path, data_root: Path, out_dir: Path, *, seed: int =
 
     settings = replace(Settings.from_env(), data_root=data_root.resolve(), backbone=backbone)
     reference, queries = split_sample(sample, seed, query_share)
-    version = build_reference_index(settings, sample, reference, backbone)
+    version, seconds = build_reference_index(settings, sample, reference, backbone)
     query_set = [LabelledImage(sample / "images" / r["image"], int(r["Class"])) for r in queries]
     report = evaluate(settings, query_set, version=version, k=k)
+    report["build_seconds"] = seconds
     report["split"] = {"seed": seed, "query_share": query_share, "reference": len(reference),
                        "queries": len(queries), "sample": str(sample)}
     write_report(report, out_dir)

@@ -38,10 +38,16 @@ class Neighbour:
     distance: float
 
 
+#: how a query was answered: the version's LSH as fitted; the LSH with every probe (it found
+#: fewer than k candidates); an exact scan of the index (still fewer than k)
+METHODS = ("lsh", "widened", "exact")
+
+
 @dataclass(frozen=True)
 class Answer:
     neighbours: list[Neighbour]
     candidates: int            # references compared
+    method: str = "lsh"        # METHODS
 
 
 @dataclass
@@ -54,6 +60,18 @@ class LoadedModel:
     meta: list[dict[str, Any]]  # path, class_id, class_name per row
     params: Any                # imgsim.lsh.BrpParams
     band_index: Any = None     # imgsim.lsh.BandIndex, built on the first banded lookup
+    projection: Any = None     # imgsim.projection.Projection; None: vectors only normalised
+
+    def to_search_space(self, queries: np.ndarray) -> np.ndarray:
+        """Raw query vectors -> the version's search space (projected, unit length)."""
+        from imgsim.lsh import l2_normalize
+
+        q = np.atleast_2d(queries)
+        raw_dim = int(self.manifest.get("embedding_dim") or self.vectors.shape[1])
+        if q.shape[1] != raw_dim:
+            raise BackboneMismatch(f"query vectors have {q.shape[1]} dimensions, model "
+                                   f"{self.version} was built from {raw_dim}-d embeddings")
+        return self.projection.apply(q) if self.projection is not None else l2_normalize(q)
 
 
 def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
@@ -61,6 +79,7 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
     import pyarrow.parquet as pq
 
     from imgsim.lsh import load_brp_model
+    from imgsim.projection import load as load_projection
 
     manifest = read_manifest(layout, version)
     vdir = version_dir(layout, manifest["version"])
@@ -77,44 +96,100 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
                             .to_numpy(zero_copy_only=False), np.int64).reshape(n, -1)
         meta = table.select(["path", "class_id", "class_name"]).to_pylist()
         params = load_brp_model(vdir / manifest["files"]["model"])
+        projection = load_projection(vdir, manifest.get("projection"))  # sha256-checked
     return LoadedModel(manifest["version"], manifest, table.column("image_id").to_pylist(),
-                       vectors, hashes, meta, params)
+                       vectors, hashes, meta, params, projection=projection)
 
 
-def lookup(model: LoadedModel, queries: np.ndarray, k: int) -> list[Answer]:
-    """k nearest references per (raw) query vector, as the published LSH answers them."""
+def lookup(model: LoadedModel, queries: np.ndarray, k: int,
+           expansion: int = 0) -> list[Answer]:
+    """k nearest references per (raw) query vector, as the published LSH answers them.
+
+    The queries are mapped into the version's search space first (its projection). A query
+    for which the LSH finds fewer than k candidates while the index holds more is searched
+    again with every probe, then exactly: it always gets ``min(k, index size)`` answers, and
+    :attr:`Answer.method` says which search gave them. ``expansion`` > 0 searches a second
+    time with each query plus its first ``expansion`` answers
+    (:func:`imgsim.lsh.expand_queries`) and orders what that finds by distance to the query.
+    """
+    from imgsim.lsh import Neighbours, expand_queries, squared_distances
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if expansion < 0:
+        raise ValueError(f"expansion must be >= 0, got {expansion}")
+    q = model.to_search_space(queries)
+    found = [_search(model, q[i], k) for i in range(q.shape[0])]
+    n = min([expansion, *(f.indices.size for f, _ in found)]) if found else 0
+    if n:
+        first = np.stack([model.vectors[f.indices[:n]] for f, _ in found])
+        wide = expand_queries(q, first)
+        again = [_search(model, wide[i], k) for i in range(q.shape[0])]
+        expanded = []
+        for i, (hit, how) in enumerate(again):
+            d = squared_distances(q[i][None, :], model.vectors[hit.indices])[0]
+            order = np.lexsort((hit.indices, d))
+            method = max(how, found[i][1], key=METHODS.index)
+            expanded.append((Neighbours(hit.indices[order], np.sqrt(d[order]),
+                                        hit.candidates), method))
+        found = expanded
+    answers = []
+    for hit, how in found:
+        neighbours = [
+            Neighbour(rank + 1, model.ids[j], model.meta[j]["path"], model.meta[j]["class_id"],
+                      model.meta[j]["class_name"], float(d))
+            for rank, (j, d) in enumerate(zip(hit.indices, hit.distances, strict=True))]
+        answers.append(Answer(neighbours, hit.candidates, how))
+    return answers
+
+
+def _search(model: LoadedModel, q: np.ndarray, k: int) -> tuple[Any, str]:
+    """One search-space query: the version's LSH, widened, then exact if it finds too few."""
     from imgsim.lsh import (
         BandIndex,
         amplified_search,
+        exact_search,
         hash_vectors,
-        l2_normalize,
         lsh_search,
         probe_keys,
     )
 
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    q = l2_normalize(np.atleast_2d(queries))
-    if q.shape[1] != model.vectors.shape[1]:
-        raise BackboneMismatch(f"query vectors have {q.shape[1]} dimensions, model "
-                               f"{model.version} has {model.vectors.shape[1]}")
     keys_per_band, probes = banding(model.manifest)
-    plain = keys_per_band == 1 and probes == 0
-    qh = hash_vectors(model.params, q) if plain else probe_keys(model.params, q, keys_per_band,
-                                                                 probes)
-    if not plain and model.band_index is None:
+    if model.band_index is None:
         model.band_index = BandIndex.build(model.hashes, keys_per_band)
-    answers = []
-    for i in range(q.shape[0]):
-        found = (lsh_search(q[i], qh[i], model.vectors, model.hashes, k) if plain
-                 else amplified_search(q[i], qh[i], model.vectors, model.hashes, k,
-                                       index=model.band_index))
-        neighbours = [
-            Neighbour(rank + 1, model.ids[j], model.meta[j]["path"], model.meta[j]["class_id"],
-                      model.meta[j]["class_name"], float(d))
-            for rank, (j, d) in enumerate(zip(found.indices, found.distances, strict=True))]
-        answers.append(Answer(neighbours, found.candidates))
-    return answers
+    if keys_per_band == 1 and probes == 0:
+        found = lsh_search(q, hash_vectors(model.params, q[None, :])[0], model.vectors,
+                           model.hashes, k)
+    else:
+        found = amplified_search(q, probe_keys(model.params, q, keys_per_band, probes)[0],
+                                 model.vectors, model.hashes, k, index=model.band_index)
+    want = min(k, len(model.ids))
+    method = "lsh"
+    if found.indices.size < want and probes < keys_per_band:
+        wide = probe_keys(model.params, q, keys_per_band, keys_per_band)[0]
+        found = amplified_search(q, wide, model.vectors, model.hashes, k,
+                                 index=model.band_index)
+        method = "widened"
+    if found.indices.size < want:
+        found = exact_search(q, model.vectors, k)
+        method = "exact"
+    return found, method
+
+
+def answer_note(method: str, found: int, k: int, indexed: int) -> str | None:
+    """What a person should know about how a query was answered (None: nothing unusual)."""
+    notes = []
+    if method == "widened":
+        notes.append(f"the LSH found fewer than {k} candidates; searched again with every probe")
+    elif method == "exact":
+        notes.append(f"the LSH found fewer than {k} candidates; answered by an exact scan of "
+                     "the index")
+    if found < min(k, indexed):
+        notes.append(f"only {found} of {k} neighbours were found, although the index holds "
+                     f"{indexed} images")
+    elif found < k:
+        notes.append(f"{found} of {k} neighbours: the index holds {indexed} images")
+    return "; ".join(notes) or None
 
 
 def banding(manifest: dict[str, Any]) -> tuple[int, int]:

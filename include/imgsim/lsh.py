@@ -273,6 +273,18 @@ def exact_search(query: np.ndarray, ref: np.ndarray, k: int,
     return Neighbours(order, np.sqrt(d[order]), int(ref.shape[0]))
 
 
+def expand_queries(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Query expansion: each unit query plus its first neighbours' vectors, re-normalised.
+
+    ``queries`` (m, dim); ``neighbours`` (m, n, dim), the n nearest references found by a
+    first search. The expanded query is searched again; its answers are then ordered by their
+    distance to the original query (:func:`imgsim.lookup.lookup`).
+    """
+    q = np.asarray(queries, np.float32) + np.asarray(neighbours, np.float32).sum(axis=1)
+    norms = np.linalg.norm(q, axis=-1, keepdims=True)
+    return np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
+
+
 @dataclass(frozen=True)
 class RecallReport:
     k: int

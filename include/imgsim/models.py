@@ -265,7 +265,8 @@ class ValidationReport:
 
 def validate_staged(layout: Layout, version: str, *, expected_count: int,
                     expected_fingerprint: str, backbone: str, recall_floor: float,
-                    hash_check_rows: int = 1000) -> ValidationReport:
+                    hash_check_rows: int = 1000,
+                    expected_labels_fingerprint: str | None = None) -> ValidationReport:
     """Check a staged version before it may become CURRENT; raise ValidationFailed if not fit.
 
     Checks: the manifest is complete; the backbone is the configured one; the image count and
@@ -296,6 +297,9 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
     fp = manifest.get("snapshot", {}).get("fingerprint")
     if fp != expected_fingerprint:
         problems.append("the embedding snapshot differs from the catalog's (fingerprint mismatch)")
+    if (expected_labels_fingerprint is not None and
+            manifest.get("snapshot", {}).get("labels_fingerprint") != expected_labels_fingerprint):
+        problems.append("the labels differ from the catalog's (labels fingerprint mismatch)")
     recall = manifest.get("metrics", {}).get("recall_at_k")
     checks["recall_at_k"] = recall
     checks["recall_floor"] = recall_floor
@@ -331,6 +335,8 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
         checks["hash_rows_checked"] = head.num_rows
         if not same:
             problems.append("hashes recomputed from the saved model differ from Spark's")
+        problems += _check_projection(layout, staged, manifest, backbone,
+                                      head.column("image_id").to_pylist(), x, checks)
     checks["problems"] = problems
     report = ValidationReport(version, checks)
     atomic_write_json(staged / "validation.json", report.as_dict())
@@ -338,6 +344,40 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
         raise ValidationFailed(f"version {version} failed validation: " + "; ".join(problems))
     log.info("version %s validated: %s", version, checks)
     return report
+
+
+def _check_projection(layout: Layout, staged: Path, manifest: dict[str, Any], backbone: str,
+                      ids: list[str], vectors: Any, checks: dict[str, Any]) -> list[str]:
+    """The stored projection loads (sha256 as recorded) and maps the store's raw vectors of
+    ``ids`` onto the reference table's ``vectors`` (NumPy twin against Spark)."""
+    import numpy as np
+
+    from imgsim.projection import ProjectionError, load
+    from imgsim.store import load_vectors
+
+    entry = manifest.get("projection")
+    checks["projection"] = (entry or {}).get("kind", "none")
+    if not entry or entry.get("kind", "none") == "none":
+        return []
+    try:
+        proj = load(staged, entry)
+    except ProjectionError as exc:
+        return [str(exc)]
+    if proj is None or proj.dims != manifest.get("search_dim"):
+        return [f"projection has {proj.dims if proj else 0} dims, the manifest's search space "
+                f"{manifest.get('search_dim')}"]
+    got, raw = load_vectors(layout, backbone, ids=set(ids))
+    order = {iid: i for i, iid in enumerate(got)}
+    rows = [i for i, iid in enumerate(ids) if iid in order]
+    if not rows:
+        return ["no raw vector found in the store for the rows checked against the projection"]
+    twin = proj.apply(raw[[order[ids[i]] for i in rows]])
+    err = float(np.abs(twin - vectors[rows]).max())
+    checks["projection_max_abs_diff"] = err
+    if err > 1e-4:
+        return [f"the projection applied in NumPy differs from Spark's projected vectors by "
+                f"{err:.2e}"]
+    return []
 
 
 def publish(layout: Layout, version: str, *, keep: int = 5) -> str:

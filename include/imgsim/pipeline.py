@@ -403,49 +403,174 @@ def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
 
 # -- fit gate / validate / publish ----------------------------------------------------------------
 
+def fit_settings(settings: Settings, num_hash_tables: int, bucket_length: float,
+                 projection: str) -> dict[str, Any]:
+    """Every setting that shapes a fitted version; a change of any of them refits."""
+    from imgsim.config import check_projection
+
+    return {"num_hash_tables": int(num_hash_tables), "bucket_length": float(bucket_length),
+            "seed": settings.lsh_seed, "validation_sample": settings.validation_sample,
+            "target_recall": settings.target_recall,
+            "projection": check_projection(projection, "projection (Param projection or "
+                                                       "IMGSIM_PROJECTION)"),
+            "projection_min_coverage": settings.projection_min_coverage}
+
+
 def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_length: float,
              full_rebuild: bool = False, embedded: dict[str, Any] | None = None,
-             ) -> dict[str, Any]:
+             projection: str | None = None, run_id: str = "manual") -> dict[str, Any]:
     """Decide whether a new version is needed; if so, name it.
 
     ``embedded`` is this run's embed summary (:func:`embed_summary`, either engine); a plan
     carries it on to the later tasks.
 
-    A refit is needed when the set of live, embedded images differs from the CURRENT model's
-    snapshot, when the LSH parameters or backbone differ, or when a full rebuild is asked for.
-    Returns ``{}`` (falsy: skip fit, validate and publish) when nothing changed.
+    A refit is needed when the set of live, embedded images or their labels differ from the
+    CURRENT model's snapshot, when the backbone's recorded spec (weights, preprocessing,
+    runtime) differs from the one the store's vectors were made with, when any fit setting
+    (:func:`fit_settings`) differs, or when a full rebuild is asked for. Returns ``{}`` (falsy:
+    skip the projection, fit, validate and publish) when nothing changed.
     """
     from imgsim.catalog import live_rows
     from imgsim.models import VersionNotFound, new_version, read_manifest
-    from imgsim.store import embedded_ids, snapshot_fingerprint
+    from imgsim.store import embedded_ids, labels_fingerprint, snapshot_fingerprint
 
     layout = settings.layout
-    live = {r["image_id"] for r in live_rows(layout)}
-    indexed = live & embedded_ids(layout, backbone)
+    rows = live_rows(layout)
+    indexed = {r["image_id"] for r in rows} & embedded_ids(layout, backbone)
     if not indexed:
         raise PipelineError(f"no live image has a {backbone} embedding under "
                             f"{layout.embeddings(backbone)}: nothing to index")
     fingerprint = snapshot_fingerprint(indexed)
-    plan = {"version": new_version(), "data_root": str(layout.root), "backbone": backbone,
+    labels = labels_fingerprint((r["image_id"], r["class_id"]) for r in rows
+                                if r["image_id"] in indexed)
+    wanted = fit_settings(settings, num_hash_tables, bucket_length,
+                          projection or settings.projection)
+    record = layout.embeddings(backbone) / "BACKBONE.json"
+    spec = read_json(record) if record.exists() else {"name": backbone}
+    version = new_version()
+    plan = {"version": version, "data_root": str(layout.root), "backbone": backbone,
             "expected_count": len(indexed), "fingerprint": fingerprint,
-            "num_hash_tables": int(num_hash_tables), "bucket_length": float(bucket_length),
+            "labels_fingerprint": labels, **wanted,
+            "projection_dir": str(layout.runs / run_key(run_id) / "projection" / version),
             "embedded": embedded or {}}
     try:
         current = read_manifest(layout)
     except VersionNotFound:
         log.info("no current model: fitting %s", plan["version"])
         return plan
-    same = (current["snapshot"]["fingerprint"] == fingerprint
-            and current["backbone"].get("name") == backbone
-            and int(current["lsh"].get("requested_num_hash_tables",
-                                       current["lsh"]["numHashTables"])) == int(num_hash_tables)
-            and float(current["lsh"].get("requested_bucket_length",
-                                         current["lsh"]["bucketLength"])) == float(bucket_length))
-    if same and not full_rebuild:
+    changed = refit_reasons(current, fingerprint, labels, spec, wanted)
+    if not changed and not full_rebuild:
         log.info("nothing changed since %s (%d images): no refit", current["version"],
                  len(indexed))
         return {}
-    return plan
+    log.info("fitting %s: %s", version, "full rebuild asked for" if full_rebuild and not changed
+             else "; ".join(changed))
+    return {**plan, "refit_because": changed or ["full rebuild"]}
+
+
+def refit_reasons(current: dict[str, Any], fingerprint: str, labels: str,
+                  backbone_spec: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Why CURRENT no longer describes the store and the settings (empty: it still does)."""
+    from imgsim.embedding.backbones import comparable_spec
+
+    reasons = []
+    if current["snapshot"]["fingerprint"] != fingerprint:
+        reasons.append("the set of indexed images changed")
+    if current["snapshot"].get("labels_fingerprint") != labels:
+        reasons.append("labels changed (or CURRENT does not record them)")
+    if comparable_spec(current.get("backbone", {})) != comparable_spec(backbone_spec):
+        reasons.append(f"backbone {current.get('backbone')} -> {backbone_spec}")
+    recorded = current.get("fit_settings") or {}
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            reasons.append(f"{key} {recorded.get(key)!r} -> {value!r}")
+    return reasons
+
+
+def fit_job_args(plan: dict[str, Any], run_id: str) -> list[str]:
+    """``spark_jobs/fit_lsh.py``'s arguments for a plan (the DAG templates the same ones)."""
+    return ["--data-root", plan["data_root"], "--backbone", plan["backbone"],
+            "--version", plan["version"], "--num-hash-tables", str(plan["num_hash_tables"]),
+            "--bucket-length", str(plan["bucket_length"]), "--seed", str(plan["seed"]),
+            "--sample-size", str(plan["validation_sample"]),
+            "--target-recall", str(plan["target_recall"]),
+            "--projection-dir", plan["projection_dir"], "--run-id", run_id]
+
+
+def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
+    """Learn the plan's projection from the live references (:mod:`imgsim.projection`).
+
+    Engine ``local`` (the default up to IMGSIM_PROJECTION_LOCAL_MAX references) computes the
+    statistics here from the store, chunk by chunk; ``spark`` submits
+    ``spark_jobs/learn_projection.py`` to ``spark_default``, which computes them on the
+    executors. Both write ``projection.json`` (+ ``projection.npz``) into the plan's
+    ``projection_dir``, which the fit job puts into the version.
+    """
+    import time
+
+    from imgsim.projection import read_choice
+
+    t0 = time.perf_counter()
+    out = Path(plan["projection_dir"])
+    engine = settings.projection_engine
+    if engine == "auto":
+        engine = "local" if plan["expected_count"] <= settings.projection_local_max else "spark"
+    if engine == "local":
+        _learn_projection_local(settings, plan, out)
+    else:
+        _learn_projection_spark(plan, out)
+    entry, _ = read_choice(out)
+    summary = {"kind": entry["kind"], "dims": entry["dims"], "reason": entry.get("reason"),
+               "coverage": entry.get("coverage"), "engine": engine,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("projection: %s (%s -> %s dims) by %s in %.1f s: %s", entry["kind"], entry["dim"],
+             entry["dims"], engine, summary["seconds"], entry.get("reason"))
+    return summary
+
+
+def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path) -> None:
+    import numpy as np
+
+    from imgsim.catalog import live_rows
+    from imgsim.projection import Stats, choose, stats_from_arrays, write_choice
+    from imgsim.store import load_vectors
+
+    layout = settings.layout
+    classes = {r["image_id"]: r["class_id"] for r in live_rows(layout)}
+    ids, x = load_vectors(layout, plan["backbone"], ids=set(classes))
+    if not ids:
+        raise PipelineError("no live image has an embedding: nothing to learn a projection from")
+    y = np.array([-1 if classes[i] is None else int(classes[i]) for i in ids], np.int64)
+    stats = Stats(x.shape[1])
+    for start in range(0, len(ids), 20_000):
+        stats = stats.merge(stats_from_arrays(x[start:start + 20_000], y[start:start + 20_000]))
+    labelled = np.flatnonzero(y >= 0)
+    if labelled.size > CV_SAMPLE:
+        labelled = np.sort(np.random.default_rng(settings.lsh_seed).choice(
+            labelled, CV_SAMPLE, replace=False))
+    choice = choose(stats, plan["projection"], cv_vectors=x[labelled] if labelled.size else None,
+                    cv_labels=y[labelled] if labelled.size else None, seed=settings.lsh_seed,
+                    min_coverage=plan["projection_min_coverage"])
+    write_choice(choice, out)
+
+
+def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
+    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+
+    from imgsim.config import PROJECT_ROOT
+
+    hook = SparkSubmitHook(
+        conn_id="spark_default", name="imgsim-learn-projection",
+        conf={"spark.ui.showConsoleProgress": "false"},
+        application_args=["--data-root", plan["data_root"], "--backbone", plan["backbone"],
+                          "--out", str(out), "--kind", plan["projection"],
+                          "--min-coverage", str(plan["projection_min_coverage"]),
+                          "--cv-sample", str(CV_SAMPLE), "--seed", str(plan["seed"])])
+    hook.submit(str(PROJECT_ROOT / "spark_jobs" / "learn_projection.py"))
+
+
+#: labelled references the projection's cross-validation uses (at most; a seeded sample)
+CV_SAMPLE = 20_000
 
 
 def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
@@ -454,6 +579,7 @@ def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
     report = validate_staged(settings.layout, plan["version"],
                              expected_count=plan["expected_count"],
                              expected_fingerprint=plan["fingerprint"],
+                             expected_labels_fingerprint=plan.get("labels_fingerprint"),
                              backbone=plan["backbone"], recall_floor=settings.recall_floor)
     return report.as_dict()
 

@@ -90,12 +90,13 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
         queries.append(entry)
     run_dir = run_dir_for(layout, run_id)
     plan = {"run_id": run_id, "model_version": pinned, "k": int(k),
+            "query_expansion": settings.query_expansion,
             "created_at": datetime.now(UTC).isoformat(), "queries": queries}
     atomic_write_json(run_dir / "queries.json", plan)
     pending = sum(q["status"] == PENDING for q in queries)
     log.info("%d query image(s), %d to answer with %s (k=%d)", len(queries), pending, pinned, k)
     return {"run_dir": str(run_dir), "model_version": pinned, "k": int(k), "pending": pending,
-            "data_root": str(layout.root)}
+            "query_expansion": settings.query_expansion, "data_root": str(layout.root)}
 
 
 def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
@@ -156,6 +157,8 @@ def read_neighbours(run_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], dic
 
 def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     """Assemble and write the results; ledger the answers; move inbox images out of the inbox."""
+    from imgsim.lookup import answer_note
+    from imgsim.models import read_manifest
     from imgsim.results import write_results
 
     layout = settings.layout
@@ -163,6 +166,8 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     plan = read_json(rdir / "queries.json")
     version, k = plan["model_version"], plan["k"]
     neighbours, counts = read_neighbours(rdir)
+    methods = {qid: str(rows[0].get("method") or "lsh") for qid, rows in neighbours.items()}
+    indexed = int(read_manifest(layout, version)["counts"]["indexed"])
     for q in plan["queries"]:
         q["model_version"] = version
         q.setdefault("neighbours", [])
@@ -174,10 +179,9 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
                  "class_id": r["class_id"], "class_name": r["class_name"],
                  "distance": float(r["distance"])} for r in rows]
             q["candidates"], q["found"] = counts.get(q["query_id"], 0), len(rows)
+            q["method"] = methods.get(q["query_id"], "lsh")
             q["status"] = ANSWERED
-            if len(rows) < k:
-                q["note"] = (f"LSH returned {len(rows)} of {k} requested neighbours "
-                             f"({q['candidates']} candidates shared a bucket)")
+            q["note"] = answer_note(q["method"], len(rows), k, indexed)
     # Inbox images leave the inbox: answered ones to processed/, rejected ones to rejected/.
     moves: list[tuple[Path, Path]] = []
     for q in plan["queries"]:

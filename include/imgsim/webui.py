@@ -263,7 +263,7 @@ def _version_row_html(row: VersionRow) -> str:
             f'{_esc(row.files)}"><td><code>{_esc(row.version)}</code>{badge}</td>')
     m = row.manifest
     if m is None:
-        return (head + f'<td colspan="8" class="error">manifest unreadable: '
+        return (head + f'<td colspan="10" class="error">manifest unreadable: '
                 f"{_esc(row.error)}</td>{_files_cell(row)}</tr>")
     from imgsim.models import describe_lsh
 
@@ -283,9 +283,31 @@ def _version_row_html(row: VersionRow) -> str:
         f'<td class="num">{_fmt(metrics.get("recall_at_k"), ".3f")}</td>',
         f'<td class="num">{_pct(metrics.get("candidates_share"))}</td>',
         f'<td class="num">{_fmt(metrics.get("label_hit_at_k"), ".3f")}</td>',
+        f'<td class="num">{_fmt(metrics.get("label_precision_at_k"), ".3f")}</td>',
     ]
+    cells.insert(3, _projection_cell(m.get("projection")))
     return (head + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells)
             + _files_cell(row) + "</tr>")
+
+
+def _projection_cell(entry: dict[str, Any] | None) -> str:
+    """The version's search space: kind and dims, what it was learned from, and its
+    cross-validated label precision (the reason in the tooltip)."""
+    if not entry or entry.get("kind", "none") == "none":
+        why = (entry or {}).get("reason") or "a version without a projection"
+        return f'<td class="projection" title="{_esc(why)}">none</td>'
+    params, cov = entry.get("params") or {}, entry.get("coverage") or {}
+    lines = [f"<b>{_esc(entry['kind'])}</b> {_esc(entry.get('dim'))}&rarr;"
+             f"{_esc(entry.get('dims'))}-d"]
+    if cov:
+        lines.append(f"labels {_pct(cov.get('share'))} ({_esc(cov.get('classes'))} classes)")
+    if "shrinkage" in params:
+        lines.append(f"shrinkage {_esc(params['shrinkage'])}")
+    if params.get("cv_precision_at_k") is not None:
+        lines.append(f"CV precision@5 {_fmt(params['cv_precision_at_k'], '.3f')} "
+                     f"(vs {_esc(params.get('cv_baseline'))})")
+    return (f'<td class="projection" title="{_esc(entry.get("reason"))}">'
+            + "<br>".join(lines) + "</td>")
 
 
 def _current_warning(layout: Layout, rows: list[VersionRow]) -> list[str]:
@@ -324,12 +346,15 @@ def versions_page(request: Request, user: CurrentUser) -> Response:
         f"{len(rows)} published version{'s' if len(rows) != 1 else ''} &middot; "
         f'CURRENT: <code id="current-version">{_esc(current or "none")}</code></p>',
         '<table id="versions"><thead><tr><th>version</th><th>created (UTC)</th>'
-        "<th>images</th><th>backbone + weights</th><th>LSH keys</th>"
+        "<th>images</th><th>backbone + weights</th><th>search space</th><th>LSH keys</th>"
         f"<th>bucketLength</th><th>recall@{_esc(k)}</th><th>candidates share</th>"
-        f"<th>label hit@{_esc(k)}</th><th>files</th></tr></thead><tbody>",
+        f"<th>label hit@{_esc(k)}</th><th>label precision@{_esc(k)}</th><th>files</th>"
+        "</tr></thead><tbody>",
         *(_version_row_html(r) for r in rows),
         "</tbody></table>",
-        '<p class="meta">recall: LSH answers against exact search on a validation sample; '
+        '<p class="meta">search space: the learned projection the index searches in (LDA '
+        "from the labels, or whitening), with its cross-validated label precision inside the "
+        "references; recall: LSH answers against exact search on a validation sample; "
         "candidates share: the part of the index compared per query; label hit: a neighbour "
         "of the same class among the first k; files: sizes against those recorded at publish "
         "(<code>imgsim versions --verify</code> checks sha256 too). "
@@ -630,7 +655,7 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
 
 def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
     """Embed the saved upload with the current version's backbone and look it up."""
-    from imgsim.lookup import BackboneMismatch, embed_files, lookup
+    from imgsim.lookup import BackboneMismatch, answer_note, embed_files, lookup
     from imgsim.models import VersionDamaged
 
     try:
@@ -642,11 +667,12 @@ def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
         rej = bad[str(path)]
         raise UploadError(422, f"the image cannot be used: {rej.reason}: {rej.detail}")
     try:
-        (ans,) = lookup(model, good[str(path)], k)
+        (ans,) = lookup(model, good[str(path)], k, settings.query_expansion)
     except BackboneMismatch as exc:
         raise UploadError(409, str(exc)) from exc
     return {"model_version": model.version, "indexed": len(model.ids), "k": k,
-            "candidates": ans.candidates,
+            "candidates": ans.candidates, "method": ans.method,
+            "note": answer_note(ans.method, len(ans.neighbours), k, len(model.ids)),
             "neighbours": [n.__dict__ for n in ans.neighbours]}
 
 
@@ -711,10 +737,7 @@ async def search_upload(request: Request, user: CurrentUser,
         return _html(request, "Find similar images", body, user=user, active="search",
                      status_code=exc.status)
     rel = str(saved.relative_to(layout.root))
-    found = len(answer["neighbours"])
-    note = ("" if found >= k else
-            f'<p class="note">the LSH returned {found} of {k} requested neighbours '
-            f"({answer['candidates']} candidates shared a bucket)</p>")
+    note = f'<p class="note">{_esc(answer["note"])}</p>' if answer["note"] else ""
     body = "\n".join([
         _search_form(k),
         f'<p class="meta" id="answer-meta">{_esc(filename)} &rarr; model '
