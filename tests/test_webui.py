@@ -161,6 +161,28 @@ def test_versions_page_lists_the_published_versions_with_current_marked(
     assert "signed in as tester" in page
 
 
+def test_versions_page_shows_the_search_space_and_its_evaluation(client: TestClient,
+                                                                 layout: Layout) -> None:
+    publish_two_versions(layout)
+    manifest = json.loads((layout.models / NEW / "manifest.json").read_text())
+    manifest["projection"] = {
+        "kind": "lda", "dim": 1280, "dims": 195, "reason": "labels cover 100% <of> the refs",
+        "coverage": {"images": 12, "labelled_images": 12, "share": 1.0, "classes": 3},
+        "params": {"shrinkage": 0.2, "cv_precision_at_k": 0.3467, "cv_baseline": "none 0.130"}}
+    manifest["metrics"]["label_precision_at_k"] = 0.5
+    (layout.models / NEW / "manifest.json").write_text(json.dumps(manifest))
+    page = client.get("/").text
+    new_row = page[page.index(f'data-version="{NEW}"'):]
+    new_row = new_row[:new_row.index("</tr>")]
+    assert "<b>lda</b> 1280&rarr;195-d" in new_row and "shrinkage 0.2" in new_row
+    assert "CV precision@5 0.347 (vs none 0.130)" in new_row and "labels 100%" in new_row
+    assert 'title="labels cover 100% &lt;of&gt; the refs"' in new_row    # escaped
+    assert ">0.500<" in new_row                                          # label precision@k
+    old_row = page[page.index(f'data-version="{OLD}"'):]
+    assert '<td class="projection" title="a version without a projection">none</td>' in \
+        old_row[:old_row.index("</tr>")]
+
+
 def test_versions_page_without_a_model_says_what_to_do(client: TestClient,
                                                        layout: Layout) -> None:
     resp = client.get("/")
