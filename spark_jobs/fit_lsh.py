@@ -175,6 +175,23 @@ def auto_tune(data: DataFrame, args: argparse.Namespace) -> dict[str, Any]:
     return tuning
 
 
+def held_out_tuning(data: DataFrame, args: argparse.Namespace,
+                    learned: dict[str, Any]) -> dict[str, Any]:
+    """The learn step's held-out tuning (imgsim.projection.holdout_tuning), its width factor
+    applied to the scale of this data (a fixed --bucket-length is kept)."""
+    from imgsim.tuning import data_scale
+
+    choice = dict(learned["choice"])
+    if args.bucket_length > 0:
+        choice["bucket_length"] = args.bucket_length
+    else:
+        scale = data_scale(collect_sample(data, args.tune_sample, args.seed), args.seed)
+        choice["bucket_length"] = float(choice["width_factor"]) * scale
+    log.info("LSH from the held-out tuning of the learned space: %s", choice)
+    return {**learned, "choice": choice, "scale_of_this_data": choice["bucket_length"]
+            / float(choice["width_factor"])}
+
+
 def estimate_bucket_length(data: DataFrame, dim: int, factor: float, seed: int,
                            sample: int = 2000) -> tuple[float, float]:
     """(bucketLength, median distance) from random pairs of a sample of the unit vectors."""
@@ -330,7 +347,13 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     bucket_length, median_distance = args.bucket_length, None
     bands, tuning = args.num_hash_tables, None
     keys_per_band, probes = args.keys_per_band, args.probes
-    if bands == 0:
+    if bands == 0 and projection_entry and projection_entry.get("lsh_tuning"):
+        tuning = held_out_tuning(data, args, projection_entry["lsh_tuning"])
+        bands = int(tuning["choice"]["tables"])
+        keys_per_band = int(tuning["choice"]["keys_per_band"])
+        probes = int(tuning["choice"]["probes"])
+        bucket_length = float(tuning["choice"]["bucket_length"])
+    elif bands == 0:
         tuning = auto_tune(data, args)
         bands = int(tuning["choice"]["tables"])
         keys_per_band = int(tuning["choice"]["keys_per_band"])

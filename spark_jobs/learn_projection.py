@@ -20,7 +20,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from imgsim.config import Layout
-from imgsim.projection import KINDS, MIN_LABEL_COVERAGE, choose, write_choice
+from imgsim.projection import KINDS, MIN_LABEL_COVERAGE, choose, holdout_tuning, write_choice
 from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
 from imgsim.spark_projection import labelled_sample, stats_of
 
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv-sample", type=int, default=20000,
                    help="labelled vectors collected for the cross-validation (at most)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@5 the LSH is tuned for in the learned space (held out)")
     args = p.parse_args(argv)
     if not 0.0 <= args.min_coverage <= 1.0:
         p.error("--min-coverage must be in [0, 1]")
@@ -58,7 +60,11 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, object]:
     choice = choose(stats, args.kind, cv_vectors=x if len(x) else None,
                     cv_labels=y if len(y) else None, seed=args.seed,
                     min_coverage=args.min_coverage)
-    entry = write_choice(choice, args.out)
+    # Held-out LSH tuning needs vectors of the kind learned: the labelled sample for lda (for
+    # whitening the fit job tunes on its own sample).
+    tuning = (holdout_tuning(choice, x, y, target=args.target_recall, seed=args.seed)
+              if choice.projection.kind == "lda" else None)
+    entry = write_choice(choice, args.out, tuning)
     log.info("projection %s (%s -> %s dims): %s", entry["kind"], entry["dim"], entry["dims"],
              choice.reason)
     return entry

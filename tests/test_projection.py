@@ -131,6 +131,17 @@ def test_saved_projection_round_trips_and_damage_is_named(tmp_path: Path) -> Non
         P.read_choice(tmp_path / "nowhere")
 
 
+def test_lsh_is_tuned_on_references_the_map_has_not_seen() -> None:
+    x, y = clustered(classes=8, per_class=20)
+    choice = P.choose(P.stats_from_arrays(x, y), "lda", cv_vectors=x, cv_labels=y)
+    tuned = P.holdout_tuning(choice, x, y, target=0.9, seed=1)
+    assert tuned is not None and tuned["queries"] == 32          # one stratified fold of 160
+    assert tuned["sample_size"] == 128 and "held-out" in tuned["method"]
+    assert {"tables", "keys_per_band", "probes", "width_factor"} <= set(tuned["choice"])
+    assert P.holdout_tuning(P.choose(P.stats_from_arrays(x, y), "none"), x, y,
+                            target=0.9) is None
+
+
 @pytest.mark.spark
 def test_spark_statistics_equal_the_numpy_twin(spark) -> None:
     from imgsim.spark_projection import labelled_sample, project, stats_of

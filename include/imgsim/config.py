@@ -266,7 +266,7 @@ class Settings:
     projection_min_coverage: float = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
     projection_local_max: int = 200_000  # auto: learn in the task up to this many references
-    query_expansion: int = 1         # search again with each query + its first N answers (0 off)
+    query_expansion: int = 0         # search again with each query + its first N answers (0 off)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -318,7 +318,7 @@ class Settings:
             projection_engine=check_projection_engine(_env("IMGSIM_PROJECTION_ENGINE", "auto"),
                                                       "IMGSIM_PROJECTION_ENGINE"),
             projection_local_max=_env_int("IMGSIM_PROJECTION_LOCAL_MAX", 200_000, minimum=1),
-            query_expansion=_env_int("IMGSIM_QUERY_EXPANSION", 1),
+            query_expansion=_env_int("IMGSIM_QUERY_EXPANSION", 0),
         )
 
     @property

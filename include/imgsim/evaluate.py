@@ -147,11 +147,18 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
     from dataclasses import replace
 
     from imgsim.lsh import BrpParams, hash_vectors
-    from imgsim.projection import ProjectionError, choose, stats_from_arrays
+    from imgsim.projection import (
+        TUNE_KEYS_PER_BAND,
+        TUNE_PROBES,
+        ProjectionError,
+        choose,
+        holdout_tuning,
+        stats_from_arrays,
+    )
     from imgsim.store import load_vectors
-    from imgsim.tuning import random_unit_vectors, tune
+    from imgsim.tuning import LshConfig, data_scale, random_unit_vectors, tune
 
-    expansions = sorted({0, settings.query_expansion})
+    expansions = sorted({0, 1, settings.query_expansion})   # without and with re-ranking
     rows = [{"kind": f"{model.manifest.get('projection', {}).get('kind', 'none')} "
                      "(published version, Spark LSH)", "expansion": e,
              **_brief(score(model, queries, raw, k, e), k)} for e in expansions]
@@ -176,8 +183,17 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
         proj = None if choice.projection.kind == "none" else choice.projection
         space = choice.projection.apply(x)
         t0 = time.perf_counter()
-        tuned = tune(space, target=settings.target_recall, k=k, seed=settings.lsh_seed,
-                     keys_per_band=(1, 2, 4, 8), probes=(0, 1, 2)).choice.config
+        rows_for = lab if choice.projection.kind == "lda" else np.ones(len(x), bool)
+        held = holdout_tuning(choice, x[rows_for], y[rows_for], target=settings.target_recall,
+                              seed=settings.lsh_seed)
+        if held is not None:                 # as the index does: tuned on held-out references
+            c = held["choice"]
+            tuned = LshConfig(c["tables"], c["keys_per_band"],
+                              c["width_factor"] * data_scale(space, settings.lsh_seed),
+                              c["probes"])
+        else:
+            tuned = tune(space, target=settings.target_recall, k=k, seed=settings.lsh_seed,
+                         keys_per_band=TUNE_KEYS_PER_BAND, probes=TUNE_PROBES).choice.config
         params = BrpParams(random_unit_vectors(tuned.projections, space.shape[1],
                                                settings.lsh_seed), tuned.bucket_length)
         manifest = {**model.manifest, "version": f"twin-{kind}",

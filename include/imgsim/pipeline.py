@@ -530,9 +530,10 @@ def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]
 
 def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path) -> None:
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from imgsim.catalog import live_rows
-    from imgsim.projection import Stats, choose, stats_from_arrays, write_choice
+    from imgsim.projection import Stats, choose, holdout_tuning, stats_from_arrays, write_choice
     from imgsim.store import load_vectors
 
     layout = settings.layout
@@ -544,14 +545,20 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
     stats = Stats(x.shape[1])
     for start in range(0, len(ids), 20_000):
         stats = stats.merge(stats_from_arrays(x[start:start + 20_000], y[start:start + 20_000]))
+    rng = np.random.default_rng(plan["seed"])
     labelled = np.flatnonzero(y >= 0)
     if labelled.size > CV_SAMPLE:
-        labelled = np.sort(np.random.default_rng(settings.lsh_seed).choice(
-            labelled, CV_SAMPLE, replace=False))
+        labelled = np.sort(rng.choice(labelled, CV_SAMPLE, replace=False))
     choice = choose(stats, plan["projection"], cv_vectors=x[labelled] if labelled.size else None,
-                    cv_labels=y[labelled] if labelled.size else None, seed=settings.lsh_seed,
+                    cv_labels=y[labelled] if labelled.size else None, seed=plan["seed"],
                     min_coverage=plan["projection_min_coverage"])
-    write_choice(choice, out)
+    rows = labelled if choice.projection.kind == "lda" else np.arange(len(ids))
+    if rows.size > CV_SAMPLE:
+        rows = np.sort(rng.choice(rows, CV_SAMPLE, replace=False))
+    with threadpool_limits(limits=1, user_api="blas"):
+        tuning = holdout_tuning(choice, x[rows], y[rows], target=plan["target_recall"],
+                                seed=plan["seed"])
+    write_choice(choice, out, tuning)
 
 
 def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
@@ -565,7 +572,8 @@ def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
         application_args=["--data-root", plan["data_root"], "--backbone", plan["backbone"],
                           "--out", str(out), "--kind", plan["projection"],
                           "--min-coverage", str(plan["projection_min_coverage"]),
-                          "--cv-sample", str(CV_SAMPLE), "--seed", str(plan["seed"])])
+                          "--cv-sample", str(CV_SAMPLE), "--seed", str(plan["seed"]),
+                          "--target-recall", str(plan["target_recall"])])
     hook.submit(str(PROJECT_ROOT / "spark_jobs" / "learn_projection.py"))
 
 
