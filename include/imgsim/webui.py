@@ -355,8 +355,10 @@ def versions_page(request: Request, user: CurrentUser) -> Response:
         '<p class="meta">search space: the learned projection the index searches in (LDA '
         "from the labels, or whitening), with its cross-validated label precision inside the "
         "references; recall: LSH answers against exact search on a validation sample; "
-        "candidates share: the part of the index compared per query; label hit: a neighbour "
-        "of the same class among the first k; files: sizes against those recorded at publish "
+        "candidates share: the part of the index compared per query; label hit / precision: "
+        "neighbours of the same class among the first k, for references querying the rest "
+        "(in-sample for a learned space: its cross-validated precision is the honest "
+        "figure); files: sizes against those recorded at publish "
         "(<code>imgsim versions --verify</code> checks sha256 too). "
         "<code>imgsim rollback VERSION</code> moves CURRENT.</p>",
     ])
