@@ -127,42 +127,34 @@ def _env_checksum(name: str, legacy_sha256: str, default: str) -> str:
     return default
 
 
+def check_choice(value: str, choices: tuple[str, ...], source: str, hint: str) -> str:
+    """``value`` (case and spaces ignored) if it is one of ``choices``, else a ConfigError
+    naming ``source``, the choices and what each means (``hint``)."""
+    choice = value.strip().lower()
+    if choice not in choices:
+        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(choices)} ({hint})")
+    return choice
+
+
 def check_embed_engine(value: str, source: str = "embed engine") -> str:
-    """``value`` if it names an embedding engine, else a ConfigError naming ``source``."""
-    engine = value.strip().lower()
-    if engine not in EMBED_ENGINES:
-        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(EMBED_ENGINES)} "
-                          "(tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py)")
-    return engine
+    return check_choice(value, EMBED_ENGINES, source,
+                        "tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py")
 
 
 def check_projection(value: str, source: str = "projection") -> str:
-    """``value`` if it names a projection kind, else a ConfigError naming ``source``."""
-    kind = value.strip().lower()
-    if kind not in PROJECTIONS:
-        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(PROJECTIONS)} (auto: "
-                          "lda when labels cover the references, else whiten; none: no "
-                          "projection)")
-    return kind
+    return check_choice(value, PROJECTIONS, source, "auto: lda when labels cover the "
+                        "references, else whiten; none: no projection")
 
 
 def check_projection_engine(value: str, source: str = "projection engine") -> str:
-    engine = value.strip().lower()
-    if engine not in PROJECTION_ENGINES:
-        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(PROJECTION_ENGINES)} "
-                          "(local: in the Airflow task; spark: spark_jobs/learn_projection.py; "
-                          "auto: local up to IMGSIM_PROJECTION_LOCAL_MAX references)")
-    return engine
+    return check_choice(value, PROJECTION_ENGINES, source, "local: in the Airflow task; "
+                        "spark: spark_jobs/learn_projection.py; auto: local up to "
+                        "IMGSIM_PROJECTION_LOCAL_MAX references")
 
 
 def check_runtime(value: str, source: str = "IMGSIM_RUNTIME") -> str:
-    """``value`` if it names an inference runtime, else a ConfigError naming ``source``."""
-    runtime = value.strip().lower()
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"{source}={value!r}; choose one of {', '.join(RUNTIMES)} (torch: "
-                          "PyTorch; onnx: ONNX Runtime fp32; onnx-int8: ONNX Runtime, static "
-                          "int8 quantization)")
-    return runtime
+    return check_choice(value, RUNTIMES, source, "torch: PyTorch; onnx: ONNX Runtime fp32; "
+                        "onnx-int8: ONNX Runtime, static int8 quantization")
 
 
 @dataclass(frozen=True)

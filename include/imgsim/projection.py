@@ -37,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from imgsim.config import PROJECTIONS
+
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "none", "whiten", "lda")
+KINDS = PROJECTIONS
 #: the projection's files inside a version directory
 PROJECTION_DIR = "projection"
 MATRIX_FILE = "projection.npz"
@@ -67,11 +69,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def check_kind(value: str, source: str = "projection") -> str:
-    kind = (value or "").strip().lower()
-    if kind not in KINDS:
-        raise ProjectionError(f"{source}={value!r}; choose one of {', '.join(KINDS)} (auto: lda "
-                              "when labels cover the index, else whiten; none: no projection)")
-    return kind
+    from imgsim.config import check_projection
+
+    return check_projection(value, source)
 
 
 # -- sufficient statistics -------------------------------------------------------------------------
