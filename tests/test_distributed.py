@@ -119,6 +119,8 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                  "IMGSIM_SHARD_SIZE": str(SHARD_SIZE),
                  # Embedding as a Spark application too, so it also runs on the worker.
                  "IMGSIM_EMBED_ENGINE": "spark",
+                 # the projection's statistics on the cluster too (spark_jobs/learn_projection)
+                 "IMGSIM_PROJECTION_ENGINE": "spark",
                  # Only the runs this test starts: no scheduled run of either DAG.
                  "IMGSIM_INDEX_START_DATE": "2099-01-01",
                  "IMGSIM_QUERY_SCHEDULE": "0 0 29 2 *"}
@@ -141,11 +143,14 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             assert manifest["counts"]["catalog_live"] == N_REFERENCE
             assert manifest["backbone"]["name"] == "efficientnet_lite0"
             assert manifest["spark"]["master"] == c.spark.url     # not local[*]
+            assert manifest["projection"]["requested"] == "auto"
+            assert manifest["projection"]["coverage"]["images"] == N_REFERENCE
+            assert manifest["projection"]["reason"]
             index_tis = check_ran_in_celery_worker(
                 c, "imgsim_index", index_run,
                 {"take_lease", "download", "extract", "catalog", "plan_shards",
-                 "choose_embed_engine", "embed_spark", "embed_summary", "fit_plan", "fit_lsh",
-                 "validate", "publish", "release_lease"})
+                 "choose_embed_engine", "embed_spark", "embed_summary", "fit_plan",
+                 "learn_projection", "fit_lsh", "validate", "publish", "release_lease"})
 
             # ---- imgsim_query on the cluster
             wait_idle(c, "imgsim_query")
@@ -210,9 +215,10 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             assert [w["state"] for w in master["workers"]] == ["ALIVE"]
             embed = spark_app(master, "imgsim-embed")
             fit = spark_app(master, "imgsim-fit-lsh")
+            learn = spark_app(master, "imgsim-learn-projection")
             query = spark_app(master, "imgsim-query-lsh")
             on_worker = {e["appid"] for e in worker["finishedexecutors"]}
-            for app in (embed, fit, query):
+            for app in (embed, learn, fit, query):
                 assert app["state"] == "FINISHED", app
                 assert app["id"] in on_worker, (app["id"], on_worker)
                 logs = list((c.spark.worker_dir / app["id"]).glob("*/stderr"))
