@@ -14,6 +14,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 STANFORD_ARCHIVE_URL = "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz"
+#: torchvision's published ResNet18_Weights.IMAGENET1K_V1 (sha256 prefix in the name).
+RESNET18_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 STANFORD_LABELS_URL = "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat"
 
 BACKBONES = ("resnet18", "efficientnet_lite0", "random")
@@ -165,6 +167,7 @@ class Settings:
     labels_sha256: str = ""
     backbone: str = "resnet18"
     weights_path: str = ""
+    resnet18_weights_url: str = RESNET18_WEIGHTS_URL   # empty: never download the weights
     device: str = "auto"
     batch_size: int = 32
     shard_size: int = 1000
@@ -185,6 +188,8 @@ class Settings:
     query_schedule: str = "*/30 * * * *"
     index_start_date: str = "2026-01-01"
     lease_poke_s: float = 30.0
+    lease_hold_s: float = 120.0       # a waiting index run keeps its worker slot this long ...
+    lease_requeue_s: float = 300.0    # ... then is re-queued this much later
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -201,6 +206,8 @@ class Settings:
             labels_sha256=_env("IMGSIM_LABELS_SHA256", ""),
             backbone=backbone,
             weights_path=_env("IMGSIM_WEIGHTS", ""),
+            resnet18_weights_url=os.environ.get("IMGSIM_RESNET18_WEIGHTS_URL",
+                                                RESNET18_WEIGHTS_URL).strip(),
             device=_env("IMGSIM_DEVICE", "auto"),
             batch_size=_env_int("IMGSIM_BATCH_SIZE", 32, minimum=1),
             shard_size=_env_int("IMGSIM_SHARD_SIZE", 1000, minimum=1),
@@ -222,6 +229,8 @@ class Settings:
             query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
             index_start_date=_env_date("IMGSIM_INDEX_START_DATE", "2026-01-01"),
             lease_poke_s=_env_float("IMGSIM_LEASE_POKE_S", 30.0, minimum=1.0),
+            lease_hold_s=_env_float("IMGSIM_LEASE_HOLD_S", 120.0, minimum=0.0),
+            lease_requeue_s=_env_float("IMGSIM_LEASE_REQUEUE_S", 300.0, minimum=30.0),
         )
 
     @property
