@@ -98,7 +98,7 @@ def test_random_backbone_is_seeded(random_backbone: Backbone) -> None:
 
 
 def test_preprocess_shapes(random_backbone: Backbone) -> None:
-    from imgsim.embedding.backbones import _efficientnet_preprocess
+    from imgsim.embedding.backbones import _square_preprocess
 
     for size in [(300, 200), (50, 400), (224, 224)]:
         im = Image.new("RGB", size, (255, 0, 0))
@@ -107,7 +107,7 @@ def test_preprocess_shapes(random_backbone: Backbone) -> None:
         # ImageNet normalisation of pure red: (1-0.485)/0.229, (0-0.456)/0.224, (0-0.406)/0.225
         expected = torch.tensor([2.2489, -2.0357, -1.8044])
         assert torch.allclose(x.mean(dim=(1, 2)), expected, atol=1e-3)
-        y = _efficientnet_preprocess()(im)
+        y = _square_preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(im)
         assert y.shape == (3, 224, 224) and y.dtype == torch.float32
         assert torch.allclose(y.mean(dim=(1, 2)), torch.tensor([1.0, -1.0, -1.0]), atol=1e-3)
 
@@ -521,3 +521,65 @@ def test_the_index_path_reusing_the_thumbnail_gives_the_query_path_vectors(
         assert isinstance(a, Embedded) and isinstance(b, Embedded)
         np.testing.assert_allclose(a.vector, b.vector, rtol=1e-5, atol=1e-5)
     assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == 4
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
+        effnet: Backbone, sample_dir: Path, tmp_path: Path) -> None:
+    """Issue 13.9: the index embeds what the thumbnail shows, so a reference photo, its
+    thumbnail and a re-encoded copy come back first, the photo itself at distance 0. (Until
+    store v2, efficientnet_lite0 embedded a centre crop while the thumbnail was the whole photo
+    squashed to 224x224: a thumbnail's own photo was about as far as any other, 0.5 to 0.57.)"""
+    from imgsim.lsh import l2_normalize
+
+    photos = []
+    for row in _sample_rows(sample_dir)[::97][:12]:       # wide photos, as cars are shot
+        photo = tmp_path / "photos" / row["image"]
+        photo.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(sample_dir / "images" / row["image"]) as im:
+            im.convert("RGB").resize((420, 260), Image.Resampling.BICUBIC).save(photo,
+                                                                                 quality=92)
+        photos.append(photo)
+    thumbs = [tmp_path / "thumbs" / f"{p.stem}.jpg" for p in photos]
+    indexed = [EmbedItem(str(i), p, t) for i, (p, t) in enumerate(zip(photos, thumbs,
+                                                                       strict=True))]
+    results = list(embed_items(indexed, effnet, batch_size=5))
+    assert all(isinstance(r, Embedded) for r in results)
+    reference = l2_normalize(np.stack([r.vector for r in results]))  # type: ignore[union-attr]
+    copies = []
+    for photo in photos:
+        copy = tmp_path / "copies" / photo.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(photo) as im:
+            im.save(copy, quality=75)                              # re-encoded, full size
+        copies.append(copy)
+    n = len(photos)
+    for queries, limit in ((photos, 1e-5), (thumbs, 0.25), (copies, 0.25)):
+        vectors, rejected = embed_paths(queries, effnet)
+        assert rejected == []
+        dist = np.linalg.norm(l2_normalize(vectors)[:, None] - reference[None], axis=2)
+        own = dist[np.arange(n), np.arange(n)]
+        nearest_other = (dist + np.eye(n) * 9).min(axis=1)
+        assert (dist.argmin(axis=1) == np.arange(n)).all(), queries[0].parent
+        assert own.max() < limit, (queries[0].parent.name, own)
+        assert own.max() < 0.5 * nearest_other.min(), (own.max(), nearest_other.min())
+
+
+def test_a_store_of_the_old_efficientnet_preprocessing_is_refused(tmp_path: Path) -> None:
+    """Stored vectors of the centre-crop preprocessing must not be mixed with new ones: the
+    store's BACKBONE.json no longer matches, and the error says to move the store aside."""
+    from imgsim import pipeline
+    from imgsim.config import Layout
+    from imgsim.fsutil import atomic_write_json
+
+    layout = Layout(tmp_path)
+    spec = {"name": "efficientnet_lite0", "dim": 1280,
+            "weights": "efficientnet-lite0-57934424.pth", "weights_sha256": "ab",
+            "preprocessing": EFFICIENTNET_PREPROCESSING, "runtime": "torch"}
+    old = {**spec, "preprocessing": "rgb;resize short=256 bicubic;center crop 224;scale 0-1;"
+                                    "(x-0.5)/0.5"}
+    atomic_write_json(layout.embeddings("efficientnet_lite0") / "BACKBONE.json", old)
+    with pytest.raises(pipeline.PipelineError, match="aside to rebuild"):
+        pipeline.check_backbone_record(layout, spec)
+    assert "center crop" not in EFFICIENTNET_PREPROCESSING
+    assert "(the thumbnail)" in EFFICIENTNET_PREPROCESSING

@@ -251,18 +251,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _resnet_preprocess() -> Callable[[Image], torch.Tensor]:
+def _square_preprocess(mean: tuple[float, float, float], std: tuple[float, float, float],
+                       ) -> Callable[[Image], torch.Tensor]:
     """PIL's 224x224 bilinear resize (the thumbnail's, :func:`imgsim.imaging.resize_square`),
-    then ImageNet normalisation. An image that is already 224x224 is not resized again, so the
-    embed loop passes the thumbnail it has just made and resizes each photo once."""
+    then per-channel normalisation. An image that is already 224x224 is not resized again, so
+    the embed loop passes the thumbnail it has just made and resizes each photo once, and a
+    photo, its thumbnail and a re-encoded copy of either give (nearly) the same vector: what
+    was embedded is what the thumbnail shows."""
     import numpy as np
     import torch
 
     from imgsim.imaging import resize_square
 
-    scale = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32)
-    shift = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)],
-                     np.float32)
+    scale = np.array([1.0 / (255.0 * s) for s in std], np.float32)
+    shift = np.array([-m / s for m, s in zip(mean, std, strict=True)], np.float32)
 
     def preprocess(im: Image) -> torch.Tensor:
         arr = np.asarray(resize_square(im), dtype=np.float32)        # H x W x 3, 0-255
@@ -271,23 +273,12 @@ def _resnet_preprocess() -> Callable[[Image], torch.Tensor]:
     return preprocess
 
 
-def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
-    import torch
-    from torchvision.transforms import InterpolationMode, v2
-
-    pipeline = v2.Compose([
-        v2.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(224),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
-    ])
-    return pipeline  # type: ignore[no-any-return]
-
-
 RESNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
                         "scale 0-1;imagenet mean/std")
-EFFICIENTNET_PREPROCESSING = "rgb;resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5"
+#: The thumbnail too (until store v2 it was "resize short=256 bicubic;center crop 224", which
+#: embedded a crop the thumbnail did not show: a thumbnail did not find its own photo).
+EFFICIENTNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
+                              "scale 0-1;(x-0.5)/0.5")
 
 
 def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
@@ -323,8 +314,7 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
             weights, digest = "random(seed=0)", ""
         model.fc = torch.nn.Identity()  # type: ignore[assignment]
         spec = BackboneSpec(name, 512, weights, digest, RESNET_PREPROCESSING)
-        preprocess = _resnet_preprocess()
-        square_input = True
+        preprocess = _square_preprocess(IMAGENET_MEAN, IMAGENET_STD)
     elif name == "efficientnet_lite0":
         import timm
 
@@ -344,20 +334,19 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
         model.load_state_dict(renamed, strict=True)
         model.reset_classifier(0)  # type: ignore[operator]
         spec = BackboneSpec(name, 1280, wpath.name, sha256_file(wpath), EFFICIENTNET_PREPROCESSING)
-        preprocess = _efficientnet_preprocess()
-        square_input = False
+        preprocess = _square_preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     else:
         raise ValueError(f"unknown backbone {name!r}: use resnet18, efficientnet_lite0 or random")
 
     model.eval()
     if runtime != "torch":
         backbone = _onnx_backbone(model, spec, preprocess, runtime, cache_dir)
-        backbone.square_input = square_input
+        backbone.square_input = True
         return backbone
     model = model.to(dev, memory_format=torch.channels_last)
     log.info("loaded backbone %s (%s, %d-d) on %s", spec.name, spec.weights, spec.dim, dev)
     return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev,
-                    square_input=square_input)
+                    square_input=True)
 
 
 def _onnx_backbone(model: torch.nn.Module, spec: BackboneSpec,
