@@ -250,7 +250,7 @@ def run_demo(env: dict[str, str], logical_date: str | None = None,
     if not env.get("IMGSIM_BACKBONE"):
         try:
             resolve_resnet18_weights(env.get("IMGSIM_WEIGHTS", ""),
-                                     env.get("IMGSIM_RESNET18_WEIGHTS_URL"))
+                                     env.get("IMGSIM_RESNET18_WEIGHTS_URL"), fetch_retries=0)
         except WeightsNotFound as exc:
             print(f"note: {str(exc).split('. ')[0]}.\n      The demo uses the offline "
                   "efficientnet_lite0 backbone instead.", flush=True)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 RESNET18_FILE = "resnet18-f37072fd.pth"
 #: torchvision's rule (torch.hub.HASH_REGEX): ``name-<sha256 prefix>.ext``.
 HASH_PREFIX_RE = re.compile(r"-([a-f0-9]*)\.")
-#: Attempts of a weights download (a machine without network fails in well under a second).
+#: Retries of a weights download (offline, all three attempts fail within about 3.5 s).
 WEIGHTS_FETCH_RETRIES = 2
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
