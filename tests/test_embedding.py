@@ -98,7 +98,7 @@ def test_random_backbone_is_seeded(random_backbone: Backbone) -> None:
 
 
 def test_preprocess_shapes(random_backbone: Backbone) -> None:
-    from imgsim.embedding.backbones import _square_preprocess
+    from imgsim.embedding.backbones import _efficientnet_preprocess
 
     for size in [(300, 200), (50, 400), (224, 224)]:
         im = Image.new("RGB", size, (255, 0, 0))
@@ -107,7 +107,7 @@ def test_preprocess_shapes(random_backbone: Backbone) -> None:
         # ImageNet normalisation of pure red: (1-0.485)/0.229, (0-0.456)/0.224, (0-0.406)/0.225
         expected = torch.tensor([2.2489, -2.0357, -1.8044])
         assert torch.allclose(x.mean(dim=(1, 2)), expected, atol=1e-3)
-        y = _square_preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(im)
+        y = _efficientnet_preprocess()(im)
         assert y.shape == (3, 224, 224) and y.dtype == torch.float32
         assert torch.allclose(y.mean(dim=(1, 2)), torch.tensor([1.0, -1.0, -1.0]), atol=1e-3)
 
@@ -581,5 +581,29 @@ def test_a_store_of_the_old_efficientnet_preprocessing_is_refused(tmp_path: Path
     atomic_write_json(layout.embeddings("efficientnet_lite0") / "BACKBONE.json", old)
     with pytest.raises(pipeline.PipelineError, match="aside to rebuild"):
         pipeline.check_backbone_record(layout, spec)
-    assert "center crop" not in EFFICIENTNET_PREPROCESSING
-    assert "(the thumbnail)" in EFFICIENTNET_PREPROCESSING
+    assert EFFICIENTNET_PREPROCESSING.startswith("rgb;resize=224x224 PIL bilinear")
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_demo_thumbnails_find_their_photo(effnet: Backbone,
+                                                             tmp_path: Path) -> None:
+    """Issue 13.9 on the demo's drawn cars (480x320, 24 nearly alike): every thumbnail finds
+    its own photo first (before the fix 5 of 24 did)."""
+    from imgsim.demo import synthetic_car
+    from imgsim.lsh import l2_normalize
+
+    photos = []
+    for c in range(6):
+        for v in range(4):
+            photo = tmp_path / "photos" / f"{c}-{v}.jpg"
+            photo.parent.mkdir(parents=True, exist_ok=True)
+            photo.write_bytes(synthetic_car(c, v))
+            photos.append(photo)
+    thumbs = [tmp_path / "thumbs" / p.name for p in photos]
+    results = list(embed_items([EmbedItem(str(i), p, t) for i, (p, t)
+                                in enumerate(zip(photos, thumbs, strict=True))], effnet))
+    reference = l2_normalize(np.stack([r.vector for r in results]))  # type: ignore[union-attr]
+    vectors, rejected = embed_paths(thumbs, effnet)
+    assert rejected == []
+    dist = np.linalg.norm(l2_normalize(vectors)[:, None] - reference[None], axis=2)
+    assert (dist.argmin(axis=1) == np.arange(len(photos))).all(), dist.argmin(axis=1)

@@ -273,12 +273,37 @@ def _square_preprocess(mean: tuple[float, float, float], std: tuple[float, float
     return preprocess
 
 
+def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
+    """The thumbnail (:func:`imgsim.imaging.resize_square`), then the ImageNet evaluation
+    transform efficientnet_lite0 expects (short side to 256 bicubic, centre crop 224, (x-0.5)/0.5).
+    Everything the model sees comes from the thumbnail, so a photo, its thumbnail and a
+    re-encoded copy of either give (nearly) the same vector."""
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    from imgsim.imaging import resize_square
+
+    pipeline = v2.Compose([
+        v2.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(224),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+    ])
+
+    def preprocess(im: Image) -> torch.Tensor:
+        return pipeline(resize_square(im))  # type: ignore[no-any-return]
+
+    return preprocess
+
+
 RESNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
                         "scale 0-1;imagenet mean/std")
-#: The thumbnail too (until store v2 it was "resize short=256 bicubic;center crop 224", which
-#: embedded a crop the thumbnail did not show: a thumbnail did not find its own photo).
+#: From the thumbnail too. Until store v2 it was the same transform on the original photo, so
+#: the index embedded a crop of a photo whose thumbnail (the whole photo squashed to 224x224)
+#: did not find it. On photos that are already 224x224 both give the same vectors.
 EFFICIENTNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
-                              "scale 0-1;(x-0.5)/0.5")
+                              "resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5")
 
 
 def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
@@ -334,7 +359,7 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
         model.load_state_dict(renamed, strict=True)
         model.reset_classifier(0)  # type: ignore[operator]
         spec = BackboneSpec(name, 1280, wpath.name, sha256_file(wpath), EFFICIENTNET_PREPROCESSING)
-        preprocess = _square_preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        preprocess = _efficientnet_preprocess()
     else:
         raise ValueError(f"unknown backbone {name!r}: use resnet18, efficientnet_lite0 or random")
 
