@@ -72,14 +72,17 @@ RUN set -eux; \
     python -c "import sys; v = '%d.%d' % sys.version_info[:2]; assert v == '${PYTHON_VERSION}', v"; \
     command -v spark-submit
 
-# ResNet-18 weights (torchvision's resnet18-f37072fd.pth), checked against the sha256 prefix in
-# its name. docker/weights/resnet18-f37072fd.pth is used when present (offline builds);
-# otherwise RESNET18_WEIGHTS_URL is downloaded; set it empty to bake nothing (then only
+# ResNet-18 weights (torchvision's resnet18-f37072fd.pth, or the file RESNET18_WEIGHTS_URL
+# names), checked as torchvision does against the sha256 prefix in the name.
+# docker/weights/<name> is used when present (offline builds); otherwise RESNET18_WEIGHTS_URL is
+# downloaded (a mirror may serve it); set it empty to bake nothing (then only
 # IMGSIM_BACKBONE=efficientnet_lite0 works, whose weights come with its pip package).
 ARG RESNET18_WEIGHTS_URL=https://download.pytorch.org/models/resnet18-f37072fd.pth
 COPY --chown=airflow:0 docker/weights/ /tmp/weights/
 RUN imgsim-bake-weights "${TORCH_HOME}/hub/checkpoints" "${RESNET18_WEIGHTS_URL}" /tmp/weights \
     && rm -rf /tmp/weights
+# imgsim looks for the file the URL names (empty: it never downloads at run time).
+ENV IMGSIM_RESNET18_WEIGHTS_URL=${RESNET18_WEIGHTS_URL}
 
 # The project. README.md is needed by pyproject.toml (readme = ...).
 COPY --chown=airflow:0 pyproject.toml README.md /opt/imgsim/

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 from imgsim.assets import LSH_MODEL
 from imgsim.config import BACKBONES, EMBED_ENGINES, PROJECTIONS, Settings
@@ -103,15 +103,17 @@ Backfill past days (each reads its own `incoming/<date>/`):
 )
 def imgsim_index() -> None:
     # One index run at a time per data root, whoever started it (scheduler, backfill, another
-    # deployment): a lease taken first and given back last (imgsim.runlease). Poke mode: in
-    # Airflow 3.3, a reschedule-mode sensor re-queued quickly could meet the executor's late
-    # report of its previous poke and be failed into a retry (seen in tests/test_backfill.py).
-    @task.sensor(poke_interval=DEFAULTS.lease_poke_s, timeout=24 * 3600, mode="poke")
-    def take_lease(run_id: str) -> PokeReturnValue:
+    # deployment): a lease taken first and given back last (imgsim.runlease). A waiting run
+    # pokes for IMGSIM_LEASE_HOLD_S, then gives its worker slot back and is re-queued
+    # IMGSIM_LEASE_REQUEUE_S later (no quick re-queue: Airflow 3.3's reschedule race).
+    @task
+    def take_lease(run_id: str, dag_run: Any = None) -> None:
         from imgsim.runlease import take_for_run
 
-        return PokeReturnValue(is_done=take_for_run(Settings.from_env().layout, run_id,
-                                                    "imgsim_index"))
+        settings = Settings.from_env()
+        take_for_run(settings.layout, run_id, "imgsim_index", poke_s=settings.lease_poke_s,
+                     hold_s=settings.lease_hold_s, requeue_s=settings.lease_requeue_s,
+                     waiting_since=getattr(dag_run, "start_date", None))
 
     @task
     def release_lease(run_id: str) -> bool:

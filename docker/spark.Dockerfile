@@ -58,6 +58,8 @@ COPY docker/weights/ /tmp/weights/
 RUN chmod 0755 /usr/local/bin/imgsim-bake-weights \
     && imgsim-bake-weights "${TORCH_HOME}/hub/checkpoints" "${RESNET18_WEIGHTS_URL}" /tmp/weights \
     && rm -rf /tmp/weights
+# imgsim looks for the file the URL names (empty: it never downloads at run time).
+ENV IMGSIM_RESNET18_WEIGHTS_URL=${RESNET18_WEIGHTS_URL}
 
 COPY pyproject.toml README.md /opt/imgsim/
 COPY include/ /opt/imgsim/include/

@@ -103,7 +103,9 @@ def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sa
                "IMGSIM_LABELS_URL": f"{base}/labels.csv",
                # No scheduled run of its own while the test backfills the past.
                "IMGSIM_INDEX_START_DATE": "2099-01-01",
-               "IMGSIM_LEASE_POKE_S": "5"}
+               "IMGSIM_LEASE_POKE_S": "5",
+               # a waiting run gives its worker slot back and is re-queued (up_for_reschedule)
+               "IMGSIM_LEASE_HOLD_S": "10", "IMGSIM_LEASE_REQUEUE_S": "30"}
         with standalone(env, tmp_path / "standalone.log") as airflow:
             airflow.wait_for_dag("imgsim_index")
             airflow.call("PATCH", "/api/v2/dags/imgsim_index", {"is_paused": False})

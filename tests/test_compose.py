@@ -512,6 +512,31 @@ def test_bake_weights_checks_the_file_and_bakes_nothing_without_a_source(tmp_pat
         assert not list(dest.iterdir())
 
 
+def test_bake_weights_downloads_the_file_the_url_names_and_checks_its_hash(
+        tmp_path: Path) -> None:
+    """The docker weight step fetches as torchvision does: the URL's file name, its hash prefix."""
+    import hashlib
+
+    from imgsim.demo import serve_directory
+
+    served = tmp_path / "server"
+    served.mkdir()
+    data = b"stand-in weights " * 1000
+    name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (served / name).write_bytes(data)
+    (served / "resnet18-0badc0de.pth").write_bytes(data)
+    dest = tmp_path / "checkpoints"
+    with serve_directory(served) as base:
+        done = run_script("bake_weights.sh", str(dest), f"{base}/{name}", str(tmp_path / "none"))
+        assert done.returncode == 0, done
+        assert (dest / name).read_bytes() == data and "checked" in done.stdout
+        bad = run_script("bake_weights.sh", str(dest), f"{base}/resnet18-0badc0de.pth", "")
+        assert bad.returncode == 1 and "expected 0badc0de" in bad.stderr, bad
+        missing = run_script("bake_weights.sh", str(dest), f"{base}/resnet18-12345678.pth", "")
+        assert missing.returncode == 1 and "HTTP 404" in missing.stderr, missing
+    assert sorted(p.name for p in dest.iterdir()) == [name]
+
+
 def init_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     env = {"PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",

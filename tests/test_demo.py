@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imgsim.demo import build_demo_archive, synthetic_car
+from imgsim.demo import DemoView, build_demo_archive, synthetic_car
 
 pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow]
 
@@ -40,3 +40,51 @@ def test_demo_indexes_offline_and_prints_the_summary(airflow_env: dict[str, str]
     assert "serving the synthetic demo archive at http://127.0.0.1:" in out
     assert "imgsim index built" in out
     assert "images indexed  : 48 of 48 live" in out
+    # Issue 12: a quiet demo. A short view (each task as it starts and ends, progress, the
+    # summary); Airflow's and Spark's whole output in the log file it names.
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) < 60, "\n".join(lines)
+    for task in ("take_lease", "download", "extract", "catalog", "embed[0]", "fit_lsh",
+                 "validate", "publish", "release_lease"):
+        assert f"> {task} started" in out and f"+ {task} done in" in out, task
+    assert "download car_ims.tgz done:" in out and "embedded 48/48 images" in out
+    log_line = next(line for line in lines if line.startswith("full log: "))
+    log_file = Path(log_line.split()[2])
+    assert log_file.is_file() and log_file.parent == tmp_path / "data" / "logs"
+    full = log_file.read_text()
+    assert full.count("\n") > 10 * len(lines)
+    assert "[DAG TEST] starting task_id=fit_lsh" in full
+
+
+def test_demo_view_shows_tasks_progress_and_failures() -> None:
+    now = [0.0]
+    view = DemoView(clock=lambda: now[0])
+    feed = [
+        "2026-02-01T00:00:00Z [info] [DAG TEST] starting task_id=download map_index=-1 [dag]",
+        "[info] download car_ims.tgz progress: 1.0 MB / 9.0 MB (11.1%) at 1.00 MB/s, ETA 8 s",
+        "[info] download car_ims.tgz progress: 2.0 MB / 9.0 MB (22.2%) at 1.00 MB/s, ETA 7 s",
+        "[info] download car_ims.tgz done: 9.0 MB / 9.0 MB (100.0%) at 1.00 MB/s, ETA 0 s [x]",
+        "[info] [DAG TEST] end task task_id=download map_index=-1",
+        "[info] [DAG TEST] starting task_id=embed map_index=0",
+        "INFO - embedded 32/48 images (10.0 images/s) source=imgsim.embedding.infer",
+        "INFO - embedded 48/48 images (10.0 images/s)",
+        "some Spark chatter that is not shown",
+        "[error] [DAG TEST] Error running task <TaskInstance: embed>",
+        "[info] [DAG TEST] end task task_id=embed map_index=0",
+    ]
+    shown = []
+    for i, line in enumerate(feed):
+        now[0] = float(i)
+        if (out := view.feed(line)) is not None:
+            shown.append(out.strip())
+    assert shown == [
+        "> download started",
+        "download car_ims.tgz progress: 1.0 MB / 9.0 MB (11.1%) at 1.00 MB/s, ETA 8 s",
+        "download car_ims.tgz done: 9.0 MB / 9.0 MB (100.0%) at 1.00 MB/s, ETA 0 s",
+        "+ download done in 4 s",
+        "> embed[0] started",
+        "embedded 32/48 images (10.0 images/s)",
+        "embedded 48/48 images (10.0 images/s)",
+        "x embed[0] FAILED after 5 s",
+    ]
+    assert view.tasks_failed == ["embed[0]"]

@@ -23,6 +23,7 @@ from imgsim.embedding.backbones import (
     RESNET18_FILE,
     RESNET_PREPROCESSING,
     Backbone,
+    WeightsHashMismatch,
     WeightsNotFound,
     choose_device,
     load_backbone,
@@ -230,8 +231,12 @@ def test_resnet18_without_weights_names_both_places(tmp_path: Path,
     missing = tmp_path / "nowhere" / RESNET18_FILE
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("IMGSIM_WEIGHTS", str(missing))
+    # offline: nothing listens there, as no server answers a machine without network
+    url = f"http://127.0.0.1:{_closed_port()}/models/{RESNET18_FILE}"
+    monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", url)
     settings = Settings.from_env()
     assert settings.weights_path == str(missing)
+    assert settings.resnet18_weights_url == url
 
     with pytest.raises(WeightsNotFound) as info:
         load_backbone("resnet18", weights_path=settings.weights_path, device="cpu")
@@ -239,8 +244,93 @@ def test_resnet18_without_weights_names_both_places(tmp_path: Path,
     message = str(info.value)
     assert str(missing) in message
     assert str(torch_home / "hub" / "checkpoints" / RESNET18_FILE) in message
+    assert f"Fetching {url} failed" in message
     assert "efficientnet_lite0" in message           # it says what to do instead
     assert isinstance(info.value, FileNotFoundError)
+    assert not (torch_home / "hub" / "checkpoints" / RESNET18_FILE).exists()
+
+
+def test_resnet18_weights_url_empty_means_no_download(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", "")
+    with pytest.raises(WeightsNotFound, match="IMGSIM_RESNET18_WEIGHTS_URL is empty"):
+        resolve_resnet18_weights("")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _random_resnet18_weights(folder: Path, seed: int = 321) -> tuple[Path, torch.nn.Module]:
+    """Real ResNet-18 weights (random init), named as torchvision names its files."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(seed)
+    net = resnet18(weights=None)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "weights.pth"
+    torch.save(net.state_dict(), tmp)
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = folder / f"resnet18-{digest[:8]}.pth"
+    tmp.rename(path)
+    return path, net
+
+
+def test_resnet18_weights_are_fetched_hash_checked_and_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: fetched as torchvision does (its URL, the hub cache, the name's hash prefix)."""
+    from imgsim.demo import serve_directory
+
+    served, reference = _random_resnet18_weights(tmp_path / "server" / "models")
+    torch_home = tmp_path / "th"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.delenv("IMGSIM_WEIGHTS", raising=False)
+    with serve_directory(tmp_path / "server") as base:
+        monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", f"{base}/models/{served.name}")
+        backbone = load_backbone("resnet18", device="cpu")
+    cached = torch_home / "hub" / "checkpoints" / served.name
+    assert cached.read_bytes() == served.read_bytes()
+    assert backbone.spec.weights == served.name
+    assert backbone.spec.weights_sha256 == hashlib.sha256(served.read_bytes()).hexdigest()
+    assert not list((cached.parent / ".imgsim-download").glob("*.part"))
+    # then used: the vectors are the served network's
+    from imgsim.imaging import load_rgb
+
+    images = _write_images(tmp_path / "images", 2)
+    vectors, rejected = embed_paths(images, backbone)
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    batch = torch.stack([backbone.preprocess(load_rgb(p).image) for p in images])
+    with torch.inference_mode():
+        expected = reference(batch).numpy()
+    assert not rejected and vectors.shape == (2, 512)
+    np.testing.assert_allclose(vectors, expected, rtol=1e-3, atol=1e-3)
+    # the next load finds the cached file without any server
+    assert resolve_resnet18_weights("") == cached
+
+
+def test_resnet18_weights_with_a_wrong_hash_are_refused(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgsim.demo import serve_directory
+
+    good, _ = _random_resnet18_weights(tmp_path / "server")
+    wrong = good.with_name("resnet18-00000000.pth")           # other bytes under the name
+    good.rename(wrong)
+    torch_home = tmp_path / "th"
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    with serve_directory(tmp_path / "server") as base:
+        with pytest.raises(WeightsHashMismatch, match="does not start with 00000000"):
+            resolve_resnet18_weights("", f"{base}/{wrong.name}")
+        with pytest.raises(WeightsHashMismatch, match="no sha256 prefix"):
+            resolve_resnet18_weights("", f"{base}/resnet18.pth")
+    checkpoints = torch_home / "hub" / "checkpoints"
+    assert not (checkpoints / wrong.name).exists()
+    assert not [p for p in checkpoints.rglob("*") if p.suffix == ".pth"]
 
 
 def test_resnet18_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,3 +521,89 @@ def test_the_index_path_reusing_the_thumbnail_gives_the_query_path_vectors(
         assert isinstance(a, Embedded) and isinstance(b, Embedded)
         np.testing.assert_allclose(a.vector, b.vector, rtol=1e-5, atol=1e-5)
     assert len(list((tmp_path / "thumbs").glob("*.jpg"))) == 4
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
+        effnet: Backbone, sample_dir: Path, tmp_path: Path) -> None:
+    """Issue 13.9: the index embeds what the thumbnail shows, so a reference photo, its
+    thumbnail and a re-encoded copy come back first, the photo itself at distance 0. (Until
+    store v2, efficientnet_lite0 embedded a centre crop while the thumbnail was the whole photo
+    squashed to 224x224: a thumbnail's own photo was about as far as any other, 0.5 to 0.57.)"""
+    from imgsim.lsh import l2_normalize
+
+    photos = []
+    for row in _sample_rows(sample_dir)[::97][:12]:       # wide photos, as cars are shot
+        photo = tmp_path / "photos" / row["image"]
+        photo.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(sample_dir / "images" / row["image"]) as im:
+            im.convert("RGB").resize((420, 260), Image.Resampling.BICUBIC).save(photo,
+                                                                                 quality=92)
+        photos.append(photo)
+    thumbs = [tmp_path / "thumbs" / f"{p.stem}.jpg" for p in photos]
+    indexed = [EmbedItem(str(i), p, t) for i, (p, t) in enumerate(zip(photos, thumbs,
+                                                                       strict=True))]
+    results = list(embed_items(indexed, effnet, batch_size=5))
+    assert all(isinstance(r, Embedded) for r in results)
+    reference = l2_normalize(np.stack([r.vector for r in results]))  # type: ignore[union-attr]
+    copies = []
+    for photo in photos:
+        copy = tmp_path / "copies" / photo.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(photo) as im:
+            im.save(copy, quality=75)                              # re-encoded, full size
+        copies.append(copy)
+    n = len(photos)
+    for queries, limit in ((photos, 1e-5), (thumbs, 0.25), (copies, 0.25)):
+        vectors, rejected = embed_paths(queries, effnet)
+        assert rejected == []
+        dist = np.linalg.norm(l2_normalize(vectors)[:, None] - reference[None], axis=2)
+        own = dist[np.arange(n), np.arange(n)]
+        nearest_other = (dist + np.eye(n) * 9).min(axis=1)
+        assert (dist.argmin(axis=1) == np.arange(n)).all(), queries[0].parent
+        assert own.max() < limit, (queries[0].parent.name, own)
+        assert own.max() < 0.5 * nearest_other.min(), (own.max(), nearest_other.min())
+
+
+def test_a_store_of_the_old_efficientnet_preprocessing_is_refused(tmp_path: Path) -> None:
+    """Stored vectors of the centre-crop preprocessing must not be mixed with new ones: the
+    store's BACKBONE.json no longer matches, and the error says to move the store aside."""
+    from imgsim import pipeline
+    from imgsim.config import Layout
+    from imgsim.fsutil import atomic_write_json
+
+    layout = Layout(tmp_path)
+    spec = {"name": "efficientnet_lite0", "dim": 1280,
+            "weights": "efficientnet-lite0-57934424.pth", "weights_sha256": "ab",
+            "preprocessing": EFFICIENTNET_PREPROCESSING, "runtime": "torch"}
+    old = {**spec, "preprocessing": "rgb;resize short=256 bicubic;center crop 224;scale 0-1;"
+                                    "(x-0.5)/0.5"}
+    atomic_write_json(layout.embeddings("efficientnet_lite0") / "BACKBONE.json", old)
+    with pytest.raises(pipeline.PipelineError, match="aside to rebuild"):
+        pipeline.check_backbone_record(layout, spec)
+    assert EFFICIENTNET_PREPROCESSING.startswith("rgb;resize=224x224 PIL bilinear")
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_demo_thumbnails_find_their_photo(effnet: Backbone,
+                                                             tmp_path: Path) -> None:
+    """Issue 13.9 on the demo's drawn cars (480x320, 24 nearly alike): every thumbnail finds
+    its own photo first (before the fix 5 of 24 did)."""
+    from imgsim.demo import synthetic_car
+    from imgsim.lsh import l2_normalize
+
+    photos = []
+    for c in range(6):
+        for v in range(4):
+            photo = tmp_path / "photos" / f"{c}-{v}.jpg"
+            photo.parent.mkdir(parents=True, exist_ok=True)
+            photo.write_bytes(synthetic_car(c, v))
+            photos.append(photo)
+    thumbs = [tmp_path / "thumbs" / p.name for p in photos]
+    results = list(embed_items([EmbedItem(str(i), p, t) for i, (p, t)
+                                in enumerate(zip(photos, thumbs, strict=True))], effnet))
+    reference = l2_normalize(np.stack([r.vector for r in results]))  # type: ignore[union-attr]
+    vectors, rejected = embed_paths(thumbs, effnet)
+    assert rejected == []
+    dist = np.linalg.norm(l2_normalize(vectors)[:, None] - reference[None], axis=2)
+    assert (dist.argmin(axis=1) == np.arange(len(photos))).all(), dist.argmin(axis=1)

@@ -125,13 +125,49 @@ def test_max_pixels_limit_is_too_large(tmp_path: Path) -> None:
 
 
 def test_header_declaring_huge_image_is_refused_without_decoding(tmp_path: Path) -> None:
-    # 20000x20000 = 4e8 pixels > 2 x PIL's MAX_IMAGE_PIXELS: DecompressionBombError at open.
+    # 20000x20000 = 4e8 pixels, far above the default limit: refused from the header alone.
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header_only(20_000, 20_000))
     assert path.stat().st_size < 200
     exc = _rejected(path)
-    assert exc.reason == "decompression_bomb"
+    assert exc.reason == "too_large"
     assert "400000000" in exc.detail
+    # with a limit below PIL's own, PIL refuses it first (2 x its limit) as a bomb
+    exc = _rejected(path, max_pixels=1_000_000)
+    assert exc.reason == "decompression_bomb" and "400000000" in exc.detail
+
+
+def test_load_rgb_leaves_pils_global_limit_alone(tmp_path: Path) -> None:
+    """Regression: load_rgb raised PIL's process-wide MAX_IMAGE_PIXELS to its own limit, which
+    changed it for every other user of PIL in the process (the API server)."""
+    before = Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "big-ok.png"
+    path.write_bytes(_png_header_only(9500, 9450))       # above PIL's default, below ours
+    for limit in (before * 3, 90_000_000):
+        with pytest.raises(ImageRejected):
+            load_rgb(path, max_pixels=limit)
+        assert before == Image.MAX_IMAGE_PIXELS
+    ok = tmp_path / "ok.jpg"
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(ok)
+    _assert_rgb8(load_rgb(ok, max_pixels=before * 3), (64, 48))
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
+def test_a_limit_above_twice_pils_is_honoured_without_a_global_change(tmp_path: Path) -> None:
+    # 14000x14000 = 1.96e8 pixels > 2 x PIL's default: PIL alone would refuse it as a bomb.
+    path = tmp_path / "huge-ok.png"
+    path.write_bytes(_png_header_only(14_000, 14_000))
+    before = Image.MAX_IMAGE_PIXELS
+    exc = _rejected(path, max_pixels=200_000_000)
+    assert exc.reason == "corrupt"       # past every size check; a header-only file has no data
+    assert before == Image.MAX_IMAGE_PIXELS
+
+
+def test_an_unreadable_file_under_a_loose_limit_is_not_an_image(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("hello, not an image at all")
+    exc = _rejected(path, max_pixels=500_000_000)
+    assert exc.reason == "not_an_image"
 
 
 def test_header_above_the_limit_is_refused_without_decoding(tmp_path: Path) -> None:

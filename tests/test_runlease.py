@@ -8,14 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from imgsim import runlease
 from imgsim.config import Layout
 from imgsim.runlease import (
+    MAX_WAIT,
+    HolderStateUnknown,
     LeaseLost,
+    airflow_run_alive,
     ensure_held,
     lease_path,
     read_lease,
     release,
+    take_for_run,
     try_acquire,
+    wait_for_lease,
 )
 
 
@@ -106,3 +112,145 @@ def test_simultaneous_acquires_in_separate_processes_admit_exactly_one(tmp_path:
     winners = [r for r, got in results.items() if got]
     assert len(winners) == 1
     assert read_lease(Layout(tmp_path)).run_id == winners[0]
+
+
+# -- fail closed: an unreadable holder state keeps the lease with its holder ---------------------
+
+
+class FakeTaskInstance:
+    """Stands in for the execution API: scripted answers of get_dagrun_state / get_dr_count."""
+
+    def __init__(self, states: list[object], counts: list[object] | None = None) -> None:
+        self.states, self.counts = list(states), list(counts or [])
+        self.calls = 0
+
+    def get_dagrun_state(self, dag_id: str, run_id: str) -> str:
+        self.calls += 1
+        answer = self.states.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    def get_dr_count(self, dag_id: str, run_ids: list[str]) -> int:
+        answer = self.counts.pop(0) if self.counts else RuntimeError("database is locked")
+        if isinstance(answer, Exception):
+            raise answer
+        return int(answer)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def execution_api(monkeypatch: pytest.MonkeyPatch):
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    def install(fake: FakeTaskInstance) -> FakeTaskInstance:
+        monkeypatch.setattr(RuntimeTaskInstance, "get_dagrun_state",
+                            staticmethod(fake.get_dagrun_state))
+        monkeypatch.setattr(RuntimeTaskInstance, "get_dr_count", staticmethod(fake.get_dr_count))
+        return fake
+
+    return install
+
+
+def test_an_unreadable_holder_state_keeps_the_lease_with_its_holder(
+        tmp_path: Path, execution_api, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: any error reading the holder's state used to count as "that run is gone"."""
+    layout = Layout(tmp_path)
+    try_acquire(layout, "run-a", alive())
+    fake = execution_api(FakeTaskInstance([RuntimeError("database is locked")] * 3))
+    sleeps: list[float] = []
+    holder = try_acquire(layout, "run-b", airflow_run_alive("imgsim_index", sleep=sleeps.append))
+    assert holder is not None and holder.run_id == "run-a"
+    assert read_lease(layout).run_id == "run-a"
+    assert fake.calls == 3 and sleeps == [2.0, 4.0]                # retried, with a pause
+    assert "keeps waiting" in caplog.text and "database is locked" in caplog.text
+
+
+def test_a_transient_error_is_retried_and_the_real_state_used(tmp_path: Path,
+                                                             execution_api) -> None:
+    execution_api(FakeTaskInstance([RuntimeError("timeout"), "running", RuntimeError("x"),
+                                    "failed"]))
+    is_alive = airflow_run_alive("imgsim_index", sleep=lambda s: None)
+    assert is_alive("run-a") is True
+    assert is_alive("run-a") is False
+
+
+def test_a_deleted_holder_run_is_gone(tmp_path: Path, execution_api) -> None:
+    layout = Layout(tmp_path)
+    try_acquire(layout, "run-a", alive())
+    execution_api(FakeTaskInstance([RuntimeError("404 not found")], counts=[0]))
+    assert try_acquire(layout, "run-b", airflow_run_alive("imgsim_index")) is None
+    assert read_lease(layout).run_id == "run-b"
+
+
+def test_holder_state_unknown_from_any_checker_means_wait(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    try_acquire(layout, "run-a", alive())
+
+    def unknown(run_id: str) -> bool:
+        raise HolderStateUnknown("no answer")
+
+    assert try_acquire(layout, "run-b", unknown).run_id == "run-a"
+
+
+# -- a bounded wait on the worker, then a re-queue --------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+
+def test_wait_for_lease_gives_up_the_slot_after_hold_s(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    try_acquire(layout, "run-a", alive())
+    clock = FakeClock()
+    holder = wait_for_lease(layout, "run-b", alive("run-a"), poke_s=30, hold_s=120,
+                            sleep=clock.sleep, clock=clock)
+    assert holder is not None and holder.run_id == "run-a"
+    assert clock.sleeps == [30, 30, 30, 30] and clock.now <= 120
+
+
+def test_wait_for_lease_takes_the_lease_once_freed(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    try_acquire(layout, "run-a", alive())
+    clock = FakeClock()
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if clock.now >= 60:
+            release(layout, "run-a")
+
+    assert wait_for_lease(layout, "run-b", alive("run-a"), poke_s=30, hold_s=600,
+                          sleep=sleep, clock=clock) is None
+    assert read_lease(layout).run_id == "run-b" and clock.now == 60
+
+
+def test_take_for_run_requeues_then_fails_after_a_day(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
+
+    layout = Layout(tmp_path)
+    try_acquire(layout, "run-a", alive())
+    monkeypatch.setattr(runlease, "airflow_run_alive", lambda dag_id: alive("run-a"))
+    kw = {"poke_s": 1.0, "hold_s": 0.0, "requeue_s": 300.0}
+    now = datetime.now(UTC)
+    with pytest.raises(AirflowRescheduleException) as exc_info:
+        take_for_run(layout, "run-b", "imgsim_index", waiting_since=now, **kw)
+    delay = (exc_info.value.reschedule_date - now).total_seconds()
+    assert 299 <= delay <= 330
+    with pytest.raises(AirflowFailException, match="run-a"):
+        take_for_run(layout, "run-b", "imgsim_index",
+                     waiting_since=now - MAX_WAIT - timedelta(minutes=1), **kw)
+    release(layout, "run-a")
+    assert take_for_run(layout, "run-b", "imgsim_index", waiting_since=now, **kw) is None
+    assert read_lease(layout).run_id == "run-b"

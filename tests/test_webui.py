@@ -386,6 +386,91 @@ def test_an_upload_over_the_size_limit_is_refused(client: TestClient, layout: La
     assert uploads(layout) == []
 
 
+def _post_raw(body_chunks: list[bytes], content_length: int | None) -> tuple[int, int, bytes]:
+    """POST /search straight into the ASGI app; returns (status, chunks the app read, body)."""
+    import asyncio
+
+    pulled = 0
+    chunks = list(body_chunks)
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        if not chunks:
+            return {"type": "http.disconnect"}
+        pulled += 1
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"host", b"test")]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/search", "raw_path": b"/search",
+             "root_path": "", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    asyncio.run(webui.app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], pulled, body
+
+
+def _multipart_chunks(total: int, chunk: int = 64 * 1024) -> list[bytes]:
+    head = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="huge.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    payload = b"\0" * total
+    return [head] + [payload[i:i + chunk] for i in range(0, total, chunk)] + [b"\r\n--xyz--\r\n"]
+
+
+def test_an_upload_declared_too_large_is_refused_before_its_body_is_read(
+        client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the limit used to be checked after FastAPI had spooled the whole body."""
+    publish_two_versions(layout)
+    monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 100_000)
+    chunks = _multipart_chunks(2_000_000)
+    status, pulled, body = _post_raw(chunks, sum(map(len, chunks)))
+    assert status == 413 and b"limit" in body
+    assert pulled == 0                                         # not one byte of the body read
+    assert uploads(layout) == []
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit(client: TestClient, layout: Layout,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    publish_two_versions(layout)
+    monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 100_000)
+    chunks = _multipart_chunks(5_000_000)                      # no Content-Length: chunked
+    status, pulled, body = _post_raw(chunks, None)
+    assert status == 413 and b"limit" in body
+    # 100 kB + 64 kB of form overhead: the app stops reading a chunk past the limit
+    assert pulled <= 4 < len(chunks)
+    assert uploads(layout) == []
+
+
+def test_a_chunked_upload_through_the_client_is_refused(client: TestClient, layout: Layout,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    publish_two_versions(layout)
+    monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 100_000)
+
+    def body() -> Iterator[bytes]:
+        yield from _multipart_chunks(3_000_000)
+
+    resp = client.post("/search", content=body(),
+                       headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    assert resp.status_code == 413 and "limit" in resp.text
+    assert uploads(layout) == []
+
+
+def test_a_small_chunked_upload_still_works(client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)
+    status, _, body = _post_raw(_multipart_chunks(10), None)
+    assert status != 413                                      # reaches the endpoint (not an image)
+    assert b"not an image" in body
+
+
 def test_an_upload_without_a_model_says_to_build_one(client: TestClient,
                                                      layout: Layout) -> None:
     resp = client.post("/search", files={"image": ("car.png", png_bytes(), "image/png")})

@@ -23,7 +23,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from imgsim.demo import run_demo
     from imgsim.envsetup import embedded_environment
 
-    return run_demo(embedded_environment(), args.date)
+    return run_demo(embedded_environment(), args.date, verbose=args.verbose)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_env)
     demo = sub.add_parser("demo", help="index a synthetic archive served on loopback, offline")
     demo.add_argument("--date", help="logical date of the run (default: today, UTC)")
+    demo.add_argument("-v", "--verbose", action="store_true",
+                      help="show Airflow's and Spark's whole output (always written to the log "
+                           "file whose path is printed)")
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("summary", help="summarise the current index").set_defaults(func=cmd_summary)
     ver = sub.add_parser("versions", help="list published model versions and check their files")

@@ -32,6 +32,8 @@ STANFORD_ARCHIVE_URL = " ".join(STANFORD_ARCHIVE_URLS)
 STANFORD_LABELS_URL = " ".join(STANFORD_LABELS_URLS)
 STANFORD_ARCHIVE_CHECKSUM = "md5:d5c8f0aa497503f355e17dc7886c3f14"
 STANFORD_LABELS_CHECKSUM = "md5:b407c6086d669747186bd1d764ff9dbc"
+#: torchvision's published ResNet18_Weights.IMAGENET1K_V1 (sha256 prefix in the name).
+RESNET18_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
 BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 #: How the backbone runs: PyTorch, or ONNX Runtime on the CPU in fp32 or static int8.
@@ -234,6 +236,7 @@ class Settings:
     min_label_coverage: float = 0.5  # share of archive images the labels must match (0 = off)
     backbone: str = "resnet18"
     weights_path: str = ""
+    resnet18_weights_url: str = RESNET18_WEIGHTS_URL   # empty: never download the weights
     device: str = "auto"
     batch_size: int = 32
     shard_size: int = 1000
@@ -254,6 +257,8 @@ class Settings:
     query_schedule: str = "*/30 * * * *"
     index_start_date: str = "2026-01-01"
     lease_poke_s: float = 30.0
+    lease_hold_s: float = 120.0       # a waiting index run keeps its worker slot this long ...
+    lease_requeue_s: float = 300.0    # ... then is re-queued this much later
     projection: str = "auto"         # PROJECTIONS: auto, none, whiten, lda (imgsim.projection)
     projection_min_coverage: float = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
@@ -284,6 +289,8 @@ class Settings:
             min_label_coverage=_env_share("IMGSIM_MIN_LABEL_COVERAGE", 0.5),
             backbone=backbone,
             weights_path=_env("IMGSIM_WEIGHTS", ""),
+            resnet18_weights_url=os.environ.get("IMGSIM_RESNET18_WEIGHTS_URL",
+                                                RESNET18_WEIGHTS_URL).strip(),
             device=_env("IMGSIM_DEVICE", "auto"),
             batch_size=_env_int("IMGSIM_BATCH_SIZE", 32, minimum=1),
             shard_size=_env_int("IMGSIM_SHARD_SIZE", 1000, minimum=1),
@@ -305,6 +312,8 @@ class Settings:
             query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
             index_start_date=_env_date("IMGSIM_INDEX_START_DATE", "2026-01-01"),
             lease_poke_s=_env_float("IMGSIM_LEASE_POKE_S", 30.0, minimum=1.0),
+            lease_hold_s=_env_float("IMGSIM_LEASE_HOLD_S", 120.0, minimum=0.0),
+            lease_requeue_s=_env_float("IMGSIM_LEASE_REQUEUE_S", 300.0, minimum=30.0),
             projection=check_projection(_env("IMGSIM_PROJECTION", "auto"), "IMGSIM_PROJECTION"),
             projection_min_coverage=_env_share("IMGSIM_PROJECTION_MIN_COVERAGE", 0.5),
             projection_engine=check_projection_engine(_env("IMGSIM_PROJECTION_ENGINE", "auto"),

@@ -1,6 +1,10 @@
 """``make demo``: build a small, clearly synthetic archive in the Stanford layout, serve it over
 loopback HTTP (the real download path), run ``imgsim_index`` with ``airflow dags test`` and print
 what was built. With IMGSIM_ARCHIVE_URL and IMGSIM_LABELS_URL set, the real dataset is indexed.
+
+The terminal gets a short view (:class:`DemoView`: each task as it starts and ends, the progress
+of download, extract and embedding, then the summary); Airflow's and Spark's full output goes to
+``<data root>/logs/demo-<time>.log``, whose path is printed first. ``imgsim demo -v`` shows it all.
 """
 
 from __future__ import annotations
@@ -10,15 +14,17 @@ import functools
 import gzip
 import io
 import logging
+import re
 import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +110,6 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         log.debug("demo server: " + format, *args)
 
 
-def airflow(args: list[str], env: Mapping[str, str], check: bool = True,
-            capture: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [str(Path(sys.executable).parent / "airflow"), *args]
-    return subprocess.run(cmd, env=dict(env), check=check, text=True,
-                          capture_output=capture)
-
-
 def summary(data_root: Path) -> str:
     from imgsim.catalog import live_rows
     from imgsim.config import Layout
@@ -143,34 +142,147 @@ def summary(data_root: Path) -> str:
     return "\n".join(lines)
 
 
-def run_demo(env: dict[str, str], logical_date: str | None = None) -> int:
-    """Run the index DAG once on the embedded default; prints the summary."""
+#: ``airflow dags test``'s own lines around each task (airflow.sdk.definitions.dag._run_task).
+_TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=(-?\d+)")
+_TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\S+) map_index=(-?\d+)")
+_TASK_ERROR = re.compile(r"\[DAG TEST\] Error running task|Task failed; ti=|Task failed with "
+                         r"exception")
+#: imgsim's own progress lines (imgsim.sources.download, imgsim.pipeline, imgsim.embedding.infer).
+_PROGRESS = [
+    ("download", re.compile(r"((?:download|copy) \S+ (?:progress|done): [^\[\]]*?MB/s"
+                            r"(?:, ETA (?:[\d.]+ s|unknown))?)")),
+    ("extract", re.compile(r"(extract \S+ -> \S+: \d+ files, \d+ bytes "
+                           r"\((?:already )?extracted\))")),
+    ("embed", re.compile(r"(embedded \d+/\d+ images \([\d.]+ images/s\))")),
+    ("embed", re.compile(r"(embedded with \S+: \d+ shard\(s\), \d+ of \d+ images)")),
+    ("fit", re.compile(r"(nothing changed since \S+ \(\d+ images\): no refit"
+                       r"|no current model: fitting \S+)")),
+]
+#: A progress line of one kind is shown at most this often (its final line always).
+PROGRESS_EVERY_S = 10.0
+
+
+class DemoView:
+    """Turns ``airflow dags test`` output into the demo's short view, one line at a time.
+
+    ``feed(line)`` returns the line to show for it, or None. Progress lines of one kind are
+    thinned to one per :data:`PROGRESS_EVERY_S` (lines saying ``done`` always pass).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started: dict[tuple[str, str], float] = {}
+        self.failed: set[tuple[str, str]] = set()
+        self.current: tuple[str, str] | None = None
+        self.last_progress: dict[str, float] = {}
+        self.tasks_failed: list[str] = []
+
+    @staticmethod
+    def _name(task_id: str, map_index: str) -> str:
+        return task_id if map_index == "-1" else f"{task_id}[{map_index}]"
+
+    def feed(self, line: str) -> str | None:
+        if m := _TASK_START.search(line):
+            key = (m.group(1), m.group(2))
+            self.started.setdefault(key, self.clock())
+            self.current = key
+            return f"  > {self._name(*key)} started"
+        if m := _TASK_END.search(line):
+            key = (m.group(1), m.group(2))
+            took = self.clock() - self.started.get(key, self.clock())
+            self.current = None
+            if key in self.failed:
+                self.tasks_failed.append(self._name(*key))
+                return f"  x {self._name(*key)} FAILED after {took:.0f} s"
+            return f"  + {self._name(*key)} done in {took:.0f} s"
+        if _TASK_ERROR.search(line) and self.current is not None:
+            self.failed.add(self.current)
+            return None
+        for kind, pattern in _PROGRESS:
+            if m := pattern.search(line):
+                now = self.clock()
+                final = " done:" in m.group(1) or kind in ("extract", "fit") or (
+                    kind == "embed" and _embed_complete(m.group(1)))
+                if not final and now - self.last_progress.get(kind, -1e9) < PROGRESS_EVERY_S:
+                    return None
+                self.last_progress[kind] = now
+                return f"      {m.group(1)}"
+        return None
+
+
+def _embed_complete(text: str) -> bool:
+    m = re.match(r"embedded (\d+)/(\d+) ", text)
+    return m is None or m.group(1) == m.group(2)
+
+
+def demo_log_path(data_root: Path) -> Path:
+    return data_root / "logs" / f"demo-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
+
+
+def _stream(cmd: list[str], env: Mapping[str, str], logfile: IO[str],
+            show: Callable[[str], str | None]) -> int:
+    """Run ``cmd``, every line of its output into ``logfile``; ``show(line)`` picks what the
+    terminal gets. Returns the exit status."""
+    proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            logfile.write(line)
+            shown = show(line.rstrip("\n"))
+            if shown is not None:
+                print(shown, flush=True)
+    logfile.flush()
+    return proc.returncode
+
+
+def run_demo(env: dict[str, str], logical_date: str | None = None,
+             verbose: bool = False) -> int:
+    """Run the index DAG once on the embedded default; prints a short view and the summary
+    (``verbose``: Airflow's whole output), the full log going to a file named first."""
     from imgsim.embedding.backbones import WeightsNotFound, resolve_resnet18_weights
 
     data_root = Path(env["IMGSIM_DATA_ROOT"])
+    log_path = demo_log_path(data_root)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"full log: {log_path}" + ("" if verbose else "   (imgsim demo -v shows it here)"),
+          flush=True)
     if not env.get("IMGSIM_BACKBONE"):
         try:
-            resolve_resnet18_weights(env.get("IMGSIM_WEIGHTS", ""))
+            resolve_resnet18_weights(env.get("IMGSIM_WEIGHTS", ""),
+                                     env.get("IMGSIM_RESNET18_WEIGHTS_URL"), fetch_retries=0)
         except WeightsNotFound as exc:
             print(f"note: {str(exc).split('. ')[0]}.\n      The demo uses the offline "
                   "efficientnet_lite0 backbone instead.", flush=True)
             env["IMGSIM_BACKBONE"] = "efficientnet_lite0"
     logical_date = logical_date or datetime.now(UTC).strftime("%Y-%m-%d")
-    print("airflow db migrate ...", flush=True)
-    airflow(["db", "migrate"], env, capture=True)
-    with contextlib.ExitStack() as stack:
-        if not env.get("IMGSIM_ARCHIVE_URL"):
-            src = data_root / "demo-source"
-            build_demo_archive(src)
-            base = stack.enter_context(serve_directory(src))
-            env["IMGSIM_ARCHIVE_URL"] = f"{base}/car_ims.tgz"
-            env["IMGSIM_LABELS_URL"] = f"{base}/cars_annos.mat"
-            print(f"serving the synthetic demo archive at {base}/", flush=True)
-        print(f"airflow dags test imgsim_index {logical_date} ...", flush=True)
-        proc = airflow(["dags", "test", "imgsim_index", logical_date], env, check=False)
-    if proc.returncode != 0:
-        print(f"imgsim_index failed (exit {proc.returncode}); see the log above", file=sys.stderr)
-        return proc.returncode
+    view = DemoView()
+    show: Callable[[str], str | None] = (lambda line: line) if verbose else view.feed
+    airflow_bin = str(Path(sys.executable).parent / "airflow")
+    with open(log_path, "a", encoding="utf-8") as logfile:
+        print("airflow db migrate ...", flush=True)
+        rc = _stream([airflow_bin, "db", "migrate"], env, logfile,
+                     (lambda line: line) if verbose else (lambda line: None))
+        if rc != 0:
+            print(f"airflow db migrate failed (exit {rc}); see {log_path}", file=sys.stderr)
+            return rc
+        with contextlib.ExitStack() as stack:
+            if not env.get("IMGSIM_ARCHIVE_URL"):
+                src = data_root / "demo-source"
+                build_demo_archive(src)
+                base = stack.enter_context(serve_directory(src))
+                env["IMGSIM_ARCHIVE_URL"] = f"{base}/car_ims.tgz"
+                env["IMGSIM_LABELS_URL"] = f"{base}/cars_annos.mat"
+                print(f"serving the synthetic demo archive at {base}/", flush=True)
+            print(f"airflow dags test imgsim_index {logical_date} ...", flush=True)
+            rc = _stream([airflow_bin, "dags", "test", "imgsim_index", logical_date], env,
+                         logfile, show)
+    if rc != 0 or view.tasks_failed:
+        failed = f" (failed: {', '.join(view.tasks_failed)})" if view.tasks_failed else ""
+        print(f"imgsim_index failed (exit {rc}){failed}; the full log is {log_path}",
+              file=sys.stderr)
+        return rc or 1
     print()
     print(summary(data_root))
+    print(f"\nfull log: {log_path}")
     return 0

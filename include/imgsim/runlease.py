@@ -8,10 +8,19 @@ the older snapshot could publish last. So the first task of a run takes the leas
 ``<root>/locks/index.lease`` and the last one gives it back.
 
 The lease is a small JSON file, replaced atomically under an ``flock``. A run that finds it
-held by another run waits (the DAG's sensor re-checks in reschedule mode, so no worker slot is
-held). A lease whose holder is no longer running (failed, killed, marked failed by hand, or
-deleted) is stale: ``holder_alive`` says so, and the next run takes it over with a warning.
-Re-acquiring by the holder itself (a retried task) is allowed.
+held by another run waits: it re-checks every ``IMGSIM_LEASE_POKE_S`` for at most
+``IMGSIM_LEASE_HOLD_S`` on its worker slot, then gives the slot back and is re-queued
+``IMGSIM_LEASE_REQUEUE_S`` later (Airflow's up-for-reschedule), until the lease is free or the
+run has waited a day (then it fails, naming the holder). The re-queue delay is long on purpose:
+in Airflow 3.3 a reschedule-mode sensor re-queued within seconds could meet the executor's late
+report of its previous poke and be failed into a retry.
+
+A lease whose holder is no longer running (failed, killed, marked failed by hand, or deleted)
+is stale: ``holder_alive`` says so, and the next run takes it over with a warning. When the
+holder's state cannot be read (a metadata-database hiccup), the lease fails *closed*: the read
+is retried, and if it still fails the holder counts as alive and the run keeps waiting, so two
+runs never embed and publish at the same time. Re-acquiring by the holder itself (a retried
+task) is allowed.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +43,16 @@ log = logging.getLogger(__name__)
 
 INDEX_LEASE = "index"
 LIVE_RUN_STATES = frozenset({"queued", "running"})
+#: A run waits at most this long for the lease, then fails naming the holder.
+MAX_WAIT = timedelta(days=1)
 
 
 class LeaseLost(RuntimeError):
     """The run does not hold the lease it needs (another run took it over)."""
+
+
+class HolderStateUnknown(RuntimeError):
+    """The holder run's state could not be read; the lease stays with it (fail closed)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +109,13 @@ def try_acquire(layout: Layout, run_id: str, holder_alive: Callable[[str], bool]
     with _locked(path):
         current = read_lease(layout, name)
         if current is not None and current.run_id != run_id:
-            if holder_alive(current.run_id):
+            try:
+                holder_is_alive = holder_alive(current.run_id)
+            except HolderStateUnknown as exc:
+                log.warning("%s; the %s lease stays with run %r and this run keeps waiting",
+                            exc, name, current.run_id)
+                return current
+            if holder_is_alive:
                 return current
             log.warning("taking over the %s lease from run %r, which is no longer running "
                         "(held since %s on %s)", name, current.run_id, current.acquired_at,
@@ -129,27 +151,78 @@ def release(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> bool:
         return True
 
 
-def airflow_run_alive(dag_id: str) -> Callable[[str], bool]:
-    """``holder_alive`` for a task: asks Airflow (execution API) for the holder run's state."""
+def airflow_run_alive(dag_id: str, attempts: int = 3, pause_s: float = 2.0,
+                      sleep: Callable[[float], None] = time.sleep) -> Callable[[str], bool]:
+    """``holder_alive`` for a task: asks Airflow (execution API) for the holder run's state.
+
+    A run that no longer exists (deleted) is gone. An error reading the state is retried
+    ``attempts`` times; then :class:`HolderStateUnknown` is raised, which
+    :func:`try_acquire` treats as "still alive" (fail closed).
+    """
 
     def alive(run_id: str) -> bool:
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-        try:
-            state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
-        except Exception as exc:
-            log.warning("could not read the state of run %r of %s (%s); treating it as gone",
-                        run_id, dag_id, exc)
-            return False
-        return str(getattr(state, "value", state)) in LIVE_RUN_STATES
+        errors: list[str] = []
+        for attempt in range(attempts):
+            if attempt:
+                sleep(pause_s * attempt)
+            try:
+                state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+                return str(getattr(state, "value", state)) in LIVE_RUN_STATES
+            except Exception as exc:           # the API answers a deleted run with an error too
+                errors.append(f"{type(exc).__name__}: {exc}")
+            try:
+                if RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
+                    log.info("run %r of %s no longer exists", run_id, dag_id)
+                    return False
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            log.warning("could not read the state of run %r of %s (attempt %d of %d): %s",
+                        run_id, dag_id, attempt + 1, attempts, errors[-1])
+        raise HolderStateUnknown(f"could not read the state of run {run_id!r} of {dag_id} in "
+                                 f"{attempts} attempts ({errors[-1]})")
 
     return alive
 
 
-def take_for_run(layout: Layout, run_id: str, dag_id: str) -> bool:
-    """The lease sensor's poke: True once ``run_id`` holds the lease, False while it waits."""
-    holder = try_acquire(layout, run_id, airflow_run_alive(dag_id))
-    if holder is not None:
+def wait_for_lease(layout: Layout, run_id: str, holder_alive: Callable[[str], bool], *,
+                   poke_s: float, hold_s: float, sleep: Callable[[float], None] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic) -> Lease | None:
+    """Try every ``poke_s`` for at most ``hold_s``: None once ``run_id`` holds the lease, else
+    the lease still in the way (the caller then gives its worker slot back)."""
+    deadline = clock() + hold_s
+    while True:
+        holder = try_acquire(layout, run_id, holder_alive)
+        if holder is None:
+            return None
         log.info("waiting for the %s lease: run %r holds it since %s (on %s); this run starts "
                  "when it finishes", INDEX_LEASE, holder.run_id, holder.acquired_at, holder.host)
-    return holder is None
+        if clock() + poke_s > deadline:
+            return holder
+        sleep(poke_s)
+
+
+def take_for_run(layout: Layout, run_id: str, dag_id: str, *, poke_s: float, hold_s: float,
+                 requeue_s: float, waiting_since: datetime | None) -> None:
+    """The lease task: returns once ``run_id`` holds the lease.
+
+    While another live run holds it, waits on the worker for at most ``hold_s``, then raises
+    Airflow's reschedule request (re-queued ``requeue_s`` later, no worker slot held in
+    between). After :data:`MAX_WAIT` since ``waiting_since`` (the run's start), it fails.
+    """
+    holder = wait_for_lease(layout, run_id, airflow_run_alive(dag_id), poke_s=poke_s,
+                            hold_s=hold_s)
+    if holder is None:
+        return
+    from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
+
+    now = datetime.now(UTC)
+    if waiting_since is not None and now - waiting_since > MAX_WAIT:
+        raise AirflowFailException(
+            f"run {run_id!r} waited since {waiting_since.isoformat(timespec='seconds')} for the "
+            f"{INDEX_LEASE} lease ({lease_path(layout)}), which run {holder.run_id!r} holds since "
+            f"{holder.acquired_at} on {holder.host}; giving up after {MAX_WAIT}. If that run is "
+            "stuck, mark it failed; the next run takes the lease over.")
+    log.info("giving the worker slot back; re-queued in %.0f s", requeue_s)
+    raise AirflowRescheduleException(now + timedelta(seconds=requeue_s))

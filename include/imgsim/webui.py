@@ -703,6 +703,86 @@ def search_page(request: Request, user: CurrentUser) -> Response:
                  active="search")
 
 
+#: Room for the multipart framing and the other form fields around the file.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+class _BodyTooLarge(Exception):
+    """Raised inside the app's ``receive`` once a request body passes the upload limit."""
+
+
+class UploadSizeLimit:
+    """ASGI middleware: an upload (``POST .../search``) larger than :data:`MAX_UPLOAD_BYTES`
+    is refused with 413 *before* FastAPI parses and spools the form: at once when its
+    Content-Length says so, else (chunked bodies) as soon as the bytes received pass the limit,
+    so at most one chunk past the limit is ever read and nothing of it is kept."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or not scope["path"].rstrip("/").endswith("/search")):
+            await self.app(scope, receive, send)
+            return
+        limit = MAX_UPLOAD_BYTES + FORM_OVERHEAD_BYTES
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > limit
+            except ValueError:
+                await _plain_error(send, 400, "invalid Content-Length header")
+                return
+            if too_large:
+                await _plain_error(send, 413, _too_large_message())
+                return
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive() -> Any:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            nonlocal started
+            if exceeded:            # the app's answer to a cut-off body (400) is replaced
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await _plain_error(send, 413, _too_large_message())
+
+
+def _too_large_message() -> str:
+    return (f"The upload is larger than the {MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit; "
+            "choose a smaller image.")
+
+
+async def _plain_error(send: Any, status: int, message: str) -> None:
+    body = (f"<!doctype html><title>imgsim: upload refused</title><p id=\"error\">{_esc(message)}"
+            '</p><p><a href="search">back</a></p>').encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/html; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+app.add_middleware(UploadSizeLimit)
+
+
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     chunks, total = [], 0
     while chunk := await upload.read(1 << 20):
@@ -724,11 +804,7 @@ async def search_upload(request: Request, user: CurrentUser,
     k = max(1, min(MAX_K, k))
     filename = (image.filename if image is not None else None) or "upload"
     try:
-        length = int(request.headers.get("content-length") or 0)
-        if length > MAX_UPLOAD_BYTES + 64 * 1024:
-            raise UploadError(413, f"the upload is larger than the "
-                                   f"{MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit.")
-        if image is None:
+        if image is None:      # (an over-large body never gets here: UploadSizeLimit)
             raise UploadError(400, "no file in the form; choose an image to upload.")
         data = await _read_limited(image, MAX_UPLOAD_BYTES)
         ext = await run_in_threadpool(sniff_image, data, filename)

