@@ -111,20 +111,28 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 def summary(data_root: Path) -> str:
-    from imgsim.catalog import live_rows
+    from imgsim.catalog import label_coverage, live_rows
     from imgsim.config import Layout
     from imgsim.models import current_version, describe_lsh, published_versions, read_manifest
+    from imgsim.projection import describe as describe_projection
     from imgsim.store import quarantined_ids
 
     layout = Layout(data_root)
     m = read_manifest(layout)
     metrics = m["metrics"]
+    live = live_rows(layout)
+    cov = label_coverage(live)
+    proj = m.get("projection") or {}
     lines = [
         "imgsim index built",
         f"  current version : {current_version(layout)} "
         f"(published versions: {len(published_versions(layout))})",
-        f"  images indexed  : {m['counts']['indexed']} of {len(live_rows(layout))} live "
+        f"  images indexed  : {m['counts']['indexed']} of {len(live)} live "
         f"(quarantined: {len(quarantined_ids(layout))})",
+        f"  labels          : {cov['labelled_images']} of {cov['images']} images labelled "
+        f"({100 * cov['share']:.0f}%), {cov['classes']} classes",
+        f"  search space    : {describe_projection(proj)}"
+        f"{': ' + proj['reason'] if proj.get('reason') else ''}",
         f"  backbone        : {m['backbone'].get('name')} {m['backbone'].get('dim')}-d "
         f"({m['backbone'].get('weights')})",
         f"  LSH             : {describe_lsh(m['lsh'])}, bucketLength "
