@@ -247,7 +247,7 @@ def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int,
     kk = k + 1   # the query itself is in the reference set
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from imgsim.lsh import band_candidates
+        from imgsim.lsh import BandIndex
 
         ids_, qv, qh, qkeys = bq.value
         for b in batches:
@@ -260,8 +260,9 @@ def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int,
             d = np.sqrt(np.maximum(d, 0.0))
             if qkeys is None:
                 cand = (qh[:, None, :] == h[None, :, :]).any(axis=2)
-            else:
-                cand = np.stack([band_candidates(qkeys[qi], h) for qi in range(len(ids_))])
+            else:                  # sorted band keys: a binary search per probe key
+                index = BandIndex.build(h, qkeys.shape[3])
+                cand = np.stack([index.candidates(qkeys[qi], h) for qi in range(len(ids_))])
             out: list[tuple[str, str, str | None, float, int]] = []
             for qi, qid in enumerate(ids_):
                 for kind, allowed in (("exact", None), ("lsh", np.flatnonzero(cand[qi]))):
