@@ -40,6 +40,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.plot(xs, row["curves"]["lsh_precision"], style, ms=3,
                 label=f"{row['kind']} ({row['dims']}-d){qe}")
     ax.axhline(report["chance_precision"], color="grey", lw=0.8, label="chance")
+    ax.set_xticks(xs)
     ax.set_xlabel("i (rank)")
     ax.set_ylabel("label precision@i (LSH answers)")
     ax.set_ylim(0, 1)
