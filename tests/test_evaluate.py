@@ -44,3 +44,31 @@ def test_evaluate_the_sample_with_real_embeddings(sample_dir: Path, tmp_path: Pa
     rows = {(r["kind"], r["expansion"]): r for r in report["kinds"] if "dims" in r}
     assert set(rows) == {(kind, e) for kind in ("none", "whiten", "lda") for e in (0, 1)}
     assert rows[("lda", 0)]["precision_at_5"] > rows[("none", 0)]["precision_at_5"] + 0.1
+
+
+def test_evaluate_embeds_queries_under_the_configured_pixel_limit(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """IMGSIM_MAX_IMAGE_PIXELS reaches the query embedding of `imgsim evaluate` (it did not)."""
+    from dataclasses import replace
+
+    import imgsim.lookup as lookup_mod
+    from imgsim.config import Settings
+    from imgsim.evaluate import LabelledImage, evaluate
+
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_embed(backbone: object, paths: list[Path], **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(lookup_mod, "load_model", lambda layout, version: type(
+        "M", (), {"manifest": {"backbone": {"name": "random"}}})())
+    monkeypatch.setattr(lookup_mod, "load_query_backbone", lambda manifest, **kw: object())
+    monkeypatch.setattr(lookup_mod, "embed_files", fake_embed)
+    settings = replace(Settings.from_env(), data_root=tmp_path, max_image_pixels=1234)
+    with pytest.raises(Stop):
+        evaluate(settings, [LabelledImage(tmp_path / "q.jpg", 1)])
+    assert seen["max_pixels"] == 1234
