@@ -19,13 +19,19 @@ recorded in the manifest (``lsh.bands``, ``lsh.keys_per_band``, ``lsh.probes``),
 includes them (``--tune-keys-per-band``, ``--tune-probes``).
 
 Reads ``catalog/catalog.parquet`` (live images) and ``embeddings/<backbone>/part-*.parquet``
-(newest vector per image id), L2-normalises the vectors, fits the LSH, hashes the reference
-set and writes, into ``models/lsh/.staging/<version>/``:
+(newest vector per image id) and L2-normalises the vectors. With ``--projection-dir`` (what
+``spark_jobs/learn_projection.py`` or the DAG's learn_projection task wrote) they are mapped
+into the learned space, the version keeps the map (``projection/``), and, when auto-tuning,
+the LSH takes the learn step's held-out tuning (the map pulls its training vectors together,
+so leave-one-out tuning on them would overstate recall). Then it fits the LSH, hashes the
+reference set and writes, into ``models/lsh/.staging/<version>/``:
 
 * ``model/``      the Spark model (``BucketedRandomProjectionLSHModel.load``)
 * ``reference/``  the hashed reference table: image_id, path, class_id, class_name,
                   vector (array<float>, unit length), hashes (array<bigint>, one per table)
-* ``manifest.json`` written last: backbone, LSH parameters, snapshot, counts and metrics
+* ``projection/``  the learned map, when there is one
+* ``manifest.json`` written last: backbone, projection, LSH parameters, the fit settings it
+  received (``fit_settings``), snapshot (ids and labels fingerprints), counts and metrics
   (leave-one-out recall@k against exact search on a sample, computed partition by partition).
 
 The version is published by the DAG's validate/publish tasks, never by this job.
@@ -178,18 +184,14 @@ def auto_tune(data: DataFrame, args: argparse.Namespace) -> dict[str, Any]:
 def held_out_tuning(data: DataFrame, args: argparse.Namespace,
                     learned: dict[str, Any]) -> dict[str, Any]:
     """The learn step's held-out tuning (imgsim.projection.holdout_tuning), its width factor
-    applied to the scale of this data (a fixed --bucket-length is kept)."""
+    applied to the scale of this data. (A fixed --bucket-length is tuned by auto_tune.)"""
     from imgsim.tuning import data_scale
 
     choice = dict(learned["choice"])
-    if args.bucket_length > 0:
-        choice["bucket_length"] = args.bucket_length
-    else:
-        scale = data_scale(collect_sample(data, args.tune_sample, args.seed), args.seed)
-        choice["bucket_length"] = float(choice["width_factor"]) * scale
+    scale = data_scale(collect_sample(data, args.tune_sample, args.seed), args.seed)
+    choice["bucket_length"] = float(choice["width_factor"]) * scale
     log.info("LSH from the held-out tuning of the learned space: %s", choice)
-    return {**learned, "choice": choice, "scale_of_this_data": choice["bucket_length"]
-            / float(choice["width_factor"])}
+    return {**learned, "choice": choice, "scale_of_this_data": scale}
 
 
 def estimate_bucket_length(data: DataFrame, dim: int, factor: float, seed: int,
@@ -348,7 +350,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     bucket_length, median_distance = args.bucket_length, None
     bands, tuning = args.num_hash_tables, None
     keys_per_band, probes = args.keys_per_band, args.probes
-    if bands == 0 and projection_entry and projection_entry.get("lsh_tuning"):
+    if (bands == 0 and args.bucket_length == 0 and projection_entry
+            and projection_entry.get("lsh_tuning")):
         tuning = held_out_tuning(data, args, projection_entry["lsh_tuning"])
         bands = int(tuning["choice"]["tables"])
         keys_per_band = int(tuning["choice"]["keys_per_band"])

@@ -60,8 +60,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, object]:
     choice = choose(stats, args.kind, cv_vectors=x if len(x) else None,
                     cv_labels=y if len(y) else None, seed=args.seed,
                     min_coverage=args.min_coverage)
-    # Held-out LSH tuning needs vectors of the kind learned: the labelled sample for lda (for
-    # whitening the fit job tunes on its own sample).
+    # Held-out LSH tuning for a map learned from labels, on the labelled sample (as the task's
+    # engine does; a whitened space is tuned by the fit job).
     tuning = (holdout_tuning(choice, x, y, target=args.target_recall, seed=args.seed)
               if choice.projection.kind == "lda" else None)
     entry = write_choice(choice, args.out, tuning)

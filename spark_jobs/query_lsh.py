@@ -283,7 +283,7 @@ def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
     n = min(expansion, int(counts.agg(F.min("n")).first()[0] or 0))
     if n == 0:
         return found
-    first = (found.where(F.col("rank") <= n).select("query_id", "image_id")
+    first = (found.where(F.col("rank") <= n).select("query_id", "image_id", "rank")
              .join(reference.select("image_id", F.col("vector").alias("rvec")), "image_id")
              .collect())
     q_rows = queries.select("query_id", "vector").collect()
@@ -292,7 +292,7 @@ def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
     q = np.stack([np.asarray(r.vector, np.float32) for r in q_rows])
     neigh = np.zeros((len(ids), n, q.shape[1]), np.float32)
     filled = np.zeros(len(ids), int)
-    for r in sorted(first, key=lambda r: r.image_id):
+    for r in sorted(first, key=lambda r: (r.query_id, r.rank)):   # summed in rank order
         i = pos[r.query_id]
         neigh[i, filled[i]] = np.asarray(r.rvec, np.float32)
         filled[i] += 1
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # A failed read of the version checks its sha256: damage is named, with the way out.
         with reading_version(layout, args.version):
-            result = answer(spark, layout.root, args.version, args.run_dir, args.k)
+            result = answer(spark, layout.root, args.version, args.run_dir, args.k,
+                            args.expansion)
             write_atomically(result, args.run_dir / "neighbours")
         log.info("answered the queries of %s with %s", args.run_dir, args.version)
     finally:

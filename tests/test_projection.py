@@ -66,7 +66,7 @@ def test_auto_cross_validates_lda_inside_the_references() -> None:
     assert choice.projection.kind == "lda" and choice.requested == "auto"
     assert "cross-validation" in choice.reason
     kinds = {row["kind"] for row in choice.cv}
-    assert kinds == {"none", "lda"}
+    assert kinds == {"none", "whiten", "lda"}
     best = choice.projection.params
     assert best["shrinkage"] in P.LDA_SHRINKAGES and best["cv_precision_at_k"] > 0.5
     entry = choice.manifest_entry({"kind": "lda"})
@@ -91,6 +91,24 @@ def test_auto_falls_back_to_whitening_and_says_why(labels: str, why: str) -> Non
     assert why in choice.reason and "whiten" in choice.reason
     with pytest.raises(P.ProjectionError, match="projection lda asked for"):
         P.choose(P.stats_from_arrays(x, y), "lda", cv_vectors=x[y >= 0], cv_labels=y[y >= 0])
+
+
+def test_auto_falls_back_when_no_fold_can_fit_lda() -> None:
+    x, y = clustered()
+    y = np.full(y.size, -1)
+    y[:4] = [0, 0, 1, 1]                              # two classes of two: lda_ok, folds not
+    stats = P.stats_from_arrays(x, y)
+    choice = P.choose(stats, "auto", cv_vectors=x[:4], cv_labels=y[:4], min_coverage=0.0)
+    assert choice.projection.kind == "whiten" and "could not fit LDA" in choice.reason
+    with pytest.raises(P.ProjectionError, match="could not fit LDA"):
+        P.choose(stats, "lda", cv_vectors=x[:4], cv_labels=y[:4], min_coverage=0.0)
+
+
+def test_lda_refuses_classes_with_one_mean() -> None:
+    x = np.tile(np.eye(DIM)[:3], (4, 1)).astype(np.float32)   # every class the same 3 rows
+    y = np.repeat([0, 1, 2, 3], 3)
+    with pytest.raises(P.ProjectionError, match="same mean"):
+        P.fit_lda(P.stats_from_arrays(x, y), 0.1, 3)
 
 
 def test_auto_keeps_no_projection_when_labels_do_not_help() -> None:

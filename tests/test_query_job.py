@@ -149,3 +149,23 @@ def test_query_job_on_a_damaged_version_names_version_file_and_rollback(
     rel = part.relative_to(layout.models / VERSION).as_posix()
     assert VERSION in message and rel in message and "imgsim rollback" in message
     assert not (run_dir / "neighbours").exists()
+
+
+def test_main_hands_every_argument_to_the_search(spark, published, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--k and --expansion from the query DAG reach answer() (the expansion once did not)."""
+    seen: list[tuple] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_answer(*args):
+        seen.append(args)
+        raise Stop
+
+    monkeypatch.setattr(query_lsh, "answer", fake_answer)
+    monkeypatch.setattr(type(spark), "stop", lambda self: None)   # keep the shared session
+    with pytest.raises(Stop):
+        query_lsh.main(["--data-root", str(published.root), "--version", PROJECTED,
+                        "--run-dir", str(tmp_path), "--k", "7", "--expansion", "2"])
+    assert seen[0][2:] == (PROJECTED, tmp_path, 7, 2)

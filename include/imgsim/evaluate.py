@@ -72,7 +72,7 @@ def score(model: Any, queries: list[LabelledImage], raw: np.ndarray, k: int,
     for q, vec, ans in zip(queries, space, answers, strict=True):
         exact = exact_search(vec, model.vectors, k).indices
         approx = np.array([index_of[n.image_id] for n in ans.neighbours], dtype=int)
-        recalls.append(len(set(exact.tolist()) & set(approx.tolist())) / k)
+        recalls.append(len(set(exact.tolist()) & set(approx.tolist())) / max(len(exact), 1))
         shares.append(ans.candidates / n_ref)
         methods[ans.method] += 1
         for name, idx in (("lsh", approx), ("exact", exact)):
@@ -110,6 +110,9 @@ def evaluate(settings: Settings, queries: list[LabelledImage], *, version: str |
     good, bad = embed_files(backbone, [q.path for q in queries], batch_size=settings.batch_size,
                             max_pixels=settings.max_image_pixels)
     usable = [q for q in queries if str(q.path) in good]
+    if not usable:
+        raise ValueError(f"none of the {len(queries)} query images could be embedded: "
+                         f"{sorted({r.reason for r in bad.values()})}")
     raw = np.stack([good[str(q.path)] for q in usable])
     ref_class = [m["class_id"] for m in model.meta if m["class_id"] is not None]
     expansion = settings.query_expansion
@@ -183,9 +186,9 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
         proj = None if choice.projection.kind == "none" else choice.projection
         space = choice.projection.apply(x)
         t0 = time.perf_counter()
-        rows_for = lab if choice.projection.kind == "lda" else np.ones(len(x), bool)
-        held = holdout_tuning(choice, x[rows_for], y[rows_for], target=settings.target_recall,
-                              seed=settings.lsh_seed)
+        held = (holdout_tuning(choice, x[lab], y[lab], target=settings.target_recall,
+                               seed=settings.lsh_seed)
+                if choice.projection.kind == "lda" else None)
         if held is not None:                 # as the index does: tuned on held-out references
             c = held["choice"]
             tuned = LshConfig(c["tables"], c["keys_per_band"],

@@ -552,12 +552,13 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
     choice = choose(stats, plan["projection"], cv_vectors=x[labelled] if labelled.size else None,
                     cv_labels=y[labelled] if labelled.size else None, seed=plan["seed"],
                     min_coverage=plan["projection_min_coverage"])
-    rows = labelled if choice.projection.kind == "lda" else np.arange(len(ids))
-    if rows.size > CV_SAMPLE:
-        rows = np.sort(rng.choice(rows, CV_SAMPLE, replace=False))
-    with threadpool_limits(limits=1, user_api="blas"):
-        tuning = holdout_tuning(choice, x[rows], y[rows], target=plan["target_recall"],
-                                seed=plan["seed"])
+    # Held-out LSH tuning for a map learned from labels (whitening has no labels to hold
+    # out by; the fit job tunes it), on the same sample as the Spark engine's.
+    tuning = None
+    if choice.projection.kind == "lda":
+        with threadpool_limits(limits=1, user_api="blas"):
+            tuning = holdout_tuning(choice, x[labelled], y[labelled],
+                                    target=plan["target_recall"], seed=plan["seed"])
     write_choice(choice, out, tuning)
 
 

@@ -249,7 +249,11 @@ class _LdaBasis:
         vals = np.maximum(vals, 1e-12)
         g = (self.within_vecs.T @ self.between) / np.sqrt(vals)[:, None]    # whitened means
         left, sing, _ = np.linalg.svd(g, full_matrices=False)
-        keep = int(min(dims, self.classes - 1, int((sing > 1e-9 * sing[0]).sum())))
+        keep = int(min(dims, self.classes - 1, int((sing > 1e-9 * sing[0]).sum())
+                       if sing.size and sing[0] > 0 else 0))
+        if keep < 1:
+            raise ProjectionError("the labelled classes have the same mean vector: LDA finds "
+                                  "no direction that separates them")
         matrix = (self.within_vecs / np.sqrt(vals)[None, :]) @ left[:, :keep]
         params = {"shrinkage": float(shrinkage), "dims_requested": int(dims),
                   "classes": self.classes, "labelled_images": self.labelled}
@@ -332,7 +336,8 @@ def coverage(stats: Stats) -> dict[str, Any]:
 def cross_validate(x: np.ndarray, y: np.ndarray, *, folds: int, k: int, seed: int,
                    shrinkages: tuple[float, ...], dims: tuple[int, ...],
                    ) -> dict[tuple[str, float, int], list[tuple[float, float]]]:
-    """(precision@k, hit@1) per fold of ``none`` and of LDA for each (shrinkage, dims).
+    """(precision@k, hit@1) per fold of ``none``, ``whiten`` and LDA for each (shrinkage,
+    dims), on the folds where LDA can be fitted (so every candidate is scored on the same ones).
 
     Per fold: one eigendecomposition of the training folds' within-class scatter, one thin
     SVD per shrinkage; each smaller ``dims`` is a prefix of the largest's columns.
@@ -343,12 +348,16 @@ def cross_validate(x: np.ndarray, y: np.ndarray, *, folds: int, k: int, seed: in
         train, held = fold != f, fold == f
         if not held.any() or not train.any():
             continue
-        scores.setdefault(("none", 0.0, x.shape[1]), []).append(
-            label_precision(x[held], y[held], x[train], y[train], k))
+        tstats = stats_from_arrays(x[train], y[train])
         try:
-            basis = _LdaBasis.of(stats_from_arrays(x[train], y[train]))
+            basis = _LdaBasis.of(tstats)
         except ProjectionError:
             continue
+        scores.setdefault(("none", 0.0, x.shape[1]), []).append(
+            label_precision(x[held], y[held], x[train], y[train], k))
+        white = fit_whiten(tstats)
+        scores.setdefault(("whiten", WHITEN_SHRINKAGE, white.dims), []).append(
+            label_precision(white.apply(x[held]), y[held], white.apply(x[train]), y[train], k))
         for a in shrinkages:
             proj = basis.projection(a, max(dims))
             zt = (x[train].astype(np.float64) - proj.mean) @ proj.matrix
@@ -425,8 +434,11 @@ def _choose(stats: Stats, kind: str = "auto", *, cv_vectors: np.ndarray | None =
     pk = f"precision_at_{k}"
     ldas = [r for r in cv if r["kind"] == "lda"]
     if not ldas:
-        raise ProjectionError("cross-validation could not fit LDA on any fold: too few "
-                              "labelled references per class")
+        why = ("cross-validation could not fit LDA on any fold: too few labelled references "
+               "per class")
+        if kind == "lda":
+            raise ProjectionError(f"projection lda asked for, but {why}")
+        return Choice(fit_whiten(stats), f"{why}: whiten", cov, cv, time.perf_counter() - t0)
     best = max(ldas, key=lambda r: (r[pk] + r["hit_at_1"], r[pk], -r["dims"]))
     baseline = max((r for r in cv if r["kind"] != "lda"), key=lambda r: r[pk])
     if kind == "auto" and best[pk] <= baseline[pk]:

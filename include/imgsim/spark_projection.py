@@ -57,11 +57,13 @@ def labelled_sample(df: Any, size: int, seed: int, vector_col: str = "vector",
     """At most ``size`` labelled vectors (a seeded choice by image id), on the driver."""
     from pyspark.sql import functions as F
 
-    rows = (df.where(F.col(label_col).isNotNull())
-            .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed))).select(vector_col, label_col)
-            .limit(size).toPandas())
+    rows = (df.where(F.col(label_col).isNotNull() & (F.col(label_col) >= 0))
+            .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
+            .select("image_id", vector_col, label_col).limit(size).toPandas())
     if rows.empty:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    # In image id order, as the task's engine holds them, so both draw the same folds.
+    rows = rows.sort_values("image_id", kind="stable")
     x = np.stack(rows[vector_col].map(lambda v: np.asarray(v, np.float32)).to_list())
     return x, rows[label_col].astype(np.int64).to_numpy()
 
