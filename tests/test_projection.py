@@ -81,7 +81,7 @@ def test_auto_cross_validates_lda_inside_the_references() -> None:
     ("few", "labels cover 6 of"),
 ])
 def test_auto_falls_back_to_whitening_and_says_why(labels: str, why: str) -> None:
-    x, y = clustered()
+    x, y = clustered(per_class=20)
     y = {"none": np.full(y.size, -1), "one class": np.zeros(y.size, int),
          "one per class": np.arange(y.size),
          "few": np.where(np.arange(y.size) < 6, y, -1)}[labels]
@@ -93,8 +93,18 @@ def test_auto_falls_back_to_whitening_and_says_why(labels: str, why: str) -> Non
         P.choose(P.stats_from_arrays(x, y), "lda", cv_vectors=x[y >= 0], cv_labels=y[y >= 0])
 
 
+def test_too_few_references_are_not_whitened() -> None:
+    x, y = clustered(classes=27, per_class=1)                  # a small first index
+    x = np.concatenate([x, x[:1] + 0.01])
+    y = np.concatenate([y, y[:1]])
+    choice = P.choose(P.stats_from_arrays(x, y), "auto", cv_vectors=x, cv_labels=y)
+    assert choice.projection.kind == "none" and "too few references" in choice.reason
+    white = P.fit_whiten(P.stats_from_arrays(x, y))             # asked for: few dimensions
+    assert white.dims == (len(x) - 1) // 4
+
+
 def test_auto_falls_back_when_no_fold_can_fit_lda() -> None:
-    x, y = clustered()
+    x, y = clustered(per_class=20)
     y = np.full(y.size, -1)
     y[:4] = [0, 0, 1, 1]                              # two classes of two: lda_ok, folds not
     stats = P.stats_from_arrays(x, y)
@@ -122,7 +132,7 @@ def test_auto_keeps_no_projection_when_labels_do_not_help() -> None:
 
 
 def test_none_and_whiten_on_request() -> None:
-    x, y = clustered()
+    x, y = clustered(per_class=20)
     stats = P.stats_from_arrays(x, y)
     assert P.choose(stats, "none").projection.kind == "none"
     white = P.choose(stats, "whiten").projection

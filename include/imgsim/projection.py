@@ -51,6 +51,9 @@ LDA_DIMS = (32, 64, 128, 256)
 #: whitening (no labels to cross-validate with): fixed regularisation and dimensions
 WHITEN_SHRINKAGE = 0.1
 WHITEN_DIMS = 256
+#: whitening keeps at most (references - 1) / 4 dimensions (n points whitened in n - 1
+#: dimensions become equidistant), and auto does not whiten fewer references than this
+MIN_WHITEN_REFERENCES = 100
 #: ``auto`` takes ``lda`` when at least this share of the references is labelled ...
 MIN_LABEL_COVERAGE = 0.5
 #: ... by at least this many classes with at least two labelled references each
@@ -275,7 +278,7 @@ def fit_whiten(stats: Stats, dims: int = WHITEN_DIMS,
     mean = stats.total_sum / stats.n
     cov = stats.total_outer / stats.n - np.outer(mean, mean)
     vals, vecs = _eigh_desc(cov)
-    keep = int(min(dims, stats.dim, stats.n - 1))
+    keep = int(min(dims, stats.dim, max(1, (stats.n - 1) // 4)))
     reg = (1.0 - shrinkage) * vals[:keep] + shrinkage * float(vals.mean())
     matrix = vecs[:, :keep] / np.sqrt(np.maximum(reg, 1e-12))[None, :]
     return Projection("whiten", mean, matrix, {"shrinkage": float(shrinkage),
@@ -415,9 +418,10 @@ def _choose(stats: Stats, kind: str = "auto", *, cv_vectors: np.ndarray | None =
         raise ProjectionError(f"projection lda asked for, but {why_not}: label more references "
                               "(IMGSIM_LABELS_URL) or use auto/whiten")
     if kind == "whiten" or (kind == "auto" and not lda_ok):
-        if stats.n < 3:
-            return Choice(identity(stats.dim), f"{why_not}; too few references to whiten "
-                          f"({stats.n}): none", cov, cv, time.perf_counter() - t0)
+        if stats.n < (3 if kind == "whiten" else MIN_WHITEN_REFERENCES):
+            return Choice(identity(stats.dim), f"{why_not}; too few references to learn a "
+                          f"whitening from ({stats.n}, fewer than {MIN_WHITEN_REFERENCES}): "
+                          "none", cov, cv, time.perf_counter() - t0)
         reason = "asked for whiten" if kind == "whiten" else f"{why_not}: whiten"
         return Choice(fit_whiten(stats), reason, cov, cv, time.perf_counter() - t0)
 
@@ -438,6 +442,9 @@ def _choose(stats: Stats, kind: str = "auto", *, cv_vectors: np.ndarray | None =
                "per class")
         if kind == "lda":
             raise ProjectionError(f"projection lda asked for, but {why}")
+        if stats.n < MIN_WHITEN_REFERENCES:
+            return Choice(identity(stats.dim), f"{why}; too few references to whiten: none",
+                          cov, cv, time.perf_counter() - t0)
         return Choice(fit_whiten(stats), f"{why}: whiten", cov, cv, time.perf_counter() - t0)
     best = max(ldas, key=lambda r: (r[pk] + r["hit_at_1"], r[pk], -r["dims"]))
     baseline = max((r for r in cv if r["kind"] != "lda"), key=lambda r: r[pk])
