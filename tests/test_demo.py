@@ -25,7 +25,7 @@ def test_demo_archive_is_deterministic_and_in_the_stanford_layout(tmp_path: Path
         names = tar.getnames()
     assert len(names) == 48 and names[0] == "car_ims/000001.jpg"
     recs = read_labels(labels)
-    assert len(recs) == 48 and recs["000001.jpg"].class_name == "Synthetic Red Sedan"
+    assert len(recs) == 48 and recs["car_ims/000001.jpg"].class_name == "Synthetic Red Sedan"
     assert synthetic_car(0, 0) != synthetic_car(0, 1)
 
 
