@@ -133,7 +133,7 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             # ---- imgsim_index on the cluster
             t0 = time.monotonic()
             index_run = backfill_one_day(c, "imgsim_index", "2026-01-01")
-            c.api.wait_for_run("imgsim_index", index_run, timeout=600)
+            c.api.wait_for_run("imgsim_index", index_run, timeout=900)
             index_s = time.monotonic() - t0
             from imgsim.models import current_version, read_manifest
 
