@@ -179,6 +179,7 @@ def test_cli_query_prints_the_reference_photo_first(first_query: dict[str, Any],
     first = next(line for line in table if line.strip().startswith("1 "))
     assert photo.name in first and "0.0000" in first
     assert (tmp_path / "contact_sheet.png").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["engine"] == "local"
 
 
 def test_rollback_makes_the_next_query_run_use_the_older_version(
