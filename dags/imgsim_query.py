@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 from imgsim.config import Settings
 
 SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
+#: the engine that answers (imgsim.query.choose_engine) -> the task that follows embed
+QUERY_ROUTES = {"local": "write_results", "spark": "lookup"}
 DEFAULTS = Settings.from_env()
 
 DOC = """
@@ -24,16 +26,20 @@ images, as data (`results.json`, `results.csv`) and as pictures (`contact_sheet.
 Drop photos into `queries/inbox/` (they are picked up by the next scheduled run) or name files
 in the trigger form. The run pins the model version when it starts (the current one, or the
 one given), embeds the queries with exactly the backbone and weights recorded in that version's
-manifest, looks them up in one Spark job (`spark_jobs/query_lsh.py`), writes the results and
-moves answered photos to `queries/processed/<run>/` (unusable ones to `queries/rejected/<run>/`,
-with the reason in the results). A photo already answered by the same version is not answered
-again.
+manifest, looks them up, writes the results and moves answered photos to
+`queries/processed/<run>/` (unusable ones to `queries/rejected/<run>/`, with the reason in the
+results). A photo already answered by the same version is not answered again.
+
+Few queries (at most `IMGSIM_QUERY_LOCAL_MAX`, default 200) are answered in the `embed` task by
+the in-process twin of the published model, without starting a JVM; more by one Spark job
+(`spark_jobs/query_lsh.py`). Both give the same neighbours; `results.json` and the
+`write_results` return value say which `engine` answered (`local` or `spark`).
 
 | task | what it does |
 | --- | --- |
 | `collect` | inbox + Params, ids, version pinned, already-answered ones marked |
-| `embed` | the manifest's backbone (a different one is an error), bad images recorded with the reason |
-| `lookup` | spark-submit: approxSimilarityJoin over all queries, top k per query |
+| `embed` | the manifest's backbone (a different one is an error), bad images recorded with the reason; picks the engine and, for `local`, answers the queries in-process |
+| `lookup` | engine `spark` only: spark-submit `query_lsh.py`, top k per query over all queries |
 | `write_results` | JSON, CSV, contact sheet, HTML gallery; ledger; inbox emptied |
 """
 
@@ -68,11 +74,13 @@ def imgsim_query() -> None:
         return query.collect(Settings.from_env(), run_id, list(params["image_paths"]),
                              params["k"], params["version"] or None)
 
-    @task
-    def embed(plan: dict[str, Any]) -> dict[str, Any]:
+    @task.branch
+    def embed(plan: dict[str, Any]) -> str:
         from imgsim import query
 
-        return query.embed(Settings.from_env(), plan["run_dir"])
+        done = query.embed_and_route(Settings.from_env(), plan["run_dir"])
+        get_current_context()["ti"].xcom_push(key="embedded", value=done)
+        return QUERY_ROUTES[done["engine"]]
 
     plan = "ti.xcom_pull(task_ids='collect')"
     lookup = SparkSubmitOperator(
@@ -90,14 +98,17 @@ def imgsim_query() -> None:
         ],
     )
 
-    @task
+    @task(trigger_rule="none_failed_min_one_success")
     def write_results(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim import query
 
         return query.finalize(Settings.from_env(), plan["run_dir"])
 
     planned = collect()
-    embed(planned) >> lookup >> write_results(planned)  # type: ignore[operator]
+    embedded = embed(planned)
+    written = write_results(planned)
+    embedded >> lookup >> written  # type: ignore[operator]
+    embedded >> written  # type: ignore[operator]
 
 
 imgsim_query()

@@ -10,10 +10,10 @@ threshold above the largest possible distance returns every (query, reference) p
 a bucket in at least one hash table, with its distance: exactly the candidates Spark's
 ``approxNearestNeighbors`` compares, for all queries at once. The k nearest per query are kept.
 Writes ``<run-dir>/neighbours`` (Parquet: query_id, rank, image_id, path, class_id, class_name,
-distance, candidates); a query with no candidate gets one row with a null image_id. The
-version's file sizes are checked before Spark starts and its sha256 when a read fails
-(:func:`imgsim.models.reading_version`): a damaged version fails the job with
-``VersionDamaged``, naming the file and ``imgsim rollback``.
+distance, candidates, method), as :func:`imgsim.query.answer_locally` does for small runs; a
+query with no candidate gets one row with a null image_id. The version's file sizes are checked
+before Spark starts and its sha256 when a read fails (:func:`imgsim.models.reading_version`): a
+damaged version fails the job with ``VersionDamaged``, naming the file and ``imgsim rollback``.
 
 A version whose manifest records AND-amplified bands or multi-probe (``lsh.keys_per_band`` > 1
 or ``lsh.probes`` > 0) is answered by joining on band keys instead: the reference table's

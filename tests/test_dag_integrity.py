@@ -36,6 +36,8 @@ out = {
     "dags": {d.dag_id: {"tags": sorted(d.tags), "doc": bool(d.doc_md),
                         "max_active_runs": d.max_active_runs,
                         "retries": {t.task_id: t.retries for t in d.tasks},
+                        "wiring": {t.task_id: [t.trigger_rule, sorted(t.downstream_task_ids)]
+                                   for t in d.tasks},
                         "spark_args": {t.task_id: list(getattr(t, "application_args", None)
                                                        or getattr(t, "_application_args", None)
                                                        or []) for t in d.tasks}}
@@ -83,6 +85,17 @@ def test_dag_file_integrity(dag_file: Path, airflow_env: dict[str, str]) -> None
             key = value.strip("<>")
             templated = args[args.index(flag) + 1]
             assert (f"['{key}']" in templated) or (key == "run_id" and "run_id" in templated)
+
+
+    if dag_file.stem == "imgsim_query":
+        # embed picks the engine: write_results directly (in-process answer) or the Spark
+        # lookup first; write_results runs after either (the other is skipped).
+        wiring = result["dags"]["imgsim_query"]["wiring"]
+        assert wiring["embed"][1] == ["lookup", "write_results"]
+        assert wiring["lookup"][1] == ["write_results"]
+        assert wiring["write_results"][0] == "none_failed_min_one_success"
+        args = result["dags"]["imgsim_query"]["spark_args"]["lookup"]
+        assert "query_expansion" in args[args.index("--expansion") + 1]
 
 
 def test_every_dag_file_is_checked() -> None:

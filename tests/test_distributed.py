@@ -123,7 +123,9 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                  "IMGSIM_PROJECTION_ENGINE": "spark",
                  # Only the runs this test starts: no scheduled run of either DAG.
                  "IMGSIM_INDEX_START_DATE": "2099-01-01",
-                 "IMGSIM_QUERY_SCHEDULE": "0 0 29 2 *"}
+                 "IMGSIM_QUERY_SCHEDULE": "0 0 29 2 *",
+                 # Every query run by the Spark job on the cluster (not in the embed task).
+                 "IMGSIM_QUERY_LOCAL_MAX": "0"}
         with cluster(tmp_path / "cluster", extra, failure_logs) as c:
             up = time.monotonic() - started
             for dag_id in ("imgsim_index", "imgsim_query"):
@@ -167,6 +169,7 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             assert len(results_dirs) == 1
             results = json.loads((results_dirs[0] / "results.json").read_text())
             assert results["model_version"] == manifest["version"]
+            assert results["engine"] == "spark"
             answered = {q["query_name"]: q for q in results["queries"]}
             assert set(answered) == {f"q_{r['image']}" for r in queries}
             for name, q in answered.items():

@@ -113,6 +113,8 @@ def test_query_run_answers_every_valid_photo(first_query: dict[str, Any],
     assert set(by_name) == {"ref_" + p.name for p in first_query["ref"]} | {
         "new_" + p.name for p in first_query["new"]} | {"broken.jpg"}
     assert results["model_version"] == versions[-1]
+    # Few photos (<= IMGSIM_QUERY_LOCAL_MAX): answered in the embed task, no Spark lookup.
+    assert results["engine"] == "local"
     bad = by_name.pop("broken.jpg")
     assert bad["status"] == "rejected" and bad["reason"] == "not_an_image"
     for name, q in by_name.items():
@@ -177,6 +179,7 @@ def test_cli_query_prints_the_reference_photo_first(first_query: dict[str, Any],
     first = next(line for line in table if line.strip().startswith("1 "))
     assert photo.name in first and "0.0000" in first
     assert (tmp_path / "contact_sheet.png").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["engine"] == "local"
 
 
 def test_rollback_makes_the_next_query_run_use_the_older_version(

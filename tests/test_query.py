@@ -218,3 +218,177 @@ def test_the_spark_query_job_checks_sizes_before_spark_starts(
         query_lsh.main(["--data-root", str(published.data_root), "--version", version,
                         "--run-dir", str(tmp_path / "run"), "--k", "3"])
     assert_names_damage(str(err.value), version, rel)
+
+
+# -- small runs without a JVM (issue 15 item 7) --------------------------------------------------
+
+NEIGHBOUR_COLUMNS = ["query_id", "rank", "image_id", "path", "class_id", "class_name",
+                     "distance", "candidates", "method"]
+
+
+def test_choose_engine_answers_up_to_the_threshold_in_process() -> None:
+    assert query.choose_engine(0, 0) == "local"          # nothing to answer: no JVM either
+    assert query.choose_engine(1, 0) == "spark"
+    assert query.choose_engine(200, 200) == "local"
+    assert query.choose_engine(201, 200) == "spark"
+    with pytest.raises(ValueError, match="must be >= 0"):
+        query.choose_engine(3, -1)
+
+
+def fake_embedding(monkeypatch: pytest.MonkeyPatch, dim: int = 6) -> dict[str, Any]:
+    """The embed task's backbone replaced by fixed vectors per file (build_version's 6-d
+    space); returns {path: vector}."""
+    import numpy as np
+
+    import imgsim.lookup
+
+    made: dict[str, Any] = {}
+
+    def embed_files(backbone: Any, paths: list[Path], **_: Any) -> tuple[dict, dict]:
+        rng = np.random.default_rng(len(made))
+        for p in paths:
+            made[str(p)] = rng.normal(size=dim).astype(np.float32)
+        return {str(p): made[str(p)] for p in paths}, {}
+
+    monkeypatch.setattr(imgsim.lookup, "load_query_backbone", lambda *a, **k: object())
+    monkeypatch.setattr(imgsim.lookup, "embed_files", embed_files)
+    return made
+
+
+@pytest.mark.parametrize("expansion", [0, 1], ids=["plain", "expanded"])
+def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, expansion: int) -> None:
+    import numpy as np
+
+    from imgsim.lookup import load_model, lookup
+
+    settings = replace(settings, query_expansion=expansion)
+    layout = settings.layout
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)]
+    paths = [photo(query.inbox(layout) / f"q{i}.jpg", c) for i, c in enumerate(colours)]
+    made = fake_embedding(monkeypatch)
+    plan = query.collect(settings, "manual__7", [], k=5)
+    assert plan["query_expansion"] == expansion
+    out = query.embed_and_route(settings, plan["run_dir"])
+    assert out["engine"] == "local" and out["embedded"] == 4
+    run_dir = Path(plan["run_dir"])
+    assert read_json(run_dir / "queries.json")["engine"] == "local"
+
+    table = pq.read_table(run_dir / "neighbours")
+    assert sorted(table.column_names) == sorted(NEIGHBOUR_COLUMNS)
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types == {"query_id": "string", "rank": "int32", "image_id": "string",
+                     "path": "string", "class_id": "int32", "class_name": "string",
+                     "distance": "double", "candidates": "int64", "method": "string"}
+    # What the in-process twin answers for the same (unit) vectors, k and expansion.
+    ids = [sha256_file(p) for p in paths]
+    vectors = np.stack([made[str(p.absolute())] for p in paths])
+    answers = lookup(load_model(layout, VERSION), vectors, 5, expansion)
+    rows = table.to_pylist()
+    for qid, ans in zip(ids, answers, strict=True):
+        mine = sorted((r for r in rows if r["query_id"] == qid), key=lambda r: r["rank"])
+        assert [(r["rank"], r["image_id"], r["path"], r["class_id"], r["class_name"])
+                for r in mine] == [(n.rank, n.image_id, n.path, n.class_id, n.class_name)
+                                   for n in ans.neighbours]
+        assert [r["distance"] for r in mine] == pytest.approx(
+            [n.distance for n in ans.neighbours], abs=1e-6)
+        assert {(r["candidates"], r["method"]) for r in mine} == {(ans.candidates, ans.method)}
+        assert len(mine) == 5                      # widened or exact when the LSH finds few
+    assert len(rows) == 20
+
+    done = query.finalize(settings, plan["run_dir"])
+    assert done["engine"] == "local" and done["answered"] == 4
+    results = read_json(run_dir / "results.json")
+    assert results["engine"] == "local"
+    by_id = {q["query_id"]: q for q in results["queries"]}
+    for qid, ans in zip(ids, answers, strict=True):
+        assert [n["image_id"] for n in by_id[qid]["neighbours"]] == [
+            n.image_id for n in ans.neighbours]
+        assert by_id[qid]["method"] == ans.method
+
+
+def test_a_large_run_is_left_to_the_spark_job(settings: Settings,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = replace(settings, query_local_max=1)
+    layout = settings.layout
+    for i, c in enumerate([(200, 0, 0), (0, 200, 0)]):
+        photo(query.inbox(layout) / f"q{i}.jpg", c)
+    fake_embedding(monkeypatch)
+    plan = query.collect(settings, "manual__8", [], k=2)
+    out = query.embed_and_route(settings, plan["run_dir"])
+    run_dir = Path(plan["run_dir"])
+    assert out["engine"] == "spark" and out["embedded"] == 2
+    assert read_json(run_dir / "queries.json")["engine"] == "spark"
+    assert not (run_dir / "neighbours").exists()            # the job's to write
+    write_neighbours(run_dir, [])                           # what a job with no rows leaves
+    done = query.finalize(settings, plan["run_dir"])
+    assert done["engine"] == "spark"
+    assert read_json(run_dir / "results.json")["engine"] == "spark"
+
+
+def test_a_query_without_neighbours_gets_the_jobs_null_row(tmp_path: Path) -> None:
+    from imgsim.lookup import Answer, Neighbour
+
+    answers = [Answer([], 0, "exact"),
+               Answer([Neighbour(1, "r1", "images/a.jpg", None, None, 0.25)], 3, "lsh")]
+    table = query.neighbours_table(["q0", "q1"], answers)
+    assert table.column_names == NEIGHBOUR_COLUMNS
+    assert table.to_pylist() == [
+        {"query_id": "q0", "rank": None, "image_id": None, "path": None, "class_id": None,
+         "class_name": None, "distance": None, "candidates": 0, "method": "exact"},
+        {"query_id": "q1", "rank": 1, "image_id": "r1", "path": "images/a.jpg",
+         "class_id": None, "class_name": None, "distance": 0.25, "candidates": 3,
+         "method": "lsh"}]
+    with pytest.raises(ValueError, match="2 query ids but 1 answers"):
+        query.neighbours_table(["q0", "q1"], answers[:1])
+    # Written as a Parquet directory that replaces an older one only when complete.
+    target = tmp_path / "run" / "neighbours"
+    query.write_neighbours(query.neighbours_table(["q0"], answers[:1]), target)
+    query.write_neighbours(table, target)
+    assert pq.read_table(target).num_rows == 2
+    assert [p.name for p in target.parent.iterdir()] == ["neighbours"]
+    neighbours, counts = query.read_neighbours(target.parent)
+    assert counts == {"q0": 0, "q1": 3} and [r["image_id"] for r in neighbours["q1"]] == ["r1"]
+
+
+def test_the_spark_query_job_passes_query_expansion_on(
+        published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DAG hands --expansion to spark_jobs/query_lsh.py; main() must search with it."""
+    import sys
+
+    from imgsim.models import current_version
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
+    import query_lsh
+
+    class FakeSpark:
+        def stop(self) -> None:
+            pass
+
+    class Builder:
+        @staticmethod
+        def appName(name: str) -> Any:
+            return Builder
+
+        @staticmethod
+        def getOrCreate() -> FakeSpark:
+            return FakeSpark()
+
+    class Answered(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def answer(spark: Any, root: Path, version: str, run_dir: Path, k: int,
+               expansion: int = 0) -> Any:
+        seen.update(k=k, expansion=expansion)
+        raise Answered
+
+    monkeypatch.setattr(query_lsh.SparkSession, "builder", Builder)
+    monkeypatch.setattr(query_lsh, "answer", answer)
+    version = current_version(published.layout)
+    assert version
+    with pytest.raises(Answered):
+        query_lsh.main(["--data-root", str(published.data_root), "--version", version,
+                        "--run-dir", str(tmp_path / "run"), "--k", "3", "--expansion", "2"])
+    assert seen == {"k": 3, "expansion": 2}

@@ -144,7 +144,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             entry["note"] = answer_note(ans.method, len(ans.neighbours), args.k, len(model.ids))
         queries.append(entry)
     results = {"run_id": run_id, "model_version": model.version, "k": args.k,
-               "created_at": stamp.isoformat(), "queries": queries}
+               "created_at": stamp.isoformat(), "engine": "local", "queries": queries}
     out = Path(args.out) if args.out else layout.queries / "results" / run_id
     files = write_results(out, results, layout)
     print(f"model version {model.version} ({model.manifest['backbone']['name']}, "

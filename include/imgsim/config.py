@@ -264,6 +264,7 @@ class Settings:
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
     projection_local_max: int = 200_000  # auto: learn in the task up to this many references
     query_expansion: int = 0         # search again with each query + its first N answers (0 off)
+    query_local_max: int = 200       # imgsim_query: up to this many queries in the task, else Spark
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -320,6 +321,7 @@ class Settings:
                                                       "IMGSIM_PROJECTION_ENGINE"),
             projection_local_max=_env_int("IMGSIM_PROJECTION_LOCAL_MAX", 200_000, minimum=1),
             query_expansion=_env_int("IMGSIM_QUERY_EXPANSION", 0),
+            query_local_max=_env_int("IMGSIM_QUERY_LOCAL_MAX", 200),
         )
 
     @property

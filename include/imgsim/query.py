@@ -1,4 +1,9 @@
-"""The query pipeline's task bodies: collect -> embed -> (Spark lookup) -> finalize.
+"""The query pipeline's task bodies: collect -> embed (+ answer) -> (Spark lookup) -> finalize.
+
+A run with few queries (at most ``IMGSIM_QUERY_LOCAL_MAX``) is answered in the embed task by
+the in-process twin of the published model (:func:`imgsim.lookup.lookup`); a larger one by the
+Spark job ``spark_jobs/query_lsh.py``. Both write the same ``neighbours/`` table, which
+:func:`finalize` turns into the results; the run records which engine answered.
 
 Each run works in ``queries/results/<run>/`` and pins one model version at collect time, so a
 publish or rollback during the run cannot mix versions. A query image is identified by the
@@ -22,6 +27,8 @@ log = logging.getLogger(__name__)
 
 ANSWERED, REJECTED, ALREADY = "answered", "rejected", "already_answered"
 PENDING = "pending"
+#: who answers a run's queries: the embed task in-process, or the Spark job
+ENGINES = ("local", "spark")
 
 
 def inbox(layout: Layout) -> Path:
@@ -138,8 +145,114 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
             "rejected": sum(q["status"] == REJECTED for q in plan["queries"])}
 
 
+def choose_engine(queries: int, local_max: int) -> str:
+    """``local`` for at most ``local_max`` queries (no JVM to start), else ``spark``."""
+    if queries < 0 or local_max < 0:
+        raise ValueError(f"queries ({queries}) and local_max ({local_max}) must be >= 0")
+    return "local" if queries <= local_max else "spark"
+
+
+def neighbours_table(query_ids: list[str], answers: list[Any]) -> Any:
+    """The Spark job's ``neighbours`` table (:func:`neighbours_schema`) from
+    :func:`imgsim.lookup.lookup` answers: one row per neighbour; a query without any gets one
+    row with a null image_id, as the job writes it."""
+    import pyarrow as pa
+
+    if len(query_ids) != len(answers):
+        raise ValueError(f"{len(query_ids)} query ids but {len(answers)} answers")
+    rows: list[dict[str, Any]] = []
+    for qid, ans in zip(query_ids, answers, strict=True):
+        base = {"query_id": qid, "candidates": int(ans.candidates), "method": ans.method}
+        if not ans.neighbours:
+            rows.append({**base, "rank": None, "image_id": None, "path": None,
+                         "class_id": None, "class_name": None, "distance": None})
+        rows.extend({**base, "rank": n.rank, "image_id": n.image_id, "path": n.path,
+                     "class_id": n.class_id, "class_name": n.class_name,
+                     "distance": float(n.distance)} for n in ans.neighbours)
+    return pa.Table.from_pylist(rows, schema=neighbours_schema())
+
+
+def neighbours_schema() -> Any:
+    """Columns of ``neighbours/``, as both engines write them (the job's Spark types)."""
+    import pyarrow as pa
+
+    return pa.schema([("query_id", pa.string()), ("rank", pa.int32()),
+                      ("image_id", pa.string()), ("path", pa.string()),
+                      ("class_id", pa.int32()), ("class_name", pa.string()),
+                      ("distance", pa.float64()), ("candidates", pa.int64()),
+                      ("method", pa.string())])
+
+
+def write_neighbours(table: Any, target: Path) -> None:
+    """Write ``table`` as the Parquet directory ``target`` (as the Spark job does): built
+    beside it, then renamed into place; an older one is replaced only once the new one is
+    complete."""
+    import shutil
+    import uuid
+
+    from imgsim.fsutil import TMP_PREFIX, fsync_dir
+    from imgsim.store import write_parquet_atomic
+
+    tag = uuid.uuid4().hex[:8]
+    tmp = target.parent / f"{TMP_PREFIX}{target.name}-{tag}"
+    old = target.parent / f"{TMP_PREFIX}{target.name}-old-{tag}"
+    try:
+        write_parquet_atomic(table, tmp / "part-00000.parquet")
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def answer_locally(settings: Settings, run_dir: str) -> dict[str, Any]:
+    """Answer the run's embedded queries in-process (:func:`imgsim.lookup.lookup` with the
+    pinned version, ``k`` and ``query_expansion``); writes ``neighbours/`` as the Spark job
+    would."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from imgsim.lookup import load_model, lookup
+
+    rdir = Path(run_dir)
+    plan = read_json(rdir / "queries.json")
+    table = pq.read_table(rdir / "query_vectors.parquet")
+    ids = table.column("query_id").to_pylist()
+    answers: list[Any] = []
+    if ids:
+        model = load_model(settings.layout, plan["model_version"])
+        vectors = np.asarray(table.column("vector").combine_chunks().flatten()
+                             .to_numpy(zero_copy_only=False), np.float32).reshape(len(ids), -1)
+        answers = lookup(model, vectors, int(plan["k"]),
+                         int(plan.get("query_expansion") or 0))
+    write_neighbours(neighbours_table(ids, answers), rdir / "neighbours")
+    methods = {m: sum(a.method == m for a in answers) for m in {a.method for a in answers}}
+    log.info("answered %d queries in-process with %s: %s", len(ids), plan["model_version"],
+             methods)
+    return {"answered": len(ids), "methods": methods}
+
+
+def embed_and_route(settings: Settings, run_dir: str) -> dict[str, Any]:
+    """The embed task: embed, pick the engine (:func:`choose_engine` on the embedded count and
+    ``IMGSIM_QUERY_LOCAL_MAX``), record it in ``queries.json`` and, for ``local``, answer."""
+    summary = embed(settings, run_dir)
+    engine = choose_engine(summary["embedded"], settings.query_local_max)
+    rdir = Path(run_dir)
+    plan = read_json(rdir / "queries.json")
+    plan["engine"] = engine
+    atomic_write_json(rdir / "queries.json", plan)
+    log.info("%d queries embedded: answered by %s (IMGSIM_QUERY_LOCAL_MAX=%d)",
+             summary["embedded"], "the Spark job" if engine == "spark" else "this task",
+             settings.query_local_max)
+    if engine == "local":
+        answer_locally(settings, run_dir)
+    return {**summary, "engine": engine}
+
+
 def read_neighbours(run_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
-    """The Spark job's output: neighbours per query id (ranked) and candidate counts."""
+    """``neighbours/`` (either engine's): neighbours per query id (ranked) and candidate counts."""
     import pyarrow.parquet as pq
 
     out: dict[str, list[dict[str, Any]]] = {}
@@ -166,6 +279,7 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     plan = read_json(rdir / "queries.json")
     version, k = plan["model_version"], plan["k"]
     neighbours, counts = read_neighbours(rdir)
+    plan["engine"] = plan.get("engine") or "spark"       # runs before the engine choice: Spark
     methods = {qid: str(rows[0].get("method") or "lsh") for qid, rows in neighbours.items()}
     indexed = int(read_manifest(layout, version)["counts"]["indexed"])
     for q in plan["queries"]:
@@ -203,5 +317,5 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     summary = {s: sum(q["status"] == s for q in plan["queries"])
                for s in (ANSWERED, REJECTED, ALREADY)}
     log.info("results for %d queries in %s: %s", len(plan["queries"]), rdir, summary)
-    return {"run_dir": run_dir, "model_version": version, **summary,
+    return {"run_dir": run_dir, "model_version": version, "engine": plan["engine"], **summary,
             "files": {k: str(v) for k, v in paths.items()}}

@@ -2,9 +2,9 @@
 
 ``results`` is the run's results dict (the content of results.json)::
 
-    {"run_id", "model_version", "k", "created_at",
+    {"run_id", "model_version", "k", "created_at", "engine" ("local": in-process; "spark"),
      "queries": [{"query_id", "query_name", "query_path", "query_copy"?, "status",
-                  "reason", "detail", "model_version", "candidates", "found", "note",
+                  "reason", "detail", "model_version", "candidates", "found", "note", "method",
                   "neighbours": [{"rank", "image_id", "path", "class_id", "class_name",
                                   "distance"}]}]}
 
