@@ -49,7 +49,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--window-size=1440,1000"]
 
 STARTUP_TIMEOUT_S = 150
-RUN_TIMEOUT_S = 330
+RUN_TIMEOUT_S = 600   # the index run: about 100-200 s alone, more on a loaded machine
 UI_TIMEOUT_S = 30
 UPLOAD_TIMEOUT_S = 120
 
