@@ -35,7 +35,7 @@ import pytest
 from imgsim.demo import build_demo_archive, serve_directory, synthetic_car
 
 pytestmark = [pytest.mark.browser, pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow,
-              pytest.mark.timeout(600)]
+              pytest.mark.timeout(900)]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHOTS = PROJECT_ROOT / "test-output" / "browser"
