@@ -10,6 +10,10 @@ STAMP := $(VENV)/.imgsim-installed
 # The embedded default's environment (Airflow home, DAG folder, spark_default, Spark paths).
 ENV = eval "$$($(VENV)/bin/imgsim env)"
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many processes, one test file per process at a time
+# (pytest-xdist), slowest files first (tests/conftest.py): the slow tests mostly wait on
+# schedulers, JVMs and sleeps.
+TEST_WORKERS ?= 2
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -33,8 +37,8 @@ install: $(STAMP) ## create .venv from requirements.lock (pinned) and install im
 demo: $(STAMP) ## set up, then index the offline demo archive (or IMGSIM_ARCHIVE_URL) and print the summary
 	$(VENV)/bin/imgsim demo
 
-test: $(STAMP) ## set up, then run the whole test suite (every marker)
-	$(ENV) && $(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## set up, then run the whole test suite (every marker), TEST_WORKERS files at a time
+	$(ENV) && $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser markers)
 	$(ENV) && $(PY) -m pytest -m "not slow and not spark and not airflow and not browser" $(PYTEST_ARGS)

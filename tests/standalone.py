@@ -148,7 +148,11 @@ def standalone(env: dict[str, str], log: Path) -> Iterator[Airflow]:
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
            "AIRFLOW__CORE__PARALLELISM": "4",
            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30"}
+           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+           # the scheduler's and triggerer's log servers (8793/8794 by default): free ports,
+           # so that two standalones (parallel test processes) do not collide
+           "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+           "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port())}
     with open(log, "w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT,

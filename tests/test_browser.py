@@ -328,6 +328,9 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
             "AIRFLOW__API__PORT": str(port),
             # Task runners report to the execution API; its default URL assumes port 8080.
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            # Log servers on free ports, not 8793/8794 (another standalone may run beside).
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             # Only the runs this test triggers (no scheduled run once a DAG is unpaused).
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
             "IMGSIM_DATA_ROOT": str(tmp_path / "data"),

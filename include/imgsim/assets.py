@@ -1,4 +1,6 @@
-"""Airflow Assets, defined once: the index DAG produces them, the query DAG consumes them."""
+"""Airflow Assets, defined once. The index DAG's publish task emits :data:`LSH_MODEL` with each
+new version (it shows in the UI's asset graph and lets other DAGs schedule on a new model); the
+query DAG runs on its own timetable and reads ``CURRENT`` when it runs, so it consumes nothing."""
 
 from __future__ import annotations
 

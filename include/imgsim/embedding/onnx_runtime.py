@@ -7,9 +7,10 @@
   uint8 weights and uint8 activations: "U8U8"). Signed int8 weights (U8S8) saturate the 16-bit
   intermediate sums of x86 CPUs without VNNI (ONNX Runtime's documented caveat): on such a CPU
   efficientnet_lite0's U8S8 vectors fell to cosine 0.80 with fp32 on 40 real photos; U8U8 keeps
-  0.988 at worst (7-bit signed weights, the other remedy, 0.955). The activation ranges are calibrated on a fixed,
-  deterministic set of images drawn by :func:`imgsim.demo.synthetic_car`, so the index and the
-  query side rebuild the very same int8 model anywhere, offline, without the reference data.
+  0.988 at worst (7-bit signed weights, the other remedy, 0.955). The activation ranges are
+  calibrated on a fixed, deterministic set of images drawn by
+  :func:`imgsim.demo.synthetic_car`, so the index and the query side rebuild the very same int8
+  model anywhere, offline, without the reference data.
 
 Exported files are cached in a folder (``<data root>/cache/models`` from the pipeline), named by
 the backbone, the weights' sha256, the variant and the opset, and written atomically (a crash
@@ -106,7 +107,7 @@ def calibration_batches(preprocess: Callable[[Image], torch.Tensor],
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, batches: list[np.ndarray]) -> Path:
-    """Static 8-bit quantization (QDQ, U8U8, per-channel weights) of ``fp32_path`` into ``out_path``."""
+    """Static 8-bit quantization (QDQ, U8U8, per-channel) of ``fp32_path`` into ``out_path``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
