@@ -66,10 +66,8 @@ def fail_fast(*, downloads_retried: bool = False) -> Iterator[None]:
     except Exception as exc:
         if not is_permanent(exc, downloads_retried=downloads_retried):
             raise
-        try:
-            from airflow.sdk.exceptions import AirflowFailException
-        except ImportError:  # pragma: no cover - older layouts
-            from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
+
         raise AirflowFailException(str(exc)) from exc
 
 

@@ -45,6 +45,6 @@ def live_vectors(catalog: DataFrame, embeddings: DataFrame) -> DataFrame:
     that divided by a per-row norm column ran for over ten minutes on 2,000 rows here.
     """
     joined = catalog.join(newest_per_image(embeddings), "image_id", "inner")
-    raw = joined.withColumn("raw", array_to_vector("vector")).drop("vector")
+    raw = joined.withColumn("raw", array_to_vector(F.col("vector"))).drop("vector")
     unit = Normalizer(inputCol="raw", outputCol="features", p=2.0).transform(raw).drop("raw")
-    return unit.withColumn("vector", vector_to_array("features", "float32"))
+    return unit.withColumn("vector", vector_to_array(F.col("features"), "float32"))

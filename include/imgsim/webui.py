@@ -237,13 +237,14 @@ def version_rows(layout: Layout) -> list[VersionRow]:
     rows: list[VersionRow] = []
     for version in reversed(published_versions(layout)):
         files = check_version(layout, version)
-        state = {"files": files.status, "problems": tuple(files.problems)}
+        status, problems = files.status, tuple(files.problems)
         try:
             rows.append(VersionRow(version, version == current, read_manifest(layout, version),
-                                   **state))
+                                   files=status, problems=problems))
         except Exception as exc:  # one broken manifest must not hide the others
             rows.append(VersionRow(version, version == current, None,
-                                   f"{type(exc).__name__}: {exc}", **state))
+                                   f"{type(exc).__name__}: {exc}", files=status,
+                                   problems=problems))
     return rows
 
 
