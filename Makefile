@@ -11,8 +11,8 @@ STAMP := $(VENV)/.imgsim-installed
 ENV = eval "$$($(VENV)/bin/imgsim env)"
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many processes, one test file per process at a time
-# (pytest-xdist), slowest files first (tests/conftest.py): the slow tests mostly wait on
-# schedulers, JVMs and sleeps.
+# (pytest-xdist), slowest files first (tests/conftest.py). It saves about a fifth, not a half:
+# the slow tests use the CPU too (README, measured figures).
 TEST_WORKERS ?= 2
 
 help: ## list the targets

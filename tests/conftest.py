@@ -16,7 +16,7 @@ SAMPLE_DIR = SHARED_DATA / "stanford_cars_sample"
 LABELS_DIR = SHARED_DATA / "stanford_cars_labels"
 
 
-#: The slowest test files, longest first (seconds alone on the 2-core CI machine: backfill 785,
+#: The slowest test files, about longest first (seconds alone on the 2-core CI box: backfill 785,
 #: distributed 513, e2e_query 300, e2e_index 376, evaluate 339, browser 244, crash 175, demo 107,
 #: spark_embed 106; everything else about 300 together). `make test` runs files in 2 processes
 #: (pytest-xdist, --dist loadfile --no-loadscope-reorder) in this order, so the long ones start

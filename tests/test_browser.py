@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import pytest
 
 from imgsim.demo import build_demo_archive, serve_directory, synthetic_car
+from standalone import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow,
               pytest.mark.timeout(900)]
@@ -54,12 +55,6 @@ UI_TIMEOUT_S = 30
 UPLOAD_TIMEOUT_S = 120
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float,
