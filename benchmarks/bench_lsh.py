@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
 from common import PLOTS_DIR, WORK_DIR, md_table, median_time, write_result
 from lsh_data import load_real, synthetic
 
-from imgsim import tuning
-from imgsim.lsh import BrpParams, hash_vectors, l2_normalize, probe_keys
+from imgsim.ann import BrpParams, hash_vectors, l2_normalize, probe_keys, tuning
 
 K = 5
 TARGET = 0.95
@@ -55,18 +54,16 @@ def brp(tables: int, width: float, dim: int, seed: int = 42, keys_per_band: int 
 
 
 def hash_chunked(params: BrpParams, x: np.ndarray, rows: int = 100_000) -> np.ndarray:
-    """imgsim.lsh.hash_vectors in row chunks (a 1M x 512 float64 product would take 4 GB)."""
+    """imgsim.ann.hash_vectors in row chunks (a 1M x 512 float64 product would take 4 GB)."""
     return np.concatenate([hash_vectors(params, x[i:i + rows]) for i in range(0, len(x), rows)])
 
 
 def candidates(params: BrpParams, ref_h: np.ndarray, q: np.ndarray, kb: int = 1,
                probes: int = 0) -> np.ndarray:
-    """(m, n) bool candidate mask; band keys as in imgsim.lsh / imgsim.tuning."""
-    keys = probe_keys(params, q, kb, probes)
-    out = np.zeros((q.shape[0], ref_h.shape[0]), bool)
-    for b in range(keys.shape[1]):
-        out |= tuning.band_match(ref_h[:, b * kb:(b + 1) * kb], keys[:, b])
-    return out
+    """(m, n) bool candidate mask, from the search core (imgsim.ann.BandIndex)."""
+    from imgsim.ann import BandIndex
+
+    return BandIndex.build(ref_h, kb).candidates(probe_keys(params, q, kb, probes))
 
 
 def quality(mask: np.ndarray, exact: np.ndarray, allowed: np.ndarray,
@@ -88,20 +85,16 @@ def quality(mask: np.ndarray, exact: np.ndarray, allowed: np.ndarray,
 
 def twin_lookup_seconds(params: BrpParams, ref: np.ndarray, ref_h: np.ndarray,
                         q: np.ndarray, c: tuning.LshConfig, repeat: int = 3) -> float:
-    """Median time to answer the queries one by one with imgsim.lsh (as imgsim.lookup does)."""
-    from imgsim.lsh import BandIndex, amplified_search, lsh_search
+    """Median time to answer the queries one by one with the search core's LSH (the scan rule
+    off; imgsim.lookup's default scans where that is cheaper: bench_search.py)."""
+    from imgsim.ann import LshIndex
+
+    index = LshIndex.build(ref, ref_h, params, keys_per_band=c.keys_per_band, probes=c.probes,
+                           scan_share=1.0, scan_below=0)
 
     def run() -> None:
-        if c.keys_per_band == 1 and c.probes == 0:
-            qh = hash_vectors(params, q)
-            for i in range(q.shape[0]):
-                lsh_search(q[i], qh[i], ref, ref_h, K)
-        else:                       # as imgsim.lookup: band index built once per model
-            keys = probe_keys(params, q, c.keys_per_band, c.probes)
-            for i in range(q.shape[0]):
-                amplified_search(q[i], keys[i], ref, ref_h, K, index=index)
-    banded = c.keys_per_band > 1 or c.probes > 0
-    index = BandIndex.build(ref_h, c.keys_per_band) if banded else None
+        for i in range(q.shape[0]):
+            index.search(q[i], K)
     return median_time(run, repeat=repeat, warmup=0 if repeat == 1 else 1)
 
 
@@ -212,7 +205,7 @@ def spark_costs(frames: tuple[Any, Any, Any], c: tuning.LshConfig,
 
     import fit_lsh
     import query_lsh
-    from imgsim.lsh import load_brp_model
+    from imgsim.ann import load_brp_model
 
     reference, queries, qvec = frames
     t0 = time.perf_counter()
@@ -569,7 +562,7 @@ def section(data: dict[str, Any]) -> str:
               "BRP `fit` + `transform` + count on a cached table; the query job's two "
               "searches: `approxSimilarityJoin` + top-5 (`query_lsh.nearest`, plain BRP "
               "versions) and the band-key join (`query_lsh.nearest_banded`, AND/multi-probe "
-              "versions; ids only, distances once per candidate pair). NumPy: `imgsim.lsh` "
+              "versions; ids only, distances once per candidate pair). NumPy: `imgsim.ann` "
               "hashing and one-by-one lookups as `imgsim.lookup` does them; exact: one NumPy "
               "distance matrix. '-' = not run (Spark joins only on the real set; no Spark at "
               "1M; the textbook 200 tables not at 100k and 1M). Synthetic: "

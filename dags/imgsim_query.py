@@ -95,6 +95,8 @@ def imgsim_query() -> None:
             "--run-dir", f"{{{{ {plan}['run_dir'] }}}}",
             "--k", f"{{{{ {plan}['k'] }}}}",
             "--expansion", f"{{{{ {plan}.get('query_expansion', 0) }}}}",
+            "--scan-share", f"{{{{ {plan}.get('scan_share', 1.0) }}}}",
+            "--scan-below", f"{{{{ {plan}.get('scan_below', 0) }}}}",
         ],
     )
 

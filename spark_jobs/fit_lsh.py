@@ -4,7 +4,7 @@
         --data-root data --backbone resnet18 --version v20261122T170000Z-ab12cd \
         --num-hash-tables 8 --bucket-length 0 --seed 42 --run-id manual
 
-``--num-hash-tables 0`` asks for automatic parameters: the auto-tuner (:mod:`imgsim.tuning`)
+``--num-hash-tables 0`` asks for automatic parameters: the auto-tuner (:mod:`imgsim.ann.tuning`)
 measures, on a seeded driver-side sample of at most ``--tune-sample`` reference vectors, the
 leave-one-out recall@k against exact search of a grid of (numHashTables, bucketLength) and
 picks the cheapest one (fewest candidates compared) that reaches ``--target-recall`` (default
@@ -143,11 +143,14 @@ def flatten_hashes(hashed: DataFrame) -> DataFrame:
         "hashes", F.transform("hashes", lambda h: vector_to_array(h)[0].cast("long")))
 
 
-def collect_sample(data: DataFrame, size: int, seed: int) -> np.ndarray:
-    """A seeded sample of at most ``size`` unit vectors, on the driver, (n, dim) float32."""
-    rows = (data.select("vector").orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
-            .limit(size).toPandas())
-    return np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+def driver_sample(data: DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """One seeded sample of at most ``size`` rows on the driver (image_id, class_id) and their
+    vectors (n, dim) float32, ordered by a seeded hash of the id: every smaller sample the job
+    needs (tuning, bucket width, validation queries) is a prefix of it."""
+    rows = (data.select("image_id", "class_id", "vector")
+            .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed))).limit(size).toPandas())
+    x = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+    return rows.drop(columns="vector"), x
 
 
 def target_recall(args: argparse.Namespace) -> float:
@@ -159,12 +162,11 @@ def target_recall(args: argparse.Namespace) -> float:
     return Settings.from_env().target_recall
 
 
-def auto_tune(data: DataFrame, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the auto-tuner on a driver-side sample; the manifest's ``tuning`` entry."""
-    from imgsim.tuning import DEFAULT_WIDTH_FACTORS, data_scale, tune
+def auto_tune(x: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the auto-tuner on the driver-side sample ``x``; the manifest's ``tuning`` entry."""
+    from imgsim.ann.tuning import DEFAULT_WIDTH_FACTORS, data_scale, tune
 
     t0 = time.perf_counter()
-    x = collect_sample(data, args.tune_sample, args.seed)
     scale = data_scale(x, args.seed)
     factors = ((args.bucket_length / scale,) if args.bucket_length > 0
                else DEFAULT_WIDTH_FACTORS)
@@ -181,30 +183,29 @@ def auto_tune(data: DataFrame, args: argparse.Namespace) -> dict[str, Any]:
     return tuning
 
 
-def held_out_tuning(data: DataFrame, args: argparse.Namespace,
+def held_out_tuning(x: np.ndarray, args: argparse.Namespace,
                     learned: dict[str, Any]) -> dict[str, Any]:
     """The learn step's held-out tuning (imgsim.projection.holdout_tuning), its width factor
     applied to the scale of this data. (A fixed --bucket-length is tuned by auto_tune.)"""
-    from imgsim.tuning import data_scale
+    from imgsim.ann.tuning import data_scale
 
     choice = dict(learned["choice"])
-    scale = data_scale(collect_sample(data, args.tune_sample, args.seed), args.seed)
+    scale = data_scale(x, args.seed)
     choice["bucket_length"] = float(choice["width_factor"]) * scale
     log.info("LSH from the held-out tuning of the learned space: %s", choice)
     return {**learned, "choice": choice, "scale_of_this_data": scale}
 
 
-def estimate_bucket_length(data: DataFrame, dim: int, factor: float, seed: int,
-                           sample: int = 2000) -> tuple[float, float]:
-    """(bucketLength, median distance) from random pairs of a sample of the unit vectors."""
-    rows = (data.select("vector").orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
-            .limit(sample).toPandas())
-    x = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-    rng = np.random.default_rng(seed)
-    i, j = rng.integers(0, len(x), size=(2, 4 * len(x)))
-    keep = i != j
-    dist = np.linalg.norm(x[i[keep]] - x[j[keep]], axis=1) if keep.any() else np.ones(1)
-    median = float(np.median(dist)) or 1.0
+#: vectors of the driver sample that estimate a fixed-table bucketLength
+ESTIMATE_SAMPLE = 2000
+
+
+def estimate_bucket_length(x: np.ndarray, dim: int, factor: float,
+                           seed: int) -> tuple[float, float]:
+    """(bucketLength, median distance) from 4 random pairs per row of the sample ``x``."""
+    from imgsim.ann.tuning import median_pair_distance
+
+    median = median_pair_distance(x, seed, pairs=4 * len(x))
     return factor * median / float(np.sqrt(dim)), median
 
 
@@ -229,49 +230,39 @@ def apply_projection(data: DataFrame, projection_dir: Path,
 
 # -- metrics ------------------------------------------------------------------------------------
 
-def sample_queries(ref: DataFrame, n: int, seed: int) -> pd.DataFrame:
-    ordered = ref.select("image_id", "vector", "hashes", "class_id").orderBy(
-        F.xxhash64(F.col("image_id"), F.lit(seed)))
-    return ordered.limit(n).toPandas()
-
-
-def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, k: int,
-                       probe_keys: np.ndarray | None = None) -> pd.DataFrame:
+def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray, k: int,
+                       probe_keys: np.ndarray) -> pd.DataFrame:
     """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates.
 
-    Candidates share a bucket in one table, or, given ``probe_keys`` (m, bands, probes + 1,
-    keys per band; imgsim.lsh.probe_keys), a band key with one of the query's probe keys.
+    Candidates share a band key with one of the query's ``probe_keys`` (m, bands,
+    probes + 1, keys per band; :func:`imgsim.ann.probe_keys`), found and scored with the
+    search core (:class:`imgsim.ann.BandIndex`, :func:`imgsim.ann.smallest_k`).
     """
     q_ids = queries["image_id"].tolist()
-    q_vec = np.stack(queries["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-    q_hash = np.stack(queries["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
-    bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, q_hash, probe_keys))
+    bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, probe_keys))
     kk = k + 1   # the query itself is in the reference set
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from imgsim.lsh import BandIndex
+        from imgsim.ann import BandIndex, smallest_k, squared_distances
 
-        ids_, qv, qh, qkeys = bq.value
+        ids_, qv, qkeys = bq.value
         for b in batches:
             if b.empty:
                 continue
             ids = b["image_id"].to_numpy()
             x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
             h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
-            d = ((qv * qv).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * qv @ x.T)
-            d = np.sqrt(np.maximum(d, 0.0))
-            if qkeys is None:
-                cand = (qh[:, None, :] == h[None, :, :]).any(axis=2)
-            else:                  # sorted band keys: a binary search per probe key
-                index = BandIndex.build(h, qkeys.shape[3])
-                cand = np.stack([index.candidates(qkeys[qi], h) for qi in range(len(ids_))])
-            out: list[tuple[str, str, str | None, float, int]] = []
+            cand = BandIndex.build(h, qkeys.shape[3]).candidates(qkeys)
+            d = squared_distances(qv, x)
+            exact = smallest_k(d, kk)
+            d_lsh = np.where(cand, d, np.inf)
+            approx = smallest_k(d_lsh, kk)
+            dist = np.sqrt(d)
+            out: list[tuple[str, str | None, str | None, float, int]] = []
             for qi, qid in enumerate(ids_):
-                for kind, allowed in (("exact", None), ("lsh", np.flatnonzero(cand[qi]))):
-                    idx = np.arange(len(ids)) if allowed is None else allowed
-                    if idx.size:
-                        sel = idx[np.argsort(d[qi, idx], kind="stable")[:kk]]
-                        out.extend((qid, kind, ids[j], float(d[qi, j]), 0) for j in sel)
+                out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
+                out.extend((qid, "lsh", ids[j], float(dist[qi, j]), 0) for j in approx[qi]
+                           if cand[qi, j])
                 out.append((qid, "count", None, 0.0, int(cand[qi].sum())))
             yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
 
@@ -333,16 +324,17 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     embeddings, files = read_embeddings(spark, layout, args.backbone)
     data = live_vectors(catalog, embeddings).cache()
     n_live = catalog.count()
-    n = data.count()
+    rows = data.select("image_id", "class_id", F.size("vector").alias("d")).collect()  # one pass
+    n = len(rows)
     if n == 0:
         raise ValueError("no live image has an embedding: nothing to index")
-    dims = data.select(F.size("vector").alias("d")).distinct().collect()
+    dims = sorted({int(r.d) for r in rows})
     if len(dims) != 1:
-        raise ValueError(f"embeddings of mixed dimensions {sorted(r.d for r in dims)} in {files}")
-    labels = {r.image_id: r.class_id for r in data.select("image_id", "class_id").collect()}
+        raise ValueError(f"embeddings of mixed dimensions {dims} in {files}")
+    labels = {r.image_id: r.class_id for r in rows}
     ids = list(labels)
 
-    raw_dim = int(dims[0].d)
+    raw_dim = dims[0]
     projection_entry: dict[str, Any] | None = None
     if args.projection_dir is not None:
         data, projection_entry = apply_projection(data, args.projection_dir, out_dir)
@@ -350,24 +342,24 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     bucket_length, median_distance = args.bucket_length, None
     bands, tuning = args.num_hash_tables, None
     keys_per_band, probes = args.keys_per_band, args.probes
+    need = max(args.sample_size, args.tune_sample if bands == 0 else 0,
+               ESTIMATE_SAMPLE if bands and bucket_length == 0 else 0)
+    sample, x = driver_sample(data, need, args.seed)      # one pass over the data for all
     if (bands == 0 and args.bucket_length == 0 and projection_entry
             and projection_entry.get("lsh_tuning")):
-        tuning = held_out_tuning(data, args, projection_entry["lsh_tuning"])
-        bands = int(tuning["choice"]["tables"])
-        keys_per_band = int(tuning["choice"]["keys_per_band"])
-        probes = int(tuning["choice"]["probes"])
-        bucket_length = float(tuning["choice"]["bucket_length"])
+        tuning = held_out_tuning(x[:args.tune_sample], args, projection_entry["lsh_tuning"])
     elif bands == 0:
-        tuning = auto_tune(data, args)
-        bands = int(tuning["choice"]["tables"])
-        keys_per_band = int(tuning["choice"]["keys_per_band"])
-        probes = int(tuning["choice"]["probes"])
-        bucket_length = float(tuning["choice"]["bucket_length"])
+        tuning = auto_tune(x[:args.tune_sample], args)
     elif bucket_length == 0:
         bucket_length, median_distance = estimate_bucket_length(
-            data, dim, args.auto_bucket_factor, args.seed)
+            x[:ESTIMATE_SAMPLE], dim, args.auto_bucket_factor, args.seed)
         log.info("auto bucketLength %.6f (median pair distance %.4f, dim %d)", bucket_length,
                  median_distance, dim)
+    if tuning is not None:
+        bands = int(tuning["choice"]["tables"])
+        keys_per_band = int(tuning["choice"]["keys_per_band"])
+        probes = int(tuning["choice"]["probes"])
+        bucket_length = float(tuning["choice"]["bucket_length"])
     t0 = time.perf_counter()
     lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes",
                                       bucketLength=bucket_length,
@@ -376,21 +368,16 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reference = flatten_hashes(model.transform(data)).drop("features").cache()
-    reference.count()
-    transform_s = time.perf_counter() - t0
+    write_version(model, reference, out_dir)      # hashes every vector once (cached)
+    write_s = time.perf_counter() - t0
+    from imgsim.ann import load_brp_model, probe_keys
 
-    write_version(model, reference, out_dir)
-    queries = sample_queries(reference, args.sample_size, args.seed)
     t0 = time.perf_counter()
-    qkeys = None
-    if keys_per_band > 1 or probes > 0:
-        from imgsim.lsh import load_brp_model, probe_keys
-
-        q_vec = np.stack(queries["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-        qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
-    parts = partial_neighbours(reference, queries, args.k, qkeys)
+    queries, q_vec = sample.head(args.sample_size), x[:args.sample_size]
+    qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
+    parts = partial_neighbours(reference, queries, q_vec, args.k, qkeys)
     metrics = recall_metrics(parts, queries, labels, n, args.k)
-    metrics.update(fit_seconds=round(fit_s, 3), transform_seconds=round(transform_s, 3),
+    metrics.update(fit_seconds=round(fit_s, 3), hash_and_write_seconds=round(write_s, 3),
                    evaluation_seconds=round(time.perf_counter() - t0, 3))
 
     backbone_file = layout.embeddings(args.backbone) / "BACKBONE.json"

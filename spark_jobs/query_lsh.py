@@ -18,7 +18,7 @@ damaged version fails the job with ``VersionDamaged``, naming the file and ``img
 A version whose manifest records AND-amplified bands or multi-probe (``lsh.keys_per_band`` > 1
 or ``lsh.probes`` > 0) is answered by joining on band keys instead: the reference table's
 hash columns, ``keys_per_band`` at a time, against each query's probe keys (computed with
-:func:`imgsim.lsh.probe_keys` from the saved random vectors, as the in-process lookup does).
+:func:`imgsim.ann.probe_keys` from the saved random vectors, as the in-process lookup does).
 The join carries ids only; distances are computed once per distinct candidate pair.
 """
 
@@ -42,6 +42,9 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from imgsim.ann import METHODS
+from imgsim.config import SCAN_BELOW, SCAN_SHARE
+
 log = logging.getLogger("imgsim.query_lsh")
 
 #: Unit vectors are at most 2 apart; anything above returns every candidate pair.
@@ -57,7 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expansion", type=int, default=0,
                    help="query expansion: search again with each query plus its first N "
                         "answers (0 = off; IMGSIM_QUERY_EXPANSION)")
+    p.add_argument("--scan-share", type=float, default=SCAN_SHARE,
+                   help="answer by an exact scan when the version's LSH compared more than "
+                        "this share of the index in validation (IMGSIM_SCAN_SHARE)")
+    p.add_argument("--scan-below", type=int, default=SCAN_BELOW,
+                   help="scan exactly when references x dims is below this (IMGSIM_SCAN_BELOW)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.scan_share <= 1.0 or args.scan_below < 0:
+        p.error("--scan-share must be in [0, 1] and --scan-below >= 0")
     if not 1 <= args.k <= 100:
         p.error("--k must be between 1 and 100")
     if "/" in args.version or args.version.startswith("."):
@@ -76,12 +86,6 @@ def read_model(data_root: Path, version: str) -> tuple[BucketedRandomProjectionL
     manifest, vdir = version_manifest(data_root, version)
     model = BucketedRandomProjectionLSHModel.load(str(vdir / manifest["files"]["model"]))
     return model, vdir / manifest["files"]["reference"]
-
-
-def banding(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(keys_per_band, probes); (1, 0) is Spark's plain OR search (older manifests too)."""
-    lsh = manifest.get("lsh", {})
-    return int(lsh.get("keys_per_band") or 1), int(lsh.get("probes") or 0)
 
 
 def read_reference(spark: SparkSession, path: Path) -> DataFrame:
@@ -138,8 +142,8 @@ def reference_band_keys(reference: DataFrame, keys_per_band: int) -> DataFrame:
 
 def query_probe_keys(queries: DataFrame, matrix: np.ndarray, bucket_length: float,
                      keys_per_band: int, probes: int) -> DataFrame:
-    """(query_id, band, key) for every probe key of every query (imgsim.lsh.probe_keys)."""
-    from imgsim.lsh import BrpParams, probe_keys
+    """(query_id, band, key) for every probe key of every query (imgsim.ann.probe_keys)."""
+    from imgsim.ann import BrpParams, probe_keys
 
     params = queries.sparkSession.sparkContext.broadcast(BrpParams(matrix, bucket_length))
 
@@ -202,7 +206,7 @@ def nearest_banded(params: Any, queries: DataFrame, reference: DataFrame, k: int
     """Top-k per query among references sharing a band key with one of its probe keys.
 
     ``queries``: query_id, vector (array<float>); ``reference``: image_id, path, class_id,
-    class_name, vector, hashes (the stored reference table); ``params``: imgsim.lsh.BrpParams.
+    class_name, vector, hashes (the stored reference table); ``params``: imgsim.ann.BrpParams.
     """
     qkeys = query_probe_keys(queries, params.matrix, params.bucket_length, keys_per_band,
                              probes)
@@ -213,15 +217,21 @@ def nearest_banded(params: Any, queries: DataFrame, reference: DataFrame, k: int
 
 
 def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
-           k: int, expansion: int = 0) -> DataFrame:
+           k: int, expansion: int = 0,
+           scan: tuple[float, int] = (SCAN_SHARE, SCAN_BELOW)) -> DataFrame:
     """The neighbours of the run's queries with the version's search (plain or banded).
 
     The query vectors are mapped into the version's search space first (its projection, as
-    :meth:`imgsim.lookup.LoadedModel.to_search_space`). Queries for which the LSH finds fewer
-    than ``min(k, index size)`` candidates are searched again with every probe, then exactly,
-    as :func:`imgsim.lookup.lookup` does; ``method`` says which search answered.
+    :meth:`imgsim.lookup.LoadedModel.to_search_space`), then go through the ladder of
+    :class:`imgsim.ann.LshIndex`: queries for which the LSH finds fewer than
+    ``min(k, index size)`` candidates are searched again with every probe, then exactly.
+    A version whose LSH compared more than ``scan[0]`` of the index in validation, or whose
+    references x dims is below ``scan[1]``, is answered by an exact scan instead
+    (:func:`imgsim.ann.scan_is_cheaper`, the in-process lookup's rule). ``method`` says which
+    search answered.
     """
-    from imgsim.lsh import load_brp_model
+    from imgsim.ann import load_brp_model, scan_is_cheaper
+    from imgsim.models import banding, measured_share
     from imgsim.projection import load as load_projection
     from imgsim.spark_projection import project
 
@@ -239,9 +249,15 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
         "image_id", "path", "class_id", "class_name", "vector", "hashes").cache()
     model = (read_model(data_root, version)[0] if keys_per_band == 1 and probes == 0
              else None)
-    want = min(k, int(manifest["counts"]["indexed"]))
+    indexed = int(manifest["counts"]["indexed"])
+    search_dim = int(manifest.get("search_dim") or manifest.get("embedding_dim") or 1)
+    want = min(k, indexed)
+
+    scans = scan_is_cheaper(measured_share(manifest), indexed, search_dim, *scan)
 
     def search(q: DataFrame) -> DataFrame:
+        if scans:
+            return exact_nearest(q, reference, k).withColumn("method", F.lit("scan"))
         if model is not None:
             found = nearest(model, q.withColumn("features", array_to_vector("vector")),
                             read_reference(spark, reference_path), k)
@@ -270,14 +286,11 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
     return expand_and_search(spark, queries, found, reference, search, expansion, k)
 
 
-METHODS = ("lsh", "widened", "exact")
-
-
 def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
                       reference: DataFrame, search: Any, expansion: int, k: int) -> DataFrame:
-    """Search again with each query plus its first neighbours (imgsim.lsh.expand_queries);
+    """Search again with each query plus its first neighbours (imgsim.ann.expand_queries);
     order the new answers by distance to the original query, as imgsim.lookup.lookup does."""
-    from imgsim.lsh import expand_queries
+    from imgsim.ann import expand_queries
 
     counts = found.groupBy("query_id").agg(F.count("image_id").alias("n"))
     n = min(expansion, int(counts.agg(F.min("n")).first()[0] or 0))
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         # A failed read of the version checks its sha256: damage is named, with the way out.
         with reading_version(layout, args.version):
             result = answer(spark, layout.root, args.version, args.run_dir, args.k,
-                            args.expansion)
+                            args.expansion, (args.scan_share, args.scan_below))
             write_atomically(result, args.run_dir / "neighbours")
         log.info("answered the queries of %s with %s", args.run_dir, args.version)
     finally:

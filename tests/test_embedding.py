@@ -530,7 +530,7 @@ def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
     thumbnail and a re-encoded copy come back first, the photo itself at distance 0. (Until
     store v2, efficientnet_lite0 embedded a centre crop while the thumbnail was the whole photo
     squashed to 224x224: a thumbnail's own photo was about as far as any other, 0.5 to 0.57.)"""
-    from imgsim.lsh import l2_normalize
+    from imgsim.ann import l2_normalize
 
     photos = []
     for row in _sample_rows(sample_dir)[::97][:12]:       # wide photos, as cars are shot
@@ -589,8 +589,8 @@ def test_efficientnet_lite0_demo_thumbnails_find_their_photo(effnet: Backbone,
                                                              tmp_path: Path) -> None:
     """Issue 13.9 on the demo's drawn cars (480x320, 24 nearly alike): every thumbnail finds
     its own photo first (before the fix 5 of 24 did)."""
+    from imgsim.ann import l2_normalize
     from imgsim.demo import synthetic_car
-    from imgsim.lsh import l2_normalize
 
     photos = []
     for c in range(6):

@@ -95,7 +95,7 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
 def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from imgsim.lsh import leave_one_out_recall, load_brp_model
+    from imgsim.ann import leave_one_out_recall, load_brp_model
 
     layout = make_store(tmp_path / "data", n=300, dim=8, gone=0)
     version = "v20260101T000000Z-000001"
@@ -177,7 +177,7 @@ def test_auto_parameters_are_tuned_and_kept_in_the_manifest(spark, tmp_path: Pat
 def test_and_keys_with_probes_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from imgsim.lsh import amplified_search, exact_search, load_brp_model, probe_keys
+    from imgsim.ann import leave_one_out_recall, load_brp_model
 
     layout = make_store(tmp_path / "data", n=200, dim=8, gone=0)
     version = "v20260101T000000Z-000005"
@@ -192,15 +192,9 @@ def test_and_keys_with_probes_recall_matches_numpy_twin(spark, tmp_path: Path) -
     x = np.array(ref["vector"], dtype=np.float32)
     h = np.array(ref["hashes"], dtype=np.int64)
     params = load_brp_model(staged / "model")
-    keys = probe_keys(params, x, 2, 1)
-    recalls, shares = [], []
-    for i in range(len(x)):
-        approx = amplified_search(x[i], keys[i], x, h, 5, exclude=i)
-        exact = exact_search(x[i], x, 5, exclude=i)
-        recalls.append(len(set(approx.indices) & set(exact.indices)) / 5)
-        shares.append(approx.candidates / (len(x) - 1))
-    assert manifest["metrics"]["recall_at_k"] == pytest.approx(np.mean(recalls), abs=1e-9)
-    assert manifest["metrics"]["candidates_share"] == pytest.approx(np.mean(shares))
+    twin = leave_one_out_recall(x, h, np.arange(len(x)), 5, params, keys_per_band=2, probes=1)
+    assert manifest["metrics"]["recall_at_k"] == pytest.approx(twin.recall_at_k, abs=1e-9)
+    assert manifest["metrics"]["candidates_share"] == pytest.approx(twin.candidates_share)
 
 
 def test_explicit_parameters_are_not_tuned() -> None:

@@ -11,17 +11,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imgsim.lsh import (
+from imgsim.ann import (
     BrpParams,
+    LshIndex,
     exact_search,
     hash_vectors,
     l2_normalize,
     leave_one_out_recall,
     load_brp_model,
-    lsh_search,
+    smallest_k,
     squared_distances,
     top_k,
 )
+
+NO_SCAN = {"scan_share": 1.0, "scan_below": 0}   # the LSH itself, never the cheaper scan
 
 MATRIX_UDT = pa.struct([
     ("type", pa.int8()), ("numRows", pa.int32()), ("numCols", pa.int32()),
@@ -191,10 +194,10 @@ def test_lsh_search_with_huge_bucket_length_equals_exact(rng: np.random.Generato
     assert (ref_h == 0).all()
     query = l2_normalize(rng.random(size=(1, 6)))[0]
 
-    approx = lsh_search(query, hash_vectors(params, query[None, :])[0], ref, ref_h, k=5)
+    (approx,) = LshIndex.build(ref, ref_h, params, **NO_SCAN).search(query, k=5)
     exact = exact_search(query, ref, k=5)
 
-    assert approx.candidates == 40
+    assert (approx.candidates, approx.method) == (40, "lsh")
     assert exact.candidates == 40
     np.testing.assert_array_equal(approx.indices, exact.indices)
     np.testing.assert_allclose(approx.distances, exact.distances, rtol=1e-5)
@@ -204,27 +207,32 @@ def test_lsh_search_with_huge_bucket_length_equals_exact(rng: np.random.Generato
 
 
 def test_lsh_search_compares_only_bucket_sharing_candidates() -> None:
-    ref = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], np.float32)
-    ref_h = np.array([[0, 5], [1, 5], [2, 6], [3, 7]], np.int64)
-    query = np.array([2.9, 0.0], np.float32)
+    ref = np.array([[0.0, 1.2], [1.0, 1.2], [2.0, 0.0], [3.0, 0.0]], np.float32)
+    params = BrpParams(np.eye(2), 1.0)          # hashes: the coordinates, floored
+    index = LshIndex.build(ref, hash_vectors(params, ref), params, **NO_SCAN)
+    query = np.array([2.9, 1.1], np.float32)
     # The query shares table 0 with row 2 and table 1 with rows 0 and 1; row 3 shares nothing.
-    res = lsh_search(query, np.array([2, 5]), ref, ref_h, k=10)
+    (res,) = index.search(query, k=3)
 
-    assert res.candidates == 3
+    assert (res.candidates, res.method) == (3, "lsh")
     np.testing.assert_array_equal(res.indices, [2, 1, 0])   # row 3 is nearest but not a candidate
-    np.testing.assert_allclose(res.distances, [0.9, 1.9, 2.9], rtol=1e-5)
+    np.testing.assert_allclose(res.distances, np.linalg.norm(ref[[2, 1, 0]] - query, axis=1),
+                               rtol=1e-5)
 
-    none = lsh_search(query, np.array([9, 9]), ref, ref_h, k=3)
-    assert none.candidates == 0
-    assert none.indices.size == 0
-    assert none.distances.size == 0
+    # No candidate (and none with every probe): the ladder ends in an exact scan.
+    far_q = np.array([9.5, 9.5], np.float32)
+    (far,) = index.search(far_q, k=3)
+    assert far.method == "exact"
+    assert far.candidates == 4
+    np.testing.assert_array_equal(far.indices, exact_search(far_q, ref, 3).indices)
 
 
 def test_exclude_removes_the_query_itself(rng: np.random.Generator) -> None:
     ref = rng.normal(size=(10, 3)).astype(np.float32)
-    ref_h = np.zeros((10, 2), np.int64)
+    params = BrpParams(np.zeros((2, 3)), 1.0)   # every hash 0: one bucket
+    index = LshIndex.build(ref, hash_vectors(params, ref), params, **NO_SCAN)
 
-    approx = lsh_search(ref[4], ref_h[4], ref, ref_h, k=3, exclude=4)
+    (approx,) = index.search(ref[4], k=3, exclude=np.array([4]))
     exact = exact_search(ref[4], ref, k=3, exclude=4)
 
     assert 4 not in approx.indices.tolist()
@@ -235,6 +243,64 @@ def test_exclude_removes_the_query_itself(rng: np.random.Generator) -> None:
     self_hit = exact_search(ref[4], ref, k=1)
     assert self_hit.indices.tolist() == [4]
     assert self_hit.distances[0] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_batch_answers_as_one_query_at_a_time(rng: np.random.Generator) -> None:
+    ref = l2_normalize(rng.normal(size=(500, 16)))
+    params = BrpParams(rng.normal(size=(12, 16)) / 4, 0.3)
+    index = LshIndex.build(ref, hash_vectors(params, ref), params, keys_per_band=3, probes=1,
+                           **NO_SCAN)
+    queries = l2_normalize(np.concatenate([ref[:30] + 0.05 * rng.normal(size=(30, 16)),
+                                           rng.normal(size=(10, 16))]))
+
+    batch = index.search(queries, k=7)
+    for i, got in enumerate(batch):
+        (one,) = index.search(queries[i], k=7)
+        np.testing.assert_array_equal(got.indices, one.indices)
+        assert (got.candidates, got.method) == (one.candidates, one.method)
+        # the LSH's answer is the exact top-7 among the query's candidates
+        mask = index.candidates(queries[i:i + 1])[0]
+        if got.method == "lsh":
+            d = squared_distances(queries[i:i + 1], ref)[0]
+            want = np.flatnonzero(mask)[np.lexsort((np.flatnonzero(mask), d[mask]))[:7]]
+            np.testing.assert_array_equal(got.indices, want)
+            assert got.candidates == mask.sum()
+    assert {a.method for a in batch} <= {"lsh", "widened", "exact"}
+
+
+def test_the_scan_answers_when_it_is_cheaper(rng: np.random.Generator) -> None:
+    ref = l2_normalize(rng.normal(size=(300, 8)))
+    params = BrpParams(rng.normal(size=(4, 8)), 0.5)
+    hashes = hash_vectors(params, ref)
+    q = ref[:5]
+
+    lsh = LshIndex.build(ref, hashes, params, expected_share=0.6, **NO_SCAN).search(q, k=5)
+    assert {a.method for a in lsh} <= {"lsh", "widened", "exact"}
+    assert "lsh" in {a.method for a in lsh}
+
+    def index(**scan: object) -> LshIndex:
+        return LshIndex.build(ref, hashes, params, **{**NO_SCAN, **scan})  # type: ignore[arg-type]
+
+    by_share = index(scan_share=0.25, expected_share=0.6)       # measured: 60% compared
+    small = index(scan_below=300 * 8 + 1)                       # references x dims below
+    assert by_share.scans and small.scans
+    assert not index(scan_share=0.25, expected_share=0.2).scans
+    assert not index(scan_share=0.25).scans                      # share not measured
+    for answers in (by_share.search(q, 5), small.search(q, 5)):
+        for i, a in enumerate(answers):
+            exact = exact_search(q[i], ref, 5)
+            assert a.method == "scan"
+            assert a.candidates == 300
+            np.testing.assert_array_equal(a.indices, exact.indices)
+
+
+def test_smallest_k_rows_break_ties_by_index(rng: np.random.Generator) -> None:
+    d = rng.integers(0, 3, size=(50, 40)).astype(np.float32)
+    d[::7] = np.inf
+    for k in (1, 5, 39, 40, 60):
+        got = smallest_k(d, k)
+        want = np.stack([np.lexsort((np.arange(40), row))[:k] for row in d])
+        np.testing.assert_array_equal(got, want)
 
 
 def test_top_k_breaks_ties_by_index() -> None:

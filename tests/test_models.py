@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgsim import models, pipeline
+from imgsim.ann import l2_normalize
 from imgsim.config import Layout, Settings
 from imgsim.fsutil import TMP_PREFIX, atomic_write_json, read_json
-from imgsim.lsh import l2_normalize
 from imgsim.models import ValidationFailed, VersionNotFound
 from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
 

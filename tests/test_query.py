@@ -380,8 +380,8 @@ def test_the_spark_query_job_passes_query_expansion_on(
     seen: dict[str, Any] = {}
 
     def answer(spark: Any, root: Path, version: str, run_dir: Path, k: int,
-               expansion: int = 0) -> Any:
-        seen.update(k=k, expansion=expansion)
+               expansion: int = 0, scan: Any = None) -> Any:
+        seen.update(k=k, expansion=expansion, scan=scan)
         raise Answered
 
     monkeypatch.setattr(query_lsh.SparkSession, "builder", Builder)
@@ -390,5 +390,6 @@ def test_the_spark_query_job_passes_query_expansion_on(
     assert version
     with pytest.raises(Answered):
         query_lsh.main(["--data-root", str(published.data_root), "--version", version,
-                        "--run-dir", str(tmp_path / "run"), "--k", "3", "--expansion", "2"])
-    assert seen == {"k": 3, "expansion": 2}
+                        "--run-dir", str(tmp_path / "run"), "--k", "3", "--expansion", "2",
+                        "--scan-share", "0.5", "--scan-below", "7"])
+    assert seen == {"k": 3, "expansion": 2, "scan": (0.5, 7)}

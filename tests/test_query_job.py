@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from imgsim.config import SCAN_BELOW, SCAN_SHARE
 from imgsim.lookup import load_model, lookup
 from imgsim.models import publish, validate_staged
 from imgsim.store import snapshot_fingerprint, write_parquet_atomic
@@ -67,13 +68,21 @@ def test_a_projected_version_keeps_its_projection(published) -> None:
     assert model.manifest["fit_settings"]["projection"] == "lda"
 
 
-@pytest.mark.parametrize(("version", "expansion"),
-                         [(VERSION, 0), (BANDED, 0), (PROJECTED, 0), (PROJECTED, 1)],
-                         ids=["plain-or", "and-multiprobe", "lda-projected", "lda-expanded"])
+NO_SCAN = (1.0, 0)          # the LSH itself, never the cheaper scan
+
+
+@pytest.mark.parametrize(("version", "expansion", "scan"),
+                         [(VERSION, 0, NO_SCAN), (BANDED, 0, NO_SCAN), (PROJECTED, 0, NO_SCAN),
+                          (PROJECTED, 1, NO_SCAN), (BANDED, 0, (-1.0, 0)),
+                          (VERSION, 1, (1.0, 10_000))],
+                         ids=["plain-or", "and-multiprobe", "lda-projected", "lda-expanded",
+                              "scan-by-share", "scan-small-index"])
 def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Path,
-                                                 version: str, expansion: int) -> None:
+                                                 version: str, expansion: int,
+                                                 scan: tuple[float, int]) -> None:
     rng = np.random.default_rng(7)
     model = load_model(published, version)
+    model.scan = NO_SCAN
     from imgsim.store import load_vectors
 
     own_ids, own = load_vectors(published, "random", ids=set(model.ids[:5]))
@@ -81,15 +90,18 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
     queries = np.concatenate([own,                                  # references themselves
                               rng.normal(size=(15, 16)).astype(np.float32)])
     qids = [f"q{i:03d}" for i in range(len(queries))]
-    from imgsim.lsh import l2_normalize
+    from imgsim.ann import l2_normalize
 
     unit = l2_normalize(queries)
     write_parquet_atomic(pa.table({
         "query_id": qids,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), 16),
     }), tmp_path / "query_vectors.parquet")
+    if scan[0] < 0:         # just below the share the version's validation measured: scan
+        scan = (model.manifest["metrics"]["candidates_share"] * 0.99, 0)
+    model.scan, model._index = scan, None
     result = query_lsh.answer(spark, published.root, version, tmp_path, k=5,
-                              expansion=expansion).collect()
+                              expansion=expansion, scan=scan).collect()
     local = lookup(model, queries, k=5, expansion=expansion)
     if version == BANDED:
         assert (model.manifest["lsh"]["keys_per_band"], model.manifest["lsh"]["probes"]) == (2, 2)
@@ -105,8 +117,13 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
         assert rows[0].candidates == answer.candidates
         assert rows[0].method == answer.method, qid
         assert len(answer.neighbours) == 5            # widened or exact when the LSH finds few
-    if version == VERSION:
-        assert {a.method for a in local} & {"widened", "exact"}, "narrow: must widen some"
+    methods = {a.method for a in local}
+    if scan == NO_SCAN:
+        assert "scan" not in methods
+    if version == VERSION and scan == NO_SCAN:
+        assert methods & {"widened", "exact"}, "narrow: must widen some"
+    if scan != NO_SCAN:
+        assert methods == {"scan"}
     for i in range(5):                       # a reference finds itself first, at distance ~0
         assert local[i].neighbours[0].image_id == model.ids[i]
         assert local[i].neighbours[0].distance < 1e-5
@@ -125,8 +142,8 @@ def test_query_job_on_a_damaged_version_names_version_file_and_rollback(
     version: the job's failed read is answered with VersionDamaged, not Spark's stack trace."""
     import shutil
 
+    from imgsim.ann import l2_normalize
     from imgsim.config import Layout
-    from imgsim.lsh import l2_normalize
     from imgsim.models import VersionDamaged
     from test_models import overwrite_middle
 
@@ -168,4 +185,4 @@ def test_main_hands_every_argument_to_the_search(spark, published, tmp_path: Pat
     with pytest.raises(Stop):
         query_lsh.main(["--data-root", str(published.root), "--version", PROJECTED,
                         "--run-dir", str(tmp_path), "--k", "7", "--expansion", "2"])
-    assert seen[0][2:] == (PROJECTED, tmp_path, 7, 2)
+    assert seen[0][2:] == (PROJECTED, tmp_path, 7, 2, (SCAN_SHARE, SCAN_BELOW))

@@ -1,4 +1,4 @@
-"""The LSH auto-tuner (imgsim.tuning) and AND-amplified / multi-probe search in the NumPy twin."""
+"""The LSH auto-tuner (imgsim.ann.tuning); AND-amplified, multi-probe band keys in NumPy."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import itertools
 import numpy as np
 import pytest
 
-from imgsim.config import ConfigError, Settings
-from imgsim.lsh import (
+from imgsim.ann import (
+    AnnError,
+    BandIndex,
     BrpParams,
-    amplified_search,
-    band_candidates,
-    exact_search,
     hash_vectors,
     l2_normalize,
-    lsh_search,
+    leave_one_out_recall,
     probe_keys,
+    squared_distances,
 )
-from imgsim.tuning import (
+from imgsim.ann.tuning import (
     CurvePoint,
     LshConfig,
     TuningError,
@@ -26,10 +25,26 @@ from imgsim.tuning import (
     evaluate_grid,
     exact_top_k,
     pareto_front,
-    random_unit_vectors,
     sample_rows,
     tune,
 )
+from imgsim.config import ConfigError, Settings
+
+
+def random_unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    from imgsim.ann import random_unit_vectors as draw
+
+    return draw(count, dim, seed)
+
+
+def brute_candidates(keys: np.ndarray, ref_h: np.ndarray) -> np.ndarray:
+    """(n,) bool by comparing every reference: one query's (bands, probes + 1, K) keys."""
+    bands, _, kb = keys.shape
+    mask = np.zeros(ref_h.shape[0], bool)
+    for b in range(bands):
+        for key in keys[b]:
+            mask |= (ref_h[:, b * kb:(b + 1) * kb] == key).all(axis=1)
+    return mask
 
 
 def clustered(n: int = 600, dim: int = 32, clusters: int = 60, spread: float = 0.15,
@@ -151,16 +166,9 @@ def test_tuner_recall_equals_the_numpy_twin_search() -> None:
                                      probes=(probes,), seed=5)
         (point,) = curve
         params = BrpParams(random_unit_vectors(tables * kb, 16, 5), factor * scale)
-        ref_h = hash_vectors(params, x)
-        recalls, shares = [], []
-        for i in queries:
-            keys = probe_keys(params, x[i], kb, probes)[0]
-            approx = amplified_search(x[i], keys, x, ref_h, 5, exclude=int(i))
-            exact = exact_search(x[i], x, 5, exclude=int(i))
-            recalls.append(len(set(approx.indices) & set(exact.indices)) / 5)
-            shares.append(approx.candidates / 299)
-        assert point.recall_at_k == pytest.approx(np.mean(recalls), abs=1e-12)
-        assert point.candidates_share == pytest.approx(np.mean(shares), abs=1e-12)
+        report = leave_one_out_recall(x, hash_vectors(params, x), queries, 5, params, kb, probes)
+        assert point.recall_at_k == pytest.approx(report.recall_at_k, abs=1e-12)
+        assert point.candidates_share == pytest.approx(report.candidates_share, abs=1e-12)
 
 
 def test_exact_top_k_excludes_and_pads() -> None:
@@ -182,11 +190,9 @@ def test_one_key_per_band_without_probes_is_sparks_or_search() -> None:
     keys = probe_keys(params, x[:20], 1, 0)
     assert keys.shape == (20, 6, 1, 1)
     np.testing.assert_array_equal(keys[:, :, 0, 0], ref_h[:20])
-    for i in range(20):
-        a = amplified_search(x[i], keys[i], x, ref_h, 5)
-        b = lsh_search(x[i], ref_h[i], x, ref_h, 5)
-        np.testing.assert_array_equal(a.indices, b.indices)
-        assert a.candidates == b.candidates
+    mask = BandIndex.build(ref_h, 1).candidates(keys)
+    for i in range(20):                 # Spark: a shared bucket in any table
+        np.testing.assert_array_equal(mask[i], (ref_h == ref_h[i]).any(axis=1))
 
 
 def test_probe_keys_move_the_key_nearest_a_boundary_towards_it() -> None:
@@ -207,9 +213,9 @@ def test_probe_direction_follows_the_nearer_boundary() -> None:
     keys = probe_keys(params, np.array([[0.2, 5.9]]), keys_per_band=1, probes=1)[0]
     assert keys[0].tolist() == [[0], [-1]]      # 0.2 is nearer 0: down
     assert keys[1].tolist() == [[5], [6]]       # 5.9 is nearer 6: up
-    with pytest.raises(TuningError, match="probes"):
+    with pytest.raises(AnnError, match="probes"):
         probe_keys(params, np.array([[0.2, 5.9]]), keys_per_band=1, probes=2)
-    with pytest.raises(TuningError, match="bands"):
+    with pytest.raises(AnnError, match="bands"):
         probe_keys(params, np.array([[0.2, 5.9]]), keys_per_band=3, probes=0)
 
 
@@ -218,15 +224,15 @@ def test_and_narrows_and_probes_widen_the_candidates() -> None:
     x = l2_normalize(rng.normal(size=(300, 16)))
     params = BrpParams(rng.normal(size=(8, 16)), 0.3)
     ref_h = hash_vectors(params, x)
-    for i in range(30):
-        or_mask = band_candidates(probe_keys(params, x[i], 1, 0)[0], ref_h)
-        and_mask = band_candidates(probe_keys(params, x[i], 2, 0)[0], ref_h)
-        probed = band_candidates(probe_keys(params, x[i], 2, 2)[0], ref_h)
-        assert not (and_mask & ~or_mask).any()      # AND: subset of OR over the same keys
-        assert not (and_mask & ~probed).any()       # probes only add candidates
-        assert and_mask[i] and or_mask[i]           # a vector always finds itself
-    with pytest.raises(ValueError, match="bands"):
-        band_candidates(probe_keys(params, x[0], 2, 0)[0], ref_h[:, :6])
+    or_mask = BandIndex.build(ref_h, 1).candidates(probe_keys(params, x[:30], 1, 0))
+    and_mask = BandIndex.build(ref_h, 2).candidates(probe_keys(params, x[:30], 2, 0))
+    probed = BandIndex.build(ref_h, 2).candidates(probe_keys(params, x[:30], 2, 2))
+    assert not (and_mask & ~or_mask).any()          # AND: subset of OR over the same keys
+    assert not (and_mask & ~probed).any()           # probes only add candidates
+    assert and_mask[np.arange(30), np.arange(30)].all()     # a vector always finds itself
+    assert or_mask[np.arange(30), np.arange(30)].all()
+    with pytest.raises(AnnError, match="bands"):
+        BandIndex.build(ref_h[:, :6], 2).candidates(probe_keys(params, x[0], 2, 0))
 
 
 def test_in_process_lookup_follows_the_manifests_banding() -> None:
@@ -239,25 +245,28 @@ def test_in_process_lookup_follows_the_manifests_banding() -> None:
     ids = [f"id{i}" for i in range(120)]
 
     def model(lsh: dict[str, int]) -> LoadedModel:
-        return LoadedModel("v", {"lsh": lsh}, ids, x, hash_vectors(params, x), meta, params)
+        return LoadedModel("v", {"lsh": lsh}, ids, x, hash_vectors(params, x), meta, params,
+                           scan=(1.0, 0))
 
     assert banding({"lsh": {"numHashTables": 6}}) == (1, 0)        # manifests before banding
     plain = lookup(model({"numHashTables": 6}), x[:10], 5)
     banded = lookup(model({"numHashTables": 6, "keys_per_band": 2, "probes": 1}), x[:10], 5)
-    keys = probe_keys(params, x[:10], 2, 1)
-    for i in range(10):
-        want = amplified_search(x[i], keys[i], x, hash_vectors(params, x), 5)
-        assert [n.image_id for n in banded[i].neighbours] == [ids[j] for j in want.indices]
-        assert banded[i].candidates == want.candidates
-        single = lsh_search(x[i], hash_vectors(params, x[i:i + 1])[0], x,
-                            hash_vectors(params, x), 5)
-        assert plain[i].candidates == single.candidates
+    ref_h = hash_vectors(params, x)
+    d = squared_distances(x[:10], x)
+    for answers, kb, probes in ((plain, 1, 0), (banded, 2, 1)):
+        mask = BandIndex.build(ref_h, kb).candidates(probe_keys(params, x[:10], kb, probes))
+        for i in range(10):
+            if answers[i].method != "lsh":
+                continue
+            cand = np.flatnonzero(mask[i])
+            want = cand[np.lexsort((cand, d[i, cand]))[:5]]
+            assert [n.image_id for n in answers[i].neighbours] == [ids[j] for j in want]
+            assert answers[i].candidates == mask[i].sum()
+    assert sum(a.method == "lsh" for a in banded) >= 5
 
 
 @pytest.mark.parametrize("kb,probes", [(1, 0), (1, 1), (3, 2), (4, 0)])
 def test_band_index_finds_the_same_candidates(kb: int, probes: int) -> None:
-    from imgsim.lsh import BandIndex
-
     rng = np.random.default_rng(kb * 10 + probes)
     x = l2_normalize(rng.normal(size=(400, 12)))
     params = BrpParams(random_unit_vectors(5 * kb, 12, 3), 0.15)
@@ -265,12 +274,9 @@ def test_band_index_finds_the_same_candidates(kb: int, probes: int) -> None:
     index = BandIndex.build(ref_h, kb)
     queries = l2_normalize(np.concatenate([x[:20], rng.normal(size=(20, 12))]))
     keys = probe_keys(params, queries, kb, probes)
+    mask = index.candidates(keys)
     for i in range(len(queries)):
-        np.testing.assert_array_equal(index.candidates(keys[i], ref_h),
-                                      band_candidates(keys[i], ref_h))
-        a = amplified_search(queries[i], keys[i], x, ref_h, 5, index=index)
-        b = amplified_search(queries[i], keys[i], x, ref_h, 5)
-        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(mask[i], brute_candidates(keys[i], ref_h))
     with pytest.raises(ValueError, match="bands"):
         BandIndex.build(ref_h, 7 if kb != 7 else 3)
 
@@ -282,3 +288,17 @@ def test_exact_top_k_orders_by_distance_then_index_with_ties() -> None:
     top, d = exact_top_k(ref, q, 5)
     for i in range(15):
         np.testing.assert_array_equal(top[i], np.lexsort((np.arange(60), d[i]))[:5])
+
+
+def test_band_index_compares_columns_where_a_band_cannot_be_packed() -> None:
+    rng = np.random.default_rng(5)
+    ref_h = rng.integers(-2 ** 40, 2 ** 40, size=(300, 4))       # 2 keys spanning 2^41 each
+    ref_h[:100] = ref_h[0]                                         # a shared bucket
+    index = BandIndex.build(ref_h, 2)
+    assert index.bands[0] is None
+    keys = np.stack([ref_h[[0, 150, 299]].reshape(3, 2, 2)[:, :, None, :],
+                     rng.integers(-5, 5, size=(3, 2, 1, 2))], axis=2)[:, :, :, 0, :]
+    mask = index.candidates(keys)
+    for i in range(3):
+        np.testing.assert_array_equal(mask[i], brute_candidates(keys[i], ref_h))
+    assert mask[0].sum() >= 100

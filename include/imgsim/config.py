@@ -48,6 +48,13 @@ PROJECTIONS = ("auto", "none", "whiten", "lda")
 PROJECTION_ENGINES = ("auto", "local", "spark")
 
 
+#: an exact scan answers instead of the LSH when the LSH would compare more than this share of
+#: the index, or when references x dims is below SCAN_BELOW (imgsim.ann.search; measured by
+#: benchmarks/bench_search.py)
+SCAN_SHARE = 0.25
+SCAN_BELOW = 4_000_000
+
+
 class ConfigError(ValueError):
     """A setting has a value imgsim cannot use; the message names the variable."""
 
@@ -247,7 +254,7 @@ class Settings:
     lsh_bucket_length: float = 0.0   # 0 = auto, from the data's scale
     lsh_seed: int = 42
     recall_floor: float = 0.8
-    target_recall: float = 0.95      # the LSH auto-tuner's recall@5 target (imgsim.tuning)
+    target_recall: float = 0.95      # the LSH auto-tuner's recall@5 target (imgsim.ann.tuning)
     validation_sample: int = 200
     keep_versions: int = 5
     max_image_pixels: int = 90_000_000
@@ -265,6 +272,8 @@ class Settings:
     projection_local_max: int = 200_000  # auto: learn in the task up to this many references
     query_expansion: int = 0         # search again with each query + its first N answers (0 off)
     query_local_max: int = 200       # imgsim_query: up to this many queries in the task, else Spark
+    scan_share: float = SCAN_SHARE   # scan exactly when the LSH would compare more than this
+    scan_below: int = SCAN_BELOW     # ... or when references x dims is below this
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -322,6 +331,8 @@ class Settings:
             projection_local_max=_env_int("IMGSIM_PROJECTION_LOCAL_MAX", 200_000, minimum=1),
             query_expansion=_env_int("IMGSIM_QUERY_EXPANSION", 0),
             query_local_max=_env_int("IMGSIM_QUERY_LOCAL_MAX", 200),
+            scan_share=_env_share("IMGSIM_SCAN_SHARE", SCAN_SHARE),
+            scan_below=_env_int("IMGSIM_SCAN_BELOW", SCAN_BELOW),
         )
 
     @property

@@ -55,8 +55,8 @@ def score(model: Any, queries: list[LabelledImage], raw: np.ndarray, k: int,
     search, share of the index compared, milliseconds per query."""
     import time
 
+    from imgsim.ann import METHODS, exact_search
     from imgsim.lookup import lookup
-    from imgsim.lsh import exact_search
 
     t0 = time.perf_counter()
     answers = lookup(model, raw, k, expansion)
@@ -68,7 +68,7 @@ def score(model: Any, queries: list[LabelledImage], raw: np.ndarray, k: int,
     n_ref = len(model.ids)
     per_k = {"lsh_precision": np.zeros(k), "lsh_hit": np.zeros(k),
              "exact_precision": np.zeros(k), "exact_hit": np.zeros(k)}
-    recalls, shares, methods = [], [], {m: 0 for m in ("lsh", "widened", "exact")}
+    recalls, shares, methods = [], [], {m: 0 for m in METHODS}
     for q, vec, ans in zip(queries, space, answers, strict=True):
         exact = exact_search(vec, model.vectors, k).indices
         approx = np.array([index_of[n.image_id] for n in ans.neighbours], dtype=int)
@@ -149,7 +149,8 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
     import time
     from dataclasses import replace
 
-    from imgsim.lsh import BrpParams, hash_vectors
+    from imgsim.ann import BrpParams, hash_vectors
+    from imgsim.ann.tuning import LshConfig, data_scale, random_unit_vectors, tune
     from imgsim.projection import (
         TUNE_KEYS_PER_BAND,
         TUNE_PROBES,
@@ -159,7 +160,6 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
         stats_from_arrays,
     )
     from imgsim.store import load_vectors
-    from imgsim.tuning import LshConfig, data_scale, random_unit_vectors, tune
 
     expansions = sorted({0, 1, settings.query_expansion})   # without and with re-ranking
     rows = [{"kind": f"{model.manifest.get('projection', {}).get('kind', 'none')} "
@@ -204,7 +204,7 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
                             "bands": tuned.tables, "numHashTables": tuned.projections,
                             "bucketLength": tuned.bucket_length}}
         twin = replace(model, version=f"twin-{kind}", manifest=manifest, vectors=space,
-                       hashes=hash_vectors(params, space), params=params, band_index=None,
+                       hashes=hash_vectors(params, space), params=params, _index=None,
                        projection=proj)
         fit_s = learn_s + time.perf_counter() - t0
         for e in expansions:

@@ -8,6 +8,7 @@ PIL is imported lazily so this module is cheap to import from DAG files.
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 from dataclasses import dataclass
@@ -163,3 +164,41 @@ def save_thumbnail(im: Image, path: Path) -> None:
 
     with atomic_open(path, "wb") as fh:
         im.save(fh, format="JPEG", **THUMB_JPEG)
+
+
+# -- drawn test images (the demo archive, the ONNX int8 calibration set) -------------------
+
+DEMO_CLASSES = [
+    "Synthetic Red Sedan", "Synthetic Blue Coupe", "Synthetic Green SUV",
+    "Synthetic Yellow Cab", "Synthetic Black Van", "Synthetic White Pickup",
+]
+COLOURS = [(200, 30, 30), (30, 60, 200), (40, 150, 60), (230, 200, 30), (25, 25, 25),
+           (235, 235, 235)]
+
+
+def synthetic_car(class_index: int, variant: int, size: tuple[int, int] = (480, 320)) -> bytes:
+    """A drawn 'car' (body, cabin, wheels) labelled SYNTHETIC, as JPEG bytes. Deterministic."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(class_index * 1000 + variant)
+    w, h = size
+    sky = tuple(rng.randint(150, 220) for _ in range(3))
+    im = Image.new("RGB", size, sky)  # type: ignore[arg-type]
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([0, int(h * 0.72), w, h], fill=(90, 90, 90))
+    colour = COLOURS[class_index % len(COLOURS)]
+    x0 = rng.randint(20, 80)
+    length = int(w * (0.55 + 0.1 * (class_index % 3)))
+    body_top = int(h * (0.42 - 0.06 * (class_index % 2)))
+    draw.rectangle([x0, body_top, x0 + length, int(h * 0.7)], fill=colour)
+    cabin = [x0 + length // 5, body_top - int(h * 0.16), x0 + int(length * 0.7), body_top]
+    draw.rectangle(cabin, fill=tuple(max(0, c - 40) for c in colour))  # type: ignore[arg-type]
+    r = int(h * 0.09)
+    for cx in (x0 + length // 5, x0 + int(length * 0.8)):
+        draw.ellipse([cx - r, int(h * 0.7) - r, cx + r, int(h * 0.7) + r], fill=(10, 10, 10))
+    draw.text((10, 10), f"SYNTHETIC {DEMO_CLASSES[class_index]} #{variant}", fill=(0, 0, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()

@@ -6,7 +6,7 @@ neighbour search (candidates share a bucket in at least one table; exact distanc
 them), in milliseconds and without a JVM. A version whose manifest records AND-amplified bands
 (``lsh.keys_per_band`` > 1) or multi-probe (``lsh.probes`` > 0) is searched the same way as
 ``spark_jobs/query_lsh.py`` does: candidates share a band key with one of the query's probe
-keys (:func:`imgsim.lsh.probe_keys`).
+keys (:func:`imgsim.ann.probe_keys`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import Layout
-from imgsim.models import read_manifest, reading_version, version_dir
+from imgsim.models import (
+    banding,
+    measured_share,
+    read_manifest,
+    reading_version,
+    version_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +44,11 @@ class Neighbour:
     distance: float
 
 
-#: how a query was answered: the version's LSH as fitted; the LSH with every probe (it found
-#: fewer than k candidates); an exact scan of the index (still fewer than k)
-METHODS = ("lsh", "widened", "exact")
-
-
 @dataclass(frozen=True)
 class Answer:
     neighbours: list[Neighbour]
     candidates: int            # references compared
-    method: str = "lsh"        # METHODS
+    method: str = "lsh"        # imgsim.ann.METHODS
 
 
 @dataclass
@@ -58,13 +59,31 @@ class LoadedModel:
     vectors: np.ndarray        # (n, dim) float32, unit length
     hashes: np.ndarray         # (n, tables) int64
     meta: list[dict[str, Any]]  # path, class_id, class_name per row
-    params: Any                # imgsim.lsh.BrpParams
-    band_index: Any = None     # imgsim.lsh.BandIndex, built on the first banded lookup
+    params: Any                # imgsim.ann.BrpParams
     projection: Any = None     # imgsim.projection.Projection; None: vectors only normalised
+    scan: tuple[float, int] | None = None   # (scan_share, scan_below); None: the settings'
+    _index: Any = None         # imgsim.ann.LshIndex, built on the first lookup
+
+    def index(self) -> Any:
+        """The version's :class:`imgsim.ann.LshIndex` (built once, on the first lookup)."""
+        if self._index is None:
+            from imgsim.ann import LshIndex
+
+            if self.scan is None:
+                from imgsim.config import Settings
+
+                settings = Settings.from_env()
+                self.scan = (settings.scan_share, settings.scan_below)
+            keys_per_band, probes = banding(self.manifest)
+            self._index = LshIndex.build(self.vectors, self.hashes, self.params,
+                                         keys_per_band=keys_per_band, probes=probes,
+                                         scan_share=self.scan[0], scan_below=self.scan[1],
+                                         expected_share=measured_share(self.manifest))
+        return self._index
 
     def to_search_space(self, queries: np.ndarray) -> np.ndarray:
         """Raw query vectors -> the version's search space (projected, unit length)."""
-        from imgsim.lsh import l2_normalize
+        from imgsim.ann import l2_normalize
 
         q = np.atleast_2d(queries)
         raw_dim = int(self.manifest.get("embedding_dim") or self.vectors.shape[1])
@@ -78,7 +97,7 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
     """Load a published version (default: CURRENT) for in-process lookups."""
     import pyarrow.parquet as pq
 
-    from imgsim.lsh import load_brp_model
+    from imgsim.ann import load_brp_model
     from imgsim.projection import load as load_projection
 
     manifest = read_manifest(layout, version)
@@ -103,77 +122,43 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
 
 def lookup(model: LoadedModel, queries: np.ndarray, k: int,
            expansion: int = 0) -> list[Answer]:
-    """k nearest references per (raw) query vector, as the published LSH answers them.
+    """k nearest references per (raw) query vector, through the search core's ladder.
 
-    The queries are mapped into the version's search space first (its projection). A query
-    for which the LSH finds fewer than k candidates while the index holds more is searched
-    again with every probe, then exactly: it always gets ``min(k, index size)`` answers, and
-    :attr:`Answer.method` says which search gave them. ``expansion`` > 0 searches a second
-    time with each query plus its first ``expansion`` answers
-    (:func:`imgsim.lsh.expand_queries`) and orders what that finds by distance to the query.
+    The queries are mapped into the version's search space first (its projection), then
+    answered together by :meth:`imgsim.ann.LshIndex.search`: the version's LSH; with every
+    probe, then exactly, when it finds fewer than k candidates (so a query always gets
+    ``min(k, index size)`` answers); or an exact scan where that costs less than the LSH.
+    :attr:`Answer.method` says which. ``expansion`` > 0 searches a second time with each query
+    plus its first ``expansion`` answers (:func:`imgsim.ann.expand_queries`) and orders what
+    that finds by distance to the query.
     """
-    from imgsim.lsh import Neighbours, expand_queries, squared_distances
+    from imgsim.ann import METHODS, Neighbours, expand_queries, refine
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if expansion < 0:
         raise ValueError(f"expansion must be >= 0, got {expansion}")
     q = model.to_search_space(queries)
-    found = [_search(model, q[i], k) for i in range(q.shape[0])]
-    n = min([expansion, *(f.indices.size for f, _ in found)]) if found else 0
+    index = model.index()
+    found = index.search(q, k) if q.shape[0] else []
+    n = min([expansion, *(f.indices.size for f in found)]) if found else 0
     if n:
-        first = np.stack([model.vectors[f.indices[:n]] for f, _ in found])
-        wide = expand_queries(q, first)
-        again = [_search(model, wide[i], k) for i in range(q.shape[0])]
+        first = np.stack([model.vectors[f.indices[:n]] for f in found])
+        again = index.search(expand_queries(q, first), k)
         expanded = []
-        for i, (hit, how) in enumerate(again):
-            d = squared_distances(q[i][None, :], model.vectors[hit.indices])[0]
-            order = np.lexsort((hit.indices, d))
-            method = max(how, found[i][1], key=METHODS.index)
-            expanded.append((Neighbours(hit.indices[order], np.sqrt(d[order]),
-                                        hit.candidates), method))
+        for i, hit in enumerate(again):
+            idx, dist = refine(q[i], model.vectors, hit.indices)   # by distance to the query
+            method = max(hit.method, found[i].method, key=METHODS.index)
+            expanded.append(Neighbours(idx, dist, hit.candidates, method))
         found = expanded
     answers = []
-    for hit, how in found:
+    for hit in found:
         neighbours = [
             Neighbour(rank + 1, model.ids[j], model.meta[j]["path"], model.meta[j]["class_id"],
                       model.meta[j]["class_name"], float(d))
             for rank, (j, d) in enumerate(zip(hit.indices, hit.distances, strict=True))]
-        answers.append(Answer(neighbours, hit.candidates, how))
+        answers.append(Answer(neighbours, hit.candidates, hit.method))
     return answers
-
-
-def _search(model: LoadedModel, q: np.ndarray, k: int) -> tuple[Any, str]:
-    """One search-space query: the version's LSH, widened, then exact if it finds too few."""
-    from imgsim.lsh import (
-        BandIndex,
-        amplified_search,
-        exact_search,
-        hash_vectors,
-        lsh_search,
-        probe_keys,
-    )
-
-    keys_per_band, probes = banding(model.manifest)
-    if model.band_index is None:
-        model.band_index = BandIndex.build(model.hashes, keys_per_band)
-    if keys_per_band == 1 and probes == 0:
-        found = lsh_search(q, hash_vectors(model.params, q[None, :])[0], model.vectors,
-                           model.hashes, k)
-    else:
-        found = amplified_search(q, probe_keys(model.params, q, keys_per_band, probes)[0],
-                                 model.vectors, model.hashes, k, index=model.band_index)
-    want = min(k, len(model.ids))
-    method = "lsh"
-    if found.indices.size < want and probes < keys_per_band:
-        wide = probe_keys(model.params, q, keys_per_band, keys_per_band)[0]
-        found = amplified_search(q, wide, model.vectors, model.hashes, k,
-                                 index=model.band_index)
-        method = "widened"
-    if found.indices.size < want:
-        found = exact_search(q, model.vectors, k)
-        method = "exact"
-    return found, method
 
 
 def answer_note(method: str, found: int, k: int, indexed: int) -> str | None:
@@ -184,18 +169,15 @@ def answer_note(method: str, found: int, k: int, indexed: int) -> str | None:
     elif method == "exact":
         notes.append(f"the LSH found fewer than {k} candidates; answered by an exact scan of "
                      "the index")
+    elif method == "scan":
+        notes.append("answered by an exact scan of the index, which costs less than this "
+                     "version's LSH (IMGSIM_SCAN_SHARE, IMGSIM_SCAN_BELOW)")
     if found < min(k, indexed):
         notes.append(f"only {found} of {k} neighbours were found, although the index holds "
                      f"{indexed} images")
     elif found < k:
         notes.append(f"{found} of {k} neighbours: the index holds {indexed} images")
     return "; ".join(notes) or None
-
-
-def banding(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(keys_per_band, probes) of a version; older manifests: (1, 0), Spark's plain OR."""
-    lsh = manifest.get("lsh", {})
-    return int(lsh.get("keys_per_band") or 1), int(lsh.get("probes") or 0)
 
 
 def load_query_backbone(manifest: dict[str, Any], *, weights_path: str = "",

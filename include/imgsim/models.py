@@ -277,7 +277,7 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
     import numpy as np
     import pyarrow.parquet as pq
 
-    from imgsim.lsh import hash_vectors, load_brp_model
+    from imgsim.ann import hash_vectors, load_brp_model
 
     staged = layout.staging / check_version_name(version)
     problems: list[str] = []
@@ -319,8 +319,7 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
             or params.bucket_length != lsh.get("bucketLength")):
         problems.append(f"saved model ({params.num_hash_tables} tables, bucketLength "
                         f"{params.bucket_length}) differs from the manifest's {lsh}")
-    bands, keys_per_band = lsh.get("bands"), int(lsh.get("keys_per_band") or 1)
-    probes = int(lsh.get("probes") or 0)
+    bands, (keys_per_band, probes) = lsh.get("bands"), banding(manifest)
     if bands is not None and bands * keys_per_band != params.num_hash_tables:
         problems.append(f"{bands} bands x {keys_per_band} keys per band != the saved model's "
                         f"{params.num_hash_tables} projections")
@@ -451,3 +450,16 @@ def describe_lsh(lsh: dict[str, Any]) -> str:
     if lsh.get("requested_num_hash_tables") == 0:
         text += " (auto)"
     return text
+
+
+def measured_share(manifest: dict[str, Any]) -> float | None:
+    """The share of the index the version's LSH compared per query in validation (None:
+    not measured)."""
+    share = (manifest.get("metrics") or {}).get("candidates_share")
+    return None if share is None else float(share)
+
+
+def banding(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(keys_per_band, probes) of a version; older manifests: (1, 0), Spark's plain OR."""
+    lsh = manifest.get("lsh", {})
+    return int(lsh.get("keys_per_band") or 1), int(lsh.get("probes") or 0)

@@ -477,11 +477,11 @@ def holdout_tuning(choice: Choice, x: np.ndarray, labels: np.ndarray, *, target:
     references it was fitted on, the LSH reaches its recall target there but not for new
     queries (on the sample, 0.69 recall@5 for a 0.95 target). So the same kind is refitted
     without one fold (labelled: a stratified fold; else a seeded 20%), and the tuner
-    (:func:`imgsim.tuning.tune`) measures that fold, projected, against the rest. The fit job
+    (:func:`imgsim.ann.tuning.tune`) measures that fold, projected, against the rest. The fit job
     uses the chosen keys, probes and width factor (times the scale of its own data). None for
     ``none`` (nothing learned, no gap) or too few vectors.
     """
-    from imgsim.tuning import TuningError, tune
+    from imgsim.ann.tuning import TuningError, tune
 
     proj = choice.projection
     if proj.kind == "none" or len(x) < 20:

@@ -98,12 +98,14 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
     run_dir = run_dir_for(layout, run_id)
     plan = {"run_id": run_id, "model_version": pinned, "k": int(k),
             "query_expansion": settings.query_expansion,
+            "scan_share": settings.scan_share, "scan_below": settings.scan_below,
             "created_at": datetime.now(UTC).isoformat(), "queries": queries}
     atomic_write_json(run_dir / "queries.json", plan)
     pending = sum(q["status"] == PENDING for q in queries)
     log.info("%d query image(s), %d to answer with %s (k=%d)", len(queries), pending, pinned, k)
     return {"run_dir": str(run_dir), "model_version": pinned, "k": int(k), "pending": pending,
-            "query_expansion": settings.query_expansion, "data_root": str(layout.root)}
+            "query_expansion": settings.query_expansion, "scan_share": settings.scan_share,
+            "scan_below": settings.scan_below, "data_root": str(layout.root)}
 
 
 def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
@@ -111,8 +113,8 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
 
+    from imgsim.ann import l2_normalize
     from imgsim.lookup import embed_files, load_query_backbone
-    from imgsim.lsh import l2_normalize
     from imgsim.models import read_manifest
     from imgsim.store import write_parquet_atomic
 
@@ -223,6 +225,8 @@ def answer_locally(settings: Settings, run_dir: str) -> dict[str, Any]:
     answers: list[Any] = []
     if ids:
         model = load_model(settings.layout, plan["model_version"])
+        # plans written before the scan rule: never scan, as the Spark job reads them too
+        model.scan = (float(plan.get("scan_share", 1.0)), int(plan.get("scan_below", 0)))
         vectors = np.asarray(table.column("vector").combine_chunks().flatten()
                              .to_numpy(zero_copy_only=False), np.float32).reshape(len(ids), -1)
         answers = lookup(model, vectors, int(plan["k"]),

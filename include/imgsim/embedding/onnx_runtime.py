@@ -9,7 +9,7 @@
   efficientnet_lite0's U8S8 vectors fell to cosine 0.80 with fp32 on 40 real photos; U8U8 keeps
   0.988 at worst (7-bit signed weights, the other remedy, 0.955). The activation ranges are
   calibrated on a fixed, deterministic set of images drawn by
-  :func:`imgsim.demo.synthetic_car`, so the index and the query side rebuild the very same int8
+  :func:`imgsim.imaging.synthetic_car`, so the index and the query side rebuild the very same int8
   model anywhere, offline, without the reference data.
 
 Exported files are cached in a folder (``<data root>/cache/models`` from the pipeline), named by
@@ -44,7 +44,7 @@ OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 #: The calibration set of onnx-int8: (classes x variants) synthetic drawings; part of the key.
-#: Bump it whenever imgsim.demo.synthetic_car or the quantization options change, so that no
+#: Bump it whenever imgsim.imaging.synthetic_car or the quantization options change, so that no
 #: data root keeps using an int8 file made from another calibration.
 CALIBRATION = "synthetic-v2"
 CALIBRATION_CLASSES = 6
@@ -95,7 +95,7 @@ def calibration_batches(preprocess: Callable[[Image], torch.Tensor],
     """The deterministic calibration set, preprocessed like real inputs, in batches."""
     from PIL import Image as PILImage
 
-    from imgsim.demo import synthetic_car
+    from imgsim.imaging import synthetic_car
 
     arrays = []
     for cls in range(CALIBRATION_CLASSES):

@@ -7,7 +7,7 @@ It picks the cheapest configuration (fewest candidates) that reaches the target 
 does, the one with the highest recall, flagged ``target_met: False``.
 
 The LSH family is Spark's BucketedRandomProjectionLSH (``floor(r . x / w)`` per random unit
-vector r), generalised as in :mod:`imgsim.lsh`: ``tables`` bands of ``keys_per_band``
+vector r), generalised as in :mod:`imgsim.ann.brp`: ``tables`` bands of ``keys_per_band``
 consecutive projections (a band matches when all its keys match: AND), a candidate matches at
 least one band (OR), and ``probes`` extra keys per band visit the neighbouring bucket of the
 projections nearest a bucket boundary (multi-probe). ``keys_per_band=1, probes=0`` is plain
@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from imgsim.ann.bands import BandIndex
+from imgsim.ann.brp import AnnError, probe_keys_of, random_unit_vectors
+from imgsim.ann.search import smallest_k, squared_distances
+
 #: Defaults of the grid: bucket widths as multiples of the data's scale
 #: (median pair distance / sqrt(dim)), band counts, keys per band, probes per band.
 DEFAULT_WIDTH_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -36,7 +40,7 @@ DEFAULT_PROBES: tuple[int, ...] = (0,)
 MAX_SAMPLE = 4000
 
 
-class TuningError(ValueError):
+class TuningError(AnnError):
     """Bad input to the tuner (the message says which)."""
 
 
@@ -121,12 +125,6 @@ def _check_inputs(ref: np.ndarray, queries: np.ndarray, k: int,
     return ex
 
 
-def random_unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
-    """(count, dim) Gaussian directions scaled to unit length, as Spark's BRP draws them."""
-    r = np.random.default_rng(seed).normal(size=(count, dim))
-    return r / np.linalg.norm(r, axis=1, keepdims=True)
-
-
 def median_pair_distance(x: np.ndarray, seed: int = 0, pairs: int = 8000) -> float:
     """Median L2 distance between random distinct pairs of rows."""
     rng = np.random.default_rng(seed)
@@ -151,87 +149,15 @@ def exact_top_k(ref: np.ndarray, queries: np.ndarray, k: int,
     padded with -1.
     """
     ex = _check_inputs(ref, queries, k, exclude)
-    q = queries.astype(np.float32)
-    x = ref.astype(np.float32)
-    d = (q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * (q @ x.T)
-    d = np.maximum(d, 0.0)
+    d = squared_distances(queries, ref)
     rows = np.flatnonzero(ex >= 0)
     d[rows, ex[rows]] = np.inf
     kk = min(k, ref.shape[0])
-    order = _smallest(d, kk)
+    order = smallest_k(d, kk)
     top = np.where(np.isfinite(np.take_along_axis(d, order, 1)), order, -1)
     if kk < k:
         top = np.concatenate([top, np.full((top.shape[0], k - kk), -1)], axis=1)
     return top, d
-
-
-def _smallest(d: np.ndarray, kk: int) -> np.ndarray:
-    """(m, kk) column indices of each row's kk smallest values, by value then index."""
-    if kk >= d.shape[1]:
-        return np.argsort(d, axis=1, kind="stable")[:, :kk]
-    kth = np.partition(d, kk - 1, axis=1)[:, kk - 1:kk]
-    out = np.empty((d.shape[0], kk), np.int64)
-    for i in range(d.shape[0]):             # every entry tied with the kk-th is a contender
-        idx = np.flatnonzero(d[i] <= kth[i, 0])
-        out[i] = idx[np.lexsort((idx, d[i, idx]))[:kk]]
-    return out
-
-
-# -- band keys and probes -------------------------------------------------------------------------
-
-def probe_keys(projections: np.ndarray, keys_per_band: int, probes: int) -> np.ndarray:
-    """Bucket keys a query looks up: (m, tables, 1 + probes, keys_per_band) int64.
-
-    ``projections`` are ``x . r / w`` for the model's projections, ``(m, tables*keys_per_band)``.
-    Probe 0 is the query's own bucket; probe p moves the band's p-th key nearest a bucket
-    boundary (smallest distance to it, ties by position) into the neighbouring bucket on that
-    side. Same arithmetic as :func:`imgsim.lsh.probe_keys` (which calls this).
-    """
-    m, total = projections.shape
-    if keys_per_band < 1 or total % keys_per_band:
-        raise TuningError(f"{total} projections cannot form bands of {keys_per_band} keys")
-    if not 0 <= probes <= keys_per_band:
-        raise TuningError(f"probes must be between 0 and keys_per_band ({keys_per_band}), "
-                          f"got {probes}")
-    tables = total // keys_per_band
-    base = np.floor(projections).astype(np.int64)
-    frac = projections - base
-    near = np.minimum(frac, 1.0 - frac).reshape(m, tables, keys_per_band)
-    step = np.where(frac < 0.5, -1, 1).reshape(m, tables, keys_per_band)
-    bands = base.reshape(m, tables, keys_per_band)
-    keys = np.repeat(bands[:, :, None, :], 1 + probes, axis=2)
-    if probes:
-        order = np.argsort(near, axis=2, kind="stable")[:, :, :probes]      # (m, tables, p)
-        for p in range(probes):
-            pos = order[:, :, p]
-            delta = np.take_along_axis(step, pos[:, :, None], 2)[:, :, 0]
-            view = keys[:, :, 1 + p, :]
-            np.put_along_axis(view, pos[:, :, None],
-                              np.take_along_axis(view, pos[:, :, None], 2) + delta[:, :, None], 2)
-    return keys
-
-
-def _band_ids(ref_band: np.ndarray, query_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One exact integer id per key tuple: ref (n, K) -> (n,), queries (m, P, K) -> (m, P)."""
-    m, p, kb = query_keys.shape
-    flat = np.concatenate([ref_band, query_keys.reshape(m * p, kb)])
-    lo = flat.min(axis=0)
-    span = flat.max(axis=0) - lo + 1
-    if float(np.prod(span.astype(np.float64))) < 2.0 ** 62:
-        radix = np.concatenate([[1], np.cumprod(span[:-1])]).astype(np.int64)
-        ids = ((flat - lo) * radix).sum(axis=1)
-    else:
-        ids = np.unique(flat, axis=0, return_inverse=True)[1].reshape(-1)
-    return ids[: ref_band.shape[0]], ids[ref_band.shape[0]:].reshape(m, p)
-
-
-def band_match(ref_band: np.ndarray, query_keys: np.ndarray) -> np.ndarray:
-    """(m, n) bool: reference n's band key equals one of query m's keys for this band."""
-    ref_id, q_id = _band_ids(ref_band, query_keys)
-    hit = q_id[:, 0, None] == ref_id[None, :]
-    for p in range(1, q_id.shape[1]):
-        hit |= q_id[:, p, None] == ref_id[None, :]
-    return hit
 
 
 # -- the curve ------------------------------------------------------------------------------------
@@ -245,8 +171,8 @@ def evaluate_family(ref_proj: np.ndarray, query_proj: np.ndarray, exact: np.ndar
     are subsets of those of more (one pass, cumulative OR).
     """
     m, n = query_proj.shape[0], ref_proj.shape[0]
-    ref_hash = np.floor(ref_proj).astype(np.int64)
-    q_keys = probe_keys(query_proj, keys_per_band, probes)
+    index = BandIndex.build(np.floor(ref_proj).astype(np.int64), keys_per_band)
+    q_keys = probe_keys_of(query_proj, keys_per_band, probes)
     mask = np.zeros((m, n), bool)
     valid = exact >= 0
     want = np.maximum(valid.sum(1), 1)
@@ -255,8 +181,7 @@ def evaluate_family(ref_proj: np.ndarray, query_proj: np.ndarray, exact: np.ndar
     out = []
     wanted = sorted(set(tables))
     for b in range(wanted[-1]):
-        cols = slice(b * keys_per_band, (b + 1) * keys_per_band)
-        mask |= band_match(ref_hash[:, cols], q_keys[:, b])
+        index.band_mask(b, q_keys[:, b], out=mask)
         if b + 1 in wanted:
             live = mask & allowed
             hits = (live[rows, np.maximum(exact, 0)] & valid).sum(1)
