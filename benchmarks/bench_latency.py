@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
 from common import PROJECT_ROOT, WORK_DIR, md_table, write_result
 from lsh_data import BACKBONE, load_real
 
@@ -59,7 +58,7 @@ def build_store(root: Path, files: list[str], labels: np.ndarray, vectors: np.nd
 
 
 def publish_model(spark: Any, layout: Any, version: str, *extra: str) -> dict[str, Any]:
-    import fit_lsh
+    from imgsim.jobs import fit_lsh
     from imgsim.models import publish, validate_staged
     from imgsim.store import snapshot_fingerprint
 
@@ -84,7 +83,7 @@ def spark_ann_seconds(spark: Any, layout: Any, version: str, queries: np.ndarray
     """approxNearestNeighbors for one query at a time, reference table cached and hashed."""
     from pyspark.ml.linalg import Vectors
 
-    import query_lsh
+    from imgsim.jobs import query_lsh
 
     model, ref_path = query_lsh.read_model(layout.root, version)
     reference = query_lsh.read_reference(spark, ref_path)

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
 from common import PLOTS_DIR, WORK_DIR, md_table, median_time, write_result
 from lsh_data import load_real, synthetic
 
@@ -203,9 +202,8 @@ def spark_costs(frames: tuple[Any, Any, Any], c: tuning.LshConfig,
     from pyspark.ml.feature import BucketedRandomProjectionLSH
     from pyspark.ml.functions import vector_to_array
 
-    import fit_lsh
-    import query_lsh
     from imgsim.ann import load_brp_model
+    from imgsim.jobs import fit_lsh, query_lsh
 
     reference, queries, qvec = frames
     t0 = time.perf_counter()

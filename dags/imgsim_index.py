@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
 from imgsim.assets import LSH_MODEL
 from imgsim.config import BACKBONES, EMBED_ENGINES, PROJECTIONS, Settings
+from imgsim.sparktasks import FIT_PLAN_ARGS, plan_value, spark_task
 
-SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 #: choose_embed_engine's routes (imgsim.pipeline.embed_route) -> the task that follows.
 EMBED_ROUTES = {"none": "embed_summary", "tasks": "embed", "spark": "embed_spark"}
 DEFAULTS = Settings.from_env()
@@ -178,16 +176,10 @@ def imgsim_index() -> None:
         get_current_context()["ti"].xcom_push(key="spark_job", value=job)
         return EMBED_ROUTES[route]
 
-    embed_spark = SparkSubmitOperator(
-        task_id="embed_spark",
-        conn_id="spark_default",
-        application=str(SPARK_JOBS / "embed_images.py"),
-        name="imgsim-embed",
-        conf={"spark.ui.showConsoleProgress": "false", "spark.python.worker.reuse": "true"},
-        application_args=[
-            "--job", "{{ ti.xcom_pull(task_ids='choose_embed_engine', key='spark_job') }}",
-        ],
-    )
+    embed_spark = spark_task(
+        "embed_spark", "embed_images.py", name="imgsim-embed",
+        conf={"spark.python.worker.reuse": "true"},
+        extra_args=["--job", plan_value("choose_embed_engine", "", xcom_key="spark_job")])
 
     @task(trigger_rule="none_failed_min_one_success")
     def embed_summary(shards: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
@@ -211,26 +203,11 @@ def imgsim_index() -> None:
 
         return pipeline.learn_projection(Settings.from_env(), plan)
 
-    plan = "ti.xcom_pull(task_ids='fit_plan')"
-    fit_lsh = SparkSubmitOperator(
-        task_id="fit_lsh",
-        conn_id="spark_default",
-        application=str(SPARK_JOBS / "fit_lsh.py"),
-        name="imgsim-fit-lsh",
-        conf={"spark.sql.shuffle.partitions": "8", "spark.ui.showConsoleProgress": "false"},
-        application_args=[
-            "--data-root", f"{{{{ {plan}['data_root'] }}}}",
-            "--backbone", f"{{{{ {plan}['backbone'] }}}}",
-            "--version", f"{{{{ {plan}['version'] }}}}",
-            "--num-hash-tables", f"{{{{ {plan}['num_hash_tables'] }}}}",
-            "--bucket-length", f"{{{{ {plan}['bucket_length'] }}}}",
-            "--seed", f"{{{{ {plan}['seed'] }}}}",
-            "--sample-size", f"{{{{ {plan}['validation_sample'] }}}}",
-            "--target-recall", f"{{{{ {plan}['target_recall'] }}}}",
-            "--projection-dir", f"{{{{ {plan}['projection_dir'] }}}}",
-            "--run-id", "{{ run_id }}",
-        ],
-    )
+    fit_lsh = spark_task(
+        "fit_lsh", "fit_lsh.py", name="imgsim-fit-lsh", plan_task="fit_plan",
+        conf={"spark.sql.shuffle.partitions": "8"},
+        plan_args=FIT_PLAN_ARGS,
+        extra_args=["--run-id", "{{ run_id }}"])
 
     @task
     def validate(plan: dict[str, Any]) -> dict[str, Any]:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
 from imgsim.config import Settings
+from imgsim.sparktasks import spark_task
 
-SPARK_JOBS = Path(__file__).resolve().parents[1] / "spark_jobs"
 #: the engine that answers (imgsim.query.choose_engine) -> the task that follows embed
 QUERY_ROUTES = {"local": "write_results", "spark": "lookup"}
 DEFAULTS = Settings.from_env()
@@ -82,23 +80,14 @@ def imgsim_query() -> None:
         get_current_context()["ti"].xcom_push(key="embedded", value=done)
         return QUERY_ROUTES[done["engine"]]
 
-    plan = "ti.xcom_pull(task_ids='collect')"
-    lookup = SparkSubmitOperator(
-        task_id="lookup",
-        conn_id="spark_default",
-        application=str(SPARK_JOBS / "query_lsh.py"),
-        name="imgsim-query-lsh",
-        conf={"spark.sql.shuffle.partitions": "8", "spark.ui.showConsoleProgress": "false"},
-        application_args=[
-            "--data-root", f"{{{{ {plan}['data_root'] }}}}",
-            "--version", f"{{{{ {plan}['model_version'] }}}}",
-            "--run-dir", f"{{{{ {plan}['run_dir'] }}}}",
-            "--k", f"{{{{ {plan}['k'] }}}}",
-            "--expansion", f"{{{{ {plan}.get('query_expansion', 0) }}}}",
-            "--scan-share", f"{{{{ {plan}.get('scan_share', 1.0) }}}}",
-            "--scan-below", f"{{{{ {plan}.get('scan_below', 0) }}}}",
-        ],
-    )
+    lookup = spark_task(
+        "lookup", "query_lsh.py", name="imgsim-query-lsh", plan_task="collect",
+        conf={"spark.sql.shuffle.partitions": "8"},
+        plan_args={"--data-root": "data_root", "--version": "model_version",
+                   "--run-dir": "run_dir", "--k": "k",
+                   # plans written before a setting existed: its former behaviour
+                   "--expansion": ("query_expansion", 0), "--scan-share": ("scan_share", 1.0),
+                   "--scan-below": ("scan_below", 0)})
 
     @task(trigger_rule="none_failed_min_one_success")
     def write_results(plan: dict[str, Any]) -> dict[str, Any]:

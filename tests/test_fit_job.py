@@ -1,8 +1,7 @@
-"""spark_jobs/fit_lsh.py on one local SparkSession."""
+"""The fit job (imgsim.jobs.fit_lsh) on one local SparkSession."""
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,11 +11,9 @@ import pytest
 from imgsim import spark_io
 from imgsim.config import Layout
 from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.jobs import fit_lsh
 from imgsim.models import validate_staged
 from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
-import fit_lsh  # needs the sys.path entry above
 
 pytestmark = pytest.mark.spark
 

@@ -199,12 +199,9 @@ def test_collect_refuses_a_damaged_version(published: Settings) -> None:
 
 def test_the_spark_query_job_checks_sizes_before_spark_starts(
         published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
 
+    from imgsim.jobs import query_lsh
     from imgsim.models import VersionDamaged
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
-    import query_lsh
 
     class NoSpark:
         class builder:
@@ -354,12 +351,9 @@ def test_a_query_without_neighbours_gets_the_jobs_null_row(tmp_path: Path) -> No
 def test_the_spark_query_job_passes_query_expansion_on(
         published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The DAG hands --expansion to spark_jobs/query_lsh.py; main() must search with it."""
-    import sys
 
+    from imgsim.jobs import query_lsh
     from imgsim.models import current_version
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
-    import query_lsh
 
     class FakeSpark:
         def stop(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,10 @@ import pyarrow as pa
 import pytest
 
 from imgsim.config import SCAN_BELOW, SCAN_SHARE
+from imgsim.jobs import fit_lsh, learn_projection, query_lsh
 from imgsim.lookup import load_model, lookup
 from imgsim.models import publish, validate_staged
 from imgsim.store import snapshot_fingerprint, write_parquet_atomic
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spark_jobs"))
-import fit_lsh  # needs the sys.path entry above
-import learn_projection
-import query_lsh
 from test_fit_job import make_store
 
 pytestmark = pytest.mark.spark

@@ -487,12 +487,10 @@ def refit_reasons(current: dict[str, Any], fingerprint: str, labels: str,
 
 def fit_job_args(plan: dict[str, Any], run_id: str) -> list[str]:
     """``spark_jobs/fit_lsh.py``'s arguments for a plan (the DAG templates the same ones)."""
-    return ["--data-root", plan["data_root"], "--backbone", plan["backbone"],
-            "--version", plan["version"], "--num-hash-tables", str(plan["num_hash_tables"]),
-            "--bucket-length", str(plan["bucket_length"]), "--seed", str(plan["seed"]),
-            "--sample-size", str(plan["validation_sample"]),
-            "--target-recall", str(plan["target_recall"]),
-            "--projection-dir", plan["projection_dir"], "--run-id", run_id]
+    from imgsim.sparktasks import FIT_PLAN_ARGS
+
+    args = [part for flag, key in FIT_PLAN_ARGS.items() for part in (flag, str(plan[key]))]
+    return [*args, "--run-id", run_id]
 
 
 def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
@@ -563,17 +561,16 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
 def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
-    from imgsim.config import PROJECT_ROOT
+    from imgsim.sparktasks import BASE_CONF, SPARK_JOBS
 
     hook = SparkSubmitHook(
-        conn_id="spark_default", name="imgsim-learn-projection",
-        conf={"spark.ui.showConsoleProgress": "false"},
+        conn_id="spark_default", name="imgsim-learn-projection", conf=dict(BASE_CONF),
         application_args=["--data-root", plan["data_root"], "--backbone", plan["backbone"],
                           "--out", str(out), "--kind", plan["projection"],
                           "--min-coverage", str(plan["projection_min_coverage"]),
                           "--cv-sample", str(CV_SAMPLE), "--seed", str(plan["seed"]),
                           "--target-recall", str(plan["target_recall"])])
-    hook.submit(str(PROJECT_ROOT / "spark_jobs" / "learn_projection.py"))
+    hook.submit(str(SPARK_JOBS / "learn_projection.py"))
 
 
 #: labelled references the projection's cross-validation uses (at most; a seeded sample)

@@ -1,0 +1,431 @@
+"""Fit BucketedRandomProjectionLSH on all live embeddings and write a new model version.
+
+    spark-submit --master 'local[*]' spark_jobs/fit_lsh.py \
+        --data-root data --backbone resnet18 --version v20261122T170000Z-ab12cd \
+        --num-hash-tables 8 --bucket-length 0 --seed 42 --run-id manual
+
+``--num-hash-tables 0`` asks for automatic parameters: the auto-tuner (:mod:`imgsim.ann.tuning`)
+measures, on a seeded driver-side sample of at most ``--tune-sample`` reference vectors, the
+leave-one-out recall@k against exact search of a grid of (numHashTables, bucketLength) and
+picks the cheapest one (fewest candidates compared) that reaches ``--target-recall`` (default
+``IMGSIM_TARGET_RECALL``, 0.95). A non-zero ``--bucket-length`` then fixes the width and only
+the number of tables is tuned. The manifest keeps the curve and the choice (``tuning``).
+
+``--keys-per-band K`` (AND-amplified keys) fits ``numHashTables = bands x K`` projections and
+searches bands of K consecutive hash values; ``--probes P`` also looks up, per band, P
+neighbouring buckets of the projections nearest a bucket boundary (multi-probe). Both are
+recorded in the manifest (``lsh.bands``, ``lsh.keys_per_band``, ``lsh.probes``), and
+``spark_jobs/query_lsh.py`` and ``imgsim.lookup`` search that way. The auto-tuner's grid
+includes them (``--tune-keys-per-band``, ``--tune-probes``).
+
+Reads ``catalog/catalog.parquet`` (live images) and ``embeddings/<backbone>/part-*.parquet``
+(newest vector per image id) and L2-normalises the vectors. With ``--projection-dir`` (what
+``spark_jobs/learn_projection.py`` or the DAG's learn_projection task wrote) they are mapped
+into the learned space, the version keeps the map (``projection/``), and, when auto-tuning,
+the LSH takes the learn step's held-out tuning (the map pulls its training vectors together,
+so leave-one-out tuning on them would overstate recall). Then it fits the LSH, hashes the
+reference set and writes, into ``models/lsh/.staging/<version>/``:
+
+* ``model/``      the Spark model (``BucketedRandomProjectionLSHModel.load``)
+* ``reference/``  the hashed reference table: image_id, path, class_id, class_name,
+                  vector (array<float>, unit length), hashes (array<bigint>, one per table)
+* ``projection/``  the learned map, when there is one
+* ``manifest.json`` written last: backbone, projection, LSH parameters, the fit settings it
+  received (``fit_settings``), snapshot (ids and labels fingerprints), counts and metrics
+  (leave-one-out recall@k against exact search on a sample, computed partition by partition).
+
+The version is published by the DAG's validate/publish tasks, never by this job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+from pyspark.ml.feature import (
+    BucketedRandomProjectionLSH,
+    BucketedRandomProjectionLSHModel,
+)
+from pyspark.ml.functions import vector_to_array
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from imgsim.config import Layout
+from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.jobs import run_application
+from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
+from imgsim.store import labels_fingerprint, snapshot_fingerprint
+
+log = logging.getLogger("imgsim.fit_lsh")
+
+MANIFEST_FORMAT = 1
+#: auto bucketLength = factor * median pair distance / sqrt(dim). Spark projects onto random
+#: *unit* vectors, so a difference of length d projects to about d / sqrt(dim): with 1,280-d
+#: unit-length embeddings a bucketLength of 1.0 puts every image in one bucket per table.
+AUTO_BUCKET_FACTOR = 0.5
+#: the auto-tuner works on at most this many reference vectors, collected on the driver.
+MAX_TUNE_SAMPLE = 4000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", required=True, type=Path)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--num-hash-tables", type=int, default=8,
+                   help="number of hash tables (bands); 0 = auto-tune (with bucketLength)")
+    p.add_argument("--keys-per-band", type=int, default=1,
+                   help="projections ANDed into one band key (1 = Spark's plain BRP)")
+    p.add_argument("--probes", type=int, default=0,
+                   help="extra buckets looked up per band (multi-probe), <= keys per band")
+    p.add_argument("--bucket-length", type=float, default=0.0,
+                   help="bucket width on unit vectors; 0 = auto (see estimate_bucket_length)")
+    p.add_argument("--auto-bucket-factor", type=float, default=AUTO_BUCKET_FACTOR)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--sample-size", type=int, default=200)
+    p.add_argument("--run-id", default="manual")
+    p.add_argument("--projection-dir", type=Path, default=None,
+                   help="a learned projection (spark_jobs/learn_projection.py --out); the LSH "
+                        "is fitted in its space and the version keeps it")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="recall@k the auto-tuner aims for (default: IMGSIM_TARGET_RECALL)")
+    p.add_argument("--tune-sample", type=int, default=MAX_TUNE_SAMPLE,
+                   help="reference vectors the auto-tuner samples (at most)")
+    p.add_argument("--tune-queries", type=int, default=200,
+                   help="sampled references that query the rest while tuning")
+    p.add_argument("--tune-keys-per-band", type=_int_list, default=(1, 2, 4, 8),
+                   help="keys-per-band values the auto-tuner tries, comma-separated")
+    p.add_argument("--tune-probes", type=_int_list, default=(0, 1, 2),
+                   help="probe counts the auto-tuner tries, comma-separated")
+    args = p.parse_args(argv)
+    if args.num_hash_tables < 0:
+        p.error("--num-hash-tables must be >= 1, or 0 for auto-tuning")
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        p.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if args.tune_sample < 2 or args.tune_queries < 1:
+        p.error("--tune-sample must be >= 2 and --tune-queries >= 1")
+    if args.keys_per_band < 1 or not 0 <= args.probes <= args.keys_per_band:
+        p.error("--keys-per-band must be >= 1 and --probes between 0 and --keys-per-band")
+    if min(args.tune_keys_per_band) < 1 or min(args.tune_probes) < 0:
+        p.error("--tune-keys-per-band values must be >= 1 and --tune-probes values >= 0")
+    if args.bucket_length < 0:
+        p.error("--bucket-length must be >= 0 (0 = auto)")
+    if args.auto_bucket_factor <= 0:
+        p.error("--auto-bucket-factor must be > 0")
+    if not args.version or "/" in args.version or args.version.startswith("."):
+        p.error(f"--version {args.version!r} is not a valid version name")
+    return args
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") \
+            from exc
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def flatten_hashes(hashed: DataFrame) -> DataFrame:
+    """Spark's array<vector(1)> hashes -> array<bigint>, one bucket id per table."""
+    return hashed.withColumn(
+        "hashes", F.transform("hashes", lambda h: vector_to_array(h)[0].cast("long")))
+
+
+def driver_sample(data: DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """One seeded sample of at most ``size`` rows on the driver (image_id, class_id) and their
+    vectors (n, dim) float32, ordered by a seeded hash of the id: every smaller sample the job
+    needs (tuning, bucket width, validation queries) is a prefix of it."""
+    rows = cast(pd.DataFrame, data.select("image_id", "class_id", "vector")
+                .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed))).limit(size).toPandas())
+    x = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+    return rows.drop(columns="vector"), x
+
+
+def target_recall(args: argparse.Namespace) -> float:
+    """--target-recall, else IMGSIM_TARGET_RECALL (default 0.95)."""
+    if args.target_recall is not None:
+        return float(args.target_recall)
+    from imgsim.config import Settings
+
+    return Settings.from_env().target_recall
+
+
+def auto_tune(x: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the auto-tuner on the driver-side sample ``x``; the manifest's ``tuning`` entry."""
+    from imgsim.ann.tuning import DEFAULT_WIDTH_FACTORS, data_scale, tune
+
+    t0 = time.perf_counter()
+    scale = data_scale(x, args.seed)
+    factors = ((args.bucket_length / scale,) if args.bucket_length > 0
+               else DEFAULT_WIDTH_FACTORS)
+    result = tune(x, target=target_recall(args), k=args.k, max_queries=args.tune_queries,
+                  seed=args.seed, width_factors=factors,
+                  keys_per_band=args.tune_keys_per_band, probes=args.tune_probes)
+    tuning = result.as_dict()
+    tuning.update(seconds=round(time.perf_counter() - t0, 3),
+                  method="leave-one-out on a seeded sample; grid of bands x keys per band x "
+                         "bucketLength x probes over BRP projections")
+    log.info("auto-tuned LSH on %d vectors: %s (target %.3f met: %s) in %.1f s",
+             result.sample_size, result.choice.as_dict(), result.target, result.target_met,
+             tuning["seconds"])
+    return tuning
+
+
+def held_out_tuning(x: np.ndarray, args: argparse.Namespace,
+                    learned: dict[str, Any]) -> dict[str, Any]:
+    """The learn step's held-out tuning (imgsim.projection.holdout_tuning), its width factor
+    applied to the scale of this data. (A fixed --bucket-length is tuned by auto_tune.)"""
+    from imgsim.ann.tuning import data_scale
+
+    choice = dict(learned["choice"])
+    scale = data_scale(x, args.seed)
+    choice["bucket_length"] = float(choice["width_factor"]) * scale
+    log.info("LSH from the held-out tuning of the learned space: %s", choice)
+    return {**learned, "choice": choice, "scale_of_this_data": scale}
+
+
+#: vectors of the driver sample that estimate a fixed-table bucketLength
+ESTIMATE_SAMPLE = 2000
+
+
+def estimate_bucket_length(x: np.ndarray, dim: int, factor: float,
+                           seed: int) -> tuple[float, float]:
+    """(bucketLength, median distance) from 4 random pairs per row of the sample ``x``."""
+    from imgsim.ann.tuning import median_pair_distance
+
+    median = median_pair_distance(x, seed, pairs=4 * len(x))
+    return factor * median / float(np.sqrt(dim)), median
+
+
+def apply_projection(data: DataFrame, projection_dir: Path,
+                     out_dir: Path) -> tuple[DataFrame, dict[str, Any]]:
+    """The live vectors mapped into the learned space; the projection copied into the version."""
+    from pyspark.ml.functions import array_to_vector
+
+    from imgsim.projection import PROJECTION_DIR, read_choice
+    from imgsim.spark_projection import project
+
+    entry, proj = read_choice(projection_dir)
+    if proj is None:
+        return data, entry
+    entry = {**entry, **proj.save(out_dir / PROJECTION_DIR)}
+    projected = project(data.drop("features"), proj).withColumn(
+        "features", array_to_vector(F.col("vector"))).cache()
+    log.info("vectors projected: %s %d -> %d dims (%s)", proj.kind, proj.dim, proj.dims,
+             entry.get("reason"))
+    return projected, entry
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray, k: int,
+                       probe_keys: np.ndarray) -> pd.DataFrame:
+    """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates.
+
+    Candidates share a band key with one of the query's ``probe_keys`` (m, bands,
+    probes + 1, keys per band; :func:`imgsim.ann.probe_keys`), found and scored with the
+    search core (:class:`imgsim.ann.BandIndex`, :func:`imgsim.ann.smallest_k`).
+    """
+    q_ids = queries["image_id"].tolist()
+    bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, probe_keys))
+    kk = k + 1   # the query itself is in the reference set
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from imgsim.ann import BandIndex, smallest_k, squared_distances
+
+        ids_, qv, qkeys = bq.value
+        for b in batches:
+            if b.empty:
+                continue
+            ids = b["image_id"].to_numpy()
+            x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+            h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
+            cand = BandIndex.build(h, qkeys.shape[3]).candidates(qkeys)
+            d = squared_distances(qv, x)
+            exact = smallest_k(d, kk)
+            d_lsh = np.where(cand, d, np.inf)
+            approx = smallest_k(d_lsh, kk)
+            dist = np.sqrt(d)
+            out: list[tuple[str, str | None, str | None, float, int]] = []
+            for qi, qid in enumerate(ids_):
+                out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
+                out.extend((qid, "lsh", ids[j], float(dist[qi, j]), 0) for j in approx[qi]
+                           if cand[qi, j])
+                out.append((qid, "count", None, 0.0, int(cand[qi].sum())))
+            yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
+
+    schema = T.StructType([
+        T.StructField("query_id", T.StringType()), T.StructField("kind", T.StringType()),
+        T.StructField("image_id", T.StringType()), T.StructField("distance", T.DoubleType()),
+        T.StructField("n", T.LongType())])
+    return ref.select("image_id", "vector", "hashes").mapInPandas(run, schema).toPandas()
+
+
+def recall_metrics(parts: pd.DataFrame, queries: pd.DataFrame, labels: dict[str, Any],
+                   total: int, k: int) -> dict[str, Any]:
+    """Merge partition results: recall@k of the LSH against exact, share compared, label hits."""
+    recalls, shares, precisions, hits, short = [], [], [], [], 0
+    for qid, qclass in zip(queries["image_id"], queries["class_id"], strict=True):
+        rows = parts[parts["query_id"] == qid]
+
+        def best(kind: str, _rows: pd.DataFrame = rows, _qid: str = qid) -> list[str]:
+            r = _rows[(_rows["kind"] == kind) & (_rows["image_id"] != _qid)]
+            return r.sort_values(["distance", "image_id"])["image_id"].head(k).tolist()
+
+        exact, approx = best("exact"), best("lsh")
+        recalls.append(len(set(exact) & set(approx)) / max(len(exact), 1))
+        compared = int(rows.loc[rows["kind"] == "count", "n"].sum()) - 1
+        shares.append(max(compared, 0) / max(total - 1, 1))
+        short += int(len(approx) < min(k, total - 1))
+        if qclass is not None and not pd.isna(qclass):
+            same = [labels.get(i) == qclass for i in approx]
+            precisions.append(sum(same) / k)
+            hits.append(float(any(same)))
+    n = len(recalls)
+    return {
+        "k": k, "queries": n,
+        "recall_at_k": float(np.mean(recalls)) if n else None,
+        "candidates_share": float(np.mean(shares)) if n else None,
+        "short_answers": short,
+        "label_precision_at_k": float(np.mean(precisions)) if precisions else None,
+        "label_hit_at_k": float(np.mean(hits)) if hits else None,
+    }
+
+
+# -- write --------------------------------------------------------------------------------------
+
+def write_version(model: BucketedRandomProjectionLSHModel, reference: DataFrame,
+                  out_dir: Path) -> None:
+    model.write().overwrite().save(str(out_dir / "model"))
+    (reference.select("image_id", "path", "class_id", "class_name", "vector", "hashes")
+     .orderBy("image_id").write.mode("overwrite").parquet(str(out_dir / "reference")))
+
+
+def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
+    layout = Layout(args.data_root.resolve())
+    out_dir = layout.staging / args.version
+    if out_dir.exists():                       # a retry of the same run: start clean
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+    catalog = read_live_catalog(spark, layout).cache()
+    embeddings, files = read_embeddings(spark, layout, args.backbone)
+    data = live_vectors(catalog, embeddings).cache()
+    n_live = catalog.count()
+    rows = data.select("image_id", "class_id", F.size("vector").alias("d")).collect()  # one pass
+    n = len(rows)
+    if n == 0:
+        raise ValueError("no live image has an embedding: nothing to index")
+    dims = sorted({int(r.d) for r in rows})
+    if len(dims) != 1:
+        raise ValueError(f"embeddings of mixed dimensions {dims} in {files}")
+    labels = {r.image_id: r.class_id for r in rows}
+    ids = list(labels)
+
+    raw_dim = dims[0]
+    projection_entry: dict[str, Any] | None = None
+    if args.projection_dir is not None:
+        data, projection_entry = apply_projection(data, args.projection_dir, out_dir)
+    dim = int(projection_entry["dims"]) if projection_entry else raw_dim
+    bucket_length, median_distance = args.bucket_length, None
+    bands, tuning = args.num_hash_tables, None
+    keys_per_band, probes = args.keys_per_band, args.probes
+    need = max(args.sample_size, args.tune_sample if bands == 0 else 0,
+               ESTIMATE_SAMPLE if bands and bucket_length == 0 else 0)
+    sample, x = driver_sample(data, need, args.seed)      # one pass over the data for all
+    if (bands == 0 and args.bucket_length == 0 and projection_entry
+            and projection_entry.get("lsh_tuning")):
+        tuning = held_out_tuning(x[:args.tune_sample], args, projection_entry["lsh_tuning"])
+    elif bands == 0:
+        tuning = auto_tune(x[:args.tune_sample], args)
+    elif bucket_length == 0:
+        bucket_length, median_distance = estimate_bucket_length(
+            x[:ESTIMATE_SAMPLE], dim, args.auto_bucket_factor, args.seed)
+        log.info("auto bucketLength %.6f (median pair distance %.4f, dim %d)", bucket_length,
+                 median_distance, dim)
+    if tuning is not None:
+        bands = int(tuning["choice"]["tables"])
+        keys_per_band = int(tuning["choice"]["keys_per_band"])
+        probes = int(tuning["choice"]["probes"])
+        bucket_length = float(tuning["choice"]["bucket_length"])
+    t0 = time.perf_counter()
+    lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes",
+                                      bucketLength=bucket_length,
+                                      numHashTables=bands * keys_per_band, seed=args.seed)
+    model = lsh.fit(data)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = flatten_hashes(model.transform(data)).drop("features").cache()
+    write_version(model, reference, out_dir)      # hashes every vector once (cached)
+    write_s = time.perf_counter() - t0
+    from imgsim.ann import load_brp_model, probe_keys
+
+    t0 = time.perf_counter()
+    queries, q_vec = sample.head(args.sample_size), x[:args.sample_size]
+    qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
+    parts = partial_neighbours(reference, queries, q_vec, args.k, qkeys)
+    metrics = recall_metrics(parts, queries, labels, n, args.k)
+    metrics.update(fit_seconds=round(fit_s, 3), hash_and_write_seconds=round(write_s, 3),
+                   evaluation_seconds=round(time.perf_counter() - t0, 3))
+
+    backbone_file = layout.embeddings(args.backbone) / "BACKBONE.json"
+    backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": args.version,
+        "created_at": datetime.now(UTC).isoformat(),
+        "run_id": args.run_id,
+        "backbone": backbone,
+        "embedding_dim": raw_dim,
+        "search_dim": dim,
+        "normalize": "l2",
+        "distance": "euclidean on unit vectors" + (" of the projection" if projection_entry
+                                                   else ""),
+        "projection": projection_entry or {"kind": "none", "dim": raw_dim, "dims": raw_dim},
+        "lsh": {"algorithm": "BucketedRandomProjectionLSH",
+                "numHashTables": bands * keys_per_band,
+                "bucketLength": bucket_length, "seed": args.seed,
+                "bands": bands, "keys_per_band": keys_per_band, "probes": probes,
+                "requested_num_hash_tables": args.num_hash_tables,
+                "requested_bucket_length": args.bucket_length,
+                "auto_bucket_factor": args.auto_bucket_factor
+                if args.bucket_length == 0 and tuning is None else None,
+                "median_pair_distance": median_distance},
+        "tuning": tuning,
+        "fit_settings": {
+            "num_hash_tables": args.num_hash_tables, "bucket_length": args.bucket_length,
+            "seed": args.seed, "validation_sample": args.sample_size,
+            "target_recall": target_recall(args),
+            "projection": (projection_entry or {}).get("requested", "none"),
+            "projection_min_coverage": (projection_entry or {}).get("min_coverage")},
+        "snapshot": {"fingerprint": snapshot_fingerprint(ids),
+                     "labels_fingerprint": labels_fingerprint(labels.items()), "count": n,
+                     "shard_files": [Path(f).name for f in files]},
+        "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},
+        "metrics": metrics,
+        "spark": {"version": spark.version, "master": spark.sparkContext.master},
+        "files": {"model": "model", "reference": "reference",
+                  **({"projection": projection_entry["file"]}
+                     if projection_entry and "file" in projection_entry else {})},
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    log.info("wrote %s: %d images, recall@%d=%s", out_dir, n, args.k, metrics["recall_at_k"])
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_application(f"imgsim-fit-lsh-{args.version}", lambda spark: run(spark, args))
