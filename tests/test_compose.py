@@ -228,9 +228,10 @@ def test_spark_default_is_the_standalone_master_in_json_form(
 
 def test_every_connection_the_dags_use_is_configured(raw: dict[str, Any]) -> None:
     env = env_of(raw["x-airflow-common"])
-    conn_ids = {m for path in (ROOT / "dags").glob("*.py")
+    files = [*(ROOT / "dags").glob("*.py"), *(ROOT / "include" / "imgsim").rglob("*.py")]
+    conn_ids = {m for path in files
                 for m in re.findall(r"conn_id\s*=\s*[\"'](\w+)[\"']", path.read_text())}
-    assert conn_ids, "no conn_id found in dags/"
+    assert conn_ids, "no conn_id found in dags/ or the imgsim package (Spark task factory)"
     for conn_id in conn_ids:
         assert f"AIRFLOW_CONN_{conn_id.upper()}" in env, conn_id
 
