@@ -250,29 +250,30 @@ def test_too_many_files_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("mode", ["w:gz", "w"])
-def test_truncated_tar_rejected(tmp_path: Path, mode: str) -> None:
-    full = tmp_path / "full.tar"
-    _make_tar(full, {f"car_ims/{i:06d}.jpg": _payload(i) for i in range(1, 21)}, mode=mode)
-    data = full.read_bytes()
-    archive = tmp_path / "cut.tgz"
-    archive.write_bytes(data[: len(data) // 2])
+def _cut_and_extract(tmp_path: Path, full: Path, name: str, keep: int) -> Path:
+    """``full`` cut to its first ``keep`` bytes as ``name`` (``full`` removed): extracting it
+    fails as truncated and leaves only the archive behind."""
+    archive = tmp_path / name
+    archive.write_bytes(full.read_bytes()[:keep])
     full.unlink()
     with pytest.raises(ArchiveError, match="truncated"):
         safe_extract(archive, tmp_path / "out")
     _only_archive_left(tmp_path, archive)
+    return archive
+
+
+@pytest.mark.parametrize("mode", ["w:gz", "w"])
+def test_truncated_tar_rejected(tmp_path: Path, mode: str) -> None:
+    full = tmp_path / "full.tar"
+    _make_tar(full, {f"car_ims/{i:06d}.jpg": _payload(i) for i in range(1, 21)}, mode=mode)
+    _cut_and_extract(tmp_path, full, "cut.tgz", full.stat().st_size // 2)
 
 
 def test_plain_tar_cut_at_a_header_boundary_rejected(tmp_path: Path) -> None:
     """tarfile stops silently there; the missing end-of-archive block gives it away."""
     full = tmp_path / "full.tar"
     _make_tar(full, {f"{i}.jpg": b"y" * 512 for i in range(4)}, mode="w")
-    archive = tmp_path / "cut.tar"
-    archive.write_bytes(full.read_bytes()[: 2 * 1024])  # two complete members, then nothing
-    full.unlink()
-    with pytest.raises(ArchiveError, match="truncated"):
-        safe_extract(archive, tmp_path / "out")
-    _only_archive_left(tmp_path, archive)
+    _cut_and_extract(tmp_path, full, "cut.tar", 2 * 1024)  # two complete members, then nothing
 
 
 def test_truncated_zip_rejected(tmp_path: Path) -> None:
@@ -280,11 +281,7 @@ def test_truncated_zip_rejected(tmp_path: Path) -> None:
     with zipfile.ZipFile(full, "w") as zf:
         for i in range(10):
             zf.writestr(f"cars_train/{i:05d}.jpg", _payload(i))
-    archive = tmp_path / "cut.zip"
-    archive.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    full.unlink()
-    with pytest.raises(ArchiveError, match="truncated"):
-        safe_extract(archive, tmp_path / "out")
+    _cut_and_extract(tmp_path, full, "cut.zip", full.stat().st_size // 2)
 
 
 def test_duplicate_and_conflicting_entries_rejected(tmp_path: Path) -> None:

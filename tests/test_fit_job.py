@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,6 +90,12 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
     assert report.checks["reference_rows"] == 395
 
 
+def fit(spark: Any, layout: Any, version: str, *flags: str) -> dict[str, Any]:
+    """fit_lsh.run on the store's "random" backbone with ``flags``; the manifest."""
+    return fit_lsh.run(spark, fit_lsh.parse_args([
+        "--data-root", str(layout.root), "--backbone", "random", "--version", version, *flags]))
+
+
 def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -96,9 +103,8 @@ def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
 
     layout = make_store(tmp_path / "data", n=300, dim=8, gone=0)
     version = "v20260101T000000Z-000001"
-    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
-        "--num-hash-tables", "3", "--bucket-length", "0.5", "--sample-size", "300"]))
+    manifest = fit(spark, layout, version,
+        "--num-hash-tables", "3", "--bucket-length", "0.5", "--sample-size", "300")
     staged = layout.staging / version
     ref = pq.read_table(staged / "reference").to_pydict()
     x = np.array(ref["vector"], dtype=np.float32)
@@ -130,9 +136,8 @@ def test_missing_embeddings_is_a_clear_error(spark, tmp_path: Path) -> None:
 def test_auto_bucket_length_follows_the_scale_of_the_data(spark, tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data", n=300, dim=64, gone=0)
     version = "v20260101T000000Z-000003"
-    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
-        "--num-hash-tables", "4", "--bucket-length", "0", "--sample-size", "20"]))
+    manifest = fit(spark, layout, version,
+        "--num-hash-tables", "4", "--bucket-length", "0", "--sample-size", "20")
     lsh = manifest["lsh"]
     # Random Gaussian vectors, normalised: pair distances are about sqrt(2).
     assert lsh["median_pair_distance"] == pytest.approx(np.sqrt(2), rel=0.05)
@@ -144,10 +149,9 @@ def test_auto_bucket_length_follows_the_scale_of_the_data(spark, tmp_path: Path)
 def test_auto_parameters_are_tuned_and_kept_in_the_manifest(spark, tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data", n=300, dim=16, gone=0)
     version = "v20260101T000000Z-000004"
-    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
+    manifest = fit(spark, layout, version,
         "--num-hash-tables", "0", "--target-recall", "0.9", "--sample-size", "40",
-        "--tune-sample", "250", "--tune-queries", "60"]))
+        "--tune-sample", "250", "--tune-queries", "60")
     lsh, tuning = manifest["lsh"], manifest["tuning"]
     assert lsh["requested_num_hash_tables"] == 0
     assert tuning["target"] == 0.9
@@ -178,10 +182,9 @@ def test_and_keys_with_probes_recall_matches_numpy_twin(spark, tmp_path: Path) -
 
     layout = make_store(tmp_path / "data", n=200, dim=8, gone=0)
     version = "v20260101T000000Z-000005"
-    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", "random", "--version", version,
+    manifest = fit(spark, layout, version,
         "--num-hash-tables", "3", "--keys-per-band", "2", "--probes", "1",
-        "--bucket-length", "0.3", "--sample-size", "200"]))
+        "--bucket-length", "0.3", "--sample-size", "200")
     lsh = manifest["lsh"]
     assert (lsh["bands"], lsh["keys_per_band"], lsh["probes"], lsh["numHashTables"]) == (3, 2, 1, 6)
     staged = layout.staging / version

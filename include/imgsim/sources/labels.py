@@ -276,14 +276,19 @@ def _parse_class(raw: str) -> int | None:
 # --- dispatch and image listing -----------------------------------------------------------
 
 
+def _read_head(path: Path, what: str) -> bytes:
+    """The first 4 KiB of ``path`` (which layout it is), or a LabelsError naming ``what``."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4096)
+    except OSError as exc:
+        raise LabelsError(f"{what} {path} cannot be read: {exc}") from exc
+
+
 def read_labels(path: Path) -> dict[str, LabelRecord]:
     """Read either layout, recognised by content: a MATLAB file or a CSV with a header."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError as exc:
-        raise LabelsError(f"labels file {path} cannot be read: {exc}") from exc
+    head = _read_head(path, "labels file")
     if head.startswith(_HDF5_MAGIC):
         raise LabelsError(
             f"labels file {path} is a MATLAB v7.3 (HDF5) file; save it as v5 (-v7) instead"
@@ -333,11 +338,7 @@ def read_class_names(path: Path) -> dict[int, str]:
     (the Kaggle ``names.csv``).
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-    except OSError as exc:
-        raise LabelsError(f"class-names file {path} cannot be read: {exc}") from exc
+    head = _read_head(path, "class-names file")
     if head.startswith(b"MATLAB") or (b"\x00" in head and path.suffix.lower() == ".mat"):
         return _read_class_names_mat(path)
     if b"\x00" in head:
