@@ -44,15 +44,17 @@ def scan_is_cheaper(expected_share: float | None, n: int, dim: int, scan_share: 
     return n * dim < scan_below or (expected_share is not None and expected_share > scan_share)
 
 
-def squared_distances(q: np.ndarray, x: np.ndarray,
-                      x_sq: np.ndarray | None = None) -> np.ndarray:
+def squared_distances(q: np.ndarray, x: np.ndarray, x_sq: np.ndarray | None = None) -> np.ndarray:
     """(m, dim), (n, dim) -> (m, n) squared L2 distances (float32, clipped at 0)."""
     q = np.asarray(q, dtype=np.float32)
     x = np.asarray(x, dtype=np.float32)
     if x_sq is None:
         x_sq = (x * x).sum(1)
-    d = (q * q).sum(1)[:, None] + x_sq[None, :] - 2.0 * (q @ x.T)
-    return np.maximum(d, 0.0)
+    d = q @ x.T  # one matrix product, then in place: |q|^2 + |x|^2 - 2 q.x
+    d *= -2.0
+    d += x_sq[None, :]
+    d += (q * q).sum(1)[:, None]
+    return np.maximum(d, 0.0, out=d)
 
 
 def refine(query: np.ndarray, ref: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,15 +79,16 @@ def smallest_k(d: np.ndarray, k: int) -> np.ndarray:
     if kk == n:
         return np.argsort(d, axis=1, kind="stable")
     part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
-    vals = np.take_along_axis(d, part, 1)
+    rows = np.arange(m)[:, None]
+    vals = d[rows, part]
     kth = vals.max(axis=1, keepdims=True)
     # rows where more entries tie with the k-th than were picked: take the lowest indices
     loose = np.flatnonzero((d == kth).sum(1) > (vals == kth).sum(1))
     for i in loose:
         lo = np.flatnonzero(d[i] < kth[i, 0])
         part[i] = np.concatenate([lo, np.flatnonzero(d[i] == kth[i, 0])[: kk - lo.size]])
-    vals = np.take_along_axis(d, part, 1)
-    return np.take_along_axis(part, np.lexsort((part, vals), axis=1), 1)
+        vals[i] = d[i, part[i]]
+    return part[rows, np.lexsort((part, vals), axis=1)]
 
 
 def top_k(dist_row: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -186,36 +189,45 @@ class LshIndex:
         m, n = q.shape[0], self.size
         rows = np.arange(m)
         has_ex = ex >= 0
-        allowed = n - has_ex.astype(np.int64)                   # references each may return
+        allowed = n - has_ex.astype(np.int64)  # references each may return
+        if not n or self.scans:  # one matrix product, no candidate masks at all
+            d = squared_distances(q, self.vectors, self.sq)
+            d[rows[has_ex], ex[has_ex]] = np.inf
+            return self._answers(q, d, None, smallest_k(d, k), allowed, ["scan"] * m)
         want = np.minimum(k, allowed)
-        method = np.full(m, "scan", dtype=object)
-        mask = np.zeros((m, n), bool)
-        if n and not self.scans:
-            mask = self.candidates(q)
-            mask[rows[has_ex], ex[has_ex]] = False
-            count = mask.sum(1)
-            method[:] = "lsh"
-            short = count < want
-            if short.any() and self.probes < self.bands.keys_per_band:
-                wide = self.candidates(q[short], self.bands.keys_per_band)
-                wide[np.flatnonzero(has_ex[short]), ex[short & has_ex]] = False
-                mask[short] = wide
-                count = mask.sum(1)
-                method[short] = "widened"
-            method[count < want] = "exact"
-        full = (method == "scan") | (method == "exact")
-        mask[full] = True
+        method = np.full(m, "lsh", dtype=object)
+        mask = self.candidates(q)
         mask[rows[has_ex], ex[has_ex]] = False
-        compared = mask.sum(1)
-        cols = np.flatnonzero(mask.any(0))
-        if cols.size > self.scan_share * n:     # most of the index: score it all, contiguously
-            cols = np.arange(n)
-        d = squared_distances(q, self.vectors[cols], self.sq[cols])
-        d[~mask[:, cols]] = np.inf
-        top = smallest_k(d, k)
+        count = mask.sum(1)
+        short = count < want
+        if short.any() and self.probes < self.bands.keys_per_band:
+            wide = self.candidates(q[short], self.bands.keys_per_band)
+            wide[np.flatnonzero(has_ex[short]), ex[short & has_ex]] = False
+            mask[short] = wide
+            count = mask.sum(1)
+            method[short] = "widened"
+        exact = count < want
+        method[exact] = "exact"
+        mask[exact] = True
+        mask[rows[has_ex], ex[has_ex]] = False
+        cols: np.ndarray | None = np.flatnonzero(mask.any(0))
+        if cols is not None and cols.size > self.scan_share * n:
+            cols = None  # most of the index: score all of it, contiguously, without a copy
+        if cols is None:
+            d = squared_distances(q, self.vectors, self.sq)
+            d[~mask] = np.inf
+        else:
+            d = squared_distances(q, self.vectors[cols], self.sq[cols])
+            d[~mask[:, cols]] = np.inf
+        return self._answers(q, d, cols, smallest_k(d, k), mask.sum(1), list(method))
+
+    def _answers(self, q: np.ndarray, d: np.ndarray, cols: np.ndarray | None, top: np.ndarray,
+                 compared: np.ndarray, method: list[str]) -> list[Neighbours]:
+        """Each row's finite top entries (columns ``cols`` of the index, None: all), refined."""
         out = []
-        for i in range(m):
-            idx, dist = refine(q[i], self.vectors, cols[top[i][np.isfinite(d[i, top[i]])]])
+        for i in range(q.shape[0]):
+            sel = top[i][np.isfinite(d[i, top[i]])]
+            idx, dist = refine(q[i], self.vectors, sel if cols is None else cols[sel])
             out.append(Neighbours(idx, dist, int(compared[i]), str(method[i])))
         return out
 
