@@ -102,26 +102,19 @@ def cmd_query(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
     from pathlib import Path
 
-    import numpy as np
-
     from imgsim.fsutil import sha256_file
-    from imgsim.lookup import answer_note, embed_files, load_model, load_query_backbone, lookup
+    from imgsim.lookup import Answer, Searcher
     from imgsim.results import write_results
 
     settings = Settings.from_env()
     layout = settings.layout
     if not 1 <= args.k <= 100:
         raise ValueError(f"-k must be between 1 and 100, got {args.k}")
-    model = load_model(layout, args.version)
-    backbone = load_query_backbone(model.manifest, weights_path=settings.weights_path,
-                                   device=settings.device)
+    searcher = Searcher.load(settings, args.version)
+    model = searcher.model
     paths = [Path(p) for p in args.images]
     missing = [str(p) for p in paths if not p.is_file()]
-    good, bad = embed_files(backbone, [p for p in paths if p.is_file()],
-                            batch_size=settings.batch_size, max_pixels=settings.max_image_pixels)
-    answers = (dict(zip(good, lookup(model, np.stack(list(good.values())), args.k,
-                                              settings.query_expansion), strict=True))
-               if good else {})
+    found = searcher.search_files([p for p in paths if p.is_file()], args.k)
     stamp = datetime.now(UTC)
     run_id = f"cli-{stamp:%Y%m%dT%H%M%S%fZ}"
     queries: list[dict[str, Any]] = []
@@ -134,14 +127,10 @@ def cmd_query(args: argparse.Namespace) -> int:
             "reason": None, "detail": None}
         if key in missing:
             entry.update(status="rejected", reason="missing", detail=f"{p} is not a file")
-        elif key in bad:
-            entry.update(status="rejected", reason=bad[key].reason, detail=bad[key].detail)
+        elif not isinstance(found[key], Answer):
+            entry.update(status="rejected", reason=found[key].reason, detail=found[key].detail)
         else:
-            ans = answers[key]
-            entry.update(status="answered", candidates=ans.candidates,
-                         found=len(ans.neighbours), method=ans.method,
-                         neighbours=[n.__dict__ for n in ans.neighbours])
-            entry["note"] = answer_note(ans.method, len(ans.neighbours), args.k, len(model.ids))
+            entry.update(found[key].fields(args.k, searcher.indexed))
         queries.append(entry)
     results = {"run_id": run_id, "model_version": model.version, "k": args.k,
                "created_at": stamp.isoformat(), "engine": "local", "queries": queries}

@@ -163,7 +163,7 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
 
     expansions = sorted({0, 1, settings.query_expansion})   # without and with re-ranking
     rows = [{"kind": f"{model.manifest.get('projection', {}).get('kind', 'none')} "
-                     "(published version, Spark LSH)", "expansion": e,
+                     "(published version, as lookups answer)", "expansion": e,
              **_brief(score(model, queries, raw, k, e), k)} for e in expansions]
     ids, vectors = load_vectors(settings.layout, model.manifest["backbone"]["name"],
                                 ids=set(model.ids))

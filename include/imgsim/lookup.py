@@ -50,6 +50,20 @@ class Answer:
     candidates: int            # references compared
     method: str = "lsh"        # imgsim.ann.METHODS
 
+    def fields(self, k: int, indexed: int) -> dict[str, Any]:
+        """This answer as a results entry (:func:`answer_fields`)."""
+        return answer_fields([n.__dict__ for n in self.neighbours], self.candidates, self.method,
+                             k, indexed)
+
+
+def answer_fields(neighbours: list[dict[str, Any]], candidates: int, method: str, k: int,
+                  indexed: int) -> dict[str, Any]:
+    """An answered query's entry in ``results.json`` (and the UI's answer), built one way for
+    the CLI, the UI upload and the query DAG: neighbours, counts, method and the note."""
+    return {"status": "answered", "neighbours": neighbours, "candidates": int(candidates),
+            "found": len(neighbours), "method": method,
+            "note": answer_note(method, len(neighbours), k, indexed)}
+
 
 @dataclass
 class LoadedModel:
@@ -206,6 +220,43 @@ def load_query_backbone(manifest: dict[str, Any], *, weights_path: str = "",
             f"loaded here differs in {sorted(diffs)}: {diffs}. Answers would be wrong; use the "
             "same weights file (IMGSIM_WEIGHTS) or query another version.")
     return backbone
+
+
+@dataclass
+class Searcher:
+    """A published version and the backbone it was built with: image files in, answers out.
+
+    The CLI (``imgsim query``) and the UI upload search through it; the query DAG embeds and
+    looks up in separate tasks with the same two calls (:func:`embed_files`, :func:`lookup`).
+    """
+
+    model: LoadedModel
+    backbone: Any
+    batch_size: int = 32
+    max_pixels: int = 90_000_000
+    expansion: int = 0
+
+    @classmethod
+    def load(cls, settings: Any, version: str | None = None, *, batch_size: int | None = None,
+             model: LoadedModel | None = None, backbone: Any = None) -> Searcher:
+        """``version`` (default CURRENT) with its backbone, per ``settings`` (imgsim.config)."""
+        model = model or load_model(settings.layout, version)
+        backbone = backbone or load_query_backbone(
+            model.manifest, weights_path=settings.weights_path, device=settings.device)
+        return cls(model, backbone, batch_size or settings.batch_size,
+                   settings.max_image_pixels, settings.query_expansion)
+
+    @property
+    def indexed(self) -> int:
+        return len(self.model.ids)
+
+    def search_files(self, paths: list[Path], k: int) -> dict[str, Any]:
+        """{str(path): Answer, or the file's Rejected (imgsim.embedding.infer)}."""
+        good, bad = embed_files(self.backbone, paths, batch_size=self.batch_size,
+                                max_pixels=self.max_pixels)
+        found = (lookup(self.model, np.stack(list(good.values())), k, self.expansion)
+                 if good else [])
+        return {**bad, **dict(zip(good, found, strict=True))}
 
 
 def embed_files(backbone: Any, paths: list[Path], *, batch_size: int = 32,

@@ -274,7 +274,7 @@ def read_neighbours(run_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], dic
 
 def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     """Assemble and write the results; ledger the answers; move inbox images out of the inbox."""
-    from imgsim.lookup import answer_note
+    from imgsim.lookup import answer_fields
     from imgsim.models import read_manifest
     from imgsim.results import write_results
 
@@ -292,14 +292,11 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
         q.setdefault("note", None)
         if q["status"] == PENDING:
             rows = neighbours.get(q["query_id"], [])
-            q["neighbours"] = [
-                {"rank": r["rank"], "image_id": r["image_id"], "path": r["path"],
-                 "class_id": r["class_id"], "class_name": r["class_name"],
-                 "distance": float(r["distance"])} for r in rows]
-            q["candidates"], q["found"] = counts.get(q["query_id"], 0), len(rows)
-            q["method"] = methods.get(q["query_id"], "lsh")
-            q["status"] = ANSWERED
-            q["note"] = answer_note(q["method"], len(rows), k, indexed)
+            q.update(answer_fields(
+                [{"rank": r["rank"], "image_id": r["image_id"], "path": r["path"],
+                  "class_id": r["class_id"], "class_name": r["class_name"],
+                  "distance": float(r["distance"])} for r in rows],
+                counts.get(q["query_id"], 0), methods.get(q["query_id"], "lsh"), k, indexed))
     # Inbox images leave the inbox: answered ones to processed/, rejected ones to rejected/.
     moves: list[tuple[Path, Path]] = []
     for q in plan["queries"]:

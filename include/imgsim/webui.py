@@ -658,25 +658,19 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
 
 def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
     """Embed the saved upload with the current version's backbone and look it up."""
-    from imgsim.lookup import BackboneMismatch, answer_note, embed_files, lookup
+    from imgsim.lookup import Answer, BackboneMismatch, Searcher
     from imgsim.models import VersionDamaged
 
     try:
         model, backbone = _model_and_backbone(settings)
+        searcher = Searcher.load(settings, batch_size=1, model=model, backbone=backbone)
+        (ans,) = searcher.search_files([path], k).values()
     except (BackboneMismatch, VersionDamaged) as exc:
         raise UploadError(409, str(exc)) from exc
-    good, bad = embed_files(backbone, [path], batch_size=1, max_pixels=settings.max_image_pixels)
-    if str(path) in bad:
-        rej = bad[str(path)]
-        raise UploadError(422, f"the image cannot be used: {rej.reason}: {rej.detail}")
-    try:
-        (ans,) = lookup(model, good[str(path)], k, settings.query_expansion)
-    except BackboneMismatch as exc:
-        raise UploadError(409, str(exc)) from exc
-    return {"model_version": model.version, "indexed": len(model.ids), "k": k,
-            "candidates": ans.candidates, "method": ans.method,
-            "note": answer_note(ans.method, len(ans.neighbours), k, len(model.ids)),
-            "neighbours": [n.__dict__ for n in ans.neighbours]}
+    if not isinstance(ans, Answer):
+        raise UploadError(422, f"the image cannot be used: {ans.reason}: {ans.detail}")
+    return {"model_version": model.version, "indexed": searcher.indexed, "k": k,
+            **ans.fields(k, searcher.indexed)}
 
 
 def _search_form(k: int) -> str:
