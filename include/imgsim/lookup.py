@@ -176,16 +176,16 @@ def lookup(model: LoadedModel, queries: np.ndarray, k: int,
 
 
 def answer_note(method: str, found: int, k: int, indexed: int) -> str | None:
-    """What a person should know about how a query was answered (None: nothing unusual)."""
+    """What a person should know about how a query was answered (None: nothing unusual).
+
+    ``scan`` (an exact scan, cheaper than the LSH) is usual and better than the LSH: the
+    answer's ``method`` says it, no note."""
     notes = []
     if method == "widened":
         notes.append(f"the LSH found fewer than {k} candidates; searched again with every probe")
     elif method == "exact":
         notes.append(f"the LSH found fewer than {k} candidates; answered by an exact scan of "
                      "the index")
-    elif method == "scan":
-        notes.append("answered by an exact scan of the index, which costs less than this "
-                     "version's LSH (IMGSIM_SCAN_SHARE, IMGSIM_SCAN_BELOW)")
     if found < min(k, indexed):
         notes.append(f"only {found} of {k} neighbours were found, although the index holds "
                      f"{indexed} images")
