@@ -16,16 +16,11 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v java >/dev/null || { echo "installing Java 17 (Spark needs it)"; \
 	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
-	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing Chromium and chromedriver (browser tests)"; \
-	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
-	@{ command -v redis-server && command -v docker-compose && { command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl; }; } >/dev/null 2>&1 || \
-	  { echo "installing PostgreSQL, Redis and docker-compose (scale-out tests)"; \
-	  apt-get update -qq && apt-get install -y -qq postgresql redis-server docker-compose; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -r requirements.lock
@@ -34,10 +29,19 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP) ## create .venv from requirements.lock (pinned) and install imgsim into it
 
+browser-deps: ## Chromium and chromedriver (the browser test; only `make test` needs them)
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing Chromium and chromedriver (browser tests)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+
+scaleout-deps: ## PostgreSQL, Redis and docker-compose (the scale-out tests; only `make test`)
+	@{ command -v redis-server && command -v docker-compose && { command -v pg_ctl || ls /usr/lib/postgresql/*/bin/pg_ctl; }; } >/dev/null 2>&1 || \
+	  { echo "installing PostgreSQL, Redis and docker-compose (scale-out tests)"; \
+	  apt-get update -qq && apt-get install -y -qq postgresql redis-server docker-compose; }
+
 demo: $(STAMP) ## set up, then index the offline demo archive (or IMGSIM_ARCHIVE_URL) and print the summary
 	$(VENV)/bin/imgsim demo
 
-test: $(STAMP) ## set up, then run the whole test suite (every marker), TEST_WORKERS files at a time
+test: $(STAMP) browser-deps scaleout-deps ## set up, then run the whole test suite (every marker), TEST_WORKERS files at a time
 	$(ENV) && $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser markers)
@@ -57,7 +61,7 @@ versions: $(STAMP) ## list the published model versions
 
 BENCH_ARGS ?=
 bench: $(STAMP) ## run every benchmark and rebuild benchmarks/README.md from their results
-	$(ENV) && for b in quality embedding incremental lsh latency; do \
+	$(ENV) && for b in quality embedding incremental lsh search latency; do \
 	  echo "== benchmarks/bench_$$b.py"; $(PY) benchmarks/bench_$$b.py $(BENCH_ARGS); done
 	$(PY) benchmarks/report.py
 
@@ -70,4 +74,4 @@ clean-data: ## delete the local data root and Airflow home (keeps .venv)
 clean: clean-data ## also delete .venv
 	rm -rf $(VENV)
 
-.PHONY: help install demo test test-fast lint airflow versions bench lock clean-data clean
+.PHONY: help install browser-deps scaleout-deps demo test test-fast lint airflow versions bench lock clean-data clean
