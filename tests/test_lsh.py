@@ -371,3 +371,25 @@ def test_l2_normalize_keeps_zero_rows_zero() -> None:
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]], rtol=1e-6)
     assert np.isfinite(out).all()
+
+
+def test_near_ties_are_decided_in_float64_whatever_the_batch() -> None:
+    # Two references 1e-4 and 3e-4 from the query: float32's |q|^2 + |x|^2 - 2 q.x cannot
+    # tell them apart reliably; the answer must not depend on that rounding or on the batch.
+    rng = np.random.default_rng(0)
+    wrong = 0
+    for seed in range(60):
+        r = np.random.default_rng(seed)
+        q = l2_normalize(r.normal(size=(1, 64)))[0]
+        near, nearer = q.copy(), q.copy()
+        near[0] += 3e-4
+        nearer[1] += 1e-4
+        ref = l2_normalize(np.vstack([near, nearer, r.normal(size=(20, 64))]))
+        params = BrpParams(r.normal(size=(4, 64)), 1.0)
+        index = LshIndex.build(ref, hash_vectors(params, ref), params, scan_share=1.0,
+                               scan_below=2**62)
+        others = l2_normalize(rng.normal(size=(40, 64)))
+        alone = index.search(q, 1)[0].indices.tolist()
+        batched = index.search(np.vstack([others, q[None, :]]), 1)[-1].indices.tolist()
+        wrong += alone != [1] or batched != [1]
+    assert wrong == 0

@@ -16,9 +16,10 @@ says which:
 * ``exact``: still fewer than k; an exact scan.
 
 Candidates are ranked by L2 distance in float32 (``|q|^2 + |x|^2 - 2 q.x``, one matrix
-product); the k kept are then ordered by their float64 distance (ties: the lower reference
-row), which is what the answer reports. The Spark query job (``spark_jobs/query_lsh.py``)
-follows the same ladder with :func:`scan_is_cheaper`.
+product); the nearest ``k + OVERSELECT`` are re-ranked by their float64 distance (ties: the
+lower reference row) and cut to k, so near-ties are decided in float64, whatever the batch,
+as the Spark job decides them; the answer reports the float64 distances. The Spark query job
+(:mod:`imgsim.jobs.query_lsh`) follows the same ladder and :func:`scan_is_cheaper`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ from imgsim.config import SCAN_BELOW, SCAN_SHARE
 
 #: how a query was answered, in order of escalation (see the module docstring)
 METHODS = ("lsh", "widened", "exact", "scan")
-#: queries scored together (bounded so a batch's (m, n) masks stay under ~64 MB)
-MAX_BATCH_CELLS = 1 << 26
+#: queries scored together: a batch holds about 14 bytes per (query, reference) cell (float32
+#: distances, int64 top-k partition, masks), so 2^24 cells stay near 240 MB
+MAX_BATCH_CELLS = 1 << 24
+#: extra nearest (by float32) re-ranked in float64 before the k are cut: near-ties at the k-th
+#: place are decided by the float64 distance, the same whichever batch a query is in
+OVERSELECT = 16
 
 
 def scan_is_cheaper(expected_share: float | None, n: int, dim: int, scan_share: float,
@@ -113,8 +118,8 @@ def exact_search(query: np.ndarray, ref: np.ndarray, k: int,
     if exclude is not None:
         allowed = np.ones(ref.shape[0], bool)
         allowed[exclude] = False
-    idx, dist = refine(query, ref, top_k(d, k, allowed))
-    return Neighbours(idx, dist, int(ref.shape[0]) - (exclude is not None), "exact")
+    idx, dist = refine(query, ref, top_k(d, k + OVERSELECT, allowed))
+    return Neighbours(idx[:k], dist[:k], int(ref.shape[0]) - (exclude is not None), "exact")
 
 
 @dataclass
@@ -193,7 +198,7 @@ class LshIndex:
         if not n or self.scans:  # one matrix product, no candidate masks at all
             d = squared_distances(q, self.vectors, self.sq)
             d[rows[has_ex], ex[has_ex]] = np.inf
-            return self._answers(q, d, None, smallest_k(d, k), allowed, ["scan"] * m)
+            return self._answers(q, d, None, k, allowed, ["scan"] * m)
         want = np.minimum(k, allowed)
         method = np.full(m, "lsh", dtype=object)
         mask = self.candidates(q)
@@ -219,16 +224,18 @@ class LshIndex:
         else:
             d = squared_distances(q, self.vectors[cols], self.sq[cols])
             d[~mask[:, cols]] = np.inf
-        return self._answers(q, d, cols, smallest_k(d, k), mask.sum(1), list(method))
+        return self._answers(q, d, cols, k, mask.sum(1), list(method))
 
-    def _answers(self, q: np.ndarray, d: np.ndarray, cols: np.ndarray | None, top: np.ndarray,
+    def _answers(self, q: np.ndarray, d: np.ndarray, cols: np.ndarray | None, k: int,
                  compared: np.ndarray, method: list[str]) -> list[Neighbours]:
-        """Each row's finite top entries (columns ``cols`` of the index, None: all), refined."""
+        """Each row's k nearest finite entries (columns ``cols`` of the index, None: all): the
+        k + OVERSELECT nearest in float32, re-ranked in float64, cut to k."""
+        top = smallest_k(d, k + OVERSELECT)
         out = []
         for i in range(q.shape[0]):
             sel = top[i][np.isfinite(d[i, top[i]])]
             idx, dist = refine(q[i], self.vectors, sel if cols is None else cols[sel])
-            out.append(Neighbours(idx, dist, int(compared[i]), str(method[i])))
+            out.append(Neighbours(idx[:k], dist[:k], int(compared[i]), str(method[i])))
         return out
 
 
