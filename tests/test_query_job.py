@@ -77,7 +77,7 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
                                                  scan: tuple[float, int]) -> None:
     rng = np.random.default_rng(7)
     model = load_model(published, version)
-    model.scan = NO_SCAN
+    model.set_scan(*NO_SCAN)
     from imgsim.store import load_vectors
 
     own_ids, own = load_vectors(published, "random", ids=set(model.ids[:5]))
@@ -94,7 +94,7 @@ def test_spark_batch_and_in_process_lookup_agree(spark, published, tmp_path: Pat
     }), tmp_path / "query_vectors.parquet")
     if scan[0] < 0:         # just below the share the version's validation measured: scan
         scan = (model.manifest["metrics"]["candidates_share"] * 0.99, 0)
-    model.scan, model._index = scan, None
+    model.set_scan(*scan)
     result = query_lsh.answer(spark, published.root, version, tmp_path, k=5,
                               expansion=expansion, scan=scan).collect()
     local = lookup(model, queries, k=5, expansion=expansion)

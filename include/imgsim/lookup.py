@@ -78,6 +78,10 @@ class LoadedModel:
     scan: tuple[float, int] | None = None   # (scan_share, scan_below); None: the settings'
     _index: Any = None         # imgsim.ann.LshIndex, built on the first lookup
 
+    def set_scan(self, scan_share: float, scan_below: int) -> None:
+        """Pin the scan rule (a query run's plan); the search index is rebuilt on next use."""
+        self.scan, self._index = (scan_share, scan_below), None
+
     def index(self) -> Any:
         """The version's :class:`imgsim.ann.LshIndex` (built once, on the first lookup)."""
         if self._index is None:

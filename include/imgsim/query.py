@@ -226,7 +226,7 @@ def answer_locally(settings: Settings, run_dir: str) -> dict[str, Any]:
     if ids:
         model = load_model(settings.layout, plan["model_version"])
         # plans written before the scan rule: never scan, as the Spark job reads them too
-        model.scan = (float(plan.get("scan_share", 1.0)), int(plan.get("scan_below", 0)))
+        model.set_scan(float(plan.get("scan_share", 1.0)), int(plan.get("scan_below", 0)))
         vectors = np.asarray(table.column("vector").combine_chunks().flatten()
                              .to_numpy(zero_copy_only=False), np.float32).reshape(len(ids), -1)
         answers = lookup(model, vectors, int(plan["k"]),
