@@ -22,7 +22,6 @@ weights on the shared sample: mean top-5 overlap of exact kNN, each photo agains
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import json
@@ -157,8 +156,8 @@ def pipeline_root(paths: list[Path], backbone: str, runtime: str, cache: Path,
                       "path": str(dst.relative_to(root))})
     spec = root / "runs" / "bench" / "shards" / "shard-00000.json"
     atomic_write_json(spec, {"run_key": "bench", "shard": 0, "items": items})
-    settings = dataclasses.replace(Settings.from_env(), data_root=root, backbone=backbone,
-                                   runtime=runtime, device="cpu")
+    settings = Settings.from_env().replace(data_root=root, backbone=backbone, runtime=runtime,
+                                           device="cpu")
     link = settings.layout.model_cache
     if not link.is_symlink():
         shutil.rmtree(link, ignore_errors=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import functools
 import logging
 import os
@@ -210,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
 
     root = WORK_DIR / "incremental-root"
     image_root, labels = prepare_root(sample, root, n_indexed, n_new, "2026-01-02")
-    settings = dataclasses.replace(Settings.from_env(), data_root=root.resolve(),
-                                   backbone=BACKBONE, shard_size=1000)
+    settings = Settings.from_env().replace(data_root=root.resolve(), backbone=BACKBONE,
+                                           shard_size=1000)
     configure_threads(settings.num_threads)
     started = time.perf_counter()
     runs = {

@@ -85,7 +85,9 @@ def imgsim_query() -> None:
         conf={"spark.sql.shuffle.partitions": "8"},
         plan_args={"--data-root": "data_root", "--version": "model_version",
                    "--run-dir": "run_dir", "--k": "k",
-                   # plans written before a setting existed: its former behaviour
+                   # Deliberately not the settings' defaults: a plan written before a
+                   # setting existed (a run queued across an upgrade) keeps its former
+                   # behaviour: no expansion, never an exact scan (share 1.0, below 0).
                    "--expansion": ("query_expansion", 0), "--scan-share": ("scan_share", 1.0),
                    "--scan-below": ("scan_below", 0)})
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ def stage_and_validate(layout: Layout, version: str) -> None:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = replace(Settings(), data_root=tmp_path / "data")
+    s = Settings(data_root=tmp_path / "data")
     for v in (V1, V2):
         stage_and_validate(s.layout, v)
         models.publish(s.layout, v)

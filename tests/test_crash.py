@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ def photos(folder: Path, n: int) -> None:
 
 
 def test_sigkill_during_an_embedding_shard(tmp_path: Path) -> None:
-    settings = replace(Settings(), data_root=tmp_path / "data", shard_size=10_000, batch_size=8)
+    settings = Settings(data_root=tmp_path / "data", shard_size=10_000, batch_size=8)
     layout = settings.layout
     photos(layout.images / "car_ims", 240)
     labels = tmp_path / "labels.csv"
@@ -67,11 +66,10 @@ def test_sigkill_during_an_embedding_shard(tmp_path: Path) -> None:
                            "run1", "random")
     (shard,) = pipeline.plan_shards(settings, cat["to_embed_file"], "run1")
     proc = spawn(f"""
-        from dataclasses import replace
         from pathlib import Path
         from imgsim import pipeline
         from imgsim.config import Settings
-        s = replace(Settings(), data_root=Path({str(layout.root)!r}), batch_size=8)
+        s = Settings(data_root=Path({str(layout.root)!r}), batch_size=8)
         pipeline.embed_shard(s, {shard['spec']!r}, "random")
     """)
     # Killed once a third of the thumbnails exist: inference is under way, the shard unwritten.
@@ -123,7 +121,7 @@ def test_sigkill_during_the_spark_fit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kill_point", ["before_current", "inside_current_write"])
 def test_sigkill_while_publishing(tmp_path: Path, kill_point: str) -> None:
-    settings = replace(Settings(), data_root=tmp_path / "data")
+    settings = Settings(data_root=tmp_path / "data")
     layout = settings.layout
     ids = make_ids(8)
     old, new = "v20260101T000000Z-000001", "v20260102T000000Z-000002"

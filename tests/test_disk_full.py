@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,7 @@ def fill(path: Path, leave: int) -> Path:
 
 
 def test_full_disk_fails_clearly_and_keeps_the_index(small_disk: Path, tmp_path: Path) -> None:
-    settings = replace(Settings(), data_root=small_disk / "data", shard_size=100)
+    settings = Settings(data_root=small_disk / "data", shard_size=100)
     layout = settings.layout
     ids = make_ids(8)
     build_version(layout.staging, VERSION, ids)

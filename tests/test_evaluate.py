@@ -49,8 +49,6 @@ def test_evaluate_the_sample_with_real_embeddings(sample_dir: Path, tmp_path: Pa
 def test_evaluate_embeds_queries_under_the_configured_pixel_limit(monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
     """IMGSIM_MAX_IMAGE_PIXELS reaches the query embedding of `imgsim evaluate` (it did not)."""
-    from dataclasses import replace
-
     import imgsim.lookup as lookup_mod
     from imgsim.config import Settings
     from imgsim.evaluate import LabelledImage, evaluate
@@ -68,7 +66,7 @@ def test_evaluate_embeds_queries_under_the_configured_pixel_limit(monkeypatch: p
         "M", (), {"manifest": {"backbone": {"name": "random"}}})())
     monkeypatch.setattr(lookup_mod, "load_query_backbone", lambda manifest, **kw: object())
     monkeypatch.setattr(lookup_mod, "embed_files", fake_embed)
-    settings = replace(Settings.from_env(), data_root=tmp_path, max_image_pixels=1234)
+    settings = Settings.from_env().replace(data_root=tmp_path, max_image_pixels=1234)
     with pytest.raises(Stop):
         evaluate(settings, [LabelledImage(tmp_path / "q.jpg", 1)])
     assert seen["max_pixels"] == 1234

@@ -611,14 +611,12 @@ def publish_plan(settings: Settings, plan: dict[str, Any]) -> None:
 
 
 def test_fit_plan_refits_when_any_fit_setting_changes(settings: Settings) -> None:
-    from dataclasses import replace
-
     publish_plan(settings, pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET))
     assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
     for field, value, key in (("lsh_seed", 7, "seed"), ("validation_sample", 50, None),
                               ("target_recall", 0.9, None), ("projection", "none", None),
                               ("projection_min_coverage", 0.9, None)):
-        plan = pipeline.fit_plan(replace(settings, **{field: value}), BACKBONE, TABLES, BUCKET)
+        plan = pipeline.fit_plan(settings.replace(**{field: value}), BACKBONE, TABLES, BUCKET)
         assert plan, f"{field}={value} must refit"
         assert plan["refit_because"] == [f"{key or field} {getattr(settings, field)!r} -> "
                                          f"{value!r}"]

@@ -6,7 +6,6 @@ Fast tests check the settings and the records; exports (several seconds each) ar
 from __future__ import annotations
 
 import csv
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,14 +159,13 @@ def test_the_runtime_is_recorded_and_a_switch_is_refused(cache: Path, tmp_path: 
     cache_link = layout.model_cache
     cache_link.parent.mkdir(parents=True)
     cache_link.symlink_to(cache, target_is_directory=True)   # reuse the export of the test above
-    settings = dataclasses.replace(Settings(), data_root=layout.root, runtime="onnx",
-                                   device="cpu")
+    settings = Settings(data_root=layout.root, runtime="onnx", device="cpu")
     out = pipeline.embed_shard(settings, str(spec), "random")
     assert out["embedded"] == 3
     assert read_json(layout.embeddings("random") / "BACKBONE.json")["runtime"] == "onnx"
     assert len(load_vectors(layout, "random")[0]) == 3
     with pytest.raises(pipeline.PipelineError, match="runtime"):
-        pipeline.embed_shard(dataclasses.replace(settings, runtime="torch"), str(spec), "random")
+        pipeline.embed_shard(settings.replace(runtime="torch"), str(spec), "random")
 
 
 @pytest.mark.slow

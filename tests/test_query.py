@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ VERSION = "v20260101T000000Z-aaaaaa"
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = replace(Settings(), data_root=tmp_path / "data")
+    s = Settings(data_root=tmp_path / "data")
     build_version(s.layout.models, VERSION, make_ids(6))
     atomic_write_text(s.layout.current_pointer, VERSION + "\n")
     return s
@@ -132,7 +131,7 @@ def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     from imgsim import models
     from test_models import stage, validate, version_at
 
-    s = replace(Settings(), data_root=(tmp_path / "data").resolve())
+    s = Settings(data_root=(tmp_path / "data").resolve())
     v = version_at(0)
     ids = make_ids(300)        # a reference file whose middle is vector data, as in the issue
     stage(s.layout, v, ids)
@@ -259,7 +258,7 @@ def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
 
     from imgsim.lookup import load_model, lookup
 
-    settings = replace(settings, query_expansion=expansion)
+    settings = settings.replace(query_expansion=expansion)
     layout = settings.layout
     colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (90, 90, 90)]
     paths = [photo(query.inbox(layout) / f"q{i}.jpg", c) for i, c in enumerate(colours)]
@@ -306,7 +305,7 @@ def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
 
 def test_a_large_run_is_left_to_the_spark_job(settings: Settings,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = replace(settings, query_local_max=1)
+    settings = settings.replace(query_local_max=1)
     layout = settings.layout
     for i, c in enumerate([(200, 0, 0), (0, 200, 0)]):
         photo(query.inbox(layout) / f"q{i}.jpg", c)

@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ def test_embed_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_embed_route(tmp_path: Path) -> None:
-    settings = replace(Settings(), data_root=tmp_path, batch_size=8)
+    settings = Settings(data_root=tmp_path, batch_size=8)
     shards = [{"spec": str(tmp_path / "runs/r/shards/shard-00000.json"), "shard": 0,
                "images": 3}]
     assert pipeline.embed_route(settings, "tasks", [], "r", "random") == ("none", "")
@@ -83,7 +82,7 @@ def make_root(root: Path, photos: list[Path], corrupt: bytes) -> list[dict[str, 
             for p in sorted(cars.glob("*.jpg"))]
     todo_file = root / "runs" / pipeline.run_key(RUN_ID) / "to_embed.json"
     atomic_write_json(todo_file, todo)
-    settings = replace(Settings(), data_root=root, shard_size=16)
+    settings = Settings(data_root=root, shard_size=16)
     return pipeline.plan_shards(settings, str(todo_file), RUN_ID)
 
 
@@ -147,12 +146,12 @@ def engines(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     out: dict[str, Any] = {}
     for name, root in (("tasks", tasks_root), ("spark", spark_root)):
         out[name] = {"layout": Layout(root), "shards": make_root(root, photos, corrupt)}
-    settings = replace(Settings(), data_root=tasks_root, batch_size=8, shard_size=16)
+    settings = Settings(data_root=tasks_root, batch_size=8, shard_size=16)
     for shard in out["tasks"]["shards"]:
         pipeline.embed_shard(settings, shard["spec"], "efficientnet_lite0")
     out["tasks"]["summary"] = pipeline.embed_summary(out["tasks"]["shards"], "tasks")
 
-    settings = replace(settings, data_root=spark_root)
+    settings = settings.replace(data_root=spark_root)
     route, job = pipeline.embed_route(settings, "spark", out["spark"]["shards"], RUN_ID,
                                       "efficientnet_lite0")
     assert route == "spark"

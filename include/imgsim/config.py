@@ -1,4 +1,6 @@
-"""One settings module: every environment variable imgsim reads is read here, with its default.
+"""One settings module: every environment variable imgsim reads is declared here, once, with its
+default (:class:`Settings`); the DAGs' Params, the Spark jobs' arguments and the embed job take
+their defaults from it (:func:`setting_default`).
 
 Nothing here imports torch, pyspark or PIL, so DAG files may import it at parse time.
 Settings are read when ``Settings.from_env()`` is called, never at import time.
@@ -7,8 +9,17 @@ Settings are read when ``Settings.from_env()`` is called, never at import time.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, ValidationInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import PydanticBaseSettingsSource as Source
 
 #: The project checkout (``include/imgsim/config.py`` -> project root).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -40,80 +51,18 @@ BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 #: Where the index DAG embeds: mapped Airflow tasks, or one Spark application.
 EMBED_ENGINES = ("tasks", "spark")
-
-
 #: the learned projection in front of the search (imgsim.projection)
 PROJECTIONS = ("auto", "none", "whiten", "lda")
 #: where it is learned: in the task (NumPy, streaming the store) or a Spark application
 PROJECTION_ENGINES = ("auto", "local", "spark")
 
 
-#: an exact scan answers instead of the LSH when the LSH would compare more than this share of
-#: the index, or when references x dims is below SCAN_BELOW (imgsim.ann.search; measured by
-#: benchmarks/bench_search.py)
-SCAN_SHARE = 0.25
-SCAN_BELOW = 4_000_000
-
-
 class ConfigError(ValueError):
     """A setting has a value imgsim cannot use; the message names the variable."""
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
-
-
-def _env_int(name: str, default: int, minimum: int = 0) -> int:
-    raw = _env(name, str(default))
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from exc
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = _env(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a number") from exc
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
-    return value
-
-
-def _env_recall(name: str, default: float) -> float:
-    value = _env_float(name, default)
-    if not 0.0 < value <= 1.0:
-        raise ConfigError(f"{name}={value} must be in (0, 1]")
-    return value
-
-
-def _env_share(name: str, default: float) -> float:
-    value = _env_float(name, default)
-    if value > 1.0:
-        raise ConfigError(f"{name}={value} must be in [0, 1] (a share, e.g. 0.5 for 50%)")
-    return value
-
-
-def _env_date(name: str, default: str) -> str:
-    from datetime import date
-
-    raw = _env(name, default)
-    try:
-        return date.fromisoformat(raw).isoformat()
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a date (YYYY-MM-DD)") from exc
-
-
 def check_checksum(value: str, source: str) -> str:
     """``md5:<hex>``/``sha256:<hex>`` (a bare 32/64-digit hex is md5/sha256) normalised, or ""."""
-    import re
-
     raw = value.strip().lower()
     if not raw:
         return ""
@@ -125,15 +74,6 @@ def check_checksum(value: str, source: str) -> str:
         raise ConfigError(f"{source}={value!r}: expected md5:<32 hex digits> or "
                           "sha256:<64 hex digits>")
     return f"{algorithm}:{digest}"
-
-
-def _env_checksum(name: str, legacy_sha256: str, default: str) -> str:
-    """``name`` if set, else the older ``*_SHA256`` setting (a bare sha256), else ``default``."""
-    if _env(name, ""):
-        return check_checksum(_env(name, ""), name)
-    if _env(legacy_sha256, ""):
-        return check_checksum("sha256:" + _env(legacy_sha256, "").strip(), legacy_sha256)
-    return default
 
 
 def check_choice(value: str, choices: tuple[str, ...], source: str, hint: str) -> str:
@@ -164,6 +104,51 @@ def check_projection_engine(value: str, source: str = "projection engine") -> st
 def check_runtime(value: str, source: str = "IMGSIM_RUNTIME") -> str:
     return check_choice(value, RUNTIMES, source, "torch: PyTorch; onnx: ONNX Runtime fp32; "
                         "onnx-int8: ONNX Runtime, static int8 quantization")
+
+
+#: the settings that take one of a few values -> their check
+_CHOICES: dict[str, Callable[[str, str], str]] = {
+    "backbone": lambda value, source: check_choice(value, BACKBONES, source, "the CNN that "
+                                                   "embeds the images; random: for tests"),
+    "runtime": check_runtime, "embed_engine": check_embed_engine,
+    "projection": check_projection, "projection_engine": check_projection_engine}
+
+Share = Annotated[float, Field(ge=0, le=1)]
+Words = Annotated[str, AfterValidator(lambda text: " ".join(text.split()))]
+ResolvedPath = Annotated[Path, AfterValidator(lambda path: path.expanduser().resolve())]
+Paths = Annotated[tuple[ResolvedPath, ...], NoDecode, BeforeValidator(  # a:b:c
+    lambda value: [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value)]
+
+#: pydantic's error types -> what is wrong with the value, after "IMGSIM_X=<value> "
+_REASONS = {"int_parsing": "is not an integer", "int_from_float": "is not an integer",
+            "float_parsing": "is not a number", "finite_number": "is not a number",
+            "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
+            "less_than_equal": "must be <= {le} (a share: e.g. 0.5 for 50%)"}
+#: the older variables of two settings: a bare sha256, read when the setting is not set
+_LEGACY = {"archive_checksum": "IMGSIM_ARCHIVE_SHA256", "labels_checksum": "IMGSIM_LABELS_SHA256"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable of setting ``field``: IMGSIM_<FIELD>, or its alias."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else f"IMGSIM_{field.upper()}"
+
+
+def env_names() -> list[str]:
+    """Every environment variable :meth:`Settings.from_env` reads."""
+    return [*map(env_name, Settings.model_fields), *_LEGACY.values()]
+
+
+def _problem(error: Mapping[str, Any]) -> str:  # the variable, the bad value, what is wrong
+    ctx = error.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):  # a check_* function named the variable
+        return str(ctx["error"])
+    template = _REASONS.get(error["type"])
+    reason = str(ctx["error"]) if "error" in ctx else (
+        template.format(**ctx) if template else error["msg"])
+    name = str(error["loc"][0]) if error["loc"] else "settings"
+    name = env_name(name) if name in Settings.model_fields else name  # else an alias or unknown
+    return f"{name}={error['input']!r} {reason}"
 
 
 @dataclass(frozen=True)
@@ -232,108 +217,111 @@ class Layout:
         return self.root / "queries"
 
 
-@dataclass(frozen=True)
-class Settings:
-    data_root: Path = field(default_factory=lambda: PROJECT_ROOT / "data")
-    archive_url: str = STANFORD_ARCHIVE_URL    # locations, separated by whitespace
-    labels_url: str = STANFORD_LABELS_URL
-    archive_checksum: str = STANFORD_ARCHIVE_CHECKSUM  # md5:<hex> or sha256:<hex>, "" = none
+class Settings(BaseSettings):
+    """Each from IMGSIM_<NAME> (``weights_path``: IMGSIM_WEIGHTS) by :meth:`from_env`; bare
+    ``Settings()`` is the defaults, ``Settings(name=value)`` and ``.replace(name=value)`` change
+    some. All validate alike and raise :class:`ConfigError`."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGSIM_", env_ignore_empty=True, frozen=True,
+                                      validate_by_name=True, allow_inf_nan=False)
+
+    data_root: ResolvedPath = PROJECT_ROOT / "data"
+    archive_url: Words = STANFORD_ARCHIVE_URL    # locations, separated by whitespace
+    labels_url: Words = STANFORD_LABELS_URL
+    # md5:<hex> or sha256:<hex>, "" = none; pinned for the default locations only
+    archive_checksum: str = STANFORD_ARCHIVE_CHECKSUM
     labels_checksum: str = STANFORD_LABELS_CHECKSUM
-    class_names_url: str = ""        # locations of cars_meta.mat or a names CSV ("" = none)
-    min_label_coverage: float = 0.5  # share of archive images the labels must match (0 = off)
-    backbone: str = "resnet18"
-    weights_path: str = ""
-    resnet18_weights_url: str = RESNET18_WEIGHTS_URL   # empty: never download the weights
+    class_names_url: Words = ""      # locations of cars_meta.mat or a names CSV ("" = none)
+    min_label_coverage: Share = 0.5  # share of archive images the labels must match (0 = off)
+    backbone: str = "resnet18"       # BACKBONES
+    weights_path: str = Field("", validation_alias="IMGSIM_WEIGHTS")
+    resnet18_weights_url: Words = RESNET18_WEIGHTS_URL   # empty: never download the weights
     device: str = "auto"
-    batch_size: int = 32
-    shard_size: int = 1000
-    num_threads: int = 0
-    runtime: str = "torch"          # RUNTIMES: torch, onnx, onnx-int8
-    embed_engine: str = "tasks"
-    lsh_num_hash_tables: int = 0    # 0 = auto-tuned to reach target_recall
-    lsh_bucket_length: float = 0.0   # 0 = auto, from the data's scale
-    lsh_seed: int = 42
-    recall_floor: float = 0.8
-    target_recall: float = 0.95      # the LSH auto-tuner's recall@5 target (imgsim.ann.tuning)
-    validation_sample: int = 200
-    keep_versions: int = 5
-    max_image_pixels: int = 90_000_000
-    download_timeout_s: float = 60.0
-    download_retries: int = 5
-    query_roots: tuple[Path, ...] = ()
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(1000, ge=1)
+    num_threads: int = Field(0, ge=0)
+    runtime: str = "torch"           # RUNTIMES: torch, onnx, onnx-int8
+    embed_engine: str = "tasks"      # EMBED_ENGINES
+    lsh_num_hash_tables: int = Field(0, ge=0)     # 0 = auto-tuned to reach target_recall
+    lsh_bucket_length: float = Field(0.0, ge=0)   # 0 = auto, from the data's scale
+    lsh_seed: int = Field(42, ge=0)
+    recall_floor: float = Field(0.8, ge=0)
+    target_recall: float = Field(0.95, gt=0, le=1)  # the LSH auto-tuner's recall@5 target
+    validation_sample: int = Field(200, ge=1)
+    keep_versions: int = Field(5, ge=1)
+    max_image_pixels: int = Field(90_000_000, ge=1)
+    download_timeout_s: float = Field(60.0, ge=0.1)
+    download_retries: int = Field(5, ge=0)
+    query_roots: Paths = ()           # folders query images may also come from
     query_schedule: str = "*/30 * * * *"
     index_start_date: str = "2026-01-01"
-    lease_poke_s: float = 30.0
-    lease_hold_s: float = 120.0       # a waiting index run keeps its worker slot this long ...
-    lease_requeue_s: float = 300.0    # ... then is re-queued this much later
+    lease_poke_s: float = Field(30.0, ge=1.0)
+    lease_hold_s: float = Field(120.0, ge=0.0)    # a waiting index run keeps its slot this long
+    lease_requeue_s: float = Field(300.0, ge=30.0)  # ... then is re-queued this much later
     projection: str = "auto"         # PROJECTIONS: auto, none, whiten, lda (imgsim.projection)
-    projection_min_coverage: float = 0.5  # labelled share of the references lda needs
+    projection_min_coverage: Share = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
-    projection_local_max: int = 200_000  # auto: learn in the task up to this many references
-    query_expansion: int = 0         # search again with each query + its first N answers (0 off)
-    query_local_max: int = 200       # imgsim_query: up to this many queries in the task, else Spark
-    scan_share: float = SCAN_SHARE   # scan exactly when the LSH would compare more than this
-    scan_below: int = SCAN_BELOW     # ... or when references x dims is below this
+    projection_local_max: int = Field(200_000, ge=1)  # auto: in the task up to this many refs
+    query_expansion: int = Field(0, ge=0)  # search again with each query + its first N answers
+    query_local_max: int = Field(200, ge=0)  # imgsim_query: up to this many in the task
+    # exact scan, not the LSH, when the LSH would compare more than scan_share of the index or
+    # references x dims is below scan_below (imgsim.ann.search; benchmarks/bench_search.py)
+    scan_share: Share = 0.25
+    scan_below: int = Field(4_000_000, ge=0)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:  # the one place pydantic's errors become imgsim's
+            raise ConfigError("; ".join(_problem(e) for e in exc.errors())) from exc
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Source,
+                                   *sources: Source, **named: Source) -> tuple[Source, ...]:
+        return (init_settings,)  # the keywords only: the environment is read by from_env
 
     @classmethod
     def from_env(cls) -> Settings:
-        backbone = _env("IMGSIM_BACKBONE", "resnet18")
-        if backbone not in BACKBONES:
-            raise ConfigError(f"IMGSIM_BACKBONE={backbone!r}; choose one of {', '.join(BACKBONES)}")
-        embed_engine = check_embed_engine(_env("IMGSIM_EMBED_ENGINE", "tasks"),
-                                          "IMGSIM_EMBED_ENGINE")
-        # The pinned md5s belong to the default locations: other locations have no default.
-        archive_url = " ".join(_env("IMGSIM_ARCHIVE_URL", STANFORD_ARCHIVE_URL).split())
-        labels_url = " ".join(_env("IMGSIM_LABELS_URL", STANFORD_LABELS_URL).split())
-        return cls(
-            data_root=Path(_env("IMGSIM_DATA_ROOT", str(PROJECT_ROOT / "data"))).resolve(),
-            archive_url=archive_url,
-            labels_url=labels_url,
-            archive_checksum=_env_checksum(
-                "IMGSIM_ARCHIVE_CHECKSUM", "IMGSIM_ARCHIVE_SHA256",
-                STANFORD_ARCHIVE_CHECKSUM if archive_url == STANFORD_ARCHIVE_URL else ""),
-            labels_checksum=_env_checksum(
-                "IMGSIM_LABELS_CHECKSUM", "IMGSIM_LABELS_SHA256",
-                STANFORD_LABELS_CHECKSUM if labels_url == STANFORD_LABELS_URL else ""),
-            class_names_url=" ".join(_env("IMGSIM_CLASS_NAMES_URL", "").split()),
-            min_label_coverage=_env_share("IMGSIM_MIN_LABEL_COVERAGE", 0.5),
-            backbone=backbone,
-            weights_path=_env("IMGSIM_WEIGHTS", ""),
-            resnet18_weights_url=os.environ.get("IMGSIM_RESNET18_WEIGHTS_URL",
-                                                RESNET18_WEIGHTS_URL).strip(),
-            device=_env("IMGSIM_DEVICE", "auto"),
-            batch_size=_env_int("IMGSIM_BATCH_SIZE", 32, minimum=1),
-            shard_size=_env_int("IMGSIM_SHARD_SIZE", 1000, minimum=1),
-            num_threads=_env_int("IMGSIM_NUM_THREADS", 0),
-            runtime=check_runtime(_env("IMGSIM_RUNTIME", "torch")),
-            embed_engine=embed_engine,
-            lsh_num_hash_tables=_env_int("IMGSIM_LSH_NUM_HASH_TABLES", 0, minimum=0),
-            lsh_bucket_length=_env_float("IMGSIM_LSH_BUCKET_LENGTH", 0.0),
-            lsh_seed=_env_int("IMGSIM_LSH_SEED", 42),
-            recall_floor=_env_float("IMGSIM_RECALL_FLOOR", 0.8),
-            target_recall=_env_recall("IMGSIM_TARGET_RECALL", 0.95),
-            validation_sample=_env_int("IMGSIM_VALIDATION_SAMPLE", 200, minimum=1),
-            keep_versions=_env_int("IMGSIM_KEEP_VERSIONS", 5, minimum=1),
-            max_image_pixels=_env_int("IMGSIM_MAX_IMAGE_PIXELS", 90_000_000, minimum=1),
-            download_timeout_s=_env_float("IMGSIM_DOWNLOAD_TIMEOUT_S", 60.0, minimum=0.1),
-            download_retries=_env_int("IMGSIM_DOWNLOAD_RETRIES", 5),
-            query_roots=tuple(Path(p).expanduser().resolve() for p in
-                              _env("IMGSIM_QUERY_ROOTS", "").split(os.pathsep) if p),
-            query_schedule=_env("IMGSIM_QUERY_SCHEDULE", "*/30 * * * *"),
-            index_start_date=_env_date("IMGSIM_INDEX_START_DATE", "2026-01-01"),
-            lease_poke_s=_env_float("IMGSIM_LEASE_POKE_S", 30.0, minimum=1.0),
-            lease_hold_s=_env_float("IMGSIM_LEASE_HOLD_S", 120.0, minimum=0.0),
-            lease_requeue_s=_env_float("IMGSIM_LEASE_REQUEUE_S", 300.0, minimum=30.0),
-            projection=check_projection(_env("IMGSIM_PROJECTION", "auto"), "IMGSIM_PROJECTION"),
-            projection_min_coverage=_env_share("IMGSIM_PROJECTION_MIN_COVERAGE", 0.5),
-            projection_engine=check_projection_engine(_env("IMGSIM_PROJECTION_ENGINE", "auto"),
-                                                      "IMGSIM_PROJECTION_ENGINE"),
-            projection_local_max=_env_int("IMGSIM_PROJECTION_LOCAL_MAX", 200_000, minimum=1),
-            query_expansion=_env_int("IMGSIM_QUERY_EXPANSION", 0),
-            query_local_max=_env_int("IMGSIM_QUERY_LOCAL_MAX", 200),
-            scan_share=_env_share("IMGSIM_SCAN_SHARE", SCAN_SHARE),
-            scan_below=_env_int("IMGSIM_SCAN_BELOW", SCAN_BELOW),
-        )
+        """The settings in the environment (an empty variable is an unset one), else defaults."""
+        values: dict[str, Any] = EnvSettingsSource(cls)()
+        for field, legacy in _LEGACY.items():
+            if field not in values and os.environ.get(legacy):
+                values[field] = check_checksum(f"sha256:{os.environ[legacy].strip()}", legacy)
+        url = os.environ.get("IMGSIM_RESNET18_WEIGHTS_URL")
+        if url is not None:  # set but empty: never download the weights
+            values["resnet18_weights_url"] = url
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``, validated (``dataclasses.replace`` for Settings)."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _pinned_checksums(cls, data: Any) -> Any:  # other locations have no default checksum
+        for kind, url in (("archive", STANFORD_ARCHIVE_URL), ("labels", STANFORD_LABELS_URL)):
+            given = " ".join(str(data.get(f"{kind}_url", url)).split())
+            if f"{kind}_checksum" not in data and given != url:
+                data = {**data, f"{kind}_checksum": ""}
+        return data
+
+    @pydantic.field_validator("archive_checksum", "labels_checksum")
+    @classmethod
+    def _checksum(cls, value: str, info: ValidationInfo) -> str:
+        return check_checksum(value, env_name(str(info.field_name)))
+
+    @pydantic.field_validator(*_CHOICES)
+    @classmethod
+    def _choice(cls, value: str, info: ValidationInfo) -> str:
+        return _CHOICES[str(info.field_name)](value, env_name(str(info.field_name)))
+
+    @pydantic.field_validator("index_start_date")
+    @classmethod
+    def _date(cls, value: str) -> str:
+        try:
+            return date.fromisoformat(value).isoformat()
+        except ValueError:
+            raise ValueError("is not a date (YYYY-MM-DD)") from None
 
     @property
     def layout(self) -> Layout:
@@ -357,5 +345,14 @@ class Settings:
         return [self.data_root, *self.query_roots]
 
     def as_dict(self) -> dict[str, object]:
-        return {f.name: str(getattr(self, f.name)) if isinstance(getattr(self, f.name), Path)
-                else getattr(self, f.name) for f in fields(self)}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.model_dump().items()}
+
+
+def setting_default(name: str) -> Any:
+    """Setting ``name``'s declared default, for what defaults to it elsewhere (the Spark jobs'
+    arguments, the embed job, library functions): each default is written once, above."""
+    return Settings.model_fields[name].default
+
+
+SCAN_SHARE: float = setting_default("scan_share")
+SCAN_BELOW: int = setting_default("scan_below")

@@ -356,9 +356,7 @@ def build_reference_index(settings: Settings, sample: Path, reference: list[dict
 def evaluate_sample(sample: Path, data_root: Path, out_dir: Path, *, seed: int = 0,
                     query_share: float = 0.2, k: int = 5,
                     backbone: str = "efficientnet_lite0") -> dict[str, Any]:
-    from dataclasses import replace
-
-    settings = replace(Settings.from_env(), data_root=data_root.resolve(), backbone=backbone)
+    settings = Settings.from_env().replace(data_root=data_root.resolve(), backbone=backbone)
     reference, queries = split_sample(sample, seed, query_share)
     version, seconds = build_reference_index(settings, sample, reference, backbone)
     query_set = [LabelledImage(sample / "images" / r["image"], int(r["Class"])) for r in queries]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgsim.config import setting_default
+
 if TYPE_CHECKING:
     from PIL.Image import Image
     from PIL.ImageFile import ImageFile
@@ -42,7 +44,7 @@ class DecodedImage:
     format: str
 
 
-def load_rgb(path: str | Path, *, max_pixels: int = 90_000_000,
+def load_rgb(path: str | Path, *, max_pixels: int = setting_default("max_image_pixels"),
              draft_size: tuple[int, int] | None = (THUMB_SIZE, THUMB_SIZE)) -> DecodedImage:
     """Decode ``path`` into an RGB image, or raise :class:`ImageRejected` with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError

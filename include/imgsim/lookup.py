@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from imgsim.config import Layout
+from imgsim.config import Layout, setting_default
 from imgsim.models import (
     banding,
     measured_share,
@@ -236,9 +236,9 @@ class Searcher:
 
     model: LoadedModel
     backbone: Any
-    batch_size: int = 32
-    max_pixels: int = 90_000_000
-    expansion: int = 0
+    batch_size: int = setting_default("batch_size")
+    max_pixels: int = setting_default("max_image_pixels")
+    expansion: int = setting_default("query_expansion")
 
     @classmethod
     def load(cls, settings: Any, version: str | None = None, *, batch_size: int | None = None,
@@ -263,8 +263,10 @@ class Searcher:
         return {**bad, **dict(zip(good, found, strict=True))}
 
 
-def embed_files(backbone: Any, paths: list[Path], *, batch_size: int = 32,
-                max_pixels: int = 90_000_000) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def embed_files(backbone: Any, paths: list[Path], *,
+                batch_size: int = setting_default("batch_size"),
+                max_pixels: int = setting_default("max_image_pixels"),
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Embed files: ({path: vector}, {path: Rejected})."""
     from imgsim.embedding.infer import EmbedItem, Rejected, embed_items
 

@@ -353,13 +353,13 @@ def embed_route(settings: Settings, engine: str, shards: list[dict[str, Any]], r
 def write_spark_embed_job(settings: Settings, shards: list[dict[str, Any]], run_id: str,
                           backbone: str) -> Path:
     """Write what ``spark_jobs/embed_images.py --job FILE`` embeds, and with which settings."""
-    job = {"data_root": str(settings.data_root), "backbone": backbone,
-           "run_key": run_key(run_id), "shards": [str(s["spec"]) for s in shards],
-           "weights_path": settings.weights_path, "device": settings.device,
-           "runtime": settings.runtime, "batch_size": settings.batch_size,
-           "num_threads": settings.num_threads, "max_image_pixels": settings.max_image_pixels}
+    from dataclasses import asdict
+
+    from imgsim.spark_embed import EmbedJob
+
+    job = EmbedJob.of(settings, backbone, run_key(run_id), [str(s["spec"]) for s in shards])
     path = settings.layout.runs / run_key(run_id) / "spark_embed.json"
-    atomic_write_json(path, job)
+    atomic_write_json(path, asdict(job))
     log.info("Spark embedding job: %d shard(s), %d images -> %s", len(shards),
              sum(int(s["images"]) for s in shards), path)
     return path
@@ -529,7 +529,14 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
     from threadpoolctl import threadpool_limits
 
     from imgsim.catalog import live_rows
-    from imgsim.projection import Stats, choose, holdout_tuning, stats_from_arrays, write_choice
+    from imgsim.projection import (
+        CV_SAMPLE,
+        Stats,
+        choose,
+        holdout_tuning,
+        stats_from_arrays,
+        write_choice,
+    )
     from imgsim.store import load_vectors
 
     layout = settings.layout
@@ -568,13 +575,9 @@ def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
         application_args=["--data-root", plan["data_root"], "--backbone", plan["backbone"],
                           "--out", str(out), "--kind", plan["projection"],
                           "--min-coverage", str(plan["projection_min_coverage"]),
-                          "--cv-sample", str(CV_SAMPLE), "--seed", str(plan["seed"]),
+                          "--seed", str(plan["seed"]),
                           "--target-recall", str(plan["target_recall"])])
     hook.submit(str(SPARK_JOBS / "learn_projection.py"))
-
-
-#: labelled references the projection's cross-validation uses (at most; a seeded sample)
-CV_SAMPLE = 20_000
 
 
 def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:

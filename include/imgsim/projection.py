@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from imgsim.config import PROJECTIONS
+from imgsim.config import PROJECTIONS, setting_default
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,12 @@ WHITEN_DIMS = 256
 #: dimensions become equidistant), and auto does not whiten fewer references than this
 MIN_WHITEN_REFERENCES = 100
 #: ``auto`` takes ``lda`` when at least this share of the references is labelled ...
-MIN_LABEL_COVERAGE = 0.5
+MIN_LABEL_COVERAGE: float = setting_default("projection_min_coverage")
 #: ... by at least this many classes with at least two labelled references each
 MIN_LDA_CLASSES = 2
+#: labelled references the cross-validation uses (at most; a seeded sample), in the task and
+#: in spark_jobs/learn_projection.py
+CV_SAMPLE = 20_000
 
 
 class ProjectionError(ValueError):

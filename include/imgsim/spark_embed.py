@@ -20,15 +20,15 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from imgsim.config import Layout
+from imgsim.config import Layout, Settings, setting_default
 from imgsim.fsutil import read_json
 
 if TYPE_CHECKING:
@@ -50,18 +50,27 @@ class EmbedJobError(ValueError):
 
 @dataclass(frozen=True)
 class EmbedJob:
-    """What one Spark embedding run does (``runs/<run>/spark_embed.json``)."""
+    """What one Spark embedding run does (``runs/<run>/spark_embed.json``); the settings it
+    carries default to imgsim.config's (a job file written by imgsim.pipeline has them all)."""
 
     data_root: str
     backbone: str
     run_key: str
     shards: tuple[str, ...]
-    weights_path: str = ""
-    device: str = "auto"
-    runtime: str = "torch"
-    batch_size: int = 32
-    num_threads: int = 0
-    max_image_pixels: int = 90_000_000
+    weights_path: str = setting_default("weights_path")
+    device: str = setting_default("device")
+    runtime: str = setting_default("runtime")
+    batch_size: int = setting_default("batch_size")
+    num_threads: int = setting_default("num_threads")
+    max_image_pixels: int = setting_default("max_image_pixels")
+
+    @classmethod
+    def of(cls, settings: Settings, backbone: str, run_key: str, shards: Sequence[str],
+           ) -> EmbedJob:
+        """The job for ``shards``, with ``settings``' value of every setting a job carries."""
+        carried = {f.name: getattr(settings, f.name) for f in fields(cls)
+                   if f.default is not MISSING}
+        return cls(str(settings.data_root), backbone, run_key, tuple(shards), **carried)
 
     @classmethod
     def from_file(cls, path: str | Path) -> EmbedJob:
@@ -78,7 +87,7 @@ class EmbedJob:
             raise EmbedJobError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
         if not raw["shards"]:
             raise EmbedJobError(f"{path}: no shards to embed")
-        if int(raw.get("batch_size", 32)) < 1:
+        if int(raw.get("batch_size", cls.batch_size)) < 1:
             raise EmbedJobError(f"{path}: batch_size must be >= 1")
         return cls(**{**raw, "shards": tuple(str(s) for s in raw["shards"])})
 

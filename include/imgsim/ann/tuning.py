@@ -30,6 +30,7 @@ import numpy as np
 from imgsim.ann.bands import BandIndex
 from imgsim.ann.brp import AnnError, probe_keys_of, random_unit_vectors
 from imgsim.ann.search import smallest_k, squared_distances
+from imgsim.config import setting_default
 
 #: Defaults of the grid: bucket widths as multiples of the data's scale
 #: (median pair distance / sqrt(dim)), band counts, keys per band, probes per band.
@@ -250,7 +251,8 @@ def pareto_front(curve: Sequence[CurvePoint]) -> list[CurvePoint]:
     return front
 
 
-def tune(ref: np.ndarray, queries: np.ndarray | None = None, *, target: float = 0.95,
+def tune(ref: np.ndarray, queries: np.ndarray | None = None, *,
+         target: float = setting_default("target_recall"),
          k: int = 5, exclude: np.ndarray | None = None, max_queries: int = 200,
          seed: int = 42, width_factors: Sequence[float] = DEFAULT_WIDTH_FACTORS,
          tables: Sequence[int] = DEFAULT_TABLES,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgsim.config import setting_default
 from imgsim.fsutil import sha256_file
 
 if TYPE_CHECKING:
@@ -137,7 +138,8 @@ def check_hash_prefix(path: Path, name: str | None = None) -> None:
                                   "file (damaged, or another file served under its name)")
 
 
-def fetch_weights(url: str, checkpoints: Path, *, timeout_s: float = 60.0,
+def fetch_weights(url: str, checkpoints: Path, *,
+                  timeout_s: float = setting_default("download_timeout_s"),
                   retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
     """Download ``url`` into ``checkpoints/`` as torchvision does, resumably, hash checked.
 

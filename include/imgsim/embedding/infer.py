@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from imgsim.config import setting_default
 from imgsim.imaging import ImageRejected, load_rgb, resize_square, save_thumbnail
 
 if TYPE_CHECKING:
@@ -79,8 +80,9 @@ def _batches(items: Sequence[EmbedItem], size: int) -> Iterator[Sequence[EmbedIt
         yield items[start:start + size]
 
 
-def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *, batch_size: int = 32,
-                max_pixels: int = 90_000_000, decode_workers: int = 2,
+def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *,
+                batch_size: int = setting_default("batch_size"),
+                max_pixels: int = setting_default("max_image_pixels"), decode_workers: int = 2,
                 ) -> Iterator[Embedded | Rejected]:
     """Yield one result per item, in input order: an :class:`Embedded` or a :class:`Rejected`."""
     import torch
@@ -125,7 +127,8 @@ def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *, batch_size: i
                 last_log = now
 
 
-def embed_paths(paths: Iterable[str | Path], backbone: Backbone, *, batch_size: int = 32,
+def embed_paths(paths: Iterable[str | Path], backbone: Backbone, *,
+                batch_size: int = setting_default("batch_size"),
                 ) -> tuple[np.ndarray, list[Rejected]]:
     """Embed files in order; returns (vectors of the good ones, rejections)."""
     items = [EmbedItem(str(p), Path(p)) for p in paths]

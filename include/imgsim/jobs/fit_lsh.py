@@ -59,7 +59,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from imgsim.config import Layout
+from imgsim.config import Layout, setting_default
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.jobs import run_application
 from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
@@ -81,18 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, type=Path)
     p.add_argument("--backbone", required=True)
     p.add_argument("--version", required=True)
-    p.add_argument("--num-hash-tables", type=int, default=8,
+    p.add_argument("--num-hash-tables", type=int, default=setting_default("lsh_num_hash_tables"),
                    help="number of hash tables (bands); 0 = auto-tune (with bucketLength)")
     p.add_argument("--keys-per-band", type=int, default=1,
                    help="projections ANDed into one band key (1 = Spark's plain BRP)")
     p.add_argument("--probes", type=int, default=0,
                    help="extra buckets looked up per band (multi-probe), <= keys per band")
-    p.add_argument("--bucket-length", type=float, default=0.0,
+    p.add_argument("--bucket-length", type=float, default=setting_default("lsh_bucket_length"),
                    help="bucket width on unit vectors; 0 = auto (see estimate_bucket_length)")
     p.add_argument("--auto-bucket-factor", type=float, default=AUTO_BUCKET_FACTOR)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=setting_default("lsh_seed"))
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--sample-size", type=int, default=200)
+    p.add_argument("--sample-size", type=int, default=setting_default("validation_sample"))
     p.add_argument("--run-id", default="manual")
     p.add_argument("--projection-dir", type=Path, default=None,
                    help="a learned projection (spark_jobs/learn_projection.py --out); the LSH "

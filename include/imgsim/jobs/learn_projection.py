@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from imgsim.config import Layout
+from imgsim.config import Layout, setting_default
 from imgsim.jobs import run_application
-from imgsim.projection import KINDS, MIN_LABEL_COVERAGE, choose, holdout_tuning, write_choice
+from imgsim.projection import CV_SAMPLE, KINDS, choose, holdout_tuning, write_choice
 from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
 from imgsim.spark_projection import labelled_sample, stats_of
 
@@ -33,12 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, type=Path)
     p.add_argument("--backbone", required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--kind", default="auto", choices=KINDS)
-    p.add_argument("--min-coverage", type=float, default=MIN_LABEL_COVERAGE)
-    p.add_argument("--cv-sample", type=int, default=20000,
+    p.add_argument("--kind", default=setting_default("projection"), choices=KINDS)
+    p.add_argument("--min-coverage", type=float,
+                   default=setting_default("projection_min_coverage"))
+    p.add_argument("--cv-sample", type=int, default=CV_SAMPLE,
                    help="labelled vectors collected for the cross-validation (at most)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--target-recall", type=float, default=0.95,
+    p.add_argument("--seed", type=int, default=setting_default("lsh_seed"))
+    p.add_argument("--target-recall", type=float, default=setting_default("target_recall"),
                    help="recall@5 the LSH is tuned for in the learned space (held out)")
     args = p.parse_args(argv)
     if not 0.0 <= args.min_coverage <= 1.0:

@@ -43,7 +43,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from imgsim.ann import METHODS
-from imgsim.config import SCAN_BELOW, SCAN_SHARE
+from imgsim.config import SCAN_BELOW, SCAN_SHARE, setting_default
 from imgsim.jobs import run_application
 
 log = logging.getLogger("imgsim.query_lsh")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", required=True)
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--expansion", type=int, default=0,
+    p.add_argument("--expansion", type=int, default=setting_default("query_expansion"),
                    help="query expansion: search again with each query plus its first N "
                         "answers (0 = off; IMGSIM_QUERY_EXPANSION)")
     p.add_argument("--scan-share", type=float, default=SCAN_SHARE,

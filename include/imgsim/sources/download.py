@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
+from imgsim.config import setting_default
 from imgsim.fsutil import atomic_write_json, fsync_dir, read_json
 
 logger = logging.getLogger(__name__)
@@ -159,8 +160,8 @@ def fetch(
     filename: str | None = None,
     sha256: str = "",
     checksum: str | Checksum | None = None,
-    timeout_s: float = 60.0,
-    retries: int = 5,
+    timeout_s: float = setting_default("download_timeout_s"),
+    retries: int = setting_default("download_retries"),
     backoff_s: float = 1.0,
     allowed_schemes: tuple[str, ...] = ("https", "http", "file"),
     allowed_local_roots: tuple[Path, ...] | None = None,
