@@ -2,7 +2,8 @@
 
 Authentication is Airflow's ``get_user`` dependency; the tests override it with a fake user
 (as the API server would resolve from the ``_token`` cookie), except where they check that
-nothing is served without it. Model versions are built with test_models.build_version.
+nothing is served without it. The settings dependency (``webui.get_settings``) is overridden
+with each test's own data root. Model versions are built with test_models.build_version.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 from airflow.api_fastapi.core_api.security import get_user
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from imgsim import webui
-from imgsim.config import Layout
+from imgsim.config import Layout, Settings
 from imgsim.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
 from test_models import build_version, make_ids
 
@@ -46,12 +48,9 @@ def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int
 
 
 @pytest.fixture
-def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
+def layout(tmp_path: Path) -> Layout:
     root = tmp_path / "data"
     root.mkdir()
-    monkeypatch.setenv("IMGSIM_DATA_ROOT", str(root))
-    for key in ("IMGSIM_WEIGHTS", "IMGSIM_DEVICE"):
-        monkeypatch.delenv(key, raising=False)
     return Layout(root.resolve())
 
 
@@ -68,24 +67,42 @@ def publish_two_versions(layout: Layout) -> None:
 
 
 @pytest.fixture
-def client() -> Iterator[TestClient]:
-    webui.app.dependency_overrides[get_user] = FakeUser
+def app(layout: Layout) -> Iterator[FastAPI]:
+    """webui.app with this test's settings (its data root; no weights file, device auto)."""
+    webui.app.dependency_overrides[webui.get_settings] = lambda: Settings(data_root=layout.root)
     webui._MODEL_CACHE.clear()
     webui._BACKBONE_CACHE.clear()
     try:
-        with TestClient(webui.app) as c:
-            yield c
+        yield webui.app
     finally:
-        webui.app.dependency_overrides.pop(get_user, None)
+        webui.app.dependency_overrides.clear()
         webui._MODEL_CACHE.clear()
         webui._BACKBONE_CACHE.clear()
 
 
 @pytest.fixture
-def anonymous() -> Iterator[TestClient]:
-    webui.app.dependency_overrides.pop(get_user, None)
-    with TestClient(webui.app) as c:
+def client(app: FastAPI) -> Iterator[TestClient]:
+    app.dependency_overrides[get_user] = FakeUser
+    with TestClient(app) as c:
         yield c
+
+
+@pytest.fixture
+def anonymous(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as c:
+        yield c
+
+
+def test_the_settings_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    webui.get_settings.cache_clear()
+    try:
+        monkeypatch.setenv("IMGSIM_DATA_ROOT", str(tmp_path / "first"))
+        first = webui.get_settings()
+        monkeypatch.setenv("IMGSIM_DATA_ROOT", str(tmp_path / "second"))
+        assert webui.get_settings() is first
+        assert first.data_root == (tmp_path / "first").resolve()
+    finally:
+        webui.get_settings.cache_clear()
 
 
 # -- authentication -----------------------------------------------------------------------------

@@ -14,22 +14,24 @@ image is gone. Query images are decoded with :func:`imgsim.imaging.load_rgb` (pi
 EXIF orientation), since they are untrusted uploads. Every file is written atomically, and
 results.json last, so its presence means the whole set is complete.
 
-PIL is imported inside functions only, so this module is cheap to import from DAG files.
+gallery.html is templates/run.html (:mod:`imgsim.templates`), the page the UI shows a run with
+too; :func:`run_view` gives it a run's results. PIL is imported inside functions only, so this
+module is cheap to import from DAG files.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgsim.config import Layout
 from imgsim.fsutil import atomic_open, atomic_write_json, atomic_write_text
+from imgsim.templates import number, render
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from PIL.ImageFont import ImageFont as BitmapFont
 
     Font = FreeTypeFont | BitmapFont
+
+#: Where a results entry's image comes from: its ``src`` (a URL, a data URI), None if none.
+Source = Callable[[Mapping[str, Any]], str | None]
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +177,8 @@ def _k(results: Mapping[str, Any]) -> int:
         return 0
 
 
-def _fmt_distance(value: Any, digits: int) -> str:
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return "?"
-
-
 def _found_short(query: Mapping[str, Any], k: int) -> bool:
-    return query.get("status") != "rejected" and len(_neighbours(query)) < k
+    return query.get("status") == "answered" and len(_neighbours(query)) < k
 
 
 def _short_note(query: Mapping[str, Any], k: int) -> str:
@@ -409,7 +407,7 @@ def _render_row(sheet: Image, draw: ImageDraw, images: _Images, query: Mapping[s
         label = f"#{n.get('rank', i)} {n.get('class_name') or n.get('class_id') or ''}".strip()
         draw.text((nx, caption_y), _fit(draw, label, font, thumb), fill=_TEXT, font=font)
         draw.text((nx, caption_y + line_h),
-                  _fit(draw, f"d={_fmt_distance(n.get('distance'), 3)}", font, thumb),
+                  _fit(draw, f"d={number(n.get('distance'), '.3f', '?')}", font, thumb),
                   fill=_MUTED, font=font)
     note = _short_note(query, k)
     if note and _found_short(query, k):
@@ -419,31 +417,39 @@ def _render_row(sheet: Image, draw: ImageDraw, images: _Images, query: Mapping[s
 
 
 # --------------------------------------------------------------------------------------------
-# Gallery
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1rem;
-color:#222;background:#fafafa}
-header{margin-bottom:1rem}h1{font-size:1.4rem;margin:0 0 .3rem}
-.meta{color:#555;font-size:.9rem}
-section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.8rem;margin:0 0 1rem}
-section.rejected{border-color:#c33;background:#fff5f5}
-h2{font-size:1.05rem;margin:0 0 .5rem;word-break:break-all}
-.status{font-size:.8rem;font-weight:normal;color:#555;margin-left:.5rem}
-.row{display:flex;flex-wrap:wrap;gap:.6rem;align-items:flex-start}
-figure{margin:0;width:164px;font-size:.8rem}
-figure img,.missing{width:160px;height:160px;object-fit:contain;background:#eee;
-border:1px solid #ccc;display:block}
-.missing{display:flex;align-items:center;justify-content:center;color:#666}
-figure.query img,figure.query .missing{border:2px solid #36c}
-figcaption{margin-top:.2rem;word-break:break-word}
-code{font-size:.75rem;color:#555}
-.note{color:#a60;margin:.5rem 0 0}.reason{color:#a00;margin:0}
-"""
+# Gallery (imgsim.templates: run.html)
 
 
-def _esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+def run_view(results: Mapping[str, Any], query_src: Source,
+             neighbour_src: Source) -> dict[str, Any]:
+    """A run's results as templates/run.html shows them (the run's gallery.html and the UI's
+    gallery page), each query as :func:`query_view`."""
+    k = _k(results)
+    return {"run_id": results.get("run_id") or "?",
+            "model_version": results.get("model_version") or "?", "k": k,
+            "created_at": results.get("created_at") or "?",
+            "queries": [query_view(q, k, query_src, neighbour_src) for q in _queries(results)]}
+
+
+def query_view(query: Mapping[str, Any], k: int, query_src: Source,
+               neighbour_src: Source) -> dict[str, Any]:
+    """A results entry as the ``query_section`` macro (templates/macros.html) shows it: its
+    name, status, picture and note, and its neighbours in rank order."""
+    return {"name": _query_name(query), "status": str(query.get("status") or "?"),
+            "query_id": str(query.get("query_id") or ""), "picture": query_src(query),
+            "reason": query.get("reason") or "unknown reason", "detail": query.get("detail"),
+            "note": _short_note(query, k),
+            "neighbours": [{"rank": n.get("rank"), "label": _class_label(n),
+                            "distance": n.get("distance"), "image_id": str(n.get("image_id") or ""),
+                            "path": n.get("path"), "picture": neighbour_src(n)}
+                           for n in _neighbours(query)]}
+
+
+def _class_label(neighbour: Mapping[str, Any]) -> str:
+    if neighbour.get("class_name"):
+        return str(neighbour["class_name"])
+    class_id = neighbour.get("class_id")
+    return "no label" if class_id is None else f"class {class_id}"
 
 
 def _data_uri(image: Image | None) -> str | None:
@@ -454,79 +460,12 @@ def _data_uri(image: Image | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _img_html(image: Image | None, alt: str) -> str:
-    uri = _data_uri(image)
-    if uri is None:
-        return '<div class="missing">missing</div>'
-    return f'<img src="{uri}" alt="{_esc(alt)}">'
-
-
-def _query_section(query: Mapping[str, Any], images: _Images, k: int) -> str:
-    name = _query_name(query)
-    status = str(query.get("status") or "")
-    parts = [f'<section class="query-block {_esc(status)}">',
-             f'<h2>{_esc(name)}<span class="status">{_esc(status)}</span></h2>']
-    if status == "rejected":
-        reason = _esc(query.get("reason") or "unknown reason")
-        detail = f": {_esc(query['detail'])}" if query.get("detail") else ""
-        parts.append(f'<p class="reason">Rejected: <b>{reason}</b>{detail}</p></section>')
-        return "\n".join(parts)
-    parts.append('<div class="row">')
-    parts.append(f'<figure class="query">{_img_html(images.query(query), name)}'
-                 f'<figcaption><b>Query</b><br>{_esc(name)}<br>'
-                 f'<code title="{_esc(query.get("query_id"))}">'
-                 f'{_esc(str(query.get("query_id") or "")[:12])}</code></figcaption></figure>')
-    for n in _neighbours(query):
-        image_id = str(n.get("image_id") or "")
-        class_name = n.get("class_name") or (
-            f"class {n['class_id']}" if n.get("class_id") is not None else "")
-        alt = f"#{n.get('rank')} {class_name}"
-        parts.append(
-            f'<figure>{_img_html(images.neighbour(n), alt)}'
-            f'<figcaption><b>#{_esc(n.get("rank"))}</b> {_esc(class_name)}<br>'
-            f'distance {_esc(_fmt_distance(n.get("distance"), 4))}<br>'
-            f'<code title="{_esc(image_id)}">{_esc(image_id[:12])}</code></figcaption></figure>')
-    parts.append("</div>")
-    note = _short_note(query, k)
-    if note:
-        parts.append(f'<p class="note">{_esc(note)}</p>')
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
 def render_gallery_html(results: Mapping[str, Any], layout: Layout) -> str:
-    """A self-contained HTML page: images inlined as JPEG data URIs, all text escaped."""
-    k = _k(results)
-    queries = _queries(results)
+    """A self-contained HTML page: images inlined as JPEG data URIs, no links, all text escaped."""
     images = _Images(layout, GALLERY_IMAGE_SIZE)
-    run_id = _esc(results.get("run_id") or "?")
-    meta = (f"model <b>{_esc(results.get('model_version') or '?')}</b> &middot; "
-            f"run <b>{run_id}</b> &middot; k = {k} &middot; "
-            f"created {_esc(results.get('created_at') or '?')} &middot; "
-            f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}")
-    sections = [_query_section(q, images, k) for q in queries]
-    if not queries:
-        sections = ['<p class="meta">No queries in this run.</p>']
+    page = render("run.html", ui=None, **run_view(results, lambda q: _data_uri(images.query(q)),
+                                                  lambda n: _data_uri(images.neighbour(n))))
     if images.missing:
         log.warning("gallery: %d image(s) missing, shown as placeholders (e.g. %s)",
                     len(images.missing), images.missing[0])
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        '<meta http-equiv="Content-Security-Policy" '
-        "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
-        f"<title>imgsim results &ndash; run {run_id}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f'<header><h1>Similar cars &ndash; run {run_id}</h1><p class="meta">{meta}</p></header>',
-        "<main>",
-        *sections,
-        "</main>",
-        "</body>",
-        "</html>",
-        "",
-    ])
+    return page

@@ -17,33 +17,40 @@ Every route needs Airflow's authentication (the ``get_user`` dependency: the JWT
 files inside the data root (after resolving symlinks and ``..``), and only as a re-encoded
 JPEG of a decodable image, so no other file content can leave the server through it.
 
-Settings (the data root above all) are read with ``Settings.from_env()`` on every request.
-Module import is light (FastAPI and Airflow's auth dependency); torch, PIL, pyarrow and NumPy
-are imported inside the handlers that need them.
+Settings (the data root above all) are read from the environment once, by the first request
+that needs them (:func:`get_settings`, a cached FastAPI dependency), and kept for the life of
+the process: a changed ``IMGSIM_*`` variable takes effect when the API server restarts. Tests
+give their own with ``app.dependency_overrides[get_settings]``.
+
+The pages are the Jinja2 templates of :mod:`imgsim.templates` (shared with the gallery.html of
+:mod:`imgsim.results`). Module import is light (FastAPI, Jinja2 and Airflow's auth dependency);
+torch, PIL, pyarrow and NumPy are imported inside the handlers that need them.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import logging
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgsim.config import Layout, Settings
+from imgsim.results import query_view, run_view
+from imgsim.templates import render
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,17 @@ app = FastAPI(
 )
 
 
+@cache
+def get_settings() -> Settings:
+    """The UI's settings: read from the environment by the first request that needs them, then
+    kept (tests override this dependency)."""
+    return Settings.from_env()
+
+
+#: The UI's settings (:func:`get_settings`).
+AppSettings = Annotated[Settings, Depends(get_settings)]
+
+
 # --------------------------------------------------------------------------------------------
 # Authentication errors: redirect a browser to the login page, 401/403 for API clients
 
@@ -94,68 +112,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     if exc.status_code in (401, 403) and request.method == "GET" and _wants_html(request):
         return RedirectResponse(login_url(request), status_code=303)
     if _wants_html(request):
-        body = _page(request, f"Error {exc.status_code}", _error_box(str(exc.detail)), user=None)
-        return Response(body, status_code=exc.status_code, media_type="text/html",
-                        headers=exc.headers)
+        page = render("error.html", ui=_ui(request.scope, None, ""),
+                      title=f"Error {exc.status_code}", message=exc.detail)
+        return HTMLResponse(page, status_code=exc.status_code, headers=exc.headers)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 # --------------------------------------------------------------------------------------------
-# HTML
-
-
-def _esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-_CSS = """
-:root { color-scheme: light; --fg:#1a202c; --muted:#5f6b7a; --line:#d8dee6; --accent:#017cee;
-        --bg:#ffffff; --tile:#f4f6f8; --bad:#b42318; --badbg:#fdecea; }
-* { box-sizing: border-box; }
-body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
-       color:var(--fg); background:var(--bg); }
-header { padding:12px 20px; border-bottom:1px solid var(--line); display:flex; gap:20px;
-         align-items:baseline; flex-wrap:wrap; }
-header h1 { font-size:18px; margin:0; }
-nav a { margin-right:14px; color:var(--accent); text-decoration:none; }
-nav a.active { font-weight:600; border-bottom:2px solid var(--accent); }
-.who { margin-left:auto; color:var(--muted); }
-main { padding:16px 20px 40px; }
-h2 { font-size:16px; margin:22px 0 8px; }
-.meta { color:var(--muted); margin:4px 0 12px; }
-table { border-collapse:collapse; width:100%; }
-th, td { border-bottom:1px solid var(--line); padding:6px 8px; text-align:left;
-         vertical-align:top; }
-th { font-weight:600; background:var(--tile); }
-td.num { text-align:right; font-variant-numeric:tabular-nums; }
-tr.current { background:#eaf4fe; }
-.badge { display:inline-block; background:var(--accent); color:#fff; border-radius:9px;
-         padding:0 7px; font-size:11px; font-weight:600; margin-left:6px; }
-.badge.bad { background:var(--bad); }
-tr.damaged { background:var(--badbg); }
-td.files ul { margin:2px 0 0; padding-left:16px; }
-.error { border:1px solid var(--bad); background:var(--badbg); color:var(--bad);
-         padding:10px 14px; border-radius:6px; margin:10px 0; }
-.query { border:1px solid var(--line); border-radius:8px; padding:10px 12px; margin:12px 0; }
-.query h3 { font-size:14px; margin:0 0 8px; }
-.row { display:flex; gap:10px; flex-wrap:wrap; align-items:flex-start; }
-figure { margin:0; width:172px; }
-figure img, .missing { width:172px; height:172px; object-fit:contain; background:var(--tile);
-                       border:1px solid var(--line); border-radius:4px; display:block; }
-.missing { display:flex; align-items:center; justify-content:center; color:var(--muted); }
-figure.q img { border:2px solid var(--accent); }
-figcaption { font-size:12px; margin-top:4px; overflow-wrap:anywhere; }
-.note { color:var(--muted); font-style:italic; }
-code { font-size:12px; }
-form.upload { display:flex; gap:12px; align-items:center; flex-wrap:wrap;
-              border:1px solid var(--line); border-radius:8px; padding:12px; }
-button { background:var(--accent); color:#fff; border:0; border-radius:6px; padding:7px 14px;
-         font-weight:600; cursor:pointer; }
-ul.runs { margin:4px 0 10px; padding-left:18px; }
-"""
-
-_NAV = (("", "Model versions", "versions"), ("gallery", "Latest queries", "gallery"),
-        ("search", "Find similar images", "search"))
+# Pages (imgsim.templates)
 
 
 def _user_name(user: Any) -> str:
@@ -167,51 +131,17 @@ def _user_name(user: Any) -> str:
         return str(getattr(user, "username", "") or "")
 
 
-def _page(request: Request, title: str, body: str, *, user: Any, active: str = "") -> str:
-    base = request.scope.get("root_path", "").rstrip("/") + "/"
-    links = "".join(
-        f'<a href="{href or "./"}" id="nav-{key}"'
-        f'{" class=active" if key == active else ""}>{label}</a>'
-        for href, label, key in _NAV)
-    who = _user_name(user)
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<base href="{_esc(base)}">',
-        f"<title>imgsim &ndash; {_esc(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<header><h1>imgsim &ndash; {_esc(title)}</h1><nav>{links}</nav>"
-        f'<span class="who">{"signed in as " + _esc(who) if who else ""}</span></header>',
-        f"<main>{body}</main>",
-        "</body></html>",
-        "",
-    ])
+def _ui(scope: Mapping[str, Any], user: Any, active: str) -> dict[str, str]:
+    """The UI part of templates/base.html: ``<base href>`` (where the app is mounted), the nav
+    entry of this page and the signed-in user."""
+    return {"base": scope.get("root_path", "").rstrip("/") + "/", "active": active,
+            "user": _user_name(user)}
 
 
-def _html(request: Request, title: str, body: str, *, user: Any, active: str = "",
-          status_code: int = 200) -> Response:
-    return Response(_page(request, title, body, user=user, active=active),
-                    status_code=status_code, media_type="text/html",
-                    headers={"Cache-Control": "no-store"})
-
-
-def _error_box(message: str) -> str:
-    return f'<div class="error" id="error" role="alert">{_esc(message)}</div>'
-
-
-def _fmt(value: Any, spec: str, suffix: str = "") -> str:
-    try:
-        return format(float(value), spec) + suffix
-    except (TypeError, ValueError):
-        return "&ndash;"
-
-
-def _pct(value: Any) -> str:
-    try:
-        return f"{100 * float(value):.0f}%"
-    except (TypeError, ValueError):
-        return "&ndash;"
+def _html(request: Request, template: str, *, user: Any, active: str, status_code: int = 200,
+          **context: Any) -> Response:
+    return HTMLResponse(render(template, ui=_ui(request.scope, user, active), **context),
+                        status_code=status_code, headers={"Cache-Control": "no-store"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,122 +178,18 @@ def version_rows(layout: Layout) -> list[VersionRow]:
     return rows
 
 
-def _files_cell(row: VersionRow) -> str:
-    if not row.problems:
-        return f'<td class="files">{_esc(row.files)}</td>'
-    items = "".join(f"<li>{_esc(p)}</li>" for p in row.problems)
-    return f'<td class="files error"><b>damaged</b><ul>{items}</ul></td>'
-
-
-def _version_row_html(row: VersionRow) -> str:
-    badge = '<span class="badge">CURRENT</span>' if row.current else ""
-    if row.problems:
-        badge += '<span class="badge bad">DAMAGED</span>'
-    css = "version" + (" current" if row.current else "") + (" damaged" if row.problems else "")
-    head = (f'<tr class="{css}" data-version="{_esc(row.version)}" data-files="'
-            f'{_esc(row.files)}"><td><code>{_esc(row.version)}</code>{badge}</td>')
-    m = row.manifest
-    if m is None:
-        return (head + f'<td colspan="10" class="error">manifest unreadable: '
-                f"{_esc(row.error)}</td>{_files_cell(row)}</tr>")
-    from imgsim.models import describe_lsh
-
-    backbone, lsh = m.get("backbone") or {}, m.get("lsh") or {}
-    metrics, counts = m.get("metrics") or {}, m.get("counts") or {}
-    bb = f"{_esc(backbone.get('name'))} {_esc(backbone.get('dim'))}-d"
-    weights = backbone.get("weights")
-    if weights:
-        sha = backbone.get("weights_sha256")
-        bb += f'<br><code title="sha256 {_esc(sha)}">{_esc(weights)}</code>'
-    cells = [
-        _esc(str(m.get("created_at") or "")[:19].replace("T", " ")),
-        f'<td class="num">{_esc(counts.get("indexed"))}</td>',
-        bb,
-        f'<td class="num">{_esc(describe_lsh(lsh))}</td>',
-        f'<td class="num">{_fmt(lsh.get("bucketLength"), ".4g")}</td>',
-        f'<td class="num">{_fmt(metrics.get("recall_at_k"), ".3f")}</td>',
-        f'<td class="num">{_pct(metrics.get("candidates_share"))}</td>',
-        f'<td class="num">{_fmt(metrics.get("label_hit_at_k"), ".3f")}</td>',
-        f'<td class="num">{_fmt(metrics.get("label_precision_at_k"), ".3f")}</td>',
-    ]
-    cells.insert(3, _projection_cell(m.get("projection")))
-    return (head + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells)
-            + _files_cell(row) + "</tr>")
-
-
-def _projection_cell(entry: dict[str, Any] | None) -> str:
-    """The version's search space: kind and dims, what it was learned from, and its
-    cross-validated label precision (the reason in the tooltip)."""
-    if not entry or entry.get("kind", "none") == "none":
-        why = (entry or {}).get("reason") or "a version without a projection"
-        return f'<td class="projection" title="{_esc(why)}">none</td>'
-    params, cov = entry.get("params") or {}, entry.get("coverage") or {}
-    lines = [f"<b>{_esc(entry['kind'])}</b> {_esc(entry.get('dim'))}&rarr;"
-             f"{_esc(entry.get('dims'))}-d"]
-    if cov:
-        lines.append(f"labels {_pct(cov.get('share'))} ({_esc(cov.get('classes'))} classes)")
-    if "shrinkage" in params:
-        lines.append(f"shrinkage {_esc(params['shrinkage'])}")
-    if params.get("cv_precision_at_k") is not None:
-        lines.append(f"CV precision@5 {_fmt(params['cv_precision_at_k'], '.3f')} "
-                     f"(vs {_esc(params.get('cv_baseline'))})")
-    return (f'<td class="projection" title="{_esc(entry.get("reason"))}">'
-            + "<br>".join(lines) + "</td>")
-
-
-def _current_warning(layout: Layout, rows: list[VersionRow]) -> list[str]:
-    """An error box when CURRENT names no published version or a damaged one."""
-    from imgsim.models import current_version
-
-    current = current_version(layout)
-    row = next((r for r in rows if r.current), None)
-    if current is not None and row is None:
-        return [f'<div class="error" id="current-problem">CURRENT names <code>{_esc(current)}'
-                "</code>, which is not a published version; queries fail until "
-                "<code>imgsim rollback VERSION</code> points it at one.</div>"]
-    if row is not None and row.problems:
-        return [f'<div class="error" id="current-problem">The CURRENT version <code>'
-                f"{_esc(current)}</code> is damaged; queries fail until <code>imgsim rollback "
-                "VERSION</code> makes an intact version current.</div>"]
-    return []
-
-
 @app.get("/", include_in_schema=False)
-def versions_page(request: Request, user: CurrentUser) -> Response:
-    settings = Settings.from_env()
+def versions_page(request: Request, user: CurrentUser, settings: AppSettings) -> Response:
+    from imgsim.models import current_version, describe_lsh
+
     layout = settings.layout
     rows = version_rows(layout)
-    if not rows:
-        body = (f'<p id="no-versions">No published model version under '
-                f"<code>{_esc(layout.models)}</code> yet. Trigger the <b>imgsim_index</b> DAG "
-                "to build one.</p>")
-        return _html(request, "Model versions", body, user=user, active="versions")
     ks = {(r.manifest or {}).get("metrics", {}).get("k") for r in rows if r.manifest}
-    k = ks.pop() if len(ks) == 1 else "k"
-    current = next((r.version for r in rows if r.current), None)
-    body = "\n".join([
-        *_current_warning(layout, rows),
-        f'<p class="meta">Data root <code>{_esc(layout.root)}</code> &middot; '
-        f"{len(rows)} published version{'s' if len(rows) != 1 else ''} &middot; "
-        f'CURRENT: <code id="current-version">{_esc(current or "none")}</code></p>',
-        '<table id="versions"><thead><tr><th>version</th><th>created (UTC)</th>'
-        "<th>images</th><th>backbone + weights</th><th>search space</th><th>LSH keys</th>"
-        f"<th>bucketLength</th><th>recall@{_esc(k)}</th><th>candidates share</th>"
-        f"<th>label hit@{_esc(k)}</th><th>label precision@{_esc(k)}</th><th>files</th>"
-        "</tr></thead><tbody>",
-        *(_version_row_html(r) for r in rows),
-        "</tbody></table>",
-        '<p class="meta">search space: the learned projection the index searches in (LDA '
-        "from the labels, or whitening), with its cross-validated label precision inside the "
-        "references; recall: LSH answers against exact search on a validation sample; "
-        "candidates share: the part of the index compared per query; label hit / precision: "
-        "neighbours of the same class among the first k, for references querying the rest "
-        "(in-sample for a learned space: its cross-validated precision is the honest "
-        "figure); files: sizes against those recorded at publish "
-        "(<code>imgsim versions --verify</code> checks sha256 too). "
-        "<code>imgsim rollback VERSION</code> moves CURRENT.</p>",
-    ])
-    return _html(request, "Model versions", body, user=user, active="versions")
+    return _html(request, "versions.html", user=user, active="versions", layout=layout,
+                 rows=rows, k=ks.pop() if len(ks) == 1 else "k",
+                 current=current_version(layout),
+                 current_row=next((r for r in rows if r.current), None),
+                 describe_lsh=describe_lsh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,17 +209,13 @@ def _photo_url(path: str) -> str:
     return f"photo?{urlencode({'path': path})}"
 
 
-def _thumb_url(image_id: str) -> str:
-    return f"thumb/{quote(image_id)}"
-
-
 def _relative(path: Path, layout: Layout) -> str | None:
     """``path`` as a data-root-relative string if it is inside the data root."""
     resolved = inside(path, layout.root)
     return None if resolved is None else str(resolved.relative_to(layout.root.resolve()))
 
 
-def _query_picture(query: Mapping[str, Any], layout: Layout) -> str | None:
+def _query_src(layout: Layout, query: Mapping[str, Any]) -> str | None:
     """The URL of a result's query image, if a copy of it lies inside the data root."""
     for key in ("query_copy", "query_path"):
         raw = query.get(key)
@@ -404,36 +226,15 @@ def _query_picture(query: Mapping[str, Any], layout: Layout) -> str | None:
     return None
 
 
-def _neighbour_picture(neighbour: Mapping[str, Any], layout: Layout) -> str | None:
+def _neighbour_src(layout: Layout, neighbour: Mapping[str, Any]) -> str | None:
+    """The URL of a neighbour's thumbnail, else of its image inside the data root."""
     image_id = str(neighbour.get("image_id") or "")
     if IMAGE_ID_RE.match(image_id) and (layout.thumbs / f"{image_id}.jpg").is_file():
-        return _thumb_url(image_id)
+        return f"thumb/{image_id}"
     raw = neighbour.get("path")
     if raw and (layout.root / str(raw)).is_file() and _relative(layout.root / str(raw), layout):
         return _photo_url(str(raw))
     return None
-
-
-def _figure(url: str | None, alt: str, caption: str, css: str = "") -> str:
-    img = (f'<img src="{_esc(url)}" alt="{_esc(alt)}" loading="lazy">' if url
-           else '<div class="missing">no picture</div>')
-    cls = f' class="{css}"' if css else ""
-    return f"<figure{cls}>{img}<figcaption>{caption}</figcaption></figure>"
-
-
-def _neighbours_html(neighbours: Iterable[Mapping[str, Any]], layout: Layout) -> list[str]:
-    out = []
-    for n in sorted(neighbours, key=lambda n: n.get("rank") or 0):
-        image_id = str(n.get("image_id") or "")
-        class_name = n.get("class_name") or (
-            f"class {n['class_id']}" if n.get("class_id") is not None else "no label")
-        caption = (f'<b>#{_esc(n.get("rank"))}</b> <span class="class-name">'
-                   f'{_esc(class_name)}</span><br>distance <span class="distance">'
-                   f'{_fmt(n.get("distance"), ".4f")}</span><br>'
-                   f'<code title="{_esc(n.get("path") or image_id)}">{_esc(image_id[:12])}</code>')
-        out.append(_figure(_neighbour_picture(n, layout), f"#{n.get('rank')} {class_name}",
-                           caption, "neighbour"))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,37 +254,12 @@ def result_runs(layout: Layout) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda t: (t[0], t[1].name), reverse=True)]
 
 
-def _query_html(query: Mapping[str, Any], layout: Layout, k: int) -> str:
-    name = query.get("query_name") or Path(str(query.get("query_path") or "?")).name
-    status = str(query.get("status") or "?")
-    parts = [f'<section class="query" data-status="{_esc(status)}">',
-             f"<h3>{_esc(name)} <small class=meta>{_esc(status)}</small></h3>",
-             '<div class="row">',
-             _figure(_query_picture(query, layout), f"query {name}",
-                     f"<b>query</b><br>{_esc(name)}", "q")]
-    if status == "rejected":
-        parts.append(_error_box(f"rejected: {query.get('reason') or '?'}: "
-                                f"{query.get('detail') or ''}"))
-    elif status == "already_answered":
-        parts.append(f'<p class="note">already answered: {_esc(query.get("detail"))}</p>')
-    else:
-        parts += _neighbours_html(query.get("neighbours") or [], layout)
-    parts.append("</div>")
-    found = len(query.get("neighbours") or [])
-    if query.get("note"):
-        parts.append(f'<p class="note">{_esc(query["note"])}</p>')
-    elif status == "answered" and found < k:
-        parts.append(f'<p class="note">found {found} of {k} requested neighbours</p>')
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
 @app.get("/gallery", include_in_schema=False)
-def gallery_page(request: Request, user: CurrentUser,
+def gallery_page(request: Request, user: CurrentUser, settings: AppSettings,
                  run: Annotated[str | None, Query()] = None) -> Response:
     from imgsim.fsutil import read_json
 
-    layout = Settings.from_env().layout
+    layout = settings.layout
     runs = result_runs(layout)
     if run is not None:
         if not RUN_NAME_RE.match(run) or not (layout.queries / "results" / run /
@@ -493,33 +269,15 @@ def gallery_page(request: Request, user: CurrentUser,
     elif runs:
         chosen = runs[0]
     else:
-        body = ('<p id="no-results">No query results yet. Drop photos into '
-                f"<code>{_esc(layout.queries / 'inbox')}</code> and trigger <b>imgsim_query</b>, "
-                'run <code>imgsim query PHOTO</code>, or <a href="search">upload one</a>.</p>')
-        return _html(request, "Latest queries", body, user=user, active="gallery")
+        return _html(request, "run.html", user=user, active="gallery", queries=None,
+                     inbox=layout.queries / "inbox")
     try:
         results = read_json(chosen / "results.json")
     except (OSError, ValueError) as exc:
         raise HTTPException(500, f"{chosen / 'results.json'} is unreadable: {exc}") from exc
-    queries = list(results.get("queries") or [])
-    try:
-        k = int(results.get("k") or 0)
-    except (TypeError, ValueError):
-        k = 0
-    others = "".join(
-        f'<li><a href="gallery?{urlencode({"run": p.name})}">{_esc(p.name)}</a></li>'
-        for p in runs[:RECENT_RUNS])
-    body = "\n".join([
-        f'<p class="meta" id="run-meta">run <code id="run-id">{_esc(results.get("run_id"))}'
-        f'</code> &middot; model <code id="run-version">{_esc(results.get("model_version"))}'
-        f"</code> &middot; k = {k} &middot; created {_esc(results.get('created_at'))} &middot; "
-        f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} &middot; files in "
-        f"<code>{_esc(chosen)}</code></p>",
-        *(_query_html(q, layout, k) for q in queries),
-        "" if queries else '<p class="meta">This run has no queries.</p>',
-        f'<h2>Recent runs</h2><ul class="runs">{others}</ul>',
-    ])
-    return _html(request, "Latest queries", body, user=user, active="gallery")
+    return _html(request, "run.html", user=user, active="gallery", run_dir=chosen,
+                 runs=[p.name for p in runs[:RECENT_RUNS]],
+                 **run_view(results, partial(_query_src, layout), partial(_neighbour_src, layout)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,11 +285,11 @@ def gallery_page(request: Request, user: CurrentUser,
 
 
 @app.get("/thumb/{image_id}", include_in_schema=False)
-def thumb(image_id: str) -> Response:
+def thumb(image_id: str, settings: AppSettings) -> Response:
     """A reference image's 224x224 thumbnail (``thumbs/<image_id>.jpg``)."""
     if not IMAGE_ID_RE.match(image_id):
         raise HTTPException(404, "not an image id")
-    layout = Settings.from_env().layout
+    layout = settings.layout
     path = inside(layout.thumbs / f"{image_id}.jpg", layout.root)
     if path is None or not path.is_file():
         raise HTTPException(404, f"no thumbnail for {image_id}")
@@ -554,7 +312,7 @@ def render_jpeg(path: Path, size: int, max_pixels: int) -> bytes:
 
 @app.get("/photo", include_in_schema=False)
 def photo(path: Annotated[str, Query(min_length=1, max_length=4096)],
-          size: Annotated[int, Query(ge=32, le=1024)] = 320) -> Response:
+          settings: AppSettings, size: Annotated[int, Query(ge=32, le=1024)] = 320) -> Response:
     """An image under the data root (a query photo, an upload, an original), re-encoded as JPEG.
 
     ``path`` is relative to the data root (or absolute). Whatever it names is resolved first;
@@ -563,7 +321,6 @@ def photo(path: Annotated[str, Query(min_length=1, max_length=4096)],
     """
     from imgsim.imaging import ImageRejected
 
-    settings = Settings.from_env()
     root = settings.data_root
     if "\x00" in path:
         raise HTTPException(400, "bad path")
@@ -673,29 +430,23 @@ def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
             **ans.fields(k, searcher.indexed)}
 
 
-def _search_form(k: int) -> str:
-    return (
-        '<form class="upload" id="upload-form" method="post" action="search" '
-        'enctype="multipart/form-data">'
-        '<label>Image <input type="file" name="image" id="image-input" '
-        'accept="image/jpeg,image/png,image/webp" required></label>'
-        f'<label>Neighbours <input type="number" name="k" id="k-input" value="{k}" min="1" '
-        f'max="{MAX_K}" style="width:4em"></label>'
-        '<button type="submit" id="upload-button">Find similar images</button>'
-        f'<span class="meta">JPEG, PNG or WebP, up to {MAX_UPLOAD_BYTES // (1024 * 1024)} MB; '
-        "answered by the CURRENT model version</span></form>")
+def _search_page(request: Request, user: Any, k: int, status_code: int = 200,
+                 **context: Any) -> Response:
+    """templates/search.html: the upload form, with ``error``, ``current`` or ``answer``."""
+    return _html(request, "search.html", user=user, active="search", status_code=status_code,
+                 k=k, max_k=MAX_K, max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
+                 **{"error": None, "current": None, "answer": None, **context})
 
 
 @app.get("/search", include_in_schema=False)
-def search_page(request: Request, user: CurrentUser) -> Response:
+def search_page(request: Request, user: CurrentUser, settings: AppSettings) -> Response:
     from imgsim.models import current_version
 
-    layout = Settings.from_env().layout
-    version = current_version(layout)
-    note = (f'<p class="meta">CURRENT model version: <code>{_esc(version)}</code></p>' if version
-            else _error_box("No published model version yet; trigger imgsim_index first."))
-    return _html(request, "Find similar images", note + _search_form(DEFAULT_K), user=user,
-                 active="search")
+    version = current_version(settings.layout)
+    if version is None:
+        return _search_page(request, user, DEFAULT_K, error="No published model version yet; "
+                                                            "trigger imgsim_index first.")
+    return _search_page(request, user, DEFAULT_K, current=version)
 
 
 #: Room for the multipart framing and the other form fields around the file.
@@ -727,10 +478,10 @@ class UploadSizeLimit:
             try:
                 too_large = int(declared) > limit
             except ValueError:
-                await _plain_error(send, 400, "invalid Content-Length header")
+                await _plain_error(scope, send, 400, "invalid Content-Length header")
                 return
             if too_large:
-                await _plain_error(send, 413, _too_large_message())
+                await _plain_error(scope, send, 413, _too_large_message())
                 return
         received, exceeded, started = 0, False, False
 
@@ -757,7 +508,7 @@ class UploadSizeLimit:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await _plain_error(send, 413, _too_large_message())
+            await _plain_error(scope, send, 413, _too_large_message())
 
 
 def _too_large_message() -> str:
@@ -765,9 +516,9 @@ def _too_large_message() -> str:
             "choose a smaller image.")
 
 
-async def _plain_error(send: Any, status: int, message: str) -> None:
-    body = (f"<!doctype html><title>imgsim: upload refused</title><p id=\"error\">{_esc(message)}"
-            '</p><p><a href="search">back</a></p>').encode()
+async def _plain_error(scope: Any, send: Any, status: int, message: str) -> None:
+    body = render("error.html", ui=_ui(scope, None, "search"), title="upload refused",
+                  message=message).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/html; charset=utf-8"),
                             (b"content-length", str(len(body)).encode()),
@@ -790,11 +541,10 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 
 
 @app.post("/search", include_in_schema=False)
-async def search_upload(request: Request, user: CurrentUser,
+async def search_upload(request: Request, user: CurrentUser, settings: AppSettings,
                         image: UploadFile | None = None,
                         k: Annotated[int, Form()] = DEFAULT_K) -> Response:
     """Save the uploaded image, look it up in the CURRENT version, show its neighbours."""
-    settings = Settings.from_env()
     layout = settings.layout
     k = max(1, min(MAX_K, k))
     filename = (image.filename if image is not None else None) or "upload"
@@ -806,20 +556,9 @@ async def search_upload(request: Request, user: CurrentUser,
         saved = await run_in_threadpool(save_upload, layout, data, ext)
         answer = await run_in_threadpool(answer_upload, settings, saved, k)
     except UploadError as exc:
-        body = _error_box(exc.message) + _search_form(k)
-        return _html(request, "Find similar images", body, user=user, active="search",
-                     status_code=exc.status)
-    rel = str(saved.relative_to(layout.root))
-    note = f'<p class="note">{_esc(answer["note"])}</p>' if answer["note"] else ""
-    body = "\n".join([
-        _search_form(k),
-        f'<p class="meta" id="answer-meta">{_esc(filename)} &rarr; model '
-        f'<code id="answer-version">{_esc(answer["model_version"])}</code> '
-        f"({answer['indexed']} reference images), {answer['candidates']} compared; "
-        f"saved as <code>{_esc(rel)}</code></p>",
-        '<section class="query" id="answer"><div class="row">',
-        _figure(_photo_url(rel), "your image", f"<b>your image</b><br>{_esc(filename)}", "q"),
-        *_neighbours_html(answer["neighbours"], layout),
-        "</div>", note, "</section>",
-    ])
-    return _html(request, "Find similar images", body, user=user, active="search")
+        return _search_page(request, user, k, exc.status, error=exc.message)
+    query = {**answer, "query_name": filename, "query_path": str(saved)}
+    return _search_page(request, user, k, answer={
+        **answer, "filename": filename, "saved": saved.relative_to(layout.root),
+        "query": query_view(query, k, partial(_query_src, layout),
+                            partial(_neighbour_src, layout))})
