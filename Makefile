@@ -47,9 +47,10 @@ test: $(STAMP) browser-deps scaleout-deps ## set up, then run the whole test sui
 test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser markers)
 	$(ENV) && $(PY) -m pytest -m "not slow and not spark and not airflow and not browser" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) ## ruff, mypy and the import layers (import-linter)
 	$(VENV)/bin/ruff check include spark_jobs dags plugins tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 airflow: $(STAMP) ## start the Airflow UI (standalone) on http://127.0.0.1:8080 with the DAGs loaded
 	@$(ENV) && airflow db migrate >/dev/null && \

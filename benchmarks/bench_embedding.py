@@ -169,8 +169,7 @@ def pipeline_root(paths: list[Path], backbone: str, runtime: str, cache: Path,
 
 def run_pipeline(settings: Any, spec: str, backbone: str) -> int:
     """One embed task from scratch: no thumbnails, no shards (the ONNX file stays cached)."""
-    from imgsim import pipeline
-
+    from imgsim.index import pipeline
     layout = settings.layout
     for folder in (layout.thumbs, layout.embeddings(backbone), layout.quarantine,
                    layout.runs / "bench" / "embedded"):

@@ -1,7 +1,7 @@
 """Incremental cost: a daily run that adds 1% new photos, against a full rebuild of the index.
 
 The index DAG's task bodies run in order, in this process, with the functions the DAG calls
-(``imgsim.pipeline``: catalog, plan_shards, embed_shard per shard, fit_plan, validate,
+(``imgsim.index.pipeline``: catalog, plan_shards, embed_shard per shard, fit_plan, validate,
 publish) and a real ``spark-submit spark_jobs/fit_lsh.py`` for the fit, as the
 SparkSubmitOperator runs it. Airflow's own scheduling overhead is not included.
 
@@ -98,8 +98,7 @@ def spark_fit(plan: dict[str, Any], run_id: str) -> None:
 def index_run(settings: Any, image_root: Path, labels: Path, day: str,
               full_rebuild: bool = False) -> dict[str, Any]:
     """One index run, task by task as the DAG chains them; per-stage seconds and counts."""
-    from imgsim import pipeline
-
+    from imgsim.index import pipeline
     run_id = f"bench__{day}{'_full' if full_rebuild else ''}"
     times: dict[str, float] = {}
 
@@ -173,7 +172,7 @@ def section(data: dict[str, Any]) -> str:
         "## Incremental cost",
         "",
         f"One data root, {BACKBONE} (real weights), runtime `{data['runtime']}`; the index "
-        "DAG's task bodies (`imgsim.pipeline`) run in order in one process, and the fit is a "
+        "DAG's task bodies (`imgsim.index.pipeline`) run in order in one process, and the fit is a "
         "real `spark-submit spark_jobs/fit_lsh.py` (Spark `local[*]`), as the DAG runs them "
         "(Airflow's scheduling overhead not included). Seconds per stage:",
         "",

@@ -10,7 +10,7 @@ and ``publish``. Then, for one near-duplicate query at a time:
 
 * Spark ``approxNearestNeighbors`` in the running session on the cached, hashed reference table;
 * the batch query job, ``spark-submit spark_jobs/query_lsh.py`` for one query, JVM start included;
-* the in-process lookup, ``imgsim.lookup.lookup`` (model loaded once; load time reported).
+* the in-process lookup, ``imgsim.query.lookup.lookup`` (model loaded once; load time reported).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def build_store(root: Path, files: list[str], labels: np.ndarray, vectors: np.nd
 
 def publish_model(spark: Any, layout: Any, version: str, *extra: str) -> dict[str, Any]:
     from imgsim.jobs import fit_lsh
-    from imgsim.models import publish, validate_staged
     from imgsim.store import snapshot_fingerprint
+    from imgsim.versions.models import publish, validate_staged
 
     t0 = time.perf_counter()
     manifest = fit_lsh.run(spark, fit_lsh.parse_args([
@@ -133,7 +133,7 @@ def spark_submit_seconds(layout: Any, version: str, queries: np.ndarray) -> list
 
 def in_process_seconds(layout: Any, version: str,
                        queries: np.ndarray) -> tuple[float, list[float], int]:
-    from imgsim.lookup import load_model, lookup
+    from imgsim.query.lookup import load_model, lookup
 
     t0 = time.perf_counter()
     model = load_model(layout, version)
@@ -155,7 +155,7 @@ def stats(times: list[float]) -> dict[str, float]:
 def section(data: dict[str, Any]) -> str:
     m, a = data["model"], data["auto_model"]
     t, ch = a["tuning"], a["tuning"]["choice"]
-    rows = [["in-process `imgsim.lookup.lookup` (NumPy, model loaded once)",
+    rows = [["in-process `imgsim.query.lookup.lookup` (NumPy, model loaded once)",
              data["in_process"]["median_s"], data["in_process"]["runs"],
              f"model load {data['in_process_load_s']} s"],
             ["Spark `approxNearestNeighbors`, running session, cached hashed table",

@@ -85,7 +85,7 @@ def quality(mask: np.ndarray, exact: np.ndarray, allowed: np.ndarray,
 def twin_lookup_seconds(params: BrpParams, ref: np.ndarray, ref_h: np.ndarray,
                         q: np.ndarray, c: tuning.LshConfig, repeat: int = 3) -> float:
     """Median time to answer the queries one by one with the search core's LSH (the scan rule
-    off; imgsim.lookup's default scans where that is cheaper: bench_search.py)."""
+    off; imgsim.query.lookup's default scans where that is cheaper: bench_search.py)."""
     from imgsim.ann import LshIndex
 
     index = LshIndex.build(ref, ref_h, params, keys_per_band=c.keys_per_band, probes=c.probes,
@@ -561,7 +561,7 @@ def section(data: dict[str, Any]) -> str:
               "searches: `approxSimilarityJoin` + top-5 (`query_lsh.nearest`, plain BRP "
               "versions) and the band-key join (`query_lsh.nearest_banded`, AND/multi-probe "
               "versions; ids only, distances once per candidate pair). NumPy: `imgsim.ann` "
-              "hashing and one-by-one lookups as `imgsim.lookup` does them; exact: one NumPy "
+              "hashing and one-by-one lookups as `imgsim.query.lookup` does them; exact: one NumPy "
               "distance matrix. '-' = not run (Spark joins only on the real set; no Spark at "
               "1M; the textbook 200 tables not at 100k and 1M). Synthetic: "
               f"{data['synthetic']['clusters']}.",

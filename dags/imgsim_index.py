@@ -11,7 +11,7 @@ from imgsim.assets import LSH_MODEL
 from imgsim.config import BACKBONES, EMBED_ENGINES, PROJECTIONS, Settings
 from imgsim.sparktasks import FIT_PLAN_ARGS, plan_value, spark_task
 
-#: choose_embed_engine's routes (imgsim.pipeline.embed_route) -> the task that follows.
+#: choose_embed_engine's routes (imgsim.index.pipeline.embed_route) -> the task that follows.
 EMBED_ROUTES = {"none": "embed_summary", "tasks": "embed", "spark": "embed_spark"}
 DEFAULTS = Settings.from_env()
 CHECKSUM_PATTERN = "^((md5:)?[0-9a-f]{32}|(sha256:)?[0-9a-f]{64})?$"
@@ -101,12 +101,12 @@ Backfill past days (each reads its own `incoming/<date>/`):
 )
 def imgsim_index() -> None:
     # One index run at a time per data root, whoever started it (scheduler, backfill, another
-    # deployment): a lease taken first and given back last (imgsim.runlease). A waiting run
+    # deployment): a lease taken first and given back last (imgsim.versions.runlease). A waiting run
     # pokes for IMGSIM_LEASE_HOLD_S, then gives its worker slot back and is re-queued
     # IMGSIM_LEASE_REQUEUE_S later (no quick re-queue: Airflow 3.3's reschedule race).
     @task
     def take_lease(run_id: str, dag_run: Any = None) -> None:
-        from imgsim.runlease import take_for_run
+        from imgsim.versions.runlease import take_for_run
 
         settings = Settings.from_env()
         take_for_run(settings.layout, run_id, "imgsim_index", poke_s=settings.lease_poke_s,
@@ -115,15 +115,14 @@ def imgsim_index() -> None:
 
     @task
     def release_lease(run_id: str) -> bool:
-        from imgsim.runlease import release
+        from imgsim.versions.runlease import release
 
         return release(Settings.from_env().layout, run_id)
 
     # The downloader retries transient errors itself: any download error is final here.
     @task
     def download(params: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         settings = Settings.from_env()
         with pipeline.fail_fast(downloads_retried=True):
             return pipeline.download_sources(settings, params["archive_url"],
@@ -134,8 +133,7 @@ def imgsim_index() -> None:
 
     @task
     def extract(fetched: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         archive = fetched["archive"]
         with pipeline.fail_fast():
             return pipeline.extract(Settings.from_env(), archive["path"], archive["sha256"],
@@ -144,8 +142,7 @@ def imgsim_index() -> None:
     @task
     def catalog(extracted: dict[str, Any], fetched: dict[str, Any], params: dict[str, Any],
                 run_id: str, ds: str | None = None, dag_run: Any = None) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         day = pipeline.run_day(ds, dag_run.run_after if dag_run is not None else None)
         names = fetched.get("class_names")
         with pipeline.fail_fast():
@@ -156,21 +153,18 @@ def imgsim_index() -> None:
 
     @task
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         return pipeline.plan_shards(Settings.from_env(), cataloged["to_embed_file"], run_id)
 
     @task(max_active_tis_per_dagrun=2)
     def embed(shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         return pipeline.embed_shard(Settings.from_env(), shard["spec"], params["backbone"])
 
     @task.branch
     def choose_embed_engine(shards: list[dict[str, Any]], params: dict[str, Any],
                             run_id: str) -> str:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         route, job = pipeline.embed_route(Settings.from_env(), params["embed_engine"], shards,
                                           run_id, params["backbone"])
         get_current_context()["ti"].xcom_push(key="spark_job", value=job)
@@ -183,14 +177,12 @@ def imgsim_index() -> None:
 
     @task(trigger_rule="none_failed_min_one_success")
     def embed_summary(shards: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         return pipeline.embed_summary(shards, params["embed_engine"])
 
     @task.short_circuit(trigger_rule="none_failed")
     def fit_plan(embedded: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         return pipeline.fit_plan(Settings.from_env(), params["backbone"],
                                  params["num_hash_tables"], params["bucket_length"],
                                  params["full_rebuild"], embedded=embedded,
@@ -199,8 +191,7 @@ def imgsim_index() -> None:
 
     @task
     def learn_projection(plan: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         return pipeline.learn_projection(Settings.from_env(), plan)
 
     fit_lsh = spark_task(
@@ -211,14 +202,12 @@ def imgsim_index() -> None:
 
     @task
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         return pipeline.validate(Settings.from_env(), plan)
 
     @task(outlets=[LSH_MODEL])
     def publish(plan: dict[str, Any], run_id: str) -> dict[str, Any]:
-        from imgsim import pipeline
-
+        from imgsim.index import pipeline
         published = pipeline.publish(Settings.from_env(), plan["version"], run_id)
         get_current_context()["outlet_events"][LSH_MODEL].extra = published
         return published

@@ -10,7 +10,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 from imgsim.config import Settings
 from imgsim.sparktasks import spark_task
 
-#: the engine that answers (imgsim.query.choose_engine) -> the task that follows embed
+#: the engine that answers (imgsim.query.run.choose_engine) -> the task that follows embed
 QUERY_ROUTES = {"local": "write_results", "spark": "lookup"}
 DEFAULTS = Settings.from_env()
 
@@ -67,15 +67,13 @@ the in-process twin of the published model, without starting a JVM; more by one 
 def imgsim_query() -> None:
     @task.short_circuit
     def collect(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-        from imgsim import query
-
+        from imgsim.query import run as query
         return query.collect(Settings.from_env(), run_id, list(params["image_paths"]),
                              params["k"], params["version"] or None)
 
     @task.branch
     def embed(plan: dict[str, Any]) -> str:
-        from imgsim import query
-
+        from imgsim.query import run as query
         done = query.embed_and_route(Settings.from_env(), plan["run_dir"])
         get_current_context()["ti"].xcom_push(key="embedded", value=done)
         return QUERY_ROUTES[done["engine"]]
@@ -93,8 +91,7 @@ def imgsim_query() -> None:
 
     @task(trigger_rule="none_failed_min_one_success")
     def write_results(plan: dict[str, Any]) -> dict[str, Any]:
-        from imgsim import query
-
+        from imgsim.query import run as query
         return query.finalize(Settings.from_env(), plan["run_dir"])
 
     planned = collect()

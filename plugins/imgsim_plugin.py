@@ -1,6 +1,6 @@
 """Airflow plugin: the imgsim pages (model versions, query gallery, upload) in the Airflow UI.
 
-Wiring only. The FastAPI app lives in ``imgsim.webui`` and is mounted under ``/imgsim`` of the
+Wiring only. The FastAPI app lives in ``imgsim.serve.webui`` and is mounted under ``/imgsim`` of the
 API server; the menu entries open its pages inside the Airflow UI. Every page needs an Airflow
 login. Nothing heavy is imported here (no torch, PIL or pyspark): the plugin is loaded by every
 Airflow process, task runners included.
@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-from imgsim.webui import app
+from imgsim.serve.webui import app
 
 # ``href`` is relative (no leading slash) so it resolves against the UI's <base href>, which
 # keeps the links right when Airflow is served under a path prefix.

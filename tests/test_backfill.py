@@ -25,8 +25,8 @@ import pytest
 from imgsim.catalog import live_rows
 from imgsim.config import Layout
 from imgsim.demo import serve_directory
-from imgsim.models import current_version, published_versions, read_manifest
 from imgsim.store import shard_files
+from imgsim.versions.models import current_version, published_versions, read_manifest
 from standalone import standalone
 
 pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow]

@@ -360,7 +360,7 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
     from selenium.webdriver.common.by import By
 
     from imgsim.config import Layout
-    from imgsim.models import current_version, read_manifest
+    from imgsim.versions.models import current_version, read_manifest
 
     layout = Layout(Path(env["IMGSIM_DATA_ROOT"]))
     started = time.monotonic()

@@ -250,7 +250,6 @@ def test_spark_submit_hook_resolves_the_connection_to_the_master(
 
 def test_imgsim_variables_are_ones_the_settings_read(raw: dict[str, Any]) -> None:
     from imgsim import config
-
     read = config.env_names()
     assert {"IMGSIM_DATA_ROOT", "IMGSIM_BACKBONE", "IMGSIM_WEIGHTS",
             "IMGSIM_ARCHIVE_SHA256"} <= set(read)

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgsim import models, query
 from imgsim.config import Layout, Settings
 from imgsim.fsutil import read_json, sha256_file
+from imgsim.query import run as query
 from imgsim.store import snapshot_fingerprint
+from imgsim.versions import models
 from test_models import build_version, make_ids
 from test_query import write_neighbours
 

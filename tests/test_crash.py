@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsim import models, pipeline
 from imgsim.config import Settings
 from imgsim.fsutil import TMP_PREFIX, read_json
+from imgsim.index import pipeline
 from imgsim.store import embedded_ids, shard_files, snapshot_fingerprint
+from imgsim.versions import models
 from test_fit_job import make_store
 from test_models import build_version, make_ids
 
@@ -67,7 +68,7 @@ def test_sigkill_during_an_embedding_shard(tmp_path: Path) -> None:
     (shard,) = pipeline.plan_shards(settings, cat["to_embed_file"], "run1")
     proc = spawn(f"""
         from pathlib import Path
-        from imgsim import pipeline
+        from imgsim.index import pipeline
         from imgsim.config import Settings
         s = Settings(data_root=Path({str(layout.root)!r}), batch_size=8)
         pipeline.embed_shard(s, {shard['spec']!r}, "random")
@@ -140,7 +141,8 @@ def test_sigkill_while_publishing(tmp_path: Path, kill_point: str) -> None:
     proc = spawn(f"""
         import time
         from pathlib import Path
-        from imgsim import fsutil, models
+        from imgsim import fsutil
+        from imgsim.versions import models
         from imgsim.config import Layout
         def stall(fn):
             def inner(*a, **k):

@@ -72,7 +72,7 @@ def test_dag_file_integrity(dag_file: Path, airflow_env: dict[str, str]) -> None
     if dag_file.stem == "imgsim_index":
         # The fit task passes every fit setting of the plan, in the same form as
         # pipeline.fit_job_args (evaluate and the benchmarks), so none is silently dropped.
-        from imgsim.pipeline import fit_job_args
+        from imgsim.index.pipeline import fit_job_args
 
         args = result["dags"]["imgsim_index"]["spark_args"]["fit_lsh"]
         plan = {key: f"<{key}>" for key in ("data_root", "backbone", "version",

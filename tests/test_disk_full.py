@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsim import models, pipeline
 from imgsim.config import Settings
 from imgsim.fsutil import TMP_PREFIX, DiskFull
-from imgsim.lookup import load_model
+from imgsim.index import pipeline
+from imgsim.query.lookup import load_model
 from imgsim.store import snapshot_fingerprint
+from imgsim.versions import models
 from test_models import build_version, make_ids
 
 VERSION = "v20260101T000000Z-0000d1"

@@ -137,7 +137,7 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             index_run = backfill_one_day(c, "imgsim_index", "2026-01-01")
             c.api.wait_for_run("imgsim_index", index_run, timeout=900)
             index_s = time.monotonic() - t0
-            from imgsim.models import current_version, read_manifest
+            from imgsim.versions.models import current_version, read_manifest
 
             manifest = read_manifest(layout)
             assert current_version(layout) == manifest["version"]

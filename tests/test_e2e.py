@@ -63,7 +63,7 @@ def shard_names(layout: Layout) -> set[str]:
 
 
 def manifest(layout: Layout) -> dict[str, Any]:
-    from imgsim.models import read_manifest
+    from imgsim.versions.models import read_manifest
 
     return read_manifest(layout)
 
@@ -95,7 +95,7 @@ def first_run(env: dict[str, str]) -> dict[str, Any]:
 
 def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None:
     from imgsim.catalog import live_rows
-    from imgsim.models import current_version
+    from imgsim.versions.models import current_version
 
     layout, m = first_run["layout"], first_run["manifest"]
     assert m["counts"]["indexed"] == 1960
@@ -160,7 +160,7 @@ def test_second_run_embeds_exactly_the_new_photos(first_run: dict[str, Any],
                                                   second_run: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
-    from imgsim.models import current_version, published_versions
+    from imgsim.versions.models import current_version, published_versions
 
     layout = first_run["layout"]
     added = second_run["shards"] - first_run["shards"]
@@ -180,7 +180,7 @@ def test_second_run_embeds_exactly_the_new_photos(first_run: dict[str, Any],
 def test_third_run_with_nothing_new_publishes_nothing(first_run: dict[str, Any],
                                                       second_run: dict[str, Any],
                                                       env: dict[str, str]) -> None:
-    from imgsim.models import current_version, published_versions
+    from imgsim.versions.models import current_version, published_versions
 
     layout = first_run["layout"]
     out = run_dag(env, "2026-01-03")
@@ -201,7 +201,7 @@ def sample_rows(sample_dir: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def versions(second_run: dict[str, Any], env: dict[str, str]) -> list[str]:
     """The two versions runs 1 and 2 published (run 3 publishes nothing)."""
-    from imgsim.models import published_versions
+    from imgsim.versions.models import published_versions
 
     found = published_versions(Layout(Path(env["IMGSIM_DATA_ROOT"])))
     assert len(found) == 2
@@ -316,7 +316,7 @@ def test_cli_query_prints_the_reference_photo_first(first_query: dict[str, Any],
 def test_rollback_makes_the_next_query_run_use_the_older_version(
         first_query: dict[str, Any], env: dict[str, str], versions: list[str],
         sample_dir: Path, sample_rows: list[dict[str, str]]) -> None:
-    from imgsim.models import current_version
+    from imgsim.versions.models import current_version
 
     layout = first_query["layout"]
     proc = subprocess.run([str(BIN / "imgsim"), "rollback", versions[0]], env=env,

@@ -568,9 +568,9 @@ def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
 def test_a_store_of_the_old_efficientnet_preprocessing_is_refused(tmp_path: Path) -> None:
     """Stored vectors of the centre-crop preprocessing must not be mixed with new ones: the
     store's BACKBONE.json no longer matches, and the error says to move the store aside."""
-    from imgsim import pipeline
     from imgsim.config import Layout
     from imgsim.fsutil import atomic_write_json
+    from imgsim.index import pipeline
 
     layout = Layout(tmp_path)
     spec = {"name": "efficientnet_lite0", "dim": 1280,

@@ -49,7 +49,7 @@ def test_evaluate_the_sample_with_real_embeddings(sample_dir: Path, tmp_path: Pa
 def test_evaluate_embeds_queries_under_the_configured_pixel_limit(monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
     """IMGSIM_MAX_IMAGE_PIXELS reaches the query embedding of `imgsim evaluate` (it did not)."""
-    import imgsim.lookup as lookup_mod
+    import imgsim.query.lookup as lookup_mod
     from imgsim.config import Settings
     from imgsim.evaluate import LabelledImage, evaluate
 

@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imgsim import spark_io
 from imgsim.config import Layout
 from imgsim.fsutil import atomic_write_json, read_json
-from imgsim.jobs import fit_lsh
-from imgsim.models import validate_staged
+from imgsim.jobs import fit_lsh, spark_io
 from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
+from imgsim.versions.models import validate_staged
 
 pytestmark = pytest.mark.spark
 

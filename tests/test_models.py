@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imgsim import models, pipeline
 from imgsim.ann import l2_normalize
 from imgsim.config import Layout, Settings
 from imgsim.fsutil import TMP_PREFIX, atomic_write_json, read_json
-from imgsim.models import ValidationFailed, VersionNotFound
+from imgsim.index import pipeline
 from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
+from imgsim.versions import models
+from imgsim.versions.models import ValidationFailed, VersionNotFound
 
 BACKBONE = "random"
 DIM = 6
@@ -503,7 +504,6 @@ def test_prune_forgets_the_checks_of_pruned_versions(layout: Layout) -> None:
 def imgsim_versions(layout: Layout, monkeypatch: pytest.MonkeyPatch,
                     capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     from imgsim import cli
-
     monkeypatch.setenv("IMGSIM_DATA_ROOT", str(layout.root))
     rc = cli.main(["versions", *args])
     return rc, capsys.readouterr().out
@@ -715,7 +715,7 @@ def test_check_backbone_record(layout: Layout) -> None:
 
 
 def test_describe_lsh_names_plain_and_banded_keys() -> None:
-    from imgsim.models import describe_lsh
+    from imgsim.versions.models import describe_lsh
 
     assert describe_lsh({"numHashTables": 8}) == "8 tables"
     assert describe_lsh({"numHashTables": 256, "bands": 32, "keys_per_band": 8, "probes": 1,

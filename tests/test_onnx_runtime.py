@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imgsim import pipeline
 from imgsim.config import ConfigError, Layout, Settings, check_runtime
 from imgsim.embedding.backbones import comparable_spec, spec_runtime
 from imgsim.embedding.onnx_runtime import CALIBRATION, model_file
 from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.index import pipeline
 
 SPEC = {"name": "random", "dim": 512, "weights": "random(seed=0)", "weights_sha256": "",
         "preprocessing": "p"}
@@ -83,8 +83,8 @@ def test_the_store_refuses_vectors_of_another_runtime(tmp_path: Path) -> None:
 
 def test_a_query_backbone_on_another_runtime_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """The manifest's runtime is the one loaded; a spec that still differs is refused."""
-    from imgsim import lookup
     from imgsim.embedding import backbones
+    from imgsim.query import lookup
 
     seen: dict[str, Any] = {}
 

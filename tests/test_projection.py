@@ -1,4 +1,4 @@
-"""imgsim.projection: LDA with shrinkage, whitening, the auto choice, storage; Spark stats."""
+"""imgsim.ann.projection: LDA with shrinkage, whitening, the auto choice, storage; Spark stats."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgsim import projection as P
+from imgsim.ann import projection as P
 
 DIM = 24
 
@@ -172,7 +172,7 @@ def test_lsh_is_tuned_on_references_the_map_has_not_seen() -> None:
 
 @pytest.mark.spark
 def test_spark_statistics_equal_the_numpy_twin(spark) -> None:
-    from imgsim.spark_projection import labelled_sample, project, stats_of
+    from imgsim.jobs.spark_projection import labelled_sample, project, stats_of
 
     x, y = clustered()
     rows = [(f"{i:04d}", x[i].tolist(), None if i % 9 == 0 else int(y[i]))

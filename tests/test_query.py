@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgsim import query
 from imgsim.config import Layout, Settings
 from imgsim.fsutil import atomic_write_text, read_json, sha256_file
-from imgsim.lookup import BackboneMismatch, load_query_backbone
+from imgsim.query import run as query
+from imgsim.query.lookup import BackboneMismatch, load_query_backbone
 from test_models import build_version, make_ids
 
 VERSION = "v20260101T000000Z-aaaaaa"
@@ -58,7 +58,7 @@ def test_collect_with_nothing_to_do_skips(settings: Settings) -> None:
 
 
 def test_collect_refuses_bad_k_and_unknown_version(settings: Settings) -> None:
-    from imgsim.models import VersionNotFound
+    from imgsim.versions.models import VersionNotFound
 
     with pytest.raises(ValueError, match="k must be"):
         query.collect(settings, "manual__3", [], k=0)
@@ -128,7 +128,7 @@ def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Setting
 @pytest.fixture
 def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """A version published by models.publish (so its manifest records its files), CURRENT."""
-    from imgsim import models
+    from imgsim.versions import models
     from test_models import stage, validate, version_at
 
     s = Settings(data_root=(tmp_path / "data").resolve())
@@ -144,7 +144,7 @@ def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 def damage(settings: Settings, *, truncate: bool = False) -> tuple[str, str]:
     """The issue's fault (64 bytes overwritten mid-file) or a truncation, in the CURRENT
     version's reference table; returns (version, the file relative to the version)."""
-    from imgsim.models import current_version
+    from imgsim.versions.models import current_version
     from test_models import overwrite_middle, reference_part
 
     version = current_version(settings.layout)
@@ -164,8 +164,8 @@ def assert_names_damage(message: str, version: str, rel: str) -> None:
 
 def test_in_process_lookup_of_a_damaged_version_names_version_file_and_rollback(
         published: Settings) -> None:
-    from imgsim.lookup import load_model
-    from imgsim.models import VersionDamaged
+    from imgsim.query.lookup import load_model
+    from imgsim.versions.models import VersionDamaged
 
     assert load_model(published.layout).ids                  # intact: loads
     version, rel = damage(published)
@@ -178,7 +178,6 @@ def test_imgsim_query_on_a_damaged_version_is_a_clear_error(published: Settings,
                                                             capsys: pytest.CaptureFixture[str],
                                                             tmp_path: Path) -> None:
     from imgsim import cli
-
     version, rel = damage(published)
     image = photo(tmp_path / "q.jpg", (10, 120, 200))
     assert cli.main(["query", str(image), "-k", "3"]) == 2
@@ -188,7 +187,7 @@ def test_imgsim_query_on_a_damaged_version_is_a_clear_error(published: Settings,
 
 
 def test_collect_refuses_a_damaged_version(published: Settings) -> None:
-    from imgsim.models import VersionDamaged
+    from imgsim.versions.models import VersionDamaged
 
     version, rel = damage(published, truncate=True)
     with pytest.raises(VersionDamaged) as err:
@@ -200,7 +199,7 @@ def test_the_spark_query_job_checks_sizes_before_spark_starts(
         published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     from imgsim.jobs import query_lsh
-    from imgsim.models import VersionDamaged
+    from imgsim.versions.models import VersionDamaged
 
     class NoSpark:
         class builder:
@@ -236,7 +235,7 @@ def fake_embedding(monkeypatch: pytest.MonkeyPatch, dim: int = 6) -> dict[str, A
     space); returns {path: vector}."""
     import numpy as np
 
-    import imgsim.lookup
+    import imgsim.query.lookup
 
     made: dict[str, Any] = {}
 
@@ -246,8 +245,8 @@ def fake_embedding(monkeypatch: pytest.MonkeyPatch, dim: int = 6) -> dict[str, A
             made[str(p)] = rng.normal(size=dim).astype(np.float32)
         return {str(p): made[str(p)] for p in paths}, {}
 
-    monkeypatch.setattr(imgsim.lookup, "load_query_backbone", lambda *a, **k: object())
-    monkeypatch.setattr(imgsim.lookup, "embed_files", embed_files)
+    monkeypatch.setattr(imgsim.query.lookup, "load_query_backbone", lambda *a, **k: object())
+    monkeypatch.setattr(imgsim.query.lookup, "embed_files", embed_files)
     return made
 
 
@@ -256,7 +255,7 @@ def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
         settings: Settings, monkeypatch: pytest.MonkeyPatch, expansion: int) -> None:
     import numpy as np
 
-    from imgsim.lookup import load_model, lookup
+    from imgsim.query.lookup import load_model, lookup
 
     settings = settings.replace(query_expansion=expansion)
     layout = settings.layout
@@ -323,7 +322,7 @@ def test_a_large_run_is_left_to_the_spark_job(settings: Settings,
 
 
 def test_a_query_without_neighbours_gets_the_jobs_null_row(tmp_path: Path) -> None:
-    from imgsim.lookup import Answer, Neighbour
+    from imgsim.query.lookup import Answer, Neighbour
 
     answers = [Answer([], 0, "exact"),
                Answer([Neighbour(1, "r1", "images/a.jpg", None, None, 0.25)], 3, "lsh")]
@@ -352,7 +351,7 @@ def test_the_spark_query_job_passes_query_expansion_on(
     """The DAG hands --expansion to spark_jobs/query_lsh.py; main() must search with it."""
 
     from imgsim.jobs import query_lsh
-    from imgsim.models import current_version
+    from imgsim.versions.models import current_version
 
     class FakeSpark:
         def stop(self) -> None:

@@ -10,9 +10,9 @@ import pytest
 
 from imgsim.config import SCAN_BELOW, SCAN_SHARE
 from imgsim.jobs import fit_lsh, learn_projection, query_lsh
-from imgsim.lookup import load_model, lookup
-from imgsim.models import publish, validate_staged
+from imgsim.query.lookup import load_model, lookup
 from imgsim.store import snapshot_fingerprint, write_parquet_atomic
+from imgsim.versions.models import publish, validate_staged
 from test_fit_job import make_store
 
 pytestmark = pytest.mark.spark
@@ -139,7 +139,7 @@ def test_query_job_on_a_damaged_version_names_version_file_and_rollback(
 
     from imgsim.ann import l2_normalize
     from imgsim.config import Layout
-    from imgsim.models import VersionDamaged
+    from imgsim.versions.models import VersionDamaged
     from test_models import overwrite_middle
 
     layout = Layout(tmp_path / "data")

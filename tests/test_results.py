@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from imgsim.config import Layout
-from imgsim.results import (
+from imgsim.query.results import (
     CSV_COLUMNS,
     render_contact_sheet,
     render_gallery_html,
@@ -159,7 +159,7 @@ def test_contact_sheet_geometry_and_content(layout: Layout, results: dict[str, A
 def test_missing_thumbnail_uses_placeholder(layout: Layout, results: dict[str, Any],
                                             caplog: pytest.LogCaptureFixture) -> None:
     only = {**results, "queries": results["queries"][2:]}   # neighbour "d" has no thumbnail
-    with caplog.at_level(logging.WARNING, logger="imgsim.results"):
+    with caplog.at_level(logging.WARNING, logger="imgsim.query.results"):
         sheet = render_contact_sheet(only, layout, thumb=THUMB)
     assert "missing" in caplog.text
     empty = render_contact_sheet({**only, "queries": []}, layout, thumb=THUMB)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from imgsim import pipeline
 from imgsim.catalog import LabelCoverageError, live_rows
 from imgsim.config import Settings
 from imgsim.demo import build_demo_archive, serve_directory, synthetic_car
-from imgsim.pipeline import PipelineError, run_day
+from imgsim.index import pipeline
+from imgsim.index.pipeline import PipelineError, run_day
 from imgsim.sources.download import SourceUnavailable
 from imgsim.sources.labels import write_cars_annos_mat
 

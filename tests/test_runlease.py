@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imgsim import runlease
 from imgsim.config import Layout
-from imgsim.runlease import (
+from imgsim.versions import runlease
+from imgsim.versions.runlease import (
     MAX_WAIT,
     HolderStateUnknown,
     LeaseLost,

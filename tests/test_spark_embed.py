@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imgsim import pipeline
 from imgsim.config import ConfigError, Layout, Settings
-from imgsim.fsutil import atomic_write_json, read_json, sha256_file
+from imgsim.fsutil import atomic_write_json, read_json, run_key, sha256_file
+from imgsim.index import pipeline
 
 PROJECT = Path(__file__).resolve().parents[1]
 JOB = PROJECT / "spark_jobs" / "embed_images.py"
@@ -80,7 +80,7 @@ def make_root(root: Path, photos: list[Path], corrupt: bytes) -> list[dict[str, 
     (cars / "corrupt.jpg").write_bytes(corrupt)
     todo = [{"image_id": sha256_file(p), "path": str(p.relative_to(root))}
             for p in sorted(cars.glob("*.jpg"))]
-    todo_file = root / "runs" / pipeline.run_key(RUN_ID) / "to_embed.json"
+    todo_file = root / "runs" / run_key(RUN_ID) / "to_embed.json"
     atomic_write_json(todo_file, todo)
     settings = Settings(data_root=root, shard_size=16)
     return pipeline.plan_shards(settings, str(todo_file), RUN_ID)
@@ -101,7 +101,7 @@ def spark_submit(job: str, *extra: str) -> tuple[str, str]:
 
 
 def executor_loads(stderr: str) -> int:
-    """How many executor processes loaded the backbone (imgsim.spark_embed logs each load)."""
+    """How many executor processes loaded the backbone (imgsim.index.spark_embed logs each load)."""
     return len(re.findall(r"executor process \d+ on .* loaded the efficientnet_lite0", stderr))
 
 
@@ -179,7 +179,7 @@ def test_same_store_files_and_vectors(engines: dict[str, Any]) -> None:
         assert float(np.max(np.abs(va - vb))) < 1e-4, iid
     for t in b["files"].values():
         assert set(t.column("backbone").to_pylist()) == {"efficientnet_lite0"}
-        assert set(t.column("run_key").to_pylist()) == {pipeline.run_key(RUN_ID)}
+        assert set(t.column("run_key").to_pylist()) == {run_key(RUN_ID)}
 
 
 @pytest.mark.spark
@@ -215,7 +215,7 @@ def test_the_model_is_loaded_once_per_python_worker(engines: dict[str, Any]) -> 
 
 
 def test_the_backbone_cache_returns_the_loaded_model() -> None:
-    from imgsim.spark_embed import cached_backbone
+    from imgsim.index.spark_embed import cached_backbone
 
     assert cached_backbone("random", "", "cpu") is cached_backbone("random", "", "cpu")
 
@@ -239,7 +239,7 @@ def test_a_retry_replaces_the_shards(engines: dict[str, Any]) -> None:
 
 @pytest.mark.spark
 def test_a_job_for_another_run_is_refused(tmp_path: Path) -> None:
-    from imgsim.spark_embed import EmbedJob, EmbedJobError, read_shards
+    from imgsim.index.spark_embed import EmbedJob, EmbedJobError, read_shards
 
     spec = tmp_path / "runs" / "a" / "shards" / "shard-00000.json"
     atomic_write_json(spec, {"run_key": "a", "shard": 0, "items": []})

@@ -236,7 +236,7 @@ def test_and_narrows_and_probes_widen_the_candidates() -> None:
 
 
 def test_in_process_lookup_follows_the_manifests_banding() -> None:
-    from imgsim.lookup import LoadedModel, banding, lookup
+    from imgsim.query.lookup import LoadedModel, banding, lookup
 
     rng = np.random.default_rng(9)
     x = l2_normalize(rng.normal(size=(120, 8)))

@@ -1,4 +1,4 @@
-"""The imgsim pages in the Airflow UI (imgsim.webui), through FastAPI's TestClient.
+"""The imgsim pages in the Airflow UI (imgsim.serve.webui), through FastAPI's TestClient.
 
 Authentication is Airflow's ``get_user`` dependency; the tests override it with a fake user
 (as the API server would resolve from the ``_token`` cookie), except where they check that
@@ -24,9 +24,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from imgsim import webui
 from imgsim.config import Layout, Settings
 from imgsim.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
+from imgsim.serve import webui
 from test_models import build_version, make_ids
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def versions_row(page: str, version: str) -> str:
 
 
 def test_versions_page_marks_a_damaged_version(client: TestClient, layout: Layout) -> None:
-    from imgsim import models
+    from imgsim.versions import models
     from test_models import overwrite_middle
 
     publish_two_versions(layout)
@@ -255,8 +255,7 @@ def test_versions_page_says_when_current_names_a_missing_version(
 
 def test_an_upload_to_a_damaged_current_version_is_refused_clearly(
         client: TestClient, layout: Layout) -> None:
-    from imgsim import models
-
+    from imgsim.versions import models
     publish_two_versions(layout)
     models.record_checksums(layout.models / NEW)
     part = layout.models / NEW / "reference" / "part-0.parquet"
@@ -497,7 +496,7 @@ def test_an_upload_without_a_model_says_to_build_one(client: TestClient,
 def test_an_upload_is_saved_and_answered_by_the_current_version(
         client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lookup path of the upload, with the CNN replaced by a known vector."""
-    import imgsim.lookup as lookup_mod
+    import imgsim.query.lookup as lookup_mod
 
     publish_two_versions(layout)
     model = lookup_mod.load_model(layout, NEW)
@@ -535,7 +534,7 @@ def test_an_upload_is_saved_and_answered_by_the_current_version(
 
 def test_an_upload_the_backbone_rejects_is_reported(client: TestClient, layout: Layout,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgsim.lookup as lookup_mod
+    import imgsim.query.lookup as lookup_mod
     from imgsim.embedding.infer import Rejected
 
     publish_two_versions(layout)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from imgsim.config import ConfigError, Settings
-from imgsim.models import VersionDamaged
+from imgsim.versions.models import VersionDamaged
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -36,14 +36,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     """List the published versions, their files' state and CURRENT; 1 when something is wrong
     (CURRENT names no published version, or a version is damaged)."""
-    from imgsim.models import (
+    from imgsim.ann.projection import describe as describe_projection
+    from imgsim.versions.models import (
         check_version,
         current_version,
         describe_lsh,
         published_versions,
         read_manifest,
     )
-    from imgsim.projection import describe as describe_projection
 
     layout = Settings.from_env().layout
     versions = published_versions(layout)
@@ -89,7 +89,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from imgsim.models import rollback
+    from imgsim.versions.models import rollback
 
     layout = Settings.from_env().layout
     rollback(layout, args.version)
@@ -103,8 +103,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from imgsim.fsutil import sha256_file
-    from imgsim.lookup import Answer, Searcher
-    from imgsim.results import write_results
+    from imgsim.query.lookup import Answer, Searcher
+    from imgsim.query.results import write_results
 
     settings = Settings.from_env()
     layout = settings.layout
@@ -157,7 +157,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from imgsim import evaluate as ev
-
     if args.sample:
         report = ev.evaluate_sample(Path(args.sample), Path(args.data_root), Path(args.out),
                                     seed=args.seed, query_share=args.query_share, k=args.k,

@@ -51,7 +51,7 @@ BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 #: Where the index DAG embeds: mapped Airflow tasks, or one Spark application.
 EMBED_ENGINES = ("tasks", "spark")
-#: the learned projection in front of the search (imgsim.projection)
+#: the learned projection in front of the search (imgsim.ann.projection)
 PROJECTIONS = ("auto", "none", "whiten", "lda")
 #: where it is learned: in the task (NumPy, streaming the store) or a Spark application
 PROJECTION_ENGINES = ("auto", "local", "spark")
@@ -258,7 +258,7 @@ class Settings(BaseSettings):
     lease_poke_s: float = Field(30.0, ge=1.0)
     lease_hold_s: float = Field(120.0, ge=0.0)    # a waiting index run keeps its slot this long
     lease_requeue_s: float = Field(300.0, ge=30.0)  # ... then is re-queued this much later
-    projection: str = "auto"         # PROJECTIONS: auto, none, whiten, lda (imgsim.projection)
+    projection: str = "auto"         # PROJECTIONS: auto, none, whiten, lda (imgsim.ann.projection)
     projection_min_coverage: Share = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
     projection_local_max: int = Field(200_000, ge=1)  # auto: in the task up to this many refs

@@ -80,11 +80,16 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 
 def summary(data_root: Path) -> str:
+    from imgsim.ann.projection import describe as describe_projection
     from imgsim.catalog import label_coverage, live_rows
     from imgsim.config import Layout
-    from imgsim.models import current_version, describe_lsh, published_versions, read_manifest
-    from imgsim.projection import describe as describe_projection
     from imgsim.store import quarantined_ids
+    from imgsim.versions.models import (
+        current_version,
+        describe_lsh,
+        published_versions,
+        read_manifest,
+    )
 
     layout = Layout(data_root)
     m = read_manifest(layout)
@@ -124,7 +129,8 @@ _TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=(-?\d+)
 _TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\S+) map_index=(-?\d+)")
 _TASK_ERROR = re.compile(r"\[DAG TEST\] Error running task|Task failed; ti=|Task failed with "
                          r"exception")
-#: imgsim's own progress lines (imgsim.sources.download, imgsim.pipeline, imgsim.embedding.infer).
+#: imgsim's own progress lines (imgsim.sources.download, imgsim.index.pipeline,
+#: imgsim.embedding.infer).
 _PROGRESS = [
     ("download", re.compile(r"((?:download|copy) \S+ (?:progress|done): [^\[\]]*?MB/s"
                             r"(?:, ETA (?:[\d.]+ s|unknown))?)")),

@@ -56,7 +56,7 @@ def score(model: Any, queries: list[LabelledImage], raw: np.ndarray, k: int,
     import time
 
     from imgsim.ann import METHODS, exact_search
-    from imgsim.lookup import lookup
+    from imgsim.query.lookup import lookup
 
     t0 = time.perf_counter()
     answers = lookup(model, raw, k, expansion)
@@ -102,7 +102,7 @@ def evaluate(settings: Settings, queries: list[LabelledImage], *, version: str |
              k: int = 5, compare: bool = True) -> dict[str, Any]:
     """The published version's answers (default settings at the top level) and, with
     ``compare``, every projection kind side by side (:func:`compare_kinds`)."""
-    from imgsim.lookup import embed_files, load_model, load_query_backbone
+    from imgsim.query.lookup import embed_files, load_model, load_query_backbone
 
     model = load_model(settings.layout, version)
     backbone = load_query_backbone(model.manifest, weights_path=settings.weights_path,
@@ -150,8 +150,7 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
     from dataclasses import replace
 
     from imgsim.ann import BrpParams, hash_vectors
-    from imgsim.ann.tuning import LshConfig, data_scale, random_unit_vectors, tune
-    from imgsim.projection import (
+    from imgsim.ann.projection import (
         TUNE_KEYS_PER_BAND,
         TUNE_PROBES,
         ProjectionError,
@@ -159,6 +158,7 @@ def compare_kinds(settings: Settings, model: Any, queries: list[LabelledImage], 
         holdout_tuning,
         stats_from_arrays,
     )
+    from imgsim.ann.tuning import LshConfig, data_scale, random_unit_vectors, tune
     from imgsim.store import load_vectors
 
     expansions = sorted({0, 1, settings.query_expansion})   # without and with re-ranking
@@ -306,8 +306,8 @@ def build_reference_index(settings: Settings, sample: Path, reference: list[dict
     stage)."""
     import time
 
-    from imgsim import pipeline
     from imgsim.envsetup import embedded_environment
+    from imgsim.index import pipeline
 
     layout = settings.layout
     src = layout.images / "reference"
@@ -348,7 +348,7 @@ def build_reference_index(settings: Settings, sample: Path, reference: list[dict
         pipeline.publish(settings, plan["version"])
         seconds["validate_and_publish"] = time.perf_counter() - t0
         return str(plan["version"]), {k: round(v, 2) for k, v in seconds.items()}
-    from imgsim.models import current_version
+    from imgsim.versions.models import current_version
 
     return str(current_version(layout)), {k: round(v, 2) for k, v in seconds.items()}
 

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,14 @@ from pathlib import Path
 from typing import IO, Any
 
 TMP_PREFIX = ".tmp-"
+
+
+def run_key(run_id: str) -> str:
+    """A file-name-safe key for an Airflow run id (stable across task retries)."""
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")
+    if not key:
+        raise ValueError(f"run id {run_id!r} gives an empty key")
+    return key[:120]
 
 
 def fsync_dir(path: Path) -> None:

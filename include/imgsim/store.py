@@ -154,7 +154,7 @@ def labels_fingerprint(labels: Iterable[tuple[str, Any]]) -> str:
     """The identity of the labels of a snapshot: sha256 of sorted ``image_id:class_id`` lines.
 
     A change of any label (new, removed, different class) changes it, so the projection
-    learned from the labels is refitted (:func:`imgsim.pipeline.fit_plan`).
+    learned from the labels is refitted (:func:`imgsim.index.pipeline.fit_plan`).
     """
     digest = hashlib.sha256()
     for iid, cls in sorted((str(i), "" if c is None else str(c)) for i, c in labels):

@@ -9,7 +9,7 @@ Arrows point down only: ``tuning`` -> ``search`` -> ``bands`` -> ``brp``.
   through the ladder lsh -> widened -> exact, or a scan where that is cheaper), recall;
 * :mod:`~imgsim.ann.tuning`: the auto-tuner (recall@k against the share compared).
 
-The in-process lookup (:mod:`imgsim.lookup`), the fit job's evaluation, the Spark query job's
+The in-process lookup (:mod:`imgsim.query.lookup`), the fit job's evaluation, the Spark query job's
 UDFs and the tuner all call these; NumPy only (no Spark, no torch).
 """
 

@@ -244,7 +244,7 @@ def expand_queries(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
 
     ``queries`` (m, dim); ``neighbours`` (m, n, dim), the n nearest references found by a
     first search. The expanded query is searched again; its answers are then ordered by their
-    distance to the original query (:func:`imgsim.lookup.lookup`).
+    distance to the original query (:func:`imgsim.query.lookup.lookup`).
     """
     q = np.asarray(queries, np.float32) + np.asarray(neighbours, np.float32).sum(axis=1)
     norms = np.linalg.norm(q, axis=-1, keepdims=True)

@@ -4,14 +4,14 @@
         --job data/runs/<run>/spark_embed.json
 
 The job file is written by the index DAG's ``choose_embed_engine`` task
-(:func:`imgsim.pipeline.write_spark_embed_job`) from the shards of ``plan_shards``: the data
+(:func:`imgsim.index.pipeline.write_spark_embed_job`) from the shards of ``plan_shards``: the data
 root, the backbone, the run key, the shard spec files and the embedding settings (batch size,
 device, weights file, threads, pixel limit) of the Airflow worker that planned the run.
 
 1. The driver loads the backbone once on the CPU for its spec (weights file and sha256,
    preprocessing) and checks it against ``embeddings/<backbone>/BACKBONE.json``.
 2. ``mapInPandas`` spreads the images over the executors in contiguous slices. Each Python
-   worker loads the backbone once (cached in :mod:`imgsim.spark_embed`) and runs the in-task
+   worker loads the backbone once (cached in :mod:`imgsim.index.spark_embed`) and runs the in-task
    code: threaded decoding (draft mode, EXIF orientation, RGB), thumbnails, batched inference;
    bad images are quarantined with their reason.
 3. ``groupBy(shard).applyInPandas`` writes one Parquet file per planned shard,
@@ -35,9 +35,8 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from imgsim.jobs import run_application
-from imgsim.pipeline import check_backbone_record, embed_summary
-from imgsim.spark_embed import (
+from imgsim.index.pipeline import check_backbone_record, embed_summary
+from imgsim.index.spark_embed import (
     EMBEDDED_SCHEMA,
     ITEM_SCHEMA,
     RESULT_SCHEMA,
@@ -49,6 +48,7 @@ from imgsim.spark_embed import (
     read_shards,
     write_shard_group,
 )
+from imgsim.jobs import run_application
 
 log = logging.getLogger("imgsim.embed_images")
 
@@ -56,7 +56,7 @@ log = logging.getLogger("imgsim.embed_images")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", required=True, type=Path,
-                   help="runs/<run>/spark_embed.json (imgsim.pipeline.write_spark_embed_job)")
+                   help="runs/<run>/spark_embed.json (imgsim.index.pipeline.write_spark_embed_job)")
     p.add_argument("--images-per-task", type=int, default=256,
                    help="images per Spark task (at least one task per core)")
     args = p.parse_args(argv)

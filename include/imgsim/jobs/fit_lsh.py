@@ -15,7 +15,7 @@ the number of tables is tuned. The manifest keeps the curve and the choice (``tu
 searches bands of K consecutive hash values; ``--probes P`` also looks up, per band, P
 neighbouring buckets of the projections nearest a bucket boundary (multi-probe). Both are
 recorded in the manifest (``lsh.bands``, ``lsh.keys_per_band``, ``lsh.probes``), and
-``spark_jobs/query_lsh.py`` and ``imgsim.lookup`` search that way. The auto-tuner's grid
+``spark_jobs/query_lsh.py`` and ``imgsim.query.lookup`` search that way. The auto-tuner's grid
 includes them (``--tune-keys-per-band``, ``--tune-probes``).
 
 Reads ``catalog/catalog.parquet`` (live images) and ``embeddings/<backbone>/part-*.parquet``
@@ -62,7 +62,7 @@ from pyspark.sql import types as T
 from imgsim.config import Layout, setting_default
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.jobs import run_application
-from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
+from imgsim.jobs.spark_io import live_vectors, read_embeddings, read_live_catalog
 from imgsim.store import labels_fingerprint, snapshot_fingerprint
 
 log = logging.getLogger("imgsim.fit_lsh")
@@ -186,7 +186,7 @@ def auto_tune(x: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
 
 def held_out_tuning(x: np.ndarray, args: argparse.Namespace,
                     learned: dict[str, Any]) -> dict[str, Any]:
-    """The learn step's held-out tuning (imgsim.projection.holdout_tuning), its width factor
+    """The learn step's held-out tuning (imgsim.ann.projection.holdout_tuning), its width factor
     applied to the scale of this data. (A fixed --bucket-length is tuned by auto_tune.)"""
     from imgsim.ann.tuning import data_scale
 
@@ -215,8 +215,8 @@ def apply_projection(data: DataFrame, projection_dir: Path,
     """The live vectors mapped into the learned space; the projection copied into the version."""
     from pyspark.ml.functions import array_to_vector
 
-    from imgsim.projection import PROJECTION_DIR, read_choice
-    from imgsim.spark_projection import project
+    from imgsim.ann.projection import PROJECTION_DIR, read_choice
+    from imgsim.jobs.spark_projection import project
 
     entry, proj = read_choice(projection_dir)
     if proj is None:

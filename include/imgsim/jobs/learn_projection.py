@@ -4,9 +4,10 @@
         --data-root data --backbone resnet18 --kind auto --out data/runs/<run>/projection
 
 Reads the live catalog and the newest vector per image (as ``fit_lsh.py`` does), reduces them
-to counts, sums and scatter per class on the executors (:func:`imgsim.spark_projection.stats_of`),
+to counts, sums and scatter per class on the executors
+(:func:`imgsim.jobs.spark_projection.stats_of`),
 collects a seeded sample of at most ``--cv-sample`` labelled vectors for the cross-validation,
-and solves the small eigenproblem on the driver (:func:`imgsim.projection.choose`). Writes
+and solves the small eigenproblem on the driver (:func:`imgsim.ann.projection.choose`). Writes
 ``projection.npz`` and ``projection.json`` into ``--out``; ``fit_lsh.py --projection-dir`` puts
 them into the version and fits the LSH in the projected space.
 """
@@ -19,11 +20,11 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from imgsim.ann.projection import CV_SAMPLE, KINDS, choose, holdout_tuning, write_choice
 from imgsim.config import Layout, setting_default
 from imgsim.jobs import run_application
-from imgsim.projection import CV_SAMPLE, KINDS, choose, holdout_tuning, write_choice
-from imgsim.spark_io import live_vectors, read_embeddings, read_live_catalog
-from imgsim.spark_projection import labelled_sample, stats_of
+from imgsim.jobs.spark_io import live_vectors, read_embeddings, read_live_catalog
+from imgsim.jobs.spark_projection import labelled_sample, stats_of
 
 log = logging.getLogger("imgsim.learn_projection")
 

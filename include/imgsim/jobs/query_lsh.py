@@ -10,9 +10,10 @@ threshold above the largest possible distance returns every (query, reference) p
 a bucket in at least one hash table, with its distance: exactly the candidates Spark's
 ``approxNearestNeighbors`` compares, for all queries at once. The k nearest per query are kept.
 Writes ``<run-dir>/neighbours`` (Parquet: query_id, rank, image_id, path, class_id, class_name,
-distance, candidates, method), as :func:`imgsim.query.answer_locally` does for small runs; a
+distance, candidates, method), as :func:`imgsim.query.run.answer_locally` does for small runs; a
 query with no candidate gets one row with a null image_id. The version's file sizes are checked
-before Spark starts and its sha256 when a read fails (:func:`imgsim.models.reading_version`): a
+before Spark starts and its sha256 when a read fails
+(:func:`imgsim.versions.models.reading_version`): a
 damaged version fails the job with ``VersionDamaged``, naming the file and ``imgsim rollback``.
 
 A version whose manifest records AND-amplified bands or multi-probe (``lsh.keys_per_band`` > 1
@@ -223,7 +224,7 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
     """The neighbours of the run's queries with the version's search (plain or banded).
 
     The query vectors are mapped into the version's search space first (its projection, as
-    :meth:`imgsim.lookup.LoadedModel.to_search_space`), then go through the ladder of
+    :meth:`imgsim.query.lookup.LoadedModel.to_search_space`), then go through the ladder of
     :class:`imgsim.ann.LshIndex`: queries for which the LSH finds fewer than
     ``min(k, index size)`` candidates are searched again with every probe, then exactly.
     A version whose LSH compared more than ``scan[0]`` of the index in validation, or whose
@@ -232,9 +233,9 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
     search answered.
     """
     from imgsim.ann import load_brp_model, scan_is_cheaper
-    from imgsim.models import banding, measured_share
-    from imgsim.projection import load as load_projection
-    from imgsim.spark_projection import project
+    from imgsim.ann.projection import load as load_projection
+    from imgsim.jobs.spark_projection import project
+    from imgsim.versions.models import banding, measured_share
 
     manifest, vdir = version_manifest(data_root, version)
     keys_per_band, probes = banding(manifest)
@@ -290,7 +291,7 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
 def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
                       reference: DataFrame, search: Any, expansion: int, k: int) -> DataFrame:
     """Search again with each query plus its first neighbours (imgsim.ann.expand_queries);
-    order the new answers by distance to the original query, as imgsim.lookup.lookup does."""
+    order the new answers by distance to the original query, as imgsim.query.lookup.lookup does."""
     from imgsim.ann import expand_queries
 
     counts = found.groupBy("query_id").agg(F.count("image_id").alias("n"))
@@ -345,7 +346,7 @@ def write_atomically(df: DataFrame, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from imgsim.config import Layout
-    from imgsim.models import reading_version, verify_version
+    from imgsim.versions.models import reading_version, verify_version
 
     args = parse_args(argv)
     layout = Layout(args.data_root.resolve())

@@ -2,9 +2,10 @@
 
 ``base.html`` is the page layout with the one stylesheet; ``macros.html`` holds the parts the
 pages share: a query beside its neighbours, an error box. ``run.html`` shows one run's query
-results, both as the run's self-contained gallery.html (:mod:`imgsim.results`; ``ui`` None: no
-links, images inlined as data URIs) and as the UI's gallery page (:mod:`imgsim.webui`, with its
-nav); the UI's other pages are ``versions.html``, ``search.html`` and ``error.html``.
+results, both as the run's self-contained gallery.html (:mod:`imgsim.query.results`; ``ui``
+None: no links, images inlined as data URIs) and as the UI's gallery page
+(:mod:`imgsim.serve.webui`, with its nav); the UI's other pages are ``versions.html``,
+``search.html`` and ``error.html``.
 
 Every value is escaped (autoescape), None renders as nothing, and a name a template uses but
 is not given fails (StrictUndefined).

@@ -1,9 +1,9 @@
 """The projection's Spark side: statistics where the vectors are, the map applied to a DataFrame.
 
-The executors each reduce their partitions to :class:`imgsim.projection.Stats` (counts, sums and
+The executors each reduce their partitions to :class:`imgsim.ann.projection.Stats` (counts, sums and
 scatter, overall and per class: O(dim^2) per partition, whatever the number of rows), a tree
 reduce merges them, and the driver solves the small eigenproblem
-(:func:`imgsim.projection.choose`). The same NumPy code runs in both places, so Spark's
+(:func:`imgsim.ann.projection.choose`). The same NumPy code runs in both places, so Spark's
 statistics equal the NumPy twin's (``tests/test_projection.py``).
 
 Imported only by Spark jobs and tests (pyspark is imported inside the functions).
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from imgsim.projection import Projection, Stats, stats_from_arrays
+from imgsim.ann.projection import Projection, Stats, stats_from_arrays
 
 
 def _rows_to_arrays(rows: Iterator[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import Layout, setting_default
-from imgsim.models import (
+from imgsim.versions.models import (
     banding,
     measured_share,
     read_manifest,
@@ -74,7 +74,7 @@ class LoadedModel:
     hashes: np.ndarray         # (n, tables) int64
     meta: list[dict[str, Any]]  # path, class_id, class_name per row
     params: Any                # imgsim.ann.BrpParams
-    projection: Any = None     # imgsim.projection.Projection; None: vectors only normalised
+    projection: Any = None     # imgsim.ann.projection.Projection; None: vectors only normalised
     scan: tuple[float, int] | None = None   # (scan_share, scan_below); None: the settings'
     _index: Any = None         # imgsim.ann.LshIndex, built on the first lookup
 
@@ -116,7 +116,7 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
     import pyarrow.parquet as pq
 
     from imgsim.ann import load_brp_model
-    from imgsim.projection import load as load_projection
+    from imgsim.ann.projection import load as load_projection
 
     manifest = read_manifest(layout, version)
     vdir = version_dir(layout, manifest["version"])

@@ -7,7 +7,7 @@ in the job's ``__main__`` are pickled by value with a copy of their globals, so 
 would start empty in every task.
 
 Decoding, resizing, thumbnails, quarantine and the shard files are the in-task path's own
-functions (:mod:`imgsim.embedding.infer`, :mod:`imgsim.store`, :func:`imgsim.pipeline.
+functions (:mod:`imgsim.embedding.infer`, :mod:`imgsim.store`, :func:`imgsim.index.pipeline.
 finish_shard`), so both engines write the same store. Weights come from the local file or cache
 exactly as :func:`imgsim.embedding.backbones.load_backbone` finds them; nothing is downloaded.
 
@@ -51,7 +51,8 @@ class EmbedJobError(ValueError):
 @dataclass(frozen=True)
 class EmbedJob:
     """What one Spark embedding run does (``runs/<run>/spark_embed.json``); the settings it
-    carries default to imgsim.config's (a job file written by imgsim.pipeline has them all)."""
+    carries default to imgsim.config's (a job file written by imgsim.index.pipeline has them
+    all)."""
 
     data_root: str
     backbone: str
@@ -217,7 +218,7 @@ def _embedded_frame(rows: list[tuple[int, int, str, np.ndarray | None, str | Non
 def write_shard_group(job: EmbedJob, spec_paths: dict[int, str], dim: int,
                       frame: pd.DataFrame) -> pd.DataFrame:
     """``applyInPandas`` body for one shard: its Parquet file and result record, atomically."""
-    from imgsim.pipeline import finish_shard
+    from imgsim.index.pipeline import finish_shard
 
     frame = frame.sort_values("pos")
     shard = int(frame["shard"].iloc[0])

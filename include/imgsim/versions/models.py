@@ -351,7 +351,7 @@ def _check_projection(layout: Layout, staged: Path, manifest: dict[str, Any], ba
     ``ids`` onto the reference table's ``vectors`` (NumPy twin against Spark)."""
     import numpy as np
 
-    from imgsim.projection import ProjectionError, load
+    from imgsim.ann.projection import ProjectionError, load
     from imgsim.store import load_vectors
 
     entry = manifest.get("projection")

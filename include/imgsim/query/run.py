@@ -1,7 +1,7 @@
 """The query pipeline's task bodies: collect -> embed (+ answer) -> (Spark lookup) -> finalize.
 
 A run with few queries (at most ``IMGSIM_QUERY_LOCAL_MAX``) is answered in the embed task by
-the in-process twin of the published model (:func:`imgsim.lookup.lookup`); a larger one by the
+the in-process twin of the published model (:func:`imgsim.query.lookup.lookup`); a larger one by the
 Spark job ``spark_jobs/query_lsh.py``. Both write the same ``neighbours/`` table, which
 :func:`finalize` turns into the results; the run records which engine answered.
 
@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout, Settings
-from imgsim.fsutil import atomic_write_json, read_json, sha256_file
-from imgsim.pipeline import run_key
+from imgsim.fsutil import atomic_write_json, read_json, run_key, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,8 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
 
     Returns ``{}`` when there is nothing to look at (the rest of the run is skipped).
     """
-    from imgsim.models import current_version, read_manifest, verify_version
     from imgsim.sources.labels import find_images
+    from imgsim.versions.models import current_version, read_manifest, verify_version
 
     layout = settings.layout
     if not 1 <= int(k) <= 100:
@@ -114,9 +113,9 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     import pyarrow as pa
 
     from imgsim.ann import l2_normalize
-    from imgsim.lookup import embed_files, load_query_backbone
-    from imgsim.models import read_manifest
+    from imgsim.query.lookup import embed_files, load_query_backbone
     from imgsim.store import write_parquet_atomic
+    from imgsim.versions.models import read_manifest
 
     rdir = Path(run_dir)
     plan = read_json(rdir / "queries.json")
@@ -156,7 +155,7 @@ def choose_engine(queries: int, local_max: int) -> str:
 
 def neighbours_table(query_ids: list[str], answers: list[Any]) -> Any:
     """The Spark job's ``neighbours`` table (:func:`neighbours_schema`) from
-    :func:`imgsim.lookup.lookup` answers: one row per neighbour; a query without any gets one
+    :func:`imgsim.query.lookup.lookup` answers: one row per neighbour; a query without any gets one
     row with a null image_id, as the job writes it."""
     import pyarrow as pa
 
@@ -210,13 +209,13 @@ def write_neighbours(table: Any, target: Path) -> None:
 
 
 def answer_locally(settings: Settings, run_dir: str) -> dict[str, Any]:
-    """Answer the run's embedded queries in-process (:func:`imgsim.lookup.lookup` with the
+    """Answer the run's embedded queries in-process (:func:`imgsim.query.lookup.lookup` with the
     pinned version, ``k`` and ``query_expansion``); writes ``neighbours/`` as the Spark job
     would."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    from imgsim.lookup import load_model, lookup
+    from imgsim.query.lookup import load_model, lookup
 
     rdir = Path(run_dir)
     plan = read_json(rdir / "queries.json")
@@ -274,9 +273,9 @@ def read_neighbours(run_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], dic
 
 def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     """Assemble and write the results; ledger the answers; move inbox images out of the inbox."""
-    from imgsim.lookup import answer_fields
-    from imgsim.models import read_manifest
-    from imgsim.results import write_results
+    from imgsim.query.lookup import answer_fields
+    from imgsim.query.results import write_results
+    from imgsim.versions.models import read_manifest
 
     layout = settings.layout
     rdir = Path(run_dir)

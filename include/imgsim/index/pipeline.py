@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout, Settings
-from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.fsutil import atomic_write_json, read_json, run_key
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +22,6 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
 class PipelineError(RuntimeError):
     pass
-
-
-def run_key(run_id: str) -> str:
-    """A file-name-safe key for an Airflow run id (stable across task retries)."""
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")
-    if not key:
-        raise ValueError(f"run id {run_id!r} gives an empty key")
-    return key[:120]
 
 
 # -- permanent errors ---------------------------------------------------------------------------
@@ -355,7 +346,7 @@ def write_spark_embed_job(settings: Settings, shards: list[dict[str, Any]], run_
     """Write what ``spark_jobs/embed_images.py --job FILE`` embeds, and with which settings."""
     from dataclasses import asdict
 
-    from imgsim.spark_embed import EmbedJob
+    from imgsim.index.spark_embed import EmbedJob
 
     job = EmbedJob.of(settings, backbone, run_key(run_id), [str(s["spec"]) for s in shards])
     path = settings.layout.runs / run_key(run_id) / "spark_embed.json"
@@ -429,8 +420,8 @@ def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_len
     skip the projection, fit, validate and publish) when nothing changed.
     """
     from imgsim.catalog import live_rows
-    from imgsim.models import VersionNotFound, new_version, read_manifest
     from imgsim.store import embedded_ids, labels_fingerprint, snapshot_fingerprint
+    from imgsim.versions.models import VersionNotFound, new_version, read_manifest
 
     layout = settings.layout
     rows = live_rows(layout)
@@ -494,7 +485,7 @@ def fit_job_args(plan: dict[str, Any], run_id: str) -> list[str]:
 
 
 def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
-    """Learn the plan's projection from the live references (:mod:`imgsim.projection`).
+    """Learn the plan's projection from the live references (:mod:`imgsim.ann.projection`).
 
     Engine ``local`` (the default up to IMGSIM_PROJECTION_LOCAL_MAX references) computes the
     statistics here from the store, chunk by chunk; ``spark`` submits
@@ -504,7 +495,7 @@ def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]
     """
     import time
 
-    from imgsim.projection import read_choice
+    from imgsim.ann.projection import read_choice
 
     t0 = time.perf_counter()
     out = Path(plan["projection_dir"])
@@ -528,8 +519,7 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from imgsim.catalog import live_rows
-    from imgsim.projection import (
+    from imgsim.ann.projection import (
         CV_SAMPLE,
         Stats,
         choose,
@@ -537,6 +527,7 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
         stats_from_arrays,
         write_choice,
     )
+    from imgsim.catalog import live_rows
     from imgsim.store import load_vectors
 
     layout = settings.layout
@@ -581,7 +572,7 @@ def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
 
 
 def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
-    from imgsim.models import validate_staged
+    from imgsim.versions.models import validate_staged
 
     report = validate_staged(settings.layout, plan["version"],
                              expected_count=plan["expected_count"],
@@ -593,8 +584,8 @@ def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
 
 def publish(settings: Settings, version: str, run_id: str | None = None) -> dict[str, Any]:
     """Make ``version`` current. With ``run_id``, only while that run holds the index lease."""
-    from imgsim.models import clean_staging, publish, read_manifest
-    from imgsim.runlease import ensure_held
+    from imgsim.versions.models import clean_staging, publish, read_manifest
+    from imgsim.versions.runlease import ensure_held
 
     if run_id is not None:
         ensure_held(settings.layout, run_id)

@@ -23,7 +23,8 @@ the process: a changed ``IMGSIM_*`` variable takes effect when the API server re
 give their own with ``app.dependency_overrides[get_settings]``.
 
 The pages are the Jinja2 templates of :mod:`imgsim.templates` (shared with the gallery.html of
-:mod:`imgsim.results`). Module import is light (FastAPI, Jinja2 and Airflow's auth dependency);
+:mod:`imgsim.query.results`). Module import is light (FastAPI, Jinja2 and Airflow's auth
+dependency);
 torch, PIL, pyarrow and NumPy are imported inside the handlers that need them.
 """
 
@@ -49,7 +50,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgsim.config import Layout, Settings
-from imgsim.results import query_view, run_view
+from imgsim.query.results import query_view, run_view
 from imgsim.templates import render
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,12 @@ class VersionRow:
 def version_rows(layout: Layout) -> list[VersionRow]:
     """Published versions, newest first, each with its manifest (or why it is unreadable) and
     the state of its files (sizes against those recorded at publish)."""
-    from imgsim.models import check_version, current_version, published_versions, read_manifest
+    from imgsim.versions.models import (
+        check_version,
+        current_version,
+        published_versions,
+        read_manifest,
+    )
 
     current = current_version(layout)
     rows: list[VersionRow] = []
@@ -180,7 +186,7 @@ def version_rows(layout: Layout) -> list[VersionRow]:
 
 @app.get("/", include_in_schema=False)
 def versions_page(request: Request, user: CurrentUser, settings: AppSettings) -> Response:
-    from imgsim.models import current_version, describe_lsh
+    from imgsim.versions.models import current_version, describe_lsh
 
     layout = settings.layout
     rows = version_rows(layout)
@@ -387,8 +393,8 @@ _BACKBONE_CACHE: dict[str, Any] = {}
 
 def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
     """The CURRENT version loaded for lookups, and its backbone (cached between requests)."""
-    from imgsim.lookup import load_model, load_query_backbone
-    from imgsim.models import current_version
+    from imgsim.query.lookup import load_model, load_query_backbone
+    from imgsim.versions.models import current_version
 
     layout = settings.layout
     version = current_version(layout)
@@ -415,8 +421,8 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
 
 def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
     """Embed the saved upload with the current version's backbone and look it up."""
-    from imgsim.lookup import Answer, BackboneMismatch, Searcher
-    from imgsim.models import VersionDamaged
+    from imgsim.query.lookup import Answer, BackboneMismatch, Searcher
+    from imgsim.versions.models import VersionDamaged
 
     try:
         model, backbone = _model_and_backbone(settings)
@@ -440,7 +446,7 @@ def _search_page(request: Request, user: Any, k: int, status_code: int = 200,
 
 @app.get("/search", include_in_schema=False)
 def search_page(request: Request, user: CurrentUser, settings: AppSettings) -> Response:
-    from imgsim.models import current_version
+    from imgsim.versions.models import current_version
 
     version = current_version(settings.layout)
     if version is None:

@@ -1,0 +1,1 @@
+"""Answers: the in-process lookup, the query DAG's task bodies, the results writer."""

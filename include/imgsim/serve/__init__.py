@@ -1,0 +1,1 @@
+"""The Airflow UI pages (a FastAPI app the plugin mounts)."""

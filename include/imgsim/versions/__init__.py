@@ -1,0 +1,1 @@
+"""Published model versions: manifests, validation, publish and rollback, the index lease."""
