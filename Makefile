@@ -47,8 +47,13 @@ test: $(STAMP) browser-deps scaleout-deps ## set up, then run the whole test sui
 test-fast: $(STAMP) ## the fast tests only (no slow, spark, airflow or browser markers)
 	$(ENV) && $(PY) -m pytest -m "not slow and not spark and not airflow and not browser" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff, mypy and the import layers (import-linter)
+format: $(STAMP) ## ruff format and ruff's safe fixes (import order), in place
+	$(VENV)/bin/ruff format include spark_jobs dags plugins tests benchmarks
+	$(VENV)/bin/ruff check --fix-only -q include spark_jobs dags plugins tests benchmarks
+
+lint: $(STAMP) ## ruff (lint and format check), mypy and the import layers (import-linter)
 	$(VENV)/bin/ruff check include spark_jobs dags plugins tests benchmarks
+	$(VENV)/bin/ruff format --check include spark_jobs dags plugins tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 

@@ -23,7 +23,6 @@ import functools
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PLOTS_DIR, PROJECT_ROOT, WORK_DIR, md_table, require_sample, write_result
+from common import PLOTS_DIR, WORK_DIR, md_table, require_sample, write_result
 
 log = logging.getLogger("bench_incremental")
 
@@ -39,8 +38,9 @@ BACKBONE = "efficientnet_lite0"
 STAGES = ("catalog", "plan_shards", "embed", "fit_plan", "fit_lsh", "validate", "publish")
 
 
-def prepare_root(sample: Path, root: Path, n_indexed: int, n_new: int,
-                 new_day: str) -> tuple[Path, Path]:
+def prepare_root(
+    sample: Path, root: Path, n_indexed: int, n_new: int, new_day: str
+) -> tuple[Path, Path]:
     """A fresh data root: ``images/cars_train/`` with the first photos and their labels CSV,
     ``incoming/<new_day>/`` with ``n_new`` mirrored photos; returns (image root, labels)."""
     from PIL import Image, ImageOps
@@ -69,7 +69,7 @@ def prepare_root(sample: Path, root: Path, n_indexed: int, n_new: int,
     with open(day / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "Class"])
-        for r in rows[n_indexed:n_indexed + n_new]:
+        for r in rows[n_indexed : n_indexed + n_new]:
             name = f"new_{r['image']}"
             with Image.open(sample / "images" / r["image"]) as im:
                 ImageOps.mirror(im.convert("RGB")).save(day / name, quality=92)
@@ -77,28 +77,12 @@ def prepare_root(sample: Path, root: Path, n_indexed: int, n_new: int,
     return images, labels
 
 
-def spark_fit(plan: dict[str, Any], run_id: str) -> None:
-    """``spark-submit spark_jobs/fit_lsh.py`` with the DAG's arguments and configuration."""
-    from imgsim.envsetup import embedded_environment, venv_bin
-
-    env = embedded_environment()
-    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [str(venv_bin() / "spark-submit"), "--master", "local[*]",
-           "--conf", "spark.sql.shuffle.partitions=8",
-           "--conf", "spark.ui.showConsoleProgress=false", "--name", "imgsim-fit-lsh",
-           str(PROJECT_ROOT / "spark_jobs" / "fit_lsh.py"),
-           "--data-root", plan["data_root"], "--backbone", plan["backbone"],
-           "--version", plan["version"], "--num-hash-tables", str(plan["num_hash_tables"]),
-           "--bucket-length", str(plan["bucket_length"]), "--run-id", run_id]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fit_lsh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
-def index_run(settings: Any, image_root: Path, labels: Path, day: str,
-              full_rebuild: bool = False) -> dict[str, Any]:
+def index_run(
+    settings: Any, image_root: Path, labels: Path, day: str, full_rebuild: bool = False
+) -> dict[str, Any]:
     """One index run, task by task as the DAG chains them; per-stage seconds and counts."""
     from imgsim.index import pipeline
+
     run_id = f"bench__{day}{'_full' if full_rebuild else ''}"
     times: dict[str, float] = {}
 
@@ -108,31 +92,56 @@ def index_run(settings: Any, image_root: Path, labels: Path, day: str,
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    cataloged = stage("catalog", lambda: pipeline.catalog(
-        settings, str(image_root), str(labels), day, run_id, BACKBONE, full_rebuild))
-    shards = stage("plan_shards", lambda: pipeline.plan_shards(
-        settings, cataloged["to_embed_file"], run_id))
+    cataloged = stage(
+        "catalog",
+        lambda: pipeline.catalog(
+            settings, str(image_root), str(labels), day, run_id, BACKBONE, full_rebuild
+        ),
+    )
+    shards = stage(
+        "plan_shards", lambda: pipeline.plan_shards(settings, cataloged["to_embed_file"], run_id)
+    )
     embedded = 0
     times["embed"] = 0.0
     for shard in shards:
-        embedded += stage("embed", functools.partial(
-            pipeline.embed_shard, settings, shard["spec"], BACKBONE))["embedded"]
-    plan = stage("fit_plan", lambda: pipeline.fit_plan(
-        settings, BACKBONE, settings.lsh_num_hash_tables, settings.lsh_bucket_length,
-        full_rebuild))
+        embedded += stage(
+            "embed", functools.partial(pipeline.embed_shard, settings, shard["spec"], BACKBONE)
+        )["embedded"]
+    plan = stage(
+        "fit_plan",
+        lambda: pipeline.fit_plan(
+            settings,
+            BACKBONE,
+            settings.lsh_num_hash_tables,
+            settings.lsh_bucket_length,
+            full_rebuild,
+        ),
+    )
     published = None
     if plan:
-        stage("fit_lsh", lambda: spark_fit(plan, run_id))
+        stage("fit_lsh", lambda: pipeline.submit_fit(plan, run_id))
         stage("validate", lambda: pipeline.validate(settings, plan))
         published = stage("publish", lambda: pipeline.publish(settings, plan["version"]))
     total = sum(times.values())
-    log.info("%s: %d shard(s), %d embedded, %s, %.1f s", run_id, len(shards), embedded,
-             f"published {published['version']}" if published else "no refit", total)
-    return {"day": day, "full_rebuild": full_rebuild, "shards": len(shards),
-            "embedded": embedded, "refit": bool(plan),
-            "version": published["version"] if published else None,
-            "indexed": published["indexed"] if published else None,
-            "stages_s": times, "total_s": total}
+    log.info(
+        "%s: %d shard(s), %d embedded, %s, %.1f s",
+        run_id,
+        len(shards),
+        embedded,
+        f"published {published['version']}" if published else "no refit",
+        total,
+    )
+    return {
+        "day": day,
+        "full_rebuild": full_rebuild,
+        "shards": len(shards),
+        "embedded": embedded,
+        "refit": bool(plan),
+        "version": published["version"] if published else None,
+        "indexed": published["indexed"] if published else None,
+        "stages_s": times,
+        "total_s": total,
+    }
 
 
 def plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
@@ -165,32 +174,41 @@ def plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
 def section(data: dict[str, Any]) -> str:
     runs = data["runs"]
     inc, full, none = runs["incremental"], runs["full rebuild"], runs["nothing new"]
-    rows = [[name, r["embedded"], "yes" if r["refit"] else "no",
-             *[r["stages_s"].get(s, 0.0) for s in STAGES], r["total_s"]]
-            for name, r in runs.items()]
-    return "\n".join([
-        "## Incremental cost",
-        "",
-        f"One data root, {BACKBONE} (real weights), runtime `{data['runtime']}`; the index "
-        "DAG's task bodies (`imgsim.index.pipeline`) run in order in one process, and the fit is a "
-        "real `spark-submit spark_jobs/fit_lsh.py` (Spark `local[*]`), as the DAG runs them "
-        "(Airflow's scheduling overhead not included). Seconds per stage:",
-        "",
-        md_table(["run", "embedded", "refit", *STAGES, "total s"], rows),
-        "",
-        f"- **incremental / full rebuild: {inc['total_s'] / full['total_s']:.2f}** "
-        f"({inc['embedded']} new photos = {data['new_share']:.1%} of {data['total_images']}; "
-        f"the full rebuild re-embeds all {full['embedded']}). The Spark fit is "
-        f"{inc['stages_s'].get('fit_lsh', 0.0) / inc['total_s']:.0%} of the incremental run: "
-        "it starts a JVM, reads every vector, refits and measures recall, whatever the number "
-        "of new photos; embedding is "
-        f"{inc['stages_s'].get('embed', 0.0) / inc['total_s']:.0%}.",
-        f"- **nothing new: {none['total_s']:.1f} s**, embedded {none['embedded']}, refit: "
-        f"{'yes' if none['refit'] else 'no'} (`fit_plan` short-circuits: the set of live "
-        "embedded images, backbone and LSH parameters equal the current version's).",
-        "",
-        f"![incremental](plots/{data['plot']})",
-    ])
+    rows = [
+        [
+            name,
+            r["embedded"],
+            "yes" if r["refit"] else "no",
+            *[r["stages_s"].get(s, 0.0) for s in STAGES],
+            r["total_s"],
+        ]
+        for name, r in runs.items()
+    ]
+    return "\n".join(
+        [
+            "## Incremental cost",
+            "",
+            f"One data root, {BACKBONE} (real weights), runtime `{data['runtime']}`; the index "
+            "DAG's task bodies (`imgsim.index.pipeline`) run in order in one process, and the "
+            "fit is a real `spark-submit spark_jobs/fit_lsh.py` (Spark `local[*]`), as the DAG "
+            "runs them (Airflow's scheduling overhead not included). Seconds per stage:",
+            "",
+            md_table(["run", "embedded", "refit", *STAGES, "total s"], rows),
+            "",
+            f"- **incremental / full rebuild: {inc['total_s'] / full['total_s']:.2f}** "
+            f"({inc['embedded']} new photos = {data['new_share']:.1%} of {data['total_images']}; "
+            f"the full rebuild re-embeds all {full['embedded']}). The Spark fit is "
+            f"{inc['stages_s'].get('fit_lsh', 0.0) / inc['total_s']:.0%} of the incremental run: "
+            "it starts a JVM, reads every vector, refits and measures recall, whatever the number "
+            "of new photos; embedding is "
+            f"{inc['stages_s'].get('embed', 0.0) / inc['total_s']:.0%}.",
+            f"- **nothing new: {none['total_s']:.1f} s**, embedded {none['embedded']}, refit: "
+            f"{'yes' if none['refit'] else 'no'} (`fit_plan` short-circuits: the set of live "
+            "embedded images, backbone and LSH parameters equal the current version's).",
+            "",
+            f"![incremental](plots/{data['plot']})",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
 
     root = WORK_DIR / "incremental-root"
     image_root, labels = prepare_root(sample, root, n_indexed, n_new, "2026-01-02")
-    settings = Settings.from_env().replace(data_root=root.resolve(), backbone=BACKBONE,
-                                           shard_size=1000)
+    settings = Settings.from_env().replace(
+        data_root=root.resolve(), backbone=BACKBONE, shard_size=1000
+    )
     configure_threads(settings.num_threads)
     started = time.perf_counter()
     runs = {
@@ -221,13 +240,22 @@ def main(argv: list[str] | None = None) -> None:
     if runs["nothing new"]["embedded"] or runs["nothing new"]["refit"]:
         raise SystemExit(f"a run with nothing new embedded or refit: {runs['nothing new']}")
     if runs["incremental"]["embedded"] != n_new:
-        raise SystemExit(f"the incremental run embedded {runs['incremental']['embedded']}, "
-                         f"not the {n_new} new photos")
-    data = {"indexed_before": n_indexed, "new": n_new, "total_images": n_indexed + n_new,
-            "new_share": n_new / (n_indexed + n_new), "runtime": settings.runtime,
-            "runs": runs, "ratio_incremental_to_full":
-                runs["incremental"]["total_s"] / runs["full rebuild"]["total_s"],
-            "wall_s": time.perf_counter() - started, "plot": "incremental_stages.png"}
+        raise SystemExit(
+            f"the incremental run embedded {runs['incremental']['embedded']}, "
+            f"not the {n_new} new photos"
+        )
+    data = {
+        "indexed_before": n_indexed,
+        "new": n_new,
+        "total_images": n_indexed + n_new,
+        "new_share": n_new / (n_indexed + n_new),
+        "runtime": settings.runtime,
+        "runs": runs,
+        "ratio_incremental_to_full": runs["incremental"]["total_s"]
+        / runs["full rebuild"]["total_s"],
+        "wall_s": time.perf_counter() - started,
+        "plot": "incremental_stages.png",
+    }
     plot(runs, PLOTS_DIR / data["plot"])
     write_result("incremental", data, section(data))
     print(section(data))

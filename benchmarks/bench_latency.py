@@ -44,16 +44,33 @@ def build_store(root: Path, files: list[str], labels: np.ndarray, vectors: np.nd
         shutil.rmtree(root)
     layout = Layout(root)
     ids = [f"{i:064x}" for i in range(len(files))]
-    write_catalog(layout, [
-        {"image_id": iid, "path": f"images/sample/{f}", "source": "archive:sample",
-         "file_name": f, "class_id": int(c), "class_name": f"class {int(c)}", "size": 1,
-         "mtime_ns": 1, "first_seen": "2026-01-01", "last_seen": "2026-01-01",
-         "status": "live", "n_paths": 1}
-        for iid, f, c in zip(ids, files, labels, strict=True)])
-    write_shard(layout, BACKBONE, "bench", 0, list(zip(ids, vectors, strict=True)),
-                vectors.shape[1])
-    atomic_write_json(layout.embeddings(BACKBONE) / "BACKBONE.json",
-                      {"name": BACKBONE, "dim": int(vectors.shape[1])})
+    write_catalog(
+        layout,
+        [
+            {
+                "image_id": iid,
+                "path": f"images/sample/{f}",
+                "source": "archive:sample",
+                "file_name": f,
+                "class_id": int(c),
+                "class_name": f"class {int(c)}",
+                "size": 1,
+                "mtime_ns": 1,
+                "first_seen": "2026-01-01",
+                "last_seen": "2026-01-01",
+                "status": "live",
+                "n_paths": 1,
+            }
+            for iid, f, c in zip(ids, files, labels, strict=True)
+        ],
+    )
+    write_shard(
+        layout, BACKBONE, "bench", 0, list(zip(ids, vectors, strict=True)), vectors.shape[1]
+    )
+    atomic_write_json(
+        layout.embeddings(BACKBONE) / "BACKBONE.json",
+        {"name": BACKBONE, "dim": int(vectors.shape[1])},
+    )
     return layout
 
 
@@ -63,20 +80,35 @@ def publish_model(spark: Any, layout: Any, version: str, *extra: str) -> dict[st
     from imgsim.versions.models import publish, validate_staged
 
     t0 = time.perf_counter()
-    manifest = fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", BACKBONE, "--version", version, *extra]))
+    manifest = fit_lsh.run(
+        spark,
+        fit_lsh.parse_args(
+            ["--data-root", str(layout.root), "--backbone", BACKBONE, "--version", version, *extra]
+        ),
+    )
     fit_s = time.perf_counter() - t0
     n = manifest["counts"]["indexed"]
-    validate_staged(layout, version, expected_count=n,
-                    expected_fingerprint=snapshot_fingerprint([f"{i:064x}" for i in range(n)]),
-                    backbone=BACKBONE, recall_floor=0.0)
+    validate_staged(
+        layout,
+        version,
+        expected_count=n,
+        expected_fingerprint=snapshot_fingerprint([f"{i:064x}" for i in range(n)]),
+        backbone=BACKBONE,
+        recall_floor=0.0,
+    )
     publish(layout, version)
     tuning = manifest.get("tuning")
-    return {"fit_seconds": round(fit_s, 2), "lsh": manifest["lsh"],
-            "metrics": manifest["metrics"],
-            "tuning": None if tuning is None else {
-                k: tuning[k] for k in ("target", "target_met", "choice", "sample_size",
-                                       "queries", "seconds")}}
+    return {
+        "fit_seconds": round(fit_s, 2),
+        "lsh": manifest["lsh"],
+        "metrics": manifest["metrics"],
+        "tuning": None
+        if tuning is None
+        else {
+            k: tuning[k]
+            for k in ("target", "target_met", "choice", "sample_size", "queries", "seconds")
+        },
+    }
 
 
 def spark_ann_seconds(spark: Any, layout: Any, version: str, queries: np.ndarray) -> list[float]:
@@ -93,7 +125,7 @@ def spark_ann_seconds(spark: Any, layout: Any, version: str, queries: np.ndarray
     for i, q in enumerate(queries):
         t0 = time.perf_counter()
         model.approxNearestNeighbors(hashed, Vectors.dense(q.astype(float)), K).collect()
-        if i:                                   # the first one warms up
+        if i:  # the first one warms up
             times.append(time.perf_counter() - t0)
     hashed.unpersist()
     return times
@@ -108,21 +140,42 @@ def spark_submit_seconds(layout: Any, version: str, queries: np.ndarray) -> list
 
     env = embedded_environment(dict(os.environ))
     submit = shutil.which("spark-submit", path=env.get("PATH")) or str(
-        Path(sys.executable).parent / "spark-submit")
+        Path(sys.executable).parent / "spark-submit"
+    )
     times = []
     for i, q in enumerate(queries):
         run_dir = WORK_DIR / "latency" / f"run{i}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        write_parquet_atomic(pa.table({
-            "query_id": ["q0"],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(q.astype(np.float32)),
-                                                        q.shape[0])}),
-            run_dir / "query_vectors.parquet")
-        cmd = [submit, "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-               "--conf", "spark.sql.shuffle.partitions=4",
-               str(PROJECT_ROOT / "spark_jobs" / "query_lsh.py"), "--data-root",
-               str(layout.root), "--version", version, "--run-dir", str(run_dir), "--k", str(K)]
+        write_parquet_atomic(
+            pa.table(
+                {
+                    "query_id": ["q0"],
+                    "vector": pa.FixedSizeListArray.from_arrays(
+                        pa.array(q.astype(np.float32)), q.shape[0]
+                    ),
+                }
+            ),
+            run_dir / "query_vectors.parquet",
+        )
+        cmd = [
+            submit,
+            "--master",
+            "local[2]",
+            "--conf",
+            "spark.ui.enabled=false",
+            "--conf",
+            "spark.sql.shuffle.partitions=4",
+            str(PROJECT_ROOT / "spark_jobs" / "query_lsh.py"),
+            "--data-root",
+            str(layout.root),
+            "--version",
+            version,
+            "--run-dir",
+            str(run_dir),
+            "--k",
+            str(K),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         times.append(time.perf_counter() - t0)
@@ -131,14 +184,15 @@ def spark_submit_seconds(layout: Any, version: str, queries: np.ndarray) -> list
     return times
 
 
-def in_process_seconds(layout: Any, version: str,
-                       queries: np.ndarray) -> tuple[float, list[float], int]:
+def in_process_seconds(
+    layout: Any, version: str, queries: np.ndarray
+) -> tuple[float, list[float], int]:
     from imgsim.query.lookup import load_model, lookup
 
     t0 = time.perf_counter()
     model = load_model(layout, version)
     load_s = time.perf_counter() - t0
-    lookup(model, queries[:1], K)                # warm-up
+    lookup(model, queries[:1], K)  # warm-up
     times = []
     for q in queries:
         t0 = time.perf_counter()
@@ -148,45 +202,69 @@ def in_process_seconds(layout: Any, version: str,
 
 
 def stats(times: list[float]) -> dict[str, float]:
-    return {"runs": len(times), "median_s": round(statistics.median(times), 4),
-            "min_s": round(min(times), 4), "max_s": round(max(times), 4)}
+    return {
+        "runs": len(times),
+        "median_s": round(statistics.median(times), 4),
+        "min_s": round(min(times), 4),
+        "max_s": round(max(times), 4),
+    }
 
 
 def section(data: dict[str, Any]) -> str:
     m, a = data["model"], data["auto_model"]
     t, ch = a["tuning"], a["tuning"]["choice"]
-    rows = [["in-process `imgsim.query.lookup.lookup` (NumPy, model loaded once)",
-             data["in_process"]["median_s"], data["in_process"]["runs"],
-             f"model load {data['in_process_load_s']} s"],
-            ["Spark `approxNearestNeighbors`, running session, cached hashed table",
-             data["spark_ann"]["median_s"], data["spark_ann"]["runs"], "session already up"],
-            ["`spark-submit spark_jobs/query_lsh.py`, one query, JVM start included",
-             data["spark_submit"]["median_s"], data["spark_submit"]["runs"],
-             "what one `imgsim_query` lookup task costs"]]
-    return "\n".join([
-        "## Lookup latency, one query (`bench_latency.py`)", "",
-        f"Model: a version published with the real code path (`fit_lsh.run`, validate, "
-        f"publish) on the {m['n']:,} cached efficientnet_lite0 sample embeddings, imgsim's "
-        f"defaults: {m['lsh']['numHashTables']} tables, bucketLength "
-        f"{m['lsh']['bucketLength']:.4g} (recall@5 {m['metrics']['recall_at_k']:.3f}, "
-        f"{100 * m['metrics']['candidates_share']:.0f}% of the index compared). Queries: "
-        "near-duplicate photos (cropped, flipped, resized, re-encoded), one at a time.", "",
-        md_table(["path", "median s", "runs", "note"], rows), "",
-        f"Ratio: spark-submit / in-process = "
-        f"{data['spark_submit']['median_s'] / data['in_process']['median_s']:,.0f}x; "
-        f"approxNearestNeighbors / in-process = "
-        f"{data['spark_ann']['median_s'] / data['in_process']['median_s']:,.0f}x. "
-        f"Embedding the query photo (not included) costs more than the in-process lookup.", "",
-        f"Auto-tuned version (`fit_lsh.py --num-hash-tables 0`, same data, fitted in "
-        f"{a['fit_seconds']} s, tuner {t['seconds']} s on {t['sample_size']} vectors / "
-        f"{t['queries']} leave-one-out queries, target {t['target']}, met: {t['target_met']}): "
-        f"{ch['tables']} bands x {ch['keys_per_band']} keys per band, {ch['probes']} probes, "
-        f"bucketLength {ch['bucket_length']:.4g}; the fit job's own leave-one-out check "
-        f"(Spark hashes, {a['metrics']['queries']} queries): recall@5 "
-        f"{a['metrics']['recall_at_k']:.3f} comparing "
-        f"{100 * a['metrics']['candidates_share']:.0f}% of the index. In-process lookup "
-        f"median {a['in_process']['median_s']} s per query (model load "
-        f"{a['in_process_load_s']} s).", ""])
+    rows = [
+        [
+            "in-process `imgsim.query.lookup.lookup` (NumPy, model loaded once)",
+            data["in_process"]["median_s"],
+            data["in_process"]["runs"],
+            f"model load {data['in_process_load_s']} s",
+        ],
+        [
+            "Spark `approxNearestNeighbors`, running session, cached hashed table",
+            data["spark_ann"]["median_s"],
+            data["spark_ann"]["runs"],
+            "session already up",
+        ],
+        [
+            "`spark-submit spark_jobs/query_lsh.py`, one query, JVM start included",
+            data["spark_submit"]["median_s"],
+            data["spark_submit"]["runs"],
+            "what one `imgsim_query` lookup task costs",
+        ],
+    ]
+    return "\n".join(
+        [
+            "## Lookup latency, one query (`bench_latency.py`)",
+            "",
+            f"Model: a version published with the real code path (`fit_lsh.run`, validate, "
+            f"publish) on the {m['n']:,} cached efficientnet_lite0 sample embeddings, imgsim's "
+            f"defaults: {m['lsh']['numHashTables']} tables, bucketLength "
+            f"{m['lsh']['bucketLength']:.4g} (recall@5 {m['metrics']['recall_at_k']:.3f}, "
+            f"{100 * m['metrics']['candidates_share']:.0f}% of the index compared). Queries: "
+            "near-duplicate photos (cropped, flipped, resized, re-encoded), one at a time.",
+            "",
+            md_table(["path", "median s", "runs", "note"], rows),
+            "",
+            f"Ratio: spark-submit / in-process = "
+            f"{data['spark_submit']['median_s'] / data['in_process']['median_s']:,.0f}x; "
+            f"approxNearestNeighbors / in-process = "
+            f"{data['spark_ann']['median_s'] / data['in_process']['median_s']:,.0f}x. "
+            f"Embedding the query photo (not included) costs more than the in-process lookup.",
+            "",
+            f"Auto-tuned version (`fit_lsh.py --num-hash-tables 0`, same data, fitted in "
+            f"{a['fit_seconds']} s, tuner {t['seconds']} s on {t['sample_size']} vectors / "
+            f"{t['queries']} leave-one-out queries, target {t['target']}, met: {t['target_met']}): "
+            f"{ch['tables']} bands x {ch['keys_per_band']} keys per band, {ch['probes']} probes, "
+            f"bucketLength {ch['bucket_length']:.4g}; the fit job's own leave-one-out check "
+            f"(Spark hashes, {a['metrics']['queries']} queries): recall@5 "
+            f"{a['metrics']['recall_at_k']:.3f} comparing "
+            f"{100 * a['metrics']['candidates_share']:.0f}% of the index. In-process lookup "
+            f"median {a['in_process']['median_s']} s per query (model load "
+            f"{a['in_process_load_s']} s).",
+            "",
+        ]
+    )
 
 
 def main() -> int:
@@ -213,10 +291,17 @@ def main() -> int:
     load_s, local, cands = in_process_seconds(layout, version, dup[:100])
     auto_load_s, auto_local, _ = in_process_seconds(layout, auto_version, dup[:100])
     auto.update(in_process=stats(auto_local), in_process_load_s=round(auto_load_s, 3))
-    data = {"quick": args.quick, "model": model, "auto_model": auto, "spark_ann": stats(ann),
-            "spark_submit": stats(submit), "in_process": stats(local),
-            "in_process_load_s": round(load_s, 3), "in_process_last_candidates": cands,
-            "seconds": round(time.perf_counter() - started, 1)}
+    data = {
+        "quick": args.quick,
+        "model": model,
+        "auto_model": auto,
+        "spark_ann": stats(ann),
+        "spark_submit": stats(submit),
+        "in_process": stats(local),
+        "in_process_load_s": round(load_s, 3),
+        "in_process_last_candidates": cands,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     out = write_result("latency", data, section(data))
     print(section(data))
     print(f"wrote {out} in {data['seconds']} s")

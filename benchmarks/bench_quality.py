@@ -37,16 +37,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
             continue
         style = "-o" if row["expansion"] else "--o"
         qe = " + query expansion" if row["expansion"] else ""
-        ax.plot(xs, row["curves"]["lsh_precision"], style, ms=3,
-                label=f"{row['kind']} ({row['dims']}-d){qe}")
+        ax.plot(
+            xs,
+            row["curves"]["lsh_precision"],
+            style,
+            ms=3,
+            label=f"{row['kind']} ({row['dims']}-d){qe}",
+        )
     ax.axhline(report["chance_precision"], color="grey", lw=0.8, label="chance")
     ax.set_xticks(xs)
     ax.set_xlabel("i (rank)")
     ax.set_ylabel("label precision@i (LSH answers)")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{report['backbone']}, sample split seed {report['split']['seed']}: "
-                 f"{report['reference_images']} references, {report['queries']} queries",
-                 fontsize=9)
+    ax.set_title(
+        f"{report['backbone']}, sample split seed {report['split']['seed']}: "
+        f"{report['reference_images']} references, {report['queries']} queries",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -75,46 +82,74 @@ def main() -> None:
         if "skipped" in r:
             rows.append([r["kind"], "-", "skipped", r["skipped"], "", "", "", "", "", ""])
             continue
-        rows.append([r["kind"], r.get("dims", report["projection"].get("dims")),
-                     r["expansion"], r[f"precision_at_{k}"], r["hit_at_1"], r[f"hit_at_{k}"],
-                     r[f"exact_precision_at_{k}"], r[f"recall_at_{k}_vs_exact"],
-                     f"{100 * r['candidates_share_mean']:.1f}%", r["query_ms"]])
+        rows.append(
+            [
+                r["kind"],
+                r.get("dims", report["projection"].get("dims")),
+                r["expansion"],
+                r[f"precision_at_{k}"],
+                r["hit_at_1"],
+                r[f"hit_at_{k}"],
+                r[f"exact_precision_at_{k}"],
+                r[f"recall_at_{k}_vs_exact"],
+                f"{100 * r['candidates_share_mean']:.1f}%",
+                r["query_ms"],
+            ]
+        )
     proj = report["projection"]
-    md = "\n".join([
-        "## Quality: the same car? (label precision by search space)",
-        "",
-        f"`imgsim evaluate --sample` on the seed-{args.seed} split of the shared sample: "
-        f"{report['reference_images']} references (8 per class) and {report['queries']} "
-        f"queries (2 per class, never seen by the index or its projection), "
-        f"{report['backbone']}, k={k}. The first rows are the **published version with the "
-        "default settings** (Spark's LSH in the learned space); the others are each kind "
-        "learned the same way on the same references, with the LSH auto-tuned in its space "
-        "over NumPy-drawn projections (the twin of Spark's). QE: query expansion (the query "
-        "searched again with its first answer, `IMGSIM_QUERY_EXPANSION`).",
-        "",
-        md_table(["search space", "dims", "QE", f"precision@{k}", "hit@1", f"hit@{k}",
-                  f"exact precision@{k}", f"LSH recall@{k} vs exact", "index compared",
-                  "ms/query"], rows),
-        "",
-        f"Default: **precision@{k} {report[f'precision_at_{k}']:.3f}, hit@1 "
-        f"{report['hit_at_1']:.3f}** (exact search in the same space: "
-        f"{report[f'exact_precision_at_{k}']:.3f}); chance {report['chance_precision']:.3f}. "
-        f"The projection chosen: {proj['kind']} {proj.get('dim')} -> {proj.get('dims')} dims, "
-        f"{proj.get('reason')}.",
-        "",
-        f"Cost: learning the projection (in the task, cross-validation included) took "
-        f"{timings.get('projection', 0):.1f} s, {100 * share:.1f}% of the index build "
-        f"({sum(timings.values()):.0f} s: catalog and embedding "
-        f"{timings.get('catalog_and_embed', 0):.0f} s, Spark fit "
-        f"{timings.get('fit_spark_submit', 0):.0f} s, validate and publish "
-        f"{timings.get('validate_and_publish', 0):.1f} s). The whole evaluation took "
-        f"{total:.0f} s. Query expansion costs a second search per query (the ms/query column).",
-        "",
-        "![precision@k per search space](plots/quality.png)",
-    ])
+    md = "\n".join(
+        [
+            "## Quality: the same car? (label precision by search space)",
+            "",
+            f"`imgsim evaluate --sample` on the seed-{args.seed} split of the shared sample: "
+            f"{report['reference_images']} references (8 per class) and {report['queries']} "
+            f"queries (2 per class, never seen by the index or its projection), "
+            f"{report['backbone']}, k={k}. The first rows are the **published version with the "
+            "default settings** (Spark's LSH in the learned space); the others are each kind "
+            "learned the same way on the same references, with the LSH auto-tuned in its space "
+            "over NumPy-drawn projections (the twin of Spark's). QE: query expansion (the query "
+            "searched again with its first answer, `IMGSIM_QUERY_EXPANSION`).",
+            "",
+            md_table(
+                [
+                    "search space",
+                    "dims",
+                    "QE",
+                    f"precision@{k}",
+                    "hit@1",
+                    f"hit@{k}",
+                    f"exact precision@{k}",
+                    f"LSH recall@{k} vs exact",
+                    "index compared",
+                    "ms/query",
+                ],
+                rows,
+            ),
+            "",
+            f"Default: **precision@{k} {report[f'precision_at_{k}']:.3f}, hit@1 "
+            f"{report['hit_at_1']:.3f}** (exact search in the same space: "
+            f"{report[f'exact_precision_at_{k}']:.3f}); chance {report['chance_precision']:.3f}. "
+            f"The projection chosen: {proj['kind']} {proj.get('dim')} -> {proj.get('dims')} dims, "
+            f"{proj.get('reason')}.",
+            "",
+            f"Cost: learning the projection (in the task, cross-validation included) took "
+            f"{timings.get('projection', 0):.1f} s, {100 * share:.1f}% of the index build "
+            f"({sum(timings.values()):.0f} s: catalog and embedding "
+            f"{timings.get('catalog_and_embed', 0):.0f} s, Spark fit "
+            f"{timings.get('fit_spark_submit', 0):.0f} s, validate and publish "
+            f"{timings.get('validate_and_publish', 0):.1f} s). The whole evaluation took "
+            f"{total:.0f} s. Query expansion costs a second search per query (the ms/query "
+            "column).",
+            "",
+            "![precision@k per search space](plots/quality.png)",
+        ]
+    )
     plot(report, PLOTS_DIR / "quality.png")
-    write_result("quality", {"report": report, "build_seconds": timings,
-                             "total_seconds": round(total, 1)}, md)
+    write_result(
+        "quality",
+        {"report": report, "build_seconds": timings, "total_seconds": round(total, 1)},
+        md,
+    )
     print(md)
 
 

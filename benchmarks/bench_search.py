@@ -42,30 +42,44 @@ QUERIES = 100
 
 
 def hashes_in_chunks(params: BrpParams, x: np.ndarray, rows: int = 50_000) -> np.ndarray:
-    return np.concatenate([hash_vectors(params, x[s:s + rows])
-                           for s in range(0, x.shape[0], rows)])
+    return np.concatenate(
+        [hash_vectors(params, x[s : s + rows]) for s in range(0, x.shape[0], rows)]
+    )
 
 
 def build(x: np.ndarray, seed: int = 42) -> tuple[dict[str, Any], dict[str, LshIndex]]:
     t0 = time.perf_counter()
     sample = x[sample_rows(x.shape[0], MAX_SAMPLE, seed)]
-    choice = tune(sample, target=0.95, k=K, seed=seed, keys_per_band=(1, 2, 4, 8),
-                  probes=(0, 1, 2)).choice
+    choice = tune(
+        sample, target=0.95, k=K, seed=seed, keys_per_band=(1, 2, 4, 8), probes=(0, 1, 2)
+    ).choice
     cfg = choice.config
     params = BrpParams(random_unit_vectors(cfg.projections, x.shape[1], seed), cfg.bucket_length)
     hashes = hashes_in_chunks(params, x)
-    base = LshIndex.build(x, hashes, params, keys_per_band=cfg.keys_per_band, probes=cfg.probes,
-                          scan_share=1.0, scan_below=0)
-    info = {"n": int(x.shape[0]), "dim": int(x.shape[1]), "lsh": cfg.as_dict(),
-            "tuned_recall": round(choice.recall_at_k, 4),
-            "tuned_share": round(choice.candidates_share, 4),
-            "build_seconds": round(time.perf_counter() - t0, 2)}
+    base = LshIndex.build(
+        x,
+        hashes,
+        params,
+        keys_per_band=cfg.keys_per_band,
+        probes=cfg.probes,
+        scan_share=1.0,
+        scan_below=0,
+    )
+    info = {
+        "n": int(x.shape[0]),
+        "dim": int(x.shape[1]),
+        "lsh": cfg.as_dict(),
+        "tuned_recall": round(choice.recall_at_k, 4),
+        "tuned_share": round(choice.candidates_share, 4),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+    }
     variants = {
-        "exact": LshIndex(x, base.bands, params, cfg.probes, 1.0, 2 ** 62),
+        "exact": LshIndex(x, base.bands, params, cfg.probes, 1.0, 2**62),
         "LSH only": base,
         # the share measured in tuning stands for the version's validation share
-        "imgsim default": LshIndex(x, base.bands, params, cfg.probes, SCAN_SHARE, SCAN_BELOW,
-                                   choice.candidates_share),
+        "imgsim default": LshIndex(
+            x, base.bands, params, cfg.probes, SCAN_SHARE, SCAN_BELOW, choice.candidates_share
+        ),
     }
     return info, variants
 
@@ -81,9 +95,7 @@ def measure(name: str, x: np.ndarray, repeat: int) -> list[dict[str, Any]]:
     pick = rng.choice(x.shape[0], QUERIES, replace=False)
     q = l2_normalize(
         x[pick]
-        + rng.normal(scale=0.2 / np.sqrt(x.shape[1]), size=(QUERIES, x.shape[1])).astype(
-            np.float32
-        )
+        + rng.normal(scale=0.2 / np.sqrt(x.shape[1]), size=(QUERIES, x.shape[1])).astype(np.float32)
     )
     info, variants = build(x)
     sq = (x * x).sum(1)
@@ -105,19 +117,33 @@ def measure(name: str, x: np.ndarray, repeat: int) -> list[dict[str, Any]]:
     for method in runs:
         single = statistics.median(times[method]["single"][1:])
         batch = statistics.median(times[method]["batch"][1:])
-        row: dict[str, Any] = {"index": name, **info, "method": method,
-                               "single_ms": 1000 * single / QUERIES,
-                               "batch_ms": 1000 * batch / QUERIES}
+        row: dict[str, Any] = {
+            "index": name,
+            **info,
+            "method": method,
+            "single_ms": 1000 * single / QUERIES,
+            "batch_ms": 1000 * batch / QUERIES,
+        }
         if method in variants:
             answers = variants[method].search(q, K)
-            row["recall_at_5"] = float(np.mean([len(t & set(a.indices.tolist())) / K
-                                                for t, a in zip(truth, answers, strict=True)]))
+            row["recall_at_5"] = float(
+                np.mean(
+                    [
+                        len(t & set(a.indices.tolist())) / K
+                        for t, a in zip(truth, answers, strict=True)
+                    ]
+                )
+            )
             row["share"] = float(np.mean([a.candidates for a in answers]) / x.shape[0])
-            row["answered_by"] = {m: sum(a.method == m for a in answers)
-                                  for m in {a.method for a in answers}}
+            row["answered_by"] = {
+                m: sum(a.method == m for a in answers) for m in {a.method for a in answers}
+            }
         rows.append(row)
-        print(f"{name:>8} {method:>24}: single {row['single_ms']:.3f} ms, batch "
-              f"{row['batch_ms']:.3f} ms/query, {row.get('answered_by', '')}", flush=True)
+        print(
+            f"{name:>8} {method:>24}: single {row['single_ms']:.3f} ms, batch "
+            f"{row['batch_ms']:.3f} ms/query, {row.get('answered_by', '')}",
+            flush=True,
+        )
     return rows
 
 
@@ -136,8 +162,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100k at most, one round")
     args = ap.parse_args()
     repeat = 1 if args.quick else 3
-    sets = [("sample", lambda: load_real().vectors.astype(np.float32)),
-            ("100k", lambda: synthetic(100_000, 128, 3, clusters=5_000))]
+    sets = [
+        ("sample", lambda: load_real().vectors.astype(np.float32)),
+        ("100k", lambda: synthetic(100_000, 128, 3, clusters=5_000)),
+    ]
     if not args.quick:
         sets.append(("1M", lambda: synthetic(1_000_000, 128, 4, clusters=50_000)))
     rows: list[dict[str, Any]] = []
@@ -146,25 +174,49 @@ def main() -> None:
         write_partial(rows)
     base = {r["index"]: r for r in rows if r["method"] == "NumPy exact (baseline)"}
     table = md_table(
-        ["index", "n x dim", "method", "single ms/query", "batch ms/query",
-         "speed vs baseline (single)", "speed vs baseline (batch)", "recall@5", "share compared",
-         "answered by"],
-        [[r["index"], f"{r['n']:,} x {r['dim']}", r["method"], r["single_ms"], r["batch_ms"],
-          f"{base[r['index']]['single_ms'] / r['single_ms']:.2f}x",
-          f"{base[r['index']]['batch_ms'] / r['batch_ms']:.2f}x", r.get("recall_at_5", "-"),
-          f"{100 * r['share']:.1f}%" if "share" in r else "-",
-          ", ".join(f"{m} {c}" for m, c in sorted(r.get("answered_by", {}).items())) or "-"]
-         for r in rows])
-    lsh = "; ".join(f"{r['index']}: {r['lsh']['tables']} bands x {r['lsh']['keys_per_band']} "
-                    f"keys, {r['lsh']['probes']} probes (tuned share {100 * r['tuned_share']:.1f}%)"
-                    for r in rows if r["method"] == "exact")
+        [
+            "index",
+            "n x dim",
+            "method",
+            "single ms/query",
+            "batch ms/query",
+            "speed vs baseline (single)",
+            "speed vs baseline (batch)",
+            "recall@5",
+            "share compared",
+            "answered by",
+        ],
+        [
+            [
+                r["index"],
+                f"{r['n']:,} x {r['dim']}",
+                r["method"],
+                r["single_ms"],
+                r["batch_ms"],
+                f"{base[r['index']]['single_ms'] / r['single_ms']:.2f}x",
+                f"{base[r['index']]['batch_ms'] / r['batch_ms']:.2f}x",
+                r.get("recall_at_5", "-"),
+                f"{100 * r['share']:.1f}%" if "share" in r else "-",
+                ", ".join(f"{m} {c}" for m, c in sorted(r.get("answered_by", {}).items())) or "-",
+            ]
+            for r in rows
+        ],
+    )
+    lsh = "; ".join(
+        f"{r['index']}: {r['lsh']['tables']} bands x {r['lsh']['keys_per_band']} "
+        f"keys, {r['lsh']['probes']} probes (tuned share {100 * r['tuned_share']:.1f}%)"
+        for r in rows
+        if r["method"] == "exact"
+    )
     lsh_only = {r["index"]: r for r in rows if r["method"] == "LSH only"}
     default = {r["index"]: r for r in rows if r["method"] == "imgsim default"}
     verdict = "; ".join(
         f"{i}: default {base[i]['single_ms'] / default[i]['single_ms']:.2f}x / "
         f"{base[i]['batch_ms'] / default[i]['batch_ms']:.2f}x the baseline's speed "
         f"(LSH only {base[i]['single_ms'] / lsh_only[i]['single_ms']:.2f}x / "
-        f"{base[i]['batch_ms'] / lsh_only[i]['batch_ms']:.2f}x)" for i in base)
+        f"{base[i]['batch_ms'] / lsh_only[i]['batch_ms']:.2f}x)"
+        for i in base
+    )
     md = f"""## Lookup latency: LSH against exact search (`bench_search.py`)
 
 In-process lookups, k = 5, {QUERIES} queries (references plus noise): one call per query
@@ -188,8 +240,7 @@ measured share is under IMGSIM_SCAN_SHARE. **exact** and **imgsim default** run 
 wherever the default scans: the gap between them is this shared machine's spread and the order
 of the rounds, not a difference in the work.
 """
-    write_result("search", {"rows": rows, "scan_share": SCAN_SHARE, "scan_below": SCAN_BELOW},
-                 md)
+    write_result("search", {"rows": rows, "scan_share": SCAN_SHARE, "scan_below": SCAN_BELOW}, md)
 
 
 if __name__ == "__main__":

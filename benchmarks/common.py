@@ -25,15 +25,20 @@ PROJECT_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 PLOTS_DIR = BENCH_DIR / "plots"
 WORK_DIR = PROJECT_ROOT / "test-output" / "bench"  # scratch (ignored by git)
-SAMPLE_DIR = Path(os.environ.get(
-    "IMGSIM_SAMPLE_DIR", PROJECT_ROOT.parent / "shared" / "data" / "stanford_cars_sample"))
+SAMPLE_DIR = Path(
+    os.environ.get(
+        "IMGSIM_SAMPLE_DIR", PROJECT_ROOT.parent / "shared" / "data" / "stanford_cars_sample"
+    )
+)
 
 
 def require_sample() -> Path:
     """The shared real Stanford Cars sample, or exit with the reason."""
     if not (SAMPLE_DIR / "labels.csv").exists():
-        sys.exit(f"benchmark needs the shared Stanford Cars sample at {SAMPLE_DIR} "
-                 "(set IMGSIM_SAMPLE_DIR)")
+        sys.exit(
+            f"benchmark needs the shared Stanford Cars sample at {SAMPLE_DIR} "
+            "(set IMGSIM_SAMPLE_DIR)"
+        )
     return SAMPLE_DIR
 
 
@@ -72,8 +77,12 @@ def machine_info() -> dict[str, Any]:
             info[mod] = __import__(mod).__version__
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-            text=True, check=True).stdout.strip()
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     return info
 
 
@@ -92,8 +101,12 @@ def median_time(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> f
 def write_result(name: str, data: dict[str, Any], section_md: str) -> Path:
     """Write results/<name>.json (with machine facts and the command) and results/<name>.md."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    payload = {"name": name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "machine": machine_info(), **data}
+    payload = {
+        "name": name,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine_info(),
+        **data,
+    }
     out = RESULTS_DIR / f"{name}.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
@@ -107,10 +120,12 @@ def write_result(name: str, data: dict[str, Any], section_md: str) -> Path:
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table; floats get 3 significant decimals."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
         return str(v)
+
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)

@@ -25,11 +25,11 @@ CACHE = WORK_DIR / f"lsh_real_{BACKBONE}.npz"
 
 @dataclass(frozen=True)
 class RealSet:
-    files: list[str]             # reference file names, in row order
-    labels: np.ndarray           # (n,) class id per reference
-    vectors: np.ndarray          # (n, 1280) float32, raw (not normalised)
-    dup_source: np.ndarray       # (m,) reference row each near-duplicate query was made from
-    dup_vectors: np.ndarray      # (m, 1280) float32, raw
+    files: list[str]  # reference file names, in row order
+    labels: np.ndarray  # (n,) class id per reference
+    vectors: np.ndarray  # (n, 1280) float32, raw (not normalised)
+    dup_source: np.ndarray  # (m,) reference row each near-duplicate query was made from
+    dup_vectors: np.ndarray  # (m, 1280) float32, raw
 
 
 def near_duplicate(src: Path, dst: Path, rng: np.random.Generator) -> None:
@@ -61,19 +61,24 @@ def load_real(seed: int = 0) -> RealSet:
     """The cached real set, computing it first if absent."""
     if CACHE.exists():
         z = np.load(CACHE, allow_pickle=False)
-        return RealSet([str(f) for f in z["files"]], z["labels"], z["vectors"],
-                       z["dup_source"], z["dup_vectors"])
+        return RealSet(
+            [str(f) for f in z["files"]],
+            z["labels"],
+            z["vectors"],
+            z["dup_source"],
+            z["dup_vectors"],
+        )
     sample = require_sample()
     with open(sample / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     files = [r["image"] for r in rows]
     labels = np.array([int(r["Class"]) for r in rows], np.int64)
-    print(f"embedding {len(files)} sample photos with {BACKBONE} (cached in {CACHE}) ...",
-          flush=True)
+    print(
+        f"embedding {len(files)} sample photos with {BACKBONE} (cached in {CACHE}) ...", flush=True
+    )
     vectors = _embed([sample / "images" / f for f in files])
     rng = np.random.default_rng(seed)
-    source = np.sort(rng.choice(len(files), size=min(NEAR_DUP_QUERIES, len(files)),
-                                replace=False))
+    source = np.sort(rng.choice(len(files), size=min(NEAR_DUP_QUERIES, len(files)), replace=False))
     dup_dir = WORK_DIR / "near_duplicates"
     dup_dir.mkdir(parents=True, exist_ok=True)
     dup_paths = []
@@ -85,14 +90,19 @@ def load_real(seed: int = 0) -> RealSet:
     dup_vectors = _embed(dup_paths)
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     tmp = CACHE.with_suffix(".tmp.npz")
-    np.savez(tmp, files=np.array(files), labels=labels, vectors=vectors,
-             dup_source=source, dup_vectors=dup_vectors)
+    np.savez(
+        tmp,
+        files=np.array(files),
+        labels=labels,
+        vectors=vectors,
+        dup_source=source,
+        dup_vectors=dup_vectors,
+    )
     tmp.replace(CACHE)
     return RealSet(files, labels, vectors, source, dup_vectors)
 
 
-def synthetic(n: int, dim: int, seed: int, clusters: int = 0,
-              spread: float = 0.35) -> np.ndarray:
+def synthetic(n: int, dim: int, seed: int, clusters: int = 0, spread: float = 0.35) -> np.ndarray:
     """n unit vectors: Gaussian, or around ``clusters`` random centres (noise of norm about
     ``spread`` before normalising)."""
     rng = np.random.default_rng(seed)

@@ -34,7 +34,8 @@ def main() -> None:
             f"\n_Measured {m.get('date_utc', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} "
             f"cores, {m.get('memory_gib', '?')} GiB (commit {m.get('git_commit', '?')}). "
             f"Command: `{data.get('command', '?')}`; raw numbers: "
-            f"[results/{name}.json](results/{name}.json)._\n")
+            f"[results/{name}.json](results/{name}.json)._\n"
+        )
     out = BENCH_DIR / "README.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n\n".join(parts).rstrip() + "\n")

@@ -9,7 +9,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from imgsim.assets import LSH_MODEL
 from imgsim.config import BACKBONES, EMBED_ENGINES, PROJECTIONS, Settings
-from imgsim.sparktasks import FIT_PLAN_ARGS, plan_value, spark_task
+from imgsim.sparktasks import FIT_CONF, FIT_PLAN_ARGS, plan_value, spark_task
 
 #: choose_embed_engine's routes (imgsim.index.pipeline.embed_route) -> the task that follows.
 EMBED_ROUTES = {"none": "embed_summary", "tasks": "embed", "spark": "embed_spark"}
@@ -48,55 +48,106 @@ Backfill past days (each reads its own `incoming/<date>/`):
     start_date=datetime.fromisoformat(DEFAULTS.index_start_date),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1),
-                  "retry_exponential_backoff": True},
+    default_args={
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+    },
     tags=["imgsim", "index"],
     doc_md=DOC,
     params={
-        "archive_url": Param(DEFAULTS.archive_locations, type="array",
-                             items={"type": "string", "minLength": 1}, minItems=1,
-                             title="Archive locations (one per line, tried in order)",
-                             description="https://, http://, file:// URLs or local paths of the "
-                                         "image archive (car_ims.tgz or a Kaggle-layout "
-                                         "zip/tgz), or a local folder that holds the images"),
-        "labels_url": Param(DEFAULTS.labels_locations, type="array",
-                            items={"type": "string", "minLength": 1}, minItems=1,
-                            title="Labels locations (one per line, tried in order)",
-                            description="cars_annos.mat or a CSV with Class and image columns"),
+        "archive_url": Param(
+            DEFAULTS.archive_locations,
+            type="array",
+            items={"type": "string", "minLength": 1},
+            minItems=1,
+            title="Archive locations (one per line, tried in order)",
+            description="https://, http://, file:// URLs or local paths of the "
+            "image archive (car_ims.tgz or a Kaggle-layout "
+            "zip/tgz), or a local folder that holds the images",
+        ),
+        "labels_url": Param(
+            DEFAULTS.labels_locations,
+            type="array",
+            items={"type": "string", "minLength": 1},
+            minItems=1,
+            title="Labels locations (one per line, tried in order)",
+            description="cars_annos.mat or a CSV with Class and image columns",
+        ),
         # Optional values are nullable: the trigger form treats an empty string as missing.
-        "archive_checksum": Param(DEFAULTS.archive_checksum or None, type=["null", "string"],
-                                  pattern=CHECKSUM_PATTERN, title="Archive checksum (optional)",
-                                  description="md5:<hex> or sha256:<hex> (a bare 64-digit hex "
-                                              "is sha256); a location serving other bytes is "
-                                              "refused and the next one tried"),
-        "labels_checksum": Param(DEFAULTS.labels_checksum or None, type=["null", "string"],
-                                 pattern=CHECKSUM_PATTERN, title="Labels checksum (optional)"),
-        "min_label_coverage": Param(DEFAULTS.min_label_coverage, type="number", minimum=0,
-                                    maximum=1, title="Minimum label coverage (0 = off)",
-                                    description="share of the archive's images the labels must "
-                                                "name, else the run fails at catalog"),
-        "backbone": Param(DEFAULTS.backbone, type="string", enum=list(BACKBONES),
-                          title="Backbone", description="CNN that embeds the images"),
-        "num_hash_tables": Param(DEFAULTS.lsh_num_hash_tables, type="integer", minimum=0,
-                                 maximum=512, title="LSH hash tables (numHashTables, 0 = auto)",
-                                 description="0 auto-tunes numHashTables and bucketLength to "
-                                             "reach IMGSIM_TARGET_RECALL on a sample"),
-        "bucket_length": Param(DEFAULTS.lsh_bucket_length, type="number", minimum=0,
-                               maximum=100, title="LSH bucket length (0 = auto)",
-                               description="bucket width of the projections of L2-normalised "
-                                           "vectors; 0 derives it from the data's scale"),
-        "projection": Param(DEFAULTS.projection, type="string", enum=list(PROJECTIONS),
-                            title="Projection (search space)",
-                            description="auto: Fisher LDA learned from the labels when they "
-                                        "cover the index, else PCA-whitening; lda, whiten, or "
-                                        "none (L2-normalised embeddings as they are)"),
-        "full_rebuild": Param(False, type="boolean", title="Full rebuild",
-                              description="re-embed every image and refit even if unchanged"),
-        "embed_engine": Param(DEFAULTS.embed_engine, type="string", enum=list(EMBED_ENGINES),
-                              title="Embedding engine",
-                              description="tasks: one mapped Airflow task per shard; spark: "
-                                          "one Spark application (spark_default) for large "
-                                          "backfills. Both write the same vectors."),
+        "archive_checksum": Param(
+            DEFAULTS.archive_checksum or None,
+            type=["null", "string"],
+            pattern=CHECKSUM_PATTERN,
+            title="Archive checksum (optional)",
+            description="md5:<hex> or sha256:<hex> (a bare 64-digit hex "
+            "is sha256); a location serving other bytes is "
+            "refused and the next one tried",
+        ),
+        "labels_checksum": Param(
+            DEFAULTS.labels_checksum or None,
+            type=["null", "string"],
+            pattern=CHECKSUM_PATTERN,
+            title="Labels checksum (optional)",
+        ),
+        "min_label_coverage": Param(
+            DEFAULTS.min_label_coverage,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Minimum label coverage (0 = off)",
+            description="share of the archive's images the labels must "
+            "name, else the run fails at catalog",
+        ),
+        "backbone": Param(
+            DEFAULTS.backbone,
+            type="string",
+            enum=list(BACKBONES),
+            title="Backbone",
+            description="CNN that embeds the images",
+        ),
+        "num_hash_tables": Param(
+            DEFAULTS.lsh_num_hash_tables,
+            type="integer",
+            minimum=0,
+            maximum=512,
+            title="LSH hash tables (numHashTables, 0 = auto)",
+            description="0 auto-tunes numHashTables and bucketLength to "
+            "reach IMGSIM_TARGET_RECALL on a sample",
+        ),
+        "bucket_length": Param(
+            DEFAULTS.lsh_bucket_length,
+            type="number",
+            minimum=0,
+            maximum=100,
+            title="LSH bucket length (0 = auto)",
+            description="bucket width of the projections of L2-normalised "
+            "vectors; 0 derives it from the data's scale",
+        ),
+        "projection": Param(
+            DEFAULTS.projection,
+            type="string",
+            enum=list(PROJECTIONS),
+            title="Projection (search space)",
+            description="auto: Fisher LDA learned from the labels when they "
+            "cover the index, else PCA-whitening; lda, whiten, or "
+            "none (L2-normalised embeddings as they are)",
+        ),
+        "full_rebuild": Param(
+            False,
+            type="boolean",
+            title="Full rebuild",
+            description="re-embed every image and refit even if unchanged",
+        ),
+        "embed_engine": Param(
+            DEFAULTS.embed_engine,
+            type="string",
+            enum=list(EMBED_ENGINES),
+            title="Embedding engine",
+            description="tasks: one mapped Airflow task per shard; spark: "
+            "one Spark application (spark_default) for large "
+            "backfills. Both write the same vectors.",
+        ),
     },
 )
 def imgsim_index() -> None:
@@ -109,9 +160,15 @@ def imgsim_index() -> None:
         from imgsim.versions.runlease import take_for_run
 
         settings = Settings.from_env()
-        take_for_run(settings.layout, run_id, "imgsim_index", poke_s=settings.lease_poke_s,
-                     hold_s=settings.lease_hold_s, requeue_s=settings.lease_requeue_s,
-                     waiting_since=getattr(dag_run, "start_date", None))
+        take_for_run(
+            settings.layout,
+            run_id,
+            "imgsim_index",
+            poke_s=settings.lease_poke_s,
+            hold_s=settings.lease_hold_s,
+            requeue_s=settings.lease_requeue_s,
+            waiting_since=getattr(dag_run, "start_date", None),
+        )
 
     @task
     def release_lease(run_id: str) -> bool:
@@ -123,91 +180,133 @@ def imgsim_index() -> None:
     @task
     def download(params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         settings = Settings.from_env()
         with pipeline.fail_fast(downloads_retried=True):
-            return pipeline.download_sources(settings, params["archive_url"],
-                                             params["labels_url"],
-                                             params["archive_checksum"] or "",
-                                             params["labels_checksum"] or "",
-                                             settings.class_names_locations)
+            return pipeline.download_sources(
+                settings,
+                params["archive_url"],
+                params["labels_url"],
+                params["archive_checksum"] or "",
+                params["labels_checksum"] or "",
+                settings.class_names_locations,
+            )
 
     @task
     def extract(fetched: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         archive = fetched["archive"]
         with pipeline.fail_fast():
-            return pipeline.extract(Settings.from_env(), archive["path"], archive["sha256"],
-                                    archive.get("kind", "file"))
+            return pipeline.extract(
+                Settings.from_env(), archive["path"], archive["sha256"], archive.get("kind", "file")
+            )
 
     @task
-    def catalog(extracted: dict[str, Any], fetched: dict[str, Any], params: dict[str, Any],
-                run_id: str, ds: str | None = None, dag_run: Any = None) -> dict[str, Any]:
+    def catalog(
+        extracted: dict[str, Any],
+        fetched: dict[str, Any],
+        params: dict[str, Any],
+        run_id: str,
+        ds: str | None = None,
+        dag_run: Any = None,
+    ) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         day = pipeline.run_day(ds, dag_run.run_after if dag_run is not None else None)
         names = fetched.get("class_names")
         with pipeline.fail_fast():
-            return pipeline.catalog(Settings.from_env(), extracted["root"],
-                                    fetched["labels"]["path"], day, run_id, params["backbone"],
-                                    params["full_rebuild"], names["path"] if names else None,
-                                    params["min_label_coverage"])
+            return pipeline.catalog(
+                Settings.from_env(),
+                extracted["root"],
+                fetched["labels"]["path"],
+                day,
+                run_id,
+                params["backbone"],
+                params["full_rebuild"],
+                names["path"] if names else None,
+                params["min_label_coverage"],
+            )
 
     @task
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
         from imgsim.index import pipeline
+
         return pipeline.plan_shards(Settings.from_env(), cataloged["to_embed_file"], run_id)
 
     @task(max_active_tis_per_dagrun=2)
     def embed(shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         return pipeline.embed_shard(Settings.from_env(), shard["spec"], params["backbone"])
 
     @task.branch
-    def choose_embed_engine(shards: list[dict[str, Any]], params: dict[str, Any],
-                            run_id: str) -> str:
+    def choose_embed_engine(
+        shards: list[dict[str, Any]], params: dict[str, Any], run_id: str
+    ) -> str:
         from imgsim.index import pipeline
-        route, job = pipeline.embed_route(Settings.from_env(), params["embed_engine"], shards,
-                                          run_id, params["backbone"])
+
+        route, job = pipeline.embed_route(
+            Settings.from_env(), params["embed_engine"], shards, run_id, params["backbone"]
+        )
         get_current_context()["ti"].xcom_push(key="spark_job", value=job)
         return EMBED_ROUTES[route]
 
     embed_spark = spark_task(
-        "embed_spark", "embed_images.py", name="imgsim-embed",
+        "embed_spark",
+        "embed_images.py",
+        name="imgsim-embed",
         conf={"spark.python.worker.reuse": "true"},
-        extra_args=["--job", plan_value("choose_embed_engine", "", xcom_key="spark_job")])
+        extra_args=["--job", plan_value("choose_embed_engine", "", xcom_key="spark_job")],
+    )
 
     @task(trigger_rule="none_failed_min_one_success")
     def embed_summary(shards: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         return pipeline.embed_summary(shards, params["embed_engine"])
 
     @task.short_circuit(trigger_rule="none_failed")
     def fit_plan(embedded: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
-        return pipeline.fit_plan(Settings.from_env(), params["backbone"],
-                                 params["num_hash_tables"], params["bucket_length"],
-                                 params["full_rebuild"], embedded=embedded,
-                                 projection=params["projection"],
-                                 run_id=get_current_context()["run_id"])
+
+        return pipeline.fit_plan(
+            Settings.from_env(),
+            params["backbone"],
+            params["num_hash_tables"],
+            params["bucket_length"],
+            params["full_rebuild"],
+            embedded=embedded,
+            projection=params["projection"],
+            run_id=get_current_context()["run_id"],
+        )
 
     @task
     def learn_projection(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         return pipeline.learn_projection(Settings.from_env(), plan)
 
     fit_lsh = spark_task(
-        "fit_lsh", "fit_lsh.py", name="imgsim-fit-lsh", plan_task="fit_plan",
-        conf={"spark.sql.shuffle.partitions": "8"},
+        "fit_lsh",
+        "fit_lsh.py",
+        name="imgsim-fit-lsh",
+        plan_task="fit_plan",
+        conf=FIT_CONF,
         plan_args=FIT_PLAN_ARGS,
-        extra_args=["--run-id", "{{ run_id }}"])
+        extra_args=["--run-id", "{{ run_id }}"],
+    )
 
     @task
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         return pipeline.validate(Settings.from_env(), plan)
 
     @task(outlets=[LSH_MODEL])
     def publish(plan: dict[str, Any], run_id: str) -> dict[str, Any]:
         from imgsim.index import pipeline
+
         published = pipeline.publish(Settings.from_env(), plan["version"], run_id)
         get_current_context()["outlet_events"][LSH_MODEL].extra = published
         return published
@@ -232,8 +331,7 @@ def imgsim_index() -> None:
     # The teardown waits for every task of the run, also when one fails or the run is skipped
     # at fit_plan, and does not decide the run's state.
     released = release_lease()
-    [embedded, embed_spark, summary, planned, learned, fit_lsh, validated,
-     published] >> released  # type: ignore[operator]
+    [embedded, embed_spark, summary, planned, learned, fit_lsh, validated, published] >> released  # type: ignore[operator]
     released.as_teardown(setups=lease)
 
 

@@ -52,46 +52,76 @@ the in-process twin of the published model, without starting a JVM; more by one 
     tags=["imgsim", "query"],
     doc_md=DOC,
     params={
-        "image_paths": Param([], type="array", items={"type": "string", "minLength": 1},
-                             title="Query images",
-                             description="files to look up, besides queries/inbox/ (absolute "
-                                         "paths under the data root or IMGSIM_QUERY_ROOTS)"),
-        "k": Param(5, type="integer", minimum=1, maximum=100, title="Neighbours (k)",
-                   description="how many similar reference images per query"),
-        "version": Param(None, type=["null", "string"],
-                         pattern="^(v\\d{8}T\\d{6}Z-[0-9a-f]{6})?$",
-                         title="Model version",
-                         description="empty = the current version; see `imgsim versions`"),
+        "image_paths": Param(
+            [],
+            type="array",
+            items={"type": "string", "minLength": 1},
+            title="Query images",
+            description="files to look up, besides queries/inbox/ (absolute "
+            "paths under the data root or IMGSIM_QUERY_ROOTS)",
+        ),
+        "k": Param(
+            5,
+            type="integer",
+            minimum=1,
+            maximum=100,
+            title="Neighbours (k)",
+            description="how many similar reference images per query",
+        ),
+        "version": Param(
+            None,
+            type=["null", "string"],
+            pattern="^(v\\d{8}T\\d{6}Z-[0-9a-f]{6})?$",
+            title="Model version",
+            description="empty = the current version; see `imgsim versions`",
+        ),
     },
 )
 def imgsim_query() -> None:
     @task.short_circuit
     def collect(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         from imgsim.query import run as query
-        return query.collect(Settings.from_env(), run_id, list(params["image_paths"]),
-                             params["k"], params["version"] or None)
+
+        return query.collect(
+            Settings.from_env(),
+            run_id,
+            list(params["image_paths"]),
+            params["k"],
+            params["version"] or None,
+        )
 
     @task.branch
     def embed(plan: dict[str, Any]) -> str:
         from imgsim.query import run as query
+
         done = query.embed_and_route(Settings.from_env(), plan["run_dir"])
         get_current_context()["ti"].xcom_push(key="embedded", value=done)
         return QUERY_ROUTES[done["engine"]]
 
     lookup = spark_task(
-        "lookup", "query_lsh.py", name="imgsim-query-lsh", plan_task="collect",
+        "lookup",
+        "query_lsh.py",
+        name="imgsim-query-lsh",
+        plan_task="collect",
         conf={"spark.sql.shuffle.partitions": "8"},
-        plan_args={"--data-root": "data_root", "--version": "model_version",
-                   "--run-dir": "run_dir", "--k": "k",
-                   # Deliberately not the settings' defaults: a plan written before a
-                   # setting existed (a run queued across an upgrade) keeps its former
-                   # behaviour: no expansion, never an exact scan (share 1.0, below 0).
-                   "--expansion": ("query_expansion", 0), "--scan-share": ("scan_share", 1.0),
-                   "--scan-below": ("scan_below", 0)})
+        plan_args={
+            "--data-root": "data_root",
+            "--version": "model_version",
+            "--run-dir": "run_dir",
+            "--k": "k",
+            # Deliberately not the settings' defaults: a plan written before a
+            # setting existed (a run queued across an upgrade) keeps its former
+            # behaviour: no expansion, never an exact scan (share 1.0, below 0).
+            "--expansion": ("query_expansion", 0),
+            "--scan-share": ("scan_share", 1.0),
+            "--scan-below": ("scan_below", 0),
+        },
+    )
 
     @task(trigger_rule="none_failed_min_one_success")
     def write_results(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.query import run as query
+
         return query.finalize(Settings.from_env(), plan["run_dir"])
 
     planned = collect()

@@ -17,12 +17,27 @@ from imgsim.serve.webui import app
 # ``href`` is relative (no leading slash) so it resolves against the UI's <base href>, which
 # keeps the links right when Airflow is served under a path prefix.
 _VIEWS: list[dict[str, Any]] = [
-    {"name": "Image similarity", "href": "imgsim/", "url_route": "imgsim",
-     "destination": "nav", "nav_top_level": True},
-    {"name": "imgsim: latest queries", "href": "imgsim/gallery", "url_route": "imgsim-gallery",
-     "destination": "nav", "category": "Image similarity"},
-    {"name": "imgsim: find similar images", "href": "imgsim/search",
-     "url_route": "imgsim-search", "destination": "nav", "category": "Image similarity"},
+    {
+        "name": "Image similarity",
+        "href": "imgsim/",
+        "url_route": "imgsim",
+        "destination": "nav",
+        "nav_top_level": True,
+    },
+    {
+        "name": "imgsim: latest queries",
+        "href": "imgsim/gallery",
+        "url_route": "imgsim-gallery",
+        "destination": "nav",
+        "category": "Image similarity",
+    },
+    {
+        "name": "imgsim: find similar images",
+        "href": "imgsim/search",
+        "url_route": "imgsim-search",
+        "destination": "nav",
+        "category": "Image similarity",
+    },
 ]
 
 

@@ -54,6 +54,7 @@ class ServiceError(RuntimeError):
 
 # --------------------------------------------------------------------------- processes
 
+
 @dataclass
 class Proc:
     name: str
@@ -67,8 +68,9 @@ class Proc:
 
     def check(self) -> None:
         if not self.alive:
-            raise ServiceError(f"{self.name} exited with {self.popen.returncode}"
-                               f"{log_tail(self.log)}")
+            raise ServiceError(
+                f"{self.name} exited with {self.popen.returncode}{log_tail(self.log)}"
+            )
 
 
 def log_tail(path: Path, chars: int = 4000) -> str:
@@ -79,13 +81,26 @@ def log_tail(path: Path, chars: int = 4000) -> str:
     return f"\n--- {path} (tail) ---\n{text[-chars:]}"
 
 
-def start(name: str, cmd: list[str], env: Mapping[str, str], log: Path,
-          stop_signal: int = signal.SIGTERM, cwd: Path | None = None) -> Proc:
+def start(
+    name: str,
+    cmd: list[str],
+    env: Mapping[str, str],
+    log: Path,
+    stop_signal: int = signal.SIGTERM,
+    cwd: Path | None = None,
+) -> Proc:
     """Start ``cmd`` in a new session (its own process group), stdout+stderr to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        popen = subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+        popen = subprocess.Popen(
+            cmd,
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=cwd,
+        )
     return Proc(name, popen, log, stop_signal)
 
 
@@ -98,7 +113,7 @@ def stop(procs: list[Proc], timeout: float = 30.0) -> None:
     for p in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-    for p in procs:   # the leader may be gone while its children are not
+    for p in procs:  # the leader may be gone while its children are not
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -106,8 +121,14 @@ def stop(procs: list[Proc], timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def running(name: str, cmd: list[str], env: Mapping[str, str], log: Path,
-            stop_signal: int = signal.SIGTERM, timeout: float = 30.0) -> Iterator[Proc]:
+def running(
+    name: str,
+    cmd: list[str],
+    env: Mapping[str, str],
+    log: Path,
+    stop_signal: int = signal.SIGTERM,
+    timeout: float = 30.0,
+) -> Iterator[Proc]:
     proc = start(name, cmd, env, log, stop_signal)
     try:
         yield proc
@@ -115,8 +136,13 @@ def running(name: str, cmd: list[str], env: Mapping[str, str], log: Path,
         stop([proc], timeout)
 
 
-def wait_until(what: str, ready: Callable[[], bool], timeout: float,
-               procs: tuple[Proc, ...] = (), interval: float = 1.0) -> None:
+def wait_until(
+    what: str,
+    ready: Callable[[], bool],
+    timeout: float,
+    procs: tuple[Proc, ...] = (),
+    interval: float = 1.0,
+) -> None:
     """Poll ``ready`` until it is true; fail early if one of ``procs`` dies."""
     deadline = time.monotonic() + timeout
     while True:
@@ -144,6 +170,7 @@ def port_open(port: int) -> bool:
 
 # --------------------------------------------------------------------------- PostgreSQL
 
+
 @dataclass(frozen=True)
 class Postgres:
     port: int
@@ -155,8 +182,10 @@ class Postgres:
 
     @property
     def sqlalchemy_url(self) -> str:
-        return (f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/"
-                f"{self.database}")
+        return (
+            f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+            f"{self.database}"
+        )
 
     @property
     def celery_result_backend(self) -> str:
@@ -165,14 +194,21 @@ class Postgres:
     def connect(self) -> Any:
         import psycopg2
 
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user,
-                                password=self.password, dbname=self.database)
+        return psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=self.database,
+        )
 
 
 def postgres_bin() -> Path:
     """The folder of the Debian package's server binaries (initdb, pg_ctl, postgres)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+    )
     if found:
         return found[-1].parent
     initdb = shutil.which("initdb")
@@ -189,8 +225,7 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres(log_dir: Path, database: str = "airflow", user: str = "airflow"
-             ) -> Iterator[Postgres]:
+def postgres(log_dir: Path, database: str = "airflow", user: str = "airflow") -> Iterator[Postgres]:
     """A throwaway cluster: initdb in a temp folder, pg_ctl start, a database and its owner."""
     import psycopg2
 
@@ -207,17 +242,50 @@ def postgres(log_dir: Path, database: str = "airflow", user: str = "airflow"
     pg = Postgres(port, datadir, user, password, database, log)
     started = False
     try:
-        subprocess.run(_as_postgres([str(pg_bin / "initdb"), "-D", str(datadir), "-U",
-                                     "postgres", "--auth-local=trust",
-                                     "--auth-host=scram-sha-256", "-E", "UTF8",
-                                     "--locale=C.UTF-8"]),
-                       check=True, capture_output=True, timeout=180)
-        opts = (f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off "
-                "-c max_connections=200 -c shared_buffers=64MB")
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(pg_bin / "initdb"),
+                    "-D",
+                    str(datadir),
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off "
+            "-c max_connections=200 -c shared_buffers=64MB"
+        )
         started = True
-        proc = subprocess.run(_as_postgres([str(pg_bin / "pg_ctl"), "start", "-w", "-t", "120",
-                                            "-D", str(datadir), "-l", str(log), "-o", opts]),
-                              capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            _as_postgres(
+                [
+                    str(pg_bin / "pg_ctl"),
+                    "start",
+                    "-w",
+                    "-t",
+                    "120",
+                    "-D",
+                    str(datadir),
+                    "-l",
+                    str(log),
+                    "-o",
+                    opts,
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         if proc.returncode != 0:
             raise ServiceError(f"pg_ctl start failed: {proc.stdout}{proc.stderr}{log_tail(log)}")
         admin = psycopg2.connect(host=str(base), port=port, user="postgres", dbname="postgres")
@@ -230,12 +298,40 @@ def postgres(log_dir: Path, database: str = "airflow", user: str = "airflow"
     finally:
         if started:
             stopped = subprocess.run(
-                _as_postgres([str(pg_bin / "pg_ctl"), "stop", "-D", str(datadir), "-m", "fast",
-                              "-w", "-t", "30"]), capture_output=True, timeout=60)
+                _as_postgres(
+                    [
+                        str(pg_bin / "pg_ctl"),
+                        "stop",
+                        "-D",
+                        str(datadir),
+                        "-m",
+                        "fast",
+                        "-w",
+                        "-t",
+                        "30",
+                    ]
+                ),
+                capture_output=True,
+                timeout=60,
+            )
             if stopped.returncode != 0 and (datadir / "postmaster.pid").exists():
-                subprocess.run(_as_postgres([str(pg_bin / "pg_ctl"), "stop", "-D", str(datadir),
-                                             "-m", "immediate", "-w", "-t", "30"]),
-                               capture_output=True, timeout=60)
+                subprocess.run(
+                    _as_postgres(
+                        [
+                            str(pg_bin / "pg_ctl"),
+                            "stop",
+                            "-D",
+                            str(datadir),
+                            "-m",
+                            "immediate",
+                            "-w",
+                            "-t",
+                            "30",
+                        ]
+                    ),
+                    capture_output=True,
+                    timeout=60,
+                )
         log_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             shutil.copyfile(log, log_dir / "postgres.log")
@@ -243,6 +339,7 @@ def postgres(log_dir: Path, database: str = "airflow", user: str = "airflow"
 
 
 # --------------------------------------------------------------------------- Redis
+
 
 @dataclass(frozen=True)
 class Redis:
@@ -261,8 +358,23 @@ def redis(workdir: Path, log_dir: Path) -> Iterator[Redis]:
     port = free_port()
     folder = workdir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-           "--dir", str(folder), "--protected-mode", "yes", "--daemonize", "no"]
+    cmd = [
+        exe,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(folder),
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
+    ]
     with running("redis", cmd, os.environ, log_dir / "redis.log") as proc:
         import redis as redis_py
 
@@ -273,6 +385,7 @@ def redis(workdir: Path, log_dir: Path) -> Iterator[Redis]:
 
 
 # --------------------------------------------------------------------------- Spark
+
 
 @dataclass(frozen=True)
 class SparkCluster:
@@ -297,35 +410,68 @@ class SparkCluster:
 
 
 def spark_env(workdir: Path, base: Mapping[str, str]) -> dict[str, str]:
-    conf_dir = workdir / "spark-conf"          # empty: no spark-defaults.conf from elsewhere
+    conf_dir = workdir / "spark-conf"  # empty: no spark-defaults.conf from elsewhere
     conf_dir.mkdir(parents=True, exist_ok=True)
     local = workdir / "spark-local"
     local.mkdir(parents=True, exist_ok=True)
-    return {**base, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_CONF_DIR": str(conf_dir),
-            "SPARK_LOCAL_DIRS": str(local), "SPARK_DAEMON_MEMORY": "512m",
-            "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false "
-                                 "-Dspark.deploy.retainedApplications=50",
-            "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=false"}
+    return {
+        **base,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_CONF_DIR": str(conf_dir),
+        "SPARK_LOCAL_DIRS": str(local),
+        "SPARK_DAEMON_MEMORY": "512m",
+        "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false "
+        "-Dspark.deploy.retainedApplications=50",
+        "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=false",
+    }
 
 
 @contextlib.contextmanager
-def spark_cluster(workdir: Path, log_dir: Path, base_env: Mapping[str, str],
-                  worker_cores: int = 1, worker_memory: str = "2g") -> Iterator[SparkCluster]:
+def spark_cluster(
+    workdir: Path,
+    log_dir: Path,
+    base_env: Mapping[str, str],
+    worker_cores: int = 1,
+    worker_memory: str = "2g",
+) -> Iterator[SparkCluster]:
     """A standalone master and one worker, both started with ``spark-class``."""
     env = spark_env(workdir, base_env)
     spark_class = str(BIN / "spark-class")
     port, webui, worker_webui = free_port(), free_port(), free_port()
     worker_dir = workdir / "spark-work"
     worker_dir.mkdir(parents=True, exist_ok=True)
-    master_cmd = [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                  "--port", str(port), "--webui-port", str(webui)]
+    master_cmd = [
+        spark_class,
+        "org.apache.spark.deploy.master.Master",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--webui-port",
+        str(webui),
+    ]
     with running("spark-master", master_cmd, env, log_dir / "spark-master.log") as master:
-        wait_until("spark master", lambda: get_json(
-            f"http://127.0.0.1:{webui}/json/")["status"] == "ALIVE", 180, (master,))
-        worker_cmd = [spark_class, "org.apache.spark.deploy.worker.Worker",
-                      f"spark://127.0.0.1:{port}", "--host", "127.0.0.1",
-                      "--cores", str(worker_cores), "--memory", worker_memory,
-                      "--webui-port", str(worker_webui), "--work-dir", str(worker_dir)]
+        wait_until(
+            "spark master",
+            lambda: get_json(f"http://127.0.0.1:{webui}/json/")["status"] == "ALIVE",
+            180,
+            (master,),
+        )
+        worker_cmd = [
+            spark_class,
+            "org.apache.spark.deploy.worker.Worker",
+            f"spark://127.0.0.1:{port}",
+            "--host",
+            "127.0.0.1",
+            "--cores",
+            str(worker_cores),
+            "--memory",
+            worker_memory,
+            "--webui-port",
+            str(worker_webui),
+            "--work-dir",
+            str(worker_dir),
+        ]
         with running("spark-worker", worker_cmd, env, log_dir / "spark-worker.log") as worker:
             cluster = SparkCluster(port, webui, worker_webui, worker_dir, master, worker)
 
@@ -350,12 +496,19 @@ def _write_worker_hooks(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{HOOKS_MODULE}.py").write_text(
         '"""Written by tests/cluster.py for the Celery worker process only."""\n\n\n'
-        f"def worker_hostname() -> str:\n    return {CELERY_WORKER_NAME!r}\n")
+        f"def worker_hostname() -> str:\n    return {CELERY_WORKER_NAME!r}\n"
+    )
     return folder
 
 
-def airflow_env(home: Path, pg: Postgres, broker: Redis, spark: SparkCluster, api_port: int,
-                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def airflow_env(
+    home: Path,
+    pg: Postgres,
+    broker: Redis,
+    spark: SparkCluster,
+    api_port: int,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The environment every Airflow component shares (the embedded default's, scaled out)."""
     from imgsim.envsetup import embedded_environment
 
@@ -365,32 +518,35 @@ def airflow_env(home: Path, pg: Postgres, broker: Redis, spark: SparkCluster, ap
     base["AIRFLOW__API__PORT"] = str(api_port)
     base["AIRFLOW__API__HOST"] = "127.0.0.1"
     env = embedded_environment(base)
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg.sqlalchemy_url,
-        "AIRFLOW__CELERY__BROKER_URL": broker.url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": pg.celery_result_backend,
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        # Components sign and check each other's tokens: one secret for all of them.
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps(
-            {"conn_type": "spark", "host": spark.url, "extra": {"deploy-mode": "client"}}),
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg.sqlalchemy_url,
+            "AIRFLOW__CELERY__BROKER_URL": broker.url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": pg.celery_result_backend,
+            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "4",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+            # Components sign and check each other's tokens: one secret for all of them.
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps(
+                {"conn_type": "spark", "host": spark.url, "extra": {"deploy-mode": "client"}}
+            ),
+            "SPARK_LOCAL_IP": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -408,63 +564,98 @@ class AirflowCluster:
 
 def _health_ok(api: Airflow) -> bool:
     health = api.call("GET", "/api/v2/monitor/health", auth=False)
-    return all(health.get(c, {}).get("status") == "healthy"
-               for c in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+    return all(
+        health.get(c, {}).get("status") == "healthy"
+        for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+    )
 
 
 @contextlib.contextmanager
-def airflow_components(env: dict[str, str], log_dir: Path, workdir: Path
-                       ) -> Iterator[AirflowCluster]:
+def airflow_components(
+    env: dict[str, str], log_dir: Path, workdir: Path
+) -> Iterator[AirflowCluster]:
     """db migrate, then api-server, scheduler, dag-processor, triggerer and a Celery worker."""
     import importlib.util
 
     if importlib.util.find_spec("asyncpg") is None:
-        raise ServiceError("asyncpg is not installed: Airflow 3 opens an async engine on the "
-                           "metadata DB too, postgresql+asyncpg for PostgreSQL")
+        raise ServiceError(
+            "asyncpg is not installed: Airflow 3 opens an async engine on the "
+            "metadata DB too, postgresql+asyncpg for PostgreSQL"
+        )
     airflow = str(BIN / "airflow")
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True,
-                             text=True, timeout=900)
+    migrate = subprocess.run(
+        [airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=900
+    )
     (log_dir / "airflow-db-migrate.log").write_text(migrate.stdout + migrate.stderr)
     if migrate.returncode != 0:
-        raise ServiceError("airflow db migrate failed"
-                           + log_tail(log_dir / "airflow-db-migrate.log"))
+        raise ServiceError(
+            "airflow db migrate failed" + log_tail(log_dir / "airflow-db-migrate.log")
+        )
     hooks = _write_worker_hooks(workdir / "worker-hooks")
-    worker_env = {**env,
-                  "PYTHONPATH": os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]),
-                  "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{HOOKS_MODULE}.worker_hostname"}
+    worker_env = {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(hooks), env.get("PYTHONPATH", "")]),
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": f"{HOOKS_MODULE}.worker_hostname",
+    }
     commands: dict[str, tuple[list[str], dict[str, str], int]] = {
-        "api-server": ([airflow, "api-server", "--host", "127.0.0.1", "--port",
-                        env["AIRFLOW__API__PORT"]], env, signal.SIGTERM),
+        "api-server": (
+            [airflow, "api-server", "--host", "127.0.0.1", "--port", env["AIRFLOW__API__PORT"]],
+            env,
+            signal.SIGTERM,
+        ),
         "scheduler": ([airflow, "scheduler"], env, signal.SIGTERM),
         "dag-processor": ([airflow, "dag-processor"], env, signal.SIGTERM),
         "triggerer": ([airflow, "triggerer"], env, signal.SIGTERM),
         # SIGTERM is Celery's warm shutdown: running tasks finish first.
-        "celery-worker": ([airflow, "celery", "worker", "--concurrency", "2",
-                           "--celery-hostname", f"{CELERY_WORKER_NAME}@%h"],
-                          worker_env, signal.SIGTERM),
+        "celery-worker": (
+            [
+                airflow,
+                "celery",
+                "worker",
+                "--concurrency",
+                "2",
+                "--celery-hostname",
+                f"{CELERY_WORKER_NAME}@%h",
+            ],
+            worker_env,
+            signal.SIGTERM,
+        ),
     }
     procs: dict[str, Proc] = {}
     try:
         for name, (cmd, proc_env, sig) in commands.items():
-            procs[name] = start(f"airflow {name}", cmd, proc_env, log_dir / f"airflow-{name}.log",
-                                sig)
+            procs[name] = start(
+                f"airflow {name}", cmd, proc_env, log_dir / f"airflow-{name}.log", sig
+            )
         api = Airflow(f"http://127.0.0.1:{env['AIRFLOW__API__PORT']}", env)
         everything = tuple(procs.values())
-        wait_until("airflow api-server", lambda: port_open(int(env["AIRFLOW__API__PORT"])),
-                   300, everything, 2)
+        wait_until(
+            "airflow api-server",
+            lambda: port_open(int(env["AIRFLOW__API__PORT"])),
+            300,
+            everything,
+            2,
+        )
         api.login(timeout=120)
-        wait_until("airflow components (monitor/health)", lambda: _health_ok(api), 300,
-                   everything, 2)
+        wait_until(
+            "airflow components (monitor/health)", lambda: _health_ok(api), 300, everything, 2
+        )
         worker_log = procs["celery-worker"].log
-        wait_until("celery worker", lambda: " ready." in worker_log.read_text(errors="replace"),
-                   300, everything, 2)
+        wait_until(
+            "celery worker",
+            lambda: " ready." in worker_log.read_text(errors="replace"),
+            300,
+            everything,
+            2,
+        )
         yield AirflowCluster(env, api, procs, worker_env)
     finally:
         stop(list(procs.values()), timeout=45)
 
 
 # --------------------------------------------------------------------------- everything
+
 
 @dataclass
 class Cluster:
@@ -498,8 +689,9 @@ def save_logs(workdir: Path, log_dir: Path, target: Path) -> None:
     with contextlib.suppress(OSError):
         shutil.copytree(log_dir, target / "services", dirs_exist_ok=True)
     with contextlib.suppress(OSError):
-        shutil.copytree(workdir / "airflow-home" / "logs", target / "airflow-task-logs",
-                        dirs_exist_ok=True)
+        shutil.copytree(
+            workdir / "airflow-home" / "logs", target / "airflow-task-logs", dirs_exist_ok=True
+        )
     spark_work = workdir / "spark-work"
     for f in spark_work.glob("app-*/*/std*"):
         dest = target / "spark-executors" / f.relative_to(spark_work)
@@ -509,8 +701,9 @@ def save_logs(workdir: Path, log_dir: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def cluster(workdir: Path, extra_env: Mapping[str, str] | None = None,
-            failure_logs: Path | None = None) -> Iterator[Cluster]:
+def cluster(
+    workdir: Path, extra_env: Mapping[str, str] | None = None, failure_logs: Path | None = None
+) -> Iterator[Cluster]:
     """Postgres, Redis, Spark master + worker and the Airflow components, in that order.
 
     ``extra_env`` (e.g. ``IMGSIM_DATA_ROOT``) goes to every Airflow component. If the body
@@ -527,10 +720,12 @@ def cluster(workdir: Path, extra_env: Mapping[str, str] | None = None,
                 from imgsim.envsetup import embedded_environment
 
                 spark_base = embedded_environment(
-                    {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")})
+                    {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+                )
                 spark = stack.enter_context(spark_cluster(workdir, log_dir, spark_base))
-                env = airflow_env(workdir / "airflow-home", pg, broker, spark, free_port(),
-                                  extra_env)
+                env = airflow_env(
+                    workdir / "airflow-home", pg, broker, spark, free_port(), extra_env
+                )
                 af = stack.enter_context(airflow_components(env, log_dir, workdir))
                 yield Cluster(workdir, log_dir, pg, broker, spark, af)
             except BaseException:
@@ -541,21 +736,34 @@ def cluster(workdir: Path, extra_env: Mapping[str, str] | None = None,
         if failure_logs is not None and failure_logs.exists():
             # postgres.log is copied into log_dir only when Postgres stops.
             with contextlib.suppress(OSError):
-                shutil.copyfile(log_dir / "postgres.log", failure_logs / "services" /
-                                "postgres.log")
+                shutil.copyfile(
+                    log_dir / "postgres.log", failure_logs / "services" / "postgres.log"
+                )
 
 
 # --------------------------------------------------------------------------- by hand
 
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the whole cluster; Ctrl-C stops it")
-    up.add_argument("--data-root", type=Path, default=None,
-                    help="imgsim data root shared by every component (default: WORKDIR/data)")
-    up.add_argument("--workdir", type=Path, default=None,
-                    help="folder for the services' files and logs (default: a temp folder)")
+    up.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="imgsim data root shared by every component (default: WORKDIR/data)",
+    )
+    up.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="folder for the services' files and logs (default: a temp folder)",
+    )
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imgsim-cluster-"))
     extra = {k: v for k, v in os.environ.items() if k.startswith("IMGSIM_")}
@@ -573,16 +781,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cluster(workdir, extra) as c:
             pw_file = Path(c.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-            print(f"""
+            print(
+                f"""
 imgsim cluster up
   Airflow UI/API   : {c.api.base}   (user admin, password in {pw_file})
   metadata DB      : postgresql://{c.postgres.user}:***@127.0.0.1:{c.postgres.port}/{c.postgres.database}
   Celery broker    : {c.redis.url}
   Spark master     : {c.spark.url}  UI http://127.0.0.1:{c.spark.webui_port}
   Spark worker UI  : http://127.0.0.1:{c.spark.worker_webui_port}
-  data root        : {extra['IMGSIM_DATA_ROOT']}
+  data root        : {extra["IMGSIM_DATA_ROOT"]}
   logs             : {c.log_dir}
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+                flush=True,
+            )
             while True:
                 c.check()
                 time.sleep(5)

@@ -21,9 +21,16 @@ LABELS_DIR = SHARED_DATA / "stanford_cars_labels"
 #: crash 175, demo 107, spark_embed 106; everything else about 300 together). `make test` runs
 #: files in 2 processes (pytest-xdist, --dist loadfile --no-loadscope-reorder) in this order, so
 #: the long ones start first and the short ones fill the gaps at the end.
-SLOWEST_FIRST = ("test_backfill.py", "test_distributed.py", "test_e2e.py",
-                 "test_evaluate.py", "test_browser.py", "test_crash.py",
-                 "test_demo.py", "test_spark_embed.py")
+SLOWEST_FIRST = (
+    "test_backfill.py",
+    "test_distributed.py",
+    "test_e2e.py",
+    "test_evaluate.py",
+    "test_browser.py",
+    "test_crash.py",
+    "test_demo.py",
+    "test_spark_embed.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,6 +44,14 @@ def require_sample() -> Path:
     if not (SAMPLE_DIR / "labels.csv").exists():
         pytest.skip(f"needs the shared Stanford Cars sample at {SAMPLE_DIR} (absent here)")
     return SAMPLE_DIR
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variables: the download tests talk to servers on 127.0.0.1 only."""
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +68,14 @@ def spark() -> Iterator[object]:
         os.environ.setdefault(key, embedded_environment()[key])
     from pyspark.sql import SparkSession
 
-    session = (SparkSession.builder.master("local[2]").appName("imgsim-tests")
-               .config("spark.sql.shuffle.partitions", "4")
-               .config("spark.ui.enabled", "false")
-               .config("spark.sql.session.timeZone", "UTC")
-               .getOrCreate())
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("imgsim-tests")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+        .getOrCreate()
+    )
     yield session
     session.stop()
 
@@ -68,8 +86,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from imgsim.envsetup import embedded_environment
 
     home = tmp_path_factory.mktemp("airflow-home")
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("AIRFLOW", "IMGSIM_"))}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "IMGSIM_"))}
     base["AIRFLOW_HOME"] = str(home)
     env = embedded_environment(base)
     env["AIRFLOW_HOME"] = str(home)

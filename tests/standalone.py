@@ -37,8 +37,9 @@ class Airflow:
         while True:
             try:
                 password = json.loads(pw_file.read_text())[user]
-                body = self.call("POST", "/auth/token", {"username": user, "password": password},
-                                 auth=False)
+                body = self.call(
+                    "POST", "/auth/token", {"username": user, "password": password}, auth=False
+                )
                 self.token = body["access_token"]
                 return
             except (OSError, ValueError, KeyError, urllib.error.URLError):
@@ -46,10 +47,14 @@ class Airflow:
                     raise
                 time.sleep(2)
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             auth: bool = True) -> Any:
-        req = urllib.request.Request(self.base + path, method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, auth: bool = True
+    ) -> Any:
+        req = urllib.request.Request(
+            self.base + path,
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+        )
         req.add_header("Content-Type", "application/json")
         if auth:
             req.add_header("Authorization", f"Bearer {self.token}")
@@ -94,8 +99,9 @@ class Airflow:
             assert time.monotonic() < deadline, f"only {len(done)}/{count} runs finished: {runs}"
             time.sleep(3)
 
-    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None,
-                logical_date: str | None = "now") -> str:
+    def trigger(
+        self, dag_id: str, conf: dict[str, Any] | None = None, logical_date: str | None = "now"
+    ) -> str:
         """A manual run of ``dag_id``; returns its run id.
 
         ``logical_date`` "now" (the default) gives the run the current time, as the UI's
@@ -105,8 +111,11 @@ class Airflow:
             from datetime import UTC, datetime
 
             logical_date = datetime.now(UTC).isoformat()
-        body = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns",
-                         {"logical_date": logical_date, "conf": conf or {}})
+        body = self.call(
+            "POST",
+            f"/api/v2/dags/{dag_id}/dagRuns",
+            {"logical_date": logical_date, "conf": conf or {}},
+        )
         return str(body["dag_run_id"])
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
@@ -121,8 +130,10 @@ class Airflow:
             if run["state"] == "success":
                 return dict(run)
             if run["state"] == "failed" or time.monotonic() > deadline:
-                states = {(t["task_id"], t["map_index"]): t["state"]
-                          for t in self.task_instances(dag_id, run_id)}
+                states = {
+                    (t["task_id"], t["map_index"]): t["state"]
+                    for t in self.task_instances(dag_id, run_id)
+                }
                 raise AssertionError(f"{dag_id} run {run_id} is {run['state']}: {states}")
             time.sleep(3)
 
@@ -144,19 +155,27 @@ class Airflow:
 def standalone(env: dict[str, str], log: Path) -> Iterator[Airflow]:
     """`airflow standalone` on a free port; stopped (SIGINT, then SIGKILL) on exit."""
     port = free_port()
-    env = {**env, "AIRFLOW__API__PORT": str(port), "AIRFLOW__API__HOST": "127.0.0.1",
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__CORE__PARALLELISM": "4",
-           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-           # the scheduler's and triggerer's log servers (8793/8794 by default): free ports,
-           # so that two standalones (parallel test processes) do not collide
-           "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-           "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port())}
+    env = {
+        **env,
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        # the scheduler's and triggerer's log servers (8793/8794 by default): free ports,
+        # so that two standalones (parallel test processes) do not collide
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+    }
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "standalone"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             airflow = Airflow(f"http://127.0.0.1:{port}", env)
             airflow.login()
@@ -169,5 +188,5 @@ def standalone(env: dict[str, str], log: Path) -> Iterator[Airflow]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
-            with contextlib.suppress(ProcessLookupError):   # stray children of standalone
+            with contextlib.suppress(ProcessLookupError):  # stray children of standalone
                 os.killpg(proc.pid, signal.SIGKILL)

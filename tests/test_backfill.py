@@ -39,9 +39,20 @@ def backfill(env: dict[str, str], airflow: Any, *extra: str) -> None:
     """``airflow backfill create`` over DATES, as a user types it; retried on SQLite's transient
     lock. A try that failed after its backfill was committed counts as done (the retry would
     meet that very backfill as AlreadyRunningBackfill)."""
-    cmd = [str(Path(sys.executable).parent / "airflow"), "backfill", "create", "--dag-id",
-           "imgsim_index", "--from-date", DATES[0], "--to-date", DATES[-1],
-           "--max-active-runs", "2", *extra]
+    cmd = [
+        str(Path(sys.executable).parent / "airflow"),
+        "backfill",
+        "create",
+        "--dag-id",
+        "imgsim_index",
+        "--from-date",
+        DATES[0],
+        "--to-date",
+        DATES[-1],
+        "--max-active-runs",
+        "2",
+        *extra,
+    ]
 
     def count() -> int:
         return len(airflow.call("GET", "/api/v2/backfills?dag_id=imgsim_index")["backfills"])
@@ -61,10 +72,14 @@ def backfill(env: dict[str, str], airflow: Any, *extra: str) -> None:
 
 def work_span(airflow: Any, run_id: str) -> tuple[datetime, datetime]:
     """From the first task start to the last task end of a run, leaving out the lease wait."""
-    tis = airflow.call("GET", f"/api/v2/dags/imgsim_index/dagRuns/{quote(run_id)}"
-                              "/taskInstances?limit=200")["task_instances"]
-    starts = [datetime.fromisoformat(t["start_date"]) for t in tis
-              if t["start_date"] and t["task_id"] != "take_lease"]
+    tis = airflow.call(
+        "GET", f"/api/v2/dags/imgsim_index/dagRuns/{quote(run_id)}/taskInstances?limit=200"
+    )["task_instances"]
+    starts = [
+        datetime.fromisoformat(t["start_date"])
+        for t in tis
+        if t["start_date"] and t["task_id"] != "take_lease"
+    ]
     ends = [datetime.fromisoformat(t["end_date"]) for t in tis if t["end_date"]]
     assert starts and ends, tis
     return min(starts), max(ends)
@@ -77,8 +92,9 @@ def assert_serialized(airflow: Any, run_ids: list[str]) -> None:
 
 
 @pytest.mark.timeout(1800)
-def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sample_dir: Path,
-                                                tmp_path: Path) -> None:
+def test_backfill_twice_indexes_every_image_once(
+    airflow_env: dict[str, str], sample_dir: Path, tmp_path: Path
+) -> None:
     with open(sample_dir / "labels.csv", newline="") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: r["image"])
     src = tmp_path / "src"
@@ -86,34 +102,44 @@ def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sa
     with tarfile.open(src / "cars_train.tgz", "w:gz") as tar:
         for r in rows[:ARCHIVE]:
             tar.add(sample_dir / "images" / r["image"], arcname=f"cars_train/{r['image']}")
-    (src / "labels.csv").write_text("Class,image\n" + "".join(
-        f"{r['Class']},{r['image']}\n" for r in rows[:ARCHIVE]))
+    (src / "labels.csv").write_text(
+        "Class,image\n" + "".join(f"{r['Class']},{r['image']}\n" for r in rows[:ARCHIVE])
+    )
     layout = Layout(tmp_path / "data")
     today = datetime.now(UTC).date().isoformat()
     for d, day in enumerate([*DATES, today]):
         folder = layout.incoming_day(day)
         folder.mkdir(parents=True)
-        picked = rows[ARCHIVE + d * PER_DAY: ARCHIVE + (d + 1) * PER_DAY]
+        picked = rows[ARCHIVE + d * PER_DAY : ARCHIVE + (d + 1) * PER_DAY]
         for r in picked:
             (folder / r["image"]).write_bytes((sample_dir / "images" / r["image"]).read_bytes())
-        (folder / "labels.csv").write_text("Class,image\n" + "".join(
-            f"{r['Class']},{r['image']}\n" for r in picked))
+        (folder / "labels.csv").write_text(
+            "Class,image\n" + "".join(f"{r['Class']},{r['image']}\n" for r in picked)
+        )
     expected = ARCHIVE + PER_DAY * len(DATES)
 
     def ids_in_store() -> list[str]:
-        return [i for f in shard_files(layout, "efficientnet_lite0")
-                for i in pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()]
+        return [
+            i
+            for f in shard_files(layout, "efficientnet_lite0")
+            for i in pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
+        ]
 
     with serve_directory(src) as base:
-        env = {**airflow_env, "AIRFLOW_HOME": str(tmp_path / "airflow-home"),
-               "IMGSIM_DATA_ROOT": str(layout.root), "IMGSIM_BACKBONE": "efficientnet_lite0",
-               "IMGSIM_ARCHIVE_URL": f"{base}/cars_train.tgz",
-               "IMGSIM_LABELS_URL": f"{base}/labels.csv",
-               # No scheduled run of its own while the test backfills the past.
-               "IMGSIM_INDEX_START_DATE": "2099-01-01",
-               "IMGSIM_LEASE_POKE_S": "5",
-               # a waiting run gives its worker slot back and is re-queued (up_for_reschedule)
-               "IMGSIM_LEASE_HOLD_S": "10", "IMGSIM_LEASE_REQUEUE_S": "30"}
+        env = {
+            **airflow_env,
+            "AIRFLOW_HOME": str(tmp_path / "airflow-home"),
+            "IMGSIM_DATA_ROOT": str(layout.root),
+            "IMGSIM_BACKBONE": "efficientnet_lite0",
+            "IMGSIM_ARCHIVE_URL": f"{base}/cars_train.tgz",
+            "IMGSIM_LABELS_URL": f"{base}/labels.csv",
+            # No scheduled run of its own while the test backfills the past.
+            "IMGSIM_INDEX_START_DATE": "2099-01-01",
+            "IMGSIM_LEASE_POKE_S": "5",
+            # a waiting run gives its worker slot back and is re-queued (up_for_reschedule)
+            "IMGSIM_LEASE_HOLD_S": "10",
+            "IMGSIM_LEASE_REQUEUE_S": "30",
+        }
         with standalone(env, tmp_path / "standalone.log") as airflow:
             airflow.wait_for_dag("imgsim_index")
             airflow.call("PATCH", "/api/v2/dags/imgsim_index", {"is_paused": False})
@@ -121,19 +147,19 @@ def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sa
             airflow.wait_for_backfills("imgsim_index", 1, timeout=900)
             done = airflow.wait_for_runs("imgsim_index", len(DATES), timeout=60)
             assert len(done) == 2
-            assert_serialized(airflow, [r["dag_run_id"] for r in done])   # the lease at work
+            assert_serialized(airflow, [r["dag_run_id"] for r in done])  # the lease at work
             live = live_rows(layout)
             assert len(live) == expected
             shards = shard_files(layout, "efficientnet_lite0")
             ids = ids_in_store()
-            assert len(ids) == len(set(ids)) == expected          # each image exactly once
+            assert len(ids) == len(set(ids)) == expected  # each image exactly once
             assert set(ids) == {r["image_id"] for r in live}
             versions = published_versions(layout)
             current = current_version(layout)
             assert read_manifest(layout)["counts"]["indexed"] == expected
-            assert len(versions) == len(DATES)                     # one per day with news
+            assert len(versions) == len(DATES)  # one per day with news
 
-            backfill(env, airflow, "--reprocess-behavior", "completed")     # the same dates again
+            backfill(env, airflow, "--reprocess-behavior", "completed")  # the same dates again
             airflow.wait_for_backfills("imgsim_index", 2, timeout=900)
             assert all(r["state"] == "success" for r in airflow.runs("imgsim_index"))
             assert shard_files(layout, "efficientnet_lite0") == shards
@@ -144,12 +170,15 @@ def test_backfill_twice_indexes_every_image_once(airflow_env: dict[str, str], sa
             # Two triggers at the same moment. (A run dated before the DAG's start date would
             # get no tasks at all, so these carry no logical date and read today's folder.)
             for run_id in TRIGGERED:
-                airflow.call("POST", "/api/v2/dags/imgsim_index/dagRuns",
-                             {"logical_date": None, "dag_run_id": run_id})
+                airflow.call(
+                    "POST",
+                    "/api/v2/dags/imgsim_index/dagRuns",
+                    {"logical_date": None, "dag_run_id": run_id},
+                )
             airflow.wait_for_runs("imgsim_index", len(DATES) + len(TRIGGERED), timeout=900)
             assert_serialized(airflow, TRIGGERED)
             expected += PER_DAY
             ids = ids_in_store()
             assert len(ids) == len(set(ids)) == expected == len(live_rows(layout))
             assert read_manifest(layout)["counts"]["indexed"] == expected
-            assert not (layout.root / "locks" / "index.lease").exists()   # given back
+            assert not (layout.root / "locks" / "index.lease").exists()  # given back

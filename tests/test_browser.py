@@ -35,8 +35,13 @@ import pytest
 from imgsim.demo import build_demo_archive, serve_directory, synthetic_car
 from standalone import free_port
 
-pytestmark = [pytest.mark.browser, pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow,
-              pytest.mark.timeout(900)]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.airflow,
+    pytest.mark.spark,
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHOTS = PROJECT_ROOT / "test-output" / "browser"
@@ -44,21 +49,28 @@ DOCS_SHOT = PROJECT_ROOT / "docs" / "airflow-ui-gallery.png"
 BIN = Path(sys.executable).parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1440,1000"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1440,1000",
+]
 
 STARTUP_TIMEOUT_S = 150
-RUN_TIMEOUT_S = 600   # the index run: about 100-200 s alone, more on a loaded machine
+RUN_TIMEOUT_S = 600  # the index run: about 100-200 s alone, more on a loaded machine
 UI_TIMEOUT_S = 30
 UPLOAD_TIMEOUT_S = 120
 
 T = TypeVar("T")
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float,
-             interval: float = 1.0) -> T:
+def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 1.0) -> T:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after timeout."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -69,11 +81,13 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float,
                 return value
         except AssertionError:
             raise
-        except Exception as exc:   # not ready yet (connection refused, 404 ...)
+        except Exception as exc:  # not ready yet (connection refused, 404 ...)
             last_error = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
-                         + (f" (last error: {last_error!r})" if last_error else ""))
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what}"
+        + (f" (last error: {last_error!r})" if last_error else "")
+    )
 
 
 def sha256(path: Path) -> str:
@@ -81,6 +95,7 @@ def sha256(path: Path) -> str:
 
 
 # -- Airflow standalone -------------------------------------------------------------------------
+
 
 class Airflow:
     """A running ``airflow standalone`` and a REST client for it."""
@@ -116,37 +131,52 @@ class Airflow:
 
     def token(self) -> str:
         if self._token is None:
-            answer = self.request("POST", "/auth/token",
-                                  {"username": "admin", "password": self.password()},
-                                  auth=False)
+            answer = self.request(
+                "POST",
+                "/auth/token",
+                {"username": "admin", "password": self.password()},
+                auth=False,
+            )
             self._token = str(answer["access_token"])
         return self._token
 
     def healthy(self) -> bool:
         health = self.request("GET", "/api/v2/monitor/health", auth=False)
-        return all(health.get(part, {}).get("status") == "healthy"
-                   for part in ("metadatabase", "scheduler", "dag_processor"))
+        return all(
+            health.get(part, {}).get("status") == "healthy"
+            for part in ("metadatabase", "scheduler", "dag_processor")
+        )
 
 
 @contextmanager
 def standalone(env: dict[str, str], log: Path) -> Iterator[Airflow]:
     """Start ``airflow standalone`` in its own process group; always stop it (SIGINT first)."""
     fh = open(log, "w")  # noqa: SIM115 - closed in the finally block
-    proc = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=env, stdout=fh,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "airflow"), "standalone"],
+        env=env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     airflow = Airflow(env, log)
     try:
+
         def up() -> bool:
             if proc.poll() is not None:
-                raise AssertionError(f"airflow standalone exited with {proc.returncode}:\n"
-                                     + airflow.log_tail())
+                raise AssertionError(
+                    f"airflow standalone exited with {proc.returncode}:\n" + airflow.log_tail()
+                )
             return airflow.healthy()
 
         try:
             wait_for("airflow standalone to become healthy", up, STARTUP_TIMEOUT_S, 2)
-            wait_for("imgsim_index to be parsed",
-                     lambda: airflow.request("GET", "/api/v2/dags/imgsim_index"),
-                     STARTUP_TIMEOUT_S, 2)
+            wait_for(
+                "imgsim_index to be parsed",
+                lambda: airflow.request("GET", "/api/v2/dags/imgsim_index"),
+                STARTUP_TIMEOUT_S,
+                2,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- standalone log ---\n{airflow.log_tail()}") from None
         yield airflow
@@ -178,12 +208,15 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
 
 # -- the browser --------------------------------------------------------------------------------
 
+
 def require_browser() -> None:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
-        pytest.skip(f"needs Chromium and chromedriver ({', '.join(missing)} missing; "
-                    "install the Debian packages chromium and chromium-driver; the Makefile does "
-                    "when it builds .venv)")
+        pytest.skip(
+            f"needs Chromium and chromedriver ({', '.join(missing)} missing; "
+            "install the Debian packages chromium and chromium-driver; the Makefile does "
+            "when it builds .venv)"
+        )
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -232,7 +265,8 @@ def visible(driver: Any, css: str, timeout: float = UI_TIMEOUT_S) -> Any:
     from selenium.webdriver.support.ui import WebDriverWait
 
     return WebDriverWait(driver, timeout).until(
-        ec.visibility_of_element_located((By.CSS_SELECTOR, css)))
+        ec.visibility_of_element_located((By.CSS_SELECTOR, css))
+    )
 
 
 def click(driver: Any, css: str, timeout: float = UI_TIMEOUT_S) -> None:
@@ -244,7 +278,8 @@ def click(driver: Any, css: str, timeout: float = UI_TIMEOUT_S) -> None:
 
     def attempt() -> bool:
         element = WebDriverWait(driver, timeout).until(
-            ec.element_to_be_clickable((By.CSS_SELECTOR, css)))
+            ec.element_to_be_clickable((By.CSS_SELECTOR, css))
+        )
         try:
             element.click()
         except (StaleElementReferenceException, WebDriverException):
@@ -259,8 +294,11 @@ def button(driver: Any, text: str, timeout: float = UI_TIMEOUT_S) -> Any:
     from selenium.webdriver.common.by import By
 
     def find() -> Any:
-        found = [b for b in driver.find_elements(By.XPATH, f"//button[normalize-space()='{text}']")
-                 if b.is_displayed() and b.is_enabled()]
+        found = [
+            b
+            for b in driver.find_elements(By.XPATH, f"//button[normalize-space()='{text}']")
+            if b.is_displayed() and b.is_enabled()
+        ]
         return found[-1] if found else None
 
     return wait_for(f"an enabled button {text!r}", find, timeout, 0.3)
@@ -291,7 +329,9 @@ def set_field(driver: Any, name: str, value: str) -> None:
             "const [el, v] = arguments;"
             "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set"
             ".call(el, v); el.dispatchEvent(new Event('input', {bubbles: true}));",
-            element, value)
+            element,
+            value,
+        )
         return False
 
     wait_for(f"the form field {name} to hold {value!r}", check, UI_TIMEOUT_S, 0.3)
@@ -299,12 +339,17 @@ def set_field(driver: Any, name: str, value: str) -> None:
 
 def images_loaded(driver: Any, css: str) -> int:
     """How many ``img`` elements matching ``css`` finished loading with real pixels."""
-    return int(driver.execute_script(
-        "return Array.from(document.querySelectorAll(arguments[0]))"
-        ".filter(i => i.complete && i.naturalWidth > 0).length", css))
+    return int(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]))"
+            ".filter(i => i.complete && i.naturalWidth > 0).length",
+            css,
+        )
+    )
 
 
 # -- the test -----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
@@ -318,22 +363,24 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     port = free_port()
     with serve_directory(source) as url:
         env = embedded_environment(base)
-        env.update({
-            "AIRFLOW_HOME": str(tmp_path / "airflow-home"),
-            "AIRFLOW__API__PORT": str(port),
-            # Task runners report to the execution API; its default URL assumes port 8080.
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-            # Log servers on free ports, not 8793/8794 (another standalone may run beside).
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
-            # Only the runs this test triggers (no scheduled run once a DAG is unpaused).
-            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-            "IMGSIM_DATA_ROOT": str(tmp_path / "data"),
-            "IMGSIM_ARCHIVE_URL": f"{url}/car_ims.tgz",
-            "IMGSIM_LABELS_URL": f"{url}/cars_annos.mat",
-            "IMGSIM_BACKBONE": "efficientnet_lite0",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "AIRFLOW_HOME": str(tmp_path / "airflow-home"),
+                "AIRFLOW__API__PORT": str(port),
+                # Task runners report to the execution API; its default URL assumes port 8080.
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+                # Log servers on free ports, not 8793/8794 (another standalone may run beside).
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+                # Only the runs this test triggers (no scheduled run once a DAG is unpaused).
+                "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                "IMGSIM_DATA_ROOT": str(tmp_path / "data"),
+                "IMGSIM_ARCHIVE_URL": f"{url}/car_ims.tgz",
+                "IMGSIM_LABELS_URL": f"{url}/cars_annos.mat",
+                "IMGSIM_BACKBONE": "efficientnet_lite0",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         yield env
 
 
@@ -345,13 +392,13 @@ def listening_addresses(port: int) -> set[str]:
             for line in fh.readlines()[1:]:
                 local, state = line.split()[1], line.split()[3]
                 addr, hex_port = local.rsplit(":", 1)
-                if state != "0A" or int(hex_port, 16) != port:      # 0A = LISTEN
+                if state != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
                     continue
-                if len(addr) == 8:                                  # IPv4, little-endian
+                if len(addr) == 8:  # IPv4, little-endian
                     found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
                 else:
                     words = bytes.fromhex(addr)
-                    raw = b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4))
+                    raw = b"".join(words[i : i + 4][::-1] for i in range(0, 16, 4))
                     found.add(socket.inet_ntop(socket.AF_INET6, raw))
     return found
 
@@ -379,9 +426,12 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             driver.find_element(By.NAME, "password").send_keys(airflow.password())
             steps.shot("login")
             driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-            wait_for("the login to come back to /imgsim/",
-                     lambda: driver.current_url.rstrip("/").endswith("/imgsim"), UI_TIMEOUT_S)
-            assert "no-versions" in driver.page_source        # nothing published yet
+            wait_for(
+                "the login to come back to /imgsim/",
+                lambda: driver.current_url.rstrip("/").endswith("/imgsim"),
+                UI_TIMEOUT_S,
+            )
+            assert "no-versions" in driver.page_source  # nothing published yet
 
             # 2. Find imgsim_index in the DAG list and open it.
             driver.get(airflow.base + "/dags")
@@ -389,9 +439,15 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             steps.shot("dag-list")
             link.click()
             visible(driver, "button[aria-label='Trigger Dag']")
-            wait_for("the DAG page to settle", lambda: "imgsim_index" in driver.title or
-                     driver.find_elements(By.XPATH, "//*[normalize-space()='fit_lsh']"),
-                     UI_TIMEOUT_S, 0.5)
+            wait_for(
+                "the DAG page to settle",
+                lambda: (
+                    "imgsim_index" in driver.title
+                    or driver.find_elements(By.XPATH, "//*[normalize-space()='fit_lsh']")
+                ),
+                UI_TIMEOUT_S,
+                0.5,
+            )
             steps.shot("imgsim-index")
 
             # 3. Trigger it through the form, with numHashTables 6 instead of 8.
@@ -408,8 +464,10 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             set_field(driver, "element_archive_checksum", sha256(source / "car_ims.tgz"))
             set_field(driver, "element_labels_checksum", sha256(source / "cars_annos.mat"))
             unpause = driver.find_element(
-                By.XPATH, "//label[contains(normalize-space(), 'Unpause imgsim_index on "
-                          "trigger')]//input[@type='checkbox']")
+                By.XPATH,
+                "//label[contains(normalize-space(), 'Unpause imgsim_index on "
+                "trigger')]//input[@type='checkbox']",
+            )
             assert unpause.is_selected(), "the trigger form should unpause the DAG"
             steps.shot("trigger-form")
             submit = button(driver, "Trigger")
@@ -428,8 +486,7 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
                     raise AssertionError(f"imgsim_index run failed: {run}\n{airflow.log_tail()}")
                 return run if run["state"] == "success" else None
 
-            run = wait_for("the triggered imgsim_index run to succeed", finished,
-                           RUN_TIMEOUT_S, 3)
+            run = wait_for("the triggered imgsim_index run to succeed", finished, RUN_TIMEOUT_S, 3)
             timings["imgsim_index run (trigger to success)"] = time.monotonic() - triggered
             assert run["run_type"] == "manual" and run["conf"]["num_hash_tables"] == 6
             assert run["conf"]["archive_checksum"] == sha256(source / "car_ims.tgz")
@@ -449,16 +506,33 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             shutil.copyfile(reference, samples / "reference-000001.jpg")
             (samples / "new-red-sedan.jpg").write_bytes(synthetic_car(0, 40))
             proc = subprocess.run(
-                [str(BIN / "imgsim"), "query", str(samples / "reference-000001.jpg"),
-                 str(samples / "new-red-sedan.jpg"), "-k", "5"],
-                env=env, capture_output=True, text=True, timeout=300)
+                [
+                    str(BIN / "imgsim"),
+                    "query",
+                    str(samples / "reference-000001.jpg"),
+                    str(samples / "new-red-sedan.jpg"),
+                    "-k",
+                    "5",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
             # 6. The plugin inside the Airflow UI: its nav entry, the versions page.
             driver.get(airflow.base + "/")
-            nav = wait_for("the 'Image similarity' nav entry", lambda: [
-                a for a in driver.find_elements(By.CSS_SELECTOR, "a[href$='plugin/imgsim']")
-                if a.is_displayed()], UI_TIMEOUT_S, 0.5)
+            nav = wait_for(
+                "the 'Image similarity' nav entry",
+                lambda: [
+                    a
+                    for a in driver.find_elements(By.CSS_SELECTOR, "a[href$='plugin/imgsim']")
+                    if a.is_displayed()
+                ],
+                UI_TIMEOUT_S,
+                0.5,
+            )
             nav[0].click()
             frame = visible(driver, "iframe")
             driver.switch_to.frame(frame)
@@ -470,8 +544,9 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             # the search space the run learned (the 48 drawn cars are told apart in the raw
             # space already, so cross-validated LDA may not beat it), with the reason on hover
             assert cells[4].split()[0] in ("lda", "whiten", "none"), cells
-            assert manifest["projection"]["reason"] and manifest["projection"]["requested"] \
-                == "auto"
+            assert (
+                manifest["projection"]["reason"] and manifest["projection"]["requested"] == "auto"
+            )
             driver.switch_to.default_content()
             steps.shot("plugin-versions")
 
@@ -487,8 +562,11 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             first = sections[0].find_element(By.CSS_SELECTOR, "figure.neighbour").text
             assert "Synthetic" in first and "distance" in first
             assert version in driver.find_element(By.ID, "run-version").text
-            wait_for("the gallery's pictures to load",
-                     lambda: images_loaded(driver, "section.query img") >= 12, UI_TIMEOUT_S)
+            wait_for(
+                "the gallery's pictures to load",
+                lambda: images_loaded(driver, "section.query img") >= 12,
+                UI_TIMEOUT_S,
+            )
             driver.switch_to.default_content()
             gallery_shot = steps.shot("plugin-gallery")
             if os.environ.get("IMGSIM_UPDATE_DOCS") == "1":
@@ -521,8 +599,11 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             first_distance = float(neighbours[0].text.split("distance ")[1].split()[0])
             assert first_distance < 0.01, neighbours[0].text
             assert version in driver.find_element(By.ID, "answer-version").text
-            wait_for("the answer's pictures to load",
-                     lambda: images_loaded(driver, "#answer img") >= 6, UI_TIMEOUT_S)
+            wait_for(
+                "the answer's pictures to load",
+                lambda: images_loaded(driver, "#answer img") >= 6,
+                UI_TIMEOUT_S,
+            )
             driver.switch_to.default_content()
             steps.shot("upload-answered")
             uploads = list((layout.queries / "uploads").iterdir())
@@ -536,5 +617,8 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
         leaving = time.monotonic()
     timings["Chromium and standalone stopped"] = time.monotonic() - leaving
     timings["whole test"] = time.monotonic() - started
-    print("browser test timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-          + f"; screenshots in {SHOTS}")
+    print(
+        "browser test timings: "
+        + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + f"; screenshots in {SHOTS}"
+    )

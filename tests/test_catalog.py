@@ -25,8 +25,9 @@ DAY1, DAY2, DAY3, DAY4 = "2026-01-02", "2026-01-03", "2026-01-04", "2026-01-05"
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (8, 6)) -> bytes:
     """A small JPEG whose pixels (hence bytes) depend on ``seed``."""
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3),
-                                                   dtype=np.uint8)
+    pixels = np.random.default_rng(seed).integers(
+        0, 256, size=(size[1], size[0], 3), dtype=np.uint8
+    )
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -105,9 +106,12 @@ def counting_sha(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
 # -- first and repeated runs --------------------------------------------------------------------
 
+
 def test_first_run_catalogs_everything(layout: Layout, archive: Path) -> None:
-    ids = {name: write_image(archive / name, seed)
-           for seed, name in enumerate(["000001.jpg", "000002.jpg", "000003.jpg"])}
+    ids = {
+        name: write_image(archive / name, seed)
+        for seed, name in enumerate(["000001.jpg", "000002.jpg", "000003.jpg"])
+    }
     ids["new.jpg"] = write_image(layout.incoming_day(DAY1) / "new.jpg", 99)
 
     diff = run(layout, archive, DAY1)
@@ -116,14 +120,21 @@ def test_first_run_catalogs_everything(layout: Layout, archive: Path) -> None:
     assert diff.new_images == 4
     assert diff.gone == 0
     assert diff.changed_paths == 0
-    assert diff.unlabelled == 2                 # 000003.jpg and the dropped new.jpg
+    assert diff.unlabelled == 2  # 000003.jpg and the dropped new.jpg
     assert diff.quarantined_skipped == 0
     assert [t["image_id"] for t in diff.to_embed] == sorted(ids.values())
     by_id = {t["image_id"]: t["path"] for t in diff.to_embed}
     assert by_id[ids["000001.jpg"]] == "images/car_ims/000001.jpg"
     assert by_id[ids["new.jpg"]] == f"incoming/{DAY1}/new.jpg"
-    assert diff.summary() == {"live": 4, "new_images": 4, "gone": 0, "changed_paths": 0,
-                              "unlabelled": 2, "to_embed": 4, "quarantined_skipped": 0}
+    assert diff.summary() == {
+        "live": 4,
+        "new_images": 4,
+        "gone": 0,
+        "changed_paths": 0,
+        "unlabelled": 2,
+        "to_embed": 4,
+        "quarantined_skipped": 0,
+    }
 
     rows = rows_by_id(layout)
     assert set(rows) == set(ids.values())
@@ -132,8 +143,7 @@ def test_first_run_catalogs_everything(layout: Layout, archive: Path) -> None:
     assert r1["source"] == "archive:car_ims"
     assert r1["file_name"] == "000001.jpg"
     assert r1["size"] == (archive / "000001.jpg").stat().st_size
-    assert (r1["first_seen"], r1["last_seen"], r1["status"], r1["n_paths"]) == (
-        DAY1, DAY1, LIVE, 1)
+    assert (r1["first_seen"], r1["last_seen"], r1["status"], r1["n_paths"]) == (DAY1, DAY1, LIVE, 1)
     assert rows[ids["000002.jpg"]]["class_id"] == 2
     assert rows[ids["000003.jpg"]]["class_id"] is None
     assert rows[ids["new.jpg"]]["source"] == f"incoming:{DAY1}"
@@ -141,7 +151,8 @@ def test_first_run_catalogs_everything(layout: Layout, archive: Path) -> None:
 
 
 def test_second_identical_run_hashes_nothing_and_embeds_nothing(
-        layout: Layout, archive: Path, counting_sha: list[Path]) -> None:
+    layout: Layout, archive: Path, counting_sha: list[Path]
+) -> None:
     for seed in range(3):
         write_image(archive / f"00000{seed + 1}.jpg", seed)
     write_image(layout.incoming_day(DAY1) / "drop.jpg", 50)
@@ -153,7 +164,7 @@ def test_second_identical_run_hashes_nothing_and_embeds_nothing(
     counting_sha.clear()
     not_embedded_yet = run(layout, archive, DAY1)
     assert counting_sha == []
-    assert not_embedded_yet.to_embed == first.to_embed      # still waiting for vectors
+    assert not_embedded_yet.to_embed == first.to_embed  # still waiting for vectors
     assert not_embedded_yet.new_images == 0
 
     embed_all(layout, first)
@@ -177,15 +188,17 @@ def test_first_seen_kept_and_last_seen_updated(layout: Layout, archive: Path) ->
 
 # -- daily drops --------------------------------------------------------------------------------
 
+
 def test_incoming_is_ingested_only_by_its_days_run_and_stays_live(
-        layout: Layout, archive: Path) -> None:
+    layout: Layout, archive: Path
+) -> None:
     write_image(archive / "000001.jpg", 1)
     d1 = write_image(layout.incoming_day(DAY1) / "a.jpg", 11)
     d2 = write_image(layout.incoming_day(DAY2) / "b.jpg", 12)
 
     diff1 = run(layout, archive, DAY1)
     assert d1 in live_ids(layout)
-    assert d2 not in rows_by_id(layout)             # tomorrow's drop is not read today
+    assert d2 not in rows_by_id(layout)  # tomorrow's drop is not read today
     assert diff1.live == 2
 
     diff2 = run(layout, archive, DAY2)
@@ -195,7 +208,7 @@ def test_incoming_is_ingested_only_by_its_days_run_and_stays_live(
     assert diff2.gone == 0
     assert rows_by_id(layout)[d1]["source"] == f"incoming:{DAY1}"
 
-    assert incoming_source(layout, DAY3) is None    # no drop folder that day
+    assert incoming_source(layout, DAY3) is None  # no drop folder that day
     diff3 = run(layout, archive, DAY3)
     assert {d1, d2} <= live_ids(layout)
     assert (diff3.live, diff3.new_images, diff3.gone) == (3, 0, 0)
@@ -217,7 +230,7 @@ def test_earlier_days_file_changed_in_place_is_reidentified(layout: Layout, arch
 
     new = write_image(drop, 12)
     bump_mtime(drop)
-    diff = run(layout, archive, DAY2)               # DAY1's folder is not a source now
+    diff = run(layout, archive, DAY2)  # DAY1's folder is not a source now
 
     rows = rows_by_id(layout)
     assert rows[old]["status"] == GONE
@@ -232,8 +245,9 @@ def test_incoming_labels_csv_is_applied(layout: Layout, archive: Path) -> None:
     day = layout.incoming_day(DAY1)
     labelled = write_image(day / "sub" / "x1.jpg", 21)
     unlabelled = write_image(day / "x2.jpg", 22)
-    (day / "labels.csv").write_text("Class,image,class_name\n7,sub/x1.jpg,Audi R8 2012\n"
-                                    "8,other/x2.jpg/x3.jpg,Audi TT 2012\n")
+    (day / "labels.csv").write_text(
+        "Class,image,class_name\n7,sub/x1.jpg,Audi R8 2012\n8,other/x2.jpg/x3.jpg,Audi TT 2012\n"
+    )
 
     src = incoming_source(layout, DAY1)
     assert src is not None
@@ -250,6 +264,7 @@ def test_incoming_labels_csv_is_applied(layout: Layout, archive: Path) -> None:
 
 
 # -- gone, changed, duplicates ------------------------------------------------------------------
+
 
 def test_deleted_file_is_marked_gone(layout: Layout, archive: Path) -> None:
     keep = write_image(archive / "000001.jpg", 1)
@@ -273,8 +288,9 @@ def test_deleted_file_is_marked_gone(layout: Layout, archive: Path) -> None:
     assert rows_by_id(layout)[lost]["status"] == GONE
 
     # With full_rebuild a gone image is still not embedded.
-    assert lost not in {t["image_id"] for t in run(layout, archive, DAY3,
-                                                   full_rebuild=True).to_embed}
+    assert lost not in {
+        t["image_id"] for t in run(layout, archive, DAY3, full_rebuild=True).to_embed
+    }
 
 
 def test_gone_image_that_returns_is_live_again(layout: Layout, archive: Path) -> None:
@@ -285,7 +301,7 @@ def test_gone_image_that_returns_is_live_again(layout: Layout, archive: Path) ->
     (archive / "000001.jpg").unlink()
     assert run(layout, archive, DAY2).gone == 1
 
-    (archive / "moved.jpg").write_bytes(data)       # same bytes, new name
+    (archive / "moved.jpg").write_bytes(data)  # same bytes, new name
     diff = run(layout, archive, DAY3)
 
     row = rows_by_id(layout)[iid]
@@ -305,8 +321,9 @@ def seed_sorting(old_id: str, new_sorts_first: bool) -> int:
 
 
 @pytest.mark.parametrize("new_sorts_first", [True, False], ids=["new-id-first", "new-id-last"])
-def test_changed_bytes_at_same_path(layout: Layout, archive: Path, counting_sha: list[Path],
-                                    new_sorts_first: bool) -> None:
+def test_changed_bytes_at_same_path(
+    layout: Layout, archive: Path, counting_sha: list[Path], new_sorts_first: bool
+) -> None:
     write_image(archive / "000001.jpg", 1)
     path = archive / "000002.jpg"
     old = write_image(path, 2)
@@ -318,7 +335,7 @@ def test_changed_bytes_at_same_path(layout: Layout, archive: Path, counting_sha:
     counting_sha.clear()
     diff = run(layout, archive, DAY2)
 
-    assert counting_sha == [path]                   # only the changed file is re-hashed
+    assert counting_sha == [path]  # only the changed file is re-hashed
     assert diff.changed_paths == 1
     assert diff.gone == 1
     assert diff.new_images == 1
@@ -328,7 +345,7 @@ def test_changed_bytes_at_same_path(layout: Layout, archive: Path, counting_sha:
     assert rows[old]["status"] == GONE
     assert rows[new]["status"] == LIVE
     assert rows[new]["path"] == "images/car_ims/000002.jpg"
-    assert rows[new]["class_id"] == 2               # the label follows the file name
+    assert rows[new]["class_id"] == 2  # the label follows the file name
 
     # The next run sees nothing new: no re-hash, no changed path, nothing gone again.
     counting_sha.clear()
@@ -361,6 +378,7 @@ def test_identical_files_are_one_image(layout: Layout, archive: Path) -> None:
 
 
 # -- what to embed ------------------------------------------------------------------------------
+
 
 def test_full_rebuild_embeds_every_live_image(layout: Layout, archive: Path) -> None:
     for seed in range(3):
@@ -396,7 +414,7 @@ def test_quarantined_images_are_not_embedded(layout: Layout, archive: Path) -> N
     diff = run(layout, archive, DAY1)
     assert [t["image_id"] for t in diff.to_embed] == [good]
     assert diff.quarantined_skipped == 1
-    assert diff.live == 2                            # quarantined, not gone
+    assert diff.live == 2  # quarantined, not gone
 
     rebuild = run(layout, archive, DAY1, full_rebuild=True)
     assert [t["image_id"] for t in rebuild.to_embed] == [good]
@@ -416,6 +434,7 @@ def test_missing_source_folder_raises_and_keeps_catalog(layout: Layout, archive:
 
 # -- labels: kept, keyed by path, coverage -------------------------------------------------------
 
+
 def test_earlier_days_touched_file_keeps_its_label(layout: Layout, archive: Path) -> None:
     """Issue 13 item 4: a touch (or a copy) of an earlier day's photo must not drop its label."""
     write_image(archive / "000001.jpg", 1)
@@ -425,8 +444,8 @@ def test_earlier_days_touched_file_keeps_its_label(layout: Layout, archive: Path
     run(layout, archive, DAY1)
     assert rows_by_id(layout)[photo]["class_id"] == 7
 
-    bump_mtime(day / "x1.jpg")                      # same bytes, new mtime
-    diff = run(layout, archive, DAY2)               # DAY1's folder is not a source now
+    bump_mtime(day / "x1.jpg")  # same bytes, new mtime
+    diff = run(layout, archive, DAY2)  # DAY1's folder is not a source now
 
     row = rows_by_id(layout)[photo]
     assert (row["class_id"], row["class_name"], row["status"]) == (7, "Audi R8 2012", LIVE)
@@ -439,8 +458,10 @@ def test_same_file_name_in_two_folders_keeps_each_label(layout: Layout) -> None:
     root = layout.images / "stanford-cars"
     train = write_image(root / "cars_train" / "00001.jpg", 1)
     test = write_image(root / "cars_test" / "00001.jpg", 2)
-    labels = {"cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, "Audi TT 2012"),
-              "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, "Suzuki 2012")}
+    labels = {
+        "cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, "Audi TT 2012"),
+        "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, "Suzuki 2012"),
+    }
     update_catalog(layout, [Source("archive:stanford-cars", root, labels)], DAY1, BACKBONE)
     rows = rows_by_id(layout)
     assert (rows[train]["class_id"], rows[test]["class_id"]) == (14, 181)
@@ -455,11 +476,19 @@ def test_same_file_name_in_two_folders_keeps_each_label(layout: Layout) -> None:
 
 
 def test_label_coverage_counts_live_images_only() -> None:
-    rows = [{"status": LIVE, "class_id": 1}, {"status": LIVE, "class_id": 1},
-            {"status": LIVE, "class_id": 5}, {"status": LIVE, "class_id": None},
-            {"status": GONE, "class_id": 9}]
-    assert catalog.label_coverage(rows) == {"labelled_images": 3, "images": 4, "classes": 2,
-                                            "share": 0.75}
+    rows = [
+        {"status": LIVE, "class_id": 1},
+        {"status": LIVE, "class_id": 1},
+        {"status": LIVE, "class_id": 5},
+        {"status": LIVE, "class_id": None},
+        {"status": GONE, "class_id": 9},
+    ]
+    assert catalog.label_coverage(rows) == {
+        "labelled_images": 3,
+        "images": 4,
+        "classes": 2,
+        "share": 0.75,
+    }
     assert catalog.label_coverage([])["share"] == 0.0
 
 
@@ -468,8 +497,9 @@ def test_low_coverage_names_examples_from_both_sides_and_the_fix(tmp_path: Path)
 
     for name in ("00001.jpg", "00002.jpg", "00003.jpg"):
         write_image(tmp_path / "cars_train" / name, int(name[:5]))
-    labels = {f"car_ims/{i:06d}.jpg": LabelRecord(f"car_ims/{i:06d}.jpg", 1, None)
-              for i in range(1, 5)}
+    labels = {
+        f"car_ims/{i:06d}.jpg": LabelRecord(f"car_ims/{i:06d}.jpg", 1, None) for i in range(1, 5)
+    }
     match = match_labels(tmp_path, find_images(tmp_path), labels)
     with pytest.raises(catalog.LabelCoverageError) as info:
         catalog.check_label_coverage(match, 0.5, "cars_annos.mat", "images/x")
@@ -477,7 +507,7 @@ def test_low_coverage_names_examples_from_both_sides_and_the_fix(tmp_path: Path)
     assert "match 0 of the 3 images" in msg and "at least 50%" in msg
     assert "cars_train/00001.jpg" in msg and "car_ims/000001.jpg" in msg
     assert "IMGSIM_MIN_LABEL_COVERAGE=0" in msg and "IMGSIM_LABELS_URL" in msg
-    assert catalog.check_label_coverage(match, 0, "l", "i")["share"] == 0.0   # allowed
+    assert catalog.check_label_coverage(match, 0, "l", "i")["share"] == 0.0  # allowed
 
 
 def test_data_root_through_a_link_and_a_source_by_its_real_path(tmp_path: Path) -> None:
@@ -485,6 +515,7 @@ def test_data_root_through_a_link_and_a_source_by_its_real_path(tmp_path: Path) 
     (tmp_path / "link-data").symlink_to(real, target_is_directory=True)
     layout = Layout(tmp_path / "link-data")
     iid = write_image(real / "images" / "car_ims" / "000001.jpg", 1)
-    update_catalog(layout, [Source("archive:car_ims", real / "images" / "car_ims", LABELS)],
-                   DAY1, BACKBONE)
+    update_catalog(
+        layout, [Source("archive:car_ims", real / "images" / "car_ims", LABELS)], DAY1, BACKBONE
+    )
     assert rows_by_id(layout)[iid]["path"] == "images/car_ims/000001.jpg"

@@ -30,8 +30,14 @@ DOCKERFILES = (ROOT / "Dockerfile", ROOT / "docker" / "spark.Dockerfile")
 DATA_ROOT = "/data/imgsim"
 DATA_VOLUME = "imgsim-data"
 
-AIRFLOW_SERVICES = ("airflow-init", "airflow-apiserver", "airflow-scheduler",
-                    "airflow-dag-processor", "airflow-triggerer", "airflow-worker")
+AIRFLOW_SERVICES = (
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+)
 SPARK_SERVICES = ("spark-master", "spark-worker-1", "spark-worker-2")
 SERVICES = ("postgres", "redis", *AIRFLOW_SERVICES, *SPARK_SERVICES)
 ONE_SHOT = ("airflow-init",)
@@ -43,6 +49,7 @@ VAR_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
 # --- helpers ------------------------------------------------------------------------------
+
 
 def read_dotenv(path: Path) -> dict[str, str]:
     env = {}
@@ -56,6 +63,7 @@ def read_dotenv(path: Path) -> dict[str, str]:
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's variable substitution, for the forms this project uses ($$ is a literal $)."""
+
     def sub(m: re.Match[str]) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
         got = env.get(name)
@@ -87,8 +95,12 @@ def strings(node: Any) -> list[str]:
 
 def var_refs(node: Any) -> list[tuple[str, str, str]]:
     """(name, operator, argument) of every ${...} in the values, ignoring $$-escaped ones."""
-    return [(m.group(1), m.group(2) or "", m.group(3) or "")
-            for s in strings(node) for part in s.split("$$") for m in VAR_REF.finditer(part)]
+    return [
+        (m.group(1), m.group(2) or "", m.group(3) or "")
+        for s in strings(node)
+        for part in s.split("$$")
+        for m in VAR_REF.finditer(part)
+    ]
 
 
 def env_of(service: dict[str, Any]) -> dict[str, str]:
@@ -133,6 +145,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # --- services, images, environment --------------------------------------------------------
 
+
 def test_every_service_of_the_deployment_is_there(raw: dict[str, Any]) -> None:
     assert set(SERVICES) <= set(raw["services"]), set(SERVICES) - set(raw["services"])
     for name in SERVICES:
@@ -162,7 +175,8 @@ def test_airflow_services_share_image_environment_and_volumes(raw: dict[str, Any
 
 
 def test_metadata_db_broker_and_api_point_at_their_services(
-        services: dict[str, dict[str, Any]]) -> None:
+    services: dict[str, dict[str, Any]],
+) -> None:
     env = env_of(services["airflow-scheduler"])
     pg = env_of(services["postgres"])
     for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
@@ -179,18 +193,24 @@ def test_metadata_db_broker_and_api_point_at_their_services(
     api = urlsplit(env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
     assert (api.hostname, api.path) == ("airflow-apiserver", "/execution/")
     assert [(ip, c) for ip, _, c in host_ports(services["airflow-apiserver"])] == [
-        ("127.0.0.1", str(api.port))]
+        ("127.0.0.1", str(api.port))
+    ]
 
 
 def test_the_data_root_is_one_volume_at_the_same_path_everywhere(
-        raw: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    raw: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
     for name in (*AIRFLOW_SERVICES, *SPARK_SERVICES):
         assert env_of(services[name])["IMGSIM_DATA_ROOT"] == DATA_ROOT, name
         mounts = [str(v).split(":")[:2] for v in services[name]["volumes"]]
         assert [DATA_VOLUME, DATA_ROOT] in mounts, (name, mounts)
     # A host folder may replace the named volume, but for every service at once.
-    refs = {v for name in (*AIRFLOW_SERVICES, *SPARK_SERVICES)
-            for v in raw["services"][name]["volumes"] if str(v).endswith(":" + DATA_ROOT)}
+    refs = {
+        v
+        for name in (*AIRFLOW_SERVICES, *SPARK_SERVICES)
+        for v in raw["services"][name]["volumes"]
+        if str(v).endswith(":" + DATA_ROOT)
+    }
     assert len(refs) == 1, refs
     # The images agree (and pre-create it, so a fresh volume gets their ownership).
     for dockerfile in DOCKERFILES:
@@ -204,7 +224,8 @@ def spark_conn(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_spark_default_is_the_standalone_master_in_json_form(
-        raw: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+    raw: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
     conn = spark_conn(raw)
     assert conn["conn_type"] == "spark"
     assert conn["host"] == SPARK_MASTER_URL
@@ -229,20 +250,23 @@ def test_spark_default_is_the_standalone_master_in_json_form(
 def test_every_connection_the_dags_use_is_configured(raw: dict[str, Any]) -> None:
     env = env_of(raw["x-airflow-common"])
     files = [*(ROOT / "dags").glob("*.py"), *(ROOT / "include" / "imgsim").rglob("*.py")]
-    conn_ids = {m for path in files
-                for m in re.findall(r"conn_id\s*=\s*[\"'](\w+)[\"']", path.read_text())}
+    conn_ids = {
+        m for path in files for m in re.findall(r"conn_id\s*=\s*[\"'](\w+)[\"']", path.read_text())
+    }
     assert conn_ids, "no conn_id found in dags/ or the imgsim package (Spark task factory)"
     for conn_id in conn_ids:
         assert f"AIRFLOW_CONN_{conn_id.upper()}" in env, conn_id
 
 
 def test_spark_submit_hook_resolves_the_connection_to_the_master(
-        raw: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    raw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("airflow.providers.apache.spark")
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
-    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT",
-                       env_of(raw["x-airflow-common"])["AIRFLOW_CONN_SPARK_DEFAULT"])
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SPARK_DEFAULT", env_of(raw["x-airflow-common"])["AIRFLOW_CONN_SPARK_DEFAULT"]
+    )
     resolved = SparkSubmitHook(conn_id="spark_default")._connection
     assert resolved["master"] == SPARK_MASTER_URL
     assert resolved["deploy_mode"] == "client"
@@ -250,9 +274,14 @@ def test_spark_submit_hook_resolves_the_connection_to_the_master(
 
 def test_imgsim_variables_are_ones_the_settings_read(raw: dict[str, Any]) -> None:
     from imgsim import config
+
     read = config.env_names()
-    assert {"IMGSIM_DATA_ROOT", "IMGSIM_BACKBONE", "IMGSIM_WEIGHTS",
-            "IMGSIM_ARCHIVE_SHA256"} <= set(read)
+    assert {
+        "IMGSIM_DATA_ROOT",
+        "IMGSIM_BACKBONE",
+        "IMGSIM_WEIGHTS",
+        "IMGSIM_ARCHIVE_SHA256",
+    } <= set(read)
 
     names = {k for svc in raw["services"].values() for k in env_of(svc) if k.startswith("IMGSIM_")}
     names |= {k for k in read_dotenv(ENV_EXAMPLE) if k.startswith("IMGSIM_")}
@@ -263,17 +292,24 @@ def test_imgsim_variables_are_ones_the_settings_read(raw: dict[str, Any]) -> Non
 
 # --- secrets ----------------------------------------------------------------------------
 
+
 def secret_problems(raw: dict[str, Any]) -> list[str]:
     """Secrets written into the compose file instead of coming from ${VAR:?} substitution."""
-    problems = [f"${{{name}}} has a default value" for name, op, _ in var_refs(raw)
-                if SECRET_NAME.search(name) and op not in ("", ":?", "?")]
+    problems = [
+        f"${{{name}}} has a default value"
+        for name, op, _ in var_refs(raw)
+        if SECRET_NAME.search(name) and op not in ("", ":?", "?")
+    ]
     required = re.compile(r"\$\{[A-Z_][A-Z0-9_]*(:?\?[^}]*)?\}")
     envs = [raw.get(k, {}).get("environment") or {} for k in raw if k.startswith("x-")]
     envs += [svc.get("environment") or {} for svc in raw["services"].values()]
     for env in envs:
         for key, value in env.items():
-            if (SECRET_NAME.search(key) and not key.endswith(("_FILE", "_PATH"))
-                    and not required.fullmatch(str(value))):
+            if (
+                SECRET_NAME.search(key)
+                and not key.endswith(("_FILE", "_PATH"))
+                and not required.fullmatch(str(value))
+            ):
                 problems.append(f"{key}: {value!r} is not ${{VAR:?...}}")
     # Credentials inside URLs come from variables too.
     for s in strings(raw):
@@ -287,11 +323,14 @@ def test_no_secret_is_written_in_the_compose_file(raw: dict[str, Any]) -> None:
     assert secret_problems(raw) == []
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    ("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}@postgres", "hunter2@postgres"),
-    ("${AIRFLOW_FERNET_KEY:?set AIRFLOW_FERNET_KEY in .env}", "c2VjcmV0"),
-    ("${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}", "${REDIS_PASSWORD:-hunter2}"),
-])
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}@postgres", "hunter2@postgres"),
+        ("${AIRFLOW_FERNET_KEY:?set AIRFLOW_FERNET_KEY in .env}", "c2VjcmV0"),
+        ("${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}", "${REDIS_PASSWORD:-hunter2}"),
+    ],
+)
 def test_the_secret_check_finds_a_written_secret(old: str, new: str) -> None:
     text = COMPOSE.read_text()
     assert old in text
@@ -299,7 +338,8 @@ def test_the_secret_check_finds_a_written_secret(old: str, new: str) -> None:
 
 
 def test_env_example_defines_every_required_variable_with_placeholders(
-        raw: dict[str, Any], example_env: dict[str, str]) -> None:
+    raw: dict[str, Any], example_env: dict[str, str]
+) -> None:
     refs = var_refs(raw)
     required = {name for name, op, _ in refs if op in ("", ":?", "?")}
     missing = sorted(n for n in required if not example_env.get(n))
@@ -312,11 +352,19 @@ def test_env_example_defines_every_required_variable_with_placeholders(
 
 
 def test_make_env_generates_every_secret() -> None:
-    runs = [subprocess.run(["sh", str(ROOT / "docker" / "make-env.sh")], capture_output=True,
-                           text=True, check=True).stdout for _ in range(2)]
+    runs = [
+        subprocess.run(
+            ["sh", str(ROOT / "docker" / "make-env.sh")], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(2)
+    ]
     assert runs[0] != runs[1]
-    generated = {k: v for k, v in (line.split("=", 1) for line in runs[0].splitlines()
-                                   if line and not line.startswith("#"))}
+    generated = {
+        k: v
+        for k, v in (
+            line.split("=", 1) for line in runs[0].splitlines() if line and not line.startswith("#")
+        )
+    }
     assert not [k for k, v in generated.items() if "change-me" in v]
     example = read_dotenv(ENV_EXAMPLE)
     assert set(generated) == set(example)
@@ -332,6 +380,7 @@ def test_make_env_generates_every_secret() -> None:
 
 
 # --- health, ordering, ports --------------------------------------------------------------
+
 
 def test_every_long_running_service_has_a_healthcheck(raw: dict[str, Any]) -> None:
     for name, svc in raw["services"].items():
@@ -364,7 +413,8 @@ def test_depends_on_conditions_point_at_services_that_can_meet_them(raw: dict[st
 
 
 def test_published_ports_are_local_distinct_and_do_not_clash(
-        services: dict[str, dict[str, Any]]) -> None:
+    services: dict[str, dict[str, Any]],
+) -> None:
     published = [(name, *p) for name, svc in services.items() for p in host_ports(svc)]
     assert all(ip == "127.0.0.1" for _, ip, _, _ in published), published
     hosts = [h for _, _, h, _ in published]
@@ -377,6 +427,7 @@ def test_published_ports_are_local_distinct_and_do_not_clash(
 
 
 # --- images -------------------------------------------------------------------------------
+
 
 def lock_versions() -> dict[str, str]:
     pins = {}
@@ -404,8 +455,11 @@ def test_python_spark_airflow_and_java_versions_match() -> None:
 
 def test_dockerfile_copy_sources_exist_and_are_in_the_build_context() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
-    ignored = {line.strip().rstrip("/") for line in lines
-               if line.strip() and not line.startswith(("#", "!"))}
+    ignored = {
+        line.strip().rstrip("/")
+        for line in lines
+        if line.strip() and not line.startswith(("#", "!"))
+    }
     for dockerfile in DOCKERFILES:
         text = dockerfile.read_text().replace("\\\n", " ")
         copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")]
@@ -424,9 +478,11 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_build_context() -> None:
 
 def test_spark_image_requirements_are_pinned_by_the_lock() -> None:
     pins = lock_versions()
-    wanted = [re.sub(r"[-_.]+", "-", line.strip()).lower()
-              for line in (ROOT / "docker" / "spark-requirements.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    wanted = [
+        re.sub(r"[-_.]+", "-", line.strip()).lower()
+        for line in (ROOT / "docker" / "spark-requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert not [w for w in wanted if w not in pins], "not in requirements.lock"
     for needed in ("numpy", "pandas", "pyarrow", "torch", "torchvision", "timm", "pillow"):
         assert needed in wanted
@@ -446,13 +502,19 @@ def test_ignore_files_keep_secrets_and_local_state_out() -> None:
 DOCKER_COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
     DOCKER_COMPOSE is None,
-    reason="docker-compose is not installed (apt-get install docker-compose; make installs it)")
+    reason="docker-compose is not installed (apt-get install docker-compose; make installs it)",
+)
 
 
 def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     assert DOCKER_COMPOSE
-    return subprocess.run([DOCKER_COMPOSE, "-f", str(COMPOSE), "--env-file", str(env_file),
-                           "config"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(COMPOSE), "--env-file", str(env_file), "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @needs_compose
@@ -461,15 +523,22 @@ def test_docker_compose_accepts_the_file_with_the_example_env() -> None:
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
     assert set(SERVICES) <= set(resolved["services"])
-    assert resolved["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == (
-        read_dotenv(ENV_EXAMPLE)["POSTGRES_PASSWORD"])
+    assert (
+        resolved["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+        == (read_dotenv(ENV_EXAMPLE)["POSTGRES_PASSWORD"])
+    )
 
 
 @needs_compose
 def test_docker_compose_refuses_to_run_without_a_secret(tmp_path: Path) -> None:
     env = tmp_path / "partial.env"
-    env.write_text("".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines()
-                           if not line.startswith("AIRFLOW_JWT_SECRET=")))
+    env.write_text(
+        "".join(
+            line + "\n"
+            for line in ENV_EXAMPLE.read_text().splitlines()
+            if not line.startswith("AIRFLOW_JWT_SECRET=")
+        )
+    )
     done = compose_config(env)
     assert done.returncode != 0
     assert "AIRFLOW_JWT_SECRET" in done.stderr + done.stdout
@@ -477,11 +546,18 @@ def test_docker_compose_refuses_to_run_without_a_secret(tmp_path: Path) -> None:
 
 # --- the docker/ scripts, run here ------------------------------------------------------------
 
-def run_script(name: str, *args: str, env: dict[str, str] | None = None,
-               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+
+def run_script(
+    name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     shell = "bash" if name == "airflow-init.sh" else "sh"
-    return subprocess.run([shell, str(ROOT / "docker" / name), *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [shell, str(ROOT / "docker" / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_bake_weights_checks_the_file_and_bakes_nothing_without_a_source(tmp_path: Path) -> None:
@@ -494,15 +570,16 @@ def test_bake_weights_checks_the_file_and_bakes_nothing_without_a_source(tmp_pat
     # A file that is not torchvision's (its sha256 does not start with f37072fd) is refused,
     # from the build context and from a URL alike.
     (local / "resnet18-f37072fd.pth").write_bytes(b"not the weights")
-    for args in ((str(dest), "", str(local)),
-                 (str(dest), (local / "resnet18-f37072fd.pth").as_uri(), str(tmp_path / "none"))):
+    for args in (
+        (str(dest), "", str(local)),
+        (str(dest), (local / "resnet18-f37072fd.pth").as_uri(), str(tmp_path / "none")),
+    ):
         done = run_script("bake_weights.sh", *args)
         assert done.returncode == 1 and "expected f37072fd" in done.stderr, done
         assert not list(dest.iterdir())
 
 
-def test_bake_weights_downloads_the_file_the_url_names_and_checks_its_hash(
-        tmp_path: Path) -> None:
+def test_bake_weights_downloads_the_file_the_url_names_and_checks_its_hash(tmp_path: Path) -> None:
     """The docker weight step fetches as torchvision does: the URL's file name, its hash prefix."""
     import hashlib
 
@@ -528,18 +605,20 @@ def test_bake_weights_downloads_the_file_the_url_names_and_checks_its_hash(
 
 def init_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
-    env = {"PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "HOME": str(tmp_path),
-           "AIRFLOW_HOME": str(tmp_path / "airflow"),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
-           "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(tmp_path / "logs"),
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "auth" / "pw.json"),
-           "IMGSIM_DATA_ROOT": str(tmp_path / "data"),
-           "AIRFLOW_UID": str(os.getuid()),
-           "AIRFLOW_ADMIN_PASSWORD": "from-the-env-file"}
+    env = {
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(tmp_path),
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path / 'airflow.db'}",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(tmp_path / "logs"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "auth" / "pw.json"),
+        "IMGSIM_DATA_ROOT": str(tmp_path / "data"),
+        "AIRFLOW_UID": str(os.getuid()),
+        "AIRFLOW_ADMIN_PASSWORD": "from-the-env-file",
+    }
     env.update(extra)
     return env
 
@@ -568,6 +647,10 @@ def test_postgres_refuses_to_initialise_with_the_placeholder(raw: dict[str, Any]
     script = raw["services"]["postgres"]["command"][-1].replace("$$", "$")
     script = script.replace("exec docker-entrypoint.sh postgres", "echo starting")
     for password, rc in ((read_dotenv(ENV_EXAMPLE)["POSTGRES_PASSWORD"], 1), ("0f3a9c", 0)):
-        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
-                              env={"POSTGRES_PASSWORD": password, "PATH": "/usr/bin:/bin"})
+        done = subprocess.run(
+            ["sh", "-c", script],
+            capture_output=True,
+            text=True,
+            env={"POSTGRES_PASSWORD": password, "PATH": "/usr/bin:/bin"},
+        )
         assert done.returncode == rc, done

@@ -11,21 +11,17 @@ from PIL import Image
 from imgsim.config import Layout, Settings
 from imgsim.fsutil import read_json, sha256_file
 from imgsim.query import run as query
-from imgsim.store import snapshot_fingerprint
 from imgsim.versions import models
-from test_models import build_version, make_ids
+from test_models import build_version, make_ids, validate
 from test_query import write_neighbours
 
 IDS = make_ids(8)
-V1, V2, V3 = ("v20260101T000000Z-000001", "v20260102T000000Z-000002",
-              "v20260103T000000Z-000003")
+V1, V2, V3 = ("v20260101T000000Z-000001", "v20260102T000000Z-000002", "v20260103T000000Z-000003")
 
 
 def stage_and_validate(layout: Layout, version: str) -> None:
     build_version(layout.staging, version, IDS)
-    models.validate_staged(layout, version, expected_count=len(IDS),
-                           expected_fingerprint=snapshot_fingerprint(IDS), backbone="random",
-                           recall_floor=0.5)
+    validate(layout, version, IDS, recall_floor=0.5)
 
 
 @pytest.fixture
@@ -43,7 +39,7 @@ def _flip(root: str, rounds: int) -> None:
         models.rollback(layout, V1 if i % 2 else V2)
 
 
-def _read(root: str, rounds: int, out: mp.Queue) -> None:   # type: ignore[type-arg]
+def _read(root: str, rounds: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     layout = Layout(Path(root))
     seen = set()
     for _ in range(rounds):
@@ -77,19 +73,31 @@ def test_a_query_run_answers_with_the_version_it_pinned(settings: Settings) -> N
     plan = query.collect(settings, "manual__pinned", [], k=1)
     assert plan["model_version"] == V2
     stage_and_validate(layout, V3)
-    models.publish(layout, V3)                  # a new version lands mid-run
-    models.rollback(layout, V1)                 # and someone rolls back mid-run
+    models.publish(layout, V3)  # a new version lands mid-run
+    models.rollback(layout, V1)  # and someone rolls back mid-run
     run_dir = Path(plan["run_dir"])
-    write_neighbours(run_dir, [{"query_id": sha256_file(photo), "image_id": IDS[0],
-                                "path": "images/car_ims/000000.jpg", "class_id": 1,
-                                "class_name": "x", "distance": 0.1, "candidates": 4,
-                                "rank": 1}])
+    write_neighbours(
+        run_dir,
+        [
+            {
+                "query_id": sha256_file(photo),
+                "image_id": IDS[0],
+                "path": "images/car_ims/000000.jpg",
+                "class_id": 1,
+                "class_name": "x",
+                "distance": 0.1,
+                "candidates": 4,
+                "rank": 1,
+            }
+        ],
+    )
     query.finalize(settings, str(run_dir))
     results = read_json(run_dir / "results.json")
     assert results["model_version"] == V2
     assert [q["model_version"] for q in results["queries"]] == [V2]
-    assert query.ledger_entry(layout, V2, sha256_file(layout.queries / "processed" /
-                                                       run_dir.name / "car.jpg")).exists()
+    assert query.ledger_entry(
+        layout, V2, sha256_file(layout.queries / "processed" / run_dir.name / "car.jpg")
+    ).exists()
 
 
 def test_two_publishers_of_different_versions_serialize(settings: Settings) -> None:

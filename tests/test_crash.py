@@ -22,10 +22,11 @@ from PIL import Image
 from imgsim.config import Settings
 from imgsim.fsutil import TMP_PREFIX, read_json
 from imgsim.index import pipeline
-from imgsim.store import embedded_ids, shard_files, snapshot_fingerprint
+from imgsim.store import embedded_ids, shard_files
 from imgsim.versions import models
+from jobargs import fit_argv
 from test_fit_job import make_store
-from test_models import build_version, make_ids
+from test_models import build_version, make_ids, validate
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parents[1]
@@ -33,9 +34,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def spawn(code: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_when(proc: subprocess.Popen[str], condition, timeout: float = 120.0) -> None:
@@ -54,7 +60,8 @@ def photos(folder: Path, n: int) -> None:
     folder.mkdir(parents=True)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
-            folder / f"{i:05d}.jpg", quality=90)
+            folder / f"{i:05d}.jpg", quality=90
+        )
 
 
 def test_sigkill_during_an_embedding_shard(tmp_path: Path) -> None:
@@ -63,19 +70,20 @@ def test_sigkill_during_an_embedding_shard(tmp_path: Path) -> None:
     photos(layout.images / "car_ims", 240)
     labels = tmp_path / "labels.csv"
     labels.write_text("Class,image\n" + "".join(f"1,{i:05d}.jpg\n" for i in range(240)))
-    cat = pipeline.catalog(settings, str(layout.images / "car_ims"), str(labels), "2026-01-01",
-                           "run1", "random")
+    cat = pipeline.catalog(
+        settings, str(layout.images / "car_ims"), str(labels), "2026-01-01", "run1", "random"
+    )
     (shard,) = pipeline.plan_shards(settings, cat["to_embed_file"], "run1")
     proc = spawn(f"""
         from pathlib import Path
         from imgsim.index import pipeline
         from imgsim.config import Settings
         s = Settings(data_root=Path({str(layout.root)!r}), batch_size=8)
-        pipeline.embed_shard(s, {shard['spec']!r}, "random")
+        pipeline.embed_shard(s, {shard["spec"]!r}, "random")
     """)
     # Killed once a third of the thumbnails exist: inference is under way, the shard unwritten.
     kill_when(proc, lambda: len(list(layout.thumbs.glob("*.jpg"))) >= 80)
-    assert shard_files(layout, "random") == []            # no half-written shard is visible
+    assert shard_files(layout, "random") == []  # no half-written shard is visible
     assert embedded_ids(layout, "random") == set()
     # The re-run (same run, same shard) completes; running it once more duplicates nothing.
     pipeline.embed_shard(settings, shard["spec"], "random")
@@ -95,27 +103,33 @@ def test_sigkill_during_the_spark_fit(tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data", n=300, dim=16, gone=0)
     version = "v20260101T000000Z-00000f"
     staged = layout.staging / version
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
-           str(PROJECT / "spark_jobs" / "fit_lsh.py"), "--data-root", str(layout.root),
-           "--backbone", "random", "--version", version, "--bucket-length", "0.2"]
-    proc = subprocess.Popen(cmd, env=embedded_environment(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    cmd = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        "local[2]",
+        str(PROJECT / "spark_jobs" / "fit_lsh.py"),
+        *fit_argv(layout.root, version, "--bucket-length 0.2"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=embedded_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     kill_when(proc, lambda: (staged / "model").exists(), timeout=300)
     assert not (staged / "manifest.json").exists()
     ids = [f"{i:064x}" for i in range(300)]
     with pytest.raises(models.ValidationFailed, match=r"no manifest\.json"):
-        models.validate_staged(layout, version, expected_count=300,
-                               expected_fingerprint=snapshot_fingerprint(ids),
-                               backbone="random", recall_floor=0.0)
+        validate(layout, version, ids, recall_floor=0.0)
     with pytest.raises(models.ValidationFailed):
         models.publish(layout, version)
     assert models.current_version(layout) is None
     # The retry starts clean in the same staging directory and completes.
     proc = subprocess.run(cmd, env=embedded_environment(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    models.validate_staged(layout, version, expected_count=300,
-                           expected_fingerprint=snapshot_fingerprint(ids), backbone="random",
-                           recall_floor=0.0)
+    validate(layout, version, ids, recall_floor=0.0)
     models.publish(layout, version)
     assert models.current_version(layout) == version
 
@@ -128,9 +142,7 @@ def test_sigkill_while_publishing(tmp_path: Path, kill_point: str) -> None:
     old, new = "v20260101T000000Z-000001", "v20260102T000000Z-000002"
     for v in (old, new):
         build_version(layout.staging, v, ids)
-        models.validate_staged(layout, v, expected_count=8,
-                               expected_fingerprint=snapshot_fingerprint(ids),
-                               backbone="random", recall_floor=0.5)
+        validate(layout, v, ids, recall_floor=0.5)
     models.publish(layout, old)
     marker = tmp_path / "reached"
     # A hook that stops the publisher at the kill point (the test then SIGKILLs it).
@@ -153,7 +165,7 @@ def test_sigkill_while_publishing(tmp_path: Path, kill_point: str) -> None:
         models.publish(Layout(Path({str(layout.root)!r})), {new!r})
     """)
     kill_when(proc, marker.exists)
-    assert models.current_version(layout) == old           # the old state, complete
+    assert models.current_version(layout) == old  # the old state, complete
     assert (layout.models / old / "manifest.json").exists()
     leftovers = [p.name for p in layout.models.iterdir() if p.name.startswith(TMP_PREFIX)]
     assert all(p.startswith(f"{TMP_PREFIX}CURRENT") for p in leftovers)

@@ -49,11 +49,12 @@ print("RESULT" + json.dumps(out))
 
 def probe(path: Path, env: dict[str, str]) -> dict:
     code = f"HEAVY = {HEAVY!r}\nPATH = {str(path)!r}\n" + PROBE
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.airflow
@@ -75,17 +76,26 @@ def test_dag_file_integrity(dag_file: Path, airflow_env: dict[str, str]) -> None
         from imgsim.index.pipeline import fit_job_args
 
         args = result["dags"]["imgsim_index"]["spark_args"]["fit_lsh"]
-        plan = {key: f"<{key}>" for key in ("data_root", "backbone", "version",
-                                             "num_hash_tables", "bucket_length", "seed",
-                                             "validation_sample", "target_recall",
-                                             "projection_dir")}
+        plan = {
+            key: f"<{key}>"
+            for key in (
+                "data_root",
+                "backbone",
+                "version",
+                "num_hash_tables",
+                "bucket_length",
+                "seed",
+                "validation_sample",
+                "target_recall",
+                "projection_dir",
+            )
+        }
         want = fit_job_args(plan, "<run_id>")
         assert args[0::2] == want[0::2]
         for flag, value in zip(want[0::2], want[1::2], strict=True):
             key = value.strip("<>")
             templated = args[args.index(flag) + 1]
             assert (f"['{key}']" in templated) or (key == "run_id" and "run_id" in templated)
-
 
     if dag_file.stem == "imgsim_query":
         # embed picks the engine: write_results directly (in-process answer) or the Spark

@@ -29,12 +29,17 @@ def test_demo_archive_is_deterministic_and_in_the_stanford_layout(tmp_path: Path
     assert synthetic_car(0, 0) != synthetic_car(0, 1)
 
 
-def test_demo_indexes_offline_and_prints_the_summary(airflow_env: dict[str, str],
-                                                     tmp_path: Path) -> None:
+def test_demo_indexes_offline_and_prints_the_summary(
+    airflow_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**airflow_env, "IMGSIM_DATA_ROOT": str(tmp_path / "data")}
-    proc = subprocess.run([str(Path(sys.executable).parent / "imgsim"), "demo",
-                           "--date", "2026-02-01"], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "imgsim"), "demo", "--date", "2026-02-01"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     out = proc.stdout
     assert "serving the synthetic demo archive at http://127.0.0.1:" in out
@@ -44,8 +49,17 @@ def test_demo_indexes_offline_and_prints_the_summary(airflow_env: dict[str, str]
     # summary); Airflow's and Spark's whole output in the log file it names.
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) < 60, "\n".join(lines)
-    for task in ("take_lease", "download", "extract", "catalog", "embed[0]", "fit_lsh",
-                 "validate", "publish", "release_lease"):
+    for task in (
+        "take_lease",
+        "download",
+        "extract",
+        "catalog",
+        "embed[0]",
+        "fit_lsh",
+        "validate",
+        "publish",
+        "release_lease",
+    ):
         assert f"> {task} started" in out and f"+ {task} done in" in out, task
     assert "download car_ims.tgz done:" in out and "embedded 48/48 images" in out
     log_line = next(line for line in lines if line.startswith("full log: "))

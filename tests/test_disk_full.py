@@ -16,9 +16,8 @@ from imgsim.config import Settings
 from imgsim.fsutil import TMP_PREFIX, DiskFull
 from imgsim.index import pipeline
 from imgsim.query.lookup import load_model
-from imgsim.store import snapshot_fingerprint
 from imgsim.versions import models
-from test_models import build_version, make_ids
+from test_models import build_version, make_ids, validate
 
 VERSION = "v20260101T000000Z-0000d1"
 
@@ -29,8 +28,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root (CI and the dev machines run as root)")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
@@ -59,19 +61,19 @@ def test_full_disk_fails_clearly_and_keeps_the_index(small_disk: Path, tmp_path:
     layout = settings.layout
     ids = make_ids(8)
     build_version(layout.staging, VERSION, ids)
-    models.validate_staged(layout, VERSION, expected_count=8,
-                           expected_fingerprint=snapshot_fingerprint(ids), backbone="random",
-                           recall_floor=0.5)
+    validate(layout, VERSION, ids, recall_floor=0.5)
     models.publish(layout, VERSION)
     rng = np.random.default_rng(5)
     (layout.images / "car_ims").mkdir(parents=True)
     for i in range(40):
         Image.fromarray(rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)).save(
-            layout.images / "car_ims" / f"{i:05d}.jpg", quality=95)
+            layout.images / "car_ims" / f"{i:05d}.jpg", quality=95
+        )
     labels = tmp_path / "labels.csv"
     labels.write_text("Class,image\n" + "".join(f"2,{i:05d}.jpg\n" for i in range(40)))
-    cat = pipeline.catalog(settings, str(layout.images / "car_ims"), str(labels), "2026-01-02",
-                           "run2", "random")
+    cat = pipeline.catalog(
+        settings, str(layout.images / "car_ims"), str(labels), "2026-01-02", "run2", "random"
+    )
     (shard,) = pipeline.plan_shards(settings, cat["to_embed_file"], "run2")
     catalog_before = layout.catalog.read_bytes()
     current_before = layout.current_pointer.read_bytes()
@@ -82,7 +84,7 @@ def test_full_disk_fails_clearly_and_keeps_the_index(small_disk: Path, tmp_path:
 
     assert layout.current_pointer.read_bytes() == current_before
     assert layout.catalog.read_bytes() == catalog_before
-    assert load_model(layout).version == VERSION               # the index still loads whole
+    assert load_model(layout).version == VERSION  # the index still loads whole
     assert not [p for p in layout.root.rglob(f"{TMP_PREFIX}*")]
     assert not list(layout.embeddings("random").glob("part-*.parquet"))
     # With space again, the same task completes.

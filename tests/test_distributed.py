@@ -30,8 +30,7 @@ from cluster import CELERY_WORKER_NAME, Cluster, cluster
 from imgsim.config import Layout
 from imgsim.demo import serve_directory
 
-pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow,
-              pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.airflow, pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = PROJECT_ROOT / "test-output" / "distributed"
@@ -44,8 +43,9 @@ def build_archive(sample: Path, rows: list[dict[str, str]], out: Path) -> None:
     with tarfile.open(out / "cars_train.tgz", "w:gz") as tar:
         for r in rows:
             tar.add(sample / "images" / r["image"], arcname=f"cars_train/{r['image']}")
-    (out / "labels.csv").write_text("Class,image\n" + "".join(
-        f"{r['Class']},{r['image']}\n" for r in rows))
+    (out / "labels.csv").write_text(
+        "Class,image\n" + "".join(f"{r['Class']},{r['image']}\n" for r in rows)
+    )
 
 
 def wait_idle(c: Cluster, dag_id: str, timeout: float = 120) -> None:
@@ -64,8 +64,11 @@ def backfill_one_day(c: Cluster, dag_id: str, day: str, timeout: float = 120) ->
     one without a logical date has no ``ds`` for the catalog task. A backfill run has both.
     """
     when = f"{day}T00:00:00Z"
-    c.api.call("POST", "/api/v2/backfills", {"dag_id": dag_id, "from_date": when,
-                                             "to_date": when, "max_active_runs": 1})
+    c.api.call(
+        "POST",
+        "/api/v2/backfills",
+        {"dag_id": dag_id, "from_date": when, "to_date": when, "max_active_runs": 1},
+    )
     deadline = time.monotonic() + timeout
     while True:
         runs = [r for r in c.api.runs(dag_id) if r["run_type"] == "backfill"]
@@ -75,15 +78,17 @@ def backfill_one_day(c: Cluster, dag_id: str, day: str, timeout: float = 120) ->
         time.sleep(2)
 
 
-def check_ran_in_celery_worker(c: Cluster, dag_id: str, run_id: str,
-                               expected: set[str]) -> list[dict[str, Any]]:
+def check_ran_in_celery_worker(
+    c: Cluster, dag_id: str, run_id: str, expected: set[str]
+) -> list[dict[str, Any]]:
     """The task instances that ran (all of ``expected`` among them), each in the Celery worker.
 
     Skipped ones (a branch not taken) never ran anywhere.
     """
     tis = c.api.task_instances(dag_id, run_id)
     assert all(t["state"] in ("success", "skipped") for t in tis), [
-        (t["task_id"], t["state"]) for t in tis]
+        (t["task_id"], t["state"]) for t in tis
+    ]
     ran = [t for t in tis if t["state"] == "success"]
     assert expected <= {t["task_id"] for t in ran}, (expected, [t["task_id"] for t in ran])
     for ti in ran:
@@ -100,7 +105,8 @@ def spark_app(master: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def test_index_and_query_on_postgres_celery_and_spark_standalone(
-        sample_dir: Path, tmp_path: Path) -> None:
+    sample_dir: Path, tmp_path: Path
+) -> None:
     with open(sample_dir / "labels.csv", newline="") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: r["image"])
     src = tmp_path / "src"
@@ -112,20 +118,22 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
     started = time.monotonic()
 
     with serve_directory(src) as base:
-        extra = {"IMGSIM_DATA_ROOT": str(layout.root),
-                 "IMGSIM_ARCHIVE_URL": f"{base}/cars_train.tgz",
-                 "IMGSIM_LABELS_URL": f"{base}/labels.csv",
-                 "IMGSIM_BACKBONE": "efficientnet_lite0",
-                 "IMGSIM_SHARD_SIZE": str(SHARD_SIZE),
-                 # Embedding as a Spark application too, so it also runs on the worker.
-                 "IMGSIM_EMBED_ENGINE": "spark",
-                 # the projection's statistics on the cluster too (spark_jobs/learn_projection)
-                 "IMGSIM_PROJECTION_ENGINE": "spark",
-                 # Only the runs this test starts: no scheduled run of either DAG.
-                 "IMGSIM_INDEX_START_DATE": "2099-01-01",
-                 "IMGSIM_QUERY_SCHEDULE": "0 0 29 2 *",
-                 # Every query run by the Spark job on the cluster (not in the embed task).
-                 "IMGSIM_QUERY_LOCAL_MAX": "0"}
+        extra = {
+            "IMGSIM_DATA_ROOT": str(layout.root),
+            "IMGSIM_ARCHIVE_URL": f"{base}/cars_train.tgz",
+            "IMGSIM_LABELS_URL": f"{base}/labels.csv",
+            "IMGSIM_BACKBONE": "efficientnet_lite0",
+            "IMGSIM_SHARD_SIZE": str(SHARD_SIZE),
+            # Embedding as a Spark application too, so it also runs on the worker.
+            "IMGSIM_EMBED_ENGINE": "spark",
+            # the projection's statistics on the cluster too (spark_jobs/learn_projection)
+            "IMGSIM_PROJECTION_ENGINE": "spark",
+            # Only the runs this test starts: no scheduled run of either DAG.
+            "IMGSIM_INDEX_START_DATE": "2099-01-01",
+            "IMGSIM_QUERY_SCHEDULE": "0 0 29 2 *",
+            # Every query run by the Spark job on the cluster (not in the embed task).
+            "IMGSIM_QUERY_LOCAL_MAX": "0",
+        }
         with cluster(tmp_path / "cluster", extra, failure_logs) as c:
             up = time.monotonic() - started
             for dag_id in ("imgsim_index", "imgsim_query"):
@@ -144,21 +152,37 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
             assert manifest["counts"]["indexed"] == N_REFERENCE
             assert manifest["counts"]["catalog_live"] == N_REFERENCE
             assert manifest["backbone"]["name"] == "efficientnet_lite0"
-            assert manifest["spark"]["master"] == c.spark.url     # not local[*]
+            assert manifest["spark"]["master"] == c.spark.url  # not local[*]
             assert manifest["projection"]["requested"] == "auto"
             assert manifest["projection"]["coverage"]["images"] == N_REFERENCE
             assert manifest["projection"]["reason"]
             index_tis = check_ran_in_celery_worker(
-                c, "imgsim_index", index_run,
-                {"take_lease", "download", "extract", "catalog", "plan_shards",
-                 "choose_embed_engine", "embed_spark", "embed_summary", "fit_plan",
-                 "learn_projection", "fit_lsh", "validate", "publish", "release_lease"})
+                c,
+                "imgsim_index",
+                index_run,
+                {
+                    "take_lease",
+                    "download",
+                    "extract",
+                    "catalog",
+                    "plan_shards",
+                    "choose_embed_engine",
+                    "embed_spark",
+                    "embed_summary",
+                    "fit_plan",
+                    "learn_projection",
+                    "fit_lsh",
+                    "validate",
+                    "publish",
+                    "release_lease",
+                },
+            )
 
             # ---- imgsim_query on the cluster
             wait_idle(c, "imgsim_query")
             inbox = layout.queries / "inbox"
             inbox.mkdir(parents=True, exist_ok=True)
-            queries = rows[N_REFERENCE:N_REFERENCE + N_QUERY]
+            queries = rows[N_REFERENCE : N_REFERENCE + N_QUERY]
             for r in queries:
                 shutil.copyfile(sample_dir / "images" / r["image"], inbox / f"q_{r['image']}")
             t0 = time.monotonic()
@@ -177,9 +201,10 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                 assert 1 <= len(q["neighbours"]) <= 5, (name, q)
             for f in ("results.csv", "contact_sheet.png", "gallery.html"):
                 assert (results_dirs[0] / f).stat().st_size > 0, f
-            assert not list(inbox.iterdir())                      # inbox emptied
+            assert not list(inbox.iterdir())  # inbox emptied
             query_tis = check_ran_in_celery_worker(
-                c, "imgsim_query", query_run, {"collect", "embed", "lookup", "write_results"})
+                c, "imgsim_query", query_run, {"collect", "embed", "lookup", "write_results"}
+            )
 
             # ---- the Celery worker ran every task instance
             worker_log = c.airflow.procs["celery-worker"].log.read_text(errors="replace")
@@ -196,14 +221,18 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                 with c.postgres.connect() as conn, conn.cursor() as cur:
                     cur.execute("SELECT dag_id, run_id, state FROM dag_run")
                     db_runs = {(d, r): s for d, r, s in cur.fetchall()}
-                    cur.execute("SELECT count(*) FROM task_instance WHERE hostname = %s",
-                                (CELERY_WORKER_NAME,))
+                    cur.execute(
+                        "SELECT count(*) FROM task_instance WHERE hostname = %s",
+                        (CELERY_WORKER_NAME,),
+                    )
                     (db_tis,) = cur.fetchone()
                     cur.execute("SELECT status, count(*) FROM celery_taskmeta GROUP BY status")
                     celery_results = dict(cur.fetchall())
                 conn.close()
-                if (celery_results.get("SUCCESS", 0) >= len(index_tis) + len(query_tis)
-                        or time.monotonic() > deadline):
+                if (
+                    celery_results.get("SUCCESS", 0) >= len(index_tis) + len(query_tis)
+                    or time.monotonic() > deadline
+                ):
                     break
                 time.sleep(2)
             assert db_runs[("imgsim_index", index_run)] == "success"
@@ -227,14 +256,19 @@ def test_index_and_query_on_postgres_celery_and_spark_standalone(
                 logs = list((c.spark.worker_dir / app["id"]).glob("*/stderr"))
                 assert logs, f"no executor logs for {app['id']} in {c.spark.worker_dir}"
                 assert any("Finished task" in p.read_text(errors="replace") for p in logs)
-            c.check()                                             # nothing died on the way
+            c.check()  # nothing died on the way
             summary = {
-                "cluster_up_s": round(up, 1), "index_run_s": round(index_s, 1),
-                "query_run_s": round(query_s, 1), "index_run": index_run,
-                "query_run": query_run, "model_version": manifest["version"],
+                "cluster_up_s": round(up, 1),
+                "index_run_s": round(index_s, 1),
+                "query_run_s": round(query_s, 1),
+                "index_run": index_run,
+                "query_run": query_run,
+                "model_version": manifest["version"],
                 "spark_master": c.spark.url,
-                "spark_apps": {a["name"]: {"id": a["id"], "state": a["state"],
-                                           "cores": a["cores"]} for a in (embed, fit, query)},
+                "spark_apps": {
+                    a["name"]: {"id": a["id"], "state": a["state"], "cores": a["cores"]}
+                    for a in (embed, fit, query)
+                },
                 "executors_on_worker": sorted(on_worker),
                 "task_instances_on_celery_worker": db_tis,
             }

@@ -32,6 +32,8 @@ ETAG = '"v1"'
 LAST_MODIFIED = "Mon, 01 Jan 2024 00:00:00 GMT"
 CHUNK = 8192
 
+pytestmark = pytest.mark.usefixtures("no_proxy")  # local servers only
+
 
 @dataclass
 class Resource:
@@ -181,19 +183,6 @@ class FakeServer:
     def seen(self, method: str = "GET") -> list[Seen]:
         with self.state.lock:
             return [r for r in self.state.requests if r.method == method]
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -576,13 +565,16 @@ def test_source_already_at_destination_is_left_in_place(source: Path) -> None:
 BODY_MD5 = hashlib.md5(BODY).hexdigest()
 
 
-@pytest.mark.parametrize("text,expected", [
-    (f"md5:{BODY_MD5}", Checksum("md5", BODY_MD5)),
-    (f" SHA256:{BODY_SHA.upper()} ", Checksum("sha256", BODY_SHA)),
-    (BODY_SHA, Checksum("sha256", BODY_SHA)),
-    (BODY_MD5, Checksum("md5", BODY_MD5)),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (f"md5:{BODY_MD5}", Checksum("md5", BODY_MD5)),
+        (f" SHA256:{BODY_SHA.upper()} ", Checksum("sha256", BODY_SHA)),
+        (BODY_SHA, Checksum("sha256", BODY_SHA)),
+        (BODY_MD5, Checksum("md5", BODY_MD5)),
+        ("", None),
+    ],
+)
 def test_parse_checksum(text: str, expected: Checksum | None) -> None:
     assert parse_checksum(text) == expected
 
@@ -599,13 +591,14 @@ def test_md5_checksum_is_verified(server: FakeServer, tmp_path: Path) -> None:
     _assert_complete(result, tmp_path)
     assert result.md5 == BODY_MD5
     assert not _fetch(server.url(), tmp_path, checksum=f"md5:{BODY_MD5}").downloaded
-    assert len(server.seen("GET")) == 1       # the second call found the file current
+    assert len(server.seen("GET")) == 1  # the second call found the file current
     with pytest.raises(DownloadError, match=f"expected md5:{'0' * 32}, got md5:{BODY_MD5}"):
         _fetch(server.url(), tmp_path / "other", checksum="md5:" + "0" * 32)
     assert not (tmp_path / "other" / "data.bin").exists()
 
 
 # -- permanent errors are not retried --------------------------------------------------------
+
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/car ims.tgz", "http://127.0.0.1:9/a\tb"])
 def test_invalid_url_fails_at_once(url: str, tmp_path: Path) -> None:
@@ -623,7 +616,7 @@ def test_404_and_wrong_bytes_are_permanent_exhausted_retries_are_not(
     with pytest.raises(DownloadError) as info:
         _fetch(server.url(), tmp_path, checksum="md5:" + "0" * 32, retries=5, backoff_s=10.0)
     assert info.value.permanent
-    assert len(server.seen("GET")) == 2       # one request each, no retry
+    assert len(server.seen("GET")) == 2  # one request each, no retry
     server.fail("/files/data.bin", *[Fault("status", 503)] * 3)
     with pytest.raises(DownloadError, match="after 2 attempt") as info:
         _fetch(server.url(), tmp_path / "x", retries=1)
@@ -632,14 +625,17 @@ def test_404_and_wrong_bytes_are_permanent_exhausted_retries_are_not(
 
 # -- ordered locations (mirrors) ---------------------------------------------------------------
 
+
 @pytest.fixture
 def three_servers() -> Iterator[list[FakeServer]]:
     """Three mirrors: the first has nothing (404), the second other bytes, the third BODY."""
     servers = [FakeServer() for _ in range(3)]
     servers[1].state.resources["/files/data.bin"] = Resource(BODY[::-1])
     del servers[0].state.resources["/files/data.bin"]
-    threads = [threading.Thread(target=s.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                daemon=True) for s in servers]
+    threads = [
+        threading.Thread(target=s.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        for s in servers
+    ]
     for t in threads:
         t.start()
     try:
@@ -656,12 +652,18 @@ def test_next_location_after_404_and_wrong_bytes(
     three_servers: list[FakeServer], tmp_path: Path
 ) -> None:
     urls = [s.url() for s in three_servers]
-    result = fetch_first(" ".join(urls), tmp_path, what="test file",
-                         checksum=f"md5:{BODY_MD5}", backoff_s=0.01, timeout_s=5.0)
+    result = fetch_first(
+        " ".join(urls),
+        tmp_path,
+        what="test file",
+        checksum=f"md5:{BODY_MD5}",
+        backoff_s=0.01,
+        timeout_s=5.0,
+    )
     _assert_complete(result, tmp_path)
     assert result.url == urls[2]
     assert result.tried == (urls[0], urls[1])
-    assert [len(s.seen("GET")) for s in three_servers] == [1, 1, 1]    # no retry of either
+    assert [len(s.seen("GET")) for s in three_servers] == [1, 1, 1]  # no retry of either
     assert not (tmp_path / "data.bin.part").exists()
 
 
@@ -670,12 +672,19 @@ def test_every_location_failing_names_each_and_where_to_get_the_data(
 ) -> None:
     urls = [s.url() for s in three_servers[:2]] + [str(tmp_path / "nowhere.tgz")]
     with pytest.raises(SourceUnavailable) as info:
-        fetch_first(urls, tmp_path / "raw", what="image archive", checksum=f"md5:{BODY_MD5}",
-                    help_text="Get it from a mirror; set IMGSIM_ARCHIVE_URL.",
-                    backoff_s=0.01, timeout_s=5.0)
+        fetch_first(
+            urls,
+            tmp_path / "raw",
+            what="image archive",
+            checksum=f"md5:{BODY_MD5}",
+            help_text="Get it from a mirror; set IMGSIM_ARCHIVE_URL.",
+            backoff_s=0.01,
+            timeout_s=5.0,
+        )
     msg = str(info.value)
-    assert msg.startswith("could not get the image archive from any of its 3 location(s) "
-                          f"(expected md5:{BODY_MD5}):")
+    assert msg.startswith(
+        f"could not get the image archive from any of its 3 location(s) (expected md5:{BODY_MD5}):"
+    )
     assert f"1. {urls[0]}: HTTP 404" in msg
     assert f"2. {urls[1]}: checksum mismatch" in msg and "other bytes" in msg
     assert f"3. {urls[2]}: no such file" in msg
@@ -691,10 +700,17 @@ def test_a_folder_location_holding_images_is_used_in_place(tmp_path: Path) -> No
     kaggle = tmp_path / "kaggle" / "cars_train"
     kaggle.mkdir(parents=True)
     (kaggle / "00001.jpg").write_bytes(b"jpeg")
-    result = fetch_first([str(empty), (tmp_path / "kaggle").as_uri()], tmp_path / "raw",
-                         what="image archive", allow_folders=True)
-    assert (result.kind, result.path, result.tried) == ("folder", tmp_path / "kaggle",
-                                                        (str(empty),))
+    result = fetch_first(
+        [str(empty), (tmp_path / "kaggle").as_uri()],
+        tmp_path / "raw",
+        what="image archive",
+        allow_folders=True,
+    )
+    assert (result.kind, result.path, result.tried) == (
+        "folder",
+        tmp_path / "kaggle",
+        (str(empty),),
+    )
     with pytest.raises(SourceUnavailable, match=r"without any \.jpg"):
         fetch_first(str(empty), tmp_path / "raw", what="image archive", allow_folders=True)
     with pytest.raises(SourceUnavailable, match="no location given"):

@@ -44,8 +44,13 @@ def build_kaggle_archive(sample: Path, out: Path) -> tuple[Path, Path]:
 
 
 def run_dag(env: dict[str, str], date: str, dag_id: str = "imgsim_index") -> str:
-    proc = subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, date], env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [str(BIN / "airflow"), "dags", "test", dag_id, date],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "state=success" in out, out[-6000:]
     return out
@@ -77,13 +82,18 @@ def served(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def env(airflow_env: dict[str, str], served: str,
-        tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def env(
+    airflow_env: dict[str, str], served: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     data = tmp_path_factory.mktemp("data")
-    return {**airflow_env, "IMGSIM_DATA_ROOT": str(data),
-            "IMGSIM_ARCHIVE_URL": f"{served}/cars_train.tgz",
-            "IMGSIM_LABELS_URL": f"{served}/cars_train_labels.csv",
-            "IMGSIM_BACKBONE": "efficientnet_lite0", "IMGSIM_SHARD_SIZE": "700"}
+    return {
+        **airflow_env,
+        "IMGSIM_DATA_ROOT": str(data),
+        "IMGSIM_ARCHIVE_URL": f"{served}/cars_train.tgz",
+        "IMGSIM_LABELS_URL": f"{served}/cars_train_labels.csv",
+        "IMGSIM_BACKBONE": "efficientnet_lite0",
+        "IMGSIM_SHARD_SIZE": "700",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +114,7 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
     assert m["backbone"]["dim"] == m["embedding_dim"] == 1280
     assert current_version(layout) == m["version"]
     assert shard_rows(layout, first_run["shards"]) == 1960
-    assert len(first_run["shards"]) == 3                      # 1,960 images in shards of 700
+    assert len(first_run["shards"]) == 3  # 1,960 images in shards of 700
     rows = live_rows(layout)
     assert len({r["class_id"] for r in rows}) == 196
     assert all(r["class_name"] for r in rows)
@@ -112,9 +122,9 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
     # Recall of the LSH against exact search, measured by the fit job on a sample.
     metrics = m["metrics"]
     assert metrics["queries"] == 200
-    assert metrics["recall_at_k"] >= 0.8                     # the configured floor
-    assert metrics["label_hit_at_k"] > 0.2                   # chance is about 2.5%
-    validation = (layout.models / m["version"] / "validation.json")
+    assert metrics["recall_at_k"] >= 0.8  # the configured floor
+    assert metrics["label_hit_at_k"] > 0.2  # chance is about 2.5%
+    validation = layout.models / m["version"] / "validation.json"
     assert validation.exists()
     # The learn_projection task: every photo is labelled, so auto learns LDA from the labels
     # (cross-validated inside the references); the LSH lives in its space, and validation
@@ -126,12 +136,11 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
     assert (layout.models / m["version"] / proj["file"]).exists()
     checks = json.loads(validation.read_text())["checks"]
     assert checks["projection"] == "lda" and checks["projection_max_abs_diff"] < 1e-4
-    assert metrics["label_precision_at_k"] > 0.3             # raw space: about 0.15
+    assert metrics["label_precision_at_k"] > 0.3  # raw space: about 0.15
 
 
 @pytest.fixture(scope="module")
-def second_run(first_run: dict[str, Any], env: dict[str, str], sample_dir: Path
-               ) -> dict[str, Any]:
+def second_run(first_run: dict[str, Any], env: dict[str, str], sample_dir: Path) -> dict[str, Any]:
     """20 new photos (mirror images of sample photos: new bytes, real cars) for 2026-01-02,
     labelled with class ids and names (the query tests show names for every neighbour)."""
     from PIL import Image, ImageOps
@@ -147,7 +156,8 @@ def second_run(first_run: dict[str, Any], env: dict[str, str], sample_dir: Path
     for row in picked:
         name = f"new_{row['image']}"
         ImageOps.mirror(Image.open(sample_dir / "images" / row["image"])).save(
-            day / name, quality=92)
+            day / name, quality=92
+        )
         writer.writerow([name, row["Class"], row["class_name"]])
     (day / "labels.csv").write_text(buf.getvalue())
     new_ids = {sha256_file(p) for p in day.glob("*.jpg")}
@@ -156,8 +166,9 @@ def second_run(first_run: dict[str, Any], env: dict[str, str], sample_dir: Path
     return {"new_ids": new_ids, "manifest": manifest(layout), "shards": shard_names(layout)}
 
 
-def test_second_run_embeds_exactly_the_new_photos(first_run: dict[str, Any],
-                                                  second_run: dict[str, Any]) -> None:
+def test_second_run_embeds_exactly_the_new_photos(
+    first_run: dict[str, Any], second_run: dict[str, Any]
+) -> None:
     import pyarrow.parquet as pq
 
     from imgsim.versions.models import current_version, published_versions
@@ -167,8 +178,11 @@ def test_second_run_embeds_exactly_the_new_photos(first_run: dict[str, Any],
     assert shard_rows(layout, added) == 20
     ids = set()
     for name in added:
-        ids |= set(pq.read_table(layout.embeddings("efficientnet_lite0") / name,
-                                 columns=["image_id"]).column("image_id").to_pylist())
+        ids |= set(
+            pq.read_table(layout.embeddings("efficientnet_lite0") / name, columns=["image_id"])
+            .column("image_id")
+            .to_pylist()
+        )
     assert ids == second_run["new_ids"]
     m = second_run["manifest"]
     assert m["counts"]["indexed"] == 1980
@@ -177,9 +191,9 @@ def test_second_run_embeds_exactly_the_new_photos(first_run: dict[str, Any],
     assert published_versions(layout) == sorted([first_run["manifest"]["version"], m["version"]])
 
 
-def test_third_run_with_nothing_new_publishes_nothing(first_run: dict[str, Any],
-                                                      second_run: dict[str, Any],
-                                                      env: dict[str, str]) -> None:
+def test_third_run_with_nothing_new_publishes_nothing(
+    first_run: dict[str, Any], second_run: dict[str, Any], env: dict[str, str]
+) -> None:
     from imgsim.versions.models import current_version, published_versions
 
     layout = first_run["layout"]
@@ -191,6 +205,7 @@ def test_third_run_with_nothing_new_publishes_nothing(first_run: dict[str, Any],
 
 
 # -- queries against that index ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sample_rows(sample_dir: Path) -> list[dict[str, str]]:
@@ -225,24 +240,33 @@ def latest_results(layout: Layout) -> tuple[Path, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def first_query(env: dict[str, str], versions: list[str], sample_dir: Path,
-                sample_rows: list[dict[str, str]]) -> dict[str, Any]:
+def first_query(
+    env: dict[str, str], versions: list[str], sample_dir: Path, sample_rows: list[dict[str, str]]
+) -> dict[str, Any]:
     layout = Layout(Path(env["IMGSIM_DATA_ROOT"]))
     ref = [sample_dir / "images" / r["image"] for r in sample_rows[:3]]
     new = [sample_dir / "images" / r["image"] for r in sample_rows[-2:]]
-    drop(layout, {**{f"ref_{p.name}": p for p in ref}, **{f"new_{p.name}": p for p in new},
-                  "broken.jpg": b"this is not a photo\n" * 10})
+    drop(
+        layout,
+        {
+            **{f"ref_{p.name}": p for p in ref},
+            **{f"new_{p.name}": p for p in new},
+            "broken.jpg": b"this is not a photo\n" * 10,
+        },
+    )
     run_dag(env, "2026-01-03", "imgsim_query")
     run_dir, results = latest_results(layout)
     return {"layout": layout, "run_dir": run_dir, "results": results, "ref": ref, "new": new}
 
 
-def test_query_run_answers_every_valid_photo(first_query: dict[str, Any],
-                                             versions: list[str]) -> None:
+def test_query_run_answers_every_valid_photo(
+    first_query: dict[str, Any], versions: list[str]
+) -> None:
     results = first_query["results"]
     by_name = {q["query_name"]: q for q in results["queries"]}
     assert set(by_name) == {"ref_" + p.name for p in first_query["ref"]} | {
-        "new_" + p.name for p in first_query["new"]} | {"broken.jpg"}
+        "new_" + p.name for p in first_query["new"]
+    } | {"broken.jpg"}
     assert results["model_version"] == versions[-1]
     # Few photos (<= IMGSIM_QUERY_LOCAL_MAX): answered in the embed task, no Spark lookup.
     assert results["engine"] == "local"
@@ -251,7 +275,7 @@ def test_query_run_answers_every_valid_photo(first_query: dict[str, Any],
     for name, q in by_name.items():
         assert q["status"] == "answered", name
         assert q["model_version"] == versions[-1]
-        if len(q["neighbours"]) < 5:          # the LSH may return fewer: then it says so
+        if len(q["neighbours"]) < 5:  # the LSH may return fewer: then it says so
             assert q["note"] and "of 5" in q["note"]
         else:
             assert [n["rank"] for n in q["neighbours"]] == [1, 2, 3, 4, 5]
@@ -284,11 +308,13 @@ def test_results_files_pictures_and_moves(first_query: dict[str, Any]) -> None:
     processed = {p.name for p in (layout.queries / "processed" / run_dir.name).iterdir()}
     assert len(processed) == 5
     assert [p.name for p in (layout.queries / "rejected" / run_dir.name).iterdir()] == [
-        "broken.jpg"]
+        "broken.jpg"
+    ]
 
 
 def test_the_same_photo_is_not_answered_twice_by_the_same_version(
-        first_query: dict[str, Any], env: dict[str, str]) -> None:
+    first_query: dict[str, Any], env: dict[str, str]
+) -> None:
     layout = first_query["layout"]
     again = first_query["ref"][0]
     drop(layout, {"again.jpg": again})
@@ -299,12 +325,17 @@ def test_the_same_photo_is_not_answered_twice_by_the_same_version(
     assert not (layout.queries / "inbox" / "again.jpg").exists()
 
 
-def test_cli_query_prints_the_reference_photo_first(first_query: dict[str, Any],
-                                                    env: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_cli_query_prints_the_reference_photo_first(
+    first_query: dict[str, Any], env: dict[str, str], tmp_path: Path
+) -> None:
     photo = first_query["ref"][1]
-    proc = subprocess.run([str(BIN / "imgsim"), "query", str(photo), "-k", "3", "--out",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(BIN / "imgsim"), "query", str(photo), "-k", "3", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.splitlines()
     first = next(line for line in table if line.strip().startswith("1 "))
@@ -314,17 +345,23 @@ def test_cli_query_prints_the_reference_photo_first(first_query: dict[str, Any],
 
 
 def test_rollback_makes_the_next_query_run_use_the_older_version(
-        first_query: dict[str, Any], env: dict[str, str], versions: list[str],
-        sample_dir: Path, sample_rows: list[dict[str, str]]) -> None:
+    first_query: dict[str, Any],
+    env: dict[str, str],
+    versions: list[str],
+    sample_dir: Path,
+    sample_rows: list[dict[str, str]],
+) -> None:
     from imgsim.versions.models import current_version
 
     layout = first_query["layout"]
-    proc = subprocess.run([str(BIN / "imgsim"), "rollback", versions[0]], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(BIN / "imgsim"), "rollback", versions[0]], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert current_version(layout) == versions[0]
-    listing = subprocess.run([str(BIN / "imgsim"), "versions"], env=env, capture_output=True,
-                             text=True).stdout
+    listing = subprocess.run(
+        [str(BIN / "imgsim"), "versions"], env=env, capture_output=True, text=True
+    ).stdout
     assert f"* {versions[0]}" in listing
     drop(layout, {"after_rollback.jpg": sample_dir / "images" / sample_rows[5]["image"]})
     run_dag(env, "2026-01-05", "imgsim_query")

@@ -55,7 +55,7 @@ def _write_images(folder: Path, n: int) -> list[Path]:
     for i in range(n):
         w, h = 40 + 17 * i, 90 - 9 * i
         arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        arr[: h // 2] //= (i + 2)                    # different structure, not just noise
+        arr[: h // 2] //= i + 2  # different structure, not just noise
         path = folder / f"img{i}.{'png' if i % 2 else 'jpg'}"
         Image.fromarray(arr, "RGB").save(path)
         paths.append(path)
@@ -81,7 +81,11 @@ def _cosine_matrix(v: np.ndarray) -> np.ndarray:
 def test_random_backbone_spec(random_backbone: Backbone) -> None:
     spec = random_backbone.spec
     assert (spec.name, spec.dim, spec.weights, spec.weights_sha256) == (
-        "random", 512, "random(seed=0)", "")
+        "random",
+        512,
+        "random(seed=0)",
+        "",
+    )
     assert spec.preprocessing == RESNET_PREPROCESSING
     assert random_backbone.device == torch.device("cpu")
     assert not random_backbone.model.training
@@ -126,8 +130,7 @@ def test_random_embeddings_shape_dtype_finite(random_backbone: Backbone, tmp_pat
             assert not np.allclose(vectors[i], vectors[j], atol=1e-3)
 
 
-def test_batch_result_equals_single_image_result(random_backbone: Backbone,
-                                                 tmp_path: Path) -> None:
+def test_batch_result_equals_single_image_result(random_backbone: Backbone, tmp_path: Path) -> None:
     paths = _write_images(tmp_path, 5)
     batched, rejected = embed_paths(paths, random_backbone, batch_size=5)
     assert rejected == []
@@ -143,8 +146,9 @@ def test_batch_result_equals_single_image_result(random_backbone: Backbone,
         np.testing.assert_allclose(one[0], batched[i], rtol=0, atol=1e-4)
 
 
-def test_embed_items_rejects_corrupt_file_in_the_middle(random_backbone: Backbone,
-                                                        tmp_path: Path) -> None:
+def test_embed_items_rejects_corrupt_file_in_the_middle(
+    random_backbone: Backbone, tmp_path: Path
+) -> None:
     good = _write_images(tmp_path / "in", 4)
     bad = _truncated_jpeg(tmp_path / "in" / "broken.jpg")
     paths = [good[0], good[1], bad, good[2], good[3]]
@@ -173,8 +177,9 @@ def test_embed_items_rejects_corrupt_file_in_the_middle(random_backbone: Backbon
     assert not [p for p in thumbs.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
-def test_embed_items_mixed_rejections_across_batches(random_backbone: Backbone,
-                                                     tmp_path: Path) -> None:
+def test_embed_items_mixed_rejections_across_batches(
+    random_backbone: Backbone, tmp_path: Path
+) -> None:
     good = _write_images(tmp_path, 3)
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
@@ -185,7 +190,7 @@ def test_embed_items_mixed_rejections_across_batches(random_backbone: Backbone,
     paths = [empty, good[0], text, tiny, good[1], good[2], tmp_path / "missing.jpg"]
     items = [EmbedItem(str(i), p) for i, p in enumerate(paths)]
 
-    results = list(embed_items(items, random_backbone, batch_size=3))   # last batch: all rejected
+    results = list(embed_items(items, random_backbone, batch_size=3))  # last batch: all rejected
 
     assert [r.key for r in results] == [str(i) for i in range(7)]
     reasons = [r.reason if isinstance(r, Rejected) else "ok" for r in results]
@@ -196,7 +201,7 @@ def test_embed_items_mixed_rejections_across_batches(random_backbone: Backbone,
 
 
 def test_embed_items_max_pixels_is_passed_on(random_backbone: Backbone, tmp_path: Path) -> None:
-    paths = _write_images(tmp_path, 2)        # 40x90 and 57x81 pixels
+    paths = _write_images(tmp_path, 2)  # 40x90 and 57x81 pixels
     items = [EmbedItem(p.name, p) for p in paths]
     results = list(embed_items(items, random_backbone, max_pixels=4000))
     assert [r.reason if isinstance(r, Rejected) else "ok" for r in results] == ["ok", "too_large"]
@@ -224,8 +229,9 @@ def test_existing_thumbnail_is_kept(random_backbone: Backbone, tmp_path: Path) -
 # --- resnet18 weights -------------------------------------------------------------------------
 
 
-def test_resnet18_without_weights_names_both_places(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resnet18_without_weights_names_both_places(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch_home = tmp_path / "torch-home"
     torch_home.mkdir()
     missing = tmp_path / "nowhere" / RESNET18_FILE
@@ -245,13 +251,14 @@ def test_resnet18_without_weights_names_both_places(tmp_path: Path,
     assert str(missing) in message
     assert str(torch_home / "hub" / "checkpoints" / RESNET18_FILE) in message
     assert f"Fetching {url} failed" in message
-    assert "efficientnet_lite0" in message           # it says what to do instead
+    assert "efficientnet_lite0" in message  # it says what to do instead
     assert isinstance(info.value, FileNotFoundError)
     assert not (torch_home / "hub" / "checkpoints" / RESNET18_FILE).exists()
 
 
-def test_resnet18_weights_url_empty_means_no_download(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resnet18_weights_url_empty_means_no_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", "")
     with pytest.raises(WeightsNotFound, match="IMGSIM_RESNET18_WEIGHTS_URL is empty"):
@@ -282,7 +289,8 @@ def _random_resnet18_weights(folder: Path, seed: int = 321) -> tuple[Path, torch
 
 
 def test_resnet18_weights_are_fetched_hash_checked_and_used(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Issue 12: fetched as torchvision does (its URL, the hub cache, the name's hash prefix)."""
     from imgsim.demo import serve_directory
 
@@ -314,12 +322,13 @@ def test_resnet18_weights_are_fetched_hash_checked_and_used(
     assert resolve_resnet18_weights("") == cached
 
 
-def test_resnet18_weights_with_a_wrong_hash_are_refused(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resnet18_weights_with_a_wrong_hash_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from imgsim.demo import serve_directory
 
     good, _ = _random_resnet18_weights(tmp_path / "server")
-    wrong = good.with_name("resnet18-00000000.pth")           # other bytes under the name
+    wrong = good.with_name("resnet18-00000000.pth")  # other bytes under the name
     good.rename(wrong)
     torch_home = tmp_path / "th"
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
@@ -363,8 +372,9 @@ def test_resnet18_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_resnet18_weights_found_in_torch_hub_cache(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resnet18_weights_found_in_torch_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkpoints = tmp_path / "th" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / RESNET18_FILE).write_bytes(b"x")
@@ -373,7 +383,7 @@ def test_resnet18_weights_found_in_torch_hub_cache(tmp_path: Path,
     assert resolve_resnet18_weights(str(tmp_path / "missing.pth")) == checkpoints / RESNET18_FILE
     explicit = tmp_path / "mine.pth"
     explicit.write_bytes(b"y")
-    assert resolve_resnet18_weights(str(explicit)) == explicit       # explicit path wins
+    assert resolve_resnet18_weights(str(explicit)) == explicit  # explicit path wins
 
 
 def test_unknown_backbone_is_refused() -> None:
@@ -427,8 +437,7 @@ def effnet() -> Backbone:
 @pytest.fixture(scope="module")
 def effnet_classifier() -> Callable[[np.ndarray], np.ndarray]:
     """The ImageNet head that load_backbone drops: the last two tensors of the weight file."""
-    source = torch.load(resolve_efficientnet_lite0_weights(), map_location="cpu",
-                        weights_only=True)
+    source = torch.load(resolve_efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
     (_, weight), (_, bias) = list(source.items())[-2:]
     assert tuple(weight.shape) == (1000, 1280) and tuple(bias.shape) == (1000,)
     w, b = weight.numpy().astype(np.float64), bias.numpy().astype(np.float64)
@@ -458,8 +467,8 @@ def _sample_rows(sample_dir: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_efficientnet_lite0_classifies_cars_as_cars(
-        effnet: Backbone, effnet_classifier: Callable[[np.ndarray], np.ndarray],
-        sample_dir: Path) -> None:
+    effnet: Backbone, effnet_classifier: Callable[[np.ndarray], np.ndarray], sample_dir: Path
+) -> None:
     rows = _sample_rows(sample_dir)[:3]
     paths = [sample_dir / "images" / r["image"] for r in rows]
     features, rejected = embed_paths(paths, effnet)
@@ -478,14 +487,15 @@ def test_efficientnet_lite0_classifies_cars_as_cars(
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_same_model_photos_are_closer(effnet: Backbone,
-                                                         sample_dir: Path) -> None:
+def test_efficientnet_lite0_same_model_photos_are_closer(
+    effnet: Backbone, sample_dir: Path
+) -> None:
     rows = _sample_rows(sample_dir)
     by_class: dict[str, list[str]] = collections.defaultdict(list)
     for row in rows:
         by_class[row["Class"]].append(row["image"])
     classes = sorted(by_class, key=int)
-    chosen = classes[:: len(classes) // 40][:40]            # 40 classes spread over all makes
+    chosen = classes[:: len(classes) // 40][:40]  # 40 classes spread over all makes
     assert len(chosen) == 40
     images = [image for c in chosen for image in sorted(by_class[c])[:3]]
     labels = np.repeat(np.arange(40), 3)
@@ -498,8 +508,10 @@ def test_efficientnet_lite0_same_model_photos_are_closer(effnet: Backbone,
     intra, inter = sim[same & off_diagonal].mean(), sim[~same].mean()
     assert intra > inter + 0.05, (intra, inter)
     # per photo: its two same-model siblings are closer on average than the other 117 photos
-    closer = [sim[i, same[i] & off_diagonal[i]].mean() > sim[i, ~same[i]].mean()
-              for i in range(len(labels))]
+    closer = [
+        sim[i, same[i] & off_diagonal[i]].mean() > sim[i, ~same[i]].mean()
+        for i in range(len(labels))
+    ]
     assert np.mean(closer) >= 0.85, np.mean(closer)
     # nearest neighbour is the same model far above chance (2/119, about 1.7%)
     np.fill_diagonal(sim, -np.inf)
@@ -508,7 +520,8 @@ def test_efficientnet_lite0_same_model_photos_are_closer(effnet: Backbone,
 
 
 def test_the_index_path_reusing_the_thumbnail_gives_the_query_path_vectors(
-        random_backbone: Backbone, tmp_path: Path) -> None:
+    random_backbone: Backbone, tmp_path: Path
+) -> None:
     """Index items pass their fresh 224x224 thumbnail to the ResNet preprocessing; queries (no
     thumbnail) resize inside it: both must give the same vectors."""
     paths = _write_images(tmp_path / "img", 4)
@@ -525,7 +538,8 @@ def test_the_index_path_reusing_the_thumbnail_gives_the_query_path_vectors(
 
 @pytest.mark.slow
 def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
-        effnet: Backbone, sample_dir: Path, tmp_path: Path) -> None:
+    effnet: Backbone, sample_dir: Path, tmp_path: Path
+) -> None:
     """Issue 13.9: the index embeds what the thumbnail shows, so a reference photo, its
     thumbnail and a re-encoded copy come back first, the photo itself at distance 0. (Until
     store v2, efficientnet_lite0 embedded a centre crop while the thumbnail was the whole photo
@@ -533,16 +547,14 @@ def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
     from imgsim.ann import l2_normalize
 
     photos = []
-    for row in _sample_rows(sample_dir)[::97][:12]:       # wide photos, as cars are shot
+    for row in _sample_rows(sample_dir)[::97][:12]:  # wide photos, as cars are shot
         photo = tmp_path / "photos" / row["image"]
         photo.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(sample_dir / "images" / row["image"]) as im:
-            im.convert("RGB").resize((420, 260), Image.Resampling.BICUBIC).save(photo,
-                                                                                 quality=92)
+            im.convert("RGB").resize((420, 260), Image.Resampling.BICUBIC).save(photo, quality=92)
         photos.append(photo)
     thumbs = [tmp_path / "thumbs" / f"{p.stem}.jpg" for p in photos]
-    indexed = [EmbedItem(str(i), p, t) for i, (p, t) in enumerate(zip(photos, thumbs,
-                                                                       strict=True))]
+    indexed = [EmbedItem(str(i), p, t) for i, (p, t) in enumerate(zip(photos, thumbs, strict=True))]
     results = list(embed_items(indexed, effnet, batch_size=5))
     assert all(isinstance(r, Embedded) for r in results)
     reference = l2_normalize(np.stack([r.vector for r in results]))  # type: ignore[union-attr]
@@ -551,7 +563,7 @@ def test_efficientnet_lite0_photo_thumbnail_and_copy_find_the_photo(
         copy = tmp_path / "copies" / photo.name
         copy.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(photo) as im:
-            im.save(copy, quality=75)                              # re-encoded, full size
+            im.save(copy, quality=75)  # re-encoded, full size
         copies.append(copy)
     n = len(photos)
     for queries, limit in ((photos, 1e-5), (thumbs, 0.25), (copies, 0.25)):
@@ -573,11 +585,18 @@ def test_a_store_of_the_old_efficientnet_preprocessing_is_refused(tmp_path: Path
     from imgsim.index import pipeline
 
     layout = Layout(tmp_path)
-    spec = {"name": "efficientnet_lite0", "dim": 1280,
-            "weights": "efficientnet-lite0-57934424.pth", "weights_sha256": "ab",
-            "preprocessing": EFFICIENTNET_PREPROCESSING, "runtime": "torch"}
-    old = {**spec, "preprocessing": "rgb;resize short=256 bicubic;center crop 224;scale 0-1;"
-                                    "(x-0.5)/0.5"}
+    spec = {
+        "name": "efficientnet_lite0",
+        "dim": 1280,
+        "weights": "efficientnet-lite0-57934424.pth",
+        "weights_sha256": "ab",
+        "preprocessing": EFFICIENTNET_PREPROCESSING,
+        "runtime": "torch",
+    }
+    old = {
+        **spec,
+        "preprocessing": "rgb;resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5",
+    }
     atomic_write_json(layout.embeddings("efficientnet_lite0") / "BACKBONE.json", old)
     with pytest.raises(pipeline.PipelineError, match="aside to rebuild"):
         pipeline.check_backbone_record(layout, spec)
@@ -585,8 +604,9 @@ def test_a_store_of_the_old_efficientnet_preprocessing_is_refused(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_demo_thumbnails_find_their_photo(effnet: Backbone,
-                                                             tmp_path: Path) -> None:
+def test_efficientnet_lite0_demo_thumbnails_find_their_photo(
+    effnet: Backbone, tmp_path: Path
+) -> None:
     """Issue 13.9 on the demo's drawn cars (480x320, 24 nearly alike): every thumbnail finds
     its own photo first (before the fix 5 of 24 did)."""
     from imgsim.ann import l2_normalize
@@ -600,8 +620,12 @@ def test_efficientnet_lite0_demo_thumbnails_find_their_photo(effnet: Backbone,
             photo.write_bytes(synthetic_car(c, v))
             photos.append(photo)
     thumbs = [tmp_path / "thumbs" / p.name for p in photos]
-    results = list(embed_items([EmbedItem(str(i), p, t) for i, (p, t)
-                                in enumerate(zip(photos, thumbs, strict=True))], effnet))
+    results = list(
+        embed_items(
+            [EmbedItem(str(i), p, t) for i, (p, t) in enumerate(zip(photos, thumbs, strict=True))],
+            effnet,
+        )
+    )
     reference = l2_normalize(np.stack([r.vector for r in results]))  # type: ignore[union-attr]
     vectors, rejected = embed_paths(thumbs, effnet)
     assert rejected == []

@@ -12,7 +12,7 @@ from imgsim.evaluate import evaluate_sample, split_sample
 
 def test_split_is_seeded_per_class_and_disjoint(sample_dir: Path) -> None:
     ref, queries = split_sample(sample_dir, seed=0, query_share=0.2)
-    assert len(ref) == 1568 and len(queries) == 392          # 8 + 2 of each of 196 classes
+    assert len(ref) == 1568 and len(queries) == 392  # 8 + 2 of each of 196 classes
     assert not {r["image"] for r in ref} & {q["image"] for q in queries}
     assert len({q["Class"] for q in queries}) == 196
     assert split_sample(sample_dir, seed=0, query_share=0.2)[1] == queries
@@ -25,8 +25,10 @@ def test_evaluate_the_sample_with_real_embeddings(sample_dir: Path, tmp_path: Pa
     out = tmp_path / "eval"
     report = evaluate_sample(sample_dir, tmp_path / "data", out, seed=0, query_share=0.2, k=5)
     assert report["reference_images"] == 1568 and report["queries"] == 392
-    assert json.loads((out / "evaluation.json").read_text())["model_version"] == (
-        report["model_version"])
+    assert (
+        json.loads((out / "evaluation.json").read_text())["model_version"]
+        == (report["model_version"])
+    )
     assert (out / "evaluation.png").stat().st_size > 1000
     # Sanity floors, well below what was measured (README), far above chance (0.005):
     assert report["precision_at_5"] >= 0.05
@@ -46,8 +48,9 @@ def test_evaluate_the_sample_with_real_embeddings(sample_dir: Path, tmp_path: Pa
     assert rows[("lda", 0)]["precision_at_5"] > rows[("none", 0)]["precision_at_5"] + 0.1
 
 
-def test_evaluate_embeds_queries_under_the_configured_pixel_limit(monkeypatch: pytest.MonkeyPatch,
-                                                                  tmp_path: Path) -> None:
+def test_evaluate_embeds_queries_under_the_configured_pixel_limit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """IMGSIM_MAX_IMAGE_PIXELS reaches the query embedding of `imgsim evaluate` (it did not)."""
     import imgsim.query.lookup as lookup_mod
     from imgsim.config import Settings
@@ -62,8 +65,11 @@ def test_evaluate_embeds_queries_under_the_configured_pixel_limit(monkeypatch: p
         seen.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(lookup_mod, "load_model", lambda layout, version: type(
-        "M", (), {"manifest": {"backbone": {"name": "random"}}})())
+    monkeypatch.setattr(
+        lookup_mod,
+        "load_model",
+        lambda layout, version: type("M", (), {"manifest": {"backbone": {"name": "random"}}})(),
+    )
     monkeypatch.setattr(lookup_mod, "load_query_backbone", lambda manifest, **kw: object())
     monkeypatch.setattr(lookup_mod, "embed_files", fake_embed)
     settings = Settings.from_env().replace(data_root=tmp_path, max_image_pixels=1234)

@@ -13,7 +13,8 @@ from imgsim.config import Layout
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.jobs import fit_lsh, spark_io
 from imgsim.store import snapshot_fingerprint, write_catalog, write_shard
-from imgsim.versions.models import validate_staged
+from jobargs import fit_argv
+from test_models import validate
 
 pytestmark = pytest.mark.spark
 
@@ -22,18 +23,29 @@ def make_store(root: Path, n: int = 400, dim: int = 16, gone: int = 5) -> Layout
     layout = Layout(root)
     rng = np.random.default_rng(1)
     ids = [f"{i:064x}" for i in range(n)]
-    rows = [{"image_id": iid, "path": f"images/a/{k}.jpg", "source": "archive:a",
-             "file_name": f"{k}.jpg", "class_id": k % 7, "class_name": f"class {k % 7}",
-             "size": 1, "mtime_ns": 1, "first_seen": "2026-01-01", "last_seen": "2026-01-01",
-             "status": "gone" if k < gone else "live", "n_paths": 1}
-            for k, iid in enumerate(ids)]
+    rows = [
+        {
+            "image_id": iid,
+            "path": f"images/a/{k}.jpg",
+            "source": "archive:a",
+            "file_name": f"{k}.jpg",
+            "class_id": k % 7,
+            "class_name": f"class {k % 7}",
+            "size": 1,
+            "mtime_ns": 1,
+            "first_seen": "2026-01-01",
+            "last_seen": "2026-01-01",
+            "status": "gone" if k < gone else "live",
+            "n_paths": 1,
+        }
+        for k, iid in enumerate(ids)
+    ]
     write_catalog(layout, rows)
     x = rng.normal(size=(n, dim)).astype(np.float32)
     half = n // 2
     write_shard(layout, "random", "run1", 0, list(zip(ids[:half], x[:half], strict=True)), dim)
     write_shard(layout, "random", "run1", 1, list(zip(ids[half:], x[half:], strict=True)), dim)
-    atomic_write_json(layout.embeddings("random") / "BACKBONE.json",
-                      {"name": "random", "dim": dim})
+    atomic_write_json(layout.embeddings("random") / "BACKBONE.json", {"name": "random", "dim": dim})
     return layout
 
 
@@ -43,18 +55,24 @@ def test_newest_per_image_keeps_latest(spark) -> None:
     t1, t2 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)
     df = spark.createDataFrame(
         [("a", [1.0], t1), ("a", [2.0], t2), ("b", [3.0], t1)],
-        "image_id string, vector array<float>, embedded_at timestamp")
-    expected = spark.createDataFrame([("a", [2.0]), ("b", [3.0])],
-                                     "image_id string, vector array<float>")
+        "image_id string, vector array<float>, embedded_at timestamp",
+    )
+    expected = spark.createDataFrame(
+        [("a", [2.0]), ("b", [3.0])], "image_id string, vector array<float>"
+    )
     assertDataFrameEqual(spark_io.newest_per_image(df), expected)
 
 
 def test_live_vectors_are_unit_length_and_skip_gone(spark) -> None:
-    catalog = spark.createDataFrame([("a", "p", 1, "x"), ("c", "q", 2, "y")],
-                                    "image_id string, path string, class_id int, class_name string")
+    catalog = spark.createDataFrame(
+        [("a", "p", 1, "x"), ("c", "q", 2, "y")],
+        "image_id string, path string, class_id int, class_name string",
+    )
     t = datetime(2026, 1, 1, tzinfo=UTC)
-    emb = spark.createDataFrame([("a", [3.0, 4.0], t), ("b", [1.0, 0.0], t)],
-                                "image_id string, vector array<float>, embedded_at timestamp")
+    emb = spark.createDataFrame(
+        [("a", [3.0, 4.0], t), ("b", [1.0, 0.0], t)],
+        "image_id string, vector array<float>, embedded_at timestamp",
+    )
     rows = spark_io.live_vectors(catalog, emb).collect()
     assert [r.image_id for r in rows] == ["a"]
     assert rows[0].vector == pytest.approx([0.6, 0.8])
@@ -62,17 +80,24 @@ def test_live_vectors_are_unit_length_and_skip_gone(spark) -> None:
 
 def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data")
-    args = fit_lsh.parse_args(["--data-root", str(layout.root), "--backbone", "random",
-                               "--version", "v20260101T000000Z-abcdef", "--num-hash-tables", "6",
-                               "--bucket-length", "2.0", "--sample-size", "50", "--seed", "7",
-                               "--target-recall", "0.9"])
+    args = fit_args(
+        layout,
+        "v20260101T000000Z-abcdef",
+        "--num-hash-tables 6 --bucket-length 2.0 --sample-size 50 --seed 7 --target-recall 0.9",
+    )
     manifest = fit_lsh.run(spark, args)
     # Every fit setting reaches the job and is recorded (IMGSIM_LSH_SEED,
     # IMGSIM_VALIDATION_SAMPLE, IMGSIM_TARGET_RECALL: fit_plan compares them).
     assert manifest["lsh"]["seed"] == 7
     assert manifest["fit_settings"] == {
-        "num_hash_tables": 6, "bucket_length": 2.0, "seed": 7, "validation_sample": 50,
-        "target_recall": 0.9, "projection": "none", "projection_min_coverage": None}
+        "num_hash_tables": 6,
+        "bucket_length": 2.0,
+        "seed": 7,
+        "validation_sample": 50,
+        "target_recall": 0.9,
+        "projection": "none",
+        "projection_min_coverage": None,
+    }
     staged = layout.staging / "v20260101T000000Z-abcdef"
     assert read_json(staged / "manifest.json") == manifest
     assert manifest["counts"] == {"catalog_live": 395, "indexed": 395, "without_embedding": 0}
@@ -82,17 +107,19 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
     assert manifest["metrics"]["queries"] == 50
     assert 0.0 < manifest["metrics"]["candidates_share"] <= 1.0
     # Leave-one-out recall from the Spark job equals the NumPy twin's on the same sample.
-    report = validate_staged(layout, "v20260101T000000Z-abcdef", expected_count=395,
-                             expected_fingerprint=snapshot_fingerprint(live_ids),
-                             backbone="random", recall_floor=0.0)
+    report = validate(layout, "v20260101T000000Z-abcdef", live_ids, recall_floor=0.0)
     assert report.checks["numpy_hashes_match_spark"] is True
     assert report.checks["reference_rows"] == 395
 
 
-def fit(spark: Any, layout: Any, version: str, *flags: str) -> dict[str, Any]:
+def fit_args(layout: Any, version: str, flags: str = "") -> Any:
+    """The fit job's arguments for ``layout``'s random-backbone store; ``flags`` as typed."""
+    return fit_lsh.parse_args(fit_argv(layout.root, version, flags))
+
+
+def fit(spark: Any, layout: Any, version: str, flags: str) -> dict[str, Any]:
     """fit_lsh.run on the store's "random" backbone with ``flags``; the manifest."""
-    return fit_lsh.run(spark, fit_lsh.parse_args([
-        "--data-root", str(layout.root), "--backbone", "random", "--version", version, *flags]))
+    return fit_lsh.run(spark, fit_args(layout, version, flags))
 
 
 def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
@@ -102,8 +129,9 @@ def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
 
     layout = make_store(tmp_path / "data", n=300, dim=8, gone=0)
     version = "v20260101T000000Z-000001"
-    manifest = fit(spark, layout, version,
-        "--num-hash-tables", "3", "--bucket-length", "0.5", "--sample-size", "300")
+    manifest = fit(
+        spark, layout, version, "--num-hash-tables 3 --bucket-length 0.5 --sample-size 300"
+    )
     staged = layout.staging / version
     ref = pq.read_table(staged / "reference").to_pydict()
     x = np.array(ref["vector"], dtype=np.float32)
@@ -116,18 +144,15 @@ def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(SystemExit):
-        fit_lsh.parse_args(["--data-root", "x", "--backbone", "b", "--version", "../evil"])
-    with pytest.raises(SystemExit):
-        fit_lsh.parse_args(["--data-root", "x", "--backbone", "b", "--version", "v",
-                            "--bucket-length", "-1"])
+    for version, flags in (("../evil", ""), ("v", "--bucket-length -1")):
+        with pytest.raises(SystemExit):
+            fit_args(Layout(Path("x")), version, flags)
 
 
 def test_missing_embeddings_is_a_clear_error(spark, tmp_path: Path) -> None:
     layout = Layout(tmp_path / "data")
     write_catalog(layout, [])
-    args = fit_lsh.parse_args(["--data-root", str(layout.root), "--backbone", "random",
-                               "--version", "v20260101T000000Z-000002"])
+    args = fit_args(layout, "v20260101T000000Z-000002")
     with pytest.raises(FileNotFoundError, match="no embedding shards"):
         fit_lsh.run(spark, args)
 
@@ -135,8 +160,7 @@ def test_missing_embeddings_is_a_clear_error(spark, tmp_path: Path) -> None:
 def test_auto_bucket_length_follows_the_scale_of_the_data(spark, tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data", n=300, dim=64, gone=0)
     version = "v20260101T000000Z-000003"
-    manifest = fit(spark, layout, version,
-        "--num-hash-tables", "4", "--bucket-length", "0", "--sample-size", "20")
+    manifest = fit(spark, layout, version, "--num-hash-tables 4 --bucket-length 0 --sample-size 20")
     lsh = manifest["lsh"]
     # Random Gaussian vectors, normalised: pair distances are about sqrt(2).
     assert lsh["median_pair_distance"] == pytest.approx(np.sqrt(2), rel=0.05)
@@ -148,9 +172,8 @@ def test_auto_bucket_length_follows_the_scale_of_the_data(spark, tmp_path: Path)
 def test_auto_parameters_are_tuned_and_kept_in_the_manifest(spark, tmp_path: Path) -> None:
     layout = make_store(tmp_path / "data", n=300, dim=16, gone=0)
     version = "v20260101T000000Z-000004"
-    manifest = fit(spark, layout, version,
-        "--num-hash-tables", "0", "--target-recall", "0.9", "--sample-size", "40",
-        "--tune-sample", "250", "--tune-queries", "60")
+    tuned = "--num-hash-tables 0 --target-recall 0.9 --tune-sample 250 --tune-queries 60"
+    manifest = fit(spark, layout, version, f"{tuned} --sample-size 40")
     lsh, tuning = manifest["lsh"], manifest["tuning"]
     assert lsh["requested_num_hash_tables"] == 0
     assert tuning["target"] == 0.9
@@ -164,13 +187,12 @@ def test_auto_parameters_are_tuned_and_kept_in_the_manifest(spark, tmp_path: Pat
     assert lsh["bucketLength"] == choice["bucket_length"]
     assert {p["keys_per_band"] for p in tuning["curve"]} == {1, 2, 4, 8}
     assert len(tuning["curve"]) > 10
-    assert min(p["candidates_share"] for p in tuning["curve"]
-               if p["recall_at_k"] >= 0.9) == tuning["choice"]["candidates_share"]
+    assert (
+        min(p["candidates_share"] for p in tuning["curve"] if p["recall_at_k"] >= 0.9)
+        == tuning["choice"]["candidates_share"]
+    )
     # The published fit still validates; its measured recall is near the tuner's estimate.
-    report = validate_staged(layout, version, expected_count=300,
-                             expected_fingerprint=snapshot_fingerprint(
-                                 [f"{i:064x}" for i in range(300)]),
-                             backbone="random", recall_floor=0.0)
+    report = validate(layout, version, [f"{i:064x}" for i in range(300)], recall_floor=0.0)
     assert report.checks["numpy_hashes_match_spark"] is True
 
 
@@ -181,9 +203,8 @@ def test_and_keys_with_probes_recall_matches_numpy_twin(spark, tmp_path: Path) -
 
     layout = make_store(tmp_path / "data", n=200, dim=8, gone=0)
     version = "v20260101T000000Z-000005"
-    manifest = fit(spark, layout, version,
-        "--num-hash-tables", "3", "--keys-per-band", "2", "--probes", "1",
-        "--bucket-length", "0.3", "--sample-size", "200")
+    banded = "--num-hash-tables 3 --keys-per-band 2 --probes 1 --bucket-length 0.3"
+    manifest = fit(spark, layout, version, f"{banded} --sample-size 200")
     lsh = manifest["lsh"]
     assert (lsh["bands"], lsh["keys_per_band"], lsh["probes"], lsh["numHashTables"]) == (3, 2, 1, 6)
     staged = layout.staging / version
@@ -197,11 +218,16 @@ def test_and_keys_with_probes_recall_matches_numpy_twin(spark, tmp_path: Path) -
 
 
 def test_explicit_parameters_are_not_tuned() -> None:
-    args = fit_lsh.parse_args(["--data-root", "x", "--backbone", "b", "--version", "v1",
-                               "--num-hash-tables", "6"])
+    args = fit_args(Layout(Path("x")), "v1", "--num-hash-tables 6")
     assert args.num_hash_tables == 6 and args.target_recall is None
-    for bad in (["--num-hash-tables", "-1"], ["--target-recall", "0"],
-                ["--target-recall", "1.5"], ["--tune-sample", "1"], ["--probes", "2"],
-                ["--keys-per-band", "0"], ["--tune-probes", "a,b"]):
+    for bad in (
+        "--num-hash-tables -1",
+        "--target-recall 0",
+        "--target-recall 1.5",
+        "--tune-sample 1",
+        "--probes 2",
+        "--keys-per-band 0",
+        "--tune-probes a,b",
+    ):
         with pytest.raises(SystemExit):
-            fit_lsh.parse_args(["--data-root", "x", "--backbone", "b", "--version", "v1", *bad])
+            fit_args(Layout(Path("x")), "v1", bad)

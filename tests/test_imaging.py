@@ -43,15 +43,23 @@ def _jpeg_bytes(im: Image.Image, **kwargs: object) -> bytes:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A ~70-byte valid-looking PNG whose IHDR declares ``width`` x ``height`` (8-bit grey)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _rejected(path: Path, **kwargs: object) -> ImageRejected:
@@ -93,7 +101,7 @@ def test_truncated_jpeg_is_corrupt(tmp_path: Path, draft_size: tuple[int, int] |
     data = _jpeg_bytes(_noise_rgb(300, 200), quality=90)
     path = tmp_path / "truncated.jpg"
     path.write_bytes(data[: int(len(data) * 0.4)])
-    with Image.open(path) as im:           # the header alone still parses
+    with Image.open(path) as im:  # the header alone still parses
         assert im.size == (300, 200)
     exc = _rejected(path, draft_size=draft_size)
     assert exc.reason == "corrupt"
@@ -142,7 +150,7 @@ def test_load_rgb_leaves_pils_global_limit_alone(tmp_path: Path) -> None:
     changed it for every other user of PIL in the process (the API server)."""
     before = Image.MAX_IMAGE_PIXELS
     path = tmp_path / "big-ok.png"
-    path.write_bytes(_png_header_only(9500, 9450))       # above PIL's default, below ours
+    path.write_bytes(_png_header_only(9500, 9450))  # above PIL's default, below ours
     for limit in (before * 3, 90_000_000):
         with pytest.raises(ImageRejected):
             load_rgb(path, max_pixels=limit)
@@ -159,7 +167,7 @@ def test_a_limit_above_twice_pils_is_honoured_without_a_global_change(tmp_path: 
     path.write_bytes(_png_header_only(14_000, 14_000))
     before = Image.MAX_IMAGE_PIXELS
     exc = _rejected(path, max_pixels=200_000_000)
-    assert exc.reason == "corrupt"       # past every size check; a header-only file has no data
+    assert exc.reason == "corrupt"  # past every size check; a header-only file has no data
     assert before == Image.MAX_IMAGE_PIXELS
 
 
@@ -263,8 +271,8 @@ def test_bilevel_mode_1(tmp_path: Path) -> None:
 def test_grayscale_alpha_la_composited_on_white(tmp_path: Path) -> None:
     path = tmp_path / "la.png"
     im = Image.new("LA", (20, 10), (77, 255))
-    im.putpixel((0, 0), (0, 0))          # fully transparent black
-    im.putpixel((1, 0), (0, 128))        # half-transparent black
+    im.putpixel((0, 0), (0, 0))  # fully transparent black
+    im.putpixel((1, 0), (0, 128))  # half-transparent black
     im.save(path)
     decoded = load_rgb(path)
     assert decoded.original_mode == "LA"
@@ -320,7 +328,7 @@ def test_palette_with_transparency(tmp_path: Path, fmt: str) -> None:
     decoded = load_rgb(path)
     assert decoded.original_mode == "P"
     arr = _assert_rgb8(decoded, (20, 10))
-    assert tuple(arr[0, 0]) == WHITE           # the transparent index
+    assert tuple(arr[0, 0]) == WHITE  # the transparent index
     assert tuple(arr[5, 5]) == (200, 10, 10)
 
 
@@ -340,10 +348,10 @@ def test_16bit_png_scaled_to_8bit_range(tmp_path: Path) -> None:
     decoded = load_rgb(path)
     assert decoded.original_mode.startswith("I")
     arr = _assert_rgb8(decoded, (20, 10))
-    assert arr.min() == 0 and arr.max() == 255          # stretched, not clipped to 255
+    assert arr.min() == 0 and arr.max() == 255  # stretched, not clipped to 255
     assert tuple(arr[0, 0]) == (0, 0, 0) and tuple(arr[9, 19]) == WHITE
     mid = arr[..., 0].astype(float)
-    assert np.all(np.diff(mid.ravel()) >= 0)             # monotone, like the input ramp
+    assert np.all(np.diff(mid.ravel()) >= 0)  # monotone, like the input ramp
     expected = (values.astype(float) - 1000) * 255 / 2000
     assert np.abs(mid - expected).max() <= 0.5 + 1e-9
 
@@ -378,14 +386,14 @@ def test_float_tiff_scaled(tmp_path: Path) -> None:
 def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     path = tmp_path / "rotated.jpg"
     im = Image.new("RGB", (60, 40), (255, 0, 0))
-    im.paste((0, 0, 255), (0, 0, 10, 10))          # blue marker at the stored top-left
+    im.paste((0, 0, 255), (0, 0, 10, 10))  # blue marker at the stored top-left
     exif = Image.Exif()
-    exif[0x0112] = 6                               # "rotate 90 CW to display"
+    exif[0x0112] = 6  # "rotate 90 CW to display"
     im.save(path, exif=exif, quality=95)
     decoded = load_rgb(path)
     assert decoded.original_size == (60, 40)
     arr = _assert_rgb8(decoded, (40, 60)).astype(int)
-    assert np.abs(arr[3, 36] - (0, 0, 255)).max() <= 10     # marker now at the top-right
+    assert np.abs(arr[3, 36] - (0, 0, 255)).max() <= 10  # marker now at the top-right
     assert np.abs(arr[3, 3] - (255, 0, 0)).max() <= 10
     assert np.abs(arr[56, 3] - (255, 0, 0)).max() <= 10
 
@@ -410,7 +418,7 @@ def test_jpeg_draft_mode_decodes_smaller_but_not_below_target(tmp_path: Path, mo
     assert decoded.image.mode == "RGB"
     assert w < 1600 and h < 1200
     assert w >= THUMB_SIZE and h >= THUMB_SIZE
-    assert w * 3 == h * 4                          # aspect ratio kept
+    assert w * 3 == h * 4  # aspect ratio kept
     full = load_rgb(path, draft_size=None)
     assert full.image.size == (1600, 1200)
 
@@ -443,14 +451,14 @@ def test_resize_square_returns_224(size: tuple[int, int]) -> None:
 
 def test_resize_square_other_size_and_content() -> None:
     im = Image.new("RGB", (200, 100), (0, 0, 0))
-    im.paste((255, 255, 255), (100, 0, 200, 100))   # right half white
+    im.paste((255, 255, 255), (100, 0, 200, 100))  # right half white
     out = np.asarray(resize_square(im, 64))
     assert out.shape == (64, 64, 3)
     assert (out[:, :28] == 0).all() and (out[:, 36:] == 255).all()
 
 
 def test_save_thumbnail_writes_jpeg_atomically(tmp_path: Path) -> None:
-    target = tmp_path / "thumbs" / "car-1.jpg"     # parent is created
+    target = tmp_path / "thumbs" / "car-1.jpg"  # parent is created
     save_thumbnail(resize_square(_noise_rgb(300, 200)), target)
     with Image.open(target) as im:
         assert im.format == "JPEG"
@@ -468,7 +476,7 @@ def test_save_thumbnail_failure_keeps_old_file_and_leaves_no_temp(tmp_path: Path
     target = tmp_path / "car-2.jpg"
     save_thumbnail(Image.new("RGB", (16, 16), (1, 2, 3)), target)
     before = target.read_bytes()
-    with pytest.raises(OSError):                   # JPEG cannot store RGBA
+    with pytest.raises(OSError):  # JPEG cannot store RGBA
         save_thumbnail(Image.new("RGBA", (16, 16)), target)
     assert target.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]

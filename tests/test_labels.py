@@ -39,14 +39,16 @@ def test_real_cars_annos_mat() -> None:
     assert len(labels) == 16_185
     assert len({r.class_id for r in labels.values()}) == 196
     assert labels["car_ims/000001.jpg"] == LabelRecord(
-        "car_ims/000001.jpg", 1, "AM General Hummer SUV 2000")
+        "car_ims/000001.jpg", 1, "AM General Hummer SUV 2000"
+    )
     assert set(labels) == {f"car_ims/{i:06d}.jpg" for i in range(1, 16_186)}
     with open(_shared(LABELS_DIR / "car_ims_to_split.csv"), newline="") as fh:
         expected = {
             r["car_ims_image"]: (int(r["Class"]), r["class_name"]) for r in csv.DictReader(fh)
         }
-    assert {k.removeprefix("car_ims/"): (r.class_id, r.class_name)
-            for k, r in labels.items()} == expected
+    assert {
+        k.removeprefix("car_ims/"): (r.class_id, r.class_name) for k, r in labels.items()
+    } == expected
 
 
 def test_real_kaggle_csv() -> None:
@@ -107,8 +109,9 @@ def test_mat_round_trip(tmp_path: Path) -> None:
     write_cars_annos_mat(path, records, names)
     for labels in (read_labels(path), read_cars_annos_mat(path)):
         assert len(labels) == len(records)
-        assert labels["car_ims/000001.jpg"] == LabelRecord("car_ims/000001.jpg", 2,
-                                                           "Make Model 2 2012")
+        assert labels["car_ims/000001.jpg"] == LabelRecord(
+            "car_ims/000001.jpg", 2, "Make Model 2 2012"
+        )
         assert labels["car_ims/000999.jpg"].class_id == 196
         assert labels["car_ims/000999.jpg"].class_name == "Make Model 196 2012"
     assert [p.name for p in path.parent.iterdir()] == ["cars_annos.mat"]  # no temp files left
@@ -245,8 +248,11 @@ def test_real_class_names_files_agree() -> None:
 
 
 def test_class_names_fill_only_missing_names(tmp_path: Path) -> None:
-    labels = {"a.jpg": LabelRecord("a.jpg", 1, None), "b.jpg": LabelRecord("b.jpg", 2, "Own"),
-              "c.jpg": LabelRecord("c.jpg", 3, None)}
+    labels = {
+        "a.jpg": LabelRecord("a.jpg", 1, None),
+        "b.jpg": LabelRecord("b.jpg", 2, "Own"),
+        "c.jpg": LabelRecord("c.jpg", 3, None),
+    }
     named = with_class_names(labels, {1: "One", 2: "Two"})
     assert [named[k].class_name for k in ("a.jpg", "b.jpg", "c.jpg")] == ["One", "Own", None]
 
@@ -271,11 +277,15 @@ def _touch(root: Path, *names: str) -> list[Path]:
 
 def test_same_base_name_in_two_folders_never_mixes(tmp_path: Path) -> None:
     images = _touch(tmp_path, "cars_train/00001.jpg", "cars_test/00001.jpg", "cars_train/2.jpg")
-    by_folder = {"cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
-                 "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, None)}
+    by_folder = {
+        "cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
+        "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, None),
+    }
     match = match_labels(tmp_path, images, by_folder)
     assert {p.relative_to(tmp_path).as_posix(): r.class_id for p, r in match.labels.items()} == {
-        "cars_train/00001.jpg": 14, "cars_test/00001.jpg": 181}
+        "cars_train/00001.jpg": 14,
+        "cars_test/00001.jpg": 181,
+    }
     assert match.unmatched == ["cars_train/2.jpg"]
     # A bare name fits both photos: it labels neither rather than one at random.
     bare = {"00001.jpg": LabelRecord("00001.jpg", 14, None), "2.jpg": LabelRecord("2.jpg", 3, None)}
@@ -287,10 +297,12 @@ def test_same_base_name_in_two_folders_never_mixes(tmp_path: Path) -> None:
 
 def test_key_matches_by_path_suffix_either_way(tmp_path: Path) -> None:
     images = _touch(tmp_path, "car_ims/000001.jpg", "000002.jpg", "x/y/3.jpg")
-    labels = {"car_ims/000001.jpg": LabelRecord("car_ims/000001.jpg", 1, None),
-              "car_ims/000002.jpg": LabelRecord("car_ims/000002.jpg", 2, None),
-              "y/3.jpg": LabelRecord("y/3.jpg", 3, None),
-              "z/3.jpg": LabelRecord("z/3.jpg", 4, None)}
+    labels = {
+        "car_ims/000001.jpg": LabelRecord("car_ims/000001.jpg", 1, None),
+        "car_ims/000002.jpg": LabelRecord("car_ims/000002.jpg", 2, None),
+        "y/3.jpg": LabelRecord("y/3.jpg", 3, None),
+        "z/3.jpg": LabelRecord("z/3.jpg", 4, None),
+    }
     match = match_labels(tmp_path, images, labels)
     assert sorted(r.class_id for r in match.labels.values()) == [1, 2, 3]
     assert match.unused == ["z/3.jpg"]
@@ -299,8 +311,10 @@ def test_key_matches_by_path_suffix_either_way(tmp_path: Path) -> None:
 
 def test_two_keys_with_other_classes_for_one_image_label_it_not(tmp_path: Path) -> None:
     images = _touch(tmp_path, "00001.jpg")
-    labels = {"cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
-              "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, None)}
+    labels = {
+        "cars_train/00001.jpg": LabelRecord("cars_train/00001.jpg", 14, None),
+        "cars_test/00001.jpg": LabelRecord("cars_test/00001.jpg", 181, None),
+    }
     match = match_labels(tmp_path, images, labels)
     assert match.labels == {}
     assert match.ambiguous == ["cars_test/00001.jpg", "cars_train/00001.jpg"]

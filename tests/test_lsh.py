@@ -23,52 +23,76 @@ from imgsim.ann import (
     squared_distances,
     top_k,
 )
+from test_models import MATRIX_UDT  # Spark ML's matrix type, as Parquet stores it
 
-NO_SCAN = {"scan_share": 1.0, "scan_below": 0}   # the LSH itself, never the cheaper scan
-
-MATRIX_UDT = pa.struct([
-    ("type", pa.int8()), ("numRows", pa.int32()), ("numCols", pa.int32()),
-    ("colPtrs", pa.list_(pa.int32())), ("rowIndices", pa.list_(pa.int32())),
-    ("values", pa.list_(pa.float64())), ("isTransposed", pa.bool_()),
-])
+NO_SCAN = {"scan_share": 1.0, "scan_below": 0}  # the LSH itself, never the cheaper scan
 
 
 def dense_udt(matrix: np.ndarray, transposed: bool) -> dict[str, object]:
     """A Spark DenseMatrix as MatrixUDT: row-major values when transposed, else column-major."""
     rows, cols = matrix.shape
     values = matrix.ravel(order="C" if transposed else "F")
-    return {"type": 1, "numRows": rows, "numCols": cols, "colPtrs": None, "rowIndices": None,
-            "values": values.tolist(), "isTransposed": transposed}
+    return {
+        "type": 1,
+        "numRows": rows,
+        "numCols": cols,
+        "colPtrs": None,
+        "rowIndices": None,
+        "values": values.tolist(),
+        "isTransposed": transposed,
+    }
 
 
 def sparse_udt(matrix: np.ndarray, transposed: bool) -> dict[str, object]:
     """A Spark SparseMatrix: CSC (colPtrs per column) or, transposed, CSR (per row)."""
     rows, cols = matrix.shape
-    major = matrix if transposed else matrix.T      # iterate rows (CSR) or columns (CSC)
+    major = matrix if transposed else matrix.T  # iterate rows (CSR) or columns (CSC)
     ptrs, idx, vals = [0], [], []
     for line in major:
         nz = np.flatnonzero(line)
         idx.extend(int(i) for i in nz)
         vals.extend(float(v) for v in line[nz])
         ptrs.append(len(idx))
-    return {"type": 0, "numRows": rows, "numCols": cols, "colPtrs": ptrs, "rowIndices": idx,
-            "values": vals, "isTransposed": transposed}
+    return {
+        "type": 0,
+        "numRows": rows,
+        "numCols": cols,
+        "colPtrs": ptrs,
+        "rowIndices": idx,
+        "values": vals,
+        "isTransposed": transposed,
+    }
 
 
-def write_brp_model(model_dir: Path, udt: dict[str, object], bucket_length: float,
-                    num_hash_tables: int, column: str = "randUnitVectors",
-                    default_bucket_length: float | None = None) -> Path:
+def write_brp_model(
+    model_dir: Path,
+    udt: dict[str, object],
+    bucket_length: float,
+    num_hash_tables: int,
+    column: str = "randUnitVectors",
+    default_bucket_length: float | None = None,
+) -> Path:
     """A saved BucketedRandomProjectionLSHModel as Spark writes it (metadata + data parquet)."""
     (model_dir / "metadata").mkdir(parents=True)
     (model_dir / "data").mkdir(parents=True)
     meta = {
         "class": "org.apache.spark.ml.feature.BucketedRandomProjectionLSHModel",
-        "timestamp": 1767225600000, "sparkVersion": "4.0.0", "uid": "brp_test",
-        "paramMap": {"bucketLength": bucket_length, "numHashTables": num_hash_tables,
-                     "inputCol": "features", "outputCol": "hashes"},
-        "defaultParamMap": {"numHashTables": 1, "seed": 42,
-                            **({"bucketLength": default_bucket_length}
-                               if default_bucket_length is not None else {})},
+        "timestamp": 1767225600000,
+        "sparkVersion": "4.0.0",
+        "uid": "brp_test",
+        "paramMap": {
+            "bucketLength": bucket_length,
+            "numHashTables": num_hash_tables,
+            "inputCol": "features",
+            "outputCol": "hashes",
+        },
+        "defaultParamMap": {
+            "numHashTables": 1,
+            "seed": 42,
+            **(
+                {"bucketLength": default_bucket_length} if default_bucket_length is not None else {}
+            ),
+        },
     }
     (model_dir / "metadata" / "part-00000").write_text(json.dumps(meta) + "\n")
     (model_dir / "metadata" / "_SUCCESS").write_text("")
@@ -79,8 +103,9 @@ def write_brp_model(model_dir: Path, udt: dict[str, object], bucket_length: floa
 
 def floor_hashes(matrix: np.ndarray, x: np.ndarray, w: float) -> np.ndarray:
     """Spark's formula written out element by element: floor(r_i . x / w)."""
-    return np.array([[math.floor(float(np.dot(r, v)) / w) for r in matrix] for v in x],
-                    dtype=np.int64)
+    return np.array(
+        [[math.floor(float(np.dot(r, v)) / w) for r in matrix] for v in x], dtype=np.int64
+    )
 
 
 @pytest.fixture
@@ -90,9 +115,11 @@ def rng() -> np.random.Generator:
 
 # -- load_brp_model -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("transposed", [True, False], ids=["row-major", "column-major"])
-def test_load_dense_model_reproduces_matrix_and_hashes(tmp_path: Path, rng: np.random.Generator,
-                                                       transposed: bool) -> None:
+def test_load_dense_model_reproduces_matrix_and_hashes(
+    tmp_path: Path, rng: np.random.Generator, transposed: bool
+) -> None:
     matrix = rng.normal(size=(4, 6))
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     model = write_brp_model(tmp_path / "model", dense_udt(matrix, transposed), 0.5, 4)
@@ -117,13 +144,19 @@ def test_load_sparse_model(tmp_path: Path, transposed: bool) -> None:
 
 def test_load_legacy_rand_matrix_column_and_param_precedence(tmp_path: Path) -> None:
     matrix = np.array([[1.0, 0.0], [0.0, 1.0]])
-    model = write_brp_model(tmp_path / "model", dense_udt(matrix, True), 2.0, 2,
-                            column="randMatrix", default_bucket_length=9.0)
+    model = write_brp_model(
+        tmp_path / "model",
+        dense_udt(matrix, True),
+        2.0,
+        2,
+        column="randMatrix",
+        default_bucket_length=9.0,
+    )
 
     params = load_brp_model(model)
 
     np.testing.assert_array_equal(params.matrix, matrix)
-    assert params.bucket_length == 2.0      # paramMap wins over defaultParamMap
+    assert params.bucket_length == 2.0  # paramMap wins over defaultParamMap
 
 
 def test_load_model_errors(tmp_path: Path) -> None:
@@ -141,19 +174,24 @@ def test_load_model_errors(tmp_path: Path) -> None:
     two_rows = write_brp_model(tmp_path / "tworows", dense_udt(np.eye(2), True), 1.0, 2)
     data_file = next((two_rows / "data").glob("*.parquet"))
     udt = dense_udt(np.eye(2), True)
-    pq.write_table(pa.Table.from_pylist([{"randUnitVectors": udt}] * 2,
-                                        schema=pa.schema([("randUnitVectors", MATRIX_UDT)])),
-                   data_file)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"randUnitVectors": udt}] * 2, schema=pa.schema([("randUnitVectors", MATRIX_UDT)])
+        ),
+        data_file,
+    )
     with pytest.raises(ValueError, match="expected one row"):
         load_brp_model(two_rows)
 
-    wrong_col = write_brp_model(tmp_path / "wrongcol", dense_udt(np.eye(2), True), 1.0, 2,
-                                column="somethingElse")
+    wrong_col = write_brp_model(
+        tmp_path / "wrongcol", dense_udt(np.eye(2), True), 1.0, 2, column="somethingElse"
+    )
     with pytest.raises(ValueError, match="somethingElse"):
         load_brp_model(wrong_col)
 
 
 # -- hashing ------------------------------------------------------------------------------------
+
 
 def test_hash_vectors_is_floor_of_projection_over_bucket_length(rng: np.random.Generator) -> None:
     matrix = rng.normal(size=(5, 8))
@@ -165,16 +203,18 @@ def test_hash_vectors_is_floor_of_projection_over_bucket_length(rng: np.random.G
     assert h.dtype == np.int64
     assert h.shape == (50, 5)
     np.testing.assert_array_equal(h, floor_hashes(matrix, x.astype(np.float64), 0.3))
-    assert (h < 0).any()                    # negative projections floor downwards
+    assert (h < 0).any()  # negative projections floor downwards
 
 
 def test_hash_vectors_negative_values_floor_down() -> None:
     params = BrpParams(np.array([[1.0], [-1.0]]), 1.0)
-    np.testing.assert_array_equal(hash_vectors(params, np.array([[0.5], [2.0]])),
-                                  [[0, -1], [2, -2]])
+    np.testing.assert_array_equal(
+        hash_vectors(params, np.array([[0.5], [2.0]])), [[0, -1], [2, -2]]
+    )
 
 
 # -- search -------------------------------------------------------------------------------------
+
 
 def test_squared_distances_match_direct_computation(rng: np.random.Generator) -> None:
     q = rng.normal(size=(3, 4)).astype(np.float32)
@@ -208,16 +248,17 @@ def test_lsh_search_with_huge_bucket_length_equals_exact(rng: np.random.Generato
 
 def test_lsh_search_compares_only_bucket_sharing_candidates() -> None:
     ref = np.array([[0.0, 1.2], [1.0, 1.2], [2.0, 0.0], [3.0, 0.0]], np.float32)
-    params = BrpParams(np.eye(2), 1.0)          # hashes: the coordinates, floored
+    params = BrpParams(np.eye(2), 1.0)  # hashes: the coordinates, floored
     index = LshIndex.build(ref, hash_vectors(params, ref), params, **NO_SCAN)
     query = np.array([2.9, 1.1], np.float32)
     # The query shares table 0 with row 2 and table 1 with rows 0 and 1; row 3 shares nothing.
     (res,) = index.search(query, k=3)
 
     assert (res.candidates, res.method) == (3, "lsh")
-    np.testing.assert_array_equal(res.indices, [2, 1, 0])   # row 3 is nearest but not a candidate
-    np.testing.assert_allclose(res.distances, np.linalg.norm(ref[[2, 1, 0]] - query, axis=1),
-                               rtol=1e-5)
+    np.testing.assert_array_equal(res.indices, [2, 1, 0])  # row 3 is nearest but not a candidate
+    np.testing.assert_allclose(
+        res.distances, np.linalg.norm(ref[[2, 1, 0]] - query, axis=1), rtol=1e-5
+    )
 
     # No candidate (and none with every probe): the ladder ends in an exact scan.
     far_q = np.array([9.5, 9.5], np.float32)
@@ -229,7 +270,7 @@ def test_lsh_search_compares_only_bucket_sharing_candidates() -> None:
 
 def test_exclude_removes_the_query_itself(rng: np.random.Generator) -> None:
     ref = rng.normal(size=(10, 3)).astype(np.float32)
-    params = BrpParams(np.zeros((2, 3)), 1.0)   # every hash 0: one bucket
+    params = BrpParams(np.zeros((2, 3)), 1.0)  # every hash 0: one bucket
     index = LshIndex.build(ref, hash_vectors(params, ref), params, **NO_SCAN)
 
     (approx,) = index.search(ref[4], k=3, exclude=np.array([4]))
@@ -248,10 +289,12 @@ def test_exclude_removes_the_query_itself(rng: np.random.Generator) -> None:
 def test_a_batch_answers_as_one_query_at_a_time(rng: np.random.Generator) -> None:
     ref = l2_normalize(rng.normal(size=(500, 16)))
     params = BrpParams(rng.normal(size=(12, 16)) / 4, 0.3)
-    index = LshIndex.build(ref, hash_vectors(params, ref), params, keys_per_band=3, probes=1,
-                           **NO_SCAN)
-    queries = l2_normalize(np.concatenate([ref[:30] + 0.05 * rng.normal(size=(30, 16)),
-                                           rng.normal(size=(10, 16))]))
+    index = LshIndex.build(
+        ref, hash_vectors(params, ref), params, keys_per_band=3, probes=1, **NO_SCAN
+    )
+    queries = l2_normalize(
+        np.concatenate([ref[:30] + 0.05 * rng.normal(size=(30, 16)), rng.normal(size=(10, 16))])
+    )
 
     batch = index.search(queries, k=7)
     for i, got in enumerate(batch):
@@ -259,9 +302,9 @@ def test_a_batch_answers_as_one_query_at_a_time(rng: np.random.Generator) -> Non
         np.testing.assert_array_equal(got.indices, one.indices)
         assert (got.candidates, got.method) == (one.candidates, one.method)
         # the LSH's answer is the exact top-7 among the query's candidates
-        mask = index.candidates(queries[i:i + 1])[0]
+        mask = index.candidates(queries[i : i + 1])[0]
         if got.method == "lsh":
-            d = squared_distances(queries[i:i + 1], ref)[0]
+            d = squared_distances(queries[i : i + 1], ref)[0]
             want = np.flatnonzero(mask)[np.lexsort((np.flatnonzero(mask), d[mask]))[:7]]
             np.testing.assert_array_equal(got.indices, want)
             assert got.candidates == mask.sum()
@@ -281,11 +324,11 @@ def test_the_scan_answers_when_it_is_cheaper(rng: np.random.Generator) -> None:
     def index(**scan: object) -> LshIndex:
         return LshIndex.build(ref, hashes, params, **{**NO_SCAN, **scan})  # type: ignore[arg-type]
 
-    by_share = index(scan_share=0.25, expected_share=0.6)       # measured: 60% compared
-    small = index(scan_below=300 * 8 + 1)                       # references x dims below
+    by_share = index(scan_share=0.25, expected_share=0.6)  # measured: 60% compared
+    small = index(scan_below=300 * 8 + 1)  # references x dims below
     assert by_share.scans and small.scans
     assert not index(scan_share=0.25, expected_share=0.2).scans
-    assert not index(scan_share=0.25).scans                      # share not measured
+    assert not index(scan_share=0.25).scans  # share not measured
     for answers in (by_share.search(q, 5), small.search(q, 5)):
         for i, a in enumerate(answers):
             exact = exact_search(q[i], ref, 5)
@@ -327,10 +370,12 @@ def test_top_k_tie_breaking_on_many_random_ties() -> None:
 
 # -- recall -------------------------------------------------------------------------------------
 
+
 def test_leave_one_out_recall_is_one_when_every_candidate_is_compared(
-        rng: np.random.Generator) -> None:
+    rng: np.random.Generator,
+) -> None:
     ref = l2_normalize(rng.normal(size=(60, 8)))
-    ref_h = np.zeros((60, 4), np.int64)          # one bucket: every reference is a candidate
+    ref_h = np.zeros((60, 4), np.int64)  # one bucket: every reference is a candidate
 
     report = leave_one_out_recall(ref, ref_h, np.arange(20), k=5)
 
@@ -386,8 +431,9 @@ def test_near_ties_are_decided_in_float64_whatever_the_batch() -> None:
         nearer[1] += 1e-4
         ref = l2_normalize(np.vstack([near, nearer, r.normal(size=(20, 64))]))
         params = BrpParams(r.normal(size=(4, 64)), 1.0)
-        index = LshIndex.build(ref, hash_vectors(params, ref), params, scan_share=1.0,
-                               scan_below=2**62)
+        index = LshIndex.build(
+            ref, hash_vectors(params, ref), params, scan_share=1.0, scan_below=2**62
+        )
         others = l2_normalize(rng.normal(size=(40, 64)))
         alone = index.search(q, 1)[0].indices.tolist()
         batched = index.search(np.vstack([others, q[None, :]]), 1)[-1].indices.tolist()

@@ -26,16 +26,27 @@ TABLES = 3
 BUCKET = 0.5
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
-MATRIX_UDT = pa.struct([
-    ("type", pa.int8()), ("numRows", pa.int32()), ("numCols", pa.int32()),
-    ("colPtrs", pa.list_(pa.int32())), ("rowIndices", pa.list_(pa.int32())),
-    ("values", pa.list_(pa.float64())), ("isTransposed", pa.bool_()),
-])
-REFERENCE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("path", pa.string()), ("class_id", pa.int32()),
-    ("class_name", pa.string()), ("vector", pa.list_(pa.float32())),
-    ("hashes", pa.list_(pa.int64())),
-])
+MATRIX_UDT = pa.struct(
+    [
+        ("type", pa.int8()),
+        ("numRows", pa.int32()),
+        ("numCols", pa.int32()),
+        ("colPtrs", pa.list_(pa.int32())),
+        ("rowIndices", pa.list_(pa.int32())),
+        ("values", pa.list_(pa.float64())),
+        ("isTransposed", pa.bool_()),
+    ]
+)
+REFERENCE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("vector", pa.list_(pa.float32())),
+        ("hashes", pa.list_(pa.int64())),
+    ]
+)
 
 
 def version_at(minutes: int) -> str:
@@ -46,10 +57,18 @@ def make_ids(n: int, prefix: str = "") -> list[str]:
     return [f"{prefix}{i:064x}"[-64:] for i in range(n)]
 
 
-def build_version(root: Path, version: str, ids: list[str], *, backbone: str = BACKBONE,
-                  num_hash_tables: int = TABLES, bucket_length: float = BUCKET,
-                  recall: float | None = 0.95, seed: int = 0,
-                  manifest_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_version(
+    root: Path,
+    version: str,
+    ids: list[str],
+    *,
+    backbone: str = BACKBONE,
+    num_hash_tables: int = TABLES,
+    bucket_length: float = BUCKET,
+    recall: float | None = 0.95,
+    seed: int = 0,
+    manifest_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A fitted version laid out as spark_jobs/fit_lsh.py writes it, under ``root/version``.
 
     model/metadata/part-00000: Spark's JSON metadata line; model/data/*.parquet: one row with
@@ -69,33 +88,80 @@ def build_version(root: Path, version: str, ids: list[str], *, backbone: str = B
     ref = out / "reference"
     for d in (meta, data, ref):
         d.mkdir(parents=True)
-    (meta / "part-00000").write_text(json.dumps({
-        "class": "org.apache.spark.ml.feature.BucketedRandomProjectionLSHModel",
-        "timestamp": 1767323045000, "sparkVersion": "4.0.0", "uid": "brp_0123",
-        "paramMap": {"bucketLength": bucket_length, "numHashTables": num_hash_tables,
-                     "inputCol": "features", "outputCol": "hashes", "seed": 42},
-        "defaultParamMap": {"numHashTables": 1, "seed": 12345},
-    }) + "\n")
+    (meta / "part-00000").write_text(
+        json.dumps(
+            {
+                "class": "org.apache.spark.ml.feature.BucketedRandomProjectionLSHModel",
+                "timestamp": 1767323045000,
+                "sparkVersion": "4.0.0",
+                "uid": "brp_0123",
+                "paramMap": {
+                    "bucketLength": bucket_length,
+                    "numHashTables": num_hash_tables,
+                    "inputCol": "features",
+                    "outputCol": "hashes",
+                    "seed": 42,
+                },
+                "defaultParamMap": {"numHashTables": 1, "seed": 12345},
+            }
+        )
+        + "\n"
+    )
     (meta / "_SUCCESS").write_text("")
-    udt = {"type": 1, "numRows": num_hash_tables, "numCols": DIM, "colPtrs": None,
-           "rowIndices": None, "values": matrix.ravel(order="C").tolist(), "isTransposed": True}
-    pq.write_table(pa.Table.from_pylist([{"randUnitVectors": udt}],
-                                        schema=pa.schema([("randUnitVectors", MATRIX_UDT)])),
-                   data / "part-0.parquet")
-    pq.write_table(pa.Table.from_pylist(
-        [{"image_id": iid, "path": f"images/car_ims/{i:06d}.jpg", "class_id": 1 + i % 3,
-          "class_name": None, "vector": vectors[i].tolist(), "hashes": hashes[i].tolist()}
-         for i, iid in enumerate(ids)], schema=REFERENCE_SCHEMA), ref / "part-0.parquet",
-        write_page_checksum=True)                      # as Spark (parquet-mr) writes pages
+    udt = {
+        "type": 1,
+        "numRows": num_hash_tables,
+        "numCols": DIM,
+        "colPtrs": None,
+        "rowIndices": None,
+        "values": matrix.ravel(order="C").tolist(),
+        "isTransposed": True,
+    }
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"randUnitVectors": udt}], schema=pa.schema([("randUnitVectors", MATRIX_UDT)])
+        ),
+        data / "part-0.parquet",
+    )
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "image_id": iid,
+                    "path": f"images/car_ims/{i:06d}.jpg",
+                    "class_id": 1 + i % 3,
+                    "class_name": None,
+                    "vector": vectors[i].tolist(),
+                    "hashes": hashes[i].tolist(),
+                }
+                for i, iid in enumerate(ids)
+            ],
+            schema=REFERENCE_SCHEMA,
+        ),
+        ref / "part-0.parquet",
+        write_page_checksum=True,
+    )  # as Spark (parquet-mr) writes pages
     (ref / "_SUCCESS").write_text("")
     manifest: dict[str, Any] = {
-        "format": 1, "version": version, "created_at": T0.isoformat(), "run_id": "manual__x",
-        "backbone": {"name": backbone, "dim": DIM}, "embedding_dim": DIM, "normalize": "l2",
+        "format": 1,
+        "version": version,
+        "created_at": T0.isoformat(),
+        "run_id": "manual__x",
+        "backbone": {"name": backbone, "dim": DIM},
+        "embedding_dim": DIM,
+        "normalize": "l2",
         "distance": "euclidean on unit vectors",
-        "lsh": {"algorithm": "BucketedRandomProjectionLSH", "numHashTables": num_hash_tables,
-                "bucketLength": bucket_length, "seed": 42},
-        "snapshot": {"fingerprint": snapshot_fingerprint(ids), "count": len(ids),
-                     "shard_files": ["part-run1-00000.parquet"]},
+        "lsh": {
+            "algorithm": "BucketedRandomProjectionLSH",
+            "numHashTables": num_hash_tables,
+            "bucketLength": bucket_length,
+            "seed": 42,
+        },
+        "snapshot": {
+            "fingerprint": snapshot_fingerprint(ids),
+            "count": len(ids),
+            "shard_files": ["part-run1-00000.parquet"],
+        },
         "counts": {"catalog_live": len(ids), "indexed": len(ids), "without_embedding": 0},
         "metrics": {"k": 5, "queries": len(ids), "recall_at_k": recall},
         "files": {"model": "model", "reference": "reference"},
@@ -118,11 +184,15 @@ def stage(layout: Layout, version: str, ids: list[str] = IDS, **kwargs: Any) -> 
     return build_version(layout.staging, version, ids, **kwargs)
 
 
-def validate(layout: Layout, version: str, ids: list[str] = IDS,
-             **overrides: Any) -> models.ValidationReport:
-    args: dict[str, Any] = {"expected_count": len(ids),
-                            "expected_fingerprint": snapshot_fingerprint(ids),
-                            "backbone": BACKBONE, "recall_floor": 0.8}
+def validate(
+    layout: Layout, version: str, ids: list[str] = IDS, **overrides: Any
+) -> models.ValidationReport:
+    args: dict[str, Any] = {
+        "expected_count": len(ids),
+        "expected_fingerprint": snapshot_fingerprint(ids),
+        "backbone": BACKBONE,
+        "recall_floor": 0.8,
+    }
     args.update(overrides)
     return models.validate_staged(layout, version, **args)
 
@@ -144,6 +214,7 @@ def current_text(layout: Layout) -> str | None:
 
 # -- names --------------------------------------------------------------------------------------
 
+
 def test_new_version_names_are_valid_and_sortable() -> None:
     names = [models.new_version(T0 + timedelta(seconds=s)) for s in (0, 1, 59, 3600, 86400)]
     for name in names:
@@ -151,18 +222,28 @@ def test_new_version_names_are_valid_and_sortable() -> None:
         assert models.check_version_name(name) == name
     assert names == sorted(names)
     assert names[0].startswith("v20260102T030405Z-")
-    assert len({models.new_version(T0) for _ in range(20)}) > 1     # random suffix
+    assert len({models.new_version(T0) for _ in range(20)}) > 1  # random suffix
     assert models.VERSION_RE.match(models.new_version())
 
 
-@pytest.mark.parametrize("bad", ["", "latest", "v20260102T030405Z", "../v20260102T030405Z-abcdef",
-                                 "v20260102T030405Z-ABCDEF", "v20260102T030405Z-abcdef/x"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "latest",
+        "v20260102T030405Z",
+        "../v20260102T030405Z-abcdef",
+        "v20260102T030405Z-ABCDEF",
+        "v20260102T030405Z-abcdef/x",
+    ],
+)
 def test_check_version_name_rejects(bad: str) -> None:
     with pytest.raises(ValueError, match="not a version name"):
         models.check_version_name(bad)
 
 
 # -- validation ---------------------------------------------------------------------------------
+
 
 def test_validate_staged_passes_on_a_consistent_version(layout: Layout) -> None:
     v = version_at(0)
@@ -198,21 +279,42 @@ def duplicate_reference_row(layout: Layout, version: str) -> None:
     pq.write_table(pa.Table.from_pylist(t, schema=REFERENCE_SCHEMA), f)
 
 
-@pytest.mark.parametrize(("stage_kwargs", "validate_kwargs", "corrupt", "message"), [
-    ({"recall": 0.5}, {}, None, r"recall@k 0\.5 is below the floor 0\.8"),
-    ({"recall": None}, {}, None, r"recall@k None is below the floor"),
-    ({}, {"expected_count": len(IDS) + 1}, None,
-     rf"indexed {len(IDS)} images, the catalog has {len(IDS) + 1}"),
-    ({}, {"expected_fingerprint": snapshot_fingerprint(IDS[:-1])}, None, "fingerprint mismatch"),
-    ({"backbone": "resnet18"}, {}, None, r"backbone 'resnet18' != configured 'random'"),
-    ({}, {}, tamper_hashes, "hashes recomputed from the saved model differ"),
-    ({}, {}, duplicate_reference_row, r"reference table has 12 rows \(11 distinct ids\)"),
-    ({"manifest_overrides": {"lsh": {"numHashTables": TABLES + 1, "bucketLength": BUCKET}}},
-     {}, None, "saved model .* differs from the manifest"),
-], ids=["recall", "no-recall", "count", "fingerprint", "backbone", "hashes", "dup-ref", "params"])
-def test_validate_staged_failures(layout: Layout, stage_kwargs: dict[str, Any],
-                                  validate_kwargs: dict[str, Any], corrupt: Any,
-                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ("stage_kwargs", "validate_kwargs", "corrupt", "message"),
+    [
+        ({"recall": 0.5}, {}, None, r"recall@k 0\.5 is below the floor 0\.8"),
+        ({"recall": None}, {}, None, r"recall@k None is below the floor"),
+        (
+            {},
+            {"expected_count": len(IDS) + 1},
+            None,
+            rf"indexed {len(IDS)} images, the catalog has {len(IDS) + 1}",
+        ),
+        (
+            {},
+            {"expected_fingerprint": snapshot_fingerprint(IDS[:-1])},
+            None,
+            "fingerprint mismatch",
+        ),
+        ({"backbone": "resnet18"}, {}, None, r"backbone 'resnet18' != configured 'random'"),
+        ({}, {}, tamper_hashes, "hashes recomputed from the saved model differ"),
+        ({}, {}, duplicate_reference_row, r"reference table has 12 rows \(11 distinct ids\)"),
+        (
+            {"manifest_overrides": {"lsh": {"numHashTables": TABLES + 1, "bucketLength": BUCKET}}},
+            {},
+            None,
+            "saved model .* differs from the manifest",
+        ),
+    ],
+    ids=["recall", "no-recall", "count", "fingerprint", "backbone", "hashes", "dup-ref", "params"],
+)
+def test_validate_staged_failures(
+    layout: Layout,
+    stage_kwargs: dict[str, Any],
+    validate_kwargs: dict[str, Any],
+    corrupt: Any,
+    message: str,
+) -> None:
     good = staged_and_published(layout, version_at(0))
     v = version_at(1)
     stage(layout, v, **stage_kwargs)
@@ -243,6 +345,7 @@ def test_validate_staged_without_manifest(layout: Layout) -> None:
 
 # -- publish / rollback / prune -----------------------------------------------------------------
 
+
 def test_publish_moves_version_and_points_current(layout: Layout) -> None:
     assert models.current_version(layout) is None
     assert models.published_versions(layout) == []
@@ -268,7 +371,7 @@ def test_publish_moves_version_and_points_current(layout: Layout) -> None:
 def test_publish_refuses_unvalidated_version(layout: Layout) -> None:
     good = staged_and_published(layout, version_at(0))
     v = version_at(1)
-    stage(layout, v)                                # never validated
+    stage(layout, v)  # never validated
 
     with pytest.raises(ValidationFailed, match="has not passed validation"):
         models.publish(layout, v)
@@ -277,7 +380,7 @@ def test_publish_refuses_unvalidated_version(layout: Layout) -> None:
     assert models.published_versions(layout) == [good]
     assert (layout.staging / v / "manifest.json").is_file()
     with pytest.raises(ValidationFailed):
-        models.publish(layout, version_at(2))       # not even staged
+        models.publish(layout, version_at(2))  # not even staged
     assert models.current_version(layout) == good
 
 
@@ -340,8 +443,9 @@ def test_prune_keeps_newest_and_never_current(layout: Layout) -> None:
     assert models.published_versions(layout) == [vs[3], v5]
     assert models.current_version(layout) == v5
     assert tmp_leftovers(layout.root) == []
-    assert sorted(p.name for p in layout.models.iterdir()
-                  if not p.name.startswith(".")) == sorted(["CURRENT", vs[3], v5])
+    assert sorted(p.name for p in layout.models.iterdir() if not p.name.startswith(".")) == sorted(
+        ["CURRENT", vs[3], v5]
+    )
 
 
 def test_prune_with_fewer_versions_than_keep_is_a_noop(layout: Layout) -> None:
@@ -352,7 +456,7 @@ def test_prune_with_fewer_versions_than_keep_is_a_noop(layout: Layout) -> None:
 
 def test_published_versions_ignores_incomplete_and_foreign_dirs(layout: Layout) -> None:
     v = staged_and_published(layout, version_at(0))
-    (layout.models / version_at(3)).mkdir()                 # no manifest: not a version
+    (layout.models / version_at(3)).mkdir()  # no manifest: not a version
     (layout.models / "not-a-version").mkdir()
     (layout.models / ".trash-x").mkdir()
     assert models.published_versions(layout) == [v]
@@ -371,12 +475,13 @@ def test_clean_staging(layout: Layout) -> None:
 
 # -- integrity: sizes and sha256 recorded at publish (issue 13 item 7) -------------------------
 
+
 def overwrite_middle(path: Path, n: int = 64) -> None:
     """The hand-made fault of issue 13: ``n`` bytes in the middle of a file overwritten in place
     (same size, so only a sha256 tells)."""
     data = bytearray(path.read_bytes())
     mid = len(data) // 2 - n // 2
-    data[mid:mid + n] = bytes((b + 0x5A) % 256 for b in data[mid:mid + n])
+    data[mid : mid + n] = bytes((b + 0x5A) % 256 for b in data[mid : mid + n])
     path.write_bytes(bytes(data))
 
 
@@ -390,7 +495,7 @@ def test_publish_records_every_file_size_and_sha256(layout: Layout) -> None:
 
     v = version_at(0)
     stage(layout, v)
-    (layout.staging / v / "projection.npy").write_bytes(b"any future file")   # covered too
+    (layout.staging / v / "projection.npy").write_bytes(b"any future file")  # covered too
     validate(layout, v)
     models.publish(layout, v)
 
@@ -398,8 +503,12 @@ def test_publish_records_every_file_size_and_sha256(layout: Layout) -> None:
     recorded = models.read_manifest(layout, v)["checksums"]
     on_disk = sorted(p.relative_to(vdir).as_posix() for p in vdir.rglob("*") if p.is_file())
     assert sorted(recorded) == [f for f in on_disk if f != "manifest.json"]
-    assert {"reference/part-0.parquet", "model/metadata/part-00000", "validation.json",
-            "projection.npy"} <= set(recorded)
+    assert {
+        "reference/part-0.parquet",
+        "model/metadata/part-00000",
+        "validation.json",
+        "projection.npy",
+    } <= set(recorded)
     for rel, entry in recorded.items():
         assert entry == {"size": (vdir / rel).stat().st_size, "sha256": sha256_file(vdir / rel)}
     integrity = models.verify_version(layout, v, hashes=True)
@@ -415,13 +524,14 @@ def test_check_version_finds_missing_truncated_and_unexpected_files(layout: Layo
     (vdir / "model" / "metadata" / "part-00000").unlink()
     (vdir / "reference" / "part-1.parquet").write_bytes(b"PAR1")
 
-    problems = models.check_version(layout, v).problems      # sizes only: no hashing needed
+    problems = models.check_version(layout, v).problems  # sizes only: no hashing needed
 
     assert problems == [
         "model/metadata/part-00000 is missing",
         f"reference/part-0.parquet has {part.stat().st_size} bytes, "
         f"{part.stat().st_size + 10} were recorded",
-        "reference/part-1.parquet was not part of the version when it was published"]
+        "reference/part-1.parquet was not part of the version when it was published",
+    ]
     with pytest.raises(models.VersionDamaged) as err:
         models.verify_version(layout, v)
     message = str(err.value)
@@ -434,43 +544,49 @@ def test_an_overwrite_is_found_by_sha256_and_remembered_until_repaired(layout: L
     good = part.read_bytes()
     overwrite_middle(part)
 
-    assert models.check_version(layout, v).problems == []         # same size: sizes pass
+    assert models.check_version(layout, v).problems == []  # same size: sizes pass
     found = models.check_version(layout, v, hashes=True)
     assert found.status == "damaged"
-    assert found.problems == ["reference/part-0.parquet has been altered (its sha256 differs "
-                              "from the recorded one)"]
+    assert found.problems == [
+        "reference/part-0.parquet has been altered (its sha256 differs from the recorded one)"
+    ]
     # Known now: the cheap check (and every load) reports it without hashing again.
     later = models.check_version(layout, v)
     assert later.problems == found.problems and later.checked_at == found.checked_at
     with pytest.raises(models.VersionDamaged, match=r"reference/part-0\.parquet"):
         models.verify_version(layout, v)
 
-    part.write_bytes(good)                                            # restored from a backup
-    assert models.check_version(layout, v).status == "damaged"        # until checked again
+    part.write_bytes(good)  # restored from a backup
+    assert models.check_version(layout, v).status == "damaged"  # until checked again
     assert models.check_version(layout, v, hashes=True).status == "ok (sha256)"
     assert models.check_version(layout, v).status == "ok (sizes)"
 
 
 def test_versions_without_checksums_are_not_recorded_and_not_checked(layout: Layout) -> None:
     v = version_at(0)
-    build_version(layout.models, v, IDS)                # as published before checksums existed
+    build_version(layout.models, v, IDS)  # as published before checksums existed
     overwrite_middle(layout.models / v / "reference" / "part-0.parquet")
     for hashes in (False, True):
         integrity = models.verify_version(layout, v, hashes=hashes)
         assert (integrity.status, integrity.recorded, integrity.problems) == (
-            "not recorded", False, [])
+            "not recorded",
+            False,
+            [],
+        )
 
 
 def test_a_failed_read_checks_hashes_and_names_the_damage(layout: Layout) -> None:
     v = staged_and_published(layout, version_at(0))
     overwrite_middle(reference_part(layout, v))
-    with (pytest.raises(models.VersionDamaged, match=r"reference/part-0\.parquet") as err,
-          models.reading_version(layout, v)):
+    with (
+        pytest.raises(models.VersionDamaged, match=r"reference/part-0\.parquet") as err,
+        models.reading_version(layout, v),
+    ):
         raise OSError("Corrupt snappy compressed data")
     assert isinstance(err.value.__cause__, OSError) and err.value.version == v
 
     intact = staged_and_published(layout, version_at(1))
-    with pytest.raises(KeyError), models.reading_version(layout, intact):   # not damage
+    with pytest.raises(KeyError), models.reading_version(layout, intact):  # not damage
         raise KeyError("a bug")
 
 
@@ -501,9 +617,11 @@ def test_prune_forgets_the_checks_of_pruned_versions(layout: Layout) -> None:
     assert models.published_versions(layout) == vs[1:]
 
 
-def imgsim_versions(layout: Layout, monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+def imgsim_versions(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str]:
     from imgsim import cli
+
     monkeypatch.setenv("IMGSIM_DATA_ROOT", str(layout.root))
     rc = cli.main(["versions", *args])
     return rc, capsys.readouterr().out
@@ -514,8 +632,8 @@ def row_of(out: str, version: str) -> str:
 
 
 def test_versions_command_says_when_current_names_a_missing_version(
-        layout: Layout, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    layout: Layout, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     from imgsim.fsutil import atomic_write_text
@@ -528,7 +646,7 @@ def test_versions_command_says_when_current_names_a_missing_version(
     assert rc == 1
     assert f"CURRENT names {gone}, which is not a published version" in out
     assert "imgsim rollback VERSION" in out
-    assert row_of(out, v).startswith("  ")                     # listed, not marked current
+    assert row_of(out, v).startswith("  ")  # listed, not marked current
 
     shutil.rmtree(layout.models / v)
     rc, out = imgsim_versions(layout, monkeypatch, capsys)
@@ -540,10 +658,10 @@ def test_versions_command_says_when_current_names_a_missing_version(
 
 
 def test_versions_command_checks_sizes_and_with_verify_sha256(
-        layout: Layout, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    layout: Layout, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     old = version_at(0)
-    build_version(layout.models, old, IDS)           # published before checksums existed
+    build_version(layout.models, old, IDS)  # published before checksums existed
     v1 = staged_and_published(layout, version_at(1))
     v2 = staged_and_published(layout, version_at(2))
     overwrite_middle(reference_part(layout, v1))
@@ -551,7 +669,7 @@ def test_versions_command_checks_sizes_and_with_verify_sha256(
     rc, out = imgsim_versions(layout, monkeypatch, capsys)
     assert rc == 0
     assert row_of(out, v2).startswith("* ") and row_of(out, v2).endswith("ok (sizes)")
-    assert row_of(out, v1).endswith("ok (sizes)")   # same size: only a sha256 tells
+    assert row_of(out, v1).endswith("ok (sizes)")  # same size: only a sha256 tells
     assert row_of(out, old).endswith("not recorded")
 
     rc, out = imgsim_versions(layout, monkeypatch, capsys, "--verify")
@@ -559,35 +677,55 @@ def test_versions_command_checks_sizes_and_with_verify_sha256(
     assert row_of(out, v1).endswith("damaged") and row_of(out, v2).endswith("ok (sha256)")
     assert "! reference/part-0.parquet has been altered" in out
     assert f"damaged: {v1}; `imgsim rollback VERSION`" in out
-    rc, out = imgsim_versions(layout, monkeypatch, capsys)     # remembered without hashing
+    rc, out = imgsim_versions(layout, monkeypatch, capsys)  # remembered without hashing
     assert rc == 1 and row_of(out, v1).endswith("damaged")
 
 
 # -- the fit gate (pipeline.fit_plan) and the backbone record ------------------------------------
 
+
 def catalog_row(iid: str, status: str = "live") -> dict[str, Any]:
-    return {"image_id": iid, "path": f"images/car_ims/{iid[-6:]}.jpg", "source": "archive:x",
-            "file_name": f"{iid[-6:]}.jpg", "class_id": 1, "class_name": None, "size": 1,
-            "mtime_ns": 1, "first_seen": "2026-01-02", "last_seen": "2026-01-02",
-            "status": status, "n_paths": 1}
+    return {
+        "image_id": iid,
+        "path": f"images/car_ims/{iid[-6:]}.jpg",
+        "source": "archive:x",
+        "file_name": f"{iid[-6:]}.jpg",
+        "class_id": 1,
+        "class_name": None,
+        "size": 1,
+        "mtime_ns": 1,
+        "first_seen": "2026-01-02",
+        "last_seen": "2026-01-02",
+        "status": status,
+        "n_paths": 1,
+    }
 
 
 @pytest.fixture
 def settings(layout: Layout) -> Settings:
     """A catalog of 12 live images (all embedded), one gone and one live without a vector."""
-    write_catalog(layout, [*(catalog_row(i) for i in IDS), catalog_row("f" * 64, "gone"),
-                           catalog_row("e" * 64)])
-    write_shard(layout, BACKBONE, "run1", 0,
-                [(i, np.ones(DIM, np.float32)) for i in [*IDS, "f" * 64]], DIM)
-    return Settings(data_root=layout.root, backbone=BACKBONE, lsh_num_hash_tables=TABLES,
-                    lsh_bucket_length=BUCKET, recall_floor=0.8, keep_versions=3)
+    write_catalog(
+        layout,
+        [*(catalog_row(i) for i in IDS), catalog_row("f" * 64, "gone"), catalog_row("e" * 64)],
+    )
+    write_shard(
+        layout, BACKBONE, "run1", 0, [(i, np.ones(DIM, np.float32)) for i in [*IDS, "f" * 64]], DIM
+    )
+    return Settings(
+        data_root=layout.root,
+        backbone=BACKBONE,
+        lsh_num_hash_tables=TABLES,
+        lsh_bucket_length=BUCKET,
+        recall_floor=0.8,
+        keep_versions=3,
+    )
 
 
 def test_fit_plan_without_current_model(settings: Settings) -> None:
     plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
 
     assert models.VERSION_RE.match(plan["version"])
-    assert plan["expected_count"] == len(IDS)                # live and embedded only
+    assert plan["expected_count"] == len(IDS)  # live and embedded only
     assert plan["fingerprint"] == snapshot_fingerprint(IDS)
     assert plan["backbone"] == BACKBONE
     assert (plan["num_hash_tables"], plan["bucket_length"]) == (TABLES, BUCKET)
@@ -596,16 +734,23 @@ def test_fit_plan_without_current_model(settings: Settings) -> None:
 
 def as_fitted(plan: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The manifest fields fit_lsh.py records for ``plan`` (snapshot, labels, fit settings)."""
-    return {"snapshot": {"fingerprint": plan["fingerprint"], "count": plan["expected_count"],
-                         "labels_fingerprint": plan["labels_fingerprint"]},
-            "backbone": {"name": plan["backbone"]},
-            "fit_settings": pipeline.fit_settings(settings, plan["num_hash_tables"],
-                                                  plan["bucket_length"], plan["projection"])}
+    return {
+        "snapshot": {
+            "fingerprint": plan["fingerprint"],
+            "count": plan["expected_count"],
+            "labels_fingerprint": plan["labels_fingerprint"],
+        },
+        "backbone": {"name": plan["backbone"]},
+        "fit_settings": pipeline.fit_settings(
+            settings, plan["num_hash_tables"], plan["bucket_length"], plan["projection"]
+        ),
+    }
 
 
 def publish_plan(settings: Settings, plan: dict[str, Any]) -> None:
-    build_version(settings.layout.staging, plan["version"], IDS,
-                  manifest_overrides=as_fitted(plan, settings))
+    build_version(
+        settings.layout.staging, plan["version"], IDS, manifest_overrides=as_fitted(plan, settings)
+    )
     pipeline.validate(settings, plan)
     pipeline.publish(settings, plan["version"])
 
@@ -613,13 +758,18 @@ def publish_plan(settings: Settings, plan: dict[str, Any]) -> None:
 def test_fit_plan_refits_when_any_fit_setting_changes(settings: Settings) -> None:
     publish_plan(settings, pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET))
     assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
-    for field, value, key in (("lsh_seed", 7, "seed"), ("validation_sample", 50, None),
-                              ("target_recall", 0.9, None), ("projection", "none", None),
-                              ("projection_min_coverage", 0.9, None)):
+    for field, value, key in (
+        ("lsh_seed", 7, "seed"),
+        ("validation_sample", 50, None),
+        ("target_recall", 0.9, None),
+        ("projection", "none", None),
+        ("projection_min_coverage", 0.9, None),
+    ):
         plan = pipeline.fit_plan(settings.replace(**{field: value}), BACKBONE, TABLES, BUCKET)
         assert plan, f"{field}={value} must refit"
-        assert plan["refit_because"] == [f"{key or field} {getattr(settings, field)!r} -> "
-                                         f"{value!r}"]
+        assert plan["refit_because"] == [
+            f"{key or field} {getattr(settings, field)!r} -> {value!r}"
+        ]
     assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET, projection="whiten")
 
 
@@ -637,11 +787,13 @@ def test_fit_plan_refits_when_the_backbone_spec_or_labels_change(settings: Setti
 
     # New weights (same name, same ids, same fingerprint): the store was rebuilt.
     atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "b" * 64})
-    assert "backbone" in " ".join(pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
-                                  ["refit_because"])
+    assert "backbone" in " ".join(
+        pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)["refit_because"]
+    )
     # Another runtime.
-    atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "a" * 64,
-                               "runtime": "onnx"})
+    atomic_write_json(
+        record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "a" * 64, "runtime": "onnx"}
+    )
     assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
     atomic_write_json(record, {"name": BACKBONE, "dim": DIM, "weights_sha256": "a" * 64})
     assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
@@ -657,8 +809,9 @@ def test_fit_plan_refits_when_the_backbone_spec_or_labels_change(settings: Setti
 def test_fit_plan_skips_when_nothing_changed(settings: Settings) -> None:
     layout = settings.layout
     plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
-    build_version(layout.staging, plan["version"], IDS,
-                  manifest_overrides=as_fitted(plan, settings))
+    build_version(
+        layout.staging, plan["version"], IDS, manifest_overrides=as_fitted(plan, settings)
+    )
     pipeline.validate(settings, plan)
     out = pipeline.publish(settings, plan["version"])
     assert out == {"version": plan["version"], "indexed": len(IDS), "recall_at_k": 0.95}
@@ -707,18 +860,30 @@ def test_check_backbone_record(layout: Layout) -> None:
 
     pipeline.check_backbone_record(layout, spec)
     assert read_json(record) == spec
-    pipeline.check_backbone_record(layout, dict(spec))      # same spec: fine
+    pipeline.check_backbone_record(layout, dict(spec))  # same spec: fine
 
     with pytest.raises(pipeline.PipelineError, match="must not be mixed"):
         pipeline.check_backbone_record(layout, {**spec, "weights_sha256": "def"})
-    assert read_json(record) == spec                        # the record is not overwritten
+    assert read_json(record) == spec  # the record is not overwritten
 
 
 def test_describe_lsh_names_plain_and_banded_keys() -> None:
     from imgsim.versions.models import describe_lsh
 
     assert describe_lsh({"numHashTables": 8}) == "8 tables"
-    assert describe_lsh({"numHashTables": 256, "bands": 32, "keys_per_band": 8, "probes": 1,
-                         "requested_num_hash_tables": 0}) == "32 bands x 8 keys, 1 probe (auto)"
-    assert describe_lsh({"numHashTables": 10, "keys_per_band": 2, "probes": 2}) == \
-        "5 bands x 2 keys, 2 probes"
+    assert (
+        describe_lsh(
+            {
+                "numHashTables": 256,
+                "bands": 32,
+                "keys_per_band": 8,
+                "probes": 1,
+                "requested_num_hash_tables": 0,
+            }
+        )
+        == "32 bands x 8 keys, 1 probe (auto)"
+    )
+    assert (
+        describe_lsh({"numHashTables": 10, "keys_per_band": 2, "probes": 2})
+        == "5 bands x 2 keys, 2 probes"
+    )

@@ -19,15 +19,21 @@ from imgsim.embedding.onnx_runtime import CALIBRATION, model_file
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.index import pipeline
 
-SPEC = {"name": "random", "dim": 512, "weights": "random(seed=0)", "weights_sha256": "",
-        "preprocessing": "p"}
+SPEC = {
+    "name": "random",
+    "dim": 512,
+    "weights": "random(seed=0)",
+    "weights_sha256": "",
+    "preprocessing": "p",
+}
 
 
 # --- configuration ----------------------------------------------------------------------------
 
 
 def test_runtime_setting_defaults_to_torch_and_accepts_each_runtime(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("IMGSIM_RUNTIME", raising=False)
     assert Settings.from_env().runtime == "torch"
     for value, expected in (("onnx", "onnx"), ("ONNX-INT8", "onnx-int8"), (" torch ", "torch")):
@@ -74,11 +80,11 @@ def test_a_record_without_runtime_means_torch() -> None:
 def test_the_store_refuses_vectors_of_another_runtime(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     record = layout.embeddings("random") / "BACKBONE.json"
-    atomic_write_json(record, SPEC)                        # written before runtimes existed
-    pipeline.check_backbone_record(layout, {**SPEC, "runtime": "torch"})   # same thing
+    atomic_write_json(record, SPEC)  # written before runtimes existed
+    pipeline.check_backbone_record(layout, {**SPEC, "runtime": "torch"})  # same thing
     with pytest.raises(pipeline.PipelineError, match="runtime"):
         pipeline.check_backbone_record(layout, {**SPEC, "runtime": "onnx-int8"})
-    assert read_json(record) == SPEC                       # untouched
+    assert read_json(record) == SPEC  # untouched
 
 
 def test_a_query_backbone_on_another_runtime_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,15 +97,19 @@ def test_a_query_backbone_on_another_runtime_is_refused(monkeypatch: pytest.Monk
     def fake_load(name: str, **kw: Any) -> Any:
         seen.update(kw)
         spec = backbones.BackboneSpec(name, 512, "random(seed=0)", "", "p", runtime="torch")
-        return backbones.Backbone(spec=spec, model=None, preprocess=None,  # type: ignore[arg-type]
-                                  device=None)  # type: ignore[arg-type]
+        return backbones.Backbone(
+            spec=spec,
+            model=None,
+            preprocess=None,  # type: ignore[arg-type]
+            device=None,
+        )  # type: ignore[arg-type]
 
     monkeypatch.setattr(backbones, "load_backbone", fake_load)
     manifest = {"version": "v1", "backbone": {**SPEC, "runtime": "onnx-int8"}}
     with pytest.raises(lookup.BackboneMismatch, match="runtime"):
         lookup.load_query_backbone(manifest, cache_dir=Path("/nonexistent"))
     assert seen["runtime"] == "onnx-int8" and seen["device"] == "cpu"
-    old = {"version": "v0", "backbone": SPEC}              # no runtime recorded: torch
+    old = {"version": "v0", "backbone": SPEC}  # no runtime recorded: torch
     lookup.load_query_backbone(old, device="cpu")
     assert seen["runtime"] == "torch"
 
@@ -138,12 +148,12 @@ def test_onnx_fp32_matches_torch_and_is_cached(cache: Path, tmp_path: Path) -> N
     assert onnx_file.parent == cache and onnx_file.is_file()
     assert not list(cache.glob(".tmp-*")) and not list(cache.glob("*.data"))
     want, bad = embed_paths(paths, torch_bb, batch_size=2)
-    got, bad2 = embed_paths(paths, onnx_bb, batch_size=3)   # another batch size: dynamic axis
+    got, bad2 = embed_paths(paths, onnx_bb, batch_size=3)  # another batch size: dynamic axis
     assert not bad and not bad2 and got.shape == want.shape == (5, 512)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
     mtime = onnx_file.stat().st_mtime_ns
     again = load_backbone("random", device="cpu", runtime="onnx", cache_dir=cache)
-    assert Path(again.extra["onnx_file"]).stat().st_mtime_ns == mtime   # reused, not re-exported
+    assert Path(again.extra["onnx_file"]).stat().st_mtime_ns == mtime  # reused, not re-exported
 
 
 @pytest.mark.slow
@@ -152,13 +162,15 @@ def test_the_runtime_is_recorded_and_a_switch_is_refused(cache: Path, tmp_path: 
 
     layout = Layout(tmp_path / "data")
     folder = layout.images / "a"
-    items = [{"image_id": f"{i:064d}", "path": str(p.relative_to(layout.root))}
-             for i, p in enumerate(_images(folder, 3))]
+    items = [
+        {"image_id": f"{i:064d}", "path": str(p.relative_to(layout.root))}
+        for i, p in enumerate(_images(folder, 3))
+    ]
     spec = layout.runs / "r" / "shards" / "shard-00000.json"
     atomic_write_json(spec, {"run_key": "r", "shard": 0, "items": items})
     cache_link = layout.model_cache
     cache_link.parent.mkdir(parents=True)
-    cache_link.symlink_to(cache, target_is_directory=True)   # reuse the export of the test above
+    cache_link.symlink_to(cache, target_is_directory=True)  # reuse the export of the test above
     settings = Settings(data_root=layout.root, runtime="onnx", device="cpu")
     out = pipeline.embed_shard(settings, str(spec), "random")
     assert out["embedded"] == 3
@@ -190,6 +202,5 @@ def test_int8_neighbours_agree_with_torch_on_real_photos(sample_dir: Path, cache
         np.fill_diagonal(s, -np.inf)
         return np.argsort(-s, axis=1)[:, :5]
 
-    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5(ref), top5(got),
-                                                                 strict=True)])
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5(ref), top5(got), strict=True)])
     assert overlap > 0.7, overlap

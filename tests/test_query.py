@@ -14,6 +14,7 @@ from imgsim.config import Layout, Settings
 from imgsim.fsutil import atomic_write_text, read_json, sha256_file
 from imgsim.query import run as query
 from imgsim.query.lookup import BackboneMismatch, load_query_backbone
+from jobargs import query_argv
 from test_models import build_version, make_ids
 
 VERSION = "v20260101T000000Z-aaaaaa"
@@ -33,18 +34,21 @@ def photo(path: Path, colour: tuple[int, int, int]) -> Path:
     return path
 
 
-def test_collect_gathers_inbox_and_params_and_pins_the_version(settings: Settings,
-                                                               tmp_path: Path) -> None:
+def test_collect_gathers_inbox_and_params_and_pins_the_version(
+    settings: Settings, tmp_path: Path
+) -> None:
     layout = settings.layout
     a = photo(query.inbox(layout) / "a.jpg", (200, 0, 0))
-    photo(query.inbox(layout) / "a_copy.jpg", (200, 0, 0))        # same bytes as a.jpg
+    photo(query.inbox(layout) / "a_copy.jpg", (200, 0, 0))  # same bytes as a.jpg
     inside = photo(layout.root / "elsewhere" / "b.jpg", (0, 200, 0))
     outside = photo(tmp_path / "outside" / "c.jpg", (0, 0, 200))
-    plan = query.collect(settings, "manual__1", [str(inside), str(outside),
-                                                 str(layout.root / "nope.jpg")], k=3)
+    plan = query.collect(
+        settings, "manual__1", [str(inside), str(outside), str(layout.root / "nope.jpg")], k=3
+    )
     assert plan["model_version"] == VERSION and plan["k"] == 3 and plan["pending"] == 2
-    queries = {q["query_name"]: q for q in read_json(Path(plan["run_dir"]) / "queries.json")
-               ["queries"]}
+    queries = {
+        q["query_name"]: q for q in read_json(Path(plan["run_dir"]) / "queries.json")["queries"]
+    }
     assert queries["a.jpg"]["status"] == "pending"
     assert queries["a.jpg"]["query_id"] == sha256_file(a)
     assert queries["a_copy.jpg"]["status"] == "already_answered"
@@ -63,27 +67,37 @@ def test_collect_refuses_bad_k_and_unknown_version(settings: Settings) -> None:
     with pytest.raises(ValueError, match="k must be"):
         query.collect(settings, "manual__3", [], k=0)
     with pytest.raises(VersionNotFound):
-        query.collect(settings, "manual__3", [str(settings.layout.root / "x.jpg")], k=5,
-                      version="v20990101T000000Z-bbbbbb")
+        query.collect(
+            settings,
+            "manual__3",
+            [str(settings.layout.root / "x.jpg")],
+            k=5,
+            version="v20990101T000000Z-bbbbbb",
+        )
 
 
 def test_a_different_backbone_is_an_error_not_a_wrong_answer() -> None:
-    manifest: dict[str, Any] = {"version": VERSION,
-                                "backbone": {"name": "random", "dim": 512, "weights": "other.pth",
-                                             "weights_sha256": "0" * 64,
-                                             "preprocessing": "something else"}}
+    manifest: dict[str, Any] = {
+        "version": VERSION,
+        "backbone": {
+            "name": "random",
+            "dim": 512,
+            "weights": "other.pth",
+            "weights_sha256": "0" * 64,
+            "preprocessing": "something else",
+        },
+    }
     with pytest.raises(BackboneMismatch, match="differs"):
         load_query_backbone(manifest)
 
 
 def write_neighbours(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    schema = pa.schema([("query_id", pa.string()), ("image_id", pa.string()),
-                        ("path", pa.string()), ("class_id", pa.int32()),
-                        ("class_name", pa.string()), ("distance", pa.float64()),
-                        ("candidates", pa.int64()), ("rank", pa.int32())])
+    """``neighbours/`` as the Spark job writes it (without ``method``, as jobs before it did)."""
+    schema = pa.schema([f for f in query.neighbours_schema() if f.name != "method"])
     (run_dir / "neighbours").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema),
-                   run_dir / "neighbours" / "part-0.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema), run_dir / "neighbours" / "part-0.parquet"
+    )
 
 
 def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Settings) -> None:
@@ -94,17 +108,28 @@ def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Setting
     plan = query.collect(settings, "manual__4", [], k=2)
     run_dir = Path(plan["run_dir"])
     qfile = read_json(run_dir / "queries.json")
-    for q in qfile["queries"]:                 # what the embed task would have recorded
+    for q in qfile["queries"]:  # what the embed task would have recorded
         if q["query_name"] == "bad.jpg":
             q.update(status="rejected", reason="not_an_image", detail="not an image")
     from imgsim.fsutil import atomic_write_json
 
     atomic_write_json(run_dir / "queries.json", qfile)
     qid = sha256_file(a)
-    write_neighbours(run_dir, [{"query_id": qid, "image_id": make_ids(6)[0],
-                                "path": "images/car_ims/000000.jpg", "class_id": 1,
-                                "class_name": "one", "distance": 0.5, "candidates": 3,
-                                "rank": 1}])
+    write_neighbours(
+        run_dir,
+        [
+            {
+                "query_id": qid,
+                "image_id": make_ids(6)[0],
+                "path": "images/car_ims/000000.jpg",
+                "class_id": 1,
+                "class_name": "one",
+                "distance": 0.5,
+                "candidates": 3,
+                "rank": 1,
+            }
+        ],
+    )
     out = query.finalize(settings, str(run_dir))
     assert out["answered"] == 1 and out["rejected"] == 1
     results = read_json(run_dir / "results.json")
@@ -125,6 +150,7 @@ def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Setting
 
 # -- a damaged version (issue 13 item 7) ---------------------------------------------------------
 
+
 @pytest.fixture
 def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """A version published by models.publish (so its manifest records its files), CURRENT."""
@@ -133,7 +159,7 @@ def published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
     s = Settings(data_root=(tmp_path / "data").resolve())
     v = version_at(0)
-    ids = make_ids(300)        # a reference file whose middle is vector data, as in the issue
+    ids = make_ids(300)  # a reference file whose middle is vector data, as in the issue
     stage(s.layout, v, ids)
     validate(s.layout, v, ids)
     models.publish(s.layout, v)
@@ -163,21 +189,23 @@ def assert_names_damage(message: str, version: str, rel: str) -> None:
 
 
 def test_in_process_lookup_of_a_damaged_version_names_version_file_and_rollback(
-        published: Settings) -> None:
+    published: Settings,
+) -> None:
     from imgsim.query.lookup import load_model
     from imgsim.versions.models import VersionDamaged
 
-    assert load_model(published.layout).ids                  # intact: loads
+    assert load_model(published.layout).ids  # intact: loads
     version, rel = damage(published)
     with pytest.raises(VersionDamaged) as err:
         load_model(published.layout)
     assert_names_damage(str(err.value), version, rel)
 
 
-def test_imgsim_query_on_a_damaged_version_is_a_clear_error(published: Settings,
-                                                            capsys: pytest.CaptureFixture[str],
-                                                            tmp_path: Path) -> None:
+def test_imgsim_query_on_a_damaged_version_is_a_clear_error(
+    published: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     from imgsim import cli
+
     version, rel = damage(published)
     image = photo(tmp_path / "q.jpg", (10, 120, 200))
     assert cli.main(["query", str(image), "-k", "3"]) == 2
@@ -196,7 +224,8 @@ def test_collect_refuses_a_damaged_version(published: Settings) -> None:
 
 
 def test_the_spark_query_job_checks_sizes_before_spark_starts(
-        published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
 
     from imgsim.jobs import query_lsh
     from imgsim.versions.models import VersionDamaged
@@ -210,19 +239,27 @@ def test_the_spark_query_job_checks_sizes_before_spark_starts(
     monkeypatch.setattr(query_lsh, "SparkSession", NoSpark)
     version, rel = damage(published, truncate=True)
     with pytest.raises(VersionDamaged) as err:
-        query_lsh.main(["--data-root", str(published.data_root), "--version", version,
-                        "--run-dir", str(tmp_path / "run"), "--k", "3"])
+        query_lsh.main(query_argv(published.data_root, version, tmp_path / "run", "--k 3"))
     assert_names_damage(str(err.value), version, rel)
 
 
 # -- small runs without a JVM (issue 15 item 7) --------------------------------------------------
 
-NEIGHBOUR_COLUMNS = ["query_id", "rank", "image_id", "path", "class_id", "class_name",
-                     "distance", "candidates", "method"]
+NEIGHBOUR_COLUMNS = [
+    "query_id",
+    "rank",
+    "image_id",
+    "path",
+    "class_id",
+    "class_name",
+    "distance",
+    "candidates",
+    "method",
+]
 
 
 def test_choose_engine_answers_up_to_the_threshold_in_process() -> None:
-    assert query.choose_engine(0, 0) == "local"          # nothing to answer: no JVM either
+    assert query.choose_engine(0, 0) == "local"  # nothing to answer: no JVM either
     assert query.choose_engine(1, 0) == "spark"
     assert query.choose_engine(200, 200) == "local"
     assert query.choose_engine(201, 200) == "spark"
@@ -252,7 +289,8 @@ def fake_embedding(monkeypatch: pytest.MonkeyPatch, dim: int = 6) -> dict[str, A
 
 @pytest.mark.parametrize("expansion", [0, 1], ids=["plain", "expanded"])
 def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
-        settings: Settings, monkeypatch: pytest.MonkeyPatch, expansion: int) -> None:
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, expansion: int
+) -> None:
     import numpy as np
 
     from imgsim.query.lookup import load_model, lookup
@@ -272,9 +310,17 @@ def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
     table = pq.read_table(run_dir / "neighbours")
     assert sorted(table.column_names) == sorted(NEIGHBOUR_COLUMNS)
     types = {f.name: str(f.type) for f in table.schema}
-    assert types == {"query_id": "string", "rank": "int32", "image_id": "string",
-                     "path": "string", "class_id": "int32", "class_name": "string",
-                     "distance": "double", "candidates": "int64", "method": "string"}
+    assert types == {
+        "query_id": "string",
+        "rank": "int32",
+        "image_id": "string",
+        "path": "string",
+        "class_id": "int32",
+        "class_name": "string",
+        "distance": "double",
+        "candidates": "int64",
+        "method": "string",
+    }
     # What the in-process twin answers for the same (unit) vectors, k and expansion.
     ids = [sha256_file(p) for p in paths]
     vectors = np.stack([made[str(p.absolute())] for p in paths])
@@ -282,13 +328,14 @@ def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
     rows = table.to_pylist()
     for qid, ans in zip(ids, answers, strict=True):
         mine = sorted((r for r in rows if r["query_id"] == qid), key=lambda r: r["rank"])
-        assert [(r["rank"], r["image_id"], r["path"], r["class_id"], r["class_name"])
-                for r in mine] == [(n.rank, n.image_id, n.path, n.class_id, n.class_name)
-                                   for n in ans.neighbours]
+        assert [
+            (r["rank"], r["image_id"], r["path"], r["class_id"], r["class_name"]) for r in mine
+        ] == [(n.rank, n.image_id, n.path, n.class_id, n.class_name) for n in ans.neighbours]
         assert [r["distance"] for r in mine] == pytest.approx(
-            [n.distance for n in ans.neighbours], abs=1e-6)
+            [n.distance for n in ans.neighbours], abs=1e-6
+        )
         assert {(r["candidates"], r["method"]) for r in mine} == {(ans.candidates, ans.method)}
-        assert len(mine) == 5                      # widened or exact when the LSH finds few
+        assert len(mine) == 5  # widened or exact when the LSH finds few
     assert len(rows) == 20
 
     done = query.finalize(settings, plan["run_dir"])
@@ -298,12 +345,14 @@ def test_a_small_run_is_answered_in_the_embed_task_as_lookup_answers(
     by_id = {q["query_id"]: q for q in results["queries"]}
     for qid, ans in zip(ids, answers, strict=True):
         assert [n["image_id"] for n in by_id[qid]["neighbours"]] == [
-            n.image_id for n in ans.neighbours]
+            n.image_id for n in ans.neighbours
+        ]
         assert by_id[qid]["method"] == ans.method
 
 
-def test_a_large_run_is_left_to_the_spark_job(settings: Settings,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_large_run_is_left_to_the_spark_job(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = settings.replace(query_local_max=1)
     layout = settings.layout
     for i, c in enumerate([(200, 0, 0), (0, 200, 0)]):
@@ -314,8 +363,8 @@ def test_a_large_run_is_left_to_the_spark_job(settings: Settings,
     run_dir = Path(plan["run_dir"])
     assert out["engine"] == "spark" and out["embedded"] == 2
     assert read_json(run_dir / "queries.json")["engine"] == "spark"
-    assert not (run_dir / "neighbours").exists()            # the job's to write
-    write_neighbours(run_dir, [])                           # what a job with no rows leaves
+    assert not (run_dir / "neighbours").exists()  # the job's to write
+    write_neighbours(run_dir, [])  # what a job with no rows leaves
     done = query.finalize(settings, plan["run_dir"])
     assert done["engine"] == "spark"
     assert read_json(run_dir / "results.json")["engine"] == "spark"
@@ -324,16 +373,36 @@ def test_a_large_run_is_left_to_the_spark_job(settings: Settings,
 def test_a_query_without_neighbours_gets_the_jobs_null_row(tmp_path: Path) -> None:
     from imgsim.query.lookup import Answer, Neighbour
 
-    answers = [Answer([], 0, "exact"),
-               Answer([Neighbour(1, "r1", "images/a.jpg", None, None, 0.25)], 3, "lsh")]
+    answers = [
+        Answer([], 0, "exact"),
+        Answer([Neighbour(1, "r1", "images/a.jpg", None, None, 0.25)], 3, "lsh"),
+    ]
     table = query.neighbours_table(["q0", "q1"], answers)
     assert table.column_names == NEIGHBOUR_COLUMNS
     assert table.to_pylist() == [
-        {"query_id": "q0", "rank": None, "image_id": None, "path": None, "class_id": None,
-         "class_name": None, "distance": None, "candidates": 0, "method": "exact"},
-        {"query_id": "q1", "rank": 1, "image_id": "r1", "path": "images/a.jpg",
-         "class_id": None, "class_name": None, "distance": 0.25, "candidates": 3,
-         "method": "lsh"}]
+        {
+            "query_id": "q0",
+            "rank": None,
+            "image_id": None,
+            "path": None,
+            "class_id": None,
+            "class_name": None,
+            "distance": None,
+            "candidates": 0,
+            "method": "exact",
+        },
+        {
+            "query_id": "q1",
+            "rank": 1,
+            "image_id": "r1",
+            "path": "images/a.jpg",
+            "class_id": None,
+            "class_name": None,
+            "distance": 0.25,
+            "candidates": 3,
+            "method": "lsh",
+        },
+    ]
     with pytest.raises(ValueError, match="2 query ids but 1 answers"):
         query.neighbours_table(["q0", "q1"], answers[:1])
     # Written as a Parquet directory that replaces an older one only when complete.
@@ -347,7 +416,8 @@ def test_a_query_without_neighbours_gets_the_jobs_null_row(tmp_path: Path) -> No
 
 
 def test_the_spark_query_job_passes_query_expansion_on(
-        published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    published: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The DAG hands --expansion to spark_jobs/query_lsh.py; main() must search with it."""
 
     from imgsim.jobs import query_lsh
@@ -371,8 +441,15 @@ def test_the_spark_query_job_passes_query_expansion_on(
 
     seen: dict[str, Any] = {}
 
-    def answer(spark: Any, root: Path, version: str, run_dir: Path, k: int,
-               expansion: int = 0, scan: Any = None) -> Any:
+    def answer(
+        spark: Any,
+        root: Path,
+        version: str,
+        run_dir: Path,
+        k: int,
+        expansion: int = 0,
+        scan: Any = None,
+    ) -> Any:
         seen.update(k=k, expansion=expansion, scan=scan)
         raise Answered
 
@@ -381,7 +458,6 @@ def test_the_spark_query_job_passes_query_expansion_on(
     version = current_version(published.layout)
     assert version
     with pytest.raises(Answered):
-        query_lsh.main(["--data-root", str(published.data_root), "--version", version,
-                        "--run-dir", str(tmp_path / "run"), "--k", "3", "--expansion", "2",
-                        "--scan-share", "0.5", "--scan-below", "7"])
+        flags = "--k 3 --expansion 2 --scan-share 0.5 --scan-below 7"
+        query_lsh.main(query_argv(published.data_root, version, tmp_path / "run", flags))
     assert seen == {"k": 3, "expansion": 2, "scan": (0.5, 7)}

@@ -31,8 +31,14 @@ def _thumb(layout: Layout, image_id: str, colour: tuple[int, int, int]) -> None:
 
 
 def _neighbour(rank: int, image_id: str, class_name: str, distance: float) -> dict[str, Any]:
-    return {"rank": rank, "image_id": image_id, "path": f"images/{image_id}.jpg",
-            "class_id": rank, "class_name": class_name, "distance": distance}
+    return {
+        "rank": rank,
+        "image_id": image_id,
+        "path": f"images/{image_id}.jpg",
+        "class_id": rank,
+        "class_name": class_name,
+        "distance": distance,
+    }
 
 
 @pytest.fixture
@@ -52,26 +58,50 @@ def results(tmp_path: Path, layout: Layout) -> dict[str, Any]:
     moved = tmp_path / "processed" / "other.jpg"
     moved.parent.mkdir(parents=True)
     Image.new("RGB", (120, 300), (0, 160, 250)).save(moved, "JPEG")
-    base = {"model_version": "v20250101T000000", "candidates": 40, "reason": None,
-            "detail": None}
+    base = {"model_version": "v20250101T000000", "candidates": 40, "reason": None, "detail": None}
     return {
-        "run_id": "manual__2025-01-01", "model_version": "v20250101T000000", "k": K,
+        "run_id": "manual__2025-01-01",
+        "model_version": "v20250101T000000",
+        "k": K,
         "created_at": "2025-01-01T00:00:00+00:00",
         "queries": [
-            {**base, "query_id": "1" * 64, "query_name": "car.jpg", "query_path": str(query),
-             "status": "answered", "found": 3, "note": None,
-             "neighbours": [_neighbour(1, "a" * 64, "<script>alert(1)</script>", 0.1234567),
-                            _neighbour(2, "b" * 64, "Audi R8 Coupe 2012", 0.5),
-                            _neighbour(3, "c" * 64, "BMW M3 Coupe 2012", 1.25)]},
-            {**base, "query_id": "2" * 64, "query_name": "broken.jpg",
-             "query_path": str(tmp_path / "incoming" / "broken.jpg"), "status": "rejected",
-             "reason": "not_an_image", "detail": "not a recognised image format",
-             "found": 0, "note": None, "neighbours": []},
-            {**base, "query_id": "3" * 64, "query_name": "moved.jpg",
-             "query_path": str(tmp_path / "incoming" / "gone.jpg"), "query_copy": str(moved),
-             "status": "answered", "found": 1,
-             "note": "LSH returned 1 of 3 requested neighbours",
-             "neighbours": [_neighbour(1, "d" * 64, "Missing Thumb Class", 0.75)]},
+            {
+                **base,
+                "query_id": "1" * 64,
+                "query_name": "car.jpg",
+                "query_path": str(query),
+                "status": "answered",
+                "found": 3,
+                "note": None,
+                "neighbours": [
+                    _neighbour(1, "a" * 64, "<script>alert(1)</script>", 0.1234567),
+                    _neighbour(2, "b" * 64, "Audi R8 Coupe 2012", 0.5),
+                    _neighbour(3, "c" * 64, "BMW M3 Coupe 2012", 1.25),
+                ],
+            },
+            {
+                **base,
+                "query_id": "2" * 64,
+                "query_name": "broken.jpg",
+                "query_path": str(tmp_path / "incoming" / "broken.jpg"),
+                "status": "rejected",
+                "reason": "not_an_image",
+                "detail": "not a recognised image format",
+                "found": 0,
+                "note": None,
+                "neighbours": [],
+            },
+            {
+                **base,
+                "query_id": "3" * 64,
+                "query_name": "moved.jpg",
+                "query_path": str(tmp_path / "incoming" / "gone.jpg"),
+                "query_copy": str(moved),
+                "status": "answered",
+                "found": 1,
+                "note": "LSH returned 1 of 3 requested neighbours",
+                "neighbours": [_neighbour(1, "d" * 64, "Missing Thumb Class", 0.75)],
+            },
         ],
     }
 
@@ -87,7 +117,11 @@ def test_write_results_files(tmp_path: Path, layout: Layout, results: dict[str, 
 
     assert set(paths) == {"results_json", "results_csv", "contact_sheet", "gallery_html"}
     assert {p.name for p in paths.values()} == {
-        "results.json", "results.csv", "contact_sheet.png", "gallery.html"}
+        "results.json",
+        "results.csv",
+        "contact_sheet.png",
+        "gallery.html",
+    }
     for p in paths.values():
         assert p.is_file() and p.parent == run_dir and p.stat().st_size > 0
     assert json.loads(paths["results_json"].read_text()) == results
@@ -124,8 +158,7 @@ def test_results_rows_zero_neighbours_gets_reason(results: dict[str, Any]) -> No
 def test_contact_sheet_geometry_and_content(layout: Layout, results: dict[str, Any]) -> None:
     sheet = render_contact_sheet(results, layout, thumb=THUMB)
     empty = render_contact_sheet({**results, "queries": []}, layout, thumb=THUMB)
-    one = render_contact_sheet({**results, "queries": results["queries"][:1]}, layout,
-                               thumb=THUMB)
+    one = render_contact_sheet({**results, "queries": results["queries"][:1]}, layout, thumb=THUMB)
     assert sheet.mode == "RGB"
     header_h = empty.height
     row_h = one.height - header_h
@@ -156,9 +189,10 @@ def test_contact_sheet_geometry_and_content(layout: Layout, results: dict[str, A
     assert b > 200 and r < 60
 
 
-def test_missing_thumbnail_uses_placeholder(layout: Layout, results: dict[str, Any],
-                                            caplog: pytest.LogCaptureFixture) -> None:
-    only = {**results, "queries": results["queries"][2:]}   # neighbour "d" has no thumbnail
+def test_missing_thumbnail_uses_placeholder(
+    layout: Layout, results: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    only = {**results, "queries": results["queries"][2:]}  # neighbour "d" has no thumbnail
     with caplog.at_level(logging.WARNING, logger="imgsim.query.results"):
         sheet = render_contact_sheet(only, layout, thumb=THUMB)
     assert "missing" in caplog.text
@@ -166,7 +200,7 @@ def test_missing_thumbnail_uses_placeholder(layout: Layout, results: dict[str, A
     pad = (sheet.width - (K + 1) * THUMB) // (K + 2)
     x1, y = pad + THUMB + pad, empty.height
     colour = sheet.getpixel((x1 + 3, y + 3))
-    assert colour not in ((255, 255, 255), (245, 245, 245))   # grey placeholder, not blank
+    assert colour not in ((255, 255, 255), (245, 245, 245))  # grey placeholder, not blank
     # The fallback to layout.root/path is used when the thumbnail is gone.
     img = layout.root / "images" / ("d" * 64 + ".jpg")
     img.parent.mkdir(parents=True)
@@ -176,13 +210,12 @@ def test_missing_thumbnail_uses_placeholder(layout: Layout, results: dict[str, A
     assert r > 200 and b > 200 and g < 60
 
 
-def test_gallery_html_self_contained_and_escaped(layout: Layout,
-                                                 results: dict[str, Any]) -> None:
+def test_gallery_html_self_contained_and_escaped(layout: Layout, results: dict[str, Any]) -> None:
     page = render_gallery_html(results, layout)
     assert page.startswith("<!DOCTYPE html>")
     assert "http://" not in page and "https://" not in page and 'src="/' not in page
     srcs = re.findall(r'src="([^"]*)"', page)
-    assert len(srcs) == 1 + 3 + 1   # query + 3 neighbours; moved query (neighbour missing)
+    assert len(srcs) == 1 + 3 + 1  # query + 3 neighbours; moved query (neighbour missing)
     assert all(s.startswith("data:image/jpeg;base64,") for s in srcs)
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -197,8 +230,7 @@ def test_gallery_html_self_contained_and_escaped(layout: Layout,
 
 
 def test_zero_queries(tmp_path: Path, layout: Layout) -> None:
-    results = {"run_id": "r0", "model_version": "v1", "k": 5, "created_at": "now",
-               "queries": []}
+    results = {"run_id": "r0", "model_version": "v1", "k": 5, "created_at": "now", "queries": []}
     paths = write_results(tmp_path / "run0", results, layout)
     with paths["results_csv"].open(newline="") as fh:
         assert len(list(csv.reader(fh))) == 1

@@ -34,7 +34,7 @@ def test_first_run_takes_the_lease_and_a_second_waits(tmp_path: Path) -> None:
     assert try_acquire(layout, "run-a", alive()) is None
     holder = try_acquire(layout, "run-b", alive("run-a"))
     assert holder is not None and holder.run_id == "run-a"
-    assert read_lease(layout).run_id == "run-a"           # the waiting run changed nothing
+    assert read_lease(layout).run_id == "run-a"  # the waiting run changed nothing
     ensure_held(layout, "run-a")
     with pytest.raises(LeaseLost, match="held by run-a"):
         ensure_held(layout, "run-b")
@@ -44,7 +44,7 @@ def test_holder_may_reacquire_its_own_lease(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     assert try_acquire(layout, "run-a", alive()) is None
     first = read_lease(layout)
-    assert try_acquire(layout, "run-a", alive("run-a")) is None   # a retried first task
+    assert try_acquire(layout, "run-a", alive("run-a")) is None  # a retried first task
     assert read_lease(layout) == first
 
 
@@ -67,7 +67,7 @@ def test_a_stale_lease_is_taken_over(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert read_lease(layout).run_id == "run-b"
     assert "taking over" in caplog.text and "run-a" in caplog.text
     with pytest.raises(LeaseLost):
-        ensure_held(layout, "run-a")                       # the old run may not publish
+        ensure_held(layout, "run-a")  # the old run may not publish
 
 
 def test_no_lease_means_nobody_may_publish(tmp_path: Path) -> None:
@@ -102,8 +102,10 @@ def test_simultaneous_acquires_in_separate_processes_admit_exactly_one(tmp_path:
     ctx = multiprocessing.get_context("fork")
     n = 6
     barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_contend, args=(str(tmp_path), f"run-{i}", barrier, out))
-             for i in range(n)]
+    procs = [
+        ctx.Process(target=_contend, args=(str(tmp_path), f"run-{i}", barrier, out))
+        for i in range(n)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -143,8 +145,9 @@ def execution_api(monkeypatch: pytest.MonkeyPatch):
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     def install(fake: FakeTaskInstance) -> FakeTaskInstance:
-        monkeypatch.setattr(RuntimeTaskInstance, "get_dagrun_state",
-                            staticmethod(fake.get_dagrun_state))
+        monkeypatch.setattr(
+            RuntimeTaskInstance, "get_dagrun_state", staticmethod(fake.get_dagrun_state)
+        )
         monkeypatch.setattr(RuntimeTaskInstance, "get_dr_count", staticmethod(fake.get_dr_count))
         return fake
 
@@ -152,7 +155,8 @@ def execution_api(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_an_unreadable_holder_state_keeps_the_lease_with_its_holder(
-        tmp_path: Path, execution_api, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, execution_api, caplog: pytest.LogCaptureFixture
+) -> None:
     """Regression: any error reading the holder's state used to count as "that run is gone"."""
     layout = Layout(tmp_path)
     try_acquire(layout, "run-a", alive())
@@ -161,14 +165,16 @@ def test_an_unreadable_holder_state_keeps_the_lease_with_its_holder(
     holder = try_acquire(layout, "run-b", airflow_run_alive("imgsim_index", sleep=sleeps.append))
     assert holder is not None and holder.run_id == "run-a"
     assert read_lease(layout).run_id == "run-a"
-    assert fake.calls == 3 and sleeps == [2.0, 4.0]                # retried, with a pause
+    assert fake.calls == 3 and sleeps == [2.0, 4.0]  # retried, with a pause
     assert "keeps waiting" in caplog.text and "database is locked" in caplog.text
 
 
-def test_a_transient_error_is_retried_and_the_real_state_used(tmp_path: Path,
-                                                             execution_api) -> None:
-    execution_api(FakeTaskInstance([RuntimeError("timeout"), "running", RuntimeError("x"),
-                                    "failed"]))
+def test_a_transient_error_is_retried_and_the_real_state_used(
+    tmp_path: Path, execution_api
+) -> None:
+    execution_api(
+        FakeTaskInstance([RuntimeError("timeout"), "running", RuntimeError("x"), "failed"])
+    )
     is_alive = airflow_run_alive("imgsim_index", sleep=lambda s: None)
     assert is_alive("run-a") is True
     assert is_alive("run-a") is False
@@ -212,8 +218,9 @@ def test_wait_for_lease_gives_up_the_slot_after_hold_s(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     try_acquire(layout, "run-a", alive())
     clock = FakeClock()
-    holder = wait_for_lease(layout, "run-b", alive("run-a"), poke_s=30, hold_s=120,
-                            sleep=clock.sleep, clock=clock)
+    holder = wait_for_lease(
+        layout, "run-b", alive("run-a"), poke_s=30, hold_s=120, sleep=clock.sleep, clock=clock
+    )
     assert holder is not None and holder.run_id == "run-a"
     assert clock.sleeps == [30, 30, 30, 30] and clock.now <= 120
 
@@ -228,13 +235,18 @@ def test_wait_for_lease_takes_the_lease_once_freed(tmp_path: Path) -> None:
         if clock.now >= 60:
             release(layout, "run-a")
 
-    assert wait_for_lease(layout, "run-b", alive("run-a"), poke_s=30, hold_s=600,
-                          sleep=sleep, clock=clock) is None
+    assert (
+        wait_for_lease(
+            layout, "run-b", alive("run-a"), poke_s=30, hold_s=600, sleep=sleep, clock=clock
+        )
+        is None
+    )
     assert read_lease(layout).run_id == "run-b" and clock.now == 60
 
 
-def test_take_for_run_requeues_then_fails_after_a_day(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_take_for_run_requeues_then_fails_after_a_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from datetime import UTC, datetime, timedelta
 
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
@@ -249,8 +261,13 @@ def test_take_for_run_requeues_then_fails_after_a_day(tmp_path: Path,
     delay = (exc_info.value.reschedule_date - now).total_seconds()
     assert 299 <= delay <= 330
     with pytest.raises(AirflowFailException, match="run-a"):
-        take_for_run(layout, "run-b", "imgsim_index",
-                     waiting_since=now - MAX_WAIT - timedelta(minutes=1), **kw)
+        take_for_run(
+            layout,
+            "run-b",
+            "imgsim_index",
+            waiting_since=now - MAX_WAIT - timedelta(minutes=1),
+            **kw,
+        )
     release(layout, "run-a")
     assert take_for_run(layout, "run-b", "imgsim_index", waiting_since=now, **kw) is None
     assert read_lease(layout).run_id == "run-b"

@@ -29,6 +29,7 @@ N_PHOTOS = 40
 
 # -- configuration (fast) -----------------------------------------------------------------------
 
+
 def test_embed_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IMGSIM_EMBED_ENGINE", raising=False)
     assert Settings.from_env().embed_engine == "tasks"
@@ -41,8 +42,7 @@ def test_embed_engine_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_embed_route(tmp_path: Path) -> None:
     settings = Settings(data_root=tmp_path, batch_size=8)
-    shards = [{"spec": str(tmp_path / "runs/r/shards/shard-00000.json"), "shard": 0,
-               "images": 3}]
+    shards = [{"spec": str(tmp_path / "runs/r/shards/shard-00000.json"), "shard": 0, "images": 3}]
     assert pipeline.embed_route(settings, "tasks", [], "r", "random") == ("none", "")
     assert pipeline.embed_route(settings, "spark", [], "r", "random") == ("none", "")
     assert pipeline.embed_route(settings, "tasks", shards, "r", "random") == ("tasks", "")
@@ -63,13 +63,16 @@ def test_embed_summary_names_a_missing_shard(tmp_path: Path) -> None:
         pipeline.embed_summary([{"spec": str(spec), "shard": 0, "images": 2}], "spark")
     part = tmp_path / "part.parquet"
     part.write_bytes(b"x")
-    atomic_write_json(pipeline.shard_result_path(spec),
-                      {"shard": 0, "embedded": 1, "quarantined": {}, "file": str(part)})
+    atomic_write_json(
+        pipeline.shard_result_path(spec),
+        {"shard": 0, "embedded": 1, "quarantined": {}, "file": str(part)},
+    )
     with pytest.raises(pipeline.PipelineError, match=r"1 embedded \+ 0 quarantined != 2"):
         pipeline.embed_summary([{"spec": str(spec), "shard": 0, "images": 2}], "spark")
 
 
 # -- the Spark job against the in-task path ---------------------------------------------------
+
 
 def make_root(root: Path, photos: list[Path], corrupt: bytes) -> list[dict[str, Any]]:
     """Copy the photos (and one corrupt .jpg) under ``images/cars``; plan shards of 16."""
@@ -78,8 +81,10 @@ def make_root(root: Path, photos: list[Path], corrupt: bytes) -> list[dict[str, 
     for p in photos:
         (cars / p.name).write_bytes(p.read_bytes())
     (cars / "corrupt.jpg").write_bytes(corrupt)
-    todo = [{"image_id": sha256_file(p), "path": str(p.relative_to(root))}
-            for p in sorted(cars.glob("*.jpg"))]
+    todo = [
+        {"image_id": sha256_file(p), "path": str(p.relative_to(root))}
+        for p in sorted(cars.glob("*.jpg"))
+    ]
     todo_file = root / "runs" / run_key(RUN_ID) / "to_embed.json"
     atomic_write_json(todo_file, todo)
     settings = Settings(data_root=root, shard_size=16)
@@ -90,11 +95,22 @@ def spark_submit(job: str, *extra: str) -> tuple[str, str]:
     """Run the job on local[2] in 4 tasks (41 images, 12 per task); (stdout, stderr)."""
     from imgsim.envsetup import embedded_environment
 
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
-           "--conf", "spark.ui.enabled=false", *extra, str(JOB), "--job", job,
-           "--images-per-task", "12"]
-    proc = subprocess.run(cmd, env=embedded_environment(), capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        "local[2]",
+        "--conf",
+        "spark.ui.enabled=false",
+        *extra,
+        str(JOB),
+        "--job",
+        job,
+        "--images-per-task",
+        "12",
+    ]
+    proc = subprocess.run(
+        cmd, env=embedded_environment(), capture_output=True, text=True, timeout=600
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return proc.stdout, proc.stderr
@@ -108,14 +124,22 @@ def executor_loads(stderr: str) -> int:
 def store(layout: Layout) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    files = {p.name: pq.read_table(p) for p in
-             sorted(layout.embeddings("efficientnet_lite0").glob("part-*.parquet"))}
-    return {"files": files,
-            "schema": {n: t.schema for n, t in files.items()},
-            "ids": {n: t.column("image_id").to_pylist() for n, t in files.items()},
-            "vectors": {iid: np.asarray(v, np.float32) for t in files.values()
-                        for iid, v in zip(t.column("image_id").to_pylist(),
-                                          t.column("vector").to_pylist(), strict=True)}}
+    files = {
+        p.name: pq.read_table(p)
+        for p in sorted(layout.embeddings("efficientnet_lite0").glob("part-*.parquet"))
+    }
+    return {
+        "files": files,
+        "schema": {n: t.schema for n, t in files.items()},
+        "ids": {n: t.column("image_id").to_pylist() for n, t in files.items()},
+        "vectors": {
+            iid: np.asarray(v, np.float32)
+            for t in files.values()
+            for iid, v in zip(
+                t.column("image_id").to_pylist(), t.column("vector").to_pylist(), strict=True
+            )
+        },
+    }
 
 
 def quarantine_records(layout: Layout) -> dict[str, dict[str, Any]]:
@@ -140,7 +164,7 @@ def shard_results(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def engines(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     photos = sorted((sample_dir / "images").glob("*.jpg"))[:N_PHOTOS]
-    corrupt = photos[0].read_bytes()[:2500]          # a truncated JPEG
+    corrupt = photos[0].read_bytes()[:2500]  # a truncated JPEG
     tasks_root = tmp_path_factory.mktemp("tasks") / "data"
     spark_root = tmp_path_factory.mktemp("spark") / "data"
     out: dict[str, Any] = {}
@@ -152,8 +176,9 @@ def engines(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     out["tasks"]["summary"] = pipeline.embed_summary(out["tasks"]["shards"], "tasks")
 
     settings = settings.replace(data_root=spark_root)
-    route, job = pipeline.embed_route(settings, "spark", out["spark"]["shards"], RUN_ID,
-                                      "efficientnet_lite0")
+    route, job = pipeline.embed_route(
+        settings, "spark", out["spark"]["shards"], RUN_ID, "efficientnet_lite0"
+    )
     assert route == "spark"
     stdout, stderr = spark_submit(job)
     out["spark"]["loads"] = executor_loads(stderr)
@@ -168,10 +193,10 @@ def engines(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 @pytest.mark.slow
 def test_same_store_files_and_vectors(engines: dict[str, Any]) -> None:
     a, b = store(engines["tasks"]["layout"]), store(engines["spark"]["layout"])
-    assert len(a["files"]) == 3                       # 41 inputs in shards of 16
+    assert len(a["files"]) == 3  # 41 inputs in shards of 16
     assert a["files"].keys() == b["files"].keys()
-    assert a["schema"] == b["schema"]                 # same columns, types, fixed-size list
-    assert a["ids"] == b["ids"]                       # same ids, same order in every shard
+    assert a["schema"] == b["schema"]  # same columns, types, fixed-size list
+    assert a["ids"] == b["ids"]  # same ids, same order in every shard
     assert len(a["vectors"]) == N_PHOTOS
     for iid, va in a["vectors"].items():
         vb = b["vectors"][iid]
@@ -203,8 +228,9 @@ def test_same_quarantine_thumbnails_and_summary(engines: dict[str, Any]) -> None
     printed = dict(tb["printed"])
     printed.pop("engine")
     assert printed == sb
-    assert read_json(ta["layout"].embeddings("efficientnet_lite0") / "BACKBONE.json") == \
-        read_json(tb["layout"].embeddings("efficientnet_lite0") / "BACKBONE.json")
+    assert read_json(ta["layout"].embeddings("efficientnet_lite0") / "BACKBONE.json") == read_json(
+        tb["layout"].embeddings("efficientnet_lite0") / "BACKBONE.json"
+    )
 
 
 @pytest.mark.spark
@@ -227,14 +253,15 @@ def test_a_retry_replaces_the_shards(engines: dict[str, Any]) -> None:
     layout = engines["spark"]["layout"]
     before = store(layout)
     _, stderr = spark_submit(engines["job"], "--conf", "spark.python.worker.reuse=false")
-    assert executor_loads(stderr) == 4                # a fresh Python worker per task
+    assert executor_loads(stderr) == 4  # a fresh Python worker per task
     after = store(layout)
     assert after["files"].keys() == before["files"].keys()
     assert after["ids"] == before["ids"]
     for iid, v in before["vectors"].items():
         assert float(np.max(np.abs(v - after["vectors"][iid]))) < 1e-4
-    assert not [p for p in layout.embeddings("efficientnet_lite0").iterdir()
-                if p.name.startswith(".tmp-")]
+    assert not [
+        p for p in layout.embeddings("efficientnet_lite0").iterdir() if p.name.startswith(".tmp-")
+    ]
 
 
 @pytest.mark.spark
@@ -244,8 +271,10 @@ def test_a_job_for_another_run_is_refused(tmp_path: Path) -> None:
     spec = tmp_path / "runs" / "a" / "shards" / "shard-00000.json"
     atomic_write_json(spec, {"run_key": "a", "shard": 0, "items": []})
     job_file = tmp_path / "job.json"
-    atomic_write_json(job_file, {"data_root": str(tmp_path), "backbone": "random",
-                                 "run_key": "b", "shards": [str(spec)]})
+    atomic_write_json(
+        job_file,
+        {"data_root": str(tmp_path), "backbone": "random", "run_key": "b", "shards": [str(spec)]},
+    )
     with pytest.raises(EmbedJobError, match="run key 'a', the job is for 'b'"):
         read_shards(EmbedJob.from_file(job_file))
     atomic_write_json(job_file, {"data_root": str(tmp_path), "backbone": "random"})
@@ -275,18 +304,18 @@ print("RESULT" + json.dumps({
 def test_the_dag_wires_both_engines(airflow_env: dict[str, str]) -> None:
     code = f"PATH = {str(PROJECT / 'dags' / 'imgsim_index.py')!r}\n" + WIRING
     env = {**airflow_env, "IMGSIM_EMBED_ENGINE": "spark"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    wiring = json.loads(line[len("RESULT"):])
+    wiring = json.loads(line[len("RESULT") :])
     assert wiring["branch"] == ["embed", "embed_spark", "embed_summary"]
-    assert wiring["summary_up"] == ["choose_embed_engine", "embed", "embed_spark",
-                                    "plan_shards"]
+    assert wiring["summary_up"] == ["choose_embed_engine", "embed", "embed_spark", "plan_shards"]
     assert wiring["summary_rule"] == "none_failed_min_one_success"
     assert wiring["fit_plan_up"] == ["embed_summary"]
     assert wiring["engine_param"] == ["tasks", "spark"]
-    assert wiring["engine_default"] == "spark"          # IMGSIM_EMBED_ENGINE sets the default
+    assert wiring["engine_default"] == "spark"  # IMGSIM_EMBED_ENGINE sets the default
 
 
 # The index DAG with the Spark engine, end to end, runs in tests/test_distributed.py (on a

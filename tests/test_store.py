@@ -60,14 +60,14 @@ def test_write_shard_then_read_back(layout: Layout) -> None:
     assert table.schema.field("vector").type.list_size == DIM
 
     ids, mat = store.load_vectors(layout, BACKBONE)
-    assert ids == ["a", "b", "c"]                   # sorted by id
+    assert ids == ["a", "b", "c"]  # sorted by id
     assert mat.dtype == np.float32
     np.testing.assert_array_equal(mat, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0.5]])
 
     ids, mat = store.load_vectors(layout, BACKBONE, ids={"c", "zzz"})
     assert ids == ["c"]
     np.testing.assert_array_equal(mat, [[0, 0, 1, 0.5]])
-    assert store.embedded_ids(layout, "resnet18") == set()      # other backbone: empty
+    assert store.embedded_ids(layout, "resnet18") == set()  # other backbone: empty
 
 
 def test_empty_store_and_empty_shard(layout: Layout) -> None:
@@ -85,16 +85,25 @@ def test_empty_store_and_empty_shard(layout: Layout) -> None:
     np.testing.assert_array_equal(mat, [[1, 2, 3, 4]])
 
 
-def test_newest_row_wins_by_embedded_at_not_file_order(layout: Layout,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_newest_row_wins_by_embedded_at_not_file_order(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(store, "datetime", FakeClock())
     # Written first (older), but its file name sorts last.
-    store.write_shard(layout, BACKBONE, "zz-run", 0,
-                      [("shared", vec(1, 1, 1, 1)), ("only-old", vec(2, 2, 2, 2))], DIM)
+    store.write_shard(
+        layout,
+        BACKBONE,
+        "zz-run",
+        0,
+        [("shared", vec(1, 1, 1, 1)), ("only-old", vec(2, 2, 2, 2))],
+        DIM,
+    )
     # Written second (newer), file name sorts first.
     store.write_shard(layout, BACKBONE, "aa-run", 0, [("shared", vec(9, 9, 9, 9))], DIM)
     assert [p.name for p in store.shard_files(layout, BACKBONE)] == [
-        "part-aa-run-00000.parquet", "part-zz-run-00000.parquet"]
+        "part-aa-run-00000.parquet",
+        "part-zz-run-00000.parquet",
+    ]
 
     ids, mat = store.load_vectors(layout, BACKBONE)
 
@@ -118,8 +127,9 @@ def test_newest_row_wins_with_real_clock(layout: Layout) -> None:
 
 
 def test_rewriting_a_shard_replaces_its_file(layout: Layout) -> None:
-    store.write_shard(layout, BACKBONE, "run1", 0, [("a", vec(1, 0, 0, 0)),
-                                                    ("b", vec(0, 1, 0, 0))], DIM)
+    store.write_shard(
+        layout, BACKBONE, "run1", 0, [("a", vec(1, 0, 0, 0)), ("b", vec(0, 1, 0, 0))], DIM
+    )
     # A retry of the same shard (b was quarantined this time).
     store.write_shard(layout, BACKBONE, "run1", 0, [("a", vec(0, 0, 0, 1))], DIM)
 
@@ -172,7 +182,7 @@ def test_quarantine_records_and_copies(layout: Layout, tmp_path: Path) -> None:
     assert rec.run_key == "run-1"
     copy = layout.quarantine / f"{iid}.jpg"
     assert copy.read_bytes() == b"not really a jpeg"
-    assert src.read_bytes() == b"not really a jpeg"          # the original is untouched
+    assert src.read_bytes() == b"not really a jpeg"  # the original is untouched
     on_disk = json.loads((layout.quarantine / f"{iid}.json").read_text())
     assert on_disk["reason"] == "decode_error"
     assert on_disk["detail"] == "cannot identify image"
@@ -197,10 +207,20 @@ def test_quarantine_missing_source_and_unreadable_records(layout: Layout, tmp_pa
 
 def test_catalog_round_trip(layout: Layout) -> None:
     assert store.read_catalog(layout) == []
-    row = {"image_id": "b", "path": "images/x/2.jpg", "source": "archive:x",
-           "file_name": "2.jpg", "class_id": None, "class_name": None, "size": 10,
-           "mtime_ns": 5, "first_seen": "2026-01-01", "last_seen": "2026-01-02",
-           "status": "live", "n_paths": 1}
+    row = {
+        "image_id": "b",
+        "path": "images/x/2.jpg",
+        "source": "archive:x",
+        "file_name": "2.jpg",
+        "class_id": None,
+        "class_name": None,
+        "size": 10,
+        "mtime_ns": 5,
+        "first_seen": "2026-01-01",
+        "last_seen": "2026-01-02",
+        "status": "live",
+        "n_paths": 1,
+    }
     store.write_catalog(layout, [row, dict(row, image_id="a", class_id=3, class_name="c3")])
 
     got = store.read_catalog(layout)

@@ -43,21 +43,24 @@ def brute_candidates(keys: np.ndarray, ref_h: np.ndarray) -> np.ndarray:
     mask = np.zeros(ref_h.shape[0], bool)
     for b in range(bands):
         for key in keys[b]:
-            mask |= (ref_h[:, b * kb:(b + 1) * kb] == key).all(axis=1)
+            mask |= (ref_h[:, b * kb : (b + 1) * kb] == key).all(axis=1)
     return mask
 
 
-def clustered(n: int = 600, dim: int = 32, clusters: int = 60, spread: float = 0.15,
-              seed: int = 3) -> np.ndarray:
+def clustered(
+    n: int = 600, dim: int = 32, clusters: int = 60, spread: float = 0.15, seed: int = 3
+) -> np.ndarray:
     """Unit vectors in tight, well separated clusters: near neighbours are easy to hash."""
     rng = np.random.default_rng(seed)
     centres = l2_normalize(rng.normal(size=(clusters, dim)))
-    x = centres[rng.integers(0, clusters, n)] + rng.normal(scale=spread / np.sqrt(dim),
-                                                           size=(n, dim))
+    x = centres[rng.integers(0, clusters, n)] + rng.normal(
+        scale=spread / np.sqrt(dim), size=(n, dim)
+    )
     return l2_normalize(x)
 
 
 # -- the tuner ---------------------------------------------------------------------------------
+
 
 def test_tuner_reaches_the_target_on_clustered_data_comparing_a_small_share() -> None:
     x = clustered()
@@ -66,7 +69,7 @@ def test_tuner_reaches_the_target_on_clustered_data_comparing_a_small_share() ->
 
     assert result.target_met is True
     assert result.choice.recall_at_k >= 0.95
-    assert result.choice.candidates_share < 0.5     # far from an exact search
+    assert result.choice.candidates_share < 0.5  # far from an exact search
     assert result.sample_size == 600 and result.queries == 100
     # The choice is the cheapest point reaching the target.
     reaching = [p for p in result.curve if p.recall_at_k >= 0.95]
@@ -79,19 +82,27 @@ def test_tuner_reaches_the_target_on_clustered_data_comparing_a_small_share() ->
 
 def test_curve_is_monotone_in_the_candidates_compared() -> None:
     x = clustered(n=400)
-    curve, _ = evaluate_grid(x, x[:50], exclude=np.arange(50), tables=(1, 2, 4, 8, 16),
-                             width_factors=(0.5, 2.0), keys_per_band=(1, 2), probes=(0, 1))
+    curve, _ = evaluate_grid(
+        x,
+        x[:50],
+        exclude=np.arange(50),
+        tables=(1, 2, 4, 8, 16),
+        width_factors=(0.5, 2.0),
+        keys_per_band=(1, 2),
+        probes=(0, 1),
+    )
 
     def family(p: CurvePoint) -> tuple[int, int, float]:
         return (p.config.keys_per_band, p.config.probes, p.width_factor)
 
-    for _, pts in itertools.groupby(sorted(curve, key=lambda p: (family(p), p.config.tables)),
-                                    key=family):
+    for _, pts in itertools.groupby(
+        sorted(curve, key=lambda p: (family(p), p.config.tables)), key=family
+    ):
         pts_l = list(pts)
         shares = [p.candidates_share for p in pts_l]
         recalls = [p.recall_at_k for p in pts_l]
-        assert shares == sorted(shares)                 # more bands, more candidates
-        assert recalls == sorted(recalls)               # ... and never less recall
+        assert shares == sorted(shares)  # more bands, more candidates
+        assert recalls == sorted(recalls)  # ... and never less recall
     front = pareto_front(curve)
     assert [p.candidates_share for p in front] == sorted(p.candidates_share for p in front)
     assert all(a.recall_at_k < b.recall_at_k for a, b in itertools.pairwise(front))
@@ -99,7 +110,7 @@ def test_curve_is_monotone_in_the_candidates_compared() -> None:
 
 def test_unreachable_target_falls_back_to_the_best_recall() -> None:
     rng = np.random.default_rng(0)
-    x = l2_normalize(rng.normal(size=(300, 64)))      # no structure at all
+    x = l2_normalize(rng.normal(size=(300, 64)))  # no structure at all
 
     result = tune(x, target=1.0, tables=(1,), width_factors=(0.05,), max_queries=50)
 
@@ -161,9 +172,16 @@ def test_tuner_recall_equals_the_numpy_twin_search() -> None:
     x = clustered(n=300, dim=16, spread=0.4)
     queries = np.arange(40)
     for kb, probes, factor, tables in [(1, 0, 0.5, 3), (2, 1, 1.0, 4), (3, 2, 2.0, 2)]:
-        curve, scale = evaluate_grid(x, x[queries], exclude=queries, tables=(tables,),
-                                     width_factors=(factor,), keys_per_band=(kb,),
-                                     probes=(probes,), seed=5)
+        curve, scale = evaluate_grid(
+            x,
+            x[queries],
+            exclude=queries,
+            tables=(tables,),
+            width_factors=(factor,),
+            keys_per_band=(kb,),
+            probes=(probes,),
+            seed=5,
+        )
         (point,) = curve
         params = BrpParams(random_unit_vectors(tables * kb, 16, 5), factor * scale)
         report = leave_one_out_recall(x, hash_vectors(params, x), queries, 5, params, kb, probes)
@@ -182,6 +200,7 @@ def test_exact_top_k_excludes_and_pads() -> None:
 
 # -- AND-amplified keys and multi-probe in the twin --------------------------------------------
 
+
 def test_one_key_per_band_without_probes_is_sparks_or_search() -> None:
     rng = np.random.default_rng(2)
     x = l2_normalize(rng.normal(size=(200, 12)))
@@ -191,28 +210,30 @@ def test_one_key_per_band_without_probes_is_sparks_or_search() -> None:
     assert keys.shape == (20, 6, 1, 1)
     np.testing.assert_array_equal(keys[:, :, 0, 0], ref_h[:20])
     mask = BandIndex.build(ref_h, 1).candidates(keys)
-    for i in range(20):                 # Spark: a shared bucket in any table
+    for i in range(20):  # Spark: a shared bucket in any table
         np.testing.assert_array_equal(mask[i], (ref_h == ref_h[i]).any(axis=1))
 
 
 def test_probe_keys_move_the_key_nearest_a_boundary_towards_it() -> None:
     # One band of 3 keys, w = 1, axis-aligned projections: projections = the coordinates.
     params = BrpParams(np.eye(3), 1.0)
-    q = np.array([[0.55, 2.97, -0.3]])    # fracs 0.55, 0.97, 0.7 -> boundary gaps .45 .03 .3
+    q = np.array([[0.55, 2.97, -0.3]])  # fracs 0.55, 0.97, 0.7 -> boundary gaps .45 .03 .3
 
     keys = probe_keys(params, q, keys_per_band=3, probes=3)[0, 0]
 
-    assert keys.tolist() == [[0, 2, -1],       # own bucket
-                             [0, 3, -1],       # 2.97 is 0.03 below 3: up
-                             [0, 2, 0],        # -0.3 is 0.3 below 0: up
-                             [1, 2, -1]]       # 0.55 is 0.45 below 1: up
+    assert keys.tolist() == [
+        [0, 2, -1],  # own bucket
+        [0, 3, -1],  # 2.97 is 0.03 below 3: up
+        [0, 2, 0],  # -0.3 is 0.3 below 0: up
+        [1, 2, -1],
+    ]  # 0.55 is 0.45 below 1: up
 
 
 def test_probe_direction_follows_the_nearer_boundary() -> None:
     params = BrpParams(np.eye(2), 1.0)
     keys = probe_keys(params, np.array([[0.2, 5.9]]), keys_per_band=1, probes=1)[0]
-    assert keys[0].tolist() == [[0], [-1]]      # 0.2 is nearer 0: down
-    assert keys[1].tolist() == [[5], [6]]       # 5.9 is nearer 6: up
+    assert keys[0].tolist() == [[0], [-1]]  # 0.2 is nearer 0: down
+    assert keys[1].tolist() == [[5], [6]]  # 5.9 is nearer 6: up
     with pytest.raises(AnnError, match="probes"):
         probe_keys(params, np.array([[0.2, 5.9]]), keys_per_band=1, probes=2)
     with pytest.raises(AnnError, match="bands"):
@@ -227,9 +248,9 @@ def test_and_narrows_and_probes_widen_the_candidates() -> None:
     or_mask = BandIndex.build(ref_h, 1).candidates(probe_keys(params, x[:30], 1, 0))
     and_mask = BandIndex.build(ref_h, 2).candidates(probe_keys(params, x[:30], 2, 0))
     probed = BandIndex.build(ref_h, 2).candidates(probe_keys(params, x[:30], 2, 2))
-    assert not (and_mask & ~or_mask).any()          # AND: subset of OR over the same keys
-    assert not (and_mask & ~probed).any()           # probes only add candidates
-    assert and_mask[np.arange(30), np.arange(30)].all()     # a vector always finds itself
+    assert not (and_mask & ~or_mask).any()  # AND: subset of OR over the same keys
+    assert not (and_mask & ~probed).any()  # probes only add candidates
+    assert and_mask[np.arange(30), np.arange(30)].all()  # a vector always finds itself
     assert or_mask[np.arange(30), np.arange(30)].all()
     with pytest.raises(AnnError, match="bands"):
         BandIndex.build(ref_h[:, :6], 2).candidates(probe_keys(params, x[0], 2, 0))
@@ -245,10 +266,11 @@ def test_in_process_lookup_follows_the_manifests_banding() -> None:
     ids = [f"id{i}" for i in range(120)]
 
     def model(lsh: dict[str, int]) -> LoadedModel:
-        return LoadedModel("v", {"lsh": lsh}, ids, x, hash_vectors(params, x), meta, params,
-                           scan=(1.0, 0))
+        return LoadedModel(
+            "v", {"lsh": lsh}, ids, x, hash_vectors(params, x), meta, params, scan=(1.0, 0)
+        )
 
-    assert banding({"lsh": {"numHashTables": 6}}) == (1, 0)        # manifests before banding
+    assert banding({"lsh": {"numHashTables": 6}}) == (1, 0)  # manifests before banding
     plain = lookup(model({"numHashTables": 6}), x[:10], 5)
     banded = lookup(model({"numHashTables": 6, "keys_per_band": 2, "probes": 1}), x[:10], 5)
     ref_h = hash_vectors(params, x)
@@ -292,12 +314,17 @@ def test_exact_top_k_orders_by_distance_then_index_with_ties() -> None:
 
 def test_band_index_compares_columns_where_a_band_cannot_be_packed() -> None:
     rng = np.random.default_rng(5)
-    ref_h = rng.integers(-2 ** 40, 2 ** 40, size=(300, 4))       # 2 keys spanning 2^41 each
-    ref_h[:100] = ref_h[0]                                         # a shared bucket
+    ref_h = rng.integers(-(2**40), 2**40, size=(300, 4))  # 2 keys spanning 2^41 each
+    ref_h[:100] = ref_h[0]  # a shared bucket
     index = BandIndex.build(ref_h, 2)
     assert index.bands[0] is None
-    keys = np.stack([ref_h[[0, 150, 299]].reshape(3, 2, 2)[:, :, None, :],
-                     rng.integers(-5, 5, size=(3, 2, 1, 2))], axis=2)[:, :, :, 0, :]
+    keys = np.stack(
+        [
+            ref_h[[0, 150, 299]].reshape(3, 2, 2)[:, :, None, :],
+            rng.integers(-5, 5, size=(3, 2, 1, 2)),
+        ],
+        axis=2,
+    )[:, :, :, 0, :]
     mask = index.candidates(keys)
     for i in range(3):
         np.testing.assert_array_equal(mask[i], brute_candidates(keys[i], ref_h))

@@ -40,8 +40,9 @@ class FakeUser:
         return "tester"
 
 
-def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48),
-              fmt: str = "PNG") -> bytes:
+def png_bytes(
+    colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 48), fmt: str = "PNG"
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format=fmt)
     return buf.getvalue()
@@ -55,14 +56,32 @@ def layout(tmp_path: Path) -> Layout:
 
 
 def publish_two_versions(layout: Layout) -> None:
-    extra = {"metrics": {"k": 5, "queries": 12, "recall_at_k": 0.9167,
-                         "candidates_share": 0.42, "label_hit_at_k": 0.75}}
+    extra = {
+        "metrics": {
+            "k": 5,
+            "queries": 12,
+            "recall_at_k": 0.9167,
+            "candidates_share": 0.42,
+            "label_hit_at_k": 0.75,
+        }
+    }
     build_version(layout.models, OLD, IDS, num_hash_tables=3, manifest_overrides=extra)
-    build_version(layout.models, NEW, IDS, num_hash_tables=6, bucket_length=0.25,
-                  manifest_overrides={
-                      **extra,
-                      "backbone": {"name": "random", "dim": 6, "weights": "random(seed=0)",
-                                   "weights_sha256": ""}})
+    build_version(
+        layout.models,
+        NEW,
+        IDS,
+        num_hash_tables=6,
+        bucket_length=0.25,
+        manifest_overrides={
+            **extra,
+            "backbone": {
+                "name": "random",
+                "dim": 6,
+                "weights": "random(seed=0)",
+                "weights_sha256": "",
+            },
+        },
+    )
     atomic_write_text(layout.current_pointer, NEW + "\n")
 
 
@@ -107,13 +126,20 @@ def test_the_settings_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 # -- authentication -----------------------------------------------------------------------------
 
-ROUTES = [("get", "/"), ("get", "/gallery"), ("get", "/search"),
-          ("get", f"/thumb/{IDS[0]}"), ("get", "/photo?path=x.jpg"), ("post", "/search")]
+ROUTES = [
+    ("get", "/"),
+    ("get", "/gallery"),
+    ("get", "/search"),
+    ("get", f"/thumb/{IDS[0]}"),
+    ("get", "/photo?path=x.jpg"),
+    ("post", "/search"),
+]
 
 
 @pytest.mark.parametrize(("method", "url"), ROUTES)
-def test_nothing_is_served_without_a_login(anonymous: TestClient, layout: Layout,
-                                           method: str, url: str) -> None:
+def test_nothing_is_served_without_a_login(
+    anonymous: TestClient, layout: Layout, method: str, url: str
+) -> None:
     publish_two_versions(layout)
     resp = getattr(anonymous, method)(url)
     assert resp.status_code == 401, resp.text
@@ -121,8 +147,9 @@ def test_nothing_is_served_without_a_login(anonymous: TestClient, layout: Layout
     assert NEW not in resp.text
 
 
-def test_a_browser_without_a_login_is_sent_to_the_login_page(anonymous: TestClient,
-                                                             layout: Layout) -> None:
+def test_a_browser_without_a_login_is_sent_to_the_login_page(
+    anonymous: TestClient, layout: Layout
+) -> None:
     resp = anonymous.get("/gallery", headers=HTML, follow_redirects=False)
     assert resp.status_code == 303
     assert resp.headers["location"].startswith("/auth/login?next=")
@@ -156,59 +183,68 @@ def test_no_api_docs_are_exposed(anonymous: TestClient) -> None:
 
 # -- model versions -----------------------------------------------------------------------------
 
+
 def test_versions_page_lists_the_published_versions_with_current_marked(
-        client: TestClient, layout: Layout) -> None:
+    client: TestClient, layout: Layout
+) -> None:
     publish_two_versions(layout)
     resp = client.get("/")
     assert resp.status_code == 200
     page = resp.text
-    assert page.index(NEW) < page.index(OLD)               # newest first
-    new_row = page[page.index(f'data-version="{NEW}"'):]
-    new_row = new_row[:new_row.index("</tr>")]
-    old_row = page[page.index(f'data-version="{OLD}"'):]
-    old_row = old_row[:old_row.index("</tr>")]
+    assert page.index(NEW) < page.index(OLD)  # newest first
+    new_row = page[page.index(f'data-version="{NEW}"') :]
+    new_row = new_row[: new_row.index("</tr>")]
+    old_row = page[page.index(f'data-version="{OLD}"') :]
+    old_row = old_row[: old_row.index("</tr>")]
     assert "CURRENT" in new_row and "CURRENT" not in old_row
     assert 'id="current-version">' + NEW in page
-    assert ">6 tables<" in new_row and ">3 tables<" in old_row   # numHashTables
-    assert "0.25" in new_row and "0.5" in old_row            # bucketLength
+    assert ">6 tables<" in new_row and ">3 tables<" in old_row  # numHashTables
+    assert "0.25" in new_row and "0.5" in old_row  # bucketLength
     assert "0.917" in new_row and "42%" in new_row and "0.750" in new_row
     assert "random 6-d" in new_row and "random(seed=0)" in new_row
-    assert ">12<" in new_row                                  # images indexed
+    assert ">12<" in new_row  # images indexed
     assert "2026-01-02 03:04:05" in new_row or "2026-01-02" in new_row
     assert "signed in as tester" in page
 
 
-def test_versions_page_shows_the_search_space_and_its_evaluation(client: TestClient,
-                                                                 layout: Layout) -> None:
+def test_versions_page_shows_the_search_space_and_its_evaluation(
+    client: TestClient, layout: Layout
+) -> None:
     publish_two_versions(layout)
     manifest = json.loads((layout.models / NEW / "manifest.json").read_text())
     manifest["projection"] = {
-        "kind": "lda", "dim": 1280, "dims": 195, "reason": "labels cover 100% <of> the refs",
+        "kind": "lda",
+        "dim": 1280,
+        "dims": 195,
+        "reason": "labels cover 100% <of> the refs",
         "coverage": {"images": 12, "labelled_images": 12, "share": 1.0, "classes": 3},
-        "params": {"shrinkage": 0.2, "cv_precision_at_k": 0.3467, "cv_baseline": "none 0.130"}}
+        "params": {"shrinkage": 0.2, "cv_precision_at_k": 0.3467, "cv_baseline": "none 0.130"},
+    }
     manifest["metrics"]["label_precision_at_k"] = 0.5
     (layout.models / NEW / "manifest.json").write_text(json.dumps(manifest))
     page = client.get("/").text
-    new_row = page[page.index(f'data-version="{NEW}"'):]
-    new_row = new_row[:new_row.index("</tr>")]
+    new_row = page[page.index(f'data-version="{NEW}"') :]
+    new_row = new_row[: new_row.index("</tr>")]
     assert "<b>lda</b> 1280&rarr;195-d" in new_row and "shrinkage 0.2" in new_row
     assert "CV precision@5 0.347 (vs none 0.130)" in new_row and "labels 100%" in new_row
-    assert 'title="labels cover 100% &lt;of&gt; the refs"' in new_row    # escaped
-    assert ">0.500<" in new_row                                          # label precision@k
-    old_row = page[page.index(f'data-version="{OLD}"'):]
-    assert '<td class="projection" title="a version without a projection">none</td>' in \
-        old_row[:old_row.index("</tr>")]
+    assert 'title="labels cover 100% &lt;of&gt; the refs"' in new_row  # escaped
+    assert ">0.500<" in new_row  # label precision@k
+    old_row = page[page.index(f'data-version="{OLD}"') :]
+    assert (
+        '<td class="projection" title="a version without a projection">none</td>'
+        in old_row[: old_row.index("</tr>")]
+    )
 
 
-def test_versions_page_without_a_model_says_what_to_do(client: TestClient,
-                                                       layout: Layout) -> None:
+def test_versions_page_without_a_model_says_what_to_do(client: TestClient, layout: Layout) -> None:
     resp = client.get("/")
     assert resp.status_code == 200
     assert 'id="no-versions"' in resp.text and "imgsim_index" in resp.text
 
 
-def test_a_broken_manifest_is_shown_without_hiding_the_others(client: TestClient,
-                                                              layout: Layout) -> None:
+def test_a_broken_manifest_is_shown_without_hiding_the_others(
+    client: TestClient, layout: Layout
+) -> None:
     publish_two_versions(layout)
     (layout.models / OLD / "manifest.json").write_text("{not json")
     resp = client.get("/")
@@ -217,8 +253,8 @@ def test_a_broken_manifest_is_shown_without_hiding_the_others(client: TestClient
 
 
 def versions_row(page: str, version: str) -> str:
-    row = page[page.rindex("<tr", 0, page.index(f'data-version="{version}"')):]
-    return row[:row.index("</tr>")]
+    row = page[page.rindex("<tr", 0, page.index(f'data-version="{version}"')) :]
+    return row[: row.index("</tr>")]
 
 
 def test_versions_page_marks_a_damaged_version(client: TestClient, layout: Layout) -> None:
@@ -227,15 +263,15 @@ def test_versions_page_marks_a_damaged_version(client: TestClient, layout: Layou
 
     publish_two_versions(layout)
     for v in (OLD, NEW):
-        models.record_checksums(layout.models / v)           # as models.publish does
+        models.record_checksums(layout.models / v)  # as models.publish does
     resp = client.get("/")
     assert 'data-files="ok (sizes)"' in versions_row(resp.text, NEW)
     assert "DAMAGED" not in resp.text and 'id="current-problem"' not in resp.text
 
     part = layout.models / OLD / "reference" / "part-0.parquet"
-    part.write_bytes(part.read_bytes()[:-1])                  # sizes tell at once
+    part.write_bytes(part.read_bytes()[:-1])  # sizes tell at once
     overwrite_middle(layout.models / NEW / "reference" / "part-0.parquet")
-    models.check_version(layout, NEW, hashes=True)           # as `imgsim versions --verify`
+    models.check_version(layout, NEW, hashes=True)  # as `imgsim versions --verify`
     page = client.get("/").text
     old, new = versions_row(page, OLD), versions_row(page, NEW)
     assert 'class="version damaged"' in old and ">DAMAGED<" in old
@@ -245,17 +281,20 @@ def test_versions_page_marks_a_damaged_version(client: TestClient, layout: Layou
 
 
 def test_versions_page_says_when_current_names_a_missing_version(
-        client: TestClient, layout: Layout) -> None:
+    client: TestClient, layout: Layout
+) -> None:
     publish_two_versions(layout)
     atomic_write_text(layout.current_pointer, "v20990101T000000Z-cccccc\n")
     page = client.get("/").text
     assert 'id="current-problem"' in page and "v20990101T000000Z-cccccc" in page
-    assert 'data-files="not recorded"' in versions_row(page, NEW)   # older versions: no check
+    assert 'data-files="not recorded"' in versions_row(page, NEW)  # older versions: no check
 
 
 def test_an_upload_to_a_damaged_current_version_is_refused_clearly(
-        client: TestClient, layout: Layout) -> None:
+    client: TestClient, layout: Layout
+) -> None:
     from imgsim.versions import models
+
     publish_two_versions(layout)
     models.record_checksums(layout.models / NEW)
     part = layout.models / NEW / "reference" / "part-0.parquet"
@@ -267,6 +306,7 @@ def test_an_upload_to_a_damaged_current_version_is_refused_clearly(
 
 # -- gallery and pictures -----------------------------------------------------------------------
 
+
 def write_results(layout: Layout, run: str) -> dict[str, Any]:
     query_copy = layout.queries / "processed" / run / "q1.png"
     query_copy.parent.mkdir(parents=True)
@@ -275,25 +315,47 @@ def write_results(layout: Layout, run: str) -> dict[str, Any]:
     for iid in IDS[:3]:
         (layout.thumbs / f"{iid}.jpg").write_bytes(png_bytes((10, 200, 10), fmt="JPEG"))
     results = {
-        "run_id": f"manual__{run}", "model_version": NEW, "k": 3,
+        "run_id": f"manual__{run}",
+        "model_version": NEW,
+        "k": 3,
         "created_at": "2026-01-02T00:00:00+00:00",
         "queries": [
-            {"query_name": "q1.png", "query_path": str(layout.queries / "inbox" / "q1.png"),
-             "query_copy": str(query_copy), "status": "answered", "query_id": "1" * 64,
-             "neighbours": [{"rank": r + 1, "image_id": IDS[r], "path": f"images/{r}.jpg",
-                             "class_id": r, "class_name": f"Class <{r}>",
-                             "distance": 0.1 * (r + 1)} for r in range(3)],
-             "note": None},
-            {"query_name": "broken.jpg", "query_path": "/elsewhere/broken.jpg",
-             "status": "rejected", "reason": "not_an_image",
-             "detail": "not a recognised image format", "neighbours": []},
-        ]}
+            {
+                "query_name": "q1.png",
+                "query_path": str(layout.queries / "inbox" / "q1.png"),
+                "query_copy": str(query_copy),
+                "status": "answered",
+                "query_id": "1" * 64,
+                "neighbours": [
+                    {
+                        "rank": r + 1,
+                        "image_id": IDS[r],
+                        "path": f"images/{r}.jpg",
+                        "class_id": r,
+                        "class_name": f"Class <{r}>",
+                        "distance": 0.1 * (r + 1),
+                    }
+                    for r in range(3)
+                ],
+                "note": None,
+            },
+            {
+                "query_name": "broken.jpg",
+                "query_path": "/elsewhere/broken.jpg",
+                "status": "rejected",
+                "reason": "not_an_image",
+                "detail": "not a recognised image format",
+                "neighbours": [],
+            },
+        ],
+    }
     atomic_write_json(layout.queries / "results" / run / "results.json", results)
     return results
 
 
 def test_gallery_shows_the_latest_run_with_neighbours_classes_and_distances(
-        client: TestClient, layout: Layout) -> None:
+    client: TestClient, layout: Layout
+) -> None:
     publish_two_versions(layout)
     write_results(layout, "manual__2026-01-01")
     latest = "manual__2026-01-02"
@@ -304,13 +366,13 @@ def test_gallery_shows_the_latest_run_with_neighbours_classes_and_distances(
     page = resp.text
     assert f'id="run-id">manual__{latest}<' in page
     assert page.count('class="neighbour"') == 3
-    assert "Class &lt;0&gt;" in page and "<0>" not in page       # escaped
+    assert "Class &lt;0&gt;" in page and "<0>" not in page  # escaped
     assert "0.1000" in page and "0.3000" in page
     assert "rejected: not_an_image" in page
     for iid in IDS[:3]:
         assert f"thumb/{iid}" in page
-    assert "photo?path=queries%2Fprocessed%2F" in page            # the query's copy
-    assert "manual__2026-01-01" in page                            # listed as an older run
+    assert "photo?path=queries%2Fprocessed%2F" in page  # the query's copy
+    assert "manual__2026-01-01" in page  # listed as an older run
 
     older = client.get("/gallery", params={"run": "manual__2026-01-01"})
     assert older.status_code == 200 and 'id="run-id">manual__manual__2026-01-01<' in older.text
@@ -318,8 +380,7 @@ def test_gallery_shows_the_latest_run_with_neighbours_classes_and_distances(
         assert client.get("/gallery", params={"run": bad}).status_code == 404
 
 
-def test_gallery_without_results_says_how_to_get_some(client: TestClient,
-                                                      layout: Layout) -> None:
+def test_gallery_without_results_says_how_to_get_some(client: TestClient, layout: Layout) -> None:
     resp = client.get("/gallery")
     assert resp.status_code == 200 and 'id="no-results"' in resp.text
 
@@ -336,8 +397,9 @@ def test_pictures_are_served(client: TestClient, layout: Layout) -> None:
     assert absolute.status_code == 200
 
 
-def test_no_file_outside_the_data_root_is_served(client: TestClient, layout: Layout,
-                                                 tmp_path: Path) -> None:
+def test_no_file_outside_the_data_root_is_served(
+    client: TestClient, layout: Layout, tmp_path: Path
+) -> None:
     secret = tmp_path / "secret.png"
     secret.write_bytes(png_bytes())
     (layout.root / "link.png").symlink_to(secret)
@@ -347,21 +409,27 @@ def test_no_file_outside_the_data_root_is_served(client: TestClient, layout: Lay
         str(secret): 403,
         "../../../../../../etc/passwd": 403,
         "/etc/passwd": 403,
-        "link.png": 403,                      # a symlink pointing outside
+        "link.png": 403,  # a symlink pointing outside
         "queries/../../secret.png": 403,
-        "notes.txt": 415,                     # inside, but only pictures leave the server
+        "notes.txt": 415,  # inside, but only pictures leave the server
         "nothing-here.jpg": 404,
     }
     for path, status in refused.items():
         resp = client.get("/photo", params={"path": path})
         assert resp.status_code == status, (path, resp.status_code, resp.text)
         assert resp.headers["content-type"] != "image/jpeg"
-    for url in ("/thumb/..%2F..%2Fsecret.png", "/thumb/../../etc/passwd",
-                "/thumb/" + "A" * 64, f"/thumb/{IDS[5]}", "/thumb/%2Fetc%2Fpasswd"):
+    for url in (
+        "/thumb/..%2F..%2Fsecret.png",
+        "/thumb/../../etc/passwd",
+        "/thumb/" + "A" * 64,
+        f"/thumb/{IDS[5]}",
+        "/thumb/%2Fetc%2Fpasswd",
+    ):
         assert client.get(url).status_code == 404, url
 
 
 # -- upload -------------------------------------------------------------------------------------
+
 
 def uploads(layout: Layout) -> list[Path]:
     d = layout.queries / "uploads"
@@ -375,25 +443,31 @@ def test_search_page_has_the_upload_form(client: TestClient, layout: Layout) -> 
     assert 'enctype="multipart/form-data"' in resp.text and NEW in resp.text
 
 
-@pytest.mark.parametrize(("content", "status", "message"), [
-    (b"%PDF-1.4 this is a document, not a photo\n" * 20, 415, "is not an image"),
-    (b"", 400, "is empty"),
-    (png_bytes(fmt="GIF"), 415, "is a GIF image; upload a JPEG, PNG or WebP"),
-])
+@pytest.mark.parametrize(
+    ("content", "status", "message"),
+    [
+        (b"%PDF-1.4 this is a document, not a photo\n" * 20, 415, "is not an image"),
+        (b"", 400, "is empty"),
+        (png_bytes(fmt="GIF"), 415, "is a GIF image; upload a JPEG, PNG or WebP"),
+    ],
+)
 def test_an_upload_that_is_not_a_usable_image_gets_a_clear_error(
-        client: TestClient, layout: Layout, content: bytes, status: int, message: str) -> None:
+    client: TestClient, layout: Layout, content: bytes, status: int, message: str
+) -> None:
     publish_two_versions(layout)
-    resp = client.post("/search", files={"image": ("notes.jpg", content, "image/jpeg")},
-                       data={"k": "3"})
+    resp = client.post(
+        "/search", files={"image": ("notes.jpg", content, "image/jpeg")}, data={"k": "3"}
+    )
     assert resp.status_code == status
     assert 'id="error"' in resp.text and message in resp.text
     assert "notes.jpg" in resp.text
-    assert 'id="upload-form"' in resp.text                     # the form is offered again
+    assert 'id="upload-form"' in resp.text  # the form is offered again
     assert uploads(layout) == []
 
 
-def test_an_upload_over_the_size_limit_is_refused(client: TestClient, layout: Layout,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_upload_over_the_size_limit_is_refused(
+    client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     publish_two_versions(layout)
     monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 1000)
     big = png_bytes(size=(400, 400)) + b"\0" * 5000
@@ -425,10 +499,20 @@ def _post_raw(body_chunks: list[bytes], content_length: int | None) -> tuple[int
     headers = [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"host", b"test")]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/search", "raw_path": b"/search",
-             "root_path": "", "query_string": b"", "headers": headers,
-             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/search",
+        "raw_path": b"/search",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
     asyncio.run(webui.app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -436,29 +520,33 @@ def _post_raw(body_chunks: list[bytes], content_length: int | None) -> tuple[int
 
 
 def _multipart_chunks(total: int, chunk: int = 64 * 1024) -> list[bytes]:
-    head = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="huge.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n")
+    head = (
+        b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="huge.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    )
     payload = b"\0" * total
-    return [head] + [payload[i:i + chunk] for i in range(0, total, chunk)] + [b"\r\n--xyz--\r\n"]
+    return [head] + [payload[i : i + chunk] for i in range(0, total, chunk)] + [b"\r\n--xyz--\r\n"]
 
 
 def test_an_upload_declared_too_large_is_refused_before_its_body_is_read(
-        client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regression: the limit used to be checked after FastAPI had spooled the whole body."""
     publish_two_versions(layout)
     monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 100_000)
     chunks = _multipart_chunks(2_000_000)
     status, pulled, body = _post_raw(chunks, sum(map(len, chunks)))
     assert status == 413 and b"limit" in body
-    assert pulled == 0                                         # not one byte of the body read
+    assert pulled == 0  # not one byte of the body read
     assert uploads(layout) == []
 
 
-def test_a_chunked_upload_is_cut_off_at_the_limit(client: TestClient, layout: Layout,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_chunked_upload_is_cut_off_at_the_limit(
+    client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     publish_two_versions(layout)
     monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 100_000)
-    chunks = _multipart_chunks(5_000_000)                      # no Content-Length: chunked
+    chunks = _multipart_chunks(5_000_000)  # no Content-Length: chunked
     status, pulled, body = _post_raw(chunks, None)
     assert status == 413 and b"limit" in body
     # 100 kB + 64 kB of form overhead: the app stops reading a chunk past the limit
@@ -466,16 +554,18 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(client: TestClient, layout: La
     assert uploads(layout) == []
 
 
-def test_a_chunked_upload_through_the_client_is_refused(client: TestClient, layout: Layout,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_chunked_upload_through_the_client_is_refused(
+    client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     publish_two_versions(layout)
     monkeypatch.setattr(webui, "MAX_UPLOAD_BYTES", 100_000)
 
     def body() -> Iterator[bytes]:
         yield from _multipart_chunks(3_000_000)
 
-    resp = client.post("/search", content=body(),
-                       headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    resp = client.post(
+        "/search", content=body(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
     assert resp.status_code == 413 and "limit" in resp.text
     assert uploads(layout) == []
 
@@ -483,18 +573,18 @@ def test_a_chunked_upload_through_the_client_is_refused(client: TestClient, layo
 def test_a_small_chunked_upload_still_works(client: TestClient, layout: Layout) -> None:
     publish_two_versions(layout)
     status, _, body = _post_raw(_multipart_chunks(10), None)
-    assert status != 413                                      # reaches the endpoint (not an image)
+    assert status != 413  # reaches the endpoint (not an image)
     assert b"not an image" in body
 
 
-def test_an_upload_without_a_model_says_to_build_one(client: TestClient,
-                                                     layout: Layout) -> None:
+def test_an_upload_without_a_model_says_to_build_one(client: TestClient, layout: Layout) -> None:
     resp = client.post("/search", files={"image": ("car.png", png_bytes(), "image/png")})
     assert resp.status_code == 409 and "imgsim_index" in resp.text
 
 
 def test_an_upload_is_saved_and_answered_by_the_current_version(
-        client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The lookup path of the upload, with the CNN replaced by a known vector."""
     import imgsim.query.lookup as lookup_mod
 
@@ -514,46 +604,56 @@ def test_an_upload_is_saved_and_answered_by_the_current_version(
     monkeypatch.setattr(lookup_mod, "load_query_backbone", fake_backbone)
     monkeypatch.setattr(lookup_mod, "embed_files", fake_embed)
     data = png_bytes((1, 2, 3))
-    resp = client.post("/search", files={"image": ("my car.png", data, "image/png")},
-                       data={"k": "3"})
+    resp = client.post(
+        "/search", files={"image": ("my car.png", data, "image/png")}, data={"k": "3"}
+    )
     assert resp.status_code == 200, resp.text
     saved = layout.queries / "uploads" / f"{sha256_bytes(data)}.png"
     assert uploads(layout) == [saved] and saved.read_bytes() == data
     assert calls == {"backbone": NEW, "paths": [saved]}
     page = resp.text
     assert f'id="answer-version">{NEW}<' in page
-    answer = page[page.index('id="answer"'):]
+    answer = page[page.index('id="answer"') :]
     assert answer.count('class="neighbour"') >= 1
     assert f"thumb/{IDS[4]}" in answer or model.ids[4][:12] in answer
-    assert "0.0000" in answer                                   # the same vector, distance 0
+    assert "0.0000" in answer  # the same vector, distance 0
     assert f"photo?path=queries%2Fuploads%2F{sha256_bytes(data)}.png" in page
 
     again = client.post("/search", files={"image": ("again.png", data, "image/png")})
-    assert again.status_code == 200 and uploads(layout) == [saved]   # same bytes, same file
+    assert again.status_code == 200 and uploads(layout) == [saved]  # same bytes, same file
 
 
-def test_an_upload_the_backbone_rejects_is_reported(client: TestClient, layout: Layout,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_upload_the_backbone_rejects_is_reported(
+    client: TestClient, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import imgsim.query.lookup as lookup_mod
     from imgsim.embedding.infer import Rejected
 
     publish_two_versions(layout)
     monkeypatch.setattr(lookup_mod, "load_query_backbone", lambda m, **kw: "backbone")
-    monkeypatch.setattr(lookup_mod, "embed_files", lambda b, paths, **kw: (
-        {}, {str(p): Rejected(str(p), p, "too_small", "4x4 is below 8x8 pixels")
-             for p in paths}))
-    resp = client.post("/search", files={"image": ("tiny.png", png_bytes(size=(4, 4)),
-                                                   "image/png")})
+    monkeypatch.setattr(
+        lookup_mod,
+        "embed_files",
+        lambda b, paths, **kw: (
+            {},
+            {str(p): Rejected(str(p), p, "too_small", "4x4 is below 8x8 pixels") for p in paths},
+        ),
+    )
+    resp = client.post(
+        "/search", files={"image": ("tiny.png", png_bytes(size=(4, 4)), "image/png")}
+    )
     assert resp.status_code == 422 and "too_small" in resp.text
 
 
 # -- the plugin ---------------------------------------------------------------------------------
 
+
 def test_the_plugin_mounts_the_app_and_adds_menu_entries() -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "imgsim_plugin_under_test", PROJECT_ROOT / "plugins" / "imgsim_plugin.py")
+        "imgsim_plugin_under_test", PROJECT_ROOT / "plugins" / "imgsim_plugin.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -563,16 +663,21 @@ def test_the_plugin_mounts_the_app_and_adds_menu_entries() -> None:
     assert mounted["app"] is webui.app and mounted["url_prefix"] == "/imgsim"
     hrefs = {v["href"] for v in plugin.external_views}
     assert hrefs == {"imgsim/", "imgsim/gallery", "imgsim/search"}
-    assert all(not h.startswith("/") for h in hrefs)            # relative to the UI's base
+    assert all(not h.startswith("/") for h in hrefs)  # relative to the UI's base
     assert len({v["url_route"] for v in plugin.external_views}) == 3
 
 
 def test_importing_the_plugin_loads_no_torch_pil_or_pyspark() -> None:
-    code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
-            "import json; print(json.dumps(sorted(m for m in ('torch', 'PIL', 'pyspark', "
-            "'pyarrow', 'timm') if m in sys.modules)))")
-    proc = subprocess.run([sys.executable, "-c", code,
-                           str(PROJECT_ROOT / "plugins" / "imgsim_plugin.py")],
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]); "
+        "import json; print(json.dumps(sorted(m for m in ('torch', 'PIL', 'pyspark', "
+        "'pyarrow', 'timm') if m in sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(PROJECT_ROOT / "plugins" / "imgsim_plugin.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

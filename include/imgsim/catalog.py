@@ -40,7 +40,7 @@ class LabelCoverageError(ValueError):
 class Source:
     """A folder of reference images and the labels that go with it."""
 
-    name: str                       # "archive:<folder>" or "incoming:<date>"
+    name: str  # "archive:<folder>" or "incoming:<date>"
     root: Path
     labels: Mapping[str, LabelRecord] = field(default_factory=dict)
 
@@ -48,18 +48,24 @@ class Source:
 @dataclass(frozen=True)
 class CatalogDiff:
     live: int
-    new_images: int                 # ids first seen this run
-    gone: int                       # ids that went from live to gone this run
-    changed_paths: int              # files whose bytes changed at the same path
-    unlabelled: int                 # live images without a class
+    new_images: int  # ids first seen this run
+    gone: int  # ids that went from live to gone this run
+    changed_paths: int  # files whose bytes changed at the same path
+    unlabelled: int  # live images without a class
     to_embed: list[dict[str, str]]  # [{"image_id", "path"}], sorted by id
     quarantined_skipped: int
     label_coverage: dict[str, Any] = field(default_factory=dict)  # see label_coverage()
 
     def summary(self) -> dict[str, int]:
-        return {"live": self.live, "new_images": self.new_images, "gone": self.gone,
-                "changed_paths": self.changed_paths, "unlabelled": self.unlabelled,
-                "to_embed": len(self.to_embed), "quarantined_skipped": self.quarantined_skipped}
+        return {
+            "live": self.live,
+            "new_images": self.new_images,
+            "gone": self.gone,
+            "changed_paths": self.changed_paths,
+            "unlabelled": self.unlabelled,
+            "to_embed": len(self.to_embed),
+            "quarantined_skipped": self.quarantined_skipped,
+        }
 
 
 def incoming_source(layout: Layout, day: str) -> Source | None:
@@ -88,43 +94,63 @@ def label_coverage(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """
     live = [r for r in rows if r.get("status", LIVE) == LIVE]
     labelled = [r for r in live if r.get("class_id") is not None]
-    return {"labelled_images": len(labelled), "images": len(live),
-            "classes": len({r["class_id"] for r in labelled}),
-            "share": round(len(labelled) / len(live), 4) if live else 0.0}
+    return {
+        "labelled_images": len(labelled),
+        "images": len(live),
+        "classes": len({r["class_id"] for r in labelled}),
+        "share": round(len(labelled) / len(live), 4) if live else 0.0,
+    }
 
 
-def check_label_coverage(match: LabelMatch, minimum: float, labels_name: str,
-                         images_name: str) -> dict[str, Any]:
+def check_label_coverage(
+    match: LabelMatch, minimum: float, labels_name: str, images_name: str
+) -> dict[str, Any]:
     """Coverage of one source by its labels; LabelCoverageError when under ``minimum``.
 
     ``minimum`` 0 never fails. The message shows example names from both sides and the fix.
     """
     share = len(match.labels) / match.images if match.images else 0.0
-    coverage = {"labelled_images": len(match.labels), "images": match.images,
-                "classes": len({r.class_id for r in match.labels.values()}),
-                "share": round(share, 4)}
+    coverage = {
+        "labelled_images": len(match.labels),
+        "images": match.images,
+        "classes": len({r.class_id for r in match.labels.values()}),
+        "share": round(share, 4),
+    }
     if minimum <= 0 or not match.images or share >= minimum:
         return coverage
 
     def show(names: list[str]) -> str:
         return ", ".join(names[:EXAMPLES]) + (", ..." if len(names) > EXAMPLES else "")
 
-    lines = [f"the labels {labels_name} match {len(match.labels)} of the {match.images} images "
-             f"in {images_name} ({share:.0%}; at least {minimum:.0%} required).",
-             f"  images without a label, e.g.: {show(match.unmatched)}",
-             f"  label names without an image, e.g.: {show(match.unused)}"]
+    lines = [
+        f"the labels {labels_name} match {len(match.labels)} of the {match.images} images "
+        f"in {images_name} ({share:.0%}; at least {minimum:.0%} required).",
+        f"  images without a label, e.g.: {show(match.unmatched)}",
+        f"  label names without an image, e.g.: {show(match.unused)}",
+    ]
     if match.ambiguous:
-        lines.append(f"  {len(match.ambiguous)} label name(s) fit several images (one file name "
-                     f"in several folders), so they label none: {show(match.ambiguous)}")
-    raise LabelCoverageError("\n".join(lines) + "\n" +
-        "Fix: give the labels file that belongs to these images (IMGSIM_LABELS_URL or the Param "
+        lines.append(
+            f"  {len(match.ambiguous)} label name(s) fit several images (one file name "
+            f"in several folders), so they label none: {show(match.ambiguous)}"
+        )
+    raise LabelCoverageError(
+        "\n".join(lines)
+        + "\n"
+        + "Fix: give the labels file that belongs to these images (IMGSIM_LABELS_URL or the Param "
         "labels_url), e.g. the Kaggle CSV whose 'image' column names the cars_train files, with "
         "the class names from IMGSIM_CLASS_NAMES_URL (cars_meta.mat or names.csv); or index "
-        "without labels by setting IMGSIM_MIN_LABEL_COVERAGE=0 (Param min_label_coverage).")
+        "without labels by setting IMGSIM_MIN_LABEL_COVERAGE=0 (Param min_label_coverage)."
+    )
 
 
-def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
-                   backbone: str, *, full_rebuild: bool = False) -> CatalogDiff:
+def update_catalog(
+    layout: Layout,
+    sources: Iterable[Source],
+    run_date: str,
+    backbone: str,
+    *,
+    full_rebuild: bool = False,
+) -> CatalogDiff:
     """Scan ``sources``, update the catalog atomically and return what must be embedded.
 
     Runs under an exclusive lock on the catalog, so two runs at once cannot lose an update.
@@ -137,8 +163,9 @@ def update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
         return _update_catalog(layout, sources, run_date, backbone, full_rebuild)
 
 
-def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
-                    backbone: str, full_rebuild: bool) -> CatalogDiff:
+def _update_catalog(
+    layout: Layout, sources: Iterable[Source], run_date: str, backbone: str, full_rebuild: bool
+) -> CatalogDiff:
     previous = read_catalog(layout)
     # Only live rows vouch for a path's bytes: a gone row may share its path with the live row
     # of the file that replaced it.
@@ -146,7 +173,7 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
     prev_status = {r["image_id"]: r["status"] for r in previous}
     prev_first_seen = {r["image_id"]: r["first_seen"] for r in previous}
 
-    rows: dict[str, dict[str, Any]] = {}       # image_id -> row
+    rows: dict[str, dict[str, Any]] = {}  # image_id -> row
     changed = 0
     seen_paths: set[str] = set()
 
@@ -163,18 +190,25 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
             if old is not None and old["image_id"] != image_id:
                 changed += 1
         row = rows.get(image_id)
-        if row is not None:             # the same bytes at several paths: one image
+        if row is not None:  # the same bytes at several paths: one image
             row["n_paths"] += 1
             if row["class_id"] is None and label is not None:
                 row["class_id"], row["class_name"] = label.class_id, label.class_name
             return image_id
         first_seen = prev_first_seen.get(image_id, run_date)
         rows[image_id] = {
-            "image_id": image_id, "path": rel, "source": source, "file_name": path.name,
+            "image_id": image_id,
+            "path": rel,
+            "source": source,
+            "file_name": path.name,
             "class_id": label.class_id if label else None,
             "class_name": label.class_name if label else None,
-            "size": st.st_size, "mtime_ns": st.st_mtime_ns, "first_seen": first_seen,
-            "last_seen": run_date, "status": LIVE, "n_paths": 1,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "first_seen": first_seen,
+            "last_seen": run_date,
+            "status": LIVE,
+            "n_paths": 1,
         }
         return image_id
 
@@ -206,23 +240,31 @@ def _update_catalog(layout: Layout, sources: Iterable[Source], run_date: str,
         gone_row = dict(old, status=GONE)
         rows.setdefault(old["image_id"], gone_row)
 
-    gone_now = sum(1 for iid, r in rows.items()
-                   if r["status"] == GONE and prev_status.get(iid) == LIVE)
+    gone_now = sum(
+        1 for iid, r in rows.items() if r["status"] == GONE and prev_status.get(iid) == LIVE
+    )
     new_now = sum(1 for iid in rows if iid not in prev_status)
     write_catalog(layout, rows.values())
 
     live = {iid: r for iid, r in rows.items() if r["status"] == LIVE}
     have = set() if full_rebuild else embedded_ids(layout, backbone)
     bad = quarantined_ids(layout)
-    to_embed = [{"image_id": iid, "path": live[iid]["path"]}
-                for iid in sorted(live) if iid not in have and iid not in bad]
+    to_embed = [
+        {"image_id": iid, "path": live[iid]["path"]}
+        for iid in sorted(live)
+        if iid not in have and iid not in bad
+    ]
     diff = CatalogDiff(
-        live=len(live), new_images=new_now, gone=gone_now, changed_paths=changed,
-        unlabelled=sum(1 for r in live.values() if r["class_id"] is None), to_embed=to_embed,
+        live=len(live),
+        new_images=new_now,
+        gone=gone_now,
+        changed_paths=changed,
+        unlabelled=sum(1 for r in live.values() if r["class_id"] is None),
+        to_embed=to_embed,
         quarantined_skipped=sum(1 for iid in live if iid in bad),
-        label_coverage=label_coverage(live.values()))
-    log.info("catalog for %s: %s; label coverage %s", run_date, diff.summary(),
-             diff.label_coverage)
+        label_coverage=label_coverage(live.values()),
+    )
+    log.info("catalog for %s: %s; label coverage %s", run_date, diff.summary(), diff.label_coverage)
     return diff
 
 

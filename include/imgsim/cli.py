@@ -52,16 +52,20 @@ def cmd_versions(args: argparse.Namespace) -> int:
     if not versions:
         print(f"no published versions under {layout.models}")
     else:
-        print(f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
-              f"{'search space':<22}{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}  files")
+        print(
+            f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
+            f"{'search space':<22}{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}  files"
+        )
     for v in reversed(versions):
         integrity = check_version(layout, v, hashes=args.verify)
         try:
             m = read_manifest(layout, v)
-            row = (f"{m['created_at'][:19]:<21}{m['counts']['indexed']:>8}  "
-                   f"{m['backbone'].get('name', '?'):<20}"
-                   f"{describe_projection(m.get('projection')):<22}{describe_lsh(m['lsh']):<34}"
-                   f"{m['lsh']['bucketLength']:>9.4g}{m['metrics']['recall_at_k']:>10.3f}")
+            row = (
+                f"{m['created_at'][:19]:<21}{m['counts']['indexed']:>8}  "
+                f"{m['backbone'].get('name', '?'):<20}"
+                f"{describe_projection(m.get('projection')):<22}{describe_lsh(m['lsh']):<34}"
+                f"{m['lsh']['bucketLength']:>9.4g}{m['metrics']['recall_at_k']:>10.3f}"
+            )
         except (VersionDamaged, LookupError, KeyError, TypeError, ValueError) as exc:
             row = f"{'manifest unreadable: ' + str(exc)[:80]:<124}"
         print(f"{'*' if v == current else ' ':2}{v:<26}{row}  {integrity.status}")
@@ -70,21 +74,29 @@ def cmd_versions(args: argparse.Namespace) -> int:
         if integrity.problems:
             damaged.append(v)
     if versions:
-        print("\n* = CURRENT; files: sizes (with --verify also sha256) against those recorded "
-              "at publish")
+        print(
+            "\n* = CURRENT; files: sizes (with --verify also sha256) against those recorded "
+            "at publish"
+        )
     ok = not damaged
     if current is None:
         if versions:
-            print(f"CURRENT is not set ({layout.current_pointer} is missing or empty); "
-                  "`imgsim rollback VERSION` sets it")
+            print(
+                f"CURRENT is not set ({layout.current_pointer} is missing or empty); "
+                "`imgsim rollback VERSION` sets it"
+            )
             ok = False
     elif current not in versions:
-        print(f"CURRENT names {current}, which is not a published version under {layout.models}"
-              "; point it at one with `imgsim rollback VERSION`")
+        print(
+            f"CURRENT names {current}, which is not a published version under {layout.models}"
+            "; point it at one with `imgsim rollback VERSION`"
+        )
         ok = False
     if damaged:
-        print(f"damaged: {', '.join(damaged)}; `imgsim rollback VERSION` makes an intact "
-              "version CURRENT")
+        print(
+            f"damaged: {', '.join(damaged)}; `imgsim rollback VERSION` makes an intact "
+            "version CURRENT"
+        )
     return 0 if ok else 1
 
 
@@ -121,10 +133,16 @@ def cmd_query(args: argparse.Namespace) -> int:
     for p in paths:
         key = str(p)
         entry: dict[str, Any] = {
-            "query_name": p.name, "query_path": str(p.absolute()), "source": "cli",
+            "query_name": p.name,
+            "query_path": str(p.absolute()),
+            "source": "cli",
             "query_id": sha256_file(p) if p.is_file() else None,
-            "model_version": model.version, "neighbours": [], "note": None,
-            "reason": None, "detail": None}
+            "model_version": model.version,
+            "neighbours": [],
+            "note": None,
+            "reason": None,
+            "detail": None,
+        }
         if key in missing:
             entry.update(status="rejected", reason="missing", detail=f"{p} is not a file")
         elif not isinstance(found[key], Answer):
@@ -132,12 +150,20 @@ def cmd_query(args: argparse.Namespace) -> int:
         else:
             entry.update(found[key].fields(args.k, searcher.indexed))
         queries.append(entry)
-    results = {"run_id": run_id, "model_version": model.version, "k": args.k,
-               "created_at": stamp.isoformat(), "engine": "local", "queries": queries}
+    results = {
+        "run_id": run_id,
+        "model_version": model.version,
+        "k": args.k,
+        "created_at": stamp.isoformat(),
+        "engine": "local",
+        "queries": queries,
+    }
     out = Path(args.out) if args.out else layout.queries / "results" / run_id
     files = write_results(out, results, layout)
-    print(f"model version {model.version} ({model.manifest['backbone']['name']}, "
-          f"{len(model.ids)} reference images), k={args.k}")
+    print(
+        f"model version {model.version} ({model.manifest['backbone']['name']}, "
+        f"{len(model.ids)} reference images), k={args.k}"
+    )
     for q in queries:
         print(f"\n{q['query_name']}")
         if q["status"] != "answered":
@@ -145,8 +171,10 @@ def cmd_query(args: argparse.Namespace) -> int:
             continue
         print(f"  {'rank':>4}  {'distance':>8}  {'class':<36} image")
         for n in q["neighbours"]:
-            print(f"  {n['rank']:>4}  {n['distance']:>8.4f}  "
-                  f"{(n['class_name'] or '-')[:36]:<36} {n['path']}")
+            print(
+                f"  {n['rank']:>4}  {n['distance']:>8.4f}  "
+                f"{(n['class_name'] or '-')[:36]:<36} {n['path']}"
+            )
         if q["note"]:
             print(f"  note: {q['note']}")
     print(f"\ncontact sheet: {files['contact_sheet']}\ngallery: {files['gallery_html']}")
@@ -157,10 +185,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from imgsim import evaluate as ev
+
     if args.sample:
-        report = ev.evaluate_sample(Path(args.sample), Path(args.data_root), Path(args.out),
-                                    seed=args.seed, query_share=args.query_share, k=args.k,
-                                    backbone=args.backbone)
+        report = ev.evaluate_sample(
+            Path(args.sample),
+            Path(args.data_root),
+            Path(args.out),
+            seed=args.seed,
+            query_share=args.query_share,
+            k=args.k,
+            backbone=args.backbone,
+        )
     else:
         if not (args.images and args.labels):
             raise ValueError("give --images DIR and --labels CSV (or --sample DIR)")
@@ -168,20 +203,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = ev.evaluate(Settings.from_env(), queries, version=args.version, k=args.k)
         ev.write_report(report, Path(args.out))
     k = report["k"]
-    print(f"model {report['model_version']} ({report['backbone']}), "
-          f"{report['reference_images']} references, {report['queries']} queries, k={k}")
-    print(f"  precision@{k}  LSH {report[f'precision_at_{k}']:.3f}   exact "
-          f"{report[f'exact_precision_at_{k}']:.3f}   (chance {report['chance_precision']:.3f})")
-    print(f"  hit@{k}        LSH {report[f'hit_at_{k}']:.3f}   exact "
-          f"{report[f'exact_hit_at_{k}']:.3f}")
-    print(f"  recall@{k} of the LSH against exact search: {report[f'recall_at_{k}_vs_exact']:.3f}"
-          f", comparing {100 * report['candidates_share_mean']:.1f}% of the references per query")
+    print(
+        f"model {report['model_version']} ({report['backbone']}), "
+        f"{report['reference_images']} references, {report['queries']} queries, k={k}"
+    )
+    print(
+        f"  precision@{k}  LSH {report[f'precision_at_{k}']:.3f}   exact "
+        f"{report[f'exact_precision_at_{k}']:.3f}   (chance {report['chance_precision']:.3f})"
+    )
+    print(
+        f"  hit@{k}        LSH {report[f'hit_at_{k}']:.3f}   exact "
+        f"{report[f'exact_hit_at_{k}']:.3f}"
+    )
+    print(
+        f"  recall@{k} of the LSH against exact search: {report[f'recall_at_{k}_vs_exact']:.3f}"
+        f", comparing {100 * report['candidates_share_mean']:.1f}% of the references per query"
+    )
     proj = report["projection"]
-    print(f"  search space: {proj['kind']} ({proj.get('dim')} -> {proj.get('dims')} dims): "
-          f"{proj.get('reason') or 'no projection'}; query expansion {report['query_expansion']}")
+    print(
+        f"  search space: {proj['kind']} ({proj.get('dim')} -> {proj.get('dims')} dims): "
+        f"{proj.get('reason') or 'no projection'}; query expansion {report['query_expansion']}"
+    )
     if report.get("kinds"):
-        print("  side by side (P: label precision, recall: LSH against exact search in that "
-              "space, compared: share of the index, QE: query expansion):")
+        print(
+            "  side by side (P: label precision, recall: LSH against exact search in that "
+            "space, compared: share of the index, QE: query expansion):"
+        )
         print("\n".join(ev.table(report)))
     print(f"  written: {Path(args.out) / 'evaluation.json'}, {Path(args.out) / 'evaluation.png'}")
     return 0
@@ -191,33 +238,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imgsim", description="imgsim: image similarity pipeline")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("env", help="print the embedded default's environment as shell exports"
-                   ).set_defaults(func=cmd_env)
+    sub.add_parser(
+        "env", help="print the embedded default's environment as shell exports"
+    ).set_defaults(func=cmd_env)
     demo = sub.add_parser("demo", help="index a synthetic archive served on loopback, offline")
     demo.add_argument("--date", help="logical date of the run (default: today, UTC)")
-    demo.add_argument("-v", "--verbose", action="store_true",
-                      help="show Airflow's and Spark's whole output (always written to the log "
-                           "file whose path is printed)")
+    demo.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Airflow's and Spark's whole output (always written to the log "
+        "file whose path is printed)",
+    )
     demo.set_defaults(func=cmd_demo)
     sub.add_parser("summary", help="summarise the current index").set_defaults(func=cmd_summary)
     ver = sub.add_parser("versions", help="list published model versions and check their files")
-    ver.add_argument("--verify", action="store_true",
-                     help="check every file's sha256 too, not only its size")
+    ver.add_argument(
+        "--verify", action="store_true", help="check every file's sha256 too, not only its size"
+    )
     ver.set_defaults(func=cmd_versions)
     q = sub.add_parser("query", help="find the reference images most like IMAGE(s)")
     q.add_argument("images", nargs="+", metavar="IMAGE")
     q.add_argument("-k", type=int, default=5, help="neighbours per image (default 5)")
     q.add_argument("--version", help="model version (default: CURRENT)")
-    q.add_argument("--out", help="folder for the contact sheet and results "
-                                 "(default: queries/results/cli-<time>/)")
+    q.add_argument(
+        "--out",
+        help="folder for the contact sheet and results (default: queries/results/cli-<time>/)",
+    )
     q.set_defaults(func=cmd_query)
     ev = sub.add_parser("evaluate", help="precision/hit@k by label and recall@k vs exact search")
     ev.add_argument("--images", help="folder of labelled query images")
     ev.add_argument("--labels", help="CSV with Class and image columns for --images")
     ev.add_argument("--version", help="model version (default: CURRENT)")
-    ev.add_argument("--sample", help="instead: split this Stanford Cars sample folder (images/ + "
-                                     "labels.csv) by --seed, index the reference part in "
-                                     "--data-root and evaluate the rest")
+    ev.add_argument(
+        "--sample",
+        help="instead: split this Stanford Cars sample folder (images/ + "
+        "labels.csv) by --seed, index the reference part in "
+        "--data-root and evaluate the rest",
+    )
     ev.add_argument("--data-root", default="data/evaluate", help="scratch data root for --sample")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--query-share", type=float, default=0.2)
@@ -233,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except (ConfigError, LookupError, ValueError, FileNotFoundError, VersionDamaged) as exc:

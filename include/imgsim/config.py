@@ -70,9 +70,11 @@ def check_checksum(value: str, source: str) -> str:
     if not sep:
         algorithm, digest = {32: "md5", 64: "sha256"}.get(len(raw), ""), raw
     if {"md5": 32, "sha256": 64}.get(algorithm) != len(digest) or not re.fullmatch(
-            r"[0-9a-f]+", digest):
-        raise ConfigError(f"{source}={value!r}: expected md5:<32 hex digits> or "
-                          "sha256:<64 hex digits>")
+        r"[0-9a-f]+", digest
+    ):
+        raise ConfigError(
+            f"{source}={value!r}: expected md5:<32 hex digits> or sha256:<64 hex digits>"
+        )
     return f"{algorithm}:{digest}"
 
 
@@ -86,44 +88,76 @@ def check_choice(value: str, choices: tuple[str, ...], source: str, hint: str) -
 
 
 def check_embed_engine(value: str, source: str = "embed engine") -> str:
-    return check_choice(value, EMBED_ENGINES, source,
-                        "tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py")
+    return check_choice(
+        value,
+        EMBED_ENGINES,
+        source,
+        "tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py",
+    )
 
 
 def check_projection(value: str, source: str = "projection") -> str:
-    return check_choice(value, PROJECTIONS, source, "auto: lda when labels cover the "
-                        "references, else whiten; none: no projection")
+    return check_choice(
+        value,
+        PROJECTIONS,
+        source,
+        "auto: lda when labels cover the references, else whiten; none: no projection",
+    )
 
 
 def check_projection_engine(value: str, source: str = "projection engine") -> str:
-    return check_choice(value, PROJECTION_ENGINES, source, "local: in the Airflow task; "
-                        "spark: spark_jobs/learn_projection.py; auto: local up to "
-                        "IMGSIM_PROJECTION_LOCAL_MAX references")
+    return check_choice(
+        value,
+        PROJECTION_ENGINES,
+        source,
+        "local: in the Airflow task; "
+        "spark: spark_jobs/learn_projection.py; auto: local up to "
+        "IMGSIM_PROJECTION_LOCAL_MAX references",
+    )
 
 
 def check_runtime(value: str, source: str = "IMGSIM_RUNTIME") -> str:
-    return check_choice(value, RUNTIMES, source, "torch: PyTorch; onnx: ONNX Runtime fp32; "
-                        "onnx-int8: ONNX Runtime, static int8 quantization")
+    return check_choice(
+        value,
+        RUNTIMES,
+        source,
+        "torch: PyTorch; onnx: ONNX Runtime fp32; "
+        "onnx-int8: ONNX Runtime, static int8 quantization",
+    )
 
 
 #: the settings that take one of a few values -> their check
 _CHOICES: dict[str, Callable[[str, str], str]] = {
-    "backbone": lambda value, source: check_choice(value, BACKBONES, source, "the CNN that "
-                                                   "embeds the images; random: for tests"),
-    "runtime": check_runtime, "embed_engine": check_embed_engine,
-    "projection": check_projection, "projection_engine": check_projection_engine}
+    "backbone": lambda value, source: check_choice(
+        value, BACKBONES, source, "the CNN that embeds the images; random: for tests"
+    ),
+    "runtime": check_runtime,
+    "embed_engine": check_embed_engine,
+    "projection": check_projection,
+    "projection_engine": check_projection_engine,
+}
 
 Share = Annotated[float, Field(ge=0, le=1)]
 Words = Annotated[str, AfterValidator(lambda text: " ".join(text.split()))]
 ResolvedPath = Annotated[Path, AfterValidator(lambda path: path.expanduser().resolve())]
-Paths = Annotated[tuple[ResolvedPath, ...], NoDecode, BeforeValidator(  # a:b:c
-    lambda value: [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value)]
+Paths = Annotated[
+    tuple[ResolvedPath, ...],
+    NoDecode,
+    BeforeValidator(  # a:b:c
+        lambda value: [p for p in value.split(os.pathsep) if p] if isinstance(value, str) else value
+    ),
+]
 
 #: pydantic's error types -> what is wrong with the value, after "IMGSIM_X=<value> "
-_REASONS = {"int_parsing": "is not an integer", "int_from_float": "is not an integer",
-            "float_parsing": "is not a number", "finite_number": "is not a number",
-            "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
-            "less_than_equal": "must be <= {le} (a share: e.g. 0.5 for 50%)"}
+_REASONS = {
+    "int_parsing": "is not an integer",
+    "int_from_float": "is not an integer",
+    "float_parsing": "is not a number",
+    "finite_number": "is not a number",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le} (a share: e.g. 0.5 for 50%)",
+}
 #: the older variables of two settings: a bare sha256, read when the setting is not set
 _LEGACY = {"archive_checksum": "IMGSIM_ARCHIVE_SHA256", "labels_checksum": "IMGSIM_LABELS_SHA256"}
 
@@ -144,8 +178,11 @@ def _problem(error: Mapping[str, Any]) -> str:  # the variable, the bad value, w
     if isinstance(ctx.get("error"), ConfigError):  # a check_* function named the variable
         return str(ctx["error"])
     template = _REASONS.get(error["type"])
-    reason = str(ctx["error"]) if "error" in ctx else (
-        template.format(**ctx) if template else error["msg"])
+    reason = (
+        str(ctx["error"])
+        if "error" in ctx
+        else (template.format(**ctx) if template else error["msg"])
+    )
     name = str(error["loc"][0]) if error["loc"] else "settings"
     name = env_name(name) if name in Settings.model_fields else name  # else an alias or unknown
     return f"{name}={error['input']!r} {reason}"
@@ -222,28 +259,33 @@ class Settings(BaseSettings):
     ``Settings()`` is the defaults, ``Settings(name=value)`` and ``.replace(name=value)`` change
     some. All validate alike and raise :class:`ConfigError`."""
 
-    model_config = SettingsConfigDict(env_prefix="IMGSIM_", env_ignore_empty=True, frozen=True,
-                                      validate_by_name=True, allow_inf_nan=False)
+    model_config = SettingsConfigDict(
+        env_prefix="IMGSIM_",
+        env_ignore_empty=True,
+        frozen=True,
+        validate_by_name=True,
+        allow_inf_nan=False,
+    )
 
     data_root: ResolvedPath = PROJECT_ROOT / "data"
-    archive_url: Words = STANFORD_ARCHIVE_URL    # locations, separated by whitespace
+    archive_url: Words = STANFORD_ARCHIVE_URL  # locations, separated by whitespace
     labels_url: Words = STANFORD_LABELS_URL
     # md5:<hex> or sha256:<hex>, "" = none; pinned for the default locations only
     archive_checksum: str = STANFORD_ARCHIVE_CHECKSUM
     labels_checksum: str = STANFORD_LABELS_CHECKSUM
-    class_names_url: Words = ""      # locations of cars_meta.mat or a names CSV ("" = none)
+    class_names_url: Words = ""  # locations of cars_meta.mat or a names CSV ("" = none)
     min_label_coverage: Share = 0.5  # share of archive images the labels must match (0 = off)
-    backbone: str = "resnet18"       # BACKBONES
+    backbone: str = "resnet18"  # BACKBONES
     weights_path: str = Field("", validation_alias="IMGSIM_WEIGHTS")
-    resnet18_weights_url: Words = RESNET18_WEIGHTS_URL   # empty: never download the weights
+    resnet18_weights_url: Words = RESNET18_WEIGHTS_URL  # empty: never download the weights
     device: str = "auto"
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(1000, ge=1)
     num_threads: int = Field(0, ge=0)
-    runtime: str = "torch"           # RUNTIMES: torch, onnx, onnx-int8
-    embed_engine: str = "tasks"      # EMBED_ENGINES
-    lsh_num_hash_tables: int = Field(0, ge=0)     # 0 = auto-tuned to reach target_recall
-    lsh_bucket_length: float = Field(0.0, ge=0)   # 0 = auto, from the data's scale
+    runtime: str = "torch"  # RUNTIMES: torch, onnx, onnx-int8
+    embed_engine: str = "tasks"  # EMBED_ENGINES
+    lsh_num_hash_tables: int = Field(0, ge=0)  # 0 = auto-tuned to reach target_recall
+    lsh_bucket_length: float = Field(0.0, ge=0)  # 0 = auto, from the data's scale
     lsh_seed: int = Field(42, ge=0)
     recall_floor: float = Field(0.8, ge=0)
     target_recall: float = Field(0.95, gt=0, le=1)  # the LSH auto-tuner's recall@5 target
@@ -252,13 +294,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(90_000_000, ge=1)
     download_timeout_s: float = Field(60.0, ge=0.1)
     download_retries: int = Field(5, ge=0)
-    query_roots: Paths = ()           # folders query images may also come from
+    query_roots: Paths = ()  # folders query images may also come from
     query_schedule: str = "*/30 * * * *"
     index_start_date: str = "2026-01-01"
     lease_poke_s: float = Field(30.0, ge=1.0)
-    lease_hold_s: float = Field(120.0, ge=0.0)    # a waiting index run keeps its slot this long
+    lease_hold_s: float = Field(120.0, ge=0.0)  # a waiting index run keeps its slot this long
     lease_requeue_s: float = Field(300.0, ge=30.0)  # ... then is re-queued this much later
-    projection: str = "auto"         # PROJECTIONS: auto, none, whiten, lda (imgsim.ann.projection)
+    projection: str = "auto"  # PROJECTIONS: auto, none, whiten, lda (imgsim.ann.projection)
     projection_min_coverage: Share = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
     projection_local_max: int = Field(200_000, ge=1)  # auto: in the task up to this many refs
@@ -276,8 +318,13 @@ class Settings(BaseSettings):
             raise ConfigError("; ".join(_problem(e) for e in exc.errors())) from exc
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Source,
-                                   *sources: Source, **named: Source) -> tuple[Source, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: Source,
+        *sources: Source,
+        **named: Source,
+    ) -> tuple[Source, ...]:
         return (init_settings,)  # the keywords only: the environment is read by from_env
 
     @classmethod

@@ -43,9 +43,11 @@ def build_demo_archive(out_dir: Path, per_class: int = 8) -> tuple[Path, Path]:
         return archive, labels
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[tuple[str, int]] = []
-    with (atomic_open(archive, "wb") as fh,
-          gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz,   # same bytes every time
-          tarfile.open(fileobj=gz, mode="w") as tar):
+    with (
+        atomic_open(archive, "wb") as fh,
+        gzip.GzipFile(fileobj=fh, mode="wb", mtime=0) as gz,  # same bytes every time
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         n = 0
         for c in range(len(DEMO_CLASSES)):
             for v in range(per_class):
@@ -127,19 +129,36 @@ def summary(data_root: Path) -> str:
 #: ``airflow dags test``'s own lines around each task (airflow.sdk.definitions.dag._run_task).
 _TASK_START = re.compile(r"\[DAG TEST\] starting task_id=(\S+) map_index=(-?\d+)")
 _TASK_END = re.compile(r"\[DAG TEST\] end task task_id=(\S+) map_index=(-?\d+)")
-_TASK_ERROR = re.compile(r"\[DAG TEST\] Error running task|Task failed; ti=|Task failed with "
-                         r"exception")
+_TASK_ERROR = re.compile(
+    r"\[DAG TEST\] Error running task|Task failed; ti=|Task failed with "
+    r"exception"
+)
 #: imgsim's own progress lines (imgsim.sources.download, imgsim.index.pipeline,
 #: imgsim.embedding.infer).
 _PROGRESS = [
-    ("download", re.compile(r"((?:download|copy) \S+ (?:progress|done): [^\[\]]*?MB/s"
-                            r"(?:, ETA (?:[\d.]+ s|unknown))?)")),
-    ("extract", re.compile(r"(extract \S+ -> \S+: \d+ files, \d+ bytes "
-                           r"\((?:already )?extracted\))")),
+    (
+        "download",
+        re.compile(
+            r"((?:download|copy) \S+ (?:progress|done): [^\[\]]*?MB/s"
+            r"(?:, ETA (?:[\d.]+ s|unknown))?)"
+        ),
+    ),
+    (
+        "extract",
+        re.compile(
+            r"(extract \S+ -> \S+: \d+ files, \d+ bytes "
+            r"\((?:already )?extracted\))"
+        ),
+    ),
     ("embed", re.compile(r"(embedded \d+/\d+ images \([\d.]+ images/s\))")),
     ("embed", re.compile(r"(embedded with \S+: \d+ shard\(s\), \d+ of \d+ images)")),
-    ("fit", re.compile(r"(nothing changed since \S+ \(\d+ images\): no refit"
-                       r"|no current model: fitting \S+)")),
+    (
+        "fit",
+        re.compile(
+            r"(nothing changed since \S+ \(\d+ images\): no refit"
+            r"|no current model: fitting \S+)"
+        ),
+    ),
 ]
 #: A progress line of one kind is shown at most this often (its final line always).
 PROGRESS_EVERY_S = 10.0
@@ -184,8 +203,11 @@ class DemoView:
         for kind, pattern in _PROGRESS:
             if m := pattern.search(line):
                 now = self.clock()
-                final = " done:" in m.group(1) or kind in ("extract", "fit") or (
-                    kind == "embed" and _embed_complete(m.group(1)))
+                final = (
+                    " done:" in m.group(1)
+                    or kind in ("extract", "fit")
+                    or (kind == "embed" and _embed_complete(m.group(1)))
+                )
                 if not final and now - self.last_progress.get(kind, -1e9) < PROGRESS_EVERY_S:
                     return None
                 self.last_progress[kind] = now
@@ -202,12 +224,20 @@ def demo_log_path(data_root: Path) -> Path:
     return data_root / "logs" / f"demo-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
 
 
-def _stream(cmd: list[str], env: Mapping[str, str], logfile: IO[str],
-            show: Callable[[str], str | None]) -> int:
+def _stream(
+    cmd: list[str], env: Mapping[str, str], logfile: IO[str], show: Callable[[str], str | None]
+) -> int:
     """Run ``cmd``, every line of its output into ``logfile``; ``show(line)`` picks what the
     terminal gets. Returns the exit status."""
-    proc = subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+    proc = subprocess.Popen(
+        cmd,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
     assert proc.stdout is not None
     with proc:
         for line in proc.stdout:
@@ -219,8 +249,7 @@ def _stream(cmd: list[str], env: Mapping[str, str], logfile: IO[str],
     return proc.returncode
 
 
-def run_demo(env: dict[str, str], logical_date: str | None = None,
-             verbose: bool = False) -> int:
+def run_demo(env: dict[str, str], logical_date: str | None = None, verbose: bool = False) -> int:
     """Run the index DAG once on the embedded default; prints a short view and the summary
     (``verbose``: Airflow's whole output), the full log going to a file named first."""
     from imgsim.embedding.backbones import WeightsNotFound, resolve_resnet18_weights
@@ -228,15 +257,23 @@ def run_demo(env: dict[str, str], logical_date: str | None = None,
     data_root = Path(env["IMGSIM_DATA_ROOT"])
     log_path = demo_log_path(data_root)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"full log: {log_path}" + ("" if verbose else "   (imgsim demo -v shows it here)"),
-          flush=True)
+    print(
+        f"full log: {log_path}" + ("" if verbose else "   (imgsim demo -v shows it here)"),
+        flush=True,
+    )
     if not env.get("IMGSIM_BACKBONE"):
         try:
-            resolve_resnet18_weights(env.get("IMGSIM_WEIGHTS", ""),
-                                     env.get("IMGSIM_RESNET18_WEIGHTS_URL"), fetch_retries=0)
+            resolve_resnet18_weights(
+                env.get("IMGSIM_WEIGHTS", ""),
+                env.get("IMGSIM_RESNET18_WEIGHTS_URL"),
+                fetch_retries=0,
+            )
         except WeightsNotFound as exc:
-            print(f"note: {str(exc).split('. ')[0]}.\n      The demo uses the offline "
-                  "efficientnet_lite0 backbone instead.", flush=True)
+            print(
+                f"note: {str(exc).split('. ')[0]}.\n      The demo uses the offline "
+                "efficientnet_lite0 backbone instead.",
+                flush=True,
+            )
             env["IMGSIM_BACKBONE"] = "efficientnet_lite0"
     logical_date = logical_date or datetime.now(UTC).strftime("%Y-%m-%d")
     view = DemoView()
@@ -244,8 +281,12 @@ def run_demo(env: dict[str, str], logical_date: str | None = None,
     airflow_bin = str(Path(sys.executable).parent / "airflow")
     with open(log_path, "a", encoding="utf-8") as logfile:
         print("airflow db migrate ...", flush=True)
-        rc = _stream([airflow_bin, "db", "migrate"], env, logfile,
-                     (lambda line: line) if verbose else (lambda line: None))
+        rc = _stream(
+            [airflow_bin, "db", "migrate"],
+            env,
+            logfile,
+            (lambda line: line) if verbose else (lambda line: None),
+        )
         if rc != 0:
             print(f"airflow db migrate failed (exit {rc}); see {log_path}", file=sys.stderr)
             return rc
@@ -258,12 +299,14 @@ def run_demo(env: dict[str, str], logical_date: str | None = None,
                 env["IMGSIM_LABELS_URL"] = f"{base}/cars_annos.mat"
                 print(f"serving the synthetic demo archive at {base}/", flush=True)
             print(f"airflow dags test imgsim_index {logical_date} ...", flush=True)
-            rc = _stream([airflow_bin, "dags", "test", "imgsim_index", logical_date], env,
-                         logfile, show)
+            rc = _stream(
+                [airflow_bin, "dags", "test", "imgsim_index", logical_date], env, logfile, show
+            )
     if rc != 0 or view.tasks_failed:
         failed = f" (failed: {', '.join(view.tasks_failed)})" if view.tasks_failed else ""
-        print(f"imgsim_index failed (exit {rc}){failed}; the full log is {log_path}",
-              file=sys.stderr)
+        print(
+            f"imgsim_index failed (exit {rc}){failed}; the full log is {log_path}", file=sys.stderr
+        )
         return rc or 1
     print()
     print(summary(data_root))

@@ -50,7 +50,8 @@ def embedded_environment(base: Mapping[str, str] | None = None) -> dict[str, str
     # Task processes reach the API server's execution API; it must follow a changed host/port.
     if not env.get("AIRFLOW__CORE__EXECUTION_API_SERVER_URL"):
         env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = (
-            f"http://{env['AIRFLOW__API__HOST']}:{env['AIRFLOW__API__PORT']}/execution/")
+            f"http://{env['AIRFLOW__API__HOST']}:{env['AIRFLOW__API__PORT']}/execution/"
+        )
     path = env.get("PATH", "")
     if str(venv_bin()) not in path.split(os.pathsep):
         env["PATH"] = os.pathsep.join([str(venv_bin()), path]) if path else str(venv_bin())
@@ -59,6 +60,7 @@ def embedded_environment(base: Mapping[str, str] | None = None) -> dict[str, str
 
 def shell_exports(env: Mapping[str, str]) -> str:
     """``export K=V`` lines for the variables that differ from os.environ."""
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())
-             if os.environ.get(k) != v]
+    lines = [
+        f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()) if os.environ.get(k) != v
+    ]
     return "\n".join(lines)

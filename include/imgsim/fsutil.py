@@ -80,9 +80,12 @@ class DiskFull(OSError):
             free = shutil.disk_usage(target.parent).free
         except OSError:
             free = -1
-        super().__init__(cause.errno, f"no space left on the device while writing {target} "
-                                      f"({free} bytes free there); nothing was replaced: free "
-                                      "space or move IMGSIM_DATA_ROOT, then re-run the task")
+        super().__init__(
+            cause.errno,
+            f"no space left on the device while writing {target} "
+            f"({free} bytes free there); nothing was replaced: free "
+            "space or move IMGSIM_DATA_ROOT, then re-run the task",
+        )
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -38,14 +38,18 @@ class ImageRejected(ValueError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image          # RGB, EXIF-transposed, possibly draft-downscaled
+    image: Image  # RGB, EXIF-transposed, possibly draft-downscaled
     original_size: tuple[int, int]
     original_mode: str
     format: str
 
 
-def load_rgb(path: str | Path, *, max_pixels: int = setting_default("max_image_pixels"),
-             draft_size: tuple[int, int] | None = (THUMB_SIZE, THUMB_SIZE)) -> DecodedImage:
+def load_rgb(
+    path: str | Path,
+    *,
+    max_pixels: int = setting_default("max_image_pixels"),
+    draft_size: tuple[int, int] | None = (THUMB_SIZE, THUMB_SIZE),
+) -> DecodedImage:
     """Decode ``path`` into an RGB image, or raise :class:`ImageRejected` with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -61,9 +65,11 @@ def load_rgb(path: str | Path, *, max_pixels: int = setting_default("max_image_p
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageRejected(
-                    p, "too_large",
+                    p,
+                    "too_large",
                     f"{width}x{height} = {width * height} pixels exceeds the limit of "
-                    f"{max_pixels} (IMGSIM_MAX_IMAGE_PIXELS)")
+                    f"{max_pixels} (IMGSIM_MAX_IMAGE_PIXELS)",
+                )
             if width < 8 or height < 8:
                 raise ImageRejected(p, "too_small", f"{width}x{height} is below 8x8 pixels")
             fmt = im.format or "unknown"
@@ -115,7 +121,7 @@ def _open_image(path: Path, max_pixels: int) -> ImageFile:
                     im = factory(fh, str(path))
                 except (SyntaxError, IndexError, TypeError, struct.error):
                     continue
-                im._exclusive_fp = True        # closing the image closes the file
+                im._exclusive_fp = True  # closing the image closes the file
                 return im
         raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
     except BaseException:
@@ -171,11 +177,21 @@ def save_thumbnail(im: Image, path: Path) -> None:
 # -- drawn test images (the demo archive, the ONNX int8 calibration set) -------------------
 
 DEMO_CLASSES = [
-    "Synthetic Red Sedan", "Synthetic Blue Coupe", "Synthetic Green SUV",
-    "Synthetic Yellow Cab", "Synthetic Black Van", "Synthetic White Pickup",
+    "Synthetic Red Sedan",
+    "Synthetic Blue Coupe",
+    "Synthetic Green SUV",
+    "Synthetic Yellow Cab",
+    "Synthetic Black Van",
+    "Synthetic White Pickup",
 ]
-COLOURS = [(200, 30, 30), (30, 60, 200), (40, 150, 60), (230, 200, 30), (25, 25, 25),
-           (235, 235, 235)]
+COLOURS = [
+    (200, 30, 30),
+    (30, 60, 200),
+    (40, 150, 60),
+    (230, 200, 30),
+    (25, 25, 25),
+    (235, 235, 235),
+]
 
 
 def synthetic_car(class_index: int, variant: int, size: tuple[int, int] = (480, 320)) -> bytes:

@@ -16,32 +16,50 @@ from imgsim.config import PROJECT_ROOT
 SPARK_JOBS = PROJECT_ROOT / "spark_jobs"
 #: conf every imgsim Spark application gets (a progress bar only clutters task logs)
 BASE_CONF = {"spark.ui.showConsoleProgress": "false"}
+#: the fit job's own (a small shuffle: the data is one vector per reference)
+FIT_CONF = {"spark.sql.shuffle.partitions": "8"}
 
 
 #: spark_jobs/fit_lsh.py's arguments: flag -> key of the index DAG's fit plan
 FIT_PLAN_ARGS = {
-    "--data-root": "data_root", "--backbone": "backbone", "--version": "version",
-    "--num-hash-tables": "num_hash_tables", "--bucket-length": "bucket_length",
-    "--seed": "seed", "--sample-size": "validation_sample", "--target-recall": "target_recall",
+    "--data-root": "data_root",
+    "--backbone": "backbone",
+    "--version": "version",
+    "--num-hash-tables": "num_hash_tables",
+    "--bucket-length": "bucket_length",
+    "--seed": "seed",
+    "--sample-size": "validation_sample",
+    "--target-recall": "target_recall",
     "--projection-dir": "projection_dir",
 }
 
 
-def plan_value(plan_task: str, key: str, default: Any = None, *, xcom_key: str | None = None,
-               ) -> str:
+def plan_value(
+    plan_task: str,
+    key: str,
+    default: Any = None,
+    *,
+    xcom_key: str | None = None,
+) -> str:
     """A Jinja expression for ``key`` of the dict that task ``plan_task`` returned (with
     ``default`` when the plan has no such key); ``xcom_key`` pulls that XCom instead."""
-    pull = (f"ti.xcom_pull(task_ids='{plan_task}'"
-            + (f", key='{xcom_key}')" if xcom_key else ")"))
+    pull = f"ti.xcom_pull(task_ids='{plan_task}'" + (f", key='{xcom_key}')" if xcom_key else ")")
     if not key:
         return f"{{{{ {pull} }}}}"
     lookup = f"[{key!r}]" if default is None else f".get({key!r}, {default!r})"
     return f"{{{{ {pull}{lookup} }}}}"
 
 
-def spark_task(task_id: str, script: str, *, name: str, plan_task: str = "",
-               plan_args: Mapping[str, str | tuple[str, Any]] | None = None,
-               extra_args: Sequence[str] = (), conf: Mapping[str, str] | None = None) -> Any:
+def spark_task(
+    task_id: str,
+    script: str,
+    *,
+    name: str,
+    plan_task: str = "",
+    plan_args: Mapping[str, str | tuple[str, Any]] | None = None,
+    extra_args: Sequence[str] = (),
+    conf: Mapping[str, str] | None = None,
+) -> Any:
     """A ``SparkSubmitOperator`` for ``spark_jobs/<script>``, named ``name`` in Spark's UI.
 
     ``plan_args`` maps each command-line flag to a key of ``plan_task``'s returned dict, or to

@@ -21,8 +21,20 @@ from imgsim.fsutil import TMP_PREFIX, atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-CATALOG_COLUMNS = ("image_id", "path", "source", "file_name", "class_id", "class_name",
-                   "size", "mtime_ns", "first_seen", "last_seen", "status", "n_paths")
+CATALOG_COLUMNS = (
+    "image_id",
+    "path",
+    "source",
+    "file_name",
+    "class_id",
+    "class_name",
+    "size",
+    "mtime_ns",
+    "first_seen",
+    "last_seen",
+    "status",
+    "n_paths",
+)
 
 
 def _pa() -> Any:
@@ -33,21 +45,37 @@ def _pa() -> Any:
 
 def catalog_schema() -> Any:
     pa = _pa()
-    return pa.schema([
-        ("image_id", pa.string()), ("path", pa.string()), ("source", pa.string()),
-        ("file_name", pa.string()), ("class_id", pa.int32()), ("class_name", pa.string()),
-        ("size", pa.int64()), ("mtime_ns", pa.int64()), ("first_seen", pa.string()),
-        ("last_seen", pa.string()), ("status", pa.string()), ("n_paths", pa.int32()),
-    ])
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("path", pa.string()),
+            ("source", pa.string()),
+            ("file_name", pa.string()),
+            ("class_id", pa.int32()),
+            ("class_name", pa.string()),
+            ("size", pa.int64()),
+            ("mtime_ns", pa.int64()),
+            ("first_seen", pa.string()),
+            ("last_seen", pa.string()),
+            ("status", pa.string()),
+            ("n_paths", pa.int32()),
+        ]
+    )
 
 
 def embedding_schema(dim: int | None = None) -> Any:
     pa = _pa()
     vec = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
-    return pa.schema([
-        ("image_id", pa.string()), ("vector", vec), ("backbone", pa.string()),
-        ("run_key", pa.string()), ("shard", pa.int32()), ("embedded_at", pa.timestamp("us", "UTC")),
-    ])
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("vector", vec),
+            ("backbone", pa.string()),
+            ("run_key", pa.string()),
+            ("shard", pa.int32()),
+            ("embedded_at", pa.timestamp("us", "UTC")),
+        ]
+    )
 
 
 def write_parquet_atomic(table: Any, path: Path) -> None:
@@ -93,30 +121,43 @@ def embedded_ids(layout: Layout, backbone: str) -> set[str]:
     return ids
 
 
-def write_shard(layout: Layout, backbone: str, run_key: str, shard: int,
-                rows: list[tuple[str, Any]], dim: int) -> Path:
+def write_shard(
+    layout: Layout, backbone: str, run_key: str, shard: int, rows: list[tuple[str, Any]], dim: int
+) -> Path:
     """Write one shard (image id, float32 vector) atomically; returns its path."""
     import numpy as np
 
     pa = _pa()
     now = datetime.now(UTC)
     ids = [r[0] for r in rows]
-    flat = (np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]).reshape(-1)
-            if rows else np.zeros(0, np.float32))
+    flat = (
+        np.stack([np.asarray(r[1], dtype=np.float32) for r in rows]).reshape(-1)
+        if rows
+        else np.zeros(0, np.float32)
+    )
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
     n = len(rows)
     table = pa.Table.from_arrays(
-        [pa.array(ids, pa.string()), vectors, pa.array([backbone] * n, pa.string()),
-         pa.array([run_key] * n, pa.string()), pa.array([shard] * n, pa.int32()),
-         pa.array([now] * n, pa.timestamp("us", "UTC"))],
-        schema=embedding_schema(dim))
+        [
+            pa.array(ids, pa.string()),
+            vectors,
+            pa.array([backbone] * n, pa.string()),
+            pa.array([run_key] * n, pa.string()),
+            pa.array([shard] * n, pa.int32()),
+            pa.array([now] * n, pa.timestamp("us", "UTC")),
+        ],
+        schema=embedding_schema(dim),
+    )
     path = shard_path(layout, backbone, run_key, shard)
     write_parquet_atomic(table, path)
     return path
 
 
-def load_vectors(layout: Layout, backbone: str, ids: set[str] | None = None,
-                 ) -> tuple[list[str], Any]:
+def load_vectors(
+    layout: Layout,
+    backbone: str,
+    ids: set[str] | None = None,
+) -> tuple[list[str], Any]:
     """Newest vector per image id (optionally only ``ids``), sorted by id: (ids, float32 matrix)."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -164,6 +205,7 @@ def labels_fingerprint(labels: Iterable[tuple[str, Any]]) -> str:
 
 # -- quarantine -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class QuarantineRecord:
     image_id: str
@@ -174,11 +216,13 @@ class QuarantineRecord:
     quarantined_at: str
 
 
-def quarantine(layout: Layout, image_id: str, source: Path, reason: str, detail: str,
-               run_key: str) -> QuarantineRecord:
+def quarantine(
+    layout: Layout, image_id: str, source: Path, reason: str, detail: str, run_key: str
+) -> QuarantineRecord:
     """Copy a rejected input into quarantine/ with a reason file (the original is not touched)."""
-    record = QuarantineRecord(image_id, str(source), reason, detail, run_key,
-                              datetime.now(UTC).isoformat())
+    record = QuarantineRecord(
+        image_id, str(source), reason, detail, run_key, datetime.now(UTC).isoformat()
+    )
     layout.quarantine.mkdir(parents=True, exist_ok=True)
     copy = layout.quarantine / f"{image_id}{source.suffix.lower()}"
     if source.exists() and not copy.exists():

@@ -18,11 +18,11 @@ from imgsim.ann.brp import AnnError
 
 @dataclass(frozen=True)
 class _Band:
-    lo: np.ndarray              # (K,) smallest reference hash per key
-    span: np.ndarray            # (K,) hash range per key
-    radix: np.ndarray           # (K,) mixed-radix weights; packed id = ((h - lo) * radix).sum()
-    order: np.ndarray           # reference rows sorted by packed id
-    ids: np.ndarray             # packed ids, sorted
+    lo: np.ndarray  # (K,) smallest reference hash per key
+    span: np.ndarray  # (K,) hash range per key
+    radix: np.ndarray  # (K,) mixed-radix weights; packed id = ((h - lo) * radix).sum()
+    order: np.ndarray  # reference rows sorted by packed id
+    ids: np.ndarray  # packed ids, sorted
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class BandIndex:
     """The reference hash columns, ``keys_per_band`` at a time, packed and sorted per band."""
 
     keys_per_band: int
-    hashes: np.ndarray                  # (n, bands * keys_per_band) int64, Spark's order
+    hashes: np.ndarray  # (n, bands * keys_per_band) int64, Spark's order
     bands: tuple[_Band | None, ...]
 
     @property
@@ -45,13 +45,13 @@ class BandIndex:
             raise AnnError(f"{total} hash columns cannot form bands of {keys_per_band} keys")
         out: list[_Band | None] = []
         for b in range(total // keys_per_band):
-            band = ref_hashes[:, b * keys_per_band:(b + 1) * keys_per_band]
+            band = ref_hashes[:, b * keys_per_band : (b + 1) * keys_per_band]
             if n == 0:
                 out.append(None)
                 continue
             lo, hi = band.min(axis=0), band.max(axis=0)
             span = hi - lo + 1
-            if float(np.prod(span.astype(np.float64))) >= 2.0 ** 62:
+            if float(np.prod(span.astype(np.float64))) >= 2.0**62:
                 out.append(None)
                 continue
             radix = np.concatenate([[1], np.cumprod(span[:-1])]).astype(np.int64)
@@ -61,10 +61,15 @@ class BandIndex:
         return cls(keys_per_band, ref_hashes, tuple(out))
 
     def _check(self, query_keys: np.ndarray) -> None:
-        if (query_keys.ndim != 4 or query_keys.shape[1] != len(self.bands)
-                or query_keys.shape[3] != self.keys_per_band):
-            raise AnnError(f"query keys {query_keys.shape} do not fit {len(self.bands)} bands "
-                           f"of {self.keys_per_band} keys")
+        if (
+            query_keys.ndim != 4
+            or query_keys.shape[1] != len(self.bands)
+            or query_keys.shape[3] != self.keys_per_band
+        ):
+            raise AnnError(
+                f"query keys {query_keys.shape} do not fit {len(self.bands)} bands "
+                f"of {self.keys_per_band} keys"
+            )
 
     def band_mask(self, b: int, keys: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(m, n) bool: the reference's key in band ``b`` is one of the query's (m, P, K) keys.
@@ -74,14 +79,14 @@ class BandIndex:
         m, p, kb = keys.shape
         mask = np.zeros((m, self.size), bool) if out is None else out
         band = self.bands[b]
-        if band is None:                                  # too wide to pack: compare columns
-            cols = self.hashes[:, b * kb:(b + 1) * kb]
+        if band is None:  # too wide to pack: compare columns
+            cols = self.hashes[:, b * kb : (b + 1) * kb]
             for qi in range(m):
                 for key in keys[qi]:
                     mask[qi] |= (cols == key).all(axis=1)
             return mask
-        rel = keys - band.lo                                            # (m, P, K)
-        inside = ((rel >= 0) & (rel < band.span)).all(axis=2)           # (m, P)
+        rel = keys - band.lo  # (m, P, K)
+        inside = ((rel >= 0) & (rel < band.span)).all(axis=2)  # (m, P)
         ids = np.where(inside, (rel * band.radix).sum(axis=2), -1)
         left = np.searchsorted(band.ids, ids, side="left")
         right = np.where(inside, np.searchsorted(band.ids, ids, side="right"), left)
@@ -90,8 +95,9 @@ class BandIndex:
         if total:
             rows = np.repeat(np.repeat(np.arange(m), p), lengths)
             # positions left..right-1 of every (query, probe), concatenated
-            starts = np.repeat(left.ravel() - np.concatenate([[0], np.cumsum(lengths)[:-1]]),
-                               lengths)
+            starts = np.repeat(
+                left.ravel() - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths
+            )
             mask[rows, band.order[starts + np.arange(total)]] = True
         return mask
 

@@ -28,7 +28,7 @@ class AnnError(ValueError):
 
 @dataclass(frozen=True)
 class BrpParams:
-    matrix: np.ndarray          # (numHashTables, dim), float64
+    matrix: np.ndarray  # (numHashTables, dim), float64
     bucket_length: float
 
     @property
@@ -55,7 +55,7 @@ def _matrix_from_udt(m: dict[str, Any]) -> np.ndarray:
     values = np.asarray(m["values"], dtype=np.float64)
     transposed = bool(m.get("isTransposed"))
     if int(m["type"]) == 1:
-        if transposed:                       # row-major values
+        if transposed:  # row-major values
             return values.reshape((rows, cols), order="C")
         return values.reshape((rows, cols), order="F")
     dense = np.zeros((rows, cols))
@@ -88,8 +88,10 @@ def load_brp_model(model_dir: str | Path) -> BrpParams:
     # Spark 4 saves the unit projection vectors as "randUnitVectors" (3.x: "randMatrix").
     key = next((k for k in ("randUnitVectors", "randMatrix") if rows and k in rows[0]), None)
     if len(rows) != 1 or key is None:
-        raise ValueError(f"{model_dir}/data: expected one row with the random matrix, "
-                         f"found columns {list(rows[0]) if rows else []}")
+        raise ValueError(
+            f"{model_dir}/data: expected one row with the random matrix, "
+            f"found columns {list(rows[0]) if rows else []}"
+        )
     return BrpParams(_matrix_from_udt(rows[0][key]), bucket_length)
 
 
@@ -116,8 +118,9 @@ def probe_keys_of(proj: np.ndarray, keys_per_band: int, probes: int) -> np.ndarr
     if keys_per_band < 1 or total % keys_per_band:
         raise AnnError(f"{total} projections cannot form bands of {keys_per_band} keys")
     if not 0 <= probes <= keys_per_band:
-        raise AnnError(f"probes must be between 0 and keys_per_band ({keys_per_band}), "
-                       f"got {probes}")
+        raise AnnError(
+            f"probes must be between 0 and keys_per_band ({keys_per_band}), got {probes}"
+        )
     bands = total // keys_per_band
     base = np.floor(proj).astype(np.int64)
     frac = proj - base
@@ -126,17 +129,22 @@ def probe_keys_of(proj: np.ndarray, keys_per_band: int, probes: int) -> np.ndarr
     own = base.reshape(m, bands, keys_per_band)
     keys = np.repeat(own[:, :, None, :], 1 + probes, axis=2)
     if probes:
-        order = np.argsort(near, axis=2, kind="stable")[:, :, :probes]      # (m, bands, p)
+        order = np.argsort(near, axis=2, kind="stable")[:, :, :probes]  # (m, bands, p)
         for p in range(probes):
             pos = order[:, :, p]
             delta = np.take_along_axis(step, pos[:, :, None], 2)[:, :, 0]
             view = keys[:, :, 1 + p, :]
-            np.put_along_axis(view, pos[:, :, None],
-                              np.take_along_axis(view, pos[:, :, None], 2) + delta[:, :, None], 2)
+            np.put_along_axis(
+                view,
+                pos[:, :, None],
+                np.take_along_axis(view, pos[:, :, None], 2) + delta[:, :, None],
+                2,
+            )
     return keys
 
 
-def probe_keys(params: BrpParams, x: np.ndarray, keys_per_band: int = 1,
-               probes: int = 0) -> np.ndarray:
+def probe_keys(
+    params: BrpParams, x: np.ndarray, keys_per_band: int = 1, probes: int = 0
+) -> np.ndarray:
     """:func:`probe_keys_of` for (m, dim) vectors under a model's projections."""
     return probe_keys_of(projections(params, np.atleast_2d(x)), keys_per_band, probes)

@@ -82,6 +82,7 @@ def check_kind(value: str, source: str = "projection") -> str:
 
 # -- sufficient statistics -------------------------------------------------------------------------
 
+
 @dataclass
 class Stats:
     """Counts, sums and scatter of unit vectors: overall and per labelled class. They add up."""
@@ -102,16 +103,24 @@ class Stats:
 
     def merge(self, other: Stats) -> Stats:
         if other.dim != self.dim:
-            raise ProjectionError(f"cannot merge statistics of {self.dim}-d and {other.dim}-d "
-                                  "vectors: the embeddings have mixed dimensions")
+            raise ProjectionError(
+                f"cannot merge statistics of {self.dim}-d and {other.dim}-d "
+                "vectors: the embeddings have mixed dimensions"
+            )
         counts = dict(self.class_counts)
         sums = {c: s.copy() for c, s in self.class_sums.items()}
         for c, n in other.class_counts.items():
             counts[c] = counts.get(c, 0) + n
             sums[c] = sums[c] + other.class_sums[c] if c in sums else other.class_sums[c].copy()
-        return Stats(self.dim, self.n + other.n, self.total_sum + other.total_sum,
-                     self.total_outer + other.total_outer,
-                     self.labelled_outer + other.labelled_outer, counts, sums)
+        return Stats(
+            self.dim,
+            self.n + other.n,
+            self.total_sum + other.total_sum,
+            self.total_outer + other.total_outer,
+            self.labelled_outer + other.labelled_outer,
+            counts,
+            sums,
+        )
 
     @property
     def labelled(self) -> int:
@@ -146,11 +155,12 @@ def stats_from_arrays(x: np.ndarray, labels: np.ndarray | None = None) -> Stats:
 
 # -- the map ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Projection:
-    kind: str                        # none, whiten, lda
-    mean: np.ndarray                 # (dim,)
-    matrix: np.ndarray               # (dim, dims)
+    kind: str  # none, whiten, lda
+    mean: np.ndarray  # (dim,)
+    matrix: np.ndarray  # (dim, dims)
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,8 +175,10 @@ class Projection:
         """Raw (or unit) vectors -> unit vectors in the projected space, float32."""
         u = l2_normalize(np.atleast_2d(x))
         if u.shape[1] != self.dim:
-            raise ProjectionError(f"vectors have {u.shape[1]} dimensions, the {self.kind} "
-                                  f"projection expects {self.dim}")
+            raise ProjectionError(
+                f"vectors have {u.shape[1]} dimensions, the {self.kind} "
+                f"projection expects {self.dim}"
+            )
         if self.kind == "none":
             return u
         y = (u.astype(np.float64) - self.mean) @ self.matrix
@@ -188,9 +200,14 @@ class Projection:
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_open(directory / MATRIX_FILE, "wb") as fh:
             fh.write(data)
-        return {"kind": self.kind, "dim": self.dim, "dims": self.dims,
-                "file": f"{PROJECTION_DIR}/{MATRIX_FILE}",
-                "sha256": hashlib.sha256(data).hexdigest(), "params": self.params}
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "dims": self.dims,
+            "file": f"{PROJECTION_DIR}/{MATRIX_FILE}",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "params": self.params,
+        }
 
 
 def identity(dim: int) -> Projection:
@@ -208,8 +225,10 @@ def load(version_dir: Path, entry: dict[str, Any] | None) -> Projection | None:
         raise ProjectionError(f"{path}: the version's projection file is missing") from exc
     digest = hashlib.sha256(data).hexdigest()
     if entry.get("sha256") and digest != entry["sha256"]:
-        raise ProjectionError(f"{path}: sha256 {digest} differs from the manifest's "
-                              f"{entry['sha256']}: the version is damaged")
+        raise ProjectionError(
+            f"{path}: sha256 {digest} differs from the manifest's "
+            f"{entry['sha256']}: the version is damaged"
+        )
     with np.load(io.BytesIO(data)) as npz:
         return Projection(entry["kind"], npz["mean"], npz["matrix"], entry.get("params", {}))
 
@@ -227,7 +246,7 @@ class _LdaBasis:
     mean: np.ndarray
     within_vals: np.ndarray
     within_vecs: np.ndarray
-    between: np.ndarray              # (dim, classes) sqrt(n_c / N) (mu_c - mu)
+    between: np.ndarray  # (dim, classes) sqrt(n_c / N) (mu_c - mu)
     classes: int
     labelled: int
 
@@ -239,7 +258,8 @@ class _LdaBasis:
             raise ProjectionError(
                 f"LDA needs at least {MIN_LDA_CLASSES} classes with two or more labelled "
                 f"references; the index has {stats.usable_classes} such classes "
-                f"({nl} labelled references in {len(classes)} classes)")
+                f"({nl} labelled references in {len(classes)} classes)"
+            )
         sums = np.stack([stats.class_sums[c] for c in classes])
         counts = np.array([stats.class_counts[c] for c in classes], np.float64)
         mu_l = sums.sum(0) / nl
@@ -253,16 +273,27 @@ class _LdaBasis:
     def projection(self, shrinkage: float, dims: int) -> Projection:
         vals = (1.0 - shrinkage) * self.within_vals + shrinkage * float(self.within_vals.mean())
         vals = np.maximum(vals, 1e-12)
-        g = (self.within_vecs.T @ self.between) / np.sqrt(vals)[:, None]    # whitened means
+        g = (self.within_vecs.T @ self.between) / np.sqrt(vals)[:, None]  # whitened means
         left, sing, _ = np.linalg.svd(g, full_matrices=False)
-        keep = int(min(dims, self.classes - 1, int((sing > 1e-9 * sing[0]).sum())
-                       if sing.size and sing[0] > 0 else 0))
+        keep = int(
+            min(
+                dims,
+                self.classes - 1,
+                int((sing > 1e-9 * sing[0]).sum()) if sing.size and sing[0] > 0 else 0,
+            )
+        )
         if keep < 1:
-            raise ProjectionError("the labelled classes have the same mean vector: LDA finds "
-                                  "no direction that separates them")
+            raise ProjectionError(
+                "the labelled classes have the same mean vector: LDA finds "
+                "no direction that separates them"
+            )
         matrix = (self.within_vecs / np.sqrt(vals)[None, :]) @ left[:, :keep]
-        params = {"shrinkage": float(shrinkage), "dims_requested": int(dims),
-                  "classes": self.classes, "labelled_images": self.labelled}
+        params = {
+            "shrinkage": float(shrinkage),
+            "dims_requested": int(dims),
+            "classes": self.classes,
+            "labelled_images": self.labelled,
+        }
         return Projection("lda", self.mean, matrix, params)
 
 
@@ -273,8 +304,9 @@ def fit_lda(stats: Stats, shrinkage: float, dims: int) -> Projection:
     return _LdaBasis.of(stats).projection(shrinkage, dims)
 
 
-def fit_whiten(stats: Stats, dims: int = WHITEN_DIMS,
-               shrinkage: float = WHITEN_SHRINKAGE) -> Projection:
+def fit_whiten(
+    stats: Stats, dims: int = WHITEN_DIMS, shrinkage: float = WHITEN_SHRINKAGE
+) -> Projection:
     """PCA-whitening of all references: the ``dims`` leading components, regularised."""
     if stats.n < 2:
         raise ProjectionError(f"whitening needs at least 2 references, the index has {stats.n}")
@@ -284,15 +316,20 @@ def fit_whiten(stats: Stats, dims: int = WHITEN_DIMS,
     keep = int(min(dims, stats.dim, max(1, (stats.n - 1) // 4)))
     reg = (1.0 - shrinkage) * vals[:keep] + shrinkage * float(vals.mean())
     matrix = vecs[:, :keep] / np.sqrt(np.maximum(reg, 1e-12))[None, :]
-    return Projection("whiten", mean, matrix, {"shrinkage": float(shrinkage),
-                                               "dims_requested": int(dims),
-                                               "images": int(stats.n)})
+    return Projection(
+        "whiten",
+        mean,
+        matrix,
+        {"shrinkage": float(shrinkage), "dims_requested": int(dims), "images": int(stats.n)},
+    )
 
 
 # -- choosing by cross-validation --------------------------------------------------------------
 
-def label_precision(queries: np.ndarray, q_labels: np.ndarray, refs: np.ndarray,
-                    r_labels: np.ndarray, k: int = 5) -> tuple[float, float]:
+
+def label_precision(
+    queries: np.ndarray, q_labels: np.ndarray, refs: np.ndarray, r_labels: np.ndarray, k: int = 5
+) -> tuple[float, float]:
     """(precision@k, hit@1) of exact search of unit ``queries`` among unit ``refs``."""
     if len(queries) == 0 or len(refs) == 0:
         return 0.0, 0.0
@@ -321,27 +358,43 @@ class Choice:
     projection: Projection
     reason: str
     coverage: dict[str, Any]
-    cv: list[dict[str, Any]]         # one row per candidate: kind, params, precision, hit@1
+    cv: list[dict[str, Any]]  # one row per candidate: kind, params, precision, hit@1
     seconds: float
-    requested: str = "auto"          # the kind asked for (auto, none, whiten, lda)
+    requested: str = "auto"  # the kind asked for (auto, none, whiten, lda)
     min_coverage: float = MIN_LABEL_COVERAGE
 
     def manifest_entry(self, saved: dict[str, Any]) -> dict[str, Any]:
-        return {**saved, "requested": self.requested, "min_coverage": self.min_coverage,
-                "reason": self.reason, "coverage": self.coverage,
-                "cross_validation": self.cv, "seconds": round(self.seconds, 3)}
+        return {
+            **saved,
+            "requested": self.requested,
+            "min_coverage": self.min_coverage,
+            "reason": self.reason,
+            "coverage": self.coverage,
+            "cross_validation": self.cv,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def coverage(stats: Stats) -> dict[str, Any]:
-    return {"images": int(stats.n), "labelled_images": stats.labelled,
-            "share": round(stats.labelled / stats.n, 4) if stats.n else 0.0,
-            "classes": len(stats.class_counts), "classes_with_two_or_more":
-            stats.usable_classes}
+    return {
+        "images": int(stats.n),
+        "labelled_images": stats.labelled,
+        "share": round(stats.labelled / stats.n, 4) if stats.n else 0.0,
+        "classes": len(stats.class_counts),
+        "classes_with_two_or_more": stats.usable_classes,
+    }
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, *, folds: int, k: int, seed: int,
-                   shrinkages: tuple[float, ...], dims: tuple[int, ...],
-                   ) -> dict[tuple[str, float, int], list[tuple[float, float]]]:
+def cross_validate(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    folds: int,
+    k: int,
+    seed: int,
+    shrinkages: tuple[float, ...],
+    dims: tuple[int, ...],
+) -> dict[tuple[str, float, int], list[tuple[float, float]]]:
     """(precision@k, hit@1) per fold of ``none``, ``whiten`` and LDA for each (shrinkage,
     dims), on the folds where LDA can be fitted (so every candidate is scored on the same ones).
 
@@ -360,17 +413,22 @@ def cross_validate(x: np.ndarray, y: np.ndarray, *, folds: int, k: int, seed: in
         except ProjectionError:
             continue
         scores.setdefault(("none", 0.0, x.shape[1]), []).append(
-            label_precision(x[held], y[held], x[train], y[train], k))
+            label_precision(x[held], y[held], x[train], y[train], k)
+        )
         white = fit_whiten(tstats)
         scores.setdefault(("whiten", WHITEN_SHRINKAGE, white.dims), []).append(
-            label_precision(white.apply(x[held]), y[held], white.apply(x[train]), y[train], k))
+            label_precision(white.apply(x[held]), y[held], white.apply(x[train]), y[train], k)
+        )
         for a in shrinkages:
             proj = basis.projection(a, max(dims))
             zt = (x[train].astype(np.float64) - proj.mean) @ proj.matrix
             zh = (x[held].astype(np.float64) - proj.mean) @ proj.matrix
             for d in dims:
-                scores.setdefault(("lda", a, d), []).append(label_precision(
-                    l2_normalize(zh[:, :d]), y[held], l2_normalize(zt[:, :d]), y[train], k))
+                scores.setdefault(("lda", a, d), []).append(
+                    label_precision(
+                        l2_normalize(zh[:, :d]), y[held], l2_normalize(zt[:, :d]), y[train], k
+                    )
+                )
     return scores
 
 
@@ -387,15 +445,26 @@ def choose(stats: Stats, kind: str = "auto", **kwargs: Any) -> Choice:
 
     with threadpool_limits(limits=1, user_api="blas"):
         choice = _choose(stats, kind, **kwargs)
-    return replace(choice, requested=check_kind(kind),
-                   min_coverage=float(kwargs.get("min_coverage", MIN_LABEL_COVERAGE)))
+    return replace(
+        choice,
+        requested=check_kind(kind),
+        min_coverage=float(kwargs.get("min_coverage", MIN_LABEL_COVERAGE)),
+    )
 
 
-def _choose(stats: Stats, kind: str = "auto", *, cv_vectors: np.ndarray | None = None,
-           cv_labels: np.ndarray | None = None, folds: int = 5, k: int = 5, seed: int = 42,
-           shrinkages: tuple[float, ...] = LDA_SHRINKAGES,
-           dims: tuple[int, ...] = LDA_DIMS, min_coverage: float = MIN_LABEL_COVERAGE,
-           ) -> Choice:
+def _choose(
+    stats: Stats,
+    kind: str = "auto",
+    *,
+    cv_vectors: np.ndarray | None = None,
+    cv_labels: np.ndarray | None = None,
+    folds: int = 5,
+    k: int = 5,
+    seed: int = 42,
+    shrinkages: tuple[float, ...] = LDA_SHRINKAGES,
+    dims: tuple[int, ...] = LDA_DIMS,
+    min_coverage: float = MIN_LABEL_COVERAGE,
+) -> Choice:
     """The projection of ``kind`` (auto: see below) for the references ``stats`` describes.
 
     ``auto`` takes ``lda`` when at least ``min_coverage`` of the references are labelled by
@@ -412,19 +481,32 @@ def _choose(stats: Stats, kind: str = "auto", *, cv_vectors: np.ndarray | None =
     cv: list[dict[str, Any]] = []
     if kind == "none":
         return Choice(identity(stats.dim), "asked for none", cov, cv, time.perf_counter() - t0)
-    lda_ok = (stats.usable_classes >= MIN_LDA_CLASSES and stats.n > 0
-              and stats.labelled / stats.n >= min_coverage)
-    why_not = (f"labels cover {stats.labelled} of {stats.n} references "
-               f"({100 * cov['share']:.0f}%, {stats.usable_classes} classes with 2+ images); "
-               f"lda needs {100 * min_coverage:.0f}% and {MIN_LDA_CLASSES} such classes")
+    lda_ok = (
+        stats.usable_classes >= MIN_LDA_CLASSES
+        and stats.n > 0
+        and stats.labelled / stats.n >= min_coverage
+    )
+    why_not = (
+        f"labels cover {stats.labelled} of {stats.n} references "
+        f"({100 * cov['share']:.0f}%, {stats.usable_classes} classes with 2+ images); "
+        f"lda needs {100 * min_coverage:.0f}% and {MIN_LDA_CLASSES} such classes"
+    )
     if kind == "lda" and not lda_ok:
-        raise ProjectionError(f"projection lda asked for, but {why_not}: label more references "
-                              "(IMGSIM_LABELS_URL) or use auto/whiten")
+        raise ProjectionError(
+            f"projection lda asked for, but {why_not}: label more references "
+            "(IMGSIM_LABELS_URL) or use auto/whiten"
+        )
     if kind == "whiten" or (kind == "auto" and not lda_ok):
         if stats.n < (3 if kind == "whiten" else MIN_WHITEN_REFERENCES):
-            return Choice(identity(stats.dim), f"{why_not}; too few references to learn a "
-                          f"whitening from ({stats.n}, fewer than {MIN_WHITEN_REFERENCES}): "
-                          "none", cov, cv, time.perf_counter() - t0)
+            return Choice(
+                identity(stats.dim),
+                f"{why_not}; too few references to learn a "
+                f"whitening from ({stats.n}, fewer than {MIN_WHITEN_REFERENCES}): "
+                "none",
+                cov,
+                cv,
+                time.perf_counter() - t0,
+            )
         reason = "asked for whiten" if kind == "whiten" else f"{why_not}: whiten"
         return Choice(fit_whiten(stats), reason, cov, cv, time.perf_counter() - t0)
 
@@ -432,37 +514,58 @@ def _choose(stats: Stats, kind: str = "auto", *, cv_vectors: np.ndarray | None =
         raise ProjectionError("lda needs labelled vectors to cross-validate its parameters")
     x = l2_normalize(cv_vectors)
     y = np.asarray(cv_labels, np.int64)
-    scores = cross_validate(x, y, folds=folds, k=k, seed=seed, shrinkages=shrinkages,
-                            dims=dims)
+    scores = cross_validate(x, y, folds=folds, k=k, seed=seed, shrinkages=shrinkages, dims=dims)
     for (name, a, d), vals in scores.items():
         p, h = np.mean(vals, axis=0)
-        cv.append({"kind": name, "shrinkage": a, "dims": d, "folds": len(vals),
-                   f"precision_at_{k}": round(float(p), 4), "hit_at_1": round(float(h), 4)})
+        cv.append(
+            {
+                "kind": name,
+                "shrinkage": a,
+                "dims": d,
+                "folds": len(vals),
+                f"precision_at_{k}": round(float(p), 4),
+                "hit_at_1": round(float(h), 4),
+            }
+        )
     pk = f"precision_at_{k}"
     ldas = [r for r in cv if r["kind"] == "lda"]
     if not ldas:
-        why = ("cross-validation could not fit LDA on any fold: too few labelled references "
-               "per class")
+        why = (
+            "cross-validation could not fit LDA on any fold: too few labelled references per class"
+        )
         if kind == "lda":
             raise ProjectionError(f"projection lda asked for, but {why}")
         if stats.n < MIN_WHITEN_REFERENCES:
-            return Choice(identity(stats.dim), f"{why}; too few references to whiten: none",
-                          cov, cv, time.perf_counter() - t0)
+            return Choice(
+                identity(stats.dim),
+                f"{why}; too few references to whiten: none",
+                cov,
+                cv,
+                time.perf_counter() - t0,
+            )
         return Choice(fit_whiten(stats), f"{why}: whiten", cov, cv, time.perf_counter() - t0)
     best = max(ldas, key=lambda r: (r[pk] + r["hit_at_1"], r[pk], -r["dims"]))
     baseline = max((r for r in cv if r["kind"] != "lda"), key=lambda r: r[pk])
     if kind == "auto" and best[pk] <= baseline[pk]:
-        reason = (f"cross-validated lda (precision@{k} {best[pk]:.3f}) does not beat "
-                  f"{baseline['kind']} ({baseline[pk]:.3f}): {baseline['kind']}")
+        reason = (
+            f"cross-validated lda (precision@{k} {best[pk]:.3f}) does not beat "
+            f"{baseline['kind']} ({baseline[pk]:.3f}): {baseline['kind']}"
+        )
         proj = identity(stats.dim) if baseline["kind"] == "none" else fit_whiten(stats)
         return Choice(proj, reason, cov, cv, time.perf_counter() - t0)
     proj = fit_lda(stats, best["shrinkage"], best["dims"])
-    proj.params.update(cv_precision_at_k=best[pk], cv_hit_at_1=best["hit_at_1"],
-                       cv_baseline=f"{baseline['kind']} {baseline[pk]:.3f}", cv_folds=folds)
-    reason = (f"labels cover {100 * cov['share']:.0f}% of the references "
-              f"({cov['classes']} classes): lda, shrinkage {best['shrinkage']} and "
-              f"{proj.dims} dims by {folds}-fold cross-validation (precision@{k} "
-              f"{best[pk]:.3f} vs {baseline['kind']} {baseline[pk]:.3f})")
+    proj.params.update(
+        cv_precision_at_k=best[pk],
+        cv_hit_at_1=best["hit_at_1"],
+        cv_baseline=f"{baseline['kind']} {baseline[pk]:.3f}",
+        cv_folds=folds,
+    )
+    reason = (
+        f"labels cover {100 * cov['share']:.0f}% of the references "
+        f"({cov['classes']} classes): lda, shrinkage {best['shrinkage']} and "
+        f"{proj.dims} dims by {folds}-fold cross-validation (precision@{k} "
+        f"{best[pk]:.3f} vs {baseline['kind']} {baseline[pk]:.3f})"
+    )
     return Choice(proj, reason, cov, cv, time.perf_counter() - t0)
 
 
@@ -471,9 +574,17 @@ TUNE_KEYS_PER_BAND = (1, 2, 4, 8)
 TUNE_PROBES = (0, 1, 2)
 
 
-def holdout_tuning(choice: Choice, x: np.ndarray, labels: np.ndarray, *, target: float,
-                   k: int = 5, seed: int = 42, max_queries: int = 200,
-                   max_refs: int = 4000) -> dict[str, Any] | None:
+def holdout_tuning(
+    choice: Choice,
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    target: float,
+    k: int = 5,
+    seed: int = 42,
+    max_queries: int = 200,
+    max_refs: int = 4000,
+) -> dict[str, Any] | None:
     """LSH parameters for the learned space, tuned on references the map has not seen.
 
     A learned map pulls its own training vectors together: tuned leave-one-out on the
@@ -504,22 +615,33 @@ def holdout_tuning(choice: Choice, x: np.ndarray, labels: np.ndarray, *, target:
             part = fit_lda(stats, proj.params["shrinkage"], proj.dims)
         else:
             part = fit_whiten(stats, proj.dims, proj.params.get("shrinkage", WHITEN_SHRINKAGE))
-        result = tune(part.apply(x[train]), part.apply(x[queries]), target=target, k=k,
-                      seed=seed, keys_per_band=TUNE_KEYS_PER_BAND, probes=TUNE_PROBES)
+        result = tune(
+            part.apply(x[train]),
+            part.apply(x[queries]),
+            target=target,
+            k=k,
+            seed=seed,
+            keys_per_band=TUNE_KEYS_PER_BAND,
+            probes=TUNE_PROBES,
+        )
     except (ProjectionError, TuningError) as exc:
         log.warning("held-out LSH tuning skipped: %s", exc)
         return None
-    return {**result.as_dict(), "method": f"held-out: {len(queries)} references projected "
-                                          f"by the {proj.kind} map refitted on {len(train)} "
-                                          "others, searched among those"}
+    return {
+        **result.as_dict(),
+        "method": f"held-out: {len(queries)} references projected "
+        f"by the {proj.kind} map refitted on {len(train)} "
+        "others, searched among those",
+    }
 
 
 #: the learned projection handed from the learn step to the fit: the choice as JSON + the matrix
 CHOICE_FILE = "projection.json"
 
 
-def write_choice(choice: Choice, out_dir: Path,
-                 lsh_tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_choice(
+    choice: Choice, out_dir: Path, lsh_tuning: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Save a learned projection into ``out_dir`` (matrix first, its JSON entry last), with
     the held-out LSH tuning (:func:`holdout_tuning`) for the fit job."""
     from imgsim.fsutil import atomic_write_json
@@ -537,8 +659,9 @@ def read_choice(out_dir: Path) -> tuple[dict[str, Any], Projection | None]:
 
     path = out_dir / CHOICE_FILE
     if not path.exists():
-        raise ProjectionError(f"{path}: no learned projection; the learn_projection step did "
-                              "not complete")
+        raise ProjectionError(
+            f"{path}: no learned projection; the learn_projection step did not complete"
+        )
     entry: dict[str, Any] = read_json(path)
     if entry["kind"] == "none":
         return entry, None
@@ -550,5 +673,3 @@ def describe(entry: dict[str, Any] | None) -> str:
     if not entry or entry.get("kind", "none") == "none":
         return "none"
     return f"{entry['kind']} {entry.get('dim')}->{entry.get('dims')}d"
-
-

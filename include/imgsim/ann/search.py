@@ -42,8 +42,9 @@ MAX_BATCH_CELLS = 1 << 24
 OVERSELECT = 16
 
 
-def scan_is_cheaper(expected_share: float | None, n: int, dim: int, scan_share: float,
-                    scan_below: int) -> bool:
+def scan_is_cheaper(
+    expected_share: float | None, n: int, dim: int, scan_share: float, scan_below: int
+) -> bool:
     """Whether an exact scan of ``n`` references (``dim`` each) costs less than an LSH that
     compares ``expected_share`` of them on average (None: not measured)."""
     return n * dim < scan_below or (expected_share is not None and expected_share > scan_share)
@@ -104,14 +105,15 @@ def top_k(dist_row: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np
 
 @dataclass(frozen=True)
 class Neighbours:
-    indices: np.ndarray         # into the reference matrix, nearest first
-    distances: np.ndarray       # L2
-    candidates: int             # references compared
-    method: str = "lsh"         # METHODS
+    indices: np.ndarray  # into the reference matrix, nearest first
+    distances: np.ndarray  # L2
+    candidates: int  # references compared
+    method: str = "lsh"  # METHODS
 
 
-def exact_search(query: np.ndarray, ref: np.ndarray, k: int,
-                 exclude: int | None = None) -> Neighbours:
+def exact_search(
+    query: np.ndarray, ref: np.ndarray, k: int, exclude: int | None = None
+) -> Neighbours:
     """The k nearest of all references (one query), ``exclude`` left out."""
     d = squared_distances(np.atleast_2d(query), ref)[0]
     allowed = None
@@ -126,12 +128,12 @@ def exact_search(query: np.ndarray, ref: np.ndarray, k: int,
 class LshIndex:
     """Reference vectors with their band index, searched in batches (see the module doc)."""
 
-    vectors: np.ndarray                 # (n, dim) float32, the search space
-    bands: BandIndex                    # of the reference hashes
-    params: BrpParams                   # the model's projections
+    vectors: np.ndarray  # (n, dim) float32, the search space
+    bands: BandIndex  # of the reference hashes
+    params: BrpParams  # the model's projections
     probes: int = 0
-    scan_share: float = SCAN_SHARE      # compare more than this share: scan instead
-    scan_below: int = SCAN_BELOW        # references x dims below which a scan answers
+    scan_share: float = SCAN_SHARE  # compare more than this share: scan instead
+    scan_below: int = SCAN_BELOW  # references x dims below which a scan answers
     expected_share: float | None = None  # the LSH's mean share compared (validation)
     sq: np.ndarray = field(init=False, repr=False)
 
@@ -140,22 +142,45 @@ class LshIndex:
         if self.vectors.shape[0] != self.bands.size:
             raise AnnError(f"{self.vectors.shape[0]} vectors but {self.bands.size} hash rows")
         if not 0 <= self.probes <= self.bands.keys_per_band:
-            raise AnnError(f"probes must be between 0 and keys_per_band "
-                           f"({self.bands.keys_per_band}), got {self.probes}")
+            raise AnnError(
+                f"probes must be between 0 and keys_per_band "
+                f"({self.bands.keys_per_band}), got {self.probes}"
+            )
         self.sq = (self.vectors * self.vectors).sum(1)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, hashes: np.ndarray, params: BrpParams, *,
-              keys_per_band: int = 1, probes: int = 0, scan_share: float = SCAN_SHARE,
-              scan_below: int = SCAN_BELOW, expected_share: float | None = None) -> LshIndex:
-        return cls(vectors, BandIndex.build(hashes, keys_per_band), params, probes,
-                   scan_share, scan_below, expected_share)
+    def build(
+        cls,
+        vectors: np.ndarray,
+        hashes: np.ndarray,
+        params: BrpParams,
+        *,
+        keys_per_band: int = 1,
+        probes: int = 0,
+        scan_share: float = SCAN_SHARE,
+        scan_below: int = SCAN_BELOW,
+        expected_share: float | None = None,
+    ) -> LshIndex:
+        return cls(
+            vectors,
+            BandIndex.build(hashes, keys_per_band),
+            params,
+            probes,
+            scan_share,
+            scan_below,
+            expected_share,
+        )
 
     @property
     def scans(self) -> bool:
         """Every query is answered by the exact scan (:func:`scan_is_cheaper`)."""
-        return scan_is_cheaper(self.expected_share, self.size, int(self.vectors.shape[1]),
-                               self.scan_share, self.scan_below)
+        return scan_is_cheaper(
+            self.expected_share,
+            self.size,
+            int(self.vectors.shape[1]),
+            self.scan_share,
+            self.scan_below,
+        )
 
     @property
     def size(self) -> int:
@@ -163,12 +188,17 @@ class LshIndex:
 
     def candidates(self, queries: np.ndarray, probes: int | None = None) -> np.ndarray:
         """(m, n) bool candidate mask of (m, dim) search-space queries."""
-        keys = probe_keys(self.params, queries, self.bands.keys_per_band,
-                          self.probes if probes is None else probes)
+        keys = probe_keys(
+            self.params,
+            queries,
+            self.bands.keys_per_band,
+            self.probes if probes is None else probes,
+        )
         return self.bands.candidates(keys)
 
-    def search(self, queries: np.ndarray, k: int,
-               exclude: np.ndarray | None = None) -> list[Neighbours]:
+    def search(
+        self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> list[Neighbours]:
         """The k nearest references of each (m, dim) search-space query, through the ladder.
 
         ``exclude`` holds one reference row per query (or -1) that must not be returned.
@@ -177,17 +207,16 @@ class LshIndex:
             raise AnnError(f"k must be >= 1, got {k}")
         q = np.atleast_2d(np.asarray(queries, np.float32))
         if q.shape[1] != self.vectors.shape[1]:
-            raise AnnError(f"queries have {q.shape[1]} dimensions, the index "
-                           f"{self.vectors.shape[1]}")
-        ex = (np.full(q.shape[0], -1, np.int64) if exclude is None
-              else np.asarray(exclude, np.int64))
+            raise AnnError(
+                f"queries have {q.shape[1]} dimensions, the index {self.vectors.shape[1]}"
+            )
+        ex = np.full(q.shape[0], -1, np.int64) if exclude is None else np.asarray(exclude, np.int64)
         if ex.shape != (q.shape[0],) or (ex >= self.size).any():
-            raise AnnError(f"exclude must hold one reference row (or -1) per query, "
-                           f"got {ex.shape}")
+            raise AnnError(f"exclude must hold one reference row (or -1) per query, got {ex.shape}")
         step = max(1, MAX_BATCH_CELLS // max(self.size, 1))
         out: list[Neighbours] = []
         for s in range(0, q.shape[0], step):
-            out.extend(self._batch(q[s:s + step], k, ex[s:s + step]))
+            out.extend(self._batch(q[s : s + step], k, ex[s : s + step]))
         return out
 
     def _batch(self, q: np.ndarray, k: int, ex: np.ndarray) -> list[Neighbours]:
@@ -226,8 +255,15 @@ class LshIndex:
             d[~mask[:, cols]] = np.inf
         return self._answers(q, d, cols, k, mask.sum(1), list(method))
 
-    def _answers(self, q: np.ndarray, d: np.ndarray, cols: np.ndarray | None, k: int,
-                 compared: np.ndarray, method: list[str]) -> list[Neighbours]:
+    def _answers(
+        self,
+        q: np.ndarray,
+        d: np.ndarray,
+        cols: np.ndarray | None,
+        k: int,
+        compared: np.ndarray,
+        method: list[str],
+    ) -> list[Neighbours]:
         """Each row's k nearest finite entries (columns ``cols`` of the index, None: all): the
         k + OVERSELECT nearest in float32, re-ranked in float64, cut to k."""
         top = smallest_k(d, k + OVERSELECT)
@@ -255,18 +291,29 @@ def expand_queries(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
 class RecallReport:
     k: int
     queries: int
-    recall_at_k: float              # |LSH top-k ∩ exact top-k| / k, averaged
-    candidates_share: float         # mean share of the reference set compared per query
-    short_answers: int              # queries for which the LSH returned fewer than k
+    recall_at_k: float  # |LSH top-k ∩ exact top-k| / k, averaged
+    candidates_share: float  # mean share of the reference set compared per query
+    short_answers: int  # queries for which the LSH returned fewer than k
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"k": self.k, "queries": self.queries, "recall_at_k": self.recall_at_k,
-                "candidates_share": self.candidates_share, "short_answers": self.short_answers}
+        return {
+            "k": self.k,
+            "queries": self.queries,
+            "recall_at_k": self.recall_at_k,
+            "candidates_share": self.candidates_share,
+            "short_answers": self.short_answers,
+        }
 
 
-def leave_one_out_recall(ref: np.ndarray, ref_hashes: np.ndarray, sample: np.ndarray,
-                         k: int = 5, params: BrpParams | None = None,
-                         keys_per_band: int = 1, probes: int = 0) -> RecallReport:
+def leave_one_out_recall(
+    ref: np.ndarray,
+    ref_hashes: np.ndarray,
+    sample: np.ndarray,
+    k: int = 5,
+    params: BrpParams | None = None,
+    keys_per_band: int = 1,
+    probes: int = 0,
+) -> RecallReport:
     """Each sampled reference queries the rest: the LSH's top-k (no ladder) against exact.
 
     Without ``params`` a query's keys are its own stored hashes (Spark's OR search).
@@ -292,5 +339,6 @@ def leave_one_out_recall(ref: np.ndarray, ref_hashes: np.ndarray, sample: np.nda
         got = approx[i][np.isfinite(d[i, approx[i]])]
         recalls.append(len(set(exact[i].tolist()) & set(got.tolist())) / min(k, n - 1))
         short += int(got.size < min(k, n - 1))
-    return RecallReport(k, int(sample.size), float(np.mean(recalls)),
-                        float(np.mean(mask.sum(1) / (n - 1))), short)
+    return RecallReport(
+        k, int(sample.size), float(np.mean(recalls)), float(np.mean(mask.sum(1) / (n - 1))), short
+    )

@@ -47,10 +47,10 @@ class TuningError(AnnError):
 
 @dataclass(frozen=True)
 class LshConfig:
-    tables: int                 # bands (Spark numHashTables when keys_per_band == 1)
-    keys_per_band: int          # projections ANDed into one band key
-    bucket_length: float        # w
-    probes: int = 0             # extra keys looked up per band (multi-probe)
+    tables: int  # bands (Spark numHashTables when keys_per_band == 1)
+    keys_per_band: int  # projections ANDed into one band key
+    bucket_length: float  # w
+    probes: int = 0  # extra keys looked up per band (multi-probe)
 
     @property
     def projections(self) -> int:
@@ -58,22 +58,29 @@ class LshConfig:
         return self.tables * self.keys_per_band
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tables": self.tables, "keys_per_band": self.keys_per_band,
-                "bucket_length": self.bucket_length, "probes": self.probes,
-                "projections": self.projections}
+        return {
+            "tables": self.tables,
+            "keys_per_band": self.keys_per_band,
+            "bucket_length": self.bucket_length,
+            "probes": self.probes,
+            "projections": self.projections,
+        }
 
 
 @dataclass(frozen=True)
 class CurvePoint:
     config: LshConfig
-    recall_at_k: float          # mean |LSH top-k ∩ exact top-k| / |exact top-k|
-    candidates_share: float     # mean share of the (non-excluded) sample compared per query
-    width_factor: float         # bucket_length / scale
+    recall_at_k: float  # mean |LSH top-k ∩ exact top-k| / |exact top-k|
+    candidates_share: float  # mean share of the (non-excluded) sample compared per query
+    width_factor: float  # bucket_length / scale
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.config.as_dict(), "width_factor": self.width_factor,
-                "recall_at_k": round(self.recall_at_k, 6),
-                "candidates_share": round(self.candidates_share, 6)}
+        return {
+            **self.config.as_dict(),
+            "width_factor": self.width_factor,
+            "recall_at_k": round(self.recall_at_k, 6),
+            "candidates_share": round(self.candidates_share, 6),
+        }
 
 
 @dataclass(frozen=True)
@@ -82,19 +89,26 @@ class TuningResult:
     k: int
     sample_size: int
     queries: int
-    scale: float                # median pair distance / sqrt(dim) of the sample
+    scale: float  # median pair distance / sqrt(dim) of the sample
     curve: list[CurvePoint]
     choice: CurvePoint
     target_met: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "k": self.k, "sample_size": self.sample_size,
-                "queries": self.queries, "scale": self.scale, "target_met": self.target_met,
-                "choice": self.choice.as_dict(),
-                "curve": [p.as_dict() for p in self.curve]}
+        return {
+            "target": self.target,
+            "k": self.k,
+            "sample_size": self.sample_size,
+            "queries": self.queries,
+            "scale": self.scale,
+            "target_met": self.target_met,
+            "choice": self.choice.as_dict(),
+            "curve": [p.as_dict() for p in self.curve],
+        }
 
 
 # -- checks and helpers ---------------------------------------------------------------------------
+
 
 def check_target(target: float) -> float:
     """A recall target must be a number in (0, 1]."""
@@ -107,20 +121,27 @@ def check_target(target: float) -> float:
     return value
 
 
-def _check_inputs(ref: np.ndarray, queries: np.ndarray, k: int,
-                  exclude: np.ndarray | None) -> np.ndarray:
+def _check_inputs(
+    ref: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None
+) -> np.ndarray:
     if ref.ndim != 2 or queries.ndim != 2 or ref.shape[1] != queries.shape[1]:
-        raise TuningError(f"reference {ref.shape} and queries {queries.shape} must be 2-d with "
-                          "the same number of columns")
+        raise TuningError(
+            f"reference {ref.shape} and queries {queries.shape} must be 2-d with "
+            "the same number of columns"
+        )
     if ref.shape[0] < 2 or queries.shape[0] < 1:
-        raise TuningError(f"need at least 2 references and 1 query, got {ref.shape[0]} and "
-                          f"{queries.shape[0]}")
+        raise TuningError(
+            f"need at least 2 references and 1 query, got {ref.shape[0]} and {queries.shape[0]}"
+        )
     if k < 1:
         raise TuningError(f"k must be >= 1, got {k}")
     if not (np.isfinite(ref).all() and np.isfinite(queries).all()):
         raise TuningError("vectors contain NaN or infinite values")
-    ex = np.full(queries.shape[0], -1, np.int64) if exclude is None else np.asarray(exclude,
-                                                                                   np.int64)
+    ex = (
+        np.full(queries.shape[0], -1, np.int64)
+        if exclude is None
+        else np.asarray(exclude, np.int64)
+    )
     if ex.shape != (queries.shape[0],) or (ex >= ref.shape[0]).any():
         raise TuningError(f"exclude must hold one reference row (or -1) per query, got {ex.shape}")
     return ex
@@ -142,8 +163,9 @@ def data_scale(x: np.ndarray, seed: int = 0) -> float:
     return median_pair_distance(x, seed) / math.sqrt(x.shape[1])
 
 
-def exact_top_k(ref: np.ndarray, queries: np.ndarray, k: int,
-                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(
+    ref: np.ndarray, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """((m, k) exact neighbour rows ordered by distance then index, (m, n) squared distances).
 
     Excluded entries get an infinite distance; a row with fewer than k allowed references is
@@ -163,9 +185,16 @@ def exact_top_k(ref: np.ndarray, queries: np.ndarray, k: int,
 
 # -- the curve ------------------------------------------------------------------------------------
 
-def evaluate_family(ref_proj: np.ndarray, query_proj: np.ndarray, exact: np.ndarray,
-                    allowed: np.ndarray, tables: Sequence[int], keys_per_band: int,
-                    probes: int) -> list[tuple[int, float, float]]:
+
+def evaluate_family(
+    ref_proj: np.ndarray,
+    query_proj: np.ndarray,
+    exact: np.ndarray,
+    allowed: np.ndarray,
+    tables: Sequence[int],
+    keys_per_band: int,
+    probes: int,
+) -> list[tuple[int, float, float]]:
     """(tables, recall, share) for each band count, on projections already divided by w.
 
     Band b uses projection columns ``[b*K, (b+1)*K)``, so the candidate sets of fewer bands
@@ -186,18 +215,25 @@ def evaluate_family(ref_proj: np.ndarray, query_proj: np.ndarray, exact: np.ndar
         if b + 1 in wanted:
             live = mask & allowed
             hits = (live[rows, np.maximum(exact, 0)] & valid).sum(1)
-            out.append((b + 1, float((hits / want).mean()),
-                        float((live.sum(1) / n_allowed).mean())))
+            out.append(
+                (b + 1, float((hits / want).mean()), float((live.sum(1) / n_allowed).mean()))
+            )
     return out
 
 
-def evaluate_grid(ref: np.ndarray, queries: np.ndarray, *, k: int = 5,
-                  width_factors: Sequence[float] = DEFAULT_WIDTH_FACTORS,
-                  tables: Sequence[int] = DEFAULT_TABLES,
-                  keys_per_band: Sequence[int] = DEFAULT_KEYS_PER_BAND,
-                  probes: Sequence[int] = DEFAULT_PROBES, seed: int = 42,
-                  exclude: np.ndarray | None = None,
-                  scale: float | None = None) -> tuple[list[CurvePoint], float]:
+def evaluate_grid(
+    ref: np.ndarray,
+    queries: np.ndarray,
+    *,
+    k: int = 5,
+    width_factors: Sequence[float] = DEFAULT_WIDTH_FACTORS,
+    tables: Sequence[int] = DEFAULT_TABLES,
+    keys_per_band: Sequence[int] = DEFAULT_KEYS_PER_BAND,
+    probes: Sequence[int] = DEFAULT_PROBES,
+    seed: int = 42,
+    exclude: np.ndarray | None = None,
+    scale: float | None = None,
+) -> tuple[list[CurvePoint], float]:
     """Recall@k and candidate share for every grid point; also returns the scale used."""
     ex = _check_inputs(ref, queries, k, exclude)
     if not tables or min(tables) < 1:
@@ -205,8 +241,9 @@ def evaluate_grid(ref: np.ndarray, queries: np.ndarray, *, k: int = 5,
     if not width_factors or min(width_factors) <= 0:
         raise TuningError(f"width factors must be > 0, got {list(width_factors)}")
     if not keys_per_band or min(keys_per_band) < 1 or not probes or min(probes) < 0:
-        raise TuningError(f"keys_per_band must be >= 1 and probes >= 0, got "
-                          f"{list(keys_per_band)}, {list(probes)}")
+        raise TuningError(
+            f"keys_per_band must be >= 1 and probes >= 0, got {list(keys_per_band)}, {list(probes)}"
+        )
     scale = data_scale(ref, seed) if scale is None else scale
     exact, _ = exact_top_k(ref, queries, k, ex)
     allowed = np.ones((queries.shape[0], ref.shape[0]), bool)
@@ -222,8 +259,9 @@ def evaluate_grid(ref: np.ndarray, queries: np.ndarray, *, k: int = 5,
             for f in sorted(set(width_factors)):
                 w = f * scale
                 cols = max(tables) * kb
-                for nt, rec, share in evaluate_family(ref_dot[:, :cols] / w, q_dot[:, :cols] / w,
-                                                      exact, allowed, tables, kb, t):
+                for nt, rec, share in evaluate_family(
+                    ref_dot[:, :cols] / w, q_dot[:, :cols] / w, exact, allowed, tables, kb, t
+                ):
                     curve.append(CurvePoint(LshConfig(nt, kb, w, t), rec, share, f))
     return curve, scale
 
@@ -235,9 +273,15 @@ def choose(curve: Sequence[CurvePoint], target: float) -> tuple[CurvePoint, bool
         raise TuningError("empty curve: nothing to choose from")
     met = [p for p in curve if p.recall_at_k >= target - 1e-12]
     if met:
-        best = min(met, key=lambda p: (p.candidates_share,
-                                       p.config.tables * (1 + p.config.probes),
-                                       p.config.projections, -p.recall_at_k))
+        best = min(
+            met,
+            key=lambda p: (
+                p.candidates_share,
+                p.config.tables * (1 + p.config.probes),
+                p.config.projections,
+                -p.recall_at_k,
+            ),
+        )
         return best, True
     return max(curve, key=lambda p: (p.recall_at_k, -p.candidates_share)), False
 
@@ -251,13 +295,20 @@ def pareto_front(curve: Sequence[CurvePoint]) -> list[CurvePoint]:
     return front
 
 
-def tune(ref: np.ndarray, queries: np.ndarray | None = None, *,
-         target: float = setting_default("target_recall"),
-         k: int = 5, exclude: np.ndarray | None = None, max_queries: int = 200,
-         seed: int = 42, width_factors: Sequence[float] = DEFAULT_WIDTH_FACTORS,
-         tables: Sequence[int] = DEFAULT_TABLES,
-         keys_per_band: Sequence[int] = DEFAULT_KEYS_PER_BAND,
-         probes: Sequence[int] = DEFAULT_PROBES) -> TuningResult:
+def tune(
+    ref: np.ndarray,
+    queries: np.ndarray | None = None,
+    *,
+    target: float = setting_default("target_recall"),
+    k: int = 5,
+    exclude: np.ndarray | None = None,
+    max_queries: int = 200,
+    seed: int = 42,
+    width_factors: Sequence[float] = DEFAULT_WIDTH_FACTORS,
+    tables: Sequence[int] = DEFAULT_TABLES,
+    keys_per_band: Sequence[int] = DEFAULT_KEYS_PER_BAND,
+    probes: Sequence[int] = DEFAULT_PROBES,
+) -> TuningResult:
     """Tune on ``ref`` (unit vectors). Without ``queries``, a seeded sample of ``ref`` queries
     the rest (leave-one-out)."""
     target = check_target(target)
@@ -268,12 +319,21 @@ def tune(ref: np.ndarray, queries: np.ndarray | None = None, *,
         pick = np.sort(np.random.default_rng(seed).permutation(ref.shape[0])[:max_queries])
         queries, exclude = ref[pick], pick
     queries = np.asarray(queries, np.float32)
-    curve, scale = evaluate_grid(ref, queries, k=k, width_factors=width_factors, tables=tables,
-                                 keys_per_band=keys_per_band, probes=probes, seed=seed,
-                                 exclude=exclude)
+    curve, scale = evaluate_grid(
+        ref,
+        queries,
+        k=k,
+        width_factors=width_factors,
+        tables=tables,
+        keys_per_band=keys_per_band,
+        probes=probes,
+        seed=seed,
+        exclude=exclude,
+    )
     best, met = choose(curve, target)
-    return TuningResult(target, k, int(ref.shape[0]), int(queries.shape[0]), scale, curve, best,
-                        met)
+    return TuningResult(
+        target, k, int(ref.shape[0]), int(queries.shape[0]), scale, curve, best, met
+    )
 
 
 def sample_rows(n: int, size: int = MAX_SAMPLE, seed: int = 42) -> np.ndarray:

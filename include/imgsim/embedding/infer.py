@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbedItem:
-    key: str                     # the caller's identifier (an image id)
+    key: str  # the caller's identifier (an image id)
     path: Path
     thumb_path: Path | None = None
 
@@ -39,7 +39,7 @@ class EmbedItem:
 @dataclass(frozen=True)
 class Embedded:
     key: str
-    vector: np.ndarray           # float32, shape (dim,)
+    vector: np.ndarray  # float32, shape (dim,)
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,24 @@ def _prepare(item: EmbedItem, backbone: Backbone, max_pixels: int) -> torch.Tens
     if item.thumb_path is not None and not item.thumb_path.exists():
         thumb = resize_square(image)
         save_thumbnail(thumb, item.thumb_path)
-        if backbone.square_input:    # the backbone's own first step: resize once, not twice
+        if backbone.square_input:  # the backbone's own first step: resize once, not twice
             image = thumb
     return backbone.preprocess(image)
 
 
 def _batches(items: Sequence[EmbedItem], size: int) -> Iterator[Sequence[EmbedItem]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *,
-                batch_size: int = setting_default("batch_size"),
-                max_pixels: int = setting_default("max_image_pixels"), decode_workers: int = 2,
-                ) -> Iterator[Embedded | Rejected]:
+def embed_items(
+    items: Sequence[EmbedItem],
+    backbone: Backbone,
+    *,
+    batch_size: int = setting_default("batch_size"),
+    max_pixels: int = setting_default("max_image_pixels"),
+    decode_workers: int = 2,
+) -> Iterator[Embedded | Rejected]:
     """Yield one result per item, in input order: an :class:`Embedded` or a :class:`Rejected`."""
     import torch
 
@@ -127,9 +131,12 @@ def embed_items(items: Sequence[EmbedItem], backbone: Backbone, *,
                 last_log = now
 
 
-def embed_paths(paths: Iterable[str | Path], backbone: Backbone, *,
-                batch_size: int = setting_default("batch_size"),
-                ) -> tuple[np.ndarray, list[Rejected]]:
+def embed_paths(
+    paths: Iterable[str | Path],
+    backbone: Backbone,
+    *,
+    batch_size: int = setting_default("batch_size"),
+) -> tuple[np.ndarray, list[Rejected]]:
     """Embed files in order; returns (vectors of the good ones, rejections)."""
     items = [EmbedItem(str(p), Path(p)) for p in paths]
     good: list[np.ndarray] = []

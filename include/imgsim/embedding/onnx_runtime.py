@@ -77,9 +77,16 @@ def export_onnx(model: torch.nn.Module, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
-            verbose=False)
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            optimize=True,
+            verbose=False,
+        )
     except Exception as exc:
         raise OnnxRuntimeError(f"ONNX export of the backbone failed: {exc}") from exc
     if program is None:
@@ -90,8 +97,9 @@ def export_onnx(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def calibration_batches(preprocess: Callable[[Image], torch.Tensor],
-                        batch_size: int = 8) -> list[np.ndarray]:
+def calibration_batches(
+    preprocess: Callable[[Image], torch.Tensor], batch_size: int = 8
+) -> list[np.ndarray]:
     """The deterministic calibration set, preprocessed like real inputs, in batches."""
     from PIL import Image as PILImage
 
@@ -103,7 +111,7 @@ def calibration_batches(preprocess: Callable[[Image], torch.Tensor],
             with PILImage.open(io.BytesIO(synthetic_car(cls, variant))) as im:
                 arrays.append(preprocess(im.convert("RGB")).numpy())
     stacked = np.stack(arrays).astype(np.float32)
-    return [stacked[i:i + batch_size] for i in range(0, len(stacked), batch_size)]
+    return [stacked[i : i + batch_size] for i in range(0, len(stacked), batch_size)]
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, batches: list[np.ndarray]) -> Path:
@@ -128,17 +136,30 @@ def quantize_int8(fp32_path: Path, out_path: Path, batches: list[np.ndarray]) ->
         pre = Path(tmp) / "pre.onnx"
         quantized = Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(pre))
-        quantize_static(str(pre), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QUInt8)
+        quantize_static(
+            str(pre),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QUInt8,
+        )
         atomic_copy(quantized, out_path)
-    log.info("quantized %s to int8 -> %s (%d bytes)", fp32_path.name, out_path,
-             out_path.stat().st_size)
+    log.info(
+        "quantized %s to int8 -> %s (%d bytes)", fp32_path.name, out_path, out_path.stat().st_size
+    )
     return out_path
 
 
-def ensure_model_file(model: torch.nn.Module, preprocess: Callable[[Image], torch.Tensor],
-                      name: str, weights_sha256: str, runtime: str, cache_dir: Path) -> Path:
+def ensure_model_file(
+    model: torch.nn.Module,
+    preprocess: Callable[[Image], torch.Tensor],
+    name: str,
+    weights_sha256: str,
+    runtime: str,
+    cache_dir: Path,
+) -> Path:
     """The cached ONNX file for ``runtime``; export (and quantize) it first when missing."""
     if runtime not in ("onnx", "onnx-int8"):
         raise ValueError(f"runtime {runtime!r} has no ONNX file (use onnx or onnx-int8)")
@@ -171,8 +192,9 @@ def open_runner(path: Path, num_threads: int = 0) -> OnnxRunner:
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise OnnxRuntimeError("IMGSIM_RUNTIME=onnx/onnx-int8 needs the onnxruntime package "
-                               "(pip install onnxruntime)") from exc
+        raise OnnxRuntimeError(
+            "IMGSIM_RUNTIME=onnx/onnx-int8 needs the onnxruntime package (pip install onnxruntime)"
+        ) from exc
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1

@@ -26,6 +26,7 @@ class PipelineError(RuntimeError):
 
 # -- permanent errors ---------------------------------------------------------------------------
 
+
 def is_permanent(exc: BaseException, *, downloads_retried: bool = False) -> bool:
     """True for errors that no retry can fix: a bad URL, HTTP 404, wrong bytes, a bad archive,
     labels that do not fit, a bad setting. Transient ones (network, disk) are False.
@@ -41,8 +42,9 @@ def is_permanent(exc: BaseException, *, downloads_retried: bool = False) -> bool
 
     if isinstance(exc, DownloadError):
         return exc.permanent or downloads_retried
-    return isinstance(exc, (ArchiveError, LabelsError, LabelCoverageError, ConfigError,
-                            SourceError))
+    return isinstance(
+        exc, (ArchiveError, LabelsError, LabelCoverageError, ConfigError, SourceError)
+    )
 
 
 @contextlib.contextmanager
@@ -71,21 +73,27 @@ class SourceError(PipelineError):
 ARCHIVE_HELP = (
     "Get Stanford Cars' car_ims.tgz (md5 d5c8f0aa497503f355e17dc7886c3f14) and cars_annos.mat "
     "(md5 b407c6086d669747186bd1d764ff9dbc) from a mirror, or download and unzip the Kaggle "
-    "copy (\"stanford-cars-dataset\"), then point imgsim at it: IMGSIM_ARCHIVE_URL (Param "
+    'copy ("stanford-cars-dataset"), then point imgsim at it: IMGSIM_ARCHIVE_URL (Param '
     "archive_url) takes URLs, file:// URLs, paths to an archive or a folder that holds the "
     "images, several separated by spaces (so write a space inside a URL as %20), tried in "
     "order; IMGSIM_ARCHIVE_CHECKSUM takes "
-    "md5:<hex> or sha256:<hex>. See README, \"Indexing the real dataset\".")
+    'md5:<hex> or sha256:<hex>. See README, "Indexing the real dataset".'
+)
 LABELS_HELP = (
     "Point IMGSIM_LABELS_URL (Param labels_url) at cars_annos.mat or at a CSV with the columns "
     "Class and image that names these images (e.g. the Kaggle CSV), and IMGSIM_CLASS_NAMES_URL "
-    "at cars_meta.mat or names.csv for class names. See README, \"Indexing the real dataset\".")
+    'at cars_meta.mat or names.csv for class names. See README, "Indexing the real dataset".'
+)
 
 
-def download_sources(settings: Settings, archive_url: str | Sequence[str],
-                     labels_url: str | Sequence[str], archive_checksum: str = "",
-                     labels_checksum: str = "", class_names_url: str | Sequence[str] = "",
-                     ) -> dict[str, Any]:
+def download_sources(
+    settings: Settings,
+    archive_url: str | Sequence[str],
+    labels_url: str | Sequence[str],
+    archive_checksum: str = "",
+    labels_checksum: str = "",
+    class_names_url: str | Sequence[str] = "",
+) -> dict[str, Any]:
     """Fetch the archive, the labels and the optional class names into ``raw/``.
 
     Each ``*_url`` is a list of locations (or one string of them separated by whitespace),
@@ -100,25 +108,49 @@ def download_sources(settings: Settings, archive_url: str | Sequence[str],
     common = {"timeout_s": settings.download_timeout_s, "retries": settings.download_retries}
     out: dict[str, Any] = {}
     for name, what, urls, digest, help_text, folders in (
-            ("archive", "image archive", archive_url, archive_checksum, ARCHIVE_HELP, True),
-            ("labels", "labels file", labels_url, labels_checksum, LABELS_HELP, False),
-            ("class_names", "class-names file", class_names_url, "", LABELS_HELP, False)):
+        ("archive", "image archive", archive_url, archive_checksum, ARCHIVE_HELP, True),
+        ("labels", "labels file", labels_url, labels_checksum, LABELS_HELP, False),
+        ("class_names", "class-names file", class_names_url, "", LABELS_HELP, False),
+    ):
         if name == "class_names" and not _locations(urls):
             out[name] = None
             continue
         if not _locations(urls):
-            raise SourceError(f"no {what} location given (Param {name}_url or "
-                              f"IMGSIM_{name.upper()}_URL). {help_text}")
-        res = fetch_first(_locations(urls), raw, what=what, checksum=digest,
-                          allow_folders=folders, help_text=help_text, **common)
-        log.info("%s: %s (%s%s, from %s)", name, res.path,
-                 "a folder of images" if res.kind == "folder" else
-                 f"{res.size} bytes, sha256 {res.sha256}",
-                 "" if res.kind == "folder" else
-                 (", downloaded" if res.downloaded else ", already current"), res.url)
-        out[name] = {"path": str(res.path), "sha256": res.sha256, "md5": res.md5,
-                     "size": res.size, "downloaded": res.downloaded, "kind": res.kind,
-                     "url": res.url, "failed_locations": list(res.tried)}
+            raise SourceError(
+                f"no {what} location given (Param {name}_url or "
+                f"IMGSIM_{name.upper()}_URL). {help_text}"
+            )
+        res = fetch_first(
+            _locations(urls),
+            raw,
+            what=what,
+            checksum=digest,
+            allow_folders=folders,
+            help_text=help_text,
+            **common,
+        )
+        log.info(
+            "%s: %s (%s%s, from %s)",
+            name,
+            res.path,
+            "a folder of images"
+            if res.kind == "folder"
+            else f"{res.size} bytes, sha256 {res.sha256}",
+            ""
+            if res.kind == "folder"
+            else (", downloaded" if res.downloaded else ", already current"),
+            res.url,
+        )
+        out[name] = {
+            "path": str(res.path),
+            "sha256": res.sha256,
+            "md5": res.md5,
+            "size": res.size,
+            "downloaded": res.downloaded,
+            "kind": res.kind,
+            "url": res.url,
+            "failed_locations": list(res.tried),
+        }
     return out
 
 
@@ -136,8 +168,9 @@ def archive_folder_name(archive: Path) -> str:
     return archive.stem or "archive"
 
 
-def extract(settings: Settings, archive_path: str, archive_sha256: str = "",
-            kind: str = "file") -> dict[str, Any]:
+def extract(
+    settings: Settings, archive_path: str, archive_sha256: str = "", kind: str = "file"
+) -> dict[str, Any]:
     """Safely extract the archive into ``images/<archive name>/`` (no-op when done before).
 
     ``archive_sha256`` is the digest the download step computed, so the archive is not read
@@ -153,8 +186,14 @@ def extract(settings: Settings, archive_path: str, archive_sha256: str = "",
         return {"root": str(link), "files": None, "extracted": False}
     target = settings.layout.images / archive_folder_name(archive)
     res = safe_extract(archive, target, archive_sha256=archive_sha256)
-    log.info("extract %s -> %s: %d files, %d bytes (%s)", archive, target, res.files,
-             res.total_bytes, "extracted" if res.extracted else "already extracted")
+    log.info(
+        "extract %s -> %s: %d files, %d bytes (%s)",
+        archive,
+        target,
+        res.files,
+        res.total_bytes,
+        "extracted" if res.extracted else "already extracted",
+    )
     return {"root": str(res.target), "files": res.files, "extracted": res.extracted}
 
 
@@ -169,8 +208,10 @@ def link_folder(layout: Layout, folder: Path) -> Path:
         if Path(os.readlink(link)) == folder:
             return link
     elif link.exists():
-        raise SourceError(f"{link} already exists and is not a link: cannot use the folder "
-                          f"{folder} under that name; move one of them")
+        raise SourceError(
+            f"{link} already exists and is not a link: cannot use the folder "
+            f"{folder} under that name; move one of them"
+        )
     layout.images.mkdir(parents=True, exist_ok=True)
     tmp = layout.images / f".tmp-link-{folder.name}-{secrets.token_hex(6)}"
     os.symlink(folder, tmp, target_is_directory=True)
@@ -179,6 +220,7 @@ def link_folder(layout: Layout, folder: Path) -> Path:
 
 
 # -- catalog / shards ---------------------------------------------------------------------------
+
 
 def run_day(ds: str | None, run_after: Any = None) -> str:
     """The day whose drop folder a run reads: its logical date, else the day it was run for.
@@ -192,10 +234,17 @@ def run_day(ds: str | None, run_after: Any = None) -> str:
     return str(run_after.date().isoformat())
 
 
-def catalog(settings: Settings, image_root: str, labels_path: str, run_date: str,
-            run_id: str, backbone: str, full_rebuild: bool = False,
-            class_names_path: str | None = None,
-            min_label_coverage: float | None = None) -> dict[str, Any]:
+def catalog(
+    settings: Settings,
+    image_root: str,
+    labels_path: str,
+    run_date: str,
+    run_id: str,
+    backbone: str,
+    full_rebuild: bool = False,
+    class_names_path: str | None = None,
+    min_label_coverage: float | None = None,
+) -> dict[str, Any]:
     """Update the catalog from the archive and ``incoming/<run_date>/``; save what to embed.
 
     The labels must match at least ``min_label_coverage`` (default: the setting) of the
@@ -218,8 +267,9 @@ def catalog(settings: Settings, image_root: str, labels_path: str, run_date: str
         labels = with_class_names(labels, read_class_names(Path(class_names_path)))
     root = Path(image_root)
     minimum = settings.min_label_coverage if min_label_coverage is None else min_label_coverage
-    archive_coverage = check_label_coverage(match_labels(root, find_images(root), labels),
-                                            float(minimum), str(labels_path), str(root))
+    archive_coverage = check_label_coverage(
+        match_labels(root, find_images(root), labels), float(minimum), str(labels_path), str(root)
+    )
     sources = [Source(f"archive:{root.name}", root, labels)]
     daily = incoming_source(layout, run_date)
     if daily is not None:
@@ -229,12 +279,20 @@ def catalog(settings: Settings, image_root: str, labels_path: str, run_date: str
     diff = update_catalog(layout, sources, run_date, backbone, full_rebuild=full_rebuild)
     todo = layout.runs / run_key(run_id) / "to_embed.json"
     atomic_write_json(todo, diff.to_embed)
-    log.info("label coverage: %d of %d live images labelled (%.0f%%, %d classes); archive: %s",
-             diff.label_coverage["labelled_images"], diff.label_coverage["images"],
-             100 * diff.label_coverage["share"], diff.label_coverage["classes"],
-             archive_coverage)
-    return {**diff.summary(), "label_coverage": diff.label_coverage,
-            "archive_label_coverage": archive_coverage, "to_embed_file": str(todo)}
+    log.info(
+        "label coverage: %d of %d live images labelled (%.0f%%, %d classes); archive: %s",
+        diff.label_coverage["labelled_images"],
+        diff.label_coverage["images"],
+        100 * diff.label_coverage["share"],
+        diff.label_coverage["classes"],
+        archive_coverage,
+    )
+    return {
+        **diff.summary(),
+        "label_coverage": diff.label_coverage,
+        "archive_label_coverage": archive_coverage,
+        "to_embed_file": str(todo),
+    }
 
 
 def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dict[str, Any]]:
@@ -246,13 +304,14 @@ def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dic
     shards = []
     for i, start in enumerate(range(0, len(todo), size)):
         spec = shard_dir / f"shard-{i:05d}.json"
-        atomic_write_json(spec, {"run_key": key, "shard": i, "items": todo[start:start + size]})
-        shards.append({"spec": str(spec), "shard": i, "images": len(todo[start:start + size])})
+        atomic_write_json(spec, {"run_key": key, "shard": i, "items": todo[start : start + size]})
+        shards.append({"spec": str(spec), "shard": i, "images": len(todo[start : start + size])})
     log.info("%d images to embed in %d shard(s) of at most %d", len(todo), len(shards), size)
     return shards
 
 
 # -- embed --------------------------------------------------------------------------------------
+
 
 def check_backbone_record(layout: Layout, spec: dict[str, Any]) -> None:
     """The store of a backbone holds vectors of one weights file and runtime; record or compare.
@@ -271,7 +330,8 @@ def check_backbone_record(layout: Layout, spec: dict[str, Any]) -> None:
             f"{record} says the store was built with {stored}, but this run loads {spec}. "
             f"Vectors from different weights, preprocessing or runtime (IMGSIM_RUNTIME) must "
             f"not be mixed: use the store's runtime, or move {record.parent} aside to rebuild "
-            f"it.")
+            f"it."
+        )
 
 
 def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[str, Any]:
@@ -283,23 +343,38 @@ def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[
     layout = settings.layout
     spec = read_json(spec_path)
     configure_threads(settings.num_threads)
-    backbone = load_backbone(backbone_name, weights_path=settings.weights_path,
-                             device=settings.device, runtime=settings.runtime,
-                             cache_dir=layout.model_cache)
+    backbone = load_backbone(
+        backbone_name,
+        weights_path=settings.weights_path,
+        device=settings.device,
+        runtime=settings.runtime,
+        cache_dir=layout.model_cache,
+    )
     check_backbone_record(layout, backbone.spec.as_dict())
-    items = [EmbedItem(it["image_id"], layout.root / it["path"],
-                       layout.thumbs / f"{it['image_id']}.jpg") for it in spec["items"]]
+    items = [
+        EmbedItem(it["image_id"], layout.root / it["path"], layout.thumbs / f"{it['image_id']}.jpg")
+        for it in spec["items"]
+    ]
     good: list[tuple[str, Any]] = []
     rejected: dict[str, int] = {}
-    for res in embed_items(items, backbone, batch_size=settings.batch_size,
-                           max_pixels=settings.max_image_pixels):
+    for res in embed_items(
+        items, backbone, batch_size=settings.batch_size, max_pixels=settings.max_image_pixels
+    ):
         if isinstance(res, Rejected):
             quarantine(layout, res.key, res.path, res.reason, res.detail, spec["run_key"])
             rejected[res.reason] = rejected.get(res.reason, 0) + 1
         else:
             good.append((res.key, res.vector))
-    return finish_shard(layout, spec_path, backbone_name, spec["run_key"], spec["shard"], good,
-                        rejected, backbone.spec.dim)
+    return finish_shard(
+        layout,
+        spec_path,
+        backbone_name,
+        spec["run_key"],
+        spec["shard"],
+        good,
+        rejected,
+        backbone.spec.dim,
+    )
 
 
 def shard_result_path(spec_path: str | Path) -> Path:
@@ -308,31 +383,48 @@ def shard_result_path(spec_path: str | Path) -> Path:
     return spec.parent.parent / "embedded" / spec.name
 
 
-def finish_shard(layout: Layout, spec_path: str | Path, backbone_name: str, run_key: str,
-                 shard: int, good: list[tuple[str, Any]], rejected: dict[str, int],
-                 dim: int) -> dict[str, Any]:
+def finish_shard(
+    layout: Layout,
+    spec_path: str | Path,
+    backbone_name: str,
+    run_key: str,
+    shard: int,
+    good: list[tuple[str, Any]],
+    rejected: dict[str, int],
+    dim: int,
+) -> dict[str, Any]:
     """Write one shard's Parquet file, then its result record (both engines end here)."""
     from imgsim.store import write_shard
 
     path = write_shard(layout, backbone_name, run_key, shard, good, dim)
-    log.info("shard %s: %d embedded, %d quarantined %s -> %s", shard, len(good),
-             sum(rejected.values()), rejected, path)
-    result = {"shard": shard, "embedded": len(good), "quarantined": dict(sorted(rejected.items())),
-              "file": str(path)}
+    log.info(
+        "shard %s: %d embedded, %d quarantined %s -> %s",
+        shard,
+        len(good),
+        sum(rejected.values()),
+        rejected,
+        path,
+    )
+    result = {
+        "shard": shard,
+        "embedded": len(good),
+        "quarantined": dict(sorted(rejected.items())),
+        "file": str(path),
+    }
     atomic_write_json(shard_result_path(spec_path), result)
     return result
 
 
-def embed_route(settings: Settings, engine: str, shards: list[dict[str, Any]], run_id: str,
-                backbone: str) -> tuple[str, str]:
+def embed_route(
+    settings: Settings, engine: str, shards: list[dict[str, Any]], run_id: str, backbone: str
+) -> tuple[str, str]:
     """(route, Spark job file): route ``none`` (nothing to embed), ``tasks`` or ``spark``.
 
     For ``spark`` the job's input is written first: ``runs/<run>/spark_embed.json``.
     """
     from imgsim.config import check_embed_engine
 
-    engine = check_embed_engine(engine, "embed engine (Param embed_engine or "
-                                        "IMGSIM_EMBED_ENGINE)")
+    engine = check_embed_engine(engine, "embed engine (Param embed_engine or IMGSIM_EMBED_ENGINE)")
     if not shards:
         log.info("nothing to embed: no shard for the %s engine", engine)
         return "none", ""
@@ -341,8 +433,9 @@ def embed_route(settings: Settings, engine: str, shards: list[dict[str, Any]], r
     return "spark", str(write_spark_embed_job(settings, shards, run_id, backbone))
 
 
-def write_spark_embed_job(settings: Settings, shards: list[dict[str, Any]], run_id: str,
-                          backbone: str) -> Path:
+def write_spark_embed_job(
+    settings: Settings, shards: list[dict[str, Any]], run_id: str, backbone: str
+) -> Path:
     """Write what ``spark_jobs/embed_images.py --job FILE`` embeds, and with which settings."""
     from dataclasses import asdict
 
@@ -351,8 +444,12 @@ def write_spark_embed_job(settings: Settings, shards: list[dict[str, Any]], run_
     job = EmbedJob.of(settings, backbone, run_key(run_id), [str(s["spec"]) for s in shards])
     path = settings.layout.runs / run_key(run_id) / "spark_embed.json"
     atomic_write_json(path, asdict(job))
-    log.info("Spark embedding job: %d shard(s), %d images -> %s", len(shards),
-             sum(int(s["images"]) for s in shards), path)
+    log.info(
+        "Spark embedding job: %d shard(s), %d images -> %s",
+        len(shards),
+        sum(int(s["images"]) for s in shards),
+        path,
+    )
     return path
 
 
@@ -368,13 +465,17 @@ def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
     for shard in shards:
         path = shard_result_path(shard["spec"])
         if not path.exists():
-            raise PipelineError(f"shard {shard['shard']} ({shard['spec']}) has no result at "
-                                f"{path}: the {engine} engine did not finish it")
+            raise PipelineError(
+                f"shard {shard['shard']} ({shard['spec']}) has no result at "
+                f"{path}: the {engine} engine did not finish it"
+            )
         result = read_json(path)
         quarantined = sum(result["quarantined"].values())
         if result["embedded"] + quarantined != shard["images"]:
-            raise PipelineError(f"shard {shard['shard']}: {result['embedded']} embedded + "
-                                f"{quarantined} quarantined != {shard['images']} planned ({path})")
+            raise PipelineError(
+                f"shard {shard['shard']}: {result['embedded']} embedded + "
+                f"{quarantined} quarantined != {shard['images']} planned ({path})"
+            )
         if not Path(result["file"]).exists():
             raise PipelineError(f"shard {shard['shard']}: {result['file']} is missing")
         embedded += result["embedded"]
@@ -382,32 +483,58 @@ def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
         files.append(Path(result["file"]).name)
         for reason, n in result["quarantined"].items():
             reasons[reason] = reasons.get(reason, 0) + n
-    summary = {"engine": engine, "shards": len(shards), "images": images, "embedded": embedded,
-               "quarantined": dict(sorted(reasons.items())),
-               "quarantined_total": sum(reasons.values()), "files": files}
-    log.info("embedded with %s: %d shard(s), %d of %d images, quarantined %s", engine,
-             len(shards), embedded, images, summary["quarantined"] or "none")
+    summary = {
+        "engine": engine,
+        "shards": len(shards),
+        "images": images,
+        "embedded": embedded,
+        "quarantined": dict(sorted(reasons.items())),
+        "quarantined_total": sum(reasons.values()),
+        "files": files,
+    }
+    log.info(
+        "embedded with %s: %d shard(s), %d of %d images, quarantined %s",
+        engine,
+        len(shards),
+        embedded,
+        images,
+        summary["quarantined"] or "none",
+    )
     return summary
 
 
 # -- fit gate / validate / publish ----------------------------------------------------------------
 
-def fit_settings(settings: Settings, num_hash_tables: int, bucket_length: float,
-                 projection: str) -> dict[str, Any]:
+
+def fit_settings(
+    settings: Settings, num_hash_tables: int, bucket_length: float, projection: str
+) -> dict[str, Any]:
     """Every setting that shapes a fitted version; a change of any of them refits."""
     from imgsim.config import check_projection
 
-    return {"num_hash_tables": int(num_hash_tables), "bucket_length": float(bucket_length),
-            "seed": settings.lsh_seed, "validation_sample": settings.validation_sample,
-            "target_recall": settings.target_recall,
-            "projection": check_projection(projection, "projection (Param projection or "
-                                                       "IMGSIM_PROJECTION)"),
-            "projection_min_coverage": settings.projection_min_coverage}
+    return {
+        "num_hash_tables": int(num_hash_tables),
+        "bucket_length": float(bucket_length),
+        "seed": settings.lsh_seed,
+        "validation_sample": settings.validation_sample,
+        "target_recall": settings.target_recall,
+        "projection": check_projection(
+            projection, "projection (Param projection or IMGSIM_PROJECTION)"
+        ),
+        "projection_min_coverage": settings.projection_min_coverage,
+    }
 
 
-def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_length: float,
-             full_rebuild: bool = False, embedded: dict[str, Any] | None = None,
-             projection: str | None = None, run_id: str = "manual") -> dict[str, Any]:
+def fit_plan(
+    settings: Settings,
+    backbone: str,
+    num_hash_tables: int,
+    bucket_length: float,
+    full_rebuild: bool = False,
+    embedded: dict[str, Any] | None = None,
+    projection: str | None = None,
+    run_id: str = "manual",
+) -> dict[str, Any]:
     """Decide whether a new version is needed; if so, name it.
 
     ``embedded`` is this run's embed summary (:func:`embed_summary`, either engine); a plan
@@ -427,21 +554,31 @@ def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_len
     rows = live_rows(layout)
     indexed = {r["image_id"] for r in rows} & embedded_ids(layout, backbone)
     if not indexed:
-        raise PipelineError(f"no live image has a {backbone} embedding under "
-                            f"{layout.embeddings(backbone)}: nothing to index")
+        raise PipelineError(
+            f"no live image has a {backbone} embedding under "
+            f"{layout.embeddings(backbone)}: nothing to index"
+        )
     fingerprint = snapshot_fingerprint(indexed)
-    labels = labels_fingerprint((r["image_id"], r["class_id"]) for r in rows
-                                if r["image_id"] in indexed)
-    wanted = fit_settings(settings, num_hash_tables, bucket_length,
-                          projection or settings.projection)
+    labels = labels_fingerprint(
+        (r["image_id"], r["class_id"]) for r in rows if r["image_id"] in indexed
+    )
+    wanted = fit_settings(
+        settings, num_hash_tables, bucket_length, projection or settings.projection
+    )
     record = layout.embeddings(backbone) / "BACKBONE.json"
     spec = read_json(record) if record.exists() else {"name": backbone}
     version = new_version()
-    plan = {"version": version, "data_root": str(layout.root), "backbone": backbone,
-            "expected_count": len(indexed), "fingerprint": fingerprint,
-            "labels_fingerprint": labels, **wanted,
-            "projection_dir": str(layout.runs / run_key(run_id) / "projection" / version),
-            "embedded": embedded or {}}
+    plan = {
+        "version": version,
+        "data_root": str(layout.root),
+        "backbone": backbone,
+        "expected_count": len(indexed),
+        "fingerprint": fingerprint,
+        "labels_fingerprint": labels,
+        **wanted,
+        "projection_dir": str(layout.runs / run_key(run_id) / "projection" / version),
+        "embedded": embedded or {},
+    }
     try:
         current = read_manifest(layout)
     except VersionNotFound:
@@ -449,16 +586,23 @@ def fit_plan(settings: Settings, backbone: str, num_hash_tables: int, bucket_len
         return plan
     changed = refit_reasons(current, fingerprint, labels, spec, wanted)
     if not changed and not full_rebuild:
-        log.info("nothing changed since %s (%d images): no refit", current["version"],
-                 len(indexed))
+        log.info("nothing changed since %s (%d images): no refit", current["version"], len(indexed))
         return {}
-    log.info("fitting %s: %s", version, "full rebuild asked for" if full_rebuild and not changed
-             else "; ".join(changed))
+    log.info(
+        "fitting %s: %s",
+        version,
+        "full rebuild asked for" if full_rebuild and not changed else "; ".join(changed),
+    )
     return {**plan, "refit_because": changed or ["full rebuild"]}
 
 
-def refit_reasons(current: dict[str, Any], fingerprint: str, labels: str,
-                  backbone_spec: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def refit_reasons(
+    current: dict[str, Any],
+    fingerprint: str,
+    labels: str,
+    backbone_spec: dict[str, Any],
+    wanted: dict[str, Any],
+) -> list[str]:
     """Why CURRENT no longer describes the store and the settings (empty: it still does)."""
     from imgsim.embedding.backbones import comparable_spec
 
@@ -484,6 +628,35 @@ def fit_job_args(plan: dict[str, Any], run_id: str) -> list[str]:
     return [*args, "--run-id", run_id]
 
 
+def submit_fit(plan: dict[str, Any], run_id: str, master: str = "local[*]") -> None:
+    """The fit job run outside Airflow (``imgsim evaluate``, the benchmarks): ``spark-submit``
+    with the DAG task's arguments and configuration, in the embedded environment."""
+    import subprocess
+
+    from imgsim.config import PROJECT_ROOT
+    from imgsim.envsetup import embedded_environment, venv_bin
+    from imgsim.sparktasks import BASE_CONF, FIT_CONF
+
+    conf = [
+        part
+        for key, value in {**BASE_CONF, **FIT_CONF}.items()
+        for part in ("--conf", f"{key}={value}")
+    ]
+    cmd = [
+        str(venv_bin() / "spark-submit"),
+        "--master",
+        master,
+        *conf,
+        "--name",
+        "imgsim-fit-lsh",
+        str(PROJECT_ROOT / "spark_jobs" / "fit_lsh.py"),
+        *fit_job_args(plan, run_id),
+    ]
+    proc = subprocess.run(cmd, env=embedded_environment(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PipelineError(f"fit_lsh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
 def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
     """Learn the plan's projection from the live references (:mod:`imgsim.ann.projection`).
 
@@ -507,11 +680,23 @@ def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]
     else:
         _learn_projection_spark(plan, out)
     entry, _ = read_choice(out)
-    summary = {"kind": entry["kind"], "dims": entry["dims"], "reason": entry.get("reason"),
-               "coverage": entry.get("coverage"), "engine": engine,
-               "seconds": round(time.perf_counter() - t0, 3)}
-    log.info("projection: %s (%s -> %s dims) by %s in %.1f s: %s", entry["kind"], entry["dim"],
-             entry["dims"], engine, summary["seconds"], entry.get("reason"))
+    summary = {
+        "kind": entry["kind"],
+        "dims": entry["dims"],
+        "reason": entry.get("reason"),
+        "coverage": entry.get("coverage"),
+        "engine": engine,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    log.info(
+        "projection: %s (%s -> %s dims) by %s in %.1f s: %s",
+        entry["kind"],
+        entry["dim"],
+        entry["dims"],
+        engine,
+        summary["seconds"],
+        entry.get("reason"),
+    )
     return summary
 
 
@@ -538,21 +723,27 @@ def _learn_projection_local(settings: Settings, plan: dict[str, Any], out: Path)
     y = np.array([-1 if classes[i] is None else int(classes[i]) for i in ids], np.int64)
     stats = Stats(x.shape[1])
     for start in range(0, len(ids), 20_000):
-        stats = stats.merge(stats_from_arrays(x[start:start + 20_000], y[start:start + 20_000]))
+        stats = stats.merge(stats_from_arrays(x[start : start + 20_000], y[start : start + 20_000]))
     rng = np.random.default_rng(plan["seed"])
     labelled = np.flatnonzero(y >= 0)
     if labelled.size > CV_SAMPLE:
         labelled = np.sort(rng.choice(labelled, CV_SAMPLE, replace=False))
-    choice = choose(stats, plan["projection"], cv_vectors=x[labelled] if labelled.size else None,
-                    cv_labels=y[labelled] if labelled.size else None, seed=plan["seed"],
-                    min_coverage=plan["projection_min_coverage"])
+    choice = choose(
+        stats,
+        plan["projection"],
+        cv_vectors=x[labelled] if labelled.size else None,
+        cv_labels=y[labelled] if labelled.size else None,
+        seed=plan["seed"],
+        min_coverage=plan["projection_min_coverage"],
+    )
     # Held-out LSH tuning for a map learned from labels (whitening has no labels to hold
     # out by; the fit job tunes it), on the same sample as the Spark engine's.
     tuning = None
     if choice.projection.kind == "lda":
         with threadpool_limits(limits=1, user_api="blas"):
-            tuning = holdout_tuning(choice, x[labelled], y[labelled],
-                                    target=plan["target_recall"], seed=plan["seed"])
+            tuning = holdout_tuning(
+                choice, x[labelled], y[labelled], target=plan["target_recall"], seed=plan["seed"]
+            )
     write_choice(choice, out, tuning)
 
 
@@ -562,23 +753,41 @@ def _learn_projection_spark(plan: dict[str, Any], out: Path) -> None:
     from imgsim.sparktasks import BASE_CONF, SPARK_JOBS
 
     hook = SparkSubmitHook(
-        conn_id="spark_default", name="imgsim-learn-projection", conf=dict(BASE_CONF),
-        application_args=["--data-root", plan["data_root"], "--backbone", plan["backbone"],
-                          "--out", str(out), "--kind", plan["projection"],
-                          "--min-coverage", str(plan["projection_min_coverage"]),
-                          "--seed", str(plan["seed"]),
-                          "--target-recall", str(plan["target_recall"])])
+        conn_id="spark_default",
+        name="imgsim-learn-projection",
+        conf=dict(BASE_CONF),
+        application_args=[
+            "--data-root",
+            plan["data_root"],
+            "--backbone",
+            plan["backbone"],
+            "--out",
+            str(out),
+            "--kind",
+            plan["projection"],
+            "--min-coverage",
+            str(plan["projection_min_coverage"]),
+            "--seed",
+            str(plan["seed"]),
+            "--target-recall",
+            str(plan["target_recall"]),
+        ],
+    )
     hook.submit(str(SPARK_JOBS / "learn_projection.py"))
 
 
 def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
     from imgsim.versions.models import validate_staged
 
-    report = validate_staged(settings.layout, plan["version"],
-                             expected_count=plan["expected_count"],
-                             expected_fingerprint=plan["fingerprint"],
-                             expected_labels_fingerprint=plan.get("labels_fingerprint"),
-                             backbone=plan["backbone"], recall_floor=settings.recall_floor)
+    report = validate_staged(
+        settings.layout,
+        plan["version"],
+        expected_count=plan["expected_count"],
+        expected_fingerprint=plan["fingerprint"],
+        expected_labels_fingerprint=plan.get("labels_fingerprint"),
+        backbone=plan["backbone"],
+        recall_floor=settings.recall_floor,
+    )
     return report.as_dict()
 
 
@@ -592,5 +801,8 @@ def publish(settings: Settings, version: str, run_id: str | None = None) -> dict
     publish(settings.layout, version, keep=settings.keep_versions)
     clean_staging(settings.layout)
     manifest = read_manifest(settings.layout, version)
-    return {"version": version, "indexed": manifest["counts"]["indexed"],
-            "recall_at_k": manifest["metrics"]["recall_at_k"]}
+    return {
+        "version": version,
+        "indexed": manifest["counts"]["indexed"],
+        "recall_at_k": manifest["metrics"]["recall_at_k"],
+    }

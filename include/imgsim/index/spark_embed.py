@@ -66,11 +66,17 @@ class EmbedJob:
     max_image_pixels: int = setting_default("max_image_pixels")
 
     @classmethod
-    def of(cls, settings: Settings, backbone: str, run_key: str, shards: Sequence[str],
-           ) -> EmbedJob:
+    def of(
+        cls,
+        settings: Settings,
+        backbone: str,
+        run_key: str,
+        shards: Sequence[str],
+    ) -> EmbedJob:
         """The job for ``shards``, with ``settings``' value of every setting a job carries."""
-        carried = {f.name: getattr(settings, f.name) for f in fields(cls)
-                   if f.default is not MISSING}
+        carried = {
+            f.name: getattr(settings, f.name) for f in fields(cls) if f.default is not MISSING
+        }
         return cls(str(settings.data_root), backbone, run_key, tuple(shards), **carried)
 
     @classmethod
@@ -117,8 +123,9 @@ def read_shards(job: EmbedJob) -> list[PlannedShard]:
         except (OSError, json.JSONDecodeError) as exc:
             raise EmbedJobError(f"cannot read shard spec {spec_path}: {exc}") from exc
         if spec.get("run_key") != job.run_key:
-            raise EmbedJobError(f"{spec_path}: run key {spec.get('run_key')!r}, the job is for "
-                                f"{job.run_key!r}")
+            raise EmbedJobError(
+                f"{spec_path}: run key {spec.get('run_key')!r}, the job is for {job.run_key!r}"
+            )
         shard = int(spec["shard"])
         if shard in shards:
             raise EmbedJobError(f"{spec_path}: shard {shard} is also {shards[shard].spec}")
@@ -127,8 +134,9 @@ def read_shards(job: EmbedJob) -> list[PlannedShard]:
 
 
 def item_rows(shards: list[PlannedShard]) -> list[tuple[int, int, str, str]]:
-    return [(s.shard, pos, it["image_id"], it["path"])
-            for s in shards for pos, it in enumerate(s.items)]
+    return [
+        (s.shard, pos, it["image_id"], it["path"]) for s in shards for pos, it in enumerate(s.items)
+    ]
 
 
 # -- executors ----------------------------------------------------------------------------------
@@ -136,18 +144,24 @@ def item_rows(shards: list[PlannedShard]) -> list[tuple[int, int, str, str]]:
 _BACKBONES: dict[tuple[str, str, str, str, str], Backbone] = {}
 
 
-def cached_backbone(name: str, weights_path: str, device: str, runtime: str = "torch",
-                    cache_dir: Path | None = None) -> Backbone:
+def cached_backbone(
+    name: str, weights_path: str, device: str, runtime: str = "torch", cache_dir: Path | None = None
+) -> Backbone:
     """The backbone, loaded at most once per Python worker process."""
     from imgsim.embedding.backbones import load_backbone
 
     key = (name, weights_path, device, runtime, str(cache_dir))
     if key not in _BACKBONES:
-        _BACKBONES[key] = load_backbone(name, weights_path=weights_path, device=device,
-                                        runtime=runtime, cache_dir=cache_dir)
-        log.info("%s process %d on %s loaded the %s backbone (kept for its later tasks)",
-                 "executor" if _in_task() else "driver", os.getpid(), socket.gethostname(),
-                 name)
+        _BACKBONES[key] = load_backbone(
+            name, weights_path=weights_path, device=device, runtime=runtime, cache_dir=cache_dir
+        )
+        log.info(
+            "%s process %d on %s loaded the %s backbone (kept for its later tasks)",
+            "executor" if _in_task() else "driver",
+            os.getpid(),
+            socket.gethostname(),
+            name,
+        )
     return _BACKBONES[key]
 
 
@@ -160,8 +174,9 @@ def _in_task() -> bool:
 def worker_logging() -> None:
     """Send imgsim's INFO lines from a Python worker to the executor's stderr (task log)."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
 
 
 def task_threads(num_threads: int) -> int:
@@ -174,9 +189,12 @@ def task_threads(num_threads: int) -> int:
     return max(1, int(ctx.cpus())) if ctx is not None else 1
 
 
-def embed_partition(job: EmbedJob, expected_spec: dict[str, Any],
-                    batches: Iterator[pd.DataFrame], flush_every: int = 256,
-                    ) -> Iterator[pd.DataFrame]:
+def embed_partition(
+    job: EmbedJob,
+    expected_spec: dict[str, Any],
+    batches: Iterator[pd.DataFrame],
+    flush_every: int = 256,
+) -> Iterator[pd.DataFrame]:
     """``mapInPandas`` body: decode, thumbnail, batched inference; quarantine bad images."""
     from imgsim.embedding.infer import EmbedItem, Rejected, configure_threads, embed_items
     from imgsim.store import quarantine
@@ -184,19 +202,24 @@ def embed_partition(job: EmbedJob, expected_spec: dict[str, Any],
     worker_logging()
     configure_threads(task_threads(job.num_threads))
     layout = job.layout
-    backbone = cached_backbone(job.backbone, job.weights_path, job.device, job.runtime,
-                               layout.model_cache)
+    backbone = cached_backbone(
+        job.backbone, job.weights_path, job.device, job.runtime, layout.model_cache
+    )
     if backbone.spec.as_dict() != expected_spec:
         raise RuntimeError(
             f"the executor on {socket.gethostname()} loads {backbone.spec.as_dict()}, the driver "
-            f"{expected_spec}: install the same weights file on every Spark worker")
+            f"{expected_spec}: install the same weights file on every Spark worker"
+        )
     for frame in batches:
-        items = [EmbedItem(iid, layout.root / path, layout.thumbs / f"{iid}.jpg")
-                 for iid, path in zip(frame["image_id"], frame["path"], strict=True)]
+        items = [
+            EmbedItem(iid, layout.root / path, layout.thumbs / f"{iid}.jpg")
+            for iid, path in zip(frame["image_id"], frame["path"], strict=True)
+        ]
         places = zip(frame["shard"].tolist(), frame["pos"].tolist(), strict=True)
         rows: list[tuple[int, int, str, np.ndarray | None, str | None]] = []
-        results = embed_items(items, backbone, batch_size=job.batch_size,
-                              max_pixels=job.max_image_pixels)
+        results = embed_items(
+            items, backbone, batch_size=job.batch_size, max_pixels=job.max_image_pixels
+        )
         for (shard, pos), res in zip(places, results, strict=True):
             if isinstance(res, Rejected):
                 quarantine(layout, res.key, res.path, res.reason, res.detail, job.run_key)
@@ -210,13 +233,15 @@ def embed_partition(job: EmbedJob, expected_spec: dict[str, Any],
             yield _embedded_frame(rows)
 
 
-def _embedded_frame(rows: list[tuple[int, int, str, np.ndarray | None, str | None]],
-                    ) -> pd.DataFrame:
+def _embedded_frame(
+    rows: list[tuple[int, int, str, np.ndarray | None, str | None]],
+) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["shard", "pos", "image_id", "vector", "reason"])
 
 
-def write_shard_group(job: EmbedJob, spec_paths: dict[int, str], dim: int,
-                      frame: pd.DataFrame) -> pd.DataFrame:
+def write_shard_group(
+    job: EmbedJob, spec_paths: dict[int, str], dim: int, frame: pd.DataFrame
+) -> pd.DataFrame:
     """``applyInPandas`` body for one shard: its Parquet file and result record, atomically."""
     from imgsim.index.pipeline import finish_shard
 
@@ -224,14 +249,23 @@ def write_shard_group(job: EmbedJob, spec_paths: dict[int, str], dim: int,
     shard = int(frame["shard"].iloc[0])
     good: list[tuple[str, Any]] = []
     rejected: dict[str, int] = {}
-    for iid, vector, reason in zip(frame["image_id"], frame["vector"], frame["reason"],
-                                   strict=True):
+    for iid, vector, reason in zip(
+        frame["image_id"], frame["vector"], frame["reason"], strict=True
+    ):
         if isinstance(reason, str):
             rejected[reason] = rejected.get(reason, 0) + 1
         else:
             good.append((iid, np.asarray(vector, dtype=np.float32)))
-    result = finish_shard(job.layout, spec_paths[shard], job.backbone, job.run_key, shard, good,
-                          rejected, dim)
-    return pd.DataFrame([{"shard": shard, "embedded": result["embedded"],
-                          "quarantined": json.dumps(result["quarantined"]),
-                          "file": result["file"]}])
+    result = finish_shard(
+        job.layout, spec_paths[shard], job.backbone, job.run_key, shard, good, rejected, dim
+    )
+    return pd.DataFrame(
+        [
+            {
+                "shard": shard,
+                "embedded": result["embedded"],
+                "quarantined": json.dumps(result["quarantined"]),
+                "file": result["file"],
+            }
+        ]
+    )

@@ -55,10 +55,18 @@ log = logging.getLogger("imgsim.embed_images")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job", required=True, type=Path,
-                   help="runs/<run>/spark_embed.json (imgsim.index.pipeline.write_spark_embed_job)")
-    p.add_argument("--images-per-task", type=int, default=256,
-                   help="images per Spark task (at least one task per core)")
+    p.add_argument(
+        "--job",
+        required=True,
+        type=Path,
+        help="runs/<run>/spark_embed.json (imgsim.index.pipeline.write_spark_embed_job)",
+    )
+    p.add_argument(
+        "--images-per-task",
+        type=int,
+        default=256,
+        help="images per Spark task (at least one task per core)",
+    )
     args = p.parse_args(argv)
     if args.images_per_task < 1:
         p.error("--images-per-task must be >= 1")
@@ -70,8 +78,11 @@ def num_slices(total: int, parallelism: int, images_per_task: int) -> int:
     return max(1, min(total, max(parallelism, math.ceil(total / images_per_task))))
 
 
-def item_frame(spark: SparkSession, shards: list[PlannedShard], images_per_task: int,
-               ) -> DataFrame:
+def item_frame(
+    spark: SparkSession,
+    shards: list[PlannedShard],
+    images_per_task: int,
+) -> DataFrame:
     rows = item_rows(shards)
     sc = spark.sparkContext
     slices = num_slices(len(rows), sc.defaultParallelism, images_per_task)
@@ -84,33 +95,46 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     shards = read_shards(job)
     # On the CPU: the driver only needs the spec (and, for ONNX, exports the model file once
     # into the shared cache before the executors look for it).
-    driver_backbone = cached_backbone(job.backbone, job.weights_path, "cpu", job.runtime,
-                                      job.layout.model_cache)
+    driver_backbone = cached_backbone(
+        job.backbone, job.weights_path, "cpu", job.runtime, job.layout.model_cache
+    )
     spec = driver_backbone.spec.as_dict()
     check_backbone_record(job.layout, spec)
 
-    spark.conf.set("spark.sql.shuffle.partitions",
-                   str(max(1, min(len(shards), spark.sparkContext.defaultParallelism * 2))))
+    spark.conf.set(
+        "spark.sql.shuffle.partitions",
+        str(max(1, min(len(shards), spark.sparkContext.defaultParallelism * 2))),
+    )
     items = item_frame(spark, shards, args.images_per_task)
     embedded = items.mapInPandas(partial(embed_partition, job, spec), EMBEDDED_SCHEMA)
-    written = (embedded.groupBy("shard")
-               .applyInPandas(partial(write_shard_group, job, {s.shard: s.spec for s in shards},
-                                      int(spec["dim"])), RESULT_SCHEMA)
-               .collect())
+    written = (
+        embedded.groupBy("shard")
+        .applyInPandas(
+            partial(write_shard_group, job, {s.shard: s.spec for s in shards}, int(spec["dim"])),
+            RESULT_SCHEMA,
+        )
+        .collect()
+    )
     done = {int(r["shard"]) for r in written}
     missing = sorted({s.shard for s in shards} - done)
-    if missing:   # every planned shard has at least one image, so each one is a group
+    if missing:  # every planned shard has at least one image, so each one is a group
         raise RuntimeError(f"shards {missing} were not written")
     for r in sorted(written, key=lambda r: int(r["shard"])):
-        log.info("shard %d: %d embedded, quarantined %s -> %s", r["shard"], r["embedded"],
-                 json.loads(r["quarantined"]) or "none", r["file"])
+        log.info(
+            "shard %d: %d embedded, quarantined %s -> %s",
+            r["shard"],
+            r["embedded"],
+            json.loads(r["quarantined"]) or "none",
+            r["file"],
+        )
     return embed_summary([s.as_plan() for s in shards], "spark")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary: dict[str, Any] = {}
-    rc = run_application(f"imgsim-embed-{args.job.parent.name}",
-                         lambda spark: summary.update(run(spark, args)))
+    rc = run_application(
+        f"imgsim-embed-{args.job.parent.name}", lambda spark: summary.update(run(spark, args))
+    )
     print("IMGSIM_EMBED_SUMMARY " + json.dumps(summary, sort_keys=True), flush=True)
     return rc

@@ -81,32 +81,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", required=True, type=Path)
     p.add_argument("--backbone", required=True)
     p.add_argument("--version", required=True)
-    p.add_argument("--num-hash-tables", type=int, default=setting_default("lsh_num_hash_tables"),
-                   help="number of hash tables (bands); 0 = auto-tune (with bucketLength)")
-    p.add_argument("--keys-per-band", type=int, default=1,
-                   help="projections ANDed into one band key (1 = Spark's plain BRP)")
-    p.add_argument("--probes", type=int, default=0,
-                   help="extra buckets looked up per band (multi-probe), <= keys per band")
-    p.add_argument("--bucket-length", type=float, default=setting_default("lsh_bucket_length"),
-                   help="bucket width on unit vectors; 0 = auto (see estimate_bucket_length)")
+    p.add_argument(
+        "--num-hash-tables",
+        type=int,
+        default=setting_default("lsh_num_hash_tables"),
+        help="number of hash tables (bands); 0 = auto-tune (with bucketLength)",
+    )
+    p.add_argument(
+        "--keys-per-band",
+        type=int,
+        default=1,
+        help="projections ANDed into one band key (1 = Spark's plain BRP)",
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=0,
+        help="extra buckets looked up per band (multi-probe), <= keys per band",
+    )
+    p.add_argument(
+        "--bucket-length",
+        type=float,
+        default=setting_default("lsh_bucket_length"),
+        help="bucket width on unit vectors; 0 = auto (see estimate_bucket_length)",
+    )
     p.add_argument("--auto-bucket-factor", type=float, default=AUTO_BUCKET_FACTOR)
     p.add_argument("--seed", type=int, default=setting_default("lsh_seed"))
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--sample-size", type=int, default=setting_default("validation_sample"))
     p.add_argument("--run-id", default="manual")
-    p.add_argument("--projection-dir", type=Path, default=None,
-                   help="a learned projection (spark_jobs/learn_projection.py --out); the LSH "
-                        "is fitted in its space and the version keeps it")
-    p.add_argument("--target-recall", type=float, default=None,
-                   help="recall@k the auto-tuner aims for (default: IMGSIM_TARGET_RECALL)")
-    p.add_argument("--tune-sample", type=int, default=MAX_TUNE_SAMPLE,
-                   help="reference vectors the auto-tuner samples (at most)")
-    p.add_argument("--tune-queries", type=int, default=200,
-                   help="sampled references that query the rest while tuning")
-    p.add_argument("--tune-keys-per-band", type=_int_list, default=(1, 2, 4, 8),
-                   help="keys-per-band values the auto-tuner tries, comma-separated")
-    p.add_argument("--tune-probes", type=_int_list, default=(0, 1, 2),
-                   help="probe counts the auto-tuner tries, comma-separated")
+    p.add_argument(
+        "--projection-dir",
+        type=Path,
+        default=None,
+        help="a learned projection (spark_jobs/learn_projection.py --out); the LSH "
+        "is fitted in its space and the version keeps it",
+    )
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=None,
+        help="recall@k the auto-tuner aims for (default: IMGSIM_TARGET_RECALL)",
+    )
+    p.add_argument(
+        "--tune-sample",
+        type=int,
+        default=MAX_TUNE_SAMPLE,
+        help="reference vectors the auto-tuner samples (at most)",
+    )
+    p.add_argument(
+        "--tune-queries",
+        type=int,
+        default=200,
+        help="sampled references that query the rest while tuning",
+    )
+    p.add_argument(
+        "--tune-keys-per-band",
+        type=_int_list,
+        default=(1, 2, 4, 8),
+        help="keys-per-band values the auto-tuner tries, comma-separated",
+    )
+    p.add_argument(
+        "--tune-probes",
+        type=_int_list,
+        default=(0, 1, 2),
+        help="probe counts the auto-tuner tries, comma-separated",
+    )
     args = p.parse_args(argv)
     if args.num_hash_tables < 0:
         p.error("--num-hash-tables must be >= 1, or 0 for auto-tuning")
@@ -131,8 +171,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") \
-            from exc
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from exc
     if not values:
         raise argparse.ArgumentTypeError("empty list")
     return values
@@ -141,15 +182,21 @@ def _int_list(text: str) -> tuple[int, ...]:
 def flatten_hashes(hashed: DataFrame) -> DataFrame:
     """Spark's array<vector(1)> hashes -> array<bigint>, one bucket id per table."""
     return hashed.withColumn(
-        "hashes", F.transform("hashes", lambda h: vector_to_array(h)[0].cast("long")))
+        "hashes", F.transform("hashes", lambda h: vector_to_array(h)[0].cast("long"))
+    )
 
 
 def driver_sample(data: DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """One seeded sample of at most ``size`` rows on the driver (image_id, class_id) and their
     vectors (n, dim) float32, ordered by a seeded hash of the id: every smaller sample the job
     needs (tuning, bucket width, validation queries) is a prefix of it."""
-    rows = cast(pd.DataFrame, data.select("image_id", "class_id", "vector")
-                .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed))).limit(size).toPandas())
+    rows = cast(
+        pd.DataFrame,
+        data.select("image_id", "class_id", "vector")
+        .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
+        .limit(size)
+        .toPandas(),
+    )
     x = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
     return rows.drop(columns="vector"), x
 
@@ -169,23 +216,37 @@ def auto_tune(x: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     scale = data_scale(x, args.seed)
-    factors = ((args.bucket_length / scale,) if args.bucket_length > 0
-               else DEFAULT_WIDTH_FACTORS)
-    result = tune(x, target=target_recall(args), k=args.k, max_queries=args.tune_queries,
-                  seed=args.seed, width_factors=factors,
-                  keys_per_band=args.tune_keys_per_band, probes=args.tune_probes)
+    factors = (args.bucket_length / scale,) if args.bucket_length > 0 else DEFAULT_WIDTH_FACTORS
+    result = tune(
+        x,
+        target=target_recall(args),
+        k=args.k,
+        max_queries=args.tune_queries,
+        seed=args.seed,
+        width_factors=factors,
+        keys_per_band=args.tune_keys_per_band,
+        probes=args.tune_probes,
+    )
     tuning = result.as_dict()
-    tuning.update(seconds=round(time.perf_counter() - t0, 3),
-                  method="leave-one-out on a seeded sample; grid of bands x keys per band x "
-                         "bucketLength x probes over BRP projections")
-    log.info("auto-tuned LSH on %d vectors: %s (target %.3f met: %s) in %.1f s",
-             result.sample_size, result.choice.as_dict(), result.target, result.target_met,
-             tuning["seconds"])
+    tuning.update(
+        seconds=round(time.perf_counter() - t0, 3),
+        method="leave-one-out on a seeded sample; grid of bands x keys per band x "
+        "bucketLength x probes over BRP projections",
+    )
+    log.info(
+        "auto-tuned LSH on %d vectors: %s (target %.3f met: %s) in %.1f s",
+        result.sample_size,
+        result.choice.as_dict(),
+        result.target,
+        result.target_met,
+        tuning["seconds"],
+    )
     return tuning
 
 
-def held_out_tuning(x: np.ndarray, args: argparse.Namespace,
-                    learned: dict[str, Any]) -> dict[str, Any]:
+def held_out_tuning(
+    x: np.ndarray, args: argparse.Namespace, learned: dict[str, Any]
+) -> dict[str, Any]:
     """The learn step's held-out tuning (imgsim.ann.projection.holdout_tuning), its width factor
     applied to the scale of this data. (A fixed --bucket-length is tuned by auto_tune.)"""
     from imgsim.ann.tuning import data_scale
@@ -201,8 +262,9 @@ def held_out_tuning(x: np.ndarray, args: argparse.Namespace,
 ESTIMATE_SAMPLE = 2000
 
 
-def estimate_bucket_length(x: np.ndarray, dim: int, factor: float,
-                           seed: int) -> tuple[float, float]:
+def estimate_bucket_length(
+    x: np.ndarray, dim: int, factor: float, seed: int
+) -> tuple[float, float]:
     """(bucketLength, median distance) from 4 random pairs per row of the sample ``x``."""
     from imgsim.ann.tuning import median_pair_distance
 
@@ -210,8 +272,9 @@ def estimate_bucket_length(x: np.ndarray, dim: int, factor: float,
     return factor * median / float(np.sqrt(dim)), median
 
 
-def apply_projection(data: DataFrame, projection_dir: Path,
-                     out_dir: Path) -> tuple[DataFrame, dict[str, Any]]:
+def apply_projection(
+    data: DataFrame, projection_dir: Path, out_dir: Path
+) -> tuple[DataFrame, dict[str, Any]]:
     """The live vectors mapped into the learned space; the projection copied into the version."""
     from pyspark.ml.functions import array_to_vector
 
@@ -222,17 +285,27 @@ def apply_projection(data: DataFrame, projection_dir: Path,
     if proj is None:
         return data, entry
     entry = {**entry, **proj.save(out_dir / PROJECTION_DIR)}
-    projected = project(data.drop("features"), proj).withColumn(
-        "features", array_to_vector(F.col("vector"))).cache()
-    log.info("vectors projected: %s %d -> %d dims (%s)", proj.kind, proj.dim, proj.dims,
-             entry.get("reason"))
+    projected = (
+        project(data.drop("features"), proj)
+        .withColumn("features", array_to_vector(F.col("vector")))
+        .cache()
+    )
+    log.info(
+        "vectors projected: %s %d -> %d dims (%s)",
+        proj.kind,
+        proj.dim,
+        proj.dims,
+        entry.get("reason"),
+    )
     return projected, entry
 
 
 # -- metrics ------------------------------------------------------------------------------------
 
-def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray, k: int,
-                       probe_keys: np.ndarray) -> pd.DataFrame:
+
+def partial_neighbours(
+    ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray, k: int, probe_keys: np.ndarray
+) -> pd.DataFrame:
     """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates.
 
     Candidates share a band key with one of the query's ``probe_keys`` (m, bands,
@@ -241,7 +314,7 @@ def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray,
     """
     q_ids = queries["image_id"].tolist()
     bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, probe_keys))
-    kk = k + 1   # the query itself is in the reference set
+    kk = k + 1  # the query itself is in the reference set
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from imgsim.ann import BandIndex, smallest_k, squared_distances
@@ -262,20 +335,27 @@ def partial_neighbours(ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray,
             out: list[tuple[str, str | None, str | None, float, int]] = []
             for qi, qid in enumerate(ids_):
                 out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
-                out.extend((qid, "lsh", ids[j], float(dist[qi, j]), 0) for j in approx[qi]
-                           if cand[qi, j])
+                out.extend(
+                    (qid, "lsh", ids[j], float(dist[qi, j]), 0) for j in approx[qi] if cand[qi, j]
+                )
                 out.append((qid, "count", None, 0.0, int(cand[qi].sum())))
             yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
 
-    schema = T.StructType([
-        T.StructField("query_id", T.StringType()), T.StructField("kind", T.StringType()),
-        T.StructField("image_id", T.StringType()), T.StructField("distance", T.DoubleType()),
-        T.StructField("n", T.LongType())])
+    schema = T.StructType(
+        [
+            T.StructField("query_id", T.StringType()),
+            T.StructField("kind", T.StringType()),
+            T.StructField("image_id", T.StringType()),
+            T.StructField("distance", T.DoubleType()),
+            T.StructField("n", T.LongType()),
+        ]
+    )
     return ref.select("image_id", "vector", "hashes").mapInPandas(run, schema).toPandas()
 
 
-def recall_metrics(parts: pd.DataFrame, queries: pd.DataFrame, labels: dict[str, Any],
-                   total: int, k: int) -> dict[str, Any]:
+def recall_metrics(
+    parts: pd.DataFrame, queries: pd.DataFrame, labels: dict[str, Any], total: int, k: int
+) -> dict[str, Any]:
     """Merge partition results: recall@k of the LSH against exact, share compared, label hits."""
     recalls, shares, precisions, hits, short = [], [], [], [], 0
     for qid, qclass in zip(queries["image_id"], queries["class_id"], strict=True):
@@ -296,7 +376,8 @@ def recall_metrics(parts: pd.DataFrame, queries: pd.DataFrame, labels: dict[str,
             hits.append(float(any(same)))
     n = len(recalls)
     return {
-        "k": k, "queries": n,
+        "k": k,
+        "queries": n,
         "recall_at_k": float(np.mean(recalls)) if n else None,
         "candidates_share": float(np.mean(shares)) if n else None,
         "short_answers": short,
@@ -307,17 +388,23 @@ def recall_metrics(parts: pd.DataFrame, queries: pd.DataFrame, labels: dict[str,
 
 # -- write --------------------------------------------------------------------------------------
 
-def write_version(model: BucketedRandomProjectionLSHModel, reference: DataFrame,
-                  out_dir: Path) -> None:
+
+def write_version(
+    model: BucketedRandomProjectionLSHModel, reference: DataFrame, out_dir: Path
+) -> None:
     model.write().overwrite().save(str(out_dir / "model"))
-    (reference.select("image_id", "path", "class_id", "class_name", "vector", "hashes")
-     .orderBy("image_id").write.mode("overwrite").parquet(str(out_dir / "reference")))
+    (
+        reference.select("image_id", "path", "class_id", "class_name", "vector", "hashes")
+        .orderBy("image_id")
+        .write.mode("overwrite")
+        .parquet(str(out_dir / "reference"))
+    )
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     layout = Layout(args.data_root.resolve())
     out_dir = layout.staging / args.version
-    if out_dir.exists():                       # a retry of the same run: start clean
+    if out_dir.exists():  # a retry of the same run: start clean
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
 
@@ -343,43 +430,62 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     bucket_length, median_distance = args.bucket_length, None
     bands, tuning = args.num_hash_tables, None
     keys_per_band, probes = args.keys_per_band, args.probes
-    need = max(args.sample_size, args.tune_sample if bands == 0 else 0,
-               ESTIMATE_SAMPLE if bands and bucket_length == 0 else 0)
-    sample, x = driver_sample(data, need, args.seed)      # one pass over the data for all
-    if (bands == 0 and args.bucket_length == 0 and projection_entry
-            and projection_entry.get("lsh_tuning")):
-        tuning = held_out_tuning(x[:args.tune_sample], args, projection_entry["lsh_tuning"])
+    need = max(
+        args.sample_size,
+        args.tune_sample if bands == 0 else 0,
+        ESTIMATE_SAMPLE if bands and bucket_length == 0 else 0,
+    )
+    sample, x = driver_sample(data, need, args.seed)  # one pass over the data for all
+    if (
+        bands == 0
+        and args.bucket_length == 0
+        and projection_entry
+        and projection_entry.get("lsh_tuning")
+    ):
+        tuning = held_out_tuning(x[: args.tune_sample], args, projection_entry["lsh_tuning"])
     elif bands == 0:
-        tuning = auto_tune(x[:args.tune_sample], args)
+        tuning = auto_tune(x[: args.tune_sample], args)
     elif bucket_length == 0:
         bucket_length, median_distance = estimate_bucket_length(
-            x[:ESTIMATE_SAMPLE], dim, args.auto_bucket_factor, args.seed)
-        log.info("auto bucketLength %.6f (median pair distance %.4f, dim %d)", bucket_length,
-                 median_distance, dim)
+            x[:ESTIMATE_SAMPLE], dim, args.auto_bucket_factor, args.seed
+        )
+        log.info(
+            "auto bucketLength %.6f (median pair distance %.4f, dim %d)",
+            bucket_length,
+            median_distance,
+            dim,
+        )
     if tuning is not None:
         bands = int(tuning["choice"]["tables"])
         keys_per_band = int(tuning["choice"]["keys_per_band"])
         probes = int(tuning["choice"]["probes"])
         bucket_length = float(tuning["choice"]["bucket_length"])
     t0 = time.perf_counter()
-    lsh = BucketedRandomProjectionLSH(inputCol="features", outputCol="hashes",
-                                      bucketLength=bucket_length,
-                                      numHashTables=bands * keys_per_band, seed=args.seed)
+    lsh = BucketedRandomProjectionLSH(
+        inputCol="features",
+        outputCol="hashes",
+        bucketLength=bucket_length,
+        numHashTables=bands * keys_per_band,
+        seed=args.seed,
+    )
     model = lsh.fit(data)
     fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reference = flatten_hashes(model.transform(data)).drop("features").cache()
-    write_version(model, reference, out_dir)      # hashes every vector once (cached)
+    write_version(model, reference, out_dir)  # hashes every vector once (cached)
     write_s = time.perf_counter() - t0
     from imgsim.ann import load_brp_model, probe_keys
 
     t0 = time.perf_counter()
-    queries, q_vec = sample.head(args.sample_size), x[:args.sample_size]
+    queries, q_vec = sample.head(args.sample_size), x[: args.sample_size]
     qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
     parts = partial_neighbours(reference, queries, q_vec, args.k, qkeys)
     metrics = recall_metrics(parts, queries, labels, n, args.k)
-    metrics.update(fit_seconds=round(fit_s, 3), hash_and_write_seconds=round(write_s, 3),
-                   evaluation_seconds=round(time.perf_counter() - t0, 3))
+    metrics.update(
+        fit_seconds=round(fit_s, 3),
+        hash_and_write_seconds=round(write_s, 3),
+        evaluation_seconds=round(time.perf_counter() - t0, 3),
+    )
 
     backbone_file = layout.embeddings(args.backbone) / "BACKBONE.json"
     backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
@@ -392,34 +498,52 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         "embedding_dim": raw_dim,
         "search_dim": dim,
         "normalize": "l2",
-        "distance": "euclidean on unit vectors" + (" of the projection" if projection_entry
-                                                   else ""),
+        "distance": "euclidean on unit vectors"
+        + (" of the projection" if projection_entry else ""),
         "projection": projection_entry or {"kind": "none", "dim": raw_dim, "dims": raw_dim},
-        "lsh": {"algorithm": "BucketedRandomProjectionLSH",
-                "numHashTables": bands * keys_per_band,
-                "bucketLength": bucket_length, "seed": args.seed,
-                "bands": bands, "keys_per_band": keys_per_band, "probes": probes,
-                "requested_num_hash_tables": args.num_hash_tables,
-                "requested_bucket_length": args.bucket_length,
-                "auto_bucket_factor": args.auto_bucket_factor
-                if args.bucket_length == 0 and tuning is None else None,
-                "median_pair_distance": median_distance},
+        "lsh": {
+            "algorithm": "BucketedRandomProjectionLSH",
+            "numHashTables": bands * keys_per_band,
+            "bucketLength": bucket_length,
+            "seed": args.seed,
+            "bands": bands,
+            "keys_per_band": keys_per_band,
+            "probes": probes,
+            "requested_num_hash_tables": args.num_hash_tables,
+            "requested_bucket_length": args.bucket_length,
+            "auto_bucket_factor": args.auto_bucket_factor
+            if args.bucket_length == 0 and tuning is None
+            else None,
+            "median_pair_distance": median_distance,
+        },
         "tuning": tuning,
         "fit_settings": {
-            "num_hash_tables": args.num_hash_tables, "bucket_length": args.bucket_length,
-            "seed": args.seed, "validation_sample": args.sample_size,
+            "num_hash_tables": args.num_hash_tables,
+            "bucket_length": args.bucket_length,
+            "seed": args.seed,
+            "validation_sample": args.sample_size,
             "target_recall": target_recall(args),
             "projection": (projection_entry or {}).get("requested", "none"),
-            "projection_min_coverage": (projection_entry or {}).get("min_coverage")},
-        "snapshot": {"fingerprint": snapshot_fingerprint(ids),
-                     "labels_fingerprint": labels_fingerprint(labels.items()), "count": n,
-                     "shard_files": [Path(f).name for f in files]},
+            "projection_min_coverage": (projection_entry or {}).get("min_coverage"),
+        },
+        "snapshot": {
+            "fingerprint": snapshot_fingerprint(ids),
+            "labels_fingerprint": labels_fingerprint(labels.items()),
+            "count": n,
+            "shard_files": [Path(f).name for f in files],
+        },
         "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},
         "metrics": metrics,
         "spark": {"version": spark.version, "master": spark.sparkContext.master},
-        "files": {"model": "model", "reference": "reference",
-                  **({"projection": projection_entry["file"]}
-                     if projection_entry and "file" in projection_entry else {})},
+        "files": {
+            "model": "model",
+            "reference": "reference",
+            **(
+                {"projection": projection_entry["file"]}
+                if projection_entry and "file" in projection_entry
+                else {}
+            ),
+        },
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
     log.info("wrote %s: %d images, recall@%d=%s", out_dir, n, args.k, metrics["recall_at_k"])

@@ -59,14 +59,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", required=True)
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--expansion", type=int, default=setting_default("query_expansion"),
-                   help="query expansion: search again with each query plus its first N "
-                        "answers (0 = off; IMGSIM_QUERY_EXPANSION)")
-    p.add_argument("--scan-share", type=float, default=SCAN_SHARE,
-                   help="answer by an exact scan when the version's LSH compared more than "
-                        "this share of the index in validation (IMGSIM_SCAN_SHARE)")
-    p.add_argument("--scan-below", type=int, default=SCAN_BELOW,
-                   help="scan exactly when references x dims is below this (IMGSIM_SCAN_BELOW)")
+    p.add_argument(
+        "--expansion",
+        type=int,
+        default=setting_default("query_expansion"),
+        help="query expansion: search again with each query plus its first N "
+        "answers (0 = off; IMGSIM_QUERY_EXPANSION)",
+    )
+    p.add_argument(
+        "--scan-share",
+        type=float,
+        default=SCAN_SHARE,
+        help="answer by an exact scan when the version's LSH compared more than "
+        "this share of the index in validation (IMGSIM_SCAN_SHARE)",
+    )
+    p.add_argument(
+        "--scan-below",
+        type=int,
+        default=SCAN_BELOW,
+        help="scan exactly when references x dims is below this (IMGSIM_SCAN_BELOW)",
+    )
     args = p.parse_args(argv)
     if not 0.0 <= args.scan_share <= 1.0 or args.scan_below < 0:
         p.error("--scan-share must be in [0, 1] and --scan-below >= 0")
@@ -91,15 +103,19 @@ def read_model(data_root: Path, version: str) -> tuple[BucketedRandomProjectionL
 
 
 def read_reference(spark: SparkSession, path: Path) -> DataFrame:
-    return (spark.read.parquet(str(path))
-            .select("image_id", "path", "class_id", "class_name",
-                    array_to_vector(F.col("vector")).alias("features")))
+    return spark.read.parquet(str(path)).select(
+        "image_id",
+        "path",
+        "class_id",
+        "class_name",
+        array_to_vector(F.col("vector")).alias("features"),
+    )
 
 
 def read_queries(spark: SparkSession, run_dir: Path) -> DataFrame:
-    return (spark.read.parquet(str(run_dir / "query_vectors.parquet"))
-            .select("query_id", array_to_vector(F.col("vector").cast("array<float>"))
-                    .alias("features")))
+    return spark.read.parquet(str(run_dir / "query_vectors.parquet")).select(
+        "query_id", array_to_vector(F.col("vector").cast("array<float>")).alias("features")
+    )
 
 
 def top_k_per_query(flat: DataFrame, queries: DataFrame, k: int) -> DataFrame:
@@ -107,43 +123,56 @@ def top_k_per_query(flat: DataFrame, queries: DataFrame, k: int) -> DataFrame:
     class_name, distance), with the candidate count; a query without candidates gets one row
     with nulls and ``candidates`` 0."""
     by_query = Window.partitionBy("query_id")
-    ranked = (flat.withColumn("candidates", F.count("*").over(by_query))
-              .withColumn("rank", F.row_number().over(by_query.orderBy("distance", "image_id"))))
+    ranked = flat.withColumn("candidates", F.count("*").over(by_query)).withColumn(
+        "rank", F.row_number().over(by_query.orderBy("distance", "image_id"))
+    )
     top = ranked.where(F.col("rank") <= k)
-    none = (queries.select("query_id").join(flat.select("query_id").distinct(), "query_id",
-                                             "left_anti")
-            .select("query_id", F.lit(None).cast("string").alias("image_id"),
-                    F.lit(None).cast("string").alias("path"),
-                    F.lit(None).cast("int").alias("class_id"),
-                    F.lit(None).cast("string").alias("class_name"),
-                    F.lit(None).cast("double").alias("distance"),
-                    F.lit(0).cast("long").alias("candidates"),
-                    F.lit(None).cast("int").alias("rank")))
+    none = (
+        queries.select("query_id")
+        .join(flat.select("query_id").distinct(), "query_id", "left_anti")
+        .select(
+            "query_id",
+            F.lit(None).cast("string").alias("image_id"),
+            F.lit(None).cast("string").alias("path"),
+            F.lit(None).cast("int").alias("class_id"),
+            F.lit(None).cast("string").alias("class_name"),
+            F.lit(None).cast("double").alias("distance"),
+            F.lit(0).cast("long").alias("candidates"),
+            F.lit(None).cast("int").alias("rank"),
+        )
+    )
     return top.select(*none.columns).unionByName(none)
 
 
-def nearest(model: BucketedRandomProjectionLSHModel, queries: DataFrame, reference: DataFrame,
-            k: int) -> DataFrame:
+def nearest(
+    model: BucketedRandomProjectionLSHModel, queries: DataFrame, reference: DataFrame, k: int
+) -> DataFrame:
     """Top-k references per query among the LSH candidates, with the candidate count."""
     pairs = model.approxSimilarityJoin(queries, reference, ALL_CANDIDATES, distCol="distance")
-    flat = pairs.select(F.col("datasetA.query_id").alias("query_id"),
-                        F.col("datasetB.image_id").alias("image_id"),
-                        F.col("datasetB.path").alias("path"),
-                        F.col("datasetB.class_id").alias("class_id"),
-                        F.col("datasetB.class_name").alias("class_name"), "distance")
+    flat = pairs.select(
+        F.col("datasetA.query_id").alias("query_id"),
+        F.col("datasetB.image_id").alias("image_id"),
+        F.col("datasetB.path").alias("path"),
+        F.col("datasetB.class_id").alias("class_id"),
+        F.col("datasetB.class_name").alias("class_name"),
+        "distance",
+    )
     return top_k_per_query(flat, queries, k)
 
 
 def reference_band_keys(reference: DataFrame, keys_per_band: int) -> DataFrame:
     """(image_id, band, key): each reference's hash columns, ``keys_per_band`` at a time."""
     kb = keys_per_band
-    bands = F.transform(F.sequence(F.lit(0), (F.size("hashes") / kb).cast("int") - 1),
-                        lambda b: F.slice("hashes", b * kb + 1, kb))
+    bands = F.transform(
+        F.sequence(F.lit(0), (F.size("hashes") / kb).cast("int") - 1),
+        lambda b: F.slice("hashes", b * kb + 1, kb),
+    )
     return reference.select("image_id", F.posexplode(bands).alias("band", "key"))
 
 
-def query_probe_keys(queries: DataFrame, matrix: np.ndarray, bucket_length: float,
-                     keys_per_band: int, probes: int) -> DataFrame:
+def query_probe_keys(
+    queries: DataFrame, matrix: np.ndarray, bucket_length: float, keys_per_band: int, probes: int
+) -> DataFrame:
     """(query_id, band, key) for every probe key of every query (imgsim.ann.probe_keys)."""
     from imgsim.ann import BrpParams, probe_keys
 
@@ -154,21 +183,27 @@ def query_probe_keys(queries: DataFrame, matrix: np.ndarray, bucket_length: floa
             if b.empty:
                 continue
             x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-            keys = probe_keys(params.value, x, keys_per_band, probes)   # (m, L, P, K)
+            keys = probe_keys(params.value, x, keys_per_band, probes)  # (m, L, P, K)
             m, tables, p, _ = keys.shape
-            yield pd.DataFrame({
-                "query_id": np.repeat(b["query_id"].to_numpy(), tables * p),
-                "band": np.tile(np.repeat(np.arange(tables, dtype=np.int32), p), m),
-                "key": list(keys.reshape(m * tables * p, keys_per_band))})
+            yield pd.DataFrame(
+                {
+                    "query_id": np.repeat(b["query_id"].to_numpy(), tables * p),
+                    "band": np.tile(np.repeat(np.arange(tables, dtype=np.int32), p), m),
+                    "key": list(keys.reshape(m * tables * p, keys_per_band)),
+                }
+            )
 
-    schema = T.StructType([T.StructField("query_id", T.StringType()),
-                           T.StructField("band", T.IntegerType()),
-                           T.StructField("key", T.ArrayType(T.LongType()))])
+    schema = T.StructType(
+        [
+            T.StructField("query_id", T.StringType()),
+            T.StructField("band", T.IntegerType()),
+            T.StructField("key", T.ArrayType(T.LongType())),
+        ]
+    )
     return queries.select("query_id", "vector").mapInPandas(run, schema)
 
 
-def candidate_distances(pairs: DataFrame, queries: DataFrame,
-                        reference: DataFrame) -> DataFrame:
+def candidate_distances(pairs: DataFrame, queries: DataFrame, reference: DataFrame) -> DataFrame:
     """(query_id, image_id, path, class_id, class_name, distance) for every candidate pair.
 
     The pairs are grouped per reference, so each reference vector is read once and never
@@ -176,12 +211,15 @@ def candidate_distances(pairs: DataFrame, queries: DataFrame,
     """
     q_rows = queries.select("query_id", "vector").collect()
     q_index = {r.query_id: i for i, r in enumerate(q_rows)}
-    q_mat = (np.stack([np.asarray(r.vector, np.float64) for r in q_rows]) if q_rows
-             else np.zeros((0, 1)))
+    q_mat = (
+        np.stack([np.asarray(r.vector, np.float64) for r in q_rows]) if q_rows else np.zeros((0, 1))
+    )
     bq = pairs.sparkSession.sparkContext.broadcast((q_index, q_mat))
-    grouped = (pairs.groupBy("image_id").agg(F.collect_list("query_id").alias("qids"))
-               .join(reference.select("image_id", "path", "class_id", "class_name", "vector"),
-                     "image_id"))
+    grouped = (
+        pairs.groupBy("image_id")
+        .agg(F.collect_list("query_id").alias("qids"))
+        .join(reference.select("image_id", "path", "class_id", "class_name", "vector"), "image_id")
+    )
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         index, qm = bq.value
@@ -191,36 +229,51 @@ def candidate_distances(pairs: DataFrame, queries: DataFrame,
                 qi = np.fromiter((index[q] for q in row.qids), np.int64, len(row.qids))
                 d = np.sqrt(((qm[qi] - np.asarray(row.vector, np.float64)) ** 2).sum(axis=1))
                 cid = None if pd.isna(row.class_id) else int(row.class_id)
-                out.extend((q, row.image_id, row.path, cid, row.class_name, float(v))
-                           for q, v in zip(row.qids, d, strict=True))
-            yield pd.DataFrame(out, columns=["query_id", "image_id", "path", "class_id",
-                                             "class_name", "distance"])
+                out.extend(
+                    (q, row.image_id, row.path, cid, row.class_name, float(v))
+                    for q, v in zip(row.qids, d, strict=True)
+                )
+            yield pd.DataFrame(
+                out, columns=["query_id", "image_id", "path", "class_id", "class_name", "distance"]
+            )
 
-    schema = T.StructType([
-        T.StructField("query_id", T.StringType()), T.StructField("image_id", T.StringType()),
-        T.StructField("path", T.StringType()), T.StructField("class_id", T.IntegerType()),
-        T.StructField("class_name", T.StringType()), T.StructField("distance", T.DoubleType())])
+    schema = T.StructType(
+        [
+            T.StructField("query_id", T.StringType()),
+            T.StructField("image_id", T.StringType()),
+            T.StructField("path", T.StringType()),
+            T.StructField("class_id", T.IntegerType()),
+            T.StructField("class_name", T.StringType()),
+            T.StructField("distance", T.DoubleType()),
+        ]
+    )
     return grouped.mapInPandas(run, schema)
 
 
-def nearest_banded(params: Any, queries: DataFrame, reference: DataFrame, k: int,
-                   keys_per_band: int, probes: int) -> DataFrame:
+def nearest_banded(
+    params: Any, queries: DataFrame, reference: DataFrame, k: int, keys_per_band: int, probes: int
+) -> DataFrame:
     """Top-k per query among references sharing a band key with one of its probe keys.
 
     ``queries``: query_id, vector (array<float>); ``reference``: image_id, path, class_id,
     class_name, vector, hashes (the stored reference table); ``params``: imgsim.ann.BrpParams.
     """
-    qkeys = query_probe_keys(queries, params.matrix, params.bucket_length, keys_per_band,
-                             probes)
+    qkeys = query_probe_keys(queries, params.matrix, params.bucket_length, keys_per_band, probes)
     rkeys = reference_band_keys(reference, keys_per_band)
     pairs = qkeys.join(rkeys, ["band", "key"]).select("query_id", "image_id").distinct()
     flat = candidate_distances(pairs, queries, reference)
     return top_k_per_query(flat, queries, k)
 
 
-def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
-           k: int, expansion: int = 0,
-           scan: tuple[float, int] = (SCAN_SHARE, SCAN_BELOW)) -> DataFrame:
+def answer(
+    spark: SparkSession,
+    data_root: Path,
+    version: str,
+    run_dir: Path,
+    k: int,
+    expansion: int = 0,
+    scan: tuple[float, int] = (SCAN_SHARE, SCAN_BELOW),
+) -> DataFrame:
     """The neighbours of the run's queries with the version's search (plain or banded).
 
     The query vectors are mapped into the version's search space first (its projection, as
@@ -241,16 +294,19 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
     keys_per_band, probes = banding(manifest)
     reference_path = vdir / manifest["files"]["reference"]
     params = load_brp_model(vdir / manifest["files"]["model"])
-    queries = (spark.read.parquet(str(run_dir / "query_vectors.parquet"))
-               .select("query_id", F.col("vector").cast("array<float>").alias("vector")))
+    queries = spark.read.parquet(str(run_dir / "query_vectors.parquet")).select(
+        "query_id", F.col("vector").cast("array<float>").alias("vector")
+    )
     projection = load_projection(vdir, manifest.get("projection"))
     if projection is not None:
         queries = project(queries, projection)
     queries = queries.cache()
-    reference = spark.read.parquet(str(reference_path)).select(
-        "image_id", "path", "class_id", "class_name", "vector", "hashes").cache()
-    model = (read_model(data_root, version)[0] if keys_per_band == 1 and probes == 0
-             else None)
+    reference = (
+        spark.read.parquet(str(reference_path))
+        .select("image_id", "path", "class_id", "class_name", "vector", "hashes")
+        .cache()
+    )
+    model = read_model(data_root, version)[0] if keys_per_band == 1 and probes == 0 else None
     indexed = int(manifest["counts"]["indexed"])
     search_dim = int(manifest.get("search_dim") or manifest.get("embedding_dim") or 1)
     want = min(k, indexed)
@@ -261,22 +317,39 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
         if scans:
             return exact_nearest(q, reference, k).withColumn("method", F.lit("scan"))
         if model is not None:
-            found = nearest(model, q.withColumn("features", array_to_vector(F.col("vector"))),
-                            read_reference(spark, reference_path), k)
+            found = nearest(
+                model,
+                q.withColumn("features", array_to_vector(F.col("vector"))),
+                read_reference(spark, reference_path),
+                k,
+            )
         else:
             found = nearest_banded(params, q, reference, k, keys_per_band, probes)
         found = found.withColumn("method", F.lit("lsh")).localCheckpoint()
-        steps = ([("widened", lambda s: nearest_banded(params, s, reference, k, keys_per_band,
-                                                        keys_per_band))]
-                 if probes < keys_per_band else [])
+        steps = (
+            [
+                (
+                    "widened",
+                    lambda s: nearest_banded(params, s, reference, k, keys_per_band, keys_per_band),
+                )
+            ]
+            if probes < keys_per_band
+            else []
+        )
         steps.append(("exact", lambda s: exact_nearest(s, reference, k)))
         for method, widen in steps:
-            short = [r.query_id for r in found.groupBy("query_id")
-                     .agg(F.count("image_id").alias("n")).where(F.col("n") < want).collect()]
+            short = [
+                r.query_id
+                for r in found.groupBy("query_id")
+                .agg(F.count("image_id").alias("n"))
+                .where(F.col("n") < want)
+                .collect()
+            ]
             if not short:
                 break
-            log.info("%d queries found fewer than %d candidates: %s search", len(short), want,
-                     method)
+            log.info(
+                "%d queries found fewer than %d candidates: %s search", len(short), want, method
+            )
             is_short = F.col("query_id").isin(short)
             again = widen(q.where(is_short)).withColumn("method", F.lit(method))
             found = found.where(~is_short).unionByName(again).localCheckpoint()
@@ -288,8 +361,15 @@ def answer(spark: SparkSession, data_root: Path, version: str, run_dir: Path,
     return expand_and_search(spark, queries, found, reference, search, expansion, k)
 
 
-def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
-                      reference: DataFrame, search: Any, expansion: int, k: int) -> DataFrame:
+def expand_and_search(
+    spark: SparkSession,
+    queries: DataFrame,
+    found: DataFrame,
+    reference: DataFrame,
+    search: Any,
+    expansion: int,
+    k: int,
+) -> DataFrame:
     """Search again with each query plus its first neighbours (imgsim.ann.expand_queries);
     order the new answers by distance to the original query, as imgsim.query.lookup.lookup does."""
     from imgsim.ann import expand_queries
@@ -299,34 +379,45 @@ def expand_and_search(spark: SparkSession, queries: DataFrame, found: DataFrame,
     n = min(expansion, int(fewest[0] or 0) if fewest is not None else 0)
     if n == 0:
         return found
-    first = (found.where(F.col("rank") <= n).select("query_id", "image_id", "rank")
-             .join(reference.select("image_id", F.col("vector").alias("rvec")), "image_id")
-             .collect())
+    first = (
+        found.where(F.col("rank") <= n)
+        .select("query_id", "image_id", "rank")
+        .join(reference.select("image_id", F.col("vector").alias("rvec")), "image_id")
+        .collect()
+    )
     q_rows = queries.select("query_id", "vector").collect()
     ids = [r.query_id for r in q_rows]
     pos = {qid: i for i, qid in enumerate(ids)}
     q = np.stack([np.asarray(r.vector, np.float32) for r in q_rows])
     neigh = np.zeros((len(ids), n, q.shape[1]), np.float32)
     filled = np.zeros(len(ids), int)
-    for r in sorted(first, key=lambda r: (r.query_id, r.rank)):   # summed in rank order
+    for r in sorted(first, key=lambda r: (r.query_id, r.rank)):  # summed in rank order
         i = pos[r.query_id]
         neigh[i, filled[i]] = np.asarray(r.rvec, np.float32)
         filled[i] += 1
     wide = expand_queries(q, neigh)
     expanded = spark.createDataFrame(
         [(qid, [float(v) for v in wide[i]]) for i, qid in enumerate(ids)],
-        "query_id string, vector array<float>")
+        "query_id string, vector array<float>",
+    )
     again = search(expanded)
-    info = (again.groupBy("query_id").agg(F.max("candidates").alias("candidates"),
-                                           F.first("method").alias("method2"))
-            .join(found.groupBy("query_id").agg(F.first("method").alias("method1")),
-                  "query_id"))
+    info = (
+        again.groupBy("query_id")
+        .agg(F.max("candidates").alias("candidates"), F.first("method").alias("method2"))
+        .join(found.groupBy("query_id").agg(F.first("method").alias("method1")), "query_id")
+    )
     order = F.udf(lambda a, b: max(a, b, key=METHODS.index))
-    flat = candidate_distances(again.where(F.col("image_id").isNotNull())
-                               .select("query_id", "image_id"), queries, reference)
+    flat = candidate_distances(
+        again.where(F.col("image_id").isNotNull()).select("query_id", "image_id"),
+        queries,
+        reference,
+    )
     ranked = top_k_per_query(flat, queries, k).drop("candidates")
-    return (ranked.join(info, "query_id")
-            .withColumn("method", order("method1", "method2")).drop("method1", "method2"))
+    return (
+        ranked.join(info, "query_id")
+        .withColumn("method", order("method1", "method2"))
+        .drop("method1", "method2")
+    )
 
 
 def exact_nearest(queries: DataFrame, reference: DataFrame, k: int) -> DataFrame:
@@ -350,13 +441,20 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     layout = Layout(args.data_root.resolve())
-    verify_version(layout, args.version)       # file sizes, before Spark starts
+    verify_version(layout, args.version)  # file sizes, before Spark starts
 
     def body(spark: SparkSession) -> None:
         # A failed read of the version checks its sha256: damage is named, with the way out.
         with reading_version(layout, args.version):
-            result = answer(spark, layout.root, args.version, args.run_dir, args.k,
-                            args.expansion, (args.scan_share, args.scan_below))
+            result = answer(
+                spark,
+                layout.root,
+                args.version,
+                args.run_dir,
+                args.k,
+                args.expansion,
+                (args.scan_share, args.scan_below),
+            )
             write_atomically(result, args.run_dir / "neighbours")
         log.info("answered the queries of %s with %s", args.run_dir, args.version)
 

@@ -17,13 +17,16 @@ from imgsim.config import Layout
 def read_live_catalog(spark: SparkSession, layout: Layout) -> DataFrame:
     if not layout.catalog.exists():
         raise FileNotFoundError(f"{layout.catalog}: no catalog; run the catalog task first")
-    return (spark.read.parquet(str(layout.catalog))
-            .where(F.col("status") == "live")
-            .select("image_id", "path", "class_id", "class_name"))
+    return (
+        spark.read.parquet(str(layout.catalog))
+        .where(F.col("status") == "live")
+        .select("image_id", "path", "class_id", "class_name")
+    )
 
 
-def read_embeddings(spark: SparkSession, layout: Layout,
-                    backbone: str) -> tuple[DataFrame, list[str]]:
+def read_embeddings(
+    spark: SparkSession, layout: Layout, backbone: str
+) -> tuple[DataFrame, list[str]]:
     root = layout.embeddings(backbone)
     files = sorted(str(p) for p in root.glob("part-*.parquet"))
     if not files:
@@ -34,8 +37,11 @@ def read_embeddings(spark: SparkSession, layout: Layout,
 def newest_per_image(embeddings: DataFrame) -> DataFrame:
     """One row per image id: the most recently embedded vector."""
     w = Window.partitionBy("image_id").orderBy(F.col("embedded_at").desc())
-    return (embeddings.withColumn("_rn", F.row_number().over(w))
-            .where(F.col("_rn") == 1).drop("_rn", "embedded_at"))
+    return (
+        embeddings.withColumn("_rn", F.row_number().over(w))
+        .where(F.col("_rn") == 1)
+        .drop("_rn", "embedded_at")
+    )
 
 
 def live_vectors(catalog: DataFrame, embeddings: DataFrame) -> DataFrame:

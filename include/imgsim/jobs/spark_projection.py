@@ -29,8 +29,9 @@ def _rows_to_arrays(rows: Iterator[Any], dim: int) -> tuple[np.ndarray, np.ndarr
     return np.stack(vecs), np.asarray(labels, np.int64)
 
 
-def stats_of(df: Any, dim: int, vector_col: str = "vector", label_col: str = "class_id",
-             chunk: int = 4096) -> Stats:
+def stats_of(
+    df: Any, dim: int, vector_col: str = "vector", label_col: str = "class_id", chunk: int = 4096
+) -> Stats:
     """:class:`Stats` of a DataFrame's (array<float>) vectors and (nullable int) labels."""
 
     def partial(rows: Iterator[Any]) -> Iterator[Stats]:
@@ -52,14 +53,19 @@ def stats_of(df: Any, dim: int, vector_col: str = "vector", label_col: str = "cl
     return result
 
 
-def labelled_sample(df: Any, size: int, seed: int, vector_col: str = "vector",
-                    label_col: str = "class_id") -> tuple[np.ndarray, np.ndarray]:
+def labelled_sample(
+    df: Any, size: int, seed: int, vector_col: str = "vector", label_col: str = "class_id"
+) -> tuple[np.ndarray, np.ndarray]:
     """At most ``size`` labelled vectors (a seeded choice by image id), on the driver."""
     from pyspark.sql import functions as F
 
-    rows = (df.where(F.col(label_col).isNotNull() & (F.col(label_col) >= 0))
-            .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
-            .select("image_id", vector_col, label_col).limit(size).toPandas())
+    rows = (
+        df.where(F.col(label_col).isNotNull() & (F.col(label_col) >= 0))
+        .orderBy(F.xxhash64(F.col("image_id"), F.lit(seed)))
+        .select("image_id", vector_col, label_col)
+        .limit(size)
+        .toPandas()
+    )
     if rows.empty:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     # In image id order, as the task's engine holds them, so both draw the same folds.
@@ -73,9 +79,12 @@ def project(df: Any, projection: Projection, vector_col: str = "vector") -> Any:
     from pyspark.sql import types as T
 
     bc = df.sparkSession.sparkContext.broadcast(projection)
-    schema = T.StructType([
-        f if f.name != vector_col else T.StructField(vector_col, T.ArrayType(T.FloatType()))
-        for f in df.schema.fields])
+    schema = T.StructType(
+        [
+            f if f.name != vector_col else T.StructField(vector_col, T.ArrayType(T.FloatType()))
+            for f in df.schema.fields
+        ]
+    )
 
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         proj: Projection = bc.value

@@ -47,22 +47,29 @@ class Neighbour:
 @dataclass(frozen=True)
 class Answer:
     neighbours: list[Neighbour]
-    candidates: int            # references compared
-    method: str = "lsh"        # imgsim.ann.METHODS
+    candidates: int  # references compared
+    method: str = "lsh"  # imgsim.ann.METHODS
 
     def fields(self, k: int, indexed: int) -> dict[str, Any]:
         """This answer as a results entry (:func:`answer_fields`)."""
-        return answer_fields([n.__dict__ for n in self.neighbours], self.candidates, self.method,
-                             k, indexed)
+        return answer_fields(
+            [n.__dict__ for n in self.neighbours], self.candidates, self.method, k, indexed
+        )
 
 
-def answer_fields(neighbours: list[dict[str, Any]], candidates: int, method: str, k: int,
-                  indexed: int) -> dict[str, Any]:
+def answer_fields(
+    neighbours: list[dict[str, Any]], candidates: int, method: str, k: int, indexed: int
+) -> dict[str, Any]:
     """An answered query's entry in ``results.json`` (and the UI's answer), built one way for
     the CLI, the UI upload and the query DAG: neighbours, counts, method and the note."""
-    return {"status": "answered", "neighbours": neighbours, "candidates": int(candidates),
-            "found": len(neighbours), "method": method,
-            "note": answer_note(method, len(neighbours), k, indexed)}
+    return {
+        "status": "answered",
+        "neighbours": neighbours,
+        "candidates": int(candidates),
+        "found": len(neighbours),
+        "method": method,
+        "note": answer_note(method, len(neighbours), k, indexed),
+    }
 
 
 @dataclass
@@ -70,13 +77,13 @@ class LoadedModel:
     version: str
     manifest: dict[str, Any]
     ids: list[str]
-    vectors: np.ndarray        # (n, dim) float32, unit length
-    hashes: np.ndarray         # (n, tables) int64
+    vectors: np.ndarray  # (n, dim) float32, unit length
+    hashes: np.ndarray  # (n, tables) int64
     meta: list[dict[str, Any]]  # path, class_id, class_name per row
-    params: Any                # imgsim.ann.BrpParams
-    projection: Any = None     # imgsim.ann.projection.Projection; None: vectors only normalised
-    scan: tuple[float, int] | None = None   # (scan_share, scan_below); None: the settings'
-    _index: Any = None         # imgsim.ann.LshIndex, built on the first lookup
+    params: Any  # imgsim.ann.BrpParams
+    projection: Any = None  # imgsim.ann.projection.Projection; None: vectors only normalised
+    scan: tuple[float, int] | None = None  # (scan_share, scan_below); None: the settings'
+    _index: Any = None  # imgsim.ann.LshIndex, built on the first lookup
 
     def set_scan(self, scan_share: float, scan_below: int) -> None:
         """Pin the scan rule (a query run's plan); the search index is rebuilt on next use."""
@@ -93,10 +100,16 @@ class LoadedModel:
                 settings = Settings.from_env()
                 self.scan = (settings.scan_share, settings.scan_below)
             keys_per_band, probes = banding(self.manifest)
-            self._index = LshIndex.build(self.vectors, self.hashes, self.params,
-                                         keys_per_band=keys_per_band, probes=probes,
-                                         scan_share=self.scan[0], scan_below=self.scan[1],
-                                         expected_share=measured_share(self.manifest))
+            self._index = LshIndex.build(
+                self.vectors,
+                self.hashes,
+                self.params,
+                keys_per_band=keys_per_band,
+                probes=probes,
+                scan_share=self.scan[0],
+                scan_below=self.scan[1],
+                expected_share=measured_share(self.manifest),
+            )
         return self._index
 
     def to_search_space(self, queries: np.ndarray) -> np.ndarray:
@@ -106,8 +119,10 @@ class LoadedModel:
         q = np.atleast_2d(queries)
         raw_dim = int(self.manifest.get("embedding_dim") or self.vectors.shape[1])
         if q.shape[1] != raw_dim:
-            raise BackboneMismatch(f"query vectors have {q.shape[1]} dimensions, model "
-                                   f"{self.version} was built from {raw_dim}-d embeddings")
+            raise BackboneMismatch(
+                f"query vectors have {q.shape[1]} dimensions, model "
+                f"{self.version} was built from {raw_dim}-d embeddings"
+            )
         return self.projection.apply(q) if self.projection is not None else l2_normalize(q)
 
 
@@ -120,26 +135,37 @@ def load_model(layout: Layout, version: str | None = None) -> LoadedModel:
 
     manifest = read_manifest(layout, version)
     vdir = version_dir(layout, manifest["version"])
-    with reading_version(layout, manifest["version"]):   # damage: VersionDamaged, not a traceback
+    with reading_version(layout, manifest["version"]):  # damage: VersionDamaged, not a traceback
         # Spark writes a CRC per Parquet page; checking them turns silent damage into a failed
         # read (and so a sha256 check), at the cost of a CRC32 over bytes read anyway.
-        table = pq.read_table(vdir / manifest["files"]["reference"],
-                              page_checksum_verification=True)
+        table = pq.read_table(
+            vdir / manifest["files"]["reference"], page_checksum_verification=True
+        )
         n = table.num_rows
         vec = table.column("vector").combine_chunks()
-        vectors = np.asarray(vec.flatten().to_numpy(zero_copy_only=False),
-                             np.float32).reshape(n, -1)
-        hashes = np.asarray(table.column("hashes").combine_chunks().flatten()
-                            .to_numpy(zero_copy_only=False), np.int64).reshape(n, -1)
+        vectors = np.asarray(vec.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(
+            n, -1
+        )
+        hashes = np.asarray(
+            table.column("hashes").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+            np.int64,
+        ).reshape(n, -1)
         meta = table.select(["path", "class_id", "class_name"]).to_pylist()
         params = load_brp_model(vdir / manifest["files"]["model"])
         projection = load_projection(vdir, manifest.get("projection"))  # sha256-checked
-    return LoadedModel(manifest["version"], manifest, table.column("image_id").to_pylist(),
-                       vectors, hashes, meta, params, projection=projection)
+    return LoadedModel(
+        manifest["version"],
+        manifest,
+        table.column("image_id").to_pylist(),
+        vectors,
+        hashes,
+        meta,
+        params,
+        projection=projection,
+    )
 
 
-def lookup(model: LoadedModel, queries: np.ndarray, k: int,
-           expansion: int = 0) -> list[Answer]:
+def lookup(model: LoadedModel, queries: np.ndarray, k: int, expansion: int = 0) -> list[Answer]:
     """k nearest references per (raw) query vector, through the search core's ladder.
 
     The queries are mapped into the version's search space first (its projection), then
@@ -165,16 +191,23 @@ def lookup(model: LoadedModel, queries: np.ndarray, k: int,
         again = index.search(expand_queries(q, first), k)
         expanded = []
         for i, hit in enumerate(again):
-            idx, dist = refine(q[i], model.vectors, hit.indices)   # by distance to the query
+            idx, dist = refine(q[i], model.vectors, hit.indices)  # by distance to the query
             method = max(hit.method, found[i].method, key=METHODS.index)
             expanded.append(Neighbours(idx, dist, hit.candidates, method))
         found = expanded
     answers = []
     for hit in found:
         neighbours = [
-            Neighbour(rank + 1, model.ids[j], model.meta[j]["path"], model.meta[j]["class_id"],
-                      model.meta[j]["class_name"], float(d))
-            for rank, (j, d) in enumerate(zip(hit.indices, hit.distances, strict=True))]
+            Neighbour(
+                rank + 1,
+                model.ids[j],
+                model.meta[j]["path"],
+                model.meta[j]["class_id"],
+                model.meta[j]["class_name"],
+                float(d),
+            )
+            for rank, (j, d) in enumerate(zip(hit.indices, hit.distances, strict=True))
+        ]
         answers.append(Answer(neighbours, hit.candidates, hit.method))
     return answers
 
@@ -188,18 +221,25 @@ def answer_note(method: str, found: int, k: int, indexed: int) -> str | None:
     if method == "widened":
         notes.append(f"the LSH found fewer than {k} candidates; searched again with every probe")
     elif method == "exact":
-        notes.append(f"the LSH found fewer than {k} candidates; answered by an exact scan of "
-                     "the index")
+        notes.append(
+            f"the LSH found fewer than {k} candidates; answered by an exact scan of the index"
+        )
     if found < min(k, indexed):
-        notes.append(f"only {found} of {k} neighbours were found, although the index holds "
-                     f"{indexed} images")
+        notes.append(
+            f"only {found} of {k} neighbours were found, although the index holds {indexed} images"
+        )
     elif found < k:
         notes.append(f"{found} of {k} neighbours: the index holds {indexed} images")
     return "; ".join(notes) or None
 
 
-def load_query_backbone(manifest: dict[str, Any], *, weights_path: str = "",
-                        device: str = "auto", cache_dir: Path | None = None) -> Any:
+def load_query_backbone(
+    manifest: dict[str, Any],
+    *,
+    weights_path: str = "",
+    device: str = "auto",
+    cache_dir: Path | None = None,
+) -> Any:
     """Build the backbone recorded in ``manifest`` and check it is exactly the same one.
 
     It runs on the runtime the manifest records (torch when it names none), whatever
@@ -213,16 +253,21 @@ def load_query_backbone(manifest: dict[str, Any], *, weights_path: str = "",
     runtime = spec_runtime(recorded)
     if cache_dir is None and runtime != "torch":
         cache_dir = Settings.from_env().layout.model_cache
-    backbone = load_backbone(recorded["name"], weights_path=weights_path,
-                             device="cpu" if runtime != "torch" else device,
-                             runtime=runtime, cache_dir=cache_dir)
+    backbone = load_backbone(
+        recorded["name"],
+        weights_path=weights_path,
+        device="cpu" if runtime != "torch" else device,
+        runtime=runtime,
+        cache_dir=cache_dir,
+    )
     have = backbone.spec.as_dict()
     diffs = {k: (recorded.get(k), have[k]) for k in have if recorded.get(k) != have[k]}
     if diffs:
         raise BackboneMismatch(
             f"model {manifest['version']} was built with backbone {recorded}, but the backbone "
             f"loaded here differs in {sorted(diffs)}: {diffs}. Answers would be wrong; use the "
-            "same weights file (IMGSIM_WEIGHTS) or query another version.")
+            "same weights file (IMGSIM_WEIGHTS) or query another version."
+        )
     return backbone
 
 
@@ -241,14 +286,27 @@ class Searcher:
     expansion: int = setting_default("query_expansion")
 
     @classmethod
-    def load(cls, settings: Any, version: str | None = None, *, batch_size: int | None = None,
-             model: LoadedModel | None = None, backbone: Any = None) -> Searcher:
+    def load(
+        cls,
+        settings: Any,
+        version: str | None = None,
+        *,
+        batch_size: int | None = None,
+        model: LoadedModel | None = None,
+        backbone: Any = None,
+    ) -> Searcher:
         """``version`` (default CURRENT) with its backbone, per ``settings`` (imgsim.config)."""
         model = model or load_model(settings.layout, version)
         backbone = backbone or load_query_backbone(
-            model.manifest, weights_path=settings.weights_path, device=settings.device)
-        return cls(model, backbone, batch_size or settings.batch_size,
-                   settings.max_image_pixels, settings.query_expansion)
+            model.manifest, weights_path=settings.weights_path, device=settings.device
+        )
+        return cls(
+            model,
+            backbone,
+            batch_size or settings.batch_size,
+            settings.max_image_pixels,
+            settings.query_expansion,
+        )
 
     @property
     def indexed(self) -> int:
@@ -256,17 +314,20 @@ class Searcher:
 
     def search_files(self, paths: list[Path], k: int) -> dict[str, Any]:
         """{str(path): Answer, or the file's Rejected (imgsim.embedding.infer)}."""
-        good, bad = embed_files(self.backbone, paths, batch_size=self.batch_size,
-                                max_pixels=self.max_pixels)
-        found = (lookup(self.model, np.stack(list(good.values())), k, self.expansion)
-                 if good else [])
+        good, bad = embed_files(
+            self.backbone, paths, batch_size=self.batch_size, max_pixels=self.max_pixels
+        )
+        found = lookup(self.model, np.stack(list(good.values())), k, self.expansion) if good else []
         return {**bad, **dict(zip(good, found, strict=True))}
 
 
-def embed_files(backbone: Any, paths: list[Path], *,
-                batch_size: int = setting_default("batch_size"),
-                max_pixels: int = setting_default("max_image_pixels"),
-                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def embed_files(
+    backbone: Any,
+    paths: list[Path],
+    *,
+    batch_size: int = setting_default("batch_size"),
+    max_pixels: int = setting_default("max_image_pixels"),
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Embed files: ({path: vector}, {path: Rejected})."""
     from imgsim.embedding.infer import EmbedItem, Rejected, embed_items
 

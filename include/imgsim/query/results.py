@@ -51,8 +51,20 @@ RESULTS_CSV = "results.csv"
 CONTACT_SHEET = "contact_sheet.png"
 GALLERY_HTML = "gallery.html"
 
-CSV_COLUMNS = ("query_name", "query_id", "status", "reason", "rank", "image_id", "path",
-               "class_id", "class_name", "distance", "model_version", "note")
+CSV_COLUMNS = (
+    "query_name",
+    "query_id",
+    "status",
+    "reason",
+    "rank",
+    "image_id",
+    "path",
+    "class_id",
+    "class_name",
+    "distance",
+    "model_version",
+    "note",
+)
 
 #: Contact-sheet rows beyond this are summarised in a footer line (keeps the PNG bounded).
 MAX_SHEET_ROWS = 200
@@ -95,8 +107,12 @@ def write_results(run_dir: Path, results: dict[str, Any], layout: Layout) -> dic
         sheet.save(fh, format="PNG")
     atomic_write_text(paths["gallery_html"], render_gallery_html(results, layout))
     atomic_write_json(paths["results_json"], results)
-    log.info("wrote results of run %s (%d queries) to %s", results.get("run_id"),
-             len(_queries(results)), run_dir)
+    log.info(
+        "wrote results of run %s (%d queries) to %s",
+        results.get("run_id"),
+        len(_queries(results)),
+        run_dir,
+    )
     return paths
 
 
@@ -123,15 +139,17 @@ def results_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             rows.append({**{c: "" for c in CSV_COLUMNS}, **base})
             continue
         for n in neighbours:
-            rows.append({
-                **base,
-                "rank": _blank(n.get("rank")),
-                "image_id": _blank(n.get("image_id")),
-                "path": _blank(n.get("path")),
-                "class_id": _blank(n.get("class_id")),
-                "class_name": _blank(n.get("class_name")),
-                "distance": _blank(n.get("distance")),
-            })
+            rows.append(
+                {
+                    **base,
+                    "rank": _blank(n.get("rank")),
+                    "image_id": _blank(n.get("image_id")),
+                    "path": _blank(n.get("path")),
+                    "class_id": _blank(n.get("class_id")),
+                    "class_name": _blank(n.get("class_name")),
+                    "distance": _blank(n.get("distance")),
+                }
+            )
     return rows
 
 
@@ -296,8 +314,13 @@ def _wrap(draw: ImageDraw, text: str, font: Font, width: int, max_lines: int) ->
     return [_fit(draw, line, font, width) for line in lines[:max_lines]]
 
 
-def _draw_lines(draw: ImageDraw, lines: list[str], font: Font, box: tuple[int, int, int, int],
-                fill: tuple[int, int, int]) -> None:
+def _draw_lines(
+    draw: ImageDraw,
+    lines: list[str],
+    font: Font,
+    box: tuple[int, int, int, int],
+    fill: tuple[int, int, int],
+) -> None:
     """Draw ``lines`` centred in ``box`` (left, top, right, bottom)."""
     left, top, right, bottom = box
     line_h = _line_height(font)
@@ -308,8 +331,16 @@ def _draw_lines(draw: ImageDraw, lines: list[str], font: Font, box: tuple[int, i
         y += line_h
 
 
-def _paste_tile(sheet: Image, draw: ImageDraw, image: Image | None, xy: tuple[int, int],
-                thumb: int, font: Font, *, placeholder: str = "missing") -> None:
+def _paste_tile(
+    sheet: Image,
+    draw: ImageDraw,
+    image: Image | None,
+    xy: tuple[int, int],
+    thumb: int,
+    font: Font,
+    *,
+    placeholder: str = "missing",
+) -> None:
     x, y = xy
     box = (x, y, x + thumb - 1, y + thumb - 1)
     if image is None:
@@ -321,8 +352,9 @@ def _paste_tile(sheet: Image, draw: ImageDraw, image: Image | None, xy: tuple[in
     sheet.paste(image, (x + (thumb - w) // 2, y + (thumb - h) // 2))
 
 
-def _rejected_tile(draw: ImageDraw, query: Mapping[str, Any], xy: tuple[int, int], thumb: int,
-                   font: Font) -> None:
+def _rejected_tile(
+    draw: ImageDraw, query: Mapping[str, Any], xy: tuple[int, int], thumb: int, font: Font
+) -> None:
     x, y = xy
     box = (x, y, x + thumb - 1, y + thumb - 1)
     draw.rectangle(box, fill=_REJECTED_BG, outline=_REJECTED_BORDER, width=2)
@@ -332,12 +364,14 @@ def _rejected_tile(draw: ImageDraw, query: Mapping[str, Any], xy: tuple[int, int
     lines += _wrap(draw, str(query.get("reason") or "unknown reason"), font, inner, 2)
     if query.get("detail"):
         lines += _wrap(draw, str(query["detail"]), font, inner, max(0, max_lines - len(lines)))
-    _draw_lines(draw, lines[:max_lines], font, (x + 6, y + 6, x + thumb - 6, y + thumb - 6),
-                _REJECTED_TEXT)
+    _draw_lines(
+        draw, lines[:max_lines], font, (x + 6, y + 6, x + thumb - 6, y + thumb - 6), _REJECTED_TEXT
+    )
 
 
-def render_contact_sheet(results: Mapping[str, Any], layout: Layout, *, thumb: int = 160,
-                         max_rows: int = MAX_SHEET_ROWS) -> Image:
+def render_contact_sheet(
+    results: Mapping[str, Any], layout: Layout, *, thumb: int = 160, max_rows: int = MAX_SHEET_ROWS
+) -> Image:
     """One row per query: the query tile, then its neighbours; a header line on top.
 
     The sheet is (k + 1) tiles wide (more if a query has more than k neighbours). Rows beyond
@@ -353,7 +387,7 @@ def render_contact_sheet(results: Mapping[str, Any], layout: Layout, *, thumb: i
     line_h, header_h = _line_height(font), _line_height(header_font)
 
     queries = _queries(results)
-    shown, hidden = queries[:max(0, max_rows)], max(0, len(queries) - max(0, max_rows))
+    shown, hidden = queries[: max(0, max_rows)], max(0, len(queries) - max(0, max_rows))
     k = _k(results)
     cols = 1 + max([k, *(len(_neighbours(q)) for q in shown)])
     row_h = thumb + 2 * line_h + pad
@@ -363,10 +397,13 @@ def render_contact_sheet(results: Mapping[str, Any], layout: Layout, *, thumb: i
 
     sheet = PILImage.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(sheet)
-    header = (f"imgsim  model {results.get('model_version') or '?'}  "
-              f"run {results.get('run_id') or '?'}  k={k}  queries={len(queries)}")
-    draw.text((pad, pad), _fit(draw, header, header_font, width - 2 * pad), fill=_TEXT,
-              font=header_font)
+    header = (
+        f"imgsim  model {results.get('model_version') or '?'}  "
+        f"run {results.get('run_id') or '?'}  k={k}  queries={len(queries)}"
+    )
+    draw.text(
+        (pad, pad), _fit(draw, header, header_font, width - 2 * pad), fill=_TEXT, font=header_font
+    )
 
     images = _Images(layout, thumb)
     for row, query in enumerate(shown):
@@ -374,17 +411,32 @@ def render_contact_sheet(results: Mapping[str, Any], layout: Layout, *, thumb: i
         _render_row(sheet, draw, images, query, (pad, y), thumb, pad, font, k)
     if hidden:
         footer = f"... {hidden} more queries not shown (see {RESULTS_CSV} / {GALLERY_HTML})"
-        draw.text((pad, height - header_h - pad),
-                  _fit(draw, footer, header_font, width - 2 * pad), fill=_MUTED,
-                  font=header_font)
+        draw.text(
+            (pad, height - header_h - pad),
+            _fit(draw, footer, header_font, width - 2 * pad),
+            fill=_MUTED,
+            font=header_font,
+        )
     if images.missing:
-        log.warning("contact sheet: %d image(s) missing, drawn as placeholders (e.g. %s)",
-                    len(images.missing), images.missing[0])
+        log.warning(
+            "contact sheet: %d image(s) missing, drawn as placeholders (e.g. %s)",
+            len(images.missing),
+            images.missing[0],
+        )
     return sheet
 
 
-def _render_row(sheet: Image, draw: ImageDraw, images: _Images, query: Mapping[str, Any],
-                xy: tuple[int, int], thumb: int, pad: int, font: Font, k: int) -> None:
+def _render_row(
+    sheet: Image,
+    draw: ImageDraw,
+    images: _Images,
+    query: Mapping[str, Any],
+    xy: tuple[int, int],
+    thumb: int,
+    pad: int,
+    font: Font,
+    k: int,
+) -> None:
     x, y = xy
     line_h = _line_height(font)
     caption_y = y + thumb + 2
@@ -396,8 +448,7 @@ def _render_row(sheet: Image, draw: ImageDraw, images: _Images, query: Mapping[s
     draw.text((x, caption_y), _fit(draw, f"QUERY {name}", font, thumb), fill=_TEXT, font=font)
     status = str(query.get("status") or "")
     if status and status != "answered":
-        draw.text((x, caption_y + line_h), _fit(draw, status, font, thumb), fill=_MUTED,
-                  font=font)
+        draw.text((x, caption_y + line_h), _fit(draw, status, font, thumb), fill=_MUTED, font=font)
     if query.get("status") == "rejected":
         return
     neighbours = _neighbours(query)
@@ -406,9 +457,12 @@ def _render_row(sheet: Image, draw: ImageDraw, images: _Images, query: Mapping[s
         _paste_tile(sheet, draw, images.neighbour(n), (nx, y), thumb, font)
         label = f"#{n.get('rank', i)} {n.get('class_name') or n.get('class_id') or ''}".strip()
         draw.text((nx, caption_y), _fit(draw, label, font, thumb), fill=_TEXT, font=font)
-        draw.text((nx, caption_y + line_h),
-                  _fit(draw, f"d={number(n.get('distance'), '.3f', '?')}", font, thumb),
-                  fill=_MUTED, font=font)
+        draw.text(
+            (nx, caption_y + line_h),
+            _fit(draw, f"d={number(n.get('distance'), '.3f', '?')}", font, thumb),
+            fill=_MUTED,
+            font=font,
+        )
     note = _short_note(query, k)
     if note and _found_short(query, k):
         nx = x + (len(neighbours) + 1) * (thumb + pad)
@@ -420,29 +474,46 @@ def _render_row(sheet: Image, draw: ImageDraw, images: _Images, query: Mapping[s
 # Gallery (imgsim.templates: run.html)
 
 
-def run_view(results: Mapping[str, Any], query_src: Source,
-             neighbour_src: Source) -> dict[str, Any]:
+def run_view(
+    results: Mapping[str, Any], query_src: Source, neighbour_src: Source
+) -> dict[str, Any]:
     """A run's results as templates/run.html shows them (the run's gallery.html and the UI's
     gallery page), each query as :func:`query_view`."""
     k = _k(results)
-    return {"run_id": results.get("run_id") or "?",
-            "model_version": results.get("model_version") or "?", "k": k,
-            "created_at": results.get("created_at") or "?",
-            "queries": [query_view(q, k, query_src, neighbour_src) for q in _queries(results)]}
+    return {
+        "run_id": results.get("run_id") or "?",
+        "model_version": results.get("model_version") or "?",
+        "k": k,
+        "created_at": results.get("created_at") or "?",
+        "queries": [query_view(q, k, query_src, neighbour_src) for q in _queries(results)],
+    }
 
 
-def query_view(query: Mapping[str, Any], k: int, query_src: Source,
-               neighbour_src: Source) -> dict[str, Any]:
+def query_view(
+    query: Mapping[str, Any], k: int, query_src: Source, neighbour_src: Source
+) -> dict[str, Any]:
     """A results entry as the ``query_section`` macro (templates/macros.html) shows it: its
     name, status, picture and note, and its neighbours in rank order."""
-    return {"name": _query_name(query), "status": str(query.get("status") or "?"),
-            "query_id": str(query.get("query_id") or ""), "picture": query_src(query),
-            "reason": query.get("reason") or "unknown reason", "detail": query.get("detail"),
-            "note": _short_note(query, k),
-            "neighbours": [{"rank": n.get("rank"), "label": _class_label(n),
-                            "distance": n.get("distance"), "image_id": str(n.get("image_id") or ""),
-                            "path": n.get("path"), "picture": neighbour_src(n)}
-                           for n in _neighbours(query)]}
+    return {
+        "name": _query_name(query),
+        "status": str(query.get("status") or "?"),
+        "query_id": str(query.get("query_id") or ""),
+        "picture": query_src(query),
+        "reason": query.get("reason") or "unknown reason",
+        "detail": query.get("detail"),
+        "note": _short_note(query, k),
+        "neighbours": [
+            {
+                "rank": n.get("rank"),
+                "label": _class_label(n),
+                "distance": n.get("distance"),
+                "image_id": str(n.get("image_id") or ""),
+                "path": n.get("path"),
+                "picture": neighbour_src(n),
+            }
+            for n in _neighbours(query)
+        ],
+    }
 
 
 def _class_label(neighbour: Mapping[str, Any]) -> str:
@@ -463,9 +534,17 @@ def _data_uri(image: Image | None) -> str | None:
 def render_gallery_html(results: Mapping[str, Any], layout: Layout) -> str:
     """A self-contained HTML page: images inlined as JPEG data URIs, no links, all text escaped."""
     images = _Images(layout, GALLERY_IMAGE_SIZE)
-    page = render("run.html", ui=None, **run_view(results, lambda q: _data_uri(images.query(q)),
-                                                  lambda n: _data_uri(images.neighbour(n))))
+    page = render(
+        "run.html",
+        ui=None,
+        **run_view(
+            results, lambda q: _data_uri(images.query(q)), lambda n: _data_uri(images.neighbour(n))
+        ),
+    )
     if images.missing:
-        log.warning("gallery: %d image(s) missing, shown as placeholders (e.g. %s)",
-                    len(images.missing), images.missing[0])
+        log.warning(
+            "gallery: %d image(s) missing, shown as placeholders (e.g. %s)",
+            len(images.missing),
+            images.missing[0],
+        )
     return page

@@ -47,8 +47,9 @@ def _allowed(path: Path, roots: list[Path]) -> bool:
     return any(resolved.is_relative_to(r.resolve()) for r in roots)
 
 
-def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
-            version: str | None = None) -> dict[str, Any]:
+def collect(
+    settings: Settings, run_id: str, image_paths: list[str], k: int, version: str | None = None
+) -> dict[str, Any]:
     """Gather query images (inbox + Params), pin the model version, write ``queries.json``.
 
     Returns ``{}`` when there is nothing to look at (the rest of the run is skipped).
@@ -67,20 +68,29 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
         log.info("no query images in %s and none given as Params", box)
         return {}
     pinned = version or current_version(layout)
-    manifest = read_manifest(layout, pinned)          # VersionNotFound names the problem
+    manifest = read_manifest(layout, pinned)  # VersionNotFound names the problem
     pinned = manifest["version"]
-    verify_version(layout, pinned)                    # VersionDamaged names file and rollback
+    verify_version(layout, pinned)  # VersionDamaged names file and rollback
     roots = settings.allowed_query_roots
     queries: list[dict[str, Any]] = []
     seen: set[str] = set()
     for path, source in found:
-        entry: dict[str, Any] = {"query_name": path.name, "query_path": str(path.absolute()),
-                                 "source": source, "status": PENDING, "reason": None,
-                                 "detail": None, "query_id": None}
+        entry: dict[str, Any] = {
+            "query_name": path.name,
+            "query_path": str(path.absolute()),
+            "source": source,
+            "status": PENDING,
+            "reason": None,
+            "detail": None,
+            "query_id": None,
+        }
         if source == "param" and not _allowed(path, roots):
-            entry.update(status=REJECTED, reason="path_not_allowed",
-                         detail=f"{path} is outside the allowed query roots "
-                                f"{[str(r) for r in roots]} (IMGSIM_QUERY_ROOTS)")
+            entry.update(
+                status=REJECTED,
+                reason="path_not_allowed",
+                detail=f"{path} is outside the allowed query roots "
+                f"{[str(r) for r in roots]} (IMGSIM_QUERY_ROOTS)",
+            )
         elif not path.is_file():
             entry.update(status=REJECTED, reason="missing", detail=f"{path} is not a file")
         else:
@@ -90,21 +100,36 @@ def collect(settings: Settings, run_id: str, image_paths: list[str], k: int,
             if qid in seen:
                 entry.update(status=ALREADY, detail="the same image appears twice in this run")
             elif previous.exists():
-                entry.update(status=ALREADY, detail=f"answered before by {pinned} in run "
-                                                    f"{read_json(previous)['run_id']}")
+                entry.update(
+                    status=ALREADY,
+                    detail=f"answered before by {pinned} in run {read_json(previous)['run_id']}",
+                )
             seen.add(qid)
         queries.append(entry)
     run_dir = run_dir_for(layout, run_id)
-    plan = {"run_id": run_id, "model_version": pinned, "k": int(k),
-            "query_expansion": settings.query_expansion,
-            "scan_share": settings.scan_share, "scan_below": settings.scan_below,
-            "created_at": datetime.now(UTC).isoformat(), "queries": queries}
+    plan = {
+        "run_id": run_id,
+        "model_version": pinned,
+        "k": int(k),
+        "query_expansion": settings.query_expansion,
+        "scan_share": settings.scan_share,
+        "scan_below": settings.scan_below,
+        "created_at": datetime.now(UTC).isoformat(),
+        "queries": queries,
+    }
     atomic_write_json(run_dir / "queries.json", plan)
     pending = sum(q["status"] == PENDING for q in queries)
     log.info("%d query image(s), %d to answer with %s (k=%d)", len(queries), pending, pinned, k)
-    return {"run_dir": str(run_dir), "model_version": pinned, "k": int(k), "pending": pending,
-            "query_expansion": settings.query_expansion, "scan_share": settings.scan_share,
-            "scan_below": settings.scan_below, "data_root": str(layout.root)}
+    return {
+        "run_dir": str(run_dir),
+        "model_version": pinned,
+        "k": int(k),
+        "pending": pending,
+        "query_expansion": settings.query_expansion,
+        "scan_share": settings.scan_share,
+        "scan_below": settings.scan_below,
+        "data_root": str(layout.root),
+    }
 
 
 def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
@@ -123,11 +148,15 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     pending = [q for q in plan["queries"] if q["status"] == PENDING]
     vectors: dict[str, Any] = {}
     if pending:
-        backbone = load_query_backbone(manifest, weights_path=settings.weights_path,
-                                       device=settings.device)
-        good, bad = embed_files(backbone, [Path(q["query_path"]) for q in pending],
-                                batch_size=settings.batch_size,
-                                max_pixels=settings.max_image_pixels)
+        backbone = load_query_backbone(
+            manifest, weights_path=settings.weights_path, device=settings.device
+        )
+        good, bad = embed_files(
+            backbone,
+            [Path(q["query_path"]) for q in pending],
+            batch_size=settings.batch_size,
+            max_pixels=settings.max_image_pixels,
+        )
         for q in pending:
             if q["query_path"] in bad:
                 rej = bad[q["query_path"]]
@@ -137,13 +166,21 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     ids = sorted(vectors)
     dim = int(manifest["embedding_dim"])
     mat = l2_normalize(np.stack([vectors[i] for i in ids])) if ids else np.zeros((0, dim))
-    table = pa.table({"query_id": pa.array(ids, pa.string()),
-                      "vector": pa.FixedSizeListArray.from_arrays(
-                          pa.array(mat.reshape(-1), pa.float32()), dim)})
+    table = pa.table(
+        {
+            "query_id": pa.array(ids, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(mat.reshape(-1), pa.float32()), dim
+            ),
+        }
+    )
     write_parquet_atomic(table, rdir / "query_vectors.parquet")
     atomic_write_json(rdir / "queries.json", plan)
-    return {"run_dir": run_dir, "embedded": len(ids),
-            "rejected": sum(q["status"] == REJECTED for q in plan["queries"])}
+    return {
+        "run_dir": run_dir,
+        "embedded": len(ids),
+        "rejected": sum(q["status"] == REJECTED for q in plan["queries"]),
+    }
 
 
 def choose_engine(queries: int, local_max: int) -> str:
@@ -151,6 +188,10 @@ def choose_engine(queries: int, local_max: int) -> str:
     if queries < 0 or local_max < 0:
         raise ValueError(f"queries ({queries}) and local_max ({local_max}) must be >= 0")
     return "local" if queries <= local_max else "spark"
+
+
+#: A neighbour's columns in ``neighbours/`` (the lookup's ``Neighbour`` fields of those names).
+NEIGHBOUR_FIELDS = ("rank", "image_id", "path", "class_id", "class_name", "distance")
 
 
 def neighbours_table(query_ids: list[str], answers: list[Any]) -> Any:
@@ -165,11 +206,11 @@ def neighbours_table(query_ids: list[str], answers: list[Any]) -> Any:
     for qid, ans in zip(query_ids, answers, strict=True):
         base = {"query_id": qid, "candidates": int(ans.candidates), "method": ans.method}
         if not ans.neighbours:
-            rows.append({**base, "rank": None, "image_id": None, "path": None,
-                         "class_id": None, "class_name": None, "distance": None})
-        rows.extend({**base, "rank": n.rank, "image_id": n.image_id, "path": n.path,
-                     "class_id": n.class_id, "class_name": n.class_name,
-                     "distance": float(n.distance)} for n in ans.neighbours)
+            rows.append({**base, **dict.fromkeys(NEIGHBOUR_FIELDS)})
+        rows.extend(
+            {**base, **{f: getattr(n, f) for f in NEIGHBOUR_FIELDS}, "distance": float(n.distance)}
+            for n in ans.neighbours
+        )
     return pa.Table.from_pylist(rows, schema=neighbours_schema())
 
 
@@ -177,11 +218,19 @@ def neighbours_schema() -> Any:
     """Columns of ``neighbours/``, as both engines write them (the job's Spark types)."""
     import pyarrow as pa
 
-    return pa.schema([("query_id", pa.string()), ("rank", pa.int32()),
-                      ("image_id", pa.string()), ("path", pa.string()),
-                      ("class_id", pa.int32()), ("class_name", pa.string()),
-                      ("distance", pa.float64()), ("candidates", pa.int64()),
-                      ("method", pa.string())])
+    return pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("rank", pa.int32()),
+            ("image_id", pa.string()),
+            ("path", pa.string()),
+            ("class_id", pa.int32()),
+            ("class_name", pa.string()),
+            ("distance", pa.float64()),
+            ("candidates", pa.int64()),
+            ("method", pa.string()),
+        ]
+    )
 
 
 def write_neighbours(table: Any, target: Path) -> None:
@@ -226,14 +275,14 @@ def answer_locally(settings: Settings, run_dir: str) -> dict[str, Any]:
         model = load_model(settings.layout, plan["model_version"])
         # plans written before the scan rule: never scan, as the Spark job reads them too
         model.set_scan(float(plan.get("scan_share", 1.0)), int(plan.get("scan_below", 0)))
-        vectors = np.asarray(table.column("vector").combine_chunks().flatten()
-                             .to_numpy(zero_copy_only=False), np.float32).reshape(len(ids), -1)
-        answers = lookup(model, vectors, int(plan["k"]),
-                         int(plan.get("query_expansion") or 0))
+        vectors = np.asarray(
+            table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+            np.float32,
+        ).reshape(len(ids), -1)
+        answers = lookup(model, vectors, int(plan["k"]), int(plan.get("query_expansion") or 0))
     write_neighbours(neighbours_table(ids, answers), rdir / "neighbours")
     methods = {m: sum(a.method == m for a in answers) for m in {a.method for a in answers}}
-    log.info("answered %d queries in-process with %s: %s", len(ids), plan["model_version"],
-             methods)
+    log.info("answered %d queries in-process with %s: %s", len(ids), plan["model_version"], methods)
     return {"answered": len(ids), "methods": methods}
 
 
@@ -246,9 +295,12 @@ def embed_and_route(settings: Settings, run_dir: str) -> dict[str, Any]:
     plan = read_json(rdir / "queries.json")
     plan["engine"] = engine
     atomic_write_json(rdir / "queries.json", plan)
-    log.info("%d queries embedded: answered by %s (IMGSIM_QUERY_LOCAL_MAX=%d)",
-             summary["embedded"], "the Spark job" if engine == "spark" else "this task",
-             settings.query_local_max)
+    log.info(
+        "%d queries embedded: answered by %s (IMGSIM_QUERY_LOCAL_MAX=%d)",
+        summary["embedded"],
+        "the Spark job" if engine == "spark" else "this task",
+        settings.query_local_max,
+    )
     if engine == "local":
         answer_locally(settings, run_dir)
     return {**summary, "engine": engine}
@@ -282,7 +334,7 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     plan = read_json(rdir / "queries.json")
     version, k = plan["model_version"], plan["k"]
     neighbours, counts = read_neighbours(rdir)
-    plan["engine"] = plan.get("engine") or "spark"       # runs before the engine choice: Spark
+    plan["engine"] = plan.get("engine") or "spark"  # runs before the engine choice: Spark
     methods = {qid: str(rows[0].get("method") or "lsh") for qid, rows in neighbours.items()}
     indexed = int(read_manifest(layout, version)["counts"]["indexed"])
     for q in plan["queries"]:
@@ -291,11 +343,25 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
         q.setdefault("note", None)
         if q["status"] == PENDING:
             rows = neighbours.get(q["query_id"], [])
-            q.update(answer_fields(
-                [{"rank": r["rank"], "image_id": r["image_id"], "path": r["path"],
-                  "class_id": r["class_id"], "class_name": r["class_name"],
-                  "distance": float(r["distance"])} for r in rows],
-                counts.get(q["query_id"], 0), methods.get(q["query_id"], "lsh"), k, indexed))
+            q.update(
+                answer_fields(
+                    [
+                        {
+                            "rank": r["rank"],
+                            "image_id": r["image_id"],
+                            "path": r["path"],
+                            "class_id": r["class_id"],
+                            "class_name": r["class_name"],
+                            "distance": float(r["distance"]),
+                        }
+                        for r in rows
+                    ],
+                    counts.get(q["query_id"], 0),
+                    methods.get(q["query_id"], "lsh"),
+                    k,
+                    indexed,
+                )
+            )
     # Inbox images leave the inbox: answered ones to processed/, rejected ones to rejected/.
     moves: list[tuple[Path, Path]] = []
     for q in plan["queries"]:
@@ -309,13 +375,21 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     paths = write_results(rdir, plan, layout)
     for q in plan["queries"]:
         if q["status"] == ANSWERED:
-            atomic_write_json(ledger_entry(layout, version, q["query_id"]),
-                              {"run_id": plan["run_id"], "results": str(paths["results_json"])})
+            atomic_write_json(
+                ledger_entry(layout, version, q["query_id"]),
+                {"run_id": plan["run_id"], "results": str(paths["results_json"])},
+            )
     for source, target in moves:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
-    summary = {s: sum(q["status"] == s for q in plan["queries"])
-               for s in (ANSWERED, REJECTED, ALREADY)}
+    summary = {
+        s: sum(q["status"] == s for q in plan["queries"]) for s in (ANSWERED, REJECTED, ALREADY)
+    }
     log.info("results for %d queries in %s: %s", len(plan["queries"]), rdir, summary)
-    return {"run_dir": run_dir, "model_version": version, "engine": plan["engine"], **summary,
-            "files": {k: str(v) for k, v in paths.items()}}
+    return {
+        "run_dir": run_dir,
+        "model_version": version,
+        "engine": plan["engine"],
+        **summary,
+        "files": {k: str(v) for k, v in paths.items()},
+    }

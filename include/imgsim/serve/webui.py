@@ -74,7 +74,9 @@ app = FastAPI(
     title="imgsim",
     description="imgsim pages in the Airflow UI: model versions, query results, upload",
     dependencies=[Depends(get_user)],
-    docs_url=None, redoc_url=None, openapi_url=None,   # nothing reachable without a login
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,  # nothing reachable without a login
 )
 
 
@@ -113,8 +115,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     if exc.status_code in (401, 403) and request.method == "GET" and _wants_html(request):
         return RedirectResponse(login_url(request), status_code=303)
     if _wants_html(request):
-        page = render("error.html", ui=_ui(request.scope, None, ""),
-                      title=f"Error {exc.status_code}", message=exc.detail)
+        page = render(
+            "error.html",
+            ui=_ui(request.scope, None, ""),
+            title=f"Error {exc.status_code}",
+            message=exc.detail,
+        )
         return HTMLResponse(page, status_code=exc.status_code, headers=exc.headers)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
@@ -135,14 +141,27 @@ def _user_name(user: Any) -> str:
 def _ui(scope: Mapping[str, Any], user: Any, active: str) -> dict[str, str]:
     """The UI part of templates/base.html: ``<base href>`` (where the app is mounted), the nav
     entry of this page and the signed-in user."""
-    return {"base": scope.get("root_path", "").rstrip("/") + "/", "active": active,
-            "user": _user_name(user)}
+    return {
+        "base": scope.get("root_path", "").rstrip("/") + "/",
+        "active": active,
+        "user": _user_name(user),
+    }
 
 
-def _html(request: Request, template: str, *, user: Any, active: str, status_code: int = 200,
-          **context: Any) -> Response:
-    return HTMLResponse(render(template, ui=_ui(request.scope, user, active), **context),
-                        status_code=status_code, headers={"Cache-Control": "no-store"})
+def _html(
+    request: Request,
+    template: str,
+    *,
+    user: Any,
+    active: str,
+    status_code: int = 200,
+    **context: Any,
+) -> Response:
+    return HTMLResponse(
+        render(template, ui=_ui(request.scope, user, active), **context),
+        status_code=status_code,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +174,8 @@ class VersionRow:
     current: bool
     manifest: dict[str, Any] | None
     error: str | None = None
-    files: str = "not recorded"          # models.Integrity.status of a sizes check
-    problems: tuple[str, ...] = ()       # what that check (or the last sha256 check) found
+    files: str = "not recorded"  # models.Integrity.status of a sizes check
+    problems: tuple[str, ...] = ()  # what that check (or the last sha256 check) found
 
 
 def version_rows(layout: Layout) -> list[VersionRow]:
@@ -175,12 +194,26 @@ def version_rows(layout: Layout) -> list[VersionRow]:
         files = check_version(layout, version)
         status, problems = files.status, tuple(files.problems)
         try:
-            rows.append(VersionRow(version, version == current, read_manifest(layout, version),
-                                   files=status, problems=problems))
+            rows.append(
+                VersionRow(
+                    version,
+                    version == current,
+                    read_manifest(layout, version),
+                    files=status,
+                    problems=problems,
+                )
+            )
         except Exception as exc:  # one broken manifest must not hide the others
-            rows.append(VersionRow(version, version == current, None,
-                                   f"{type(exc).__name__}: {exc}", files=status,
-                                   problems=problems))
+            rows.append(
+                VersionRow(
+                    version,
+                    version == current,
+                    None,
+                    f"{type(exc).__name__}: {exc}",
+                    files=status,
+                    problems=problems,
+                )
+            )
     return rows
 
 
@@ -191,11 +224,18 @@ def versions_page(request: Request, user: CurrentUser, settings: AppSettings) ->
     layout = settings.layout
     rows = version_rows(layout)
     ks = {(r.manifest or {}).get("metrics", {}).get("k") for r in rows if r.manifest}
-    return _html(request, "versions.html", user=user, active="versions", layout=layout,
-                 rows=rows, k=ks.pop() if len(ks) == 1 else "k",
-                 current=current_version(layout),
-                 current_row=next((r for r in rows if r.current), None),
-                 describe_lsh=describe_lsh)
+    return _html(
+        request,
+        "versions.html",
+        user=user,
+        active="versions",
+        layout=layout,
+        rows=rows,
+        k=ks.pop() if len(ks) == 1 else "k",
+        current=current_version(layout),
+        current_row=next((r for r in rows if r.current), None),
+        describe_lsh=describe_lsh,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,29 +301,47 @@ def result_runs(layout: Layout) -> list[Path]:
 
 
 @app.get("/gallery", include_in_schema=False)
-def gallery_page(request: Request, user: CurrentUser, settings: AppSettings,
-                 run: Annotated[str | None, Query()] = None) -> Response:
+def gallery_page(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    run: Annotated[str | None, Query()] = None,
+) -> Response:
     from imgsim.fsutil import read_json
 
     layout = settings.layout
     runs = result_runs(layout)
     if run is not None:
-        if not RUN_NAME_RE.match(run) or not (layout.queries / "results" / run /
-                                              "results.json").is_file():
+        if (
+            not RUN_NAME_RE.match(run)
+            or not (layout.queries / "results" / run / "results.json").is_file()
+        ):
             raise HTTPException(404, f"no query results named {run!r}")
         chosen = layout.queries / "results" / run
     elif runs:
         chosen = runs[0]
     else:
-        return _html(request, "run.html", user=user, active="gallery", queries=None,
-                     inbox=layout.queries / "inbox")
+        return _html(
+            request,
+            "run.html",
+            user=user,
+            active="gallery",
+            queries=None,
+            inbox=layout.queries / "inbox",
+        )
     try:
         results = read_json(chosen / "results.json")
     except (OSError, ValueError) as exc:
         raise HTTPException(500, f"{chosen / 'results.json'} is unreadable: {exc}") from exc
-    return _html(request, "run.html", user=user, active="gallery", run_dir=chosen,
-                 runs=[p.name for p in runs[:RECENT_RUNS]],
-                 **run_view(results, partial(_query_src, layout), partial(_neighbour_src, layout)))
+    return _html(
+        request,
+        "run.html",
+        user=user,
+        active="gallery",
+        run_dir=chosen,
+        runs=[p.name for p in runs[:RECENT_RUNS]],
+        **run_view(results, partial(_query_src, layout), partial(_neighbour_src, layout)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +357,9 @@ def thumb(image_id: str, settings: AppSettings) -> Response:
     path = inside(layout.thumbs / f"{image_id}.jpg", layout.root)
     if path is None or not path.is_file():
         raise HTTPException(404, f"no thumbnail for {image_id}")
-    return FileResponse(path, media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=86400"})
+    return FileResponse(
+        path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"}
+    )
 
 
 def render_jpeg(path: Path, size: int, max_pixels: int) -> bytes:
@@ -317,8 +376,11 @@ def render_jpeg(path: Path, size: int, max_pixels: int) -> bytes:
 
 
 @app.get("/photo", include_in_schema=False)
-def photo(path: Annotated[str, Query(min_length=1, max_length=4096)],
-          settings: AppSettings, size: Annotated[int, Query(ge=32, le=1024)] = 320) -> Response:
+def photo(
+    path: Annotated[str, Query(min_length=1, max_length=4096)],
+    settings: AppSettings,
+    size: Annotated[int, Query(ge=32, le=1024)] = 320,
+) -> Response:
     """An image under the data root (a query photo, an upload, an original), re-encoded as JPEG.
 
     ``path`` is relative to the data root (or absolute). Whatever it names is resolved first;
@@ -340,8 +402,9 @@ def photo(path: Annotated[str, Query(min_length=1, max_length=4096)],
         data = render_jpeg(resolved, size, settings.max_image_pixels)
     except ImageRejected as exc:
         raise HTTPException(415, f"not a servable image: {exc.reason}") from exc
-    return Response(data, media_type="image/jpeg",
-                    headers={"Cache-Control": "private, max-age=3600"})
+    return Response(
+        data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,12 +430,16 @@ def sniff_image(data: bytes, filename: str) -> str:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UploadError(415, f"{filename!r} is not an image ({len(data):,} bytes that no "
-                               "image decoder recognises). Upload a JPEG, PNG or WebP "
-                               "photo.") from exc
+        raise UploadError(
+            415,
+            f"{filename!r} is not an image ({len(data):,} bytes that no "
+            "image decoder recognises). Upload a JPEG, PNG or WebP "
+            "photo.",
+        ) from exc
     if fmt not in UPLOAD_FORMATS:
-        raise UploadError(415, f"{filename!r} is a {fmt or 'unknown'} image; upload a JPEG, "
-                               "PNG or WebP photo.")
+        raise UploadError(
+            415, f"{filename!r} is a {fmt or 'unknown'} image; upload a JPEG, PNG or WebP photo."
+        )
     return UPLOAD_FORMATS[fmt]
 
 
@@ -399,21 +466,25 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
     layout = settings.layout
     version = current_version(layout)
     if version is None:
-        raise UploadError(409, f"No published model under {layout.models} yet; trigger the "
-                               "imgsim_index DAG first.")
+        raise UploadError(
+            409,
+            f"No published model under {layout.models} yet; trigger the imgsim_index DAG first.",
+        )
     with _LOAD_LOCK:
         key = (str(layout.root), version)
         model = _MODEL_CACHE.get(key)
         if model is None:
             model = load_model(layout, version)
-            _MODEL_CACHE.clear()           # keep one version in memory
+            _MODEL_CACHE.clear()  # keep one version in memory
             _MODEL_CACHE[key] = model
-        bkey = json.dumps([model.manifest["backbone"], settings.weights_path, settings.device],
-                          sort_keys=True)
+        bkey = json.dumps(
+            [model.manifest["backbone"], settings.weights_path, settings.device], sort_keys=True
+        )
         backbone = _BACKBONE_CACHE.get(bkey)
         if backbone is None:
-            backbone = load_query_backbone(model.manifest, weights_path=settings.weights_path,
-                                           device=settings.device)
+            backbone = load_query_backbone(
+                model.manifest, weights_path=settings.weights_path, device=settings.device
+            )
             _BACKBONE_CACHE.clear()
             _BACKBONE_CACHE[bkey] = backbone
     return model, backbone
@@ -432,16 +503,29 @@ def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
         raise UploadError(409, str(exc)) from exc
     if not isinstance(ans, Answer):
         raise UploadError(422, f"the image cannot be used: {ans.reason}: {ans.detail}")
-    return {"model_version": model.version, "indexed": searcher.indexed, "k": k,
-            **ans.fields(k, searcher.indexed)}
+    return {
+        "model_version": model.version,
+        "indexed": searcher.indexed,
+        "k": k,
+        **ans.fields(k, searcher.indexed),
+    }
 
 
-def _search_page(request: Request, user: Any, k: int, status_code: int = 200,
-                 **context: Any) -> Response:
+def _search_page(
+    request: Request, user: Any, k: int, status_code: int = 200, **context: Any
+) -> Response:
     """templates/search.html: the upload form, with ``error``, ``current`` or ``answer``."""
-    return _html(request, "search.html", user=user, active="search", status_code=status_code,
-                 k=k, max_k=MAX_K, max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
-                 **{"error": None, "current": None, "answer": None, **context})
+    return _html(
+        request,
+        "search.html",
+        user=user,
+        active="search",
+        status_code=status_code,
+        k=k,
+        max_k=MAX_K,
+        max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
+        **{"error": None, "current": None, "answer": None, **context},
+    )
 
 
 @app.get("/search", include_in_schema=False)
@@ -450,8 +534,12 @@ def search_page(request: Request, user: CurrentUser, settings: AppSettings) -> R
 
     version = current_version(settings.layout)
     if version is None:
-        return _search_page(request, user, DEFAULT_K, error="No published model version yet; "
-                                                            "trigger imgsim_index first.")
+        return _search_page(
+            request,
+            user,
+            DEFAULT_K,
+            error="No published model version yet; trigger imgsim_index first.",
+        )
     return _search_page(request, user, DEFAULT_K, current=version)
 
 
@@ -473,8 +561,11 @@ class UploadSizeLimit:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (scope["type"] != "http" or scope["method"] != "POST"
-                or not scope["path"].rstrip("/").endswith("/search")):
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or not scope["path"].rstrip("/").endswith("/search")
+        ):
             await self.app(scope, receive, send)
             return
         limit = MAX_UPLOAD_BYTES + FORM_OVERHEAD_BYTES
@@ -503,7 +594,7 @@ class UploadSizeLimit:
 
         async def guarded_send(message: Any) -> None:
             nonlocal started
-            if exceeded:            # the app's answer to a cut-off body (400) is replaced
+            if exceeded:  # the app's answer to a cut-off body (400) is replaced
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -518,17 +609,27 @@ class UploadSizeLimit:
 
 
 def _too_large_message() -> str:
-    return (f"The upload is larger than the {MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit; "
-            "choose a smaller image.")
+    return (
+        f"The upload is larger than the {MAX_UPLOAD_BYTES // (1024 * 1024)} MB limit; "
+        "choose a smaller image."
+    )
 
 
 async def _plain_error(scope: Any, send: Any, status: int, message: str) -> None:
-    body = render("error.html", ui=_ui(scope, None, "search"), title="upload refused",
-                  message=message).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/html; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    body = render(
+        "error.html", ui=_ui(scope, None, "search"), title="upload refused", message=message
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -540,22 +641,27 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     while chunk := await upload.read(1 << 20):
         total += len(chunk)
         if total > limit:
-            raise UploadError(413, f"{upload.filename!r} is larger than the "
-                                   f"{limit // (1024 * 1024)} MB limit.")
+            raise UploadError(
+                413, f"{upload.filename!r} is larger than the {limit // (1024 * 1024)} MB limit."
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 @app.post("/search", include_in_schema=False)
-async def search_upload(request: Request, user: CurrentUser, settings: AppSettings,
-                        image: UploadFile | None = None,
-                        k: Annotated[int, Form()] = DEFAULT_K) -> Response:
+async def search_upload(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    image: UploadFile | None = None,
+    k: Annotated[int, Form()] = DEFAULT_K,
+) -> Response:
     """Save the uploaded image, look it up in the CURRENT version, show its neighbours."""
     layout = settings.layout
     k = max(1, min(MAX_K, k))
     filename = (image.filename if image is not None else None) or "upload"
     try:
-        if image is None:      # (an over-large body never gets here: UploadSizeLimit)
+        if image is None:  # (an over-large body never gets here: UploadSizeLimit)
             raise UploadError(400, "no file in the form; choose an image to upload.")
         data = await _read_limited(image, MAX_UPLOAD_BYTES)
         ext = await run_in_threadpool(sniff_image, data, filename)
@@ -564,7 +670,16 @@ async def search_upload(request: Request, user: CurrentUser, settings: AppSettin
     except UploadError as exc:
         return _search_page(request, user, k, exc.status, error=exc.message)
     query = {**answer, "query_name": filename, "query_path": str(saved)}
-    return _search_page(request, user, k, answer={
-        **answer, "filename": filename, "saved": saved.relative_to(layout.root),
-        "query": query_view(query, k, partial(_query_src, layout),
-                            partial(_neighbour_src, layout))})
+    return _search_page(
+        request,
+        user,
+        k,
+        answer={
+            **answer,
+            "filename": filename,
+            "saved": saved.relative_to(layout.root),
+            "query": query_view(
+                query, k, partial(_query_src, layout), partial(_neighbour_src, layout)
+            ),
+        },
+    )

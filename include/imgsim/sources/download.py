@@ -101,9 +101,7 @@ def parse_checksum(text: str, what: str = "checksum") -> Checksum | None:
         algorithm = next((a for a, n in _HEX_LENGTHS.items() if len(value) == n), "")
     n = _HEX_LENGTHS.get(algorithm)
     if n is None or len(value) != n or not re.fullmatch(r"[0-9a-f]+", value):
-        raise DownloadError(
-            f"{what} {text!r} is not md5:<32 hex digits> or sha256:<64 hex digits>"
-        )
+        raise DownloadError(f"{what} {text!r} is not md5:<32 hex digits> or sha256:<64 hex digits>")
     return Checksum(algorithm, value)
 
 
@@ -178,8 +176,9 @@ def fetch(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, not {chunk_size}")
     if checksum is None or checksum == "":
-        expected_sha: Checksum | None = parse_checksum(f"sha256:{sha256}" if sha256.strip()
-                                                       else "", "sha256")
+        expected_sha: Checksum | None = parse_checksum(
+            f"sha256:{sha256}" if sha256.strip() else "", "sha256"
+        )
     elif isinstance(checksum, Checksum):
         expected_sha = checksum
     else:
@@ -303,7 +302,7 @@ def _result_for_existing(
 
 
 def _mismatch(expected: Checksum | None, digests: tuple[str, str]) -> str:
-    """"" when ``digests`` (sha256, md5) satisfy ``expected``, else what was found instead."""
+    """ "" when ``digests`` (sha256, md5) satisfy ``expected``, else what was found instead."""
     if expected is None:
         return ""
     got = digests[0] if expected.algorithm == "sha256" else digests[1]
@@ -962,8 +961,15 @@ def fetch_first(
         if folder is not None:
             if find_images(folder):
                 logger.info("%s: using the images already in the folder %s", what, folder)
-                return DownloadResult(path=folder, url=loc, sha256="", size=0, downloaded=False,
-                                      kind="folder", tried=tuple(a for a, _ in attempts))
+                return DownloadResult(
+                    path=folder,
+                    url=loc,
+                    sha256="",
+                    size=0,
+                    downloaded=False,
+                    kind="folder",
+                    tried=tuple(a for a, _ in attempts),
+                )
             attempts.append((loc, "a folder without any .jpg/.jpeg/.png image"))
             continue
         try:
@@ -974,14 +980,17 @@ def fetch_first(
             permanent = permanent and exc.permanent
             continue
         if attempts:
-            logger.info("%s: got it from %s after %d failed location(s)", what, loc,
-                        len(attempts))
+            logger.info("%s: got it from %s after %d failed location(s)", what, loc, len(attempts))
         return DownloadResult(**{**result.__dict__, "tried": tuple(a for a, _ in attempts)})
     if not locs:
-        raise SourceUnavailable(f"no location given for the {what}. {help_text}".strip(), [],
-                                permanent=True)
-    lines = [f"could not get the {what} from any of its {len(locs)} location(s)"
-             + (f" (expected {expected})" if expected else "") + ":"]
+        raise SourceUnavailable(
+            f"no location given for the {what}. {help_text}".strip(), [], permanent=True
+        )
+    lines = [
+        f"could not get the {what} from any of its {len(locs)} location(s)"
+        + (f" (expected {expected})" if expected else "")
+        + ":"
+    ]
     lines += [f"  {i}. {loc}: {why}" for i, (loc, why) in enumerate(attempts, start=1)]
     if help_text:
         lines.append(help_text)

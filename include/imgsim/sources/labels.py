@@ -362,8 +362,9 @@ def read_class_names(path: Path) -> dict[int, str]:
     for n, row in enumerate(rows[1:], start=2):
         class_id = _parse_class(row[i_id]) if i_id < len(row) else None
         if class_id is None or i_name >= len(row) or not row[i_name]:
-            raise LabelsError(f"class-names file {path}, row {n}: expected a class id >= 1 "
-                              f"and a name, got {row}")
+            raise LabelsError(
+                f"class-names file {path}, row {n}: expected a class id >= 1 and a name, got {row}"
+            )
         out[class_id] = row[i_name]
     return out
 
@@ -383,11 +384,16 @@ def _read_class_names_mat(path: Path) -> dict[int, str]:
     return {i: _mat_str(v) for i, v in enumerate(raw.ravel(), start=1)}
 
 
-def with_class_names(labels: Mapping[str, LabelRecord],
-                     names: Mapping[int, str]) -> dict[str, LabelRecord]:
+def with_class_names(
+    labels: Mapping[str, LabelRecord], names: Mapping[int, str]
+) -> dict[str, LabelRecord]:
     """``labels`` with names from ``names`` where the labels file gave none."""
-    return {key: rec if rec.class_name is not None or rec.class_id not in names
-            else replace(rec, class_name=names[rec.class_id]) for key, rec in labels.items()}
+    return {
+        key: rec
+        if rec.class_name is not None or rec.class_id not in names
+        else replace(rec, class_name=names[rec.class_id])
+        for key, rec in labels.items()
+    }
 
 
 # --- matching labels to images ------------------------------------------------------------
@@ -408,8 +414,9 @@ def _parts(key: str) -> tuple[str, ...]:
     return tuple(p for p in key.split("/") if p)
 
 
-def match_labels(root: Path, images: Iterable[Path],
-                 labels: Mapping[str, LabelRecord]) -> LabelMatch:
+def match_labels(
+    root: Path, images: Iterable[Path], labels: Mapping[str, LabelRecord]
+) -> LabelMatch:
     """Match each image under ``root`` to the label whose key ends its path, or vice versa.
 
     Key ``cars_train/00001.jpg`` fits ``<root>/cars_train/00001.jpg`` and
@@ -432,8 +439,11 @@ def match_labels(root: Path, images: Iterable[Path],
     for image in images:
         result.images += 1
         rel = image.relative_to(root).parts
-        fits = [(parts, rec) for parts, rec in by_name.get(rel[-1], ())
-                if rel[-len(parts):] == parts or parts[-len(rel):] == rel]
+        fits = [
+            (parts, rec)
+            for parts, rec in by_name.get(rel[-1], ())
+            if rel[-len(parts) :] == parts or parts[-len(rel) :] == rel
+        ]
         if not fits:
             unmatched.append("/".join(rel))
             continue
@@ -451,8 +461,9 @@ def match_labels(root: Path, images: Iterable[Path],
             result.labels[image] = records[parts]
         else:
             unmatched.append(image.relative_to(root).as_posix())
-    result.ambiguous = sorted({"/".join(p) for p, imgs in users.items() if len(imgs) > 1}
-                              | {"/".join(p) for p in clashes})
+    result.ambiguous = sorted(
+        {"/".join(p) for p, imgs in users.items() if len(imgs) > 1} | {"/".join(p) for p in clashes}
+    )
     used = set(users)
     result.unused = sorted(k for k in labels if _parts(k) not in used)
     result.unmatched = sorted(unmatched)

@@ -26,9 +26,14 @@ def number(value: Any, spec: str, missing: str = "–") -> str:
         return missing
 
 
-ENV = Environment(loader=PackageLoader("imgsim"), autoescape=True, undefined=StrictUndefined,
-                  finalize=lambda value: "" if value is None else value,
-                  trim_blocks=True, lstrip_blocks=True)
+ENV = Environment(
+    loader=PackageLoader("imgsim"),
+    autoescape=True,
+    undefined=StrictUndefined,
+    finalize=lambda value: "" if value is None else value,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 ENV.filters["number"] = number
 
 

@@ -59,7 +59,8 @@ class VersionDamaged(RuntimeError):
             f"model version {version} is damaged: {shown}. Its files{place} are not those "
             "recorded when it was published. Make an intact version current with "
             "`imgsim rollback VERSION` (`imgsim versions --verify` checks them all), or refit "
-            "with the imgsim_index DAG.")
+            "with the imgsim_index DAG."
+        )
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -70,8 +71,9 @@ def new_version(now: datetime | None = None) -> str:
 
 def check_version_name(version: str) -> str:
     if not VERSION_RE.match(version):
-        raise ValueError(f"{version!r} is not a version name "
-                         "(expected like v20261122T171400Z-3fa9c2)")
+        raise ValueError(
+            f"{version!r} is not a version name (expected like v20261122T171400Z-3fa9c2)"
+        )
     return version
 
 
@@ -103,24 +105,30 @@ def published_versions(layout: Layout) -> list[str]:
     """Published versions, oldest first (names sort by creation time)."""
     if not layout.models.exists():
         return []
-    return sorted(p.name for p in layout.models.iterdir()
-                  if p.is_dir() and VERSION_RE.match(p.name) and (p / "manifest.json").exists())
+    return sorted(
+        p.name
+        for p in layout.models.iterdir()
+        if p.is_dir() and VERSION_RE.match(p.name) and (p / "manifest.json").exists()
+    )
 
 
 def read_manifest(layout: Layout, version: str | None = None) -> dict[str, Any]:
     """The manifest of ``version`` (default: CURRENT)."""
     version = version or current_version(layout)
     if version is None:
-        raise VersionNotFound(f"no published model under {layout.models} (CURRENT is missing); "
-                              "run the imgsim_index DAG first")
+        raise VersionNotFound(
+            f"no published model under {layout.models} (CURRENT is missing); "
+            "run the imgsim_index DAG first"
+        )
     path = version_dir(layout, version) / MANIFEST
     if not path.exists():
         raise VersionNotFound(f"model version {version} not found under {layout.models}")
     try:
         manifest: dict[str, Any] = read_json(path)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise VersionDamaged(version, [f"{MANIFEST} is not valid JSON ({exc})"],
-                             path.parent) from exc
+        raise VersionDamaged(
+            version, [f"{MANIFEST} is not valid JSON ({exc})"], path.parent
+        ) from exc
     if not isinstance(manifest, dict):
         raise VersionDamaged(version, [f"{MANIFEST} is not a JSON object"], path.parent)
     return manifest
@@ -131,14 +139,19 @@ def read_manifest(layout: Layout, version: str | None = None) -> dict[str, Any]:
 
 def version_files(directory: Path) -> dict[str, Path]:
     """Every file of a version directory by its relative POSIX path, except the manifest."""
-    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
-            if not p.is_dir() and p.relative_to(directory).as_posix() != MANIFEST}
+    return {
+        p.relative_to(directory).as_posix(): p
+        for p in sorted(directory.rglob("*"))
+        if not p.is_dir() and p.relative_to(directory).as_posix() != MANIFEST
+    }
 
 
 def file_checksums(directory: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size": bytes, "sha256": hex}}`` for every file but the manifest."""
-    return {rel: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for rel, p in version_files(directory).items()}
+    return {
+        rel: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for rel, p in version_files(directory).items()
+    }
 
 
 def record_checksums(directory: Path) -> dict[str, Any]:
@@ -154,8 +167,8 @@ class Integrity:
     """What a check of a published version's files found."""
 
     version: str
-    recorded: bool                 # the manifest lists its files (False for older versions)
-    hashed: bool                   # sha256 compared too, not only sizes
+    recorded: bool  # the manifest lists its files (False for older versions)
+    hashed: bool  # sha256 compared too, not only sizes
     problems: list[str]
     checked_at: str | None = None  # when the hash check that found ``problems`` ran
 
@@ -182,10 +195,15 @@ def _remembered(layout: Layout, version: str) -> dict[str, Any] | None:
 
 def _remember(layout: Layout, result: Integrity) -> None:
     try:
-        atomic_write_json(checks_dir(layout) / f"{result.version}.json",
-                          {"version": result.version, "checked_at": result.checked_at,
-                           "problems": result.problems})
-    except OSError as exc:        # a read-only data root: the check itself still stands
+        atomic_write_json(
+            checks_dir(layout) / f"{result.version}.json",
+            {
+                "version": result.version,
+                "checked_at": result.checked_at,
+                "problems": result.problems,
+            },
+        )
+    except OSError as exc:  # a read-only data root: the check itself still stands
         log.warning("could not record the check of %s: %s", result.version, exc)
 
 
@@ -216,8 +234,10 @@ def check_version(layout: Layout, version: str, *, hashes: bool = False) -> Inte
             problems.append(f"{rel} has {size} bytes, {want.get('size')} were recorded")
         elif hashes and sha256_file(path) != want.get("sha256"):
             problems.append(f"{rel} has been altered (its sha256 differs from the recorded one)")
-    problems += [f"{rel} was not part of the version when it was published"
-                 for rel in sorted(set(actual) - set(recorded))]
+    problems += [
+        f"{rel} was not part of the version when it was published"
+        for rel in sorted(set(actual) - set(recorded))
+    ]
     if hashes:
         result = Integrity(version, True, True, problems, datetime.now(UTC).isoformat())
         _remember(layout, result)
@@ -263,10 +283,17 @@ class ValidationReport:
         return {"version": self.version, "checks": self.checks}
 
 
-def validate_staged(layout: Layout, version: str, *, expected_count: int,
-                    expected_fingerprint: str, backbone: str, recall_floor: float,
-                    hash_check_rows: int = 1000,
-                    expected_labels_fingerprint: str | None = None) -> ValidationReport:
+def validate_staged(
+    layout: Layout,
+    version: str,
+    *,
+    expected_count: int,
+    expected_fingerprint: str,
+    backbone: str,
+    recall_floor: float,
+    hash_check_rows: int = 1000,
+    expected_labels_fingerprint: str | None = None,
+) -> ValidationReport:
     """Check a staged version before it may become CURRENT; raise ValidationFailed if not fit.
 
     Checks: the manifest is complete; the backbone is the configured one; the image count and
@@ -297,32 +324,43 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
     fp = manifest.get("snapshot", {}).get("fingerprint")
     if fp != expected_fingerprint:
         problems.append("the embedding snapshot differs from the catalog's (fingerprint mismatch)")
-    if (expected_labels_fingerprint is not None and
-            manifest.get("snapshot", {}).get("labels_fingerprint") != expected_labels_fingerprint):
+    if (
+        expected_labels_fingerprint is not None
+        and manifest.get("snapshot", {}).get("labels_fingerprint") != expected_labels_fingerprint
+    ):
         problems.append("the labels differ from the catalog's (labels fingerprint mismatch)")
     recall = manifest.get("metrics", {}).get("recall_at_k")
     checks["recall_at_k"] = recall
     checks["recall_floor"] = recall_floor
     if recall is None or recall < recall_floor:
-        problems.append(f"recall@k {recall} is below the floor {recall_floor} "
-                        "(raise numHashTables or bucketLength, or lower IMGSIM_RECALL_FLOOR)")
+        problems.append(
+            f"recall@k {recall} is below the floor {recall_floor} "
+            "(raise numHashTables or bucketLength, or lower IMGSIM_RECALL_FLOOR)"
+        )
 
     ref = pq.read_table(staged / "reference", columns=["image_id", "vector", "hashes"])
     checks["reference_rows"] = ref.num_rows
     ids = ref.column("image_id").to_pylist()
     if ref.num_rows != count or len(set(ids)) != len(ids):
-        problems.append(f"reference table has {ref.num_rows} rows ({len(set(ids))} distinct ids), "
-                        f"manifest says {count}")
+        problems.append(
+            f"reference table has {ref.num_rows} rows ({len(set(ids))} distinct ids), "
+            f"manifest says {count}"
+        )
     params = load_brp_model(staged / "model")
     lsh = manifest.get("lsh", {})
-    if (params.num_hash_tables != lsh.get("numHashTables")
-            or params.bucket_length != lsh.get("bucketLength")):
-        problems.append(f"saved model ({params.num_hash_tables} tables, bucketLength "
-                        f"{params.bucket_length}) differs from the manifest's {lsh}")
+    if params.num_hash_tables != lsh.get("numHashTables") or params.bucket_length != lsh.get(
+        "bucketLength"
+    ):
+        problems.append(
+            f"saved model ({params.num_hash_tables} tables, bucketLength "
+            f"{params.bucket_length}) differs from the manifest's {lsh}"
+        )
     bands, (keys_per_band, probes) = lsh.get("bands"), banding(manifest)
     if bands is not None and bands * keys_per_band != params.num_hash_tables:
-        problems.append(f"{bands} bands x {keys_per_band} keys per band != the saved model's "
-                        f"{params.num_hash_tables} projections")
+        problems.append(
+            f"{bands} bands x {keys_per_band} keys per band != the saved model's "
+            f"{params.num_hash_tables} projections"
+        )
     if not 0 <= probes <= keys_per_band:
         problems.append(f"probes {probes} must be between 0 and keys_per_band {keys_per_band}")
     head = ref.slice(0, hash_check_rows)
@@ -334,8 +372,9 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
         checks["hash_rows_checked"] = head.num_rows
         if not same:
             problems.append("hashes recomputed from the saved model differ from Spark's")
-        problems += _check_projection(layout, staged, manifest, backbone,
-                                      head.column("image_id").to_pylist(), x, checks)
+        problems += _check_projection(
+            layout, staged, manifest, backbone, head.column("image_id").to_pylist(), x, checks
+        )
     checks["problems"] = problems
     report = ValidationReport(version, checks)
     atomic_write_json(staged / "validation.json", report.as_dict())
@@ -345,8 +384,15 @@ def validate_staged(layout: Layout, version: str, *, expected_count: int,
     return report
 
 
-def _check_projection(layout: Layout, staged: Path, manifest: dict[str, Any], backbone: str,
-                      ids: list[str], vectors: Any, checks: dict[str, Any]) -> list[str]:
+def _check_projection(
+    layout: Layout,
+    staged: Path,
+    manifest: dict[str, Any],
+    backbone: str,
+    ids: list[str],
+    vectors: Any,
+    checks: dict[str, Any],
+) -> list[str]:
     """The stored projection loads (sha256 as recorded) and maps the store's raw vectors of
     ``ids`` onto the reference table's ``vectors`` (NumPy twin against Spark)."""
     import numpy as np
@@ -363,8 +409,10 @@ def _check_projection(layout: Layout, staged: Path, manifest: dict[str, Any], ba
     except ProjectionError as exc:
         return [str(exc)]
     if proj is None or proj.dims != manifest.get("search_dim"):
-        return [f"projection has {proj.dims if proj else 0} dims, the manifest's search space "
-                f"{manifest.get('search_dim')}"]
+        return [
+            f"projection has {proj.dims if proj else 0} dims, the manifest's search space "
+            f"{manifest.get('search_dim')}"
+        ]
     got, raw = load_vectors(layout, backbone, ids=set(ids))
     order = {iid: i for i, iid in enumerate(got)}
     rows = [i for i, iid in enumerate(ids) if iid in order]
@@ -374,8 +422,9 @@ def _check_projection(layout: Layout, staged: Path, manifest: dict[str, Any], ba
     err = float(np.abs(twin - vectors[rows]).max())
     checks["projection_max_abs_diff"] = err
     if err > 1e-4:
-        return [f"the projection applied in NumPy differs from Spark's projected vectors by "
-                f"{err:.2e}"]
+        return [
+            f"the projection applied in NumPy differs from Spark's projected vectors by {err:.2e}"
+        ]
     return []
 
 
@@ -388,7 +437,7 @@ def publish(layout: Layout, version: str, *, keep: int = 5) -> str:
             report = staged / "validation.json"
             if not report.exists() or read_json(report)["checks"].get("problems"):
                 raise ValidationFailed(f"{version} has not passed validation; not publishing")
-            record_checksums(staged)       # the final staging directory, every file in it
+            record_checksums(staged)  # the final staging directory, every file in it
             os.rename(staged, final)
             fsync_dir(layout.models)
         atomic_write_text(layout.current_pointer, version + "\n")
@@ -401,9 +450,11 @@ def rollback(layout: Layout, version: str) -> str:
     """Point CURRENT at an older published version, atomically."""
     with models_lock(layout):
         if version not in published_versions(layout):
-            raise VersionNotFound(f"cannot roll back: version {version} is not published under "
-                                  f"{layout.models}; published: {published_versions(layout)}")
-        verify_version(layout, version, hashes=True)   # never roll back onto a damaged one
+            raise VersionNotFound(
+                f"cannot roll back: version {version} is not published under "
+                f"{layout.models}; published: {published_versions(layout)}"
+            )
+        verify_version(layout, version, hashes=True)  # never roll back onto a damaged one
         atomic_write_text(layout.current_pointer, version + "\n")
     log.info("rolled back: CURRENT -> %s", version)
     return version

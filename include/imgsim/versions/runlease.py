@@ -64,8 +64,12 @@ class Lease:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Lease:
-        return cls(run_id=str(d["run_id"]), acquired_at=str(d.get("acquired_at", "")),
-                   host=str(d.get("host", "")), pid=int(d.get("pid", 0)))
+        return cls(
+            run_id=str(d["run_id"]),
+            acquired_at=str(d.get("acquired_at", "")),
+            host=str(d.get("host", "")),
+            pid=int(d.get("pid", 0)),
+        )
 
 
 def lease_path(layout: Layout, name: str = INDEX_LEASE) -> Path:
@@ -93,12 +97,14 @@ def read_lease(layout: Layout, name: str = INDEX_LEASE) -> Lease | None:
     try:
         return Lease.from_dict(read_json(path))
     except (ValueError, KeyError, TypeError) as exc:
-        raise RuntimeError(f"lease file {path} is damaged ({exc}); delete it once no index run "
-                           "is active") from exc
+        raise RuntimeError(
+            f"lease file {path} is damaged ({exc}); delete it once no index run is active"
+        ) from exc
 
 
-def try_acquire(layout: Layout, run_id: str, holder_alive: Callable[[str], bool],
-                name: str = INDEX_LEASE) -> Lease | None:
+def try_acquire(
+    layout: Layout, run_id: str, holder_alive: Callable[[str], bool], name: str = INDEX_LEASE
+) -> Lease | None:
     """Take the lease for ``run_id``. Returns None when taken, else the live lease in the way.
 
     ``holder_alive(run_id)`` says whether another holder's run is still queued or running.
@@ -112,18 +118,31 @@ def try_acquire(layout: Layout, run_id: str, holder_alive: Callable[[str], bool]
             try:
                 holder_is_alive = holder_alive(current.run_id)
             except HolderStateUnknown as exc:
-                log.warning("%s; the %s lease stays with run %r and this run keeps waiting",
-                            exc, name, current.run_id)
+                log.warning(
+                    "%s; the %s lease stays with run %r and this run keeps waiting",
+                    exc,
+                    name,
+                    current.run_id,
+                )
                 return current
             if holder_is_alive:
                 return current
-            log.warning("taking over the %s lease from run %r, which is no longer running "
-                        "(held since %s on %s)", name, current.run_id, current.acquired_at,
-                        current.host)
+            log.warning(
+                "taking over the %s lease from run %r, which is no longer running "
+                "(held since %s on %s)",
+                name,
+                current.run_id,
+                current.acquired_at,
+                current.host,
+            )
         if current is not None and current.run_id == run_id:
-            return None                               # a retry of the holder's own task
-        lease = Lease(run_id=run_id, acquired_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                      host=socket.gethostname(), pid=os.getpid())
+            return None  # a retry of the holder's own task
+        lease = Lease(
+            run_id=run_id,
+            acquired_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
         atomic_write_json(path, asdict(lease))
         log.info("run %r holds the %s lease %s", run_id, name, path)
         return None
@@ -134,9 +153,11 @@ def ensure_held(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> None:
     current = read_lease(layout, name)
     if current is None or current.run_id != run_id:
         holder = current.run_id if current else "nobody"
-        raise LeaseLost(f"run {run_id!r} does not hold the {name} lease ({lease_path(layout, name)}"
-                        f" is held by {holder}); another index run took over, so this run "
-                        "must not publish. Re-run it after that run finishes.")
+        raise LeaseLost(
+            f"run {run_id!r} does not hold the {name} lease ({lease_path(layout, name)}"
+            f" is held by {holder}); another index run took over, so this run "
+            "must not publish. Re-run it after that run finishes."
+        )
 
 
 def release(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> bool:
@@ -151,8 +172,12 @@ def release(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> bool:
         return True
 
 
-def airflow_run_alive(dag_id: str, attempts: int = 3, pause_s: float = 2.0,
-                      sleep: Callable[[float], None] = time.sleep) -> Callable[[str], bool]:
+def airflow_run_alive(
+    dag_id: str,
+    attempts: int = 3,
+    pause_s: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Callable[[str], bool]:
     """``holder_alive`` for a task: asks Airflow (execution API) for the holder run's state.
 
     A run that no longer exists (deleted) is gone. An error reading the state is retried
@@ -170,7 +195,7 @@ def airflow_run_alive(dag_id: str, attempts: int = 3, pause_s: float = 2.0,
             try:
                 state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
                 return str(getattr(state, "value", state)) in LIVE_RUN_STATES
-            except Exception as exc:           # the API answers a deleted run with an error too
+            except Exception as exc:  # the API answers a deleted run with an error too
                 errors.append(f"{type(exc).__name__}: {exc}")
             try:
                 if RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
@@ -178,17 +203,32 @@ def airflow_run_alive(dag_id: str, attempts: int = 3, pause_s: float = 2.0,
                     return False
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
-            log.warning("could not read the state of run %r of %s (attempt %d of %d): %s",
-                        run_id, dag_id, attempt + 1, attempts, errors[-1])
-        raise HolderStateUnknown(f"could not read the state of run {run_id!r} of {dag_id} in "
-                                 f"{attempts} attempts ({errors[-1]})")
+            log.warning(
+                "could not read the state of run %r of %s (attempt %d of %d): %s",
+                run_id,
+                dag_id,
+                attempt + 1,
+                attempts,
+                errors[-1],
+            )
+        raise HolderStateUnknown(
+            f"could not read the state of run {run_id!r} of {dag_id} in "
+            f"{attempts} attempts ({errors[-1]})"
+        )
 
     return alive
 
 
-def wait_for_lease(layout: Layout, run_id: str, holder_alive: Callable[[str], bool], *,
-                   poke_s: float, hold_s: float, sleep: Callable[[float], None] = time.sleep,
-                   clock: Callable[[], float] = time.monotonic) -> Lease | None:
+def wait_for_lease(
+    layout: Layout,
+    run_id: str,
+    holder_alive: Callable[[str], bool],
+    *,
+    poke_s: float,
+    hold_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Lease | None:
     """Try every ``poke_s`` for at most ``hold_s``: None once ``run_id`` holds the lease, else
     the lease still in the way (the caller then gives its worker slot back)."""
     deadline = clock() + hold_s
@@ -196,23 +236,36 @@ def wait_for_lease(layout: Layout, run_id: str, holder_alive: Callable[[str], bo
         holder = try_acquire(layout, run_id, holder_alive)
         if holder is None:
             return None
-        log.info("waiting for the %s lease: run %r holds it since %s (on %s); this run starts "
-                 "when it finishes", INDEX_LEASE, holder.run_id, holder.acquired_at, holder.host)
+        log.info(
+            "waiting for the %s lease: run %r holds it since %s (on %s); this run starts "
+            "when it finishes",
+            INDEX_LEASE,
+            holder.run_id,
+            holder.acquired_at,
+            holder.host,
+        )
         if clock() + poke_s > deadline:
             return holder
         sleep(poke_s)
 
 
-def take_for_run(layout: Layout, run_id: str, dag_id: str, *, poke_s: float, hold_s: float,
-                 requeue_s: float, waiting_since: datetime | None) -> None:
+def take_for_run(
+    layout: Layout,
+    run_id: str,
+    dag_id: str,
+    *,
+    poke_s: float,
+    hold_s: float,
+    requeue_s: float,
+    waiting_since: datetime | None,
+) -> None:
     """The lease task: returns once ``run_id`` holds the lease.
 
     While another live run holds it, waits on the worker for at most ``hold_s``, then raises
     Airflow's reschedule request (re-queued ``requeue_s`` later, no worker slot held in
     between). After :data:`MAX_WAIT` since ``waiting_since`` (the run's start), it fails.
     """
-    holder = wait_for_lease(layout, run_id, airflow_run_alive(dag_id), poke_s=poke_s,
-                            hold_s=hold_s)
+    holder = wait_for_lease(layout, run_id, airflow_run_alive(dag_id), poke_s=poke_s, hold_s=hold_s)
     if holder is None:
         return
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
@@ -223,6 +276,7 @@ def take_for_run(layout: Layout, run_id: str, dag_id: str, *, poke_s: float, hol
             f"run {run_id!r} waited since {waiting_since.isoformat(timespec='seconds')} for the "
             f"{INDEX_LEASE} lease ({lease_path(layout)}), which run {holder.run_id!r} holds since "
             f"{holder.acquired_at} on {holder.host}; giving up after {MAX_WAIT}. If that run is "
-            "stuck, mark it failed; the next run takes the lease over.")
+            "stuck, mark it failed; the next run takes the lease over."
+        )
     log.info("giving the worker slot back; re-queued in %.0f s", requeue_s)
     raise AirflowRescheduleException(now + timedelta(seconds=requeue_s))
