@@ -297,41 +297,15 @@ def postgres(log_dir: Path, database: str = "airflow", user: str = "airflow") ->
         yield pg
     finally:
         if started:
-            stopped = subprocess.run(
-                _as_postgres(
-                    [
-                        str(pg_bin / "pg_ctl"),
-                        "stop",
-                        "-D",
-                        str(datadir),
-                        "-m",
-                        "fast",
-                        "-w",
-                        "-t",
-                        "30",
-                    ]
-                ),
-                capture_output=True,
-                timeout=60,
-            )
-            if stopped.returncode != 0 and (datadir / "postmaster.pid").exists():
-                subprocess.run(
-                    _as_postgres(
-                        [
-                            str(pg_bin / "pg_ctl"),
-                            "stop",
-                            "-D",
-                            str(datadir),
-                            "-m",
-                            "immediate",
-                            "-w",
-                            "-t",
-                            "30",
-                        ]
-                    ),
-                    capture_output=True,
-                    timeout=60,
-                )
+
+            def pg_stop(mode: str) -> int:
+                cmd = [str(pg_bin / "pg_ctl"), "stop", "-D", str(datadir), "-m", mode, "-w"]
+                return subprocess.run(
+                    _as_postgres([*cmd, "-t", "30"]), capture_output=True, timeout=60
+                ).returncode
+
+            if pg_stop("fast") != 0 and (datadir / "postmaster.pid").exists():
+                pg_stop("immediate")
         log_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             shutil.copyfile(log, log_dir / "postgres.log")

@@ -218,6 +218,16 @@ class _Images:
         self.missing: list[str] = []
         self._cache: dict[str, Image | None] = {}
 
+    def warn_missing(self, rendering: str) -> None:
+        """One log line for the images ``rendering`` showed as placeholders, if any."""
+        if self.missing:
+            log.warning(
+                "%s: %d image(s) missing, shown as placeholders (e.g. %s)",
+                rendering,
+                len(self.missing),
+                self.missing[0],
+            )
+
     def query(self, query: Mapping[str, Any]) -> Image | None:
         candidates = [query.get("query_path"), query.get("query_copy")]
         paths = [Path(str(p)) for p in candidates if p]
@@ -417,12 +427,7 @@ def render_contact_sheet(
             fill=_MUTED,
             font=header_font,
         )
-    if images.missing:
-        log.warning(
-            "contact sheet: %d image(s) missing, drawn as placeholders (e.g. %s)",
-            len(images.missing),
-            images.missing[0],
-        )
+    images.warn_missing("contact sheet")
     return sheet
 
 
@@ -541,10 +546,5 @@ def render_gallery_html(results: Mapping[str, Any], layout: Layout) -> str:
             results, lambda q: _data_uri(images.query(q)), lambda n: _data_uri(images.neighbour(n))
         ),
     )
-    if images.missing:
-        log.warning(
-            "gallery: %d image(s) missing, shown as placeholders (e.g. %s)",
-            len(images.missing),
-            images.missing[0],
-        )
+    images.warn_missing("gallery")
     return page
