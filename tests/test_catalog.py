@@ -263,6 +263,23 @@ def test_incoming_labels_csv_is_applied(layout: Layout, archive: Path) -> None:
     assert diff.live == 3
 
 
+def test_a_days_labels_without_names_take_the_names_of_their_class(
+    layout: Layout, archive: Path
+) -> None:
+    write_image(archive / "000001.jpg", 1)  # the archive's labels name class 1
+    day = layout.incoming_day(DAY1)
+    same_class = write_image(day / "a.jpg", 31)
+    unnamed_class = write_image(day / "b.jpg", 32)
+    (day / "labels.csv").write_text("Class,image\n1,a.jpg\n9,b.jpg\n")
+    run(layout, archive, DAY1)
+    rows = rows_by_id(layout)
+    assert (rows[same_class]["class_id"], rows[same_class]["class_name"]) == (
+        1,
+        "AM General Hummer SUV 2000",
+    )
+    assert (rows[unnamed_class]["class_id"], rows[unnamed_class]["class_name"]) == (9, None)
+
+
 # -- gone, changed, duplicates ------------------------------------------------------------------
 
 

@@ -163,6 +163,16 @@ def update_catalog(
         return _update_catalog(layout, sources, run_date, backbone, full_rebuild)
 
 
+def _name_classes(rows: Iterable[dict[str, Any]]) -> None:
+    """Rows whose labels gave a class id but no name (a day's labels.csv with only ``Class``)
+    take the name other rows give that id (the archive's labels, another day's)."""
+    rows = list(rows)
+    names = {r["class_id"]: r["class_name"] for r in rows if r["class_name"]}
+    for row in rows:
+        if row["class_name"] is None and row["class_id"] in names:
+            row["class_name"] = names[row["class_id"]]
+
+
 def _update_catalog(
     layout: Layout, sources: Iterable[Source], run_date: str, backbone: str, full_rebuild: bool
 ) -> CatalogDiff:
@@ -240,6 +250,7 @@ def _update_catalog(
         gone_row = dict(old, status=GONE)
         rows.setdefault(old["image_id"], gone_row)
 
+    _name_classes(rows.values())
     gone_now = sum(
         1 for iid, r in rows.items() if r["status"] == GONE and prev_status.get(iid) == LIVE
     )
