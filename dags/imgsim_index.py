@@ -8,13 +8,19 @@ from typing import Any
 from airflow.sdk import Param, dag, get_current_context, task
 
 from imgsim.assets import LSH_MODEL
-from imgsim.config import BACKBONES, EMBED_ENGINES, PROJECTIONS, Settings
+from imgsim.config import Settings
+from imgsim.params import setting_param
 from imgsim.sparktasks import FIT_CONF, FIT_PLAN_ARGS, plan_value, spark_task
 
 #: choose_embed_engine's routes (imgsim.index.pipeline.embed_route) -> the task that follows.
 EMBED_ROUTES = {"none": "embed_summary", "tasks": "embed", "spark": "embed_spark"}
 DEFAULTS = Settings.from_env()
-CHECKSUM_PATTERN = "^((md5:)?[0-9a-f]{32}|(sha256:)?[0-9a-f]{64})?$"
+#: how the trigger form takes a list of locations and an optional checksum
+LOCATIONS = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+CHECKSUM = {
+    "type": ["null", "string"],
+    "pattern": "^((md5:)?[0-9a-f]{32}|(sha256:)?[0-9a-f]{64})?$",
+}
 
 DOC = """
 # imgsim_index
@@ -55,99 +61,33 @@ Backfill past days (each reads its own `incoming/<date>/`):
     },
     tags=["imgsim", "index"],
     doc_md=DOC,
+    # Each Param defaults to its setting and takes its type, limits, title and description.
     params={
-        "archive_url": Param(
-            DEFAULTS.archive_locations,
-            type="array",
-            items={"type": "string", "minLength": 1},
-            minItems=1,
-            title="Archive locations (one per line, tried in order)",
-            description="https://, http://, file:// URLs or local paths of the "
-            "image archive (car_ims.tgz or a Kaggle-layout "
-            "zip/tgz), or a local folder that holds the images",
+        "archive_url": setting_param(
+            DEFAULTS, "archive_url", default=DEFAULTS.archive_locations, **LOCATIONS
         ),
-        "labels_url": Param(
-            DEFAULTS.labels_locations,
-            type="array",
-            items={"type": "string", "minLength": 1},
-            minItems=1,
-            title="Labels locations (one per line, tried in order)",
-            description="cars_annos.mat or a CSV with Class and image columns",
+        "labels_url": setting_param(
+            DEFAULTS, "labels_url", default=DEFAULTS.labels_locations, **LOCATIONS
         ),
         # Optional values are nullable: the trigger form treats an empty string as missing.
-        "archive_checksum": Param(
-            DEFAULTS.archive_checksum or None,
-            type=["null", "string"],
-            pattern=CHECKSUM_PATTERN,
-            title="Archive checksum (optional)",
-            description="md5:<hex> or sha256:<hex> (a bare 64-digit hex "
-            "is sha256); a location serving other bytes is "
-            "refused and the next one tried",
+        "archive_checksum": setting_param(
+            DEFAULTS, "archive_checksum", default=DEFAULTS.archive_checksum or None, **CHECKSUM
         ),
-        "labels_checksum": Param(
-            DEFAULTS.labels_checksum or None,
-            type=["null", "string"],
-            pattern=CHECKSUM_PATTERN,
-            title="Labels checksum (optional)",
+        "labels_checksum": setting_param(
+            DEFAULTS, "labels_checksum", default=DEFAULTS.labels_checksum or None, **CHECKSUM
         ),
-        "min_label_coverage": Param(
-            DEFAULTS.min_label_coverage,
-            type="number",
-            minimum=0,
-            maximum=1,
-            title="Minimum label coverage (0 = off)",
-            description="share of the archive's images the labels must "
-            "name, else the run fails at catalog",
-        ),
-        "backbone": Param(
-            DEFAULTS.backbone,
-            type="string",
-            enum=list(BACKBONES),
-            title="Backbone",
-            description="CNN that embeds the images",
-        ),
-        "num_hash_tables": Param(
-            DEFAULTS.lsh_num_hash_tables,
-            type="integer",
-            minimum=0,
-            maximum=512,
-            title="LSH hash tables (numHashTables, 0 = auto)",
-            description="0 auto-tunes numHashTables and bucketLength to "
-            "reach IMGSIM_TARGET_RECALL on a sample",
-        ),
-        "bucket_length": Param(
-            DEFAULTS.lsh_bucket_length,
-            type="number",
-            minimum=0,
-            maximum=100,
-            title="LSH bucket length (0 = auto)",
-            description="bucket width of the projections of L2-normalised "
-            "vectors; 0 derives it from the data's scale",
-        ),
-        "projection": Param(
-            DEFAULTS.projection,
-            type="string",
-            enum=list(PROJECTIONS),
-            title="Projection (search space)",
-            description="auto: Fisher LDA learned from the labels when they "
-            "cover the index, else PCA-whitening; lda, whiten, or "
-            "none (L2-normalised embeddings as they are)",
-        ),
+        "min_label_coverage": setting_param(DEFAULTS, "min_label_coverage"),
+        "backbone": setting_param(DEFAULTS, "backbone"),
+        "num_hash_tables": setting_param(DEFAULTS, "lsh_num_hash_tables"),
+        "bucket_length": setting_param(DEFAULTS, "lsh_bucket_length"),
+        "projection": setting_param(DEFAULTS, "projection"),
         "full_rebuild": Param(
             False,
             type="boolean",
             title="Full rebuild",
             description="re-embed every image and refit even if unchanged",
         ),
-        "embed_engine": Param(
-            DEFAULTS.embed_engine,
-            type="string",
-            enum=list(EMBED_ENGINES),
-            title="Embedding engine",
-            description="tasks: one mapped Airflow task per shard; spark: "
-            "one Spark application (spark_default) for large "
-            "backfills. Both write the same vectors.",
-        ),
+        "embed_engine": setting_param(DEFAULTS, "embed_engine"),
     },
 )
 def imgsim_index() -> None:

@@ -156,7 +156,7 @@ _REASONS = {
     "finite_number": "is not a number",
     "greater_than_equal": "must be >= {ge}",
     "greater_than": "must be > {gt}",
-    "less_than_equal": "must be <= {le} (a share: e.g. 0.5 for 50%)",
+    "less_than_equal": "must be <= {le}",
 }
 #: the older variables of two settings: a bare sha256, read when the setting is not set
 _LEGACY = {"archive_checksum": "IMGSIM_ARCHIVE_SHA256", "labels_checksum": "IMGSIM_LABELS_SHA256"}
@@ -183,6 +183,8 @@ def _problem(error: Mapping[str, Any]) -> str:  # the variable, the bad value, w
         if "error" in ctx
         else (template.format(**ctx) if template else error["msg"])
     )
+    if error["type"] == "less_than_equal" and ctx.get("le") == 1:
+        reason += " (a share: e.g. 0.5 for 50%)"
     name = str(error["loc"][0]) if error["loc"] else "settings"
     name = env_name(name) if name in Settings.model_fields else name  # else an alias or unknown
     return f"{name}={error['input']!r} {reason}"
@@ -268,14 +270,40 @@ class Settings(BaseSettings):
     )
 
     data_root: ResolvedPath = PROJECT_ROOT / "data"
-    archive_url: Words = STANFORD_ARCHIVE_URL  # locations, separated by whitespace
-    labels_url: Words = STANFORD_LABELS_URL
+    # The title and description of a setting are also those of the DAG Param it defaults
+    # (imgsim.params), and its limits bound both.
+    archive_url: Words = Field(  # locations, separated by whitespace
+        STANFORD_ARCHIVE_URL,
+        title="Archive locations (one per line, tried in order)",
+        description="https://, http://, file:// URLs or local paths of the image archive "
+        "(car_ims.tgz or a Kaggle-layout zip/tgz), or a local folder that holds the images",
+    )
+    labels_url: Words = Field(
+        STANFORD_LABELS_URL,
+        title="Labels locations (one per line, tried in order)",
+        description="cars_annos.mat or a CSV with Class and image columns",
+    )
     # md5:<hex> or sha256:<hex>, "" = none; pinned for the default locations only
-    archive_checksum: str = STANFORD_ARCHIVE_CHECKSUM
-    labels_checksum: str = STANFORD_LABELS_CHECKSUM
+    archive_checksum: str = Field(
+        STANFORD_ARCHIVE_CHECKSUM,
+        title="Archive checksum (optional)",
+        description="md5:<hex> or sha256:<hex> (a bare 64-digit hex is sha256); a location "
+        "serving other bytes is refused and the next one tried",
+    )
+    labels_checksum: str = Field(STANFORD_LABELS_CHECKSUM, title="Labels checksum (optional)")
     class_names_url: Words = ""  # locations of cars_meta.mat or a names CSV ("" = none)
-    min_label_coverage: Share = 0.5  # share of archive images the labels must match (0 = off)
-    backbone: str = "resnet18"  # BACKBONES
+    min_label_coverage: Share = Field(
+        0.5,
+        title="Minimum label coverage (0 = off)",
+        description="share of the archive's images the labels must name, else the run fails "
+        "at catalog",
+    )
+    backbone: str = Field(
+        "resnet18",
+        title="Backbone",
+        description="CNN that embeds the images",
+        json_schema_extra={"enum": list(BACKBONES)},
+    )
     weights_path: str = Field("", validation_alias="IMGSIM_WEIGHTS")
     resnet18_weights_url: Words = RESNET18_WEIGHTS_URL  # empty: never download the weights
     device: str = "auto"
@@ -283,9 +311,29 @@ class Settings(BaseSettings):
     shard_size: int = Field(1000, ge=1)
     num_threads: int = Field(0, ge=0)
     runtime: str = "torch"  # RUNTIMES: torch, onnx, onnx-int8
-    embed_engine: str = "tasks"  # EMBED_ENGINES
-    lsh_num_hash_tables: int = Field(0, ge=0)  # 0 = auto-tuned to reach target_recall
-    lsh_bucket_length: float = Field(0.0, ge=0)  # 0 = auto, from the data's scale
+    embed_engine: str = Field(
+        "tasks",
+        title="Embedding engine",
+        description="tasks: one mapped Airflow task per shard; spark: one Spark application "
+        "(spark_default) for large backfills. Both write the same vectors.",
+        json_schema_extra={"enum": list(EMBED_ENGINES)},
+    )
+    lsh_num_hash_tables: int = Field(
+        0,
+        ge=0,
+        le=512,
+        title="LSH hash tables (numHashTables, 0 = auto)",
+        description="0 auto-tunes numHashTables and bucketLength to reach IMGSIM_TARGET_RECALL "
+        "on a sample",
+    )
+    lsh_bucket_length: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        title="LSH bucket length (0 = auto)",
+        description="bucket width of the projections of L2-normalised vectors; 0 derives it "
+        "from the data's scale",
+    )
     lsh_seed: int = Field(42, ge=0)
     recall_floor: float = Field(0.8, ge=0)
     target_recall: float = Field(0.95, gt=0, le=1)  # the LSH auto-tuner's recall@5 target
@@ -300,7 +348,13 @@ class Settings(BaseSettings):
     lease_poke_s: float = Field(30.0, ge=1.0)
     lease_hold_s: float = Field(120.0, ge=0.0)  # a waiting index run keeps its slot this long
     lease_requeue_s: float = Field(300.0, ge=30.0)  # ... then is re-queued this much later
-    projection: str = "auto"  # PROJECTIONS: auto, none, whiten, lda (imgsim.ann.projection)
+    projection: str = Field(  # imgsim.ann.projection
+        "auto",
+        title="Projection (search space)",
+        description="auto: Fisher LDA learned from the labels when they cover the index, else "
+        "PCA-whitening; lda, whiten, or none (L2-normalised embeddings as they are)",
+        json_schema_extra={"enum": list(PROJECTIONS)},
+    )
     projection_min_coverage: Share = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
     projection_local_max: int = Field(200_000, ge=1)  # auto: in the task up to this many refs
