@@ -145,7 +145,7 @@ def pipeline_root(
 ) -> tuple[Any, str]:
     """A data root holding the photos and one shard spec; returns (settings, spec path).
 
-    Its ``cache/models`` links to ``cache``, so every root shares one exported ONNX file.
+    Every root uses ``cache`` for the ONNX files (IMGSIM_MODEL_CACHE), so they share one export.
     """
     from imgsim.config import Settings
     from imgsim.fsutil import atomic_write_json
@@ -167,14 +167,8 @@ def pipeline_root(
     spec = root / "runs" / "bench" / "shards" / "shard-00000.json"
     atomic_write_json(spec, {"run_key": "bench", "shard": 0, "items": items})
     settings = Settings.from_env().replace(
-        data_root=root, backbone=backbone, runtime=runtime, device="cpu"
+        data_root=root, backbone=backbone, runtime=runtime, device="cpu", model_cache=cache
     )
-    link = settings.layout.model_cache
-    if not link.is_symlink():
-        shutil.rmtree(link, ignore_errors=True)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(cache.resolve(), target_is_directory=True)
     return settings, str(spec)
 
 

@@ -31,14 +31,30 @@ SPEC = {
 # --- configuration ----------------------------------------------------------------------------
 
 
-def test_runtime_setting_defaults_to_torch_and_accepts_each_runtime(
+def test_runtime_setting_defaults_to_auto_and_accepts_each_runtime(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("IMGSIM_RUNTIME", raising=False)
-    assert Settings.from_env().runtime == "torch"
+    assert Settings.from_env().runtime == "auto"
     for value, expected in (("onnx", "onnx"), ("ONNX-INT8", "onnx-int8"), (" torch ", "torch")):
         monkeypatch.setenv("IMGSIM_RUNTIME", value)
         assert Settings.from_env().runtime == expected
+
+
+def test_auto_keeps_the_stores_runtime_else_onnx_on_a_cpu_and_torch_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from imgsim.embedding import backbones
+
+    resolve = backbones.resolve_runtime
+    assert resolve("auto", "cpu", None) == "onnx"  # a new store, on a CPU
+    assert resolve("auto", "cpu", {**SPEC, "runtime": "onnx-int8"}) == "onnx-int8"
+    assert resolve("auto", "cpu", SPEC) == "torch"  # a store from before runtimes existed
+    assert resolve("onnx", "cpu", SPEC) == "onnx"  # asked for: the store check refuses it later
+    monkeypatch.setattr(backbones, "choose_device", lambda device: torch.device("cuda"))
+    assert resolve("auto", "auto", None) == "torch"  # a GPU runs torch
 
 
 def test_a_bad_runtime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +81,16 @@ def test_cached_model_files_are_keyed_by_weights_and_variant(tmp_path: Path) -> 
     assert len({a, b, q}) == 3
     assert "abababab" in a.name and "fp32" in a.name
     assert CALIBRATION in q.name and "int8" in q.name
-    assert Layout(tmp_path).model_cache == tmp_path / "cache" / "models"
+
+
+def test_one_export_cache_per_machine_shared_by_every_data_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Settings(data_root=tmp_path / "a").model_cache == tmp_path / "xdg" / "imgsim" / "models"
+    assert Settings(data_root=tmp_path / "b").model_cache == Settings().model_cache
+    monkeypatch.setenv("IMGSIM_MODEL_CACHE", str(tmp_path / "models"))
+    assert Settings.from_env().model_cache == tmp_path / "models"
 
 
 # --- the runtime in the records ---------------------------------------------------------------
@@ -168,12 +193,12 @@ def test_the_runtime_is_recorded_and_a_switch_is_refused(cache: Path, tmp_path: 
     ]
     spec = layout.runs / "r" / "shards" / "shard-00000.json"
     atomic_write_json(spec, {"run_key": "r", "shard": 0, "items": items})
-    cache_link = layout.model_cache
-    cache_link.parent.mkdir(parents=True)
-    cache_link.symlink_to(cache, target_is_directory=True)  # reuse the export of the test above
-    settings = Settings(data_root=layout.root, runtime="onnx", device="cpu")
+    exported = {f: f.stat().st_mtime_ns for f in cache.glob("random-*-fp32-*.onnx")}
+    assert exported  # by the test above, for another "data root"
+    settings = Settings(data_root=layout.root, device="cpu", model_cache=cache)  # runtime auto
     out = pipeline.embed_shard(settings, str(spec), "random")
     assert out["embedded"] == 3
+    assert {f: f.stat().st_mtime_ns for f in exported} == exported  # not exported again
     assert read_json(layout.embeddings("random") / "BACKBONE.json")["runtime"] == "onnx"
     assert len(load_vectors(layout, "random")[0]) == 3
     with pytest.raises(pipeline.PipelineError, match="runtime"):

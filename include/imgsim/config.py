@@ -48,7 +48,7 @@ RESNET18_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pt
 
 BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 #: How the backbone runs: PyTorch, or ONNX Runtime on the CPU in fp32 or static int8.
-RUNTIMES = ("torch", "onnx", "onnx-int8")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 #: Where the index DAG embeds: mapped Airflow tasks, or one Spark application.
 EMBED_ENGINES = ("tasks", "spark")
 #: the learned projection in front of the search (imgsim.ann.projection)
@@ -121,9 +121,14 @@ def check_runtime(value: str, source: str = "IMGSIM_RUNTIME") -> str:
         value,
         RUNTIMES,
         source,
-        "torch: PyTorch; onnx: ONNX Runtime fp32; "
-        "onnx-int8: ONNX Runtime, static int8 quantization",
+        "auto: the runtime the store was built with, else onnx on a CPU and torch on a GPU; "
+        "torch: PyTorch; onnx: ONNX Runtime fp32; onnx-int8: ONNX Runtime, static int8",
     )
+
+
+def default_model_cache() -> Path:
+    """``$XDG_CACHE_HOME/imgsim/models`` (``~/.cache/imgsim/models``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgsim" / "models"
 
 
 #: the settings that take one of a few values -> their check
@@ -243,11 +248,6 @@ class Layout:
         return self.models / "CURRENT"
 
     @property
-    def model_cache(self) -> Path:
-        """Derived model files (ONNX exports, int8 models), keyed by the weights' sha256."""
-        return self.root / "cache" / "models"
-
-    @property
     def runs(self) -> Path:
         return self.root / "runs"
 
@@ -310,7 +310,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(1000, ge=1)
     num_threads: int = Field(0, ge=0)
-    runtime: str = "torch"  # RUNTIMES: torch, onnx, onnx-int8
+    runtime: str = "auto"  # RUNTIMES: auto, torch, onnx, onnx-int8 (imgsim.embedding.backbones)
+    # ONNX exports, shared by every data root on this machine (keyed by the weights' sha256)
+    model_cache: ResolvedPath = Field(default_factory=default_model_cache)
     embed_engine: str = Field(
         "tasks",
         title="Embedding engine",

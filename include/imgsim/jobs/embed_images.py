@@ -94,9 +94,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     job = EmbedJob.from_file(args.job)
     shards = read_shards(job)
     # On the CPU: the driver only needs the spec (and, for ONNX, exports the model file once
-    # into the shared cache before the executors look for it).
+    # into the cache before executors on this machine look for it).
     driver_backbone = cached_backbone(
-        job.backbone, job.weights_path, "cpu", job.runtime, job.layout.model_cache
+        job.backbone, job.weights_path, "cpu", job.runtime, job.cache_dir
     )
     spec = driver_backbone.spec.as_dict()
     check_backbone_record(job.layout, spec)

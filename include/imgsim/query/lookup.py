@@ -243,8 +243,8 @@ def load_query_backbone(
     """Build the backbone recorded in ``manifest`` and check it is exactly the same one.
 
     It runs on the runtime the manifest records (torch when it names none), whatever
-    IMGSIM_RUNTIME says; ``cache_dir`` holds the ONNX files (default: the configured data
-    root's ``cache/models``, where the index's embed tasks put them).
+    IMGSIM_RUNTIME says; ``cache_dir`` holds the ONNX files (default: IMGSIM_MODEL_CACHE, where
+    the index's embed tasks on this machine put them; exported here if absent).
     """
     from imgsim.config import Settings
     from imgsim.embedding.backbones import comparable_spec, load_backbone, spec_runtime
@@ -252,7 +252,7 @@ def load_query_backbone(
     recorded = comparable_spec(manifest["backbone"])
     runtime = spec_runtime(recorded)
     if cache_dir is None and runtime != "torch":
-        cache_dir = Settings.from_env().layout.model_cache
+        cache_dir = Settings.from_env().model_cache
     backbone = load_backbone(
         recorded["name"],
         weights_path=weights_path,
