@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from imgsim.config import ConfigError, Layout, Settings, check_runtime
+from imgsim.config import ConfigError, Layout, Settings, check_setting
 from imgsim.embedding.backbones import comparable_spec, spec_runtime
 from imgsim.embedding.onnx_runtime import CALIBRATION, model_file
 from imgsim.fsutil import atomic_write_json, read_json
@@ -62,7 +62,7 @@ def test_a_bad_runtime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ConfigError, match=r"IMGSIM_RUNTIME='openvino'.*torch, onnx, onnx-int8"):
         Settings.from_env()
     with pytest.raises(ConfigError, match="runtime='tensorrt'"):
-        check_runtime("tensorrt", "runtime")
+        check_setting("runtime", "tensorrt", "runtime")
 
 
 def test_onnx_runtimes_refuse_a_gpu_device() -> None:

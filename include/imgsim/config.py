@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -87,60 +87,41 @@ def check_choice(value: str, choices: tuple[str, ...], source: str, hint: str) -
     return choice
 
 
-def check_embed_engine(value: str, source: str = "embed engine") -> str:
-    return check_choice(
-        value,
-        EMBED_ENGINES,
-        source,
-        "tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py",
-    )
-
-
-def check_projection(value: str, source: str = "projection") -> str:
-    return check_choice(
-        value,
-        PROJECTIONS,
-        source,
-        "auto: lda when labels cover the references, else whiten; none: no projection",
-    )
-
-
-def check_projection_engine(value: str, source: str = "projection engine") -> str:
-    return check_choice(
-        value,
-        PROJECTION_ENGINES,
-        source,
-        "local: in the Airflow task; "
-        "spark: spark_jobs/learn_projection.py; auto: local up to "
-        "IMGSIM_PROJECTION_LOCAL_MAX references",
-    )
-
-
-def check_runtime(value: str, source: str = "IMGSIM_RUNTIME") -> str:
-    return check_choice(
-        value,
-        RUNTIMES,
-        source,
-        "auto: the runtime the store was built with, else onnx on a CPU and torch on a GPU; "
-        "torch: PyTorch; onnx: ONNX Runtime fp32; onnx-int8: ONNX Runtime, static int8",
-    )
-
-
 def default_model_cache() -> Path:
     """``$XDG_CACHE_HOME/imgsim/models`` (``~/.cache/imgsim/models``)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgsim" / "models"
 
 
-#: the settings that take one of a few values -> their check
-_CHOICES: dict[str, Callable[[str, str], str]] = {
-    "backbone": lambda value, source: check_choice(
-        value, BACKBONES, source, "the CNN that embeds the images; random: for tests"
+#: the settings that take one of a few values: (the values, what each means)
+CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "backbone": (BACKBONES, "the CNN that embeds the images; random: for tests"),
+    "runtime": (
+        RUNTIMES,
+        "auto: the runtime the store was built with, else onnx on a CPU and torch on a GPU; "
+        "torch: PyTorch; onnx: ONNX Runtime fp32; onnx-int8: ONNX Runtime, static int8",
     ),
-    "runtime": check_runtime,
-    "embed_engine": check_embed_engine,
-    "projection": check_projection,
-    "projection_engine": check_projection_engine,
+    "embed_engine": (
+        EMBED_ENGINES,
+        "tasks: mapped Airflow tasks; spark: spark_jobs/embed_images.py",
+    ),
+    "projection": (
+        PROJECTIONS,
+        "auto: lda when labels cover the references, else whiten; none: no projection",
+    ),
+    "projection_engine": (
+        PROJECTION_ENGINES,
+        "local: in the Airflow task; spark: spark_jobs/learn_projection.py; auto: local up to "
+        "IMGSIM_PROJECTION_LOCAL_MAX references",
+    ),
 }
+
+
+def check_setting(name: str, value: str, source: str = "") -> str:
+    """``value`` for the choice setting ``name`` (:data:`CHOICES`), else a ConfigError naming
+    ``source`` (default: the setting's variable), the values and what each means."""
+    choices, hint = CHOICES[name]
+    return check_choice(value, choices, source or env_name(name), hint)
+
 
 Share = Annotated[float, Field(ge=0, le=1)]
 Words = Annotated[str, AfterValidator(lambda text: " ".join(text.split()))]
@@ -302,7 +283,6 @@ class Settings(BaseSettings):
         "resnet18",
         title="Backbone",
         description="CNN that embeds the images",
-        json_schema_extra={"enum": list(BACKBONES)},
     )
     weights_path: str = Field("", validation_alias="IMGSIM_WEIGHTS")
     resnet18_weights_url: Words = RESNET18_WEIGHTS_URL  # empty: never download the weights
@@ -318,7 +298,6 @@ class Settings(BaseSettings):
         title="Embedding engine",
         description="tasks: one mapped Airflow task per shard; spark: one Spark application "
         "(spark_default) for large backfills. Both write the same vectors.",
-        json_schema_extra={"enum": list(EMBED_ENGINES)},
     )
     lsh_num_hash_tables: int = Field(
         0,
@@ -355,7 +334,6 @@ class Settings(BaseSettings):
         title="Projection (search space)",
         description="auto: Fisher LDA learned from the labels when they cover the index, else "
         "PCA-whitening; lda, whiten, or none (L2-normalised embeddings as they are)",
-        json_schema_extra={"enum": list(PROJECTIONS)},
     )
     projection_min_coverage: Share = 0.5  # labelled share of the references lda needs
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
@@ -413,10 +391,10 @@ class Settings(BaseSettings):
     def _checksum(cls, value: str, info: ValidationInfo) -> str:
         return check_checksum(value, env_name(str(info.field_name)))
 
-    @pydantic.field_validator(*_CHOICES)
+    @pydantic.field_validator(*CHOICES)
     @classmethod
     def _choice(cls, value: str, info: ValidationInfo) -> str:
-        return _CHOICES[str(info.field_name)](value, env_name(str(info.field_name)))
+        return check_setting(str(info.field_name), value)
 
     @pydantic.field_validator("index_start_date")
     @classmethod

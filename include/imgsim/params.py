@@ -7,10 +7,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from imgsim.config import Settings
+from imgsim.config import CHOICES, Settings
 
 #: the JSON-schema keys a setting passes on to its Param
-_SCHEMA_KEYS = ("type", "minimum", "maximum", "enum", "title", "description")
+_SCHEMA_KEYS = ("type", "minimum", "maximum", "title", "description")
 
 
 @cache
@@ -21,7 +21,10 @@ def _properties() -> dict[str, dict[str, Any]]:
 def setting_schema(name: str) -> dict[str, Any]:
     """Setting ``name``'s JSON schema, as far as a Param uses it."""
     prop = _properties()[name]
-    return {key: prop[key] for key in _SCHEMA_KEYS if key in prop}
+    schema = {key: prop[key] for key in _SCHEMA_KEYS if key in prop}
+    if name in CHOICES:
+        schema["enum"] = list(CHOICES[name][0])
+    return schema
 
 
 def setting_param(settings: Settings, name: str, **schema: Any) -> Any:

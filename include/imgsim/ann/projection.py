@@ -75,9 +75,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def check_kind(value: str, source: str = "projection") -> str:
-    from imgsim.config import check_projection
+    from imgsim.config import check_setting
 
-    return check_projection(value, source)
+    return check_setting("projection", value, source)
 
 
 # -- sufficient statistics -------------------------------------------------------------------------

@@ -272,9 +272,9 @@ def resolve_runtime(requested: str, device: str, recorded: dict[str, Any] | None
     backbone record) names, so a store keeps the runtime its vectors were made with; for a new
     store ONNX Runtime fp32 on a CPU (the same neighbours as torch, about 2x the images/s:
     benchmarks/results/embedding.md) and torch on a GPU."""
-    from imgsim.config import check_runtime
+    from imgsim.config import check_setting
 
-    runtime = check_runtime(requested, "IMGSIM_RUNTIME")
+    runtime = check_setting("runtime", requested)
     if runtime != "auto":
         return runtime
     if recorded is not None:

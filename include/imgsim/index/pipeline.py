@@ -437,9 +437,11 @@ def embed_route(
 
     For ``spark`` the job's input is written first: ``runs/<run>/spark_embed.json``.
     """
-    from imgsim.config import check_embed_engine
+    from imgsim.config import check_setting
 
-    engine = check_embed_engine(engine, "embed engine (Param embed_engine or IMGSIM_EMBED_ENGINE)")
+    engine = check_setting(
+        "embed_engine", engine, "embed engine (Param embed_engine or IMGSIM_EMBED_ENGINE)"
+    )
     if not shards:
         log.info("nothing to embed: no shard for the %s engine", engine)
         return "none", ""
@@ -526,7 +528,7 @@ def fit_settings(
     settings: Settings, num_hash_tables: int, bucket_length: float, projection: str
 ) -> dict[str, Any]:
     """Every setting that shapes a fitted version; a change of any of them refits."""
-    from imgsim.config import check_projection
+    from imgsim.config import check_setting
 
     return {
         "num_hash_tables": int(num_hash_tables),
@@ -534,8 +536,8 @@ def fit_settings(
         "seed": settings.lsh_seed,
         "validation_sample": settings.validation_sample,
         "target_recall": settings.target_recall,
-        "projection": check_projection(
-            projection, "projection (Param projection or IMGSIM_PROJECTION)"
+        "projection": check_setting(
+            "projection", projection, "projection (Param projection or IMGSIM_PROJECTION)"
         ),
         "projection_min_coverage": settings.projection_min_coverage,
     }
