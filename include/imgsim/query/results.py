@@ -499,11 +499,13 @@ def query_view(
 ) -> dict[str, Any]:
     """A results entry as the ``query_section`` macro (templates/macros.html) shows it: its
     name, status, picture and note, and its neighbours in rank order."""
+    status = str(query.get("status") or "?")
     return {
         "name": _query_name(query),
-        "status": str(query.get("status") or "?"),
+        "status": status,
         "query_id": str(query.get("query_id") or ""),
-        "picture": query_src(query),
+        # a rejected input is not decoded again (not an image, too large, truncated)
+        "picture": None if status == "rejected" else query_src(query),
         "reason": query.get("reason") or "unknown reason",
         "detail": query.get("detail"),
         "note": _short_note(query, k),
