@@ -212,6 +212,10 @@ class Layout:
     def embeddings(self, backbone: str) -> Path:
         return self.root / "embeddings" / backbone
 
+    def backbone_record(self, backbone: str) -> Path:
+        """What the store of ``backbone`` was built with (weights, preprocessing, runtime)."""
+        return self.embeddings(backbone) / "BACKBONE.json"
+
     @property
     def quarantine(self) -> Path:
         return self.root / "quarantine"

@@ -315,7 +315,7 @@ def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dic
 
 def backbone_record(layout: Layout, name: str) -> dict[str, Any] | None:
     """What the store of backbone ``name`` was built with (its BACKBONE.json), if anything."""
-    record = layout.embeddings(name) / "BACKBONE.json"
+    record = layout.backbone_record(name)
     return read_json(record) if record.exists() else None
 
 
@@ -335,7 +335,7 @@ def check_backbone_record(layout: Layout, spec: dict[str, Any]) -> None:
     """
     from imgsim.embedding.backbones import comparable_spec
 
-    record = layout.embeddings(spec["name"]) / "BACKBONE.json"
+    record = layout.backbone_record(spec["name"])
     if not record.exists():
         atomic_write_json(record, spec)
         return
@@ -583,7 +583,7 @@ def fit_plan(
     wanted = fit_settings(
         settings, num_hash_tables, bucket_length, projection or settings.projection
     )
-    record = layout.embeddings(backbone) / "BACKBONE.json"
+    record = layout.backbone_record(backbone)
     spec = read_json(record) if record.exists() else {"name": backbone}
     version = new_version()
     plan = {

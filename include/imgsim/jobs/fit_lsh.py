@@ -487,7 +487,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         evaluation_seconds=round(time.perf_counter() - t0, 3),
     )
 
-    backbone_file = layout.embeddings(args.backbone) / "BACKBONE.json"
+    backbone_file = layout.backbone_record(args.backbone)
     backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
     manifest = {
         "format": MANIFEST_FORMAT,
