@@ -260,3 +260,18 @@ def test_row_cap(layout: Layout, results: dict[str, Any]) -> None:
     capped = render_contact_sheet(many, layout, thumb=64, max_rows=2)
     full = render_contact_sheet(many, layout, thumb=64)
     assert capped.height < full.height
+
+
+def test_a_rejected_querys_file_is_not_decoded_for_the_gallery(
+    tmp_path: Path, layout: Layout, results: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rejected input (here a real picture, e.g. one over the pixel limit) is shown as "no
+    picture", not decoded again, and not reported as a missing picture."""
+    rejected = tmp_path / "incoming" / "huge.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(rejected, "JPEG")
+    query = {**results["queries"][1], "query_name": "huge.jpg", "query_path": str(rejected)}
+    query["reason"] = "too_large"
+    with caplog.at_level(logging.WARNING, logger="imgsim.query.results"):
+        page = render_gallery_html({**results, "queries": [query]}, layout)
+    assert "data:image/jpeg" not in page and "no picture" in page
+    assert "missing" not in caplog.text
