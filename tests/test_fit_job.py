@@ -19,7 +19,11 @@ from test_models import validate
 pytestmark = pytest.mark.spark
 
 
-def make_store(root: Path, n: int = 400, dim: int = 16, gone: int = 5) -> Layout:
+def make_store(
+    root: Path, n: int = 400, dim: int = 16, gone: int = 5, copies: dict[int, int] | None = None
+) -> Layout:
+    """A store of ``n`` random vectors (the first ``gone`` images gone); ``copies`` maps an
+    image to the one whose vector it nearly repeats (a near-duplicate)."""
     layout = Layout(root)
     rng = np.random.default_rng(1)
     ids = [f"{i:064x}" for i in range(n)]
@@ -42,6 +46,8 @@ def make_store(root: Path, n: int = 400, dim: int = 16, gone: int = 5) -> Layout
     ]
     write_catalog(layout, rows)
     x = rng.normal(size=(n, dim)).astype(np.float32)
+    for copy, original in (copies or {}).items():
+        x[copy] = x[original] + 0.002 * rng.normal(size=dim)
     half = n // 2
     write_shard(layout, "random", "run1", 0, list(zip(ids[:half], x[:half], strict=True)), dim)
     write_shard(layout, "random", "run1", 1, list(zip(ids[half:], x[half:], strict=True)), dim)
@@ -97,6 +103,9 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
         "target_recall": 0.9,
         "projection": "none",
         "projection_min_coverage": None,
+        "graph_k": 10,
+        "graph_bucket_cap": 1000,
+        "duplicate_distance": 0.1,
     }
     staged = layout.staging / "v20260101T000000Z-abcdef"
     assert read_json(staged / "manifest.json") == manifest
@@ -110,6 +119,62 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
     report = validate(layout, "v20260101T000000Z-abcdef", live_ids, recall_floor=0.0)
     assert report.checks["numpy_hashes_match_spark"] is True
     assert report.checks["reference_rows"] == 395
+
+
+def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_path: Path) -> None:
+    """The Spark graph (bucket stage, caps, top-k, fill) equals imgsim.ann.graph.local_graph
+    on the same hashes; the planted near-duplicates form their groups; validate passes."""
+    import pyarrow.parquet as pq
+
+    from imgsim.ann.graph import exact_neighbours, local_graph
+
+    copies = {390: 10, 391: 10, 392: 20}
+    layout = make_store(tmp_path / "data", n=400, dim=16, gone=0, copies=copies)
+    version = "v20260101T000000Z-0a0a01"
+    manifest = fit(
+        spark,
+        layout,
+        version,
+        "--num-hash-tables 4 --keys-per-band 2 --bucket-length 1.5 --sample-size 100 "
+        "--graph-k 6 --graph-bucket-cap 40 --duplicate-distance 0.05",
+    )
+    staged = layout.staging / version
+    ref = pq.read_table(staged / "reference").to_pydict()
+    ids = ref["image_id"]
+    x = np.array(ref["vector"], dtype=np.float32)
+    h = np.array(ref["hashes"], dtype=np.int64)
+    twin, pairs = local_graph(ids, x, h, 2, k=6, cap=40)
+    graph = pq.read_table(staged / "neighbours").to_pandas()
+    entry = manifest["neighbours"]
+    assert entry["capped_buckets"] > 0 and entry["largest_bucket"] > 40
+    assert entry["pairs_compared"] == pairs
+    assert entry["edges"] == len(graph)
+    # short lists were completed by exact search; the rest are the twin's, in the same order
+    exact_idx, _ = exact_neighbours(x, 6)
+    filled = 0
+    for image_id, rows in graph.groupby("image_id"):
+        got = rows.sort_values("rank")
+        assert got["rank"].tolist() == list(range(1, len(got) + 1))
+        want = twin[image_id]
+        if len(want) < 6:
+            filled += 1
+            want_ids = [ids[j] for j in exact_idx[ids.index(image_id)]]
+            assert got["neighbour_id"].tolist() == want_ids
+        else:
+            assert got["neighbour_id"].tolist() == [t for _, t in want]
+            assert np.allclose(got["distance"], [d for d, _ in want], atol=1e-9)
+    assert len(set(graph["image_id"])) == 400 and filled == entry["filled"]
+    assert 0.0 < entry["recall_at_k"] <= 1.0 and entry["queries"] == 100
+    # near-duplicates: {10, 390, 391} and {20, 392}, largest first
+    dup = pq.read_table(staged / "duplicates").to_pandas()
+    groups = dup.groupby("group")["image_id"].apply(set).to_dict()
+    hexid = [f"{i:064x}" for i in range(400)]
+    assert groups == {0: {hexid[10], hexid[390], hexid[391]}, 1: {hexid[20], hexid[392]}}
+    assert dup["path"].notna().all() and (dup["nearest_distance"] < 0.05).all()
+    assert manifest["duplicates"] == {**manifest["duplicates"], "groups": 2, "images": 5}
+    assert manifest["files"]["neighbours"] == "neighbours"
+    report = validate(layout, version, hexid, recall_floor=0.0)
+    assert report.checks["graph_recall_at_k"] == entry["recall_at_k"]
 
 
 def fit_args(layout: Any, version: str, flags: str = "") -> Any:

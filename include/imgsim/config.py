@@ -348,6 +348,24 @@ class Settings(BaseSettings):
     # references x dims is below scan_below (imgsim.ann.search; benchmarks/bench_search.py)
     scan_share: Share = 0.25
     scan_below: int = Field(4_000_000, ge=0)
+    # the version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph)
+    graph_k: int = Field(
+        10,
+        ge=0,
+        le=100,
+        title="Neighbours per reference in the graph (0 = no graph)",
+        description="each reference's k nearest references, computed by the fit job from the "
+        "version's LSH buckets; 0 skips the graph and the near-duplicate groups",
+    )
+    graph_bucket_cap: int = Field(1000, ge=2)  # larger LSH buckets are split for the graph
+    duplicate_distance: float = Field(  # benchmarks/bench_duplicates.py measured the default
+        0.1,
+        ge=0,
+        le=2,
+        title="Near-duplicate distance",
+        description="graph edges at or under this distance (search space, unit vectors) "
+        "join near-duplicate groups",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:

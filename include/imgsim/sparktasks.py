@@ -31,6 +31,9 @@ FIT_PLAN_ARGS = {
     "--sample-size": "validation_sample",
     "--target-recall": "target_recall",
     "--projection-dir": "projection_dir",
+    "--graph-k": "graph_k",
+    "--graph-bucket-cap": "graph_bucket_cap",
+    "--duplicate-distance": "duplicate_distance",
 }
 
 

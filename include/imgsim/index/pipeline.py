@@ -540,6 +540,9 @@ def fit_settings(
             "projection", projection, "projection (Param projection or IMGSIM_PROJECTION)"
         ),
         "projection_min_coverage": settings.projection_min_coverage,
+        "graph_k": settings.graph_k,
+        "graph_bucket_cap": settings.graph_bucket_cap,
+        "duplicate_distance": settings.duplicate_distance,
     }
 
 

@@ -111,6 +111,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-size", type=int, default=setting_default("validation_sample"))
     p.add_argument("--run-id", default="manual")
     p.add_argument(
+        "--graph-k",
+        type=int,
+        default=setting_default("graph_k"),
+        help="neighbours per reference in the version's neighbour graph; 0 = no graph",
+    )
+    p.add_argument(
+        "--graph-bucket-cap",
+        type=int,
+        default=setting_default("graph_bucket_cap"),
+        help="LSH buckets larger than this are split into chunks for the graph",
+    )
+    p.add_argument(
+        "--duplicate-distance",
+        type=float,
+        default=setting_default("duplicate_distance"),
+        help="graph edges at or under this distance form near-duplicate groups",
+    )
+    p.add_argument(
         "--projection-dir",
         type=Path,
         default=None,
@@ -160,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tune-keys-per-band values must be >= 1 and --tune-probes values >= 0")
     if args.bucket_length < 0:
         p.error("--bucket-length must be >= 0 (0 = auto)")
+    if args.graph_k < 0 or args.graph_bucket_cap < 2 or args.duplicate_distance < 0:
+        p.error("--graph-k must be >= 0, --graph-bucket-cap >= 2, --duplicate-distance >= 0")
     if args.auto_bucket_factor <= 0:
         p.error("--auto-bucket-factor must be > 0")
     if not args.version or "/" in args.version or args.version.startswith("."):
@@ -304,13 +324,18 @@ def apply_projection(
 
 
 def partial_neighbours(
-    ref: DataFrame, queries: pd.DataFrame, q_vec: np.ndarray, k: int, probe_keys: np.ndarray
+    ref: DataFrame,
+    queries: pd.DataFrame,
+    q_vec: np.ndarray,
+    k: int,
+    probe_keys: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Per partition: each query's k+1 nearest (exact) and nearest among LSH candidates.
 
     Candidates share a band key with one of the query's ``probe_keys`` (m, bands,
     probes + 1, keys per band; :func:`imgsim.ann.probe_keys`), found and scored with the
-    search core (:class:`imgsim.ann.BandIndex`, :func:`imgsim.ann.smallest_k`).
+    search core (:class:`imgsim.ann.BandIndex`, :func:`imgsim.ann.smallest_k`). Without
+    ``probe_keys``, only the exact rows.
     """
     q_ids = queries["image_id"].tolist()
     bq = ref.sparkSession.sparkContext.broadcast((q_ids, q_vec, probe_keys))
@@ -325,14 +350,18 @@ def partial_neighbours(
                 continue
             ids = b["image_id"].to_numpy()
             x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-            h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
-            cand = BandIndex.build(h, qkeys.shape[3]).candidates(qkeys)
             d = squared_distances(qv, x)
             exact = smallest_k(d, kk)
-            d_lsh = np.where(cand, d, np.inf)
-            approx = smallest_k(d_lsh, kk)
             dist = np.sqrt(d)
             out: list[tuple[str, str | None, str | None, float, int]] = []
+            if qkeys is None:
+                for qi, qid in enumerate(ids_):
+                    out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
+                yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
+                continue
+            h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
+            cand = BandIndex.build(h, qkeys.shape[3]).candidates(qkeys)
+            approx = smallest_k(np.where(cand, d, np.inf), kk)
             for qi, qid in enumerate(ids_):
                 out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
                 out.extend(
@@ -399,6 +428,58 @@ def write_version(
         .write.mode("overwrite")
         .parquet(str(out_dir / "reference"))
     )
+
+
+def neighbour_graph(
+    reference: DataFrame,
+    args: argparse.Namespace,
+    out_dir: Path,
+    exact_rows: pd.DataFrame,
+    queries: list[str],
+    n: int,
+    dim: int,
+    bands: int,
+    keys_per_band: int,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph),
+    written into ``out_dir``; their manifest entries (None, None with --graph-k 0)."""
+    if args.graph_k == 0:
+        return None, None
+    from imgsim.jobs import neighbour_graph as ng
+
+    t0 = time.perf_counter()
+    graph, entry = ng.build_graph(
+        reference,
+        bands=bands,
+        keys_per_band=keys_per_band,
+        k=args.graph_k,
+        cap=args.graph_bucket_cap,
+        dim=dim,
+    )
+
+    def exact(q: pd.DataFrame, q_vec: np.ndarray, k: int) -> pd.DataFrame:
+        rows = partial_neighbours(reference, q, q_vec, k)
+        return rows[rows["kind"] == "exact"][["query_id", "image_id", "distance"]]
+
+    graph, fill = ng.fill_short(graph, reference, args.graph_k, n, exact)
+    edges = ng.write_graph(graph, out_dir / "neighbours")
+    graph = reference.sparkSession.read.parquet(str(out_dir / "neighbours")).cache()
+    entry.update(
+        edges=edges,
+        images=n,
+        **fill,
+        **ng.graph_recall(graph, exact_rows, queries, args.graph_k, n),
+        method="band-key buckets of the version's LSH, each pair scored once (float64), "
+        "top-k per image; images left short filled by exact search",
+        mode="full",
+        mode_reason="the projection and the LSH are fitted anew for every version",
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    duplicates = ng.write_duplicates(
+        graph, reference, args.duplicate_distance, out_dir / "duplicates"
+    )
+    log.info("neighbour graph: %s; duplicates: %s", entry, duplicates)
+    return entry, duplicates
 
 
 def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
@@ -479,12 +560,15 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     queries, q_vec = sample.head(args.sample_size), x[: args.sample_size]
     qkeys = probe_keys(load_brp_model(out_dir / "model"), q_vec, keys_per_band, probes)
-    parts = partial_neighbours(reference, queries, q_vec, args.k, qkeys)
+    parts = partial_neighbours(reference, queries, q_vec, max(args.k, args.graph_k), qkeys)
     metrics = recall_metrics(parts, queries, labels, n, args.k)
     metrics.update(
         fit_seconds=round(fit_s, 3),
         hash_and_write_seconds=round(write_s, 3),
         evaluation_seconds=round(time.perf_counter() - t0, 3),
+    )
+    graph_entry, duplicates_entry = neighbour_graph(
+        reference, args, out_dir, parts, queries["image_id"].tolist(), n, dim, bands, keys_per_band
     )
 
     backbone_file = layout.backbone_record(args.backbone)
@@ -525,6 +609,9 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             "target_recall": target_recall(args),
             "projection": (projection_entry or {}).get("requested", "none"),
             "projection_min_coverage": (projection_entry or {}).get("min_coverage"),
+            "graph_k": args.graph_k,
+            "graph_bucket_cap": args.graph_bucket_cap,
+            "duplicate_distance": args.duplicate_distance,
         },
         "snapshot": {
             "fingerprint": snapshot_fingerprint(ids),
@@ -534,10 +621,13 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         },
         "counts": {"catalog_live": n_live, "indexed": n, "without_embedding": n_live - n},
         "metrics": metrics,
+        "neighbours": graph_entry,
+        "duplicates": duplicates_entry,
         "spark": {"version": spark.version, "master": spark.sparkContext.master},
         "files": {
             "model": "model",
             "reference": "reference",
+            **({"neighbours": "neighbours", "duplicates": "duplicates"} if graph_entry else {}),
             **(
                 {"projection": projection_entry["file"]}
                 if projection_entry and "file" in projection_entry

@@ -363,6 +363,7 @@ def validate_staged(
         )
     if not 0 <= probes <= keys_per_band:
         problems.append(f"probes {probes} must be between 0 and keys_per_band {keys_per_band}")
+    problems += _check_graph(staged, manifest, set(ids), recall_floor, checks)
     head = ref.slice(0, hash_check_rows)
     if head.num_rows:
         x = np.stack([np.asarray(v, np.float32) for v in head.column("vector").to_pylist()])
@@ -382,6 +383,54 @@ def validate_staged(
         raise ValidationFailed(f"version {version} failed validation: " + "; ".join(problems))
     log.info("version %s validated: %s", version, checks)
     return report
+
+
+def _check_graph(
+    staged: Path,
+    manifest: dict[str, Any],
+    ids: set[str],
+    recall_floor: float,
+    checks: dict[str, Any],
+) -> list[str]:
+    """The neighbour graph (when the version has one): its recall against exact search on the
+    sample is at or above the floor, its table has the edges the manifest counts, and every
+    image and neighbour in it (and in the duplicate groups) is a reference of this version."""
+    import pyarrow.parquet as pq
+
+    entry = manifest.get("neighbours")
+    if not entry:
+        return []
+    problems = []
+    recall = entry.get("recall_at_k")
+    checks["graph_recall_at_k"] = recall
+    if recall is None or recall < recall_floor:
+        problems.append(
+            f"the neighbour graph's recall@{entry.get('k')} {recall} is below the floor "
+            f"{recall_floor} (raise IMGSIM_GRAPH_BUCKET_CAP or the LSH's tables)"
+        )
+    if not (staged / "neighbours").is_dir() or not (staged / "duplicates").is_dir():
+        return [
+            *problems,
+            "the manifest lists a neighbour graph but neighbours/ or duplicates/ is missing",
+        ]
+    graph = pq.read_table(staged / "neighbours", columns=["image_id", "neighbour_id"])
+    checks["graph_edges"] = graph.num_rows
+    if graph.num_rows != entry.get("edges"):
+        problems.append(
+            f"neighbours/ has {graph.num_rows} edges, the manifest {entry.get('edges')}"
+        )
+    dup = pq.read_table(staged / "duplicates", columns=["image_id", "nearest_id"])
+    named = (
+        set(graph.column("image_id").to_pylist())
+        | set(graph.column("neighbour_id").to_pylist())
+        | set(dup.column("image_id").to_pylist())
+        | set(dup.column("nearest_id").to_pylist())
+    )
+    if not named <= ids:
+        problems.append(
+            f"{len(named - ids)} images in neighbours/ or duplicates/ are not references"
+        )
+    return problems
 
 
 def _check_projection(
