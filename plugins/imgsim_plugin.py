@@ -1,4 +1,4 @@
-"""Airflow plugin: the imgsim pages (model versions, query gallery, upload) in the Airflow UI.
+"""Airflow plugin: the imgsim pages in the Airflow UI (versions, queries, upload, duplicates, map).
 
 Wiring only. The FastAPI app lives in ``imgsim.serve.webui`` and is mounted under ``/imgsim`` of the
 API server; the menu entries open its pages inside the Airflow UI. Every page needs an Airflow
@@ -35,6 +35,20 @@ _VIEWS: list[dict[str, Any]] = [
         "name": "imgsim: find similar images",
         "href": "imgsim/search",
         "url_route": "imgsim-search",
+        "destination": "nav",
+        "category": "Image similarity",
+    },
+    {
+        "name": "imgsim: duplicate groups",
+        "href": "imgsim/duplicates",
+        "url_route": "imgsim-duplicates",
+        "destination": "nav",
+        "category": "Image similarity",
+    },
+    {
+        "name": "imgsim: map of the index",
+        "href": "imgsim/map",
+        "url_route": "imgsim-map",
         "destination": "nav",
         "category": "Image similarity",
     },

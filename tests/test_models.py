@@ -68,8 +68,12 @@ def build_version(
     recall: float | None = 0.95,
     seed: int = 0,
     manifest_overrides: dict[str, Any] | None = None,
+    graph: bool = False,
 ) -> dict[str, Any]:
     """A fitted version laid out as spark_jobs/fit_lsh.py writes it, under ``root/version``.
+
+    With ``graph``, also its neighbour graph (exact, k=3) and one duplicate group (the first
+    two ids) as imgsim.jobs.neighbour_graph writes them.
 
     model/metadata/part-00000: Spark's JSON metadata line; model/data/*.parquet: one row with
     the random matrix as a dense, row-major (isTransposed) MatrixUDT; reference/*.parquet: the
@@ -166,10 +170,53 @@ def build_version(
         "metrics": {"k": 5, "queries": len(ids), "recall_at_k": recall},
         "files": {"model": "model", "reference": "reference"},
     }
+    if graph:
+        manifest.update(write_graph(out, ids, vectors))
     for key, value in (manifest_overrides or {}).items():
         manifest[key] = value
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def write_graph(out: Path, ids: list[str], vectors: np.ndarray, k: int = 3) -> dict[str, Any]:
+    """neighbours/ (exact) and duplicates/ (ids 0 and 1) of a built version; manifest entries."""
+    from imgsim.ann.graph import exact_neighbours
+
+    idx, dist = exact_neighbours(vectors, k)
+    (out / "neighbours").mkdir()
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"image_id": iid, "rank": r + 1, "neighbour_id": ids[j], "distance": float(d)}
+                for i, iid in enumerate(ids)
+                for r, (j, d) in enumerate(zip(idx[i], dist[i], strict=True))
+            ]
+        ),
+        out / "neighbours" / "part-0.parquet",
+    )
+    (out / "duplicates").mkdir()
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "group": 0,
+                    "size": 2,
+                    "image_id": ids[a],
+                    "path": f"images/car_ims/{a:06d}.jpg",
+                    "class_id": 1 + a % 3,
+                    "class_name": None,
+                    "nearest_id": ids[b],
+                    "nearest_distance": 0.01,
+                }
+                for a, b in ((0, 1), (1, 0))
+            ]
+        ),
+        out / "duplicates" / "part-0.parquet",
+    )
+    return {
+        "neighbours": {"k": k, "recall_at_k": 1.0, "edges": len(ids) * k, "queries": len(ids)},
+        "duplicates": {"distance": 0.05, "groups": 1, "images": 2, "largest": 2},
+    }
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -662,9 +663,15 @@ def test_the_plugin_mounts_the_app_and_adds_menu_entries() -> None:
     (mounted,) = plugin.fastapi_apps
     assert mounted["app"] is webui.app and mounted["url_prefix"] == "/imgsim"
     hrefs = {v["href"] for v in plugin.external_views}
-    assert hrefs == {"imgsim/", "imgsim/gallery", "imgsim/search"}
+    assert hrefs == {
+        "imgsim/",
+        "imgsim/gallery",
+        "imgsim/search",
+        "imgsim/duplicates",
+        "imgsim/map",
+    }
     assert all(not h.startswith("/") for h in hrefs)  # relative to the UI's base
-    assert len({v["url_route"] for v in plugin.external_views}) == 3
+    assert len({v["url_route"] for v in plugin.external_views}) == 5
 
 
 def test_importing_the_plugin_loads_no_torch_pil_or_pyspark() -> None:
@@ -681,3 +688,128 @@ def test_importing_the_plugin_loads_no_torch_pil_or_pyspark() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+# -- the neighbour graph pages: similar to a reference, duplicate groups, the map ----------
+
+
+def publish_with_graph(layout: Layout) -> None:
+    build_version(layout.models, OLD, IDS, graph=True)
+    build_version(layout.models, NEW, IDS, graph=True, seed=1)
+    atomic_write_text(layout.current_pointer, NEW + "\n")
+
+
+def test_similar_to_a_reference_shows_its_graph_neighbours_as_links(
+    client: TestClient, layout: Layout
+) -> None:
+    import pyarrow.parquet as pq
+
+    publish_with_graph(layout)
+    graph = pq.read_table(layout.models / NEW / "neighbours").to_pandas()
+    want = graph[graph["image_id"] == IDS[0]].sort_values("rank")["neighbour_id"].tolist()
+    resp = client.get(f"/reference/{IDS[0]}")
+    assert resp.status_code == 200, resp.text
+    page = resp.text
+    assert 'id="similar-version">' + NEW in page
+    links = [f'href="reference/{n}?version={NEW}"' for n in want]
+    assert all(link in page for link in links)
+    assert [page.index(link) for link in links] == sorted(page.index(link) for link in links)
+    # an older version's graph when asked for; its neighbours link within it
+    old = client.get(f"/reference/{IDS[0]}?version={OLD}").text
+    assert "(not CURRENT)" in old and f"?version={OLD}" in old
+    assert client.get(f"/reference/{'f' * 64}").status_code == 404  # not a reference
+    assert client.get("/reference/not-an-id").status_code == 404
+    assert client.get(f"/reference/{IDS[0]}?version=v2026").status_code == 404
+
+
+def test_a_version_without_a_graph_says_so(client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)  # versions from before graphs
+    for url in (f"/reference/{IDS[0]}", "/duplicates"):
+        resp = client.get(url, headers=HTML)
+        assert resp.status_code == 409
+        assert "has no neighbour graph" in resp.text
+
+
+def test_duplicate_groups_page_lists_the_groups_with_links(
+    client: TestClient, layout: Layout
+) -> None:
+    publish_with_graph(layout)
+    page = client.get("/duplicates").text
+    assert 'id="group-count">1<' in page
+    assert page.count('class="query duplicate-group"') == 1
+    assert f'href="reference/{IDS[0]}?version={NEW}"' in page
+    assert f'href="reference/{IDS[1]}?version={NEW}"' in page
+    assert 'href="duplicates"' in page  # the nav entry
+
+
+def test_map_page_places_every_reference_coloured_by_class(
+    client: TestClient, layout: Layout
+) -> None:
+    publish_with_graph(layout)
+    page = client.get("/map").text
+    assert 'id="map-count">12<' in page
+    assert page.count("<circle ") == 12
+    assert len(set(re.findall(r'fill="(hsl\([^"]+\))"', page))) == 3  # class ids 1, 2, 3
+    assert f'href="reference/{IDS[5]}?version={NEW}"' in page
+
+
+# -- rollback from the versions page: only roles that may trigger DAG runs ------------------
+
+
+@pytest.fixture
+def simple_auth() -> Iterator[None]:
+    """Airflow's SimpleAuthManager answers the permission checks (roles as configured)."""
+    from airflow.api_fastapi.app import _AuthManagerState
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    old, _AuthManagerState.instance = _AuthManagerState.instance, SimpleAuthManager()  # type: ignore
+    try:
+        yield
+    finally:
+        _AuthManagerState.instance = old
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed"), [("viewer", False), ("user", True), ("op", True), ("admin", True)]
+)
+def test_rollback_is_offered_to_and_accepted_from_roles_that_may_trigger_runs(
+    app: FastAPI, layout: Layout, simple_auth: None, role: str, allowed: bool
+) -> None:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    publish_two_versions(layout)
+    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username=role, role=role)
+    with TestClient(app) as c:
+        versions = c.get("/").text
+        confirm = c.get(f"/rollback?version={OLD}")
+        done = c.post("/rollback", data={"version": OLD}, follow_redirects=False)
+    assert (f'id="rollback-{OLD}"' in versions) == allowed
+    assert f'id="rollback-{NEW}"' not in versions  # never onto the current one
+    if allowed:
+        assert confirm.status_code == 200 and 'id="confirm-rollback"' in confirm.text
+        assert done.status_code == 303, done.text
+        assert layout.current_pointer.read_text().strip() == OLD
+    else:  # a viewer sees the versions; a forged request is refused
+        assert "Model versions" in versions
+        assert confirm.status_code == 403 and done.status_code == 403
+        assert "may not roll back" in done.text
+        assert layout.current_pointer.read_text().strip() == NEW
+
+
+def test_a_rollback_posted_from_another_site_or_to_no_version_is_refused(
+    app: FastAPI, layout: Layout, simple_auth: None
+) -> None:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    publish_two_versions(layout)
+    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(
+        username="admin", role="admin"
+    )
+    with TestClient(app) as c:
+        forged = c.post(
+            "/rollback", data={"version": OLD}, headers={"Origin": "https://evil.example"}
+        )
+        missing = c.post("/rollback", data={"version": "v20200101T000000Z-cccccc"})
+    assert forged.status_code == 403 and "cross-site" in forged.text
+    assert missing.status_code == 404
+    assert layout.current_pointer.read_text().strip() == NEW

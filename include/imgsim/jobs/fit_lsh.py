@@ -568,7 +568,15 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         evaluation_seconds=round(time.perf_counter() - t0, 3),
     )
     graph_entry, duplicates_entry = neighbour_graph(
-        reference, args, out_dir, parts, queries["image_id"].tolist(), n, dim, bands, keys_per_band
+        reference,
+        args,
+        out_dir,
+        parts[parts["kind"] == "exact"],
+        queries["image_id"].tolist(),
+        n,
+        dim,
+        bands,
+        keys_per_band,
     )
 
     backbone_file = layout.backbone_record(args.backbone)

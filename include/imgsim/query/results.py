@@ -504,6 +504,7 @@ def query_view(
         "name": _query_name(query),
         "status": status,
         "query_id": str(query.get("query_id") or ""),
+        "model_version": str(query.get("model_version") or ""),
         # a rejected input is not decoded again (not an image, too large, truncated)
         "picture": None if status == "rejected" else query_src(query),
         "reason": query.get("reason") or "unknown reason",
@@ -512,7 +513,7 @@ def query_view(
         "neighbours": [
             {
                 "rank": n.get("rank"),
-                "label": _class_label(n),
+                "label": class_label(n),
                 "distance": n.get("distance"),
                 "image_id": str(n.get("image_id") or ""),
                 "path": n.get("path"),
@@ -523,7 +524,7 @@ def query_view(
     }
 
 
-def _class_label(neighbour: Mapping[str, Any]) -> str:
+def class_label(neighbour: Mapping[str, Any]) -> str:
     if neighbour.get("class_name"):
         return str(neighbour["class_name"])
     class_id = neighbour.get("class_id")

@@ -235,7 +235,109 @@ def versions_page(request: Request, user: CurrentUser, settings: AppSettings) ->
         current=current_version(layout),
         current_row=next((r for r in rows if r.current), None),
         describe_lsh=describe_lsh,
+        may_rollback=may_trigger_index(user),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Rollback: the same code as `imgsim rollback`, for the users whose role may trigger DAG runs
+
+#: the DAG whose run permission a rollback needs (it changes what the index serves)
+INDEX_DAG = "imgsim_index"
+
+
+def may_trigger_index(user: Any) -> bool:
+    """Whether the Airflow auth manager lets ``user`` trigger runs of the index DAG."""
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+        from airflow.api_fastapi.auth.managers.models.resource_details import (
+            DagAccessEntity,
+            DagDetails,
+        )
+
+        return bool(
+            get_auth_manager().is_authorized_dag(
+                method="POST",
+                user=user,
+                access_entity=DagAccessEntity.RUN,
+                details=DagDetails(id=INDEX_DAG),
+            )
+        )
+    except Exception as exc:  # no auth manager, or one that cannot answer: refuse
+        log.warning("cannot check whether %s may trigger %s: %s", user, INDEX_DAG, exc)
+        return False
+
+
+def _rollback_target(layout: Layout, version: str) -> dict[str, Any]:
+    from imgsim.versions.models import check_version_name, published_versions, read_manifest
+
+    try:
+        check_version_name(version)
+    except ValueError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    if version not in published_versions(layout):
+        raise HTTPException(404, f"no published version {version}")
+    return read_manifest(layout, version)
+
+
+def _require_trigger(user: Any) -> None:
+    if not may_trigger_index(user):
+        raise HTTPException(
+            403,
+            f"{_user_name(user) or 'this user'} may not roll back: it needs the permission to "
+            f"trigger {INDEX_DAG} runs (Airflow role User or above)",
+        )
+
+
+@app.get("/rollback", include_in_schema=False)
+def rollback_page(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    version: Annotated[str, Query(max_length=100)],
+) -> Response:
+    """Ask for confirmation; the form posts to :func:`rollback_version`."""
+    from imgsim.versions.models import current_version
+
+    _require_trigger(user)
+    manifest = _rollback_target(settings.layout, version)
+    return _html(
+        request,
+        "rollback.html",
+        user=user,
+        active="versions",
+        version=version,
+        current=current_version(settings.layout),
+        manifest=manifest,
+    )
+
+
+@app.post("/rollback", include_in_schema=False)
+def rollback_version(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    version: Annotated[str, Form(max_length=100)],
+) -> Response:
+    """Point CURRENT at ``version`` (:func:`imgsim.versions.models.rollback`, as the CLI)."""
+    from imgsim.versions.models import VersionDamaged, VersionNotFound, rollback
+
+    _require_trigger(user)
+    _same_origin(request)
+    _rollback_target(settings.layout, version)
+    try:
+        rollback(settings.layout, version)
+    except (VersionDamaged, VersionNotFound, ValueError) as exc:
+        raise HTTPException(409, str(exc)) from exc
+    log.info("%s rolled CURRENT back to %s", _user_name(user), version)
+    return RedirectResponse("./", status_code=303)
+
+
+def _same_origin(request: Request) -> None:
+    """Refuse a state change posted from another site (the browser sends Origin on POST)."""
+    origin = request.headers.get("origin")
+    if origin and origin.rstrip("/").split("://", 1)[-1] != request.headers.get("host", ""):
+        raise HTTPException(403, f"cross-site request from {origin} refused")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +443,168 @@ def gallery_page(
         run_dir=chosen,
         runs=[p.name for p in runs[:RECENT_RUNS]],
         **run_view(results, partial(_query_src, layout), partial(_neighbour_src, layout)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The version's neighbour graph: similar to a reference, duplicate groups, the 2-D map
+
+#: duplicate groups per page
+GROUPS_PER_PAGE = 30
+
+
+def _chosen_version(layout: Layout, version: str | None) -> str:
+    """``version`` if it is published, else CURRENT when none is asked for; 404 otherwise."""
+    from imgsim.versions.models import check_version_name, current_version, published_versions
+
+    if version is None:
+        current = current_version(layout)
+        if current is None:
+            raise HTTPException(404, "no published model version yet; trigger imgsim_index first")
+        return current
+    try:
+        check_version_name(version)
+    except ValueError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    if version not in published_versions(layout):
+        raise HTTPException(404, f"no published version {version}")
+    return version
+
+
+def _graph_error(exc: Exception) -> HTTPException:
+    return HTTPException(409, str(exc))
+
+
+@app.get("/reference/{image_id}", include_in_schema=False)
+def similar_page(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    image_id: str,
+    version: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
+    """A reference and its nearest references, from the version's neighbour graph."""
+    from imgsim.query.results import class_label
+    from imgsim.versions.graph import NoGraph, similar_to
+    from imgsim.versions.models import VersionDamaged, current_version
+
+    if not IMAGE_ID_RE.match(image_id):
+        raise HTTPException(404, "not an image id")
+    layout = settings.layout
+    chosen = _chosen_version(layout, version)
+    try:
+        similar = similar_to(layout, chosen, image_id)
+    except KeyError as exc:
+        raise HTTPException(404, str(exc.args[0])) from exc
+    except (NoGraph, VersionDamaged) as exc:
+        raise _graph_error(exc) from exc
+    neighbours = [
+        {**n, "label": class_label(n), "picture": _neighbour_src(layout, n)}
+        for n in similar.neighbours
+    ]
+    return _html(
+        request,
+        "similar.html",
+        user=user,
+        active="",
+        similar=similar,
+        picture=_neighbour_src(layout, similar.reference),
+        neighbours=neighbours,
+        current=current_version(layout),
+    )
+
+
+@app.get("/duplicates", include_in_schema=False)
+def duplicates_page(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    version: Annotated[str | None, Query(max_length=100)] = None,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+) -> Response:
+    """The version's near-duplicate groups, largest first, GROUPS_PER_PAGE to a page."""
+    from imgsim.query.results import class_label
+    from imgsim.versions.graph import NoGraph, duplicate_groups
+    from imgsim.versions.models import VersionDamaged, current_version
+
+    layout = settings.layout
+    chosen = _chosen_version(layout, version)
+    try:
+        groups, entry = duplicate_groups(
+            layout, chosen, offset=(page - 1) * GROUPS_PER_PAGE, limit=GROUPS_PER_PAGE
+        )
+    except (NoGraph, VersionDamaged) as exc:
+        raise _graph_error(exc) from exc
+    view = [
+        {
+            "group": g.group,
+            "members": [
+                {**m, "label": class_label(m), "picture": _neighbour_src(layout, m)}
+                for m in g.members
+            ],
+        }
+        for g in groups
+    ]
+    total = int(entry.get("groups") or 0)
+    return _html(
+        request,
+        "duplicates.html",
+        user=user,
+        active="duplicates",
+        version=chosen,
+        current=current_version(layout),
+        groups=view,
+        entry=entry,
+        page=page,
+        pages=max(1, -(-total // GROUPS_PER_PAGE)),
+    )
+
+
+@cache
+def _map_of(root: str, version: str) -> Any:
+    """The map of a published version (immutable, so computed once per API server)."""
+    from imgsim.versions.graph import map_points
+
+    return map_points(Layout(Path(root)), version)
+
+
+@app.get("/map", include_in_schema=False)
+def map_page(
+    request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    version: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
+    """A 2-D map of the version's references (PCA), coloured by class."""
+    from imgsim.versions.models import VersionDamaged, current_version
+
+    layout = settings.layout
+    chosen = _chosen_version(layout, version)
+    try:
+        points = _map_of(str(layout.root), chosen)
+    except (VersionDamaged, ValueError) as exc:
+        raise _graph_error(exc) from exc
+    dots = [
+        {
+            "id": image_id,
+            "x": round(20 + 960 * float(x), 1),
+            "y": round(980 - 960 * float(y), 1),
+            "colour": "#999" if cid is None else f"hsl({(int(cid) * 137.508) % 360:.0f},70%,42%)",
+            "label": name or ("no label" if cid is None else f"class {cid}"),
+        }
+        for image_id, cid, name, (x, y) in zip(
+            points.image_id, points.class_id, points.class_name, points.xy, strict=True
+        )
+    ]
+    return _html(
+        request,
+        "map.html",
+        user=user,
+        active="map",
+        points=points,
+        dots=dots,
+        classes=len({c for c in points.class_id if c is not None}),
+        current=current_version(layout),
     )
 
 
