@@ -608,6 +608,48 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             steps.shot("upload-answered")
             uploads = list((layout.queries / "uploads").iterdir())
             assert [p.name for p in uploads] == [f"{sha256(reference)}.jpg"]
+
+            # 9. The neighbour graph: a neighbour's picture opens "similar to this reference"
+            # (from the graph, no embedding), then the duplicate groups and the 2-D map.
+            driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+            second = visible(driver, "#answer figure.neighbour:nth-of-type(3) a.similar-link")
+            clicked = second.get_attribute("href")
+            second.click()
+            similar = visible(driver, "#similar")
+            assert version in driver.find_element(By.ID, "similar-version").text
+            assert len(similar.find_elements(By.CSS_SELECTOR, "figure.neighbour")) == min(
+                manifest["neighbours"]["k"], 47
+            )
+            assert clicked.split("/reference/")[1].split("?")[0] in similar.text
+            wait_for(
+                "the similar page's pictures to load",
+                lambda: images_loaded(driver, "#similar img") >= 6,
+                UI_TIMEOUT_S,
+            )
+            driver.switch_to.default_content()
+            steps.shot("similar-to-reference")
+            driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+            driver.find_element(By.ID, "nav-duplicates").click()
+            count = visible(driver, "#group-count")
+            assert int(count.text) == manifest["duplicates"]["groups"]
+            driver.switch_to.default_content()
+            steps.shot("duplicate-groups")
+            driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+            driver.find_element(By.ID, "nav-map").click()
+            visible(driver, "#map circle")
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#map circle")) == 48
+            from selenium.webdriver.common.action_chains import ActionChains
+
+            ActionChains(driver).move_to_element(
+                driver.find_elements(By.CSS_SELECTOR, "#map circle")[7]
+            ).perform()
+            wait_for(
+                "the hovered thumbnail",
+                lambda: images_loaded(driver, "#hover") >= 1,
+                UI_TIMEOUT_S,
+            )
+            driver.switch_to.default_content()
+            steps.shot("map")
         except Exception:
             with suppress(Exception):
                 driver.switch_to.default_content()

@@ -116,6 +116,7 @@ def summary(data_root: Path) -> str:
         f"  recall@{metrics['k']}        : {metrics['recall_at_k']:.3f} against exact search "
         f"({metrics['queries']} queries, {100 * metrics['candidates_share']:.0f}% of the index "
         "compared)",
+        f"  neighbour graph : {describe_graph(m)}",
         f"  data root       : {layout.root}",
         f"  model           : {layout.models / m['version']}",
         f"  catalog         : {layout.catalog}",
@@ -124,6 +125,18 @@ def summary(data_root: Path) -> str:
         f"{layout.queries / 'inbox'} and trigger imgsim_query); make airflow for the UI",
     ]
     return "\n".join(lines)
+
+
+def describe_graph(manifest: dict[str, Any]) -> str:
+    """One line on a version's neighbour graph and near-duplicate groups."""
+    g, d = manifest.get("neighbours"), manifest.get("duplicates") or {}
+    if not g:
+        return "none (IMGSIM_GRAPH_K=0)"
+    return (
+        f"k={g['k']}, recall@{g['k']} {g['recall_at_k']:.3f} against exact search, "
+        f"{100 * g['pairs_share']:.0f}% of the pairs compared, {g['seconds']:.0f} s; "
+        f"{d.get('groups', 0)} near-duplicate group(s) at distance <= {d.get('distance')}"
+    )
 
 
 #: ``airflow dags test``'s own lines around each task (airflow.sdk.definitions.dag._run_task).
