@@ -105,7 +105,7 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
         "projection_min_coverage": None,
         "graph_k": 10,
         "graph_bucket_cap": 1000,
-        "duplicate_distance": 0.1,
+        "duplicate_distance": 0.51,
     }
     staged = layout.staging / "v20260101T000000Z-abcdef"
     assert read_json(staged / "manifest.json") == manifest
