@@ -269,15 +269,9 @@ def may_trigger_index(user: Any) -> bool:
 
 
 def _rollback_target(layout: Layout, version: str) -> dict[str, Any]:
-    from imgsim.versions.models import check_version_name, published_versions, read_manifest
+    from imgsim.versions.models import read_manifest
 
-    try:
-        check_version_name(version)
-    except ValueError as exc:
-        raise HTTPException(404, str(exc)) from exc
-    if version not in published_versions(layout):
-        raise HTTPException(404, f"no published version {version}")
-    return read_manifest(layout, version)
+    return read_manifest(layout, _chosen_version(layout, version))
 
 
 def _require_trigger(user: Any) -> None:
@@ -462,7 +456,7 @@ def _chosen_version(layout: Layout, version: str | None) -> str:
         if current is None:
             raise HTTPException(404, "no published model version yet; trigger imgsim_index first")
         return current
-    try:
+    try:  # (also the rollback's target check)
         check_version_name(version)
     except ValueError as exc:
         raise HTTPException(404, str(exc)) from exc
