@@ -131,13 +131,18 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     copies = {390: 10, 391: 10, 392: 20}
     layout = make_store(tmp_path / "data", n=400, dim=16, gone=0, copies=copies)
     version = "v20260101T000000Z-0a0a01"
-    manifest = fit(
-        spark,
-        layout,
-        version,
-        "--num-hash-tables 4 --keys-per-band 2 --bucket-length 1.5 --sample-size 100 "
-        "--graph-k 6 --graph-bucket-cap 40 --duplicate-distance 0.05",
-    )
+    # Arrow batches of 50 rows: buckets span batches, so the carry-over between them counts
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "50")
+    try:
+        manifest = fit(
+            spark,
+            layout,
+            version,
+            "--num-hash-tables 4 --keys-per-band 2 --bucket-length 1.5 --sample-size 100 "
+            "--graph-k 6 --graph-bucket-cap 40 --duplicate-distance 0.05",
+        )
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     staged = layout.staging / version
     ref = pq.read_table(staged / "reference").to_pydict()
     ids = ref["image_id"]
