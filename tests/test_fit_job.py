@@ -106,6 +106,7 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
         "graph_k": 10,
         "graph_bucket_cap": 1000,
         "duplicate_distance": 0.51,
+        "scan_below": 4_000_000,
     }
     staged = layout.staging / "v20260101T000000Z-abcdef"
     assert read_json(staged / "manifest.json") == manifest
@@ -119,6 +120,20 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
     report = validate(layout, "v20260101T000000Z-abcdef", live_ids, recall_floor=0.0)
     assert report.checks["numpy_hashes_match_spark"] is True
     assert report.checks["reference_rows"] == 395
+    # a small index (395 x 16 below IMGSIM_SCAN_BELOW): the graph is the exact one
+    import pyarrow.parquet as pq
+
+    from imgsim.ann.graph import exact_neighbours
+
+    graph = manifest["neighbours"]
+    assert graph["method"].startswith("scan") and graph["recall_at_k"] == 1.0
+    ref = pq.read_table(staged / "reference").to_pydict()
+    idx, dist = exact_neighbours(np.array(ref["vector"], np.float32), 10)
+    table = pq.read_table(staged / "neighbours").to_pandas().sort_values(["image_id", "rank"])
+    got = table.groupby("image_id")["neighbour_id"].apply(list).to_dict()
+    assert got == {i: [ref["image_id"][j] for j in idx[r]] for r, i in enumerate(ref["image_id"])}
+    near = table.groupby("image_id")["distance"].apply(list).to_dict()
+    assert np.allclose(near[ref["image_id"][0]], dist[0], atol=1e-9)
 
 
 def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_path: Path) -> None:
@@ -139,7 +154,7 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
             layout,
             version,
             "--num-hash-tables 4 --keys-per-band 2 --bucket-length 1.5 --sample-size 100 "
-            "--graph-k 6 --graph-bucket-cap 40 --duplicate-distance 0.05",
+            "--graph-k 6 --graph-bucket-cap 40 --duplicate-distance 0.05 --scan-below 0",
         )
     finally:
         spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")

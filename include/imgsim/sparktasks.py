@@ -34,6 +34,7 @@ FIT_PLAN_ARGS = {
     "--graph-k": "graph_k",
     "--graph-bucket-cap": "graph_bucket_cap",
     "--duplicate-distance": "duplicate_distance",
+    "--scan-below": "scan_below",
 }
 
 

@@ -543,6 +543,7 @@ def fit_settings(
         "graph_k": settings.graph_k,
         "graph_bucket_cap": settings.graph_bucket_cap,
         "duplicate_distance": settings.duplicate_distance,
+        "scan_below": settings.scan_below,
     }
 
 

@@ -123,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="LSH buckets larger than this are split into chunks for the graph",
     )
     p.add_argument(
+        "--scan-below",
+        type=int,
+        default=setting_default("scan_below"),
+        help="references x dims below which the graph is computed by exact search",
+    )
+    p.add_argument(
         "--duplicate-distance",
         type=float,
         default=setting_default("duplicate_distance"),
@@ -343,6 +349,7 @@ def partial_neighbours(
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from imgsim.ann import BandIndex, smallest_k, squared_distances
+        from imgsim.ann.search import MAX_BATCH_CELLS, refine
 
         ids_, qv, qkeys = bq.value
         for b in batches:
@@ -350,24 +357,32 @@ def partial_neighbours(
                 continue
             ids = b["image_id"].to_numpy()
             x = np.stack(b["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-            d = squared_distances(qv, x)
-            exact = smallest_k(d, kk)
-            dist = np.sqrt(d)
+            index = None
+            if qkeys is not None:
+                h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
+                index = BandIndex.build(h, qkeys.shape[3])
             out: list[tuple[str, str | None, str | None, float, int]] = []
-            if qkeys is None:
-                for qi, qid in enumerate(ids_):
-                    out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
-                yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
-                continue
-            h = np.stack(b["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
-            cand = BandIndex.build(h, qkeys.shape[3]).candidates(qkeys)
-            approx = smallest_k(np.where(cand, d, np.inf), kk)
-            for qi, qid in enumerate(ids_):
-                out.extend((qid, "exact", ids[j], float(dist[qi, j]), 0) for j in exact[qi])
-                out.extend(
-                    (qid, "lsh", ids[j], float(dist[qi, j]), 0) for j in approx[qi] if cand[qi, j]
-                )
-                out.append((qid, "count", None, 0.0, int(cand[qi].sum())))
+            step = max(1, MAX_BATCH_CELLS // len(x))  # queries scored together
+            for s in range(0, len(ids_), step):
+                d = squared_distances(qv[s : s + step], x)
+                exact = smallest_k(d, kk)
+                for r, row in enumerate(exact):  # exact distances in float64
+                    idx, dd = refine(qv[s + r], x, row)
+                    out.extend(
+                        (ids_[s + r], "exact", ids[j], float(v), 0)
+                        for j, v in zip(idx, dd, strict=True)
+                    )
+                if index is None:
+                    continue
+                cand = index.candidates(qkeys[s : s + step])
+                approx = smallest_k(np.where(cand, d, np.inf), kk)
+                dist = np.sqrt(d)
+                for r in range(len(d)):
+                    qid = ids_[s + r]
+                    out.extend(
+                        (qid, "lsh", ids[j], float(dist[r, j]), 0) for j in approx[r] if cand[r, j]
+                    )
+                    out.append((qid, "count", None, 0.0, int(cand[r].sum())))
             yield pd.DataFrame(out, columns=["query_id", "kind", "image_id", "distance", "n"])
 
     schema = T.StructType(
@@ -445,32 +460,41 @@ def neighbour_graph(
     written into ``out_dir``; their manifest entries (None, None with --graph-k 0)."""
     if args.graph_k == 0:
         return None, None
+    from imgsim.ann.search import scan_is_cheaper
     from imgsim.jobs import neighbour_graph as ng
-
-    t0 = time.perf_counter()
-    graph, entry = ng.build_graph(
-        reference,
-        bands=bands,
-        keys_per_band=keys_per_band,
-        k=args.graph_k,
-        cap=args.graph_bucket_cap,
-        dim=dim,
-    )
 
     def exact(q: pd.DataFrame, q_vec: np.ndarray, k: int) -> pd.DataFrame:
         rows = partial_neighbours(reference, q, q_vec, k)
         return rows[rows["kind"] == "exact"][["query_id", "image_id", "distance"]]
 
-    graph, fill = ng.fill_short(graph, reference, args.graph_k, n, exact)
+    t0 = time.perf_counter()
+    if scan_is_cheaper(None, n, dim, 1.0, args.scan_below):
+        graph, entry = ng.scan_graph(reference, args.graph_k, n, exact)
+        entry["method"] = (
+            f"scan: exact search of every reference ({n} x {dim} is below IMGSIM_SCAN_BELOW "
+            f"{args.scan_below}, where a scan costs less than the LSH buckets)"
+        )
+    else:
+        graph, entry = ng.build_graph(
+            reference,
+            bands=bands,
+            keys_per_band=keys_per_band,
+            k=args.graph_k,
+            cap=args.graph_bucket_cap,
+            dim=dim,
+        )
+        graph, fill = ng.fill_short(graph, reference, args.graph_k, n, exact)
+        entry.update(
+            **fill,
+            method="lsh: band-key buckets of the version's LSH, each pair scored once "
+            "(float64), top-k per image; images left short filled by exact search",
+        )
     edges = ng.write_graph(graph, out_dir / "neighbours")
     graph = reference.sparkSession.read.parquet(str(out_dir / "neighbours")).cache()
     entry.update(
         edges=edges,
         images=n,
-        **fill,
         **ng.graph_recall(graph, exact_rows, queries, args.graph_k, n),
-        method="band-key buckets of the version's LSH, each pair scored once (float64), "
-        "top-k per image; images left short filled by exact search",
         mode="full",
         mode_reason="the projection and the LSH are fitted anew for every version",
         seconds=round(time.perf_counter() - t0, 3),
@@ -620,6 +644,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             "graph_k": args.graph_k,
             "graph_bucket_cap": args.graph_bucket_cap,
             "duplicate_distance": args.duplicate_distance,
+            "scan_below": args.scan_below,
         },
         "snapshot": {
             "fingerprint": snapshot_fingerprint(ids),

@@ -29,7 +29,7 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
@@ -220,24 +220,49 @@ def fill_short(
         return graph, {"short": int(total), "filled": 0}
     q_vec = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
     ids = rows["image_id"].tolist()
-    exact_rows = exact(pd.DataFrame({"image_id": ids}), q_vec, k)
-    exact_rows = exact_rows[exact_rows["image_id"] != exact_rows["query_id"]]
-    exact_rows = exact_rows.sort_values(["query_id", "distance", "image_id"])
-    exact_rows["rank"] = exact_rows.groupby("query_id").cumcount() + 1
-    exact_rows = exact_rows[exact_rows["rank"] <= k]
     spark = graph.sparkSession
-    filled = spark.createDataFrame(
-        exact_rows.rename(columns={"image_id": "neighbour_id", "query_id": "image_id"})[
-            ["image_id", "rank", "neighbour_id", "distance"]
-        ].astype({"rank": "int32"}),
-        "image_id string, rank int, neighbour_id string, distance double",
-    )
+    filled = exact_edges(spark, ids, q_vec, k, exact)
     kept = graph.join(
         F.broadcast(spark.createDataFrame([(i,) for i in ids], "image_id string")),
         "image_id",
         "left_anti",
     )
     return kept.unionByName(filled), {"short": len(ids), "filled": len(ids)}
+
+
+def exact_edges(
+    spark: SparkSession, ids: list[str], vectors: np.ndarray, k: int, exact: Any
+) -> DataFrame:
+    """The k nearest other references of ``ids`` (their ``vectors``) by exact search, as graph
+    rows (``exact(queries, vectors, k + 1)`` -> query_id, image_id, distance; the query itself
+    is among them and dropped)."""
+    rows = exact(pd.DataFrame({"image_id": ids}), vectors, k)
+    rows = rows[rows["image_id"] != rows["query_id"]]
+    rows = rows.sort_values(["query_id", "distance", "image_id"])
+    rows["rank"] = rows.groupby("query_id").cumcount() + 1
+    rows = rows[rows["rank"] <= k]
+    return spark.createDataFrame(
+        rows.rename(columns={"image_id": "neighbour_id", "query_id": "image_id"})[
+            ["image_id", "rank", "neighbour_id", "distance"]
+        ].astype({"rank": "int32"}),
+        "image_id string, rank int, neighbour_id string, distance double",
+    )
+
+
+def scan_graph(
+    reference: DataFrame, k: int, n: int, exact: Any
+) -> tuple[DataFrame, dict[str, Any]]:
+    """The whole graph by exact search (a small index: cheaper than the buckets, and exact)."""
+    rows = cast(pd.DataFrame, reference.select("image_id", "vector").toPandas())
+    vectors = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+    graph = exact_edges(reference.sparkSession, rows["image_id"].tolist(), vectors, k, exact)
+    return graph, {
+        "k": k,
+        "pairs_compared": n * (n - 1) // 2,
+        "pairs_share": 1.0,
+        "short": 0,
+        "filled": 0,
+    }
 
 
 def graph_recall(
