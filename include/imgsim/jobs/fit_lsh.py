@@ -372,7 +372,7 @@ def partial_neighbours(
                         (ids_[s + r], "exact", ids[j], float(v), 0)
                         for j, v in zip(idx, dd, strict=True)
                     )
-                if index is None:
+                if index is None or qkeys is None:
                     continue
                 cand = index.candidates(qkeys[s : s + step])
                 approx = smallest_k(np.where(cand, d, np.inf), kk)
