@@ -194,7 +194,8 @@ def build_graph(
         "pairs_share": float(pairs) / max(n * (n - 1) / 2, 1),
         "partitions": partitions,
     }
-    return top_k(edges.drop("pairs"), k), info
+    # cached: the short-list fill and the write (with its sort's sampling pass) both read it
+    return top_k(edges.drop("pairs"), k).cache(), info
 
 
 def fill_short(
