@@ -42,7 +42,16 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PLOTS_DIR, PROJECT_ROOT, RESULTS_DIR, WORK_DIR, md_table, write_result
+from common import (
+    PLOTS_DIR,
+    PROJECT_ROOT,
+    RESULTS_DIR,
+    WORK_DIR,
+    catalog_row,
+    md_table,
+    save_plot,
+    write_result,
+)
 from lsh_data import BACKBONE, load_real
 
 from imgsim.ann import l2_normalize
@@ -148,23 +157,7 @@ def build_store(n: int, root: Path, gen: Generator, labels: np.ndarray) -> dict[
         shard, start = shard + 1, stop
     write_catalog(
         layout,
-        (
-            {
-                "image_id": image_id(i),
-                "path": f"images/bench/{i}.jpg",
-                "source": "bench",
-                "file_name": f"{i}.jpg",
-                "class_id": int(classes[i]),
-                "class_name": f"class {int(classes[i])}",
-                "size": 1,
-                "mtime_ns": 1,
-                "first_seen": "2026-01-01",
-                "last_seen": "2026-01-01",
-                "status": "live",
-                "n_paths": 1,
-            }
-            for i in range(n)
-        ),
+        (catalog_row(image_id(i), f"images/bench/{i}.jpg", classes[i], "bench") for i in range(n)),
     )
     atomic_write_json(layout.backbone_record(BACKBONE), {"name": BACKBONE, "dim": DIM})
     mixed = np.concatenate(sample)
@@ -515,11 +508,7 @@ def plot(sizes: dict[str, Any]) -> str | None:
     ax2.set_xlabel("references n")
     ax2.set_title("quality and share compared")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    path = PLOTS_DIR / "graph_growth.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path.relative_to(PLOTS_DIR.parent))
+    return save_plot(fig, "graph_growth.png")
 
 
 def section(data: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, WORK_DIR, md_table, write_result
+from common import PROJECT_ROOT, WORK_DIR, catalog_row, md_table, write_result
 from lsh_data import BACKBONE, load_real
 
 K = 5
@@ -47,20 +47,7 @@ def build_store(root: Path, files: list[str], labels: np.ndarray, vectors: np.nd
     write_catalog(
         layout,
         [
-            {
-                "image_id": iid,
-                "path": f"images/sample/{f}",
-                "source": "archive:sample",
-                "file_name": f,
-                "class_id": int(c),
-                "class_name": f"class {int(c)}",
-                "size": 1,
-                "mtime_ns": 1,
-                "first_seen": "2026-01-01",
-                "last_seen": "2026-01-01",
-                "status": "live",
-                "n_paths": 1,
-            }
+            catalog_row(iid, f"images/sample/{f}", c, "archive:sample")
             for iid, f, c in zip(ids, files, labels, strict=True)
         ],
     )

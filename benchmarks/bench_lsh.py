@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PLOTS_DIR, WORK_DIR, md_table, median_time, write_result
+from common import PLOTS_DIR, WORK_DIR, md_table, median_time, save_plot, write_result
 from lsh_data import load_real, synthetic
 
 from imgsim.ann import BrpParams, hash_vectors, l2_normalize, probe_keys, tuning
@@ -622,11 +622,7 @@ def plot_growth(syn: dict[str, Any]) -> str:
     ax.set_xlabel("reference vectors (synthetic, 128-d)")
     ax.set_ylabel("seconds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = PLOTS_DIR / "lsh_growth.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path.relative_to(PLOTS_DIR.parent))
+    return save_plot(fig, "lsh_growth.png")
 
 
 def fmt_share(v: float | None) -> str:

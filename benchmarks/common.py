@@ -129,3 +129,33 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def catalog_row(image_id: str, path: str, class_id: int, source: str) -> dict[str, Any]:
+    """A live catalog row for a benchmark store (imgsim.store.write_catalog's columns)."""
+    return {
+        "image_id": image_id,
+        "path": path,
+        "source": source,
+        "file_name": Path(path).name,
+        "class_id": int(class_id),
+        "class_name": f"class {int(class_id)}",
+        "size": 1,
+        "mtime_ns": 1,
+        "first_seen": "2026-01-01",
+        "last_seen": "2026-01-01",
+        "status": "live",
+        "n_paths": 1,
+    }
+
+
+def save_plot(fig: Any, name: str) -> str:
+    """Save a matplotlib figure as plots/<name> (closed afterwards); its path from benchmarks/."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = PLOTS_DIR / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path.relative_to(PLOTS_DIR.parent))
