@@ -9,6 +9,12 @@ server, with menu entries in the Airflow navigation:
 - ``/imgsim/search``: upload one image and see its neighbours in the current version, looked up
   in-process (the same code as ``imgsim query``); the upload is kept as
   ``queries/uploads/<sha256>.<ext>``;
+- ``/imgsim/reference/<image_id>``: "similar to this reference", from the version's neighbour
+  graph (no embedding); every reference thumbnail of the other pages links here;
+- ``/imgsim/duplicates``: the version's near-duplicate groups, largest first;
+- ``/imgsim/map``: a 2-D map (PCA) of the version's references, coloured by class;
+- ``/imgsim/rollback``: make another published version CURRENT (confirmation first), for the
+  users whose Airflow role may trigger imgsim_index runs (403 for the others);
 - ``/imgsim/thumb/<image_id>`` and ``/imgsim/photo?path=...``: the pictures of those pages.
 
 Every route needs Airflow's authentication (the ``get_user`` dependency: the JWT in the
