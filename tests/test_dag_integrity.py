@@ -76,20 +76,10 @@ def test_dag_file_integrity(dag_file: Path, airflow_env: dict[str, str]) -> None
         from imgsim.index.pipeline import fit_job_args
 
         args = result["dags"]["imgsim_index"]["spark_args"]["fit_lsh"]
-        plan = {
-            key: f"<{key}>"
-            for key in (
-                "data_root",
-                "backbone",
-                "version",
-                "num_hash_tables",
-                "bucket_length",
-                "seed",
-                "validation_sample",
-                "target_recall",
-                "projection_dir",
-            )
-        }
+        from imgsim.sparktasks import FIT_PLAN_ARGS
+
+        plan = {key: f"<{key}>" for key in FIT_PLAN_ARGS.values()}
+        assert {"graph_k", "duplicate_distance", "scan_below"} <= set(plan)
         want = fit_job_args(plan, "<run_id>")
         assert args[0::2] == want[0::2]
         for flag, value in zip(want[0::2], want[1::2], strict=True):
