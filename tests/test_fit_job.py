@@ -141,7 +141,7 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     on the same hashes; the planted near-duplicates form their groups; validate passes."""
     import pyarrow.parquet as pq
 
-    from imgsim.ann.graph import exact_neighbours, local_graph
+    from imgsim.ann.graph import bucket_sizes, exact_neighbours, local_graph
 
     copies = {390: 10, 391: 10, 392: 20}
     layout = make_store(tmp_path / "data", n=400, dim=16, gone=0, copies=copies)
@@ -168,6 +168,11 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     entry = manifest["neighbours"]
     assert entry["capped_buckets"] > 0 and entry["largest_bucket"] > 40
     assert entry["pairs_compared"] == pairs
+    # only the rows of buckets with two or more members went through the bucket shuffle
+    sizes = bucket_sizes(h, 2)
+    assert entry["shuffled_rows"] == sum(
+        c for band in sizes.values() for c in band.values() if c > 1
+    )
     assert entry["edges"] == len(graph)
     # short lists were completed by exact search; the rest are the twin's, in the same order
     exact_idx, _ = exact_neighbours(x, 6)

@@ -42,6 +42,9 @@ FILL_MAX = 5000
 MAX_DUPLICATE_EDGES = 5_000_000
 #: bytes of exploded rows per shuffle partition of the bucket stage
 PARTITION_BYTES = 64 << 20
+#: buckets with two or more members up to which their table is broadcast to drop the rows of
+#: single-member buckets before the bucket shuffle (more: every row is shuffled)
+SHARED_BROADCAST_MAX = 2_000_000
 
 EDGE_SCHEMA = T.StructType(
     [
@@ -150,6 +153,7 @@ def build_graph(
             F.count("*").alias("buckets"),
             F.max("count").alias("largest"),
             F.sum(F.when(F.col("count") > 1, 1).otherwise(0)).alias("shared"),
+            F.sum(F.when(F.col("count") > 1, F.col("count")).otherwise(0)).alias("rows"),
             F.sum(F.when(F.col("count") > cap, 1).otherwise(0)).alias("capped"),
         ).first(),
     )
@@ -157,10 +161,19 @@ def build_graph(
     capped_rows = counts.filter(F.col("count") > cap).collect()
     for row in capped_rows:
         capped[int(row.band)][tuple(int(v) for v in row.key)] = -(-int(row["count"]) // cap)
-    counts.unpersist()
     from imgsim.ann.graph import chunk_sql
 
-    if capped_rows:
+    shared = int(stats.shared or 0)
+    if shared <= SHARED_BROADCAST_MAX:
+        # the buckets with pairs, and their chunks: a broadcast inner join drops the rows of
+        # single-member buckets (no pairs) before the shuffle that carries the vectors
+        buckets = counts.filter(F.col("count") > 1).select(
+            "band", "key", F.ceil(F.col("count") / F.lit(cap)).cast("bigint").alias("chunks")
+        )
+        exploded = exploded.join(F.broadcast(buckets), ["band", "key"], "inner").withColumn(
+            "chunk", F.expr(chunk_sql("band", "chunks"))
+        )
+    elif capped_rows:
         caps = spark.createDataFrame(
             [(int(r.band), list(r.key), -(-int(r["count"]) // cap)) for r in capped_rows],
             "band int, key array<bigint>, chunks bigint",
@@ -171,8 +184,9 @@ def build_graph(
     else:
         exploded = exploded.withColumn("chunk", F.lit(0).cast("bigint"))
     n = reference.count()
+    rows = int(stats.rows or 0) if shared <= SHARED_BROADCAST_MAX else n * bands
     partitions = max(
-        spark.sparkContext.defaultParallelism, int(n * bands * (dim * 4 + 200) // PARTITION_BYTES)
+        spark.sparkContext.defaultParallelism, int(rows * (dim * 4 + 200) // PARTITION_BYTES)
     )
     grouped = (
         exploded.withColumn(
@@ -183,6 +197,7 @@ def build_graph(
     )
     edges = _bucket_stage(grouped, capped, keys_per_band, k).cache()
     pairs = cast(Any, edges.agg(F.sum("pairs")).first())[0] or 0
+    counts.unpersist()
     info = {
         "k": k,
         "bucket_cap": cap,
@@ -193,6 +208,7 @@ def build_graph(
         "pairs_compared": int(pairs),
         "pairs_share": float(pairs) / max(n * (n - 1) / 2, 1),
         "partitions": partitions,
+        "shuffled_rows": rows,
     }
     # cached: the short-list fill and the write (with its sort's sampling pass) both read it
     return top_k(edges.drop("pairs"), k).cache(), info
