@@ -105,7 +105,7 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
         "projection_min_coverage": None,
         "graph_k": 10,
         "graph_bucket_cap": 1000,
-        "duplicate_distance": 0.51,
+        "duplicate_distance": 0.0,
         "scan_below": 4_000_000,
     }
     staged = layout.staging / "v20260101T000000Z-abcdef"
@@ -127,6 +127,9 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
 
     graph = manifest["neighbours"]
     assert graph["method"].startswith("scan") and graph["recall_at_k"] == 1.0
+    # no projection: the near-duplicate distance measured for the raw space
+    assert manifest["duplicates"]["distance"] == 0.41
+    assert manifest["duplicates"]["distance_source"].startswith("measured for the none space")
     ref = pq.read_table(staged / "reference").to_pydict()
     idx, dist = exact_neighbours(np.array(ref["vector"], np.float32), 10)
     table = pq.read_table(staged / "neighbours").to_pandas().sort_values(["image_id", "rank"])

@@ -358,15 +358,16 @@ class Settings(BaseSettings):
         "version's LSH buckets; 0 skips the graph and the near-duplicate groups",
     )
     graph_bucket_cap: int = Field(1000, ge=2)  # larger LSH buckets are split for the graph
-    # measured (benchmarks/bench_duplicates.py): the largest distance at which at most 0.5% of
-    # the sample's photos have a distinct photo within it, in the default (LDA) search space
+    # 0: the distance measured for the version's search space (imgsim.ann.graph
+    # DUPLICATE_DISTANCE, benchmarks/bench_duplicates.py)
     duplicate_distance: float = Field(
-        0.51,
+        0.0,
         ge=0,
         le=2,
         title="Near-duplicate distance",
         description="graph edges at or under this distance (search space, unit vectors) "
-        "join near-duplicate groups",
+        "join near-duplicate groups; 0: the distance measured for the version's search space "
+        "(LDA 0.51, none 0.41; whiten: not measured, no groups)",
     )
 
     def __init__(self, **values: Any) -> None:

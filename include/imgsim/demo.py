@@ -135,7 +135,11 @@ def describe_graph(manifest: dict[str, Any]) -> str:
     return (
         f"k={g['k']}, recall@{g['k']} {g['recall_at_k']:.3f} against exact search, "
         f"{100 * g['pairs_share']:.0f}% of the pairs compared, {g['seconds']:.0f} s; "
-        f"{d.get('groups', 0)} near-duplicate group(s) at distance <= {d.get('distance')}"
+        + (
+            f"{d.get('groups', 0)} near-duplicate group(s) at distance <= {d['distance']}"
+            if d.get("distance") is not None
+            else "no near-duplicate groups (no distance measured for this space)"
+        )
     )
 
 

@@ -32,6 +32,12 @@ CHUNK_HEX = 12
 #: a band's digits start at ``band * CHUNK_HEX`` modulo this (every band reads other digits)
 _CHUNK_SPAN = 64 - CHUNK_HEX
 
+#: near-duplicate distance per search space (projection kind), measured by
+#: benchmarks/bench_duplicates.py on copies of 300 sample photos: the largest distance at which
+#: at most 0.5% of the photos have a distinct photo within it (results/duplicates.md). Whitening
+#: was not measured: a whitened version gets no groups unless IMGSIM_DUPLICATE_DISTANCE is set.
+DUPLICATE_DISTANCE = {"lda": 0.51, "none": 0.41}
+
 #: capped buckets: band -> {band key: number of chunks}
 Capped = Mapping[int, Mapping[tuple[int, ...], int]]
 

@@ -132,7 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--duplicate-distance",
         type=float,
         default=setting_default("duplicate_distance"),
-        help="graph edges at or under this distance form near-duplicate groups",
+        help="graph edges at or under this distance form near-duplicate groups; 0: the "
+        "distance measured for the version's search space",
     )
     p.add_argument(
         "--projection-dir",
@@ -455,6 +456,7 @@ def neighbour_graph(
     dim: int,
     bands: int,
     keys_per_band: int,
+    space: str,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph),
     written into ``out_dir``; their manifest entries (None, None with --graph-k 0)."""
@@ -499,8 +501,19 @@ def neighbour_graph(
         mode_reason="the projection and the LSH are fitted anew for every version",
         seconds=round(time.perf_counter() - t0, 3),
     )
+    from imgsim.ann.graph import DUPLICATE_DISTANCE
+
+    threshold = args.duplicate_distance or DUPLICATE_DISTANCE.get(space)
     duplicates = ng.write_duplicates(
-        graph, reference, args.duplicate_distance, out_dir / "duplicates"
+        graph, reference, -1.0 if threshold is None else threshold, out_dir / "duplicates"
+    )
+    duplicates["distance"] = threshold
+    duplicates["distance_source"] = (
+        "IMGSIM_DUPLICATE_DISTANCE"
+        if args.duplicate_distance
+        else f"measured for the {space} space (benchmarks/bench_duplicates.py)"
+        if threshold is not None
+        else f"none: no distance measured for the {space} space; set IMGSIM_DUPLICATE_DISTANCE"
     )
     log.info("neighbour graph: %s; duplicates: %s", entry, duplicates)
     return entry, duplicates
@@ -601,6 +614,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         dim,
         bands,
         keys_per_band,
+        (projection_entry or {}).get("kind", "none"),
     )
 
     backbone_file = layout.backbone_record(args.backbone)
