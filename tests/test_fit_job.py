@@ -144,7 +144,7 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     on the same hashes; the planted near-duplicates form their groups; validate passes."""
     import pyarrow.parquet as pq
 
-    from imgsim.ann.graph import bucket_sizes, exact_neighbours, local_graph
+    from imgsim.ann.graph import GraphLsh, exact_neighbours, local_graph
 
     copies = {390: 10, 391: 10, 392: 20}
     layout = make_store(tmp_path / "data", n=400, dim=16, gone=0, copies=copies)
@@ -157,7 +157,7 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
             layout,
             version,
             "--num-hash-tables 4 --keys-per-band 2 --bucket-length 1.5 --sample-size 100 "
-            "--graph-k 6 --graph-bucket-cap 40 --duplicate-distance 0.05 --scan-below 0",
+            "--graph-k 6 --graph-bucket-cap 12 --duplicate-distance 0.05 --scan-below 0",
         )
     finally:
         spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
@@ -165,17 +165,18 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     ref = pq.read_table(staged / "reference").to_pydict()
     ids = ref["image_id"]
     x = np.array(ref["vector"], dtype=np.float32)
-    h = np.array(ref["hashes"], dtype=np.int64)
-    twin, pairs = local_graph(ids, x, h, 2, k=6, cap=40)
-    graph = pq.read_table(staged / "neighbours").to_pandas()
     entry = manifest["neighbours"]
-    assert entry["capped_buckets"] > 0 and entry["largest_bucket"] > 40
-    assert entry["pairs_compared"] == pairs
+    lsh = GraphLsh.from_entry(entry["lsh"])  # the graph's own LSH, tuned for this index
+    assert entry["tuning"]["predicted_recall"] > 0 and lsh.dim == 16
+    twin, work = local_graph(ids, x, lsh, k=6, cap=12)
+    graph = pq.read_table(staged / "neighbours").to_pandas()
+    assert entry["split_buckets"] == work["split"] > 0
+    assert entry["largest_bucket"] > 12 >= entry["largest_leaf"] == work["largest_leaf"]
+    assert entry["pairs_compared"] == work["pairs"]
     # only the rows of buckets with two or more members went through the bucket shuffle
-    sizes = bucket_sizes(h, 2)
-    assert entry["shuffled_rows"] == sum(
-        c for band in sizes.values() for c in band.values() if c > 1
-    )
+    keys = lsh.band_keys(x)
+    sizes = [np.unique(keys[:, b], return_counts=True)[1] for b in range(lsh.bands)]
+    assert entry["shuffled_rows"] == sum(int(c[c > 1].sum()) for c in sizes)
     assert entry["edges"] == len(graph)
     # short lists were completed by exact search; the rest are the twin's, in the same order
     exact_idx, _ = exact_neighbours(x, 6)

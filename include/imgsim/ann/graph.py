@@ -1,17 +1,21 @@
-"""The neighbour graph of an index: every reference's k nearest references, from its LSH buckets.
+"""The neighbour graph of an index: every reference's k nearest references, from LSH buckets.
 
-The references are grouped by band key (band ``b`` and its ``keys_per_band`` hash values: one
-LSH bucket). The members of a bucket are compared with one another in one float64 Gram
-product, and each member keeps its k nearest. A pair that shares a bucket in several bands is
-compared in the first band where it does, its *owner* band: every band checks, from the
-members' full hash rows, which of its pairs an earlier band already compared, so a pair is
-scored once however many bands it collides in.
+The graph has its own LSH (:class:`GraphLsh`, E2LSH of Datar et al. 2004: ``bands`` bands of
+``keys`` hash values ``floor((x . a + b) / width)`` with Gaussian ``a`` and uniform offsets
+``b``), tuned per version by :func:`tune_graph_lsh` for the graph's recall target at the least
+cost from the index's own distances: the exact k nearest distances of the validation queries
+(over the whole index) and the distances of random pairs. Its buckets therefore stay about
+the same size as the index grows (more keys per band, more bands), where the query LSH's
+buckets, tuned on a fixed sample, grow with n.
 
-A bucket with more than ``cap`` members is split into chunks of about ``cap`` by a hash of the
-image id for that band (:func:`chunk_of`, also computable in Spark SQL: :func:`chunk_sql`), so
-one huge bucket cannot blow up the work (ScANNS's bucket limit). Pairs in different chunks of a
-band are not compared there; the owner of a pair is then the first band where it shares a
-bucket *and* a chunk.
+The members of a bucket are compared with one another in one float64 Gram product and each
+member keeps its k nearest; the kept distances are recomputed pair by pair in float64, so a
+pair scored in several bands gets the same distance in each (duplicates are dropped before the
+top-k). A bucket with more than ``cap`` members is split like a random projection tree: at
+the median of its members' projections on a seeded direction (one per band and level), again
+and again until every leaf has at most ``cap`` members; pairs are scored within leaves. Close
+pairs stay together far more often than under a random split, and no bucket costs more than
+``cap``^2 / 2 pairs.
 
 Near-duplicate groups are the connected components of the graph's edges under a distance
 (:func:`duplicate_groups`).
@@ -19,18 +23,16 @@ Near-duplicate groups are the connected components of the graph's edges under a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
 from imgsim.ann.brp import AnnError
 from imgsim.ann.search import smallest_k
-
-#: hex digits of the image id (a sha256) that pick a member's chunk in a capped bucket
-CHUNK_HEX = 12
-#: a band's digits start at ``band * CHUNK_HEX`` modulo this (every band reads other digits)
-_CHUNK_SPAN = 64 - CHUNK_HEX
 
 #: near-duplicate distance per search space (projection kind), measured by
 #: benchmarks/bench_duplicates.py on copies of 300 sample photos: the largest distance at which
@@ -38,160 +40,277 @@ _CHUNK_SPAN = 64 - CHUNK_HEX
 #: was not measured: a whitened version gets no groups unless IMGSIM_DUPLICATE_DISTANCE is set.
 DUPLICATE_DISTANCE = {"lda": 0.51, "none": 0.41}
 
-#: capped buckets: band -> {band key: number of chunks}
-Capped = Mapping[int, Mapping[tuple[int, ...], int]]
+#: median splits a bucket over the cap can take (a leaf then has at most 2**-levels of it)
+SPLIT_LEVELS = 24
+#: the tuner's cost of moving one exploded row through the bucket shuffle, in pairs scored
+ROW_COST = 64.0
+#: the tuner's grid: bands, keys per band, and widths as multiples of the median pair distance
+MAX_BANDS = 32
+MAX_KEYS = 16
+WIDTH_FACTORS = tuple(float(f) for f in np.geomspace(0.05, 8.0, 23))
+
+_MIX = np.uint64(0x100000001B3)
 
 
-def chunk_offset(band: int) -> int:
-    return (band * CHUNK_HEX) % _CHUNK_SPAN
+def collision_probability(distance: np.ndarray, width: float) -> np.ndarray:
+    """P[one E2LSH hash value agrees] for points ``distance`` apart (Datar et al. 2004):
+    1 - 2 Phi(-c) - 2 / (sqrt(2 pi) c) (1 - exp(-c^2 / 2)), c = width / distance."""
+    from scipy.special import ndtr
 
-
-def chunk_of(image_ids: Sequence[str], band: int, chunks: int | np.ndarray) -> np.ndarray:
-    """The chunk of each image in a bucket of band ``band`` split into ``chunks``: 12 hex
-    digits of its id (others per band) modulo ``chunks``; an id that is not hex is chunk 0."""
-    off = chunk_offset(band)
-    values = np.zeros(len(image_ids), np.int64)
-    for i, image_id in enumerate(image_ids):
-        try:
-            values[i] = int(image_id[off : off + CHUNK_HEX], 16)
-        except ValueError:
-            values[i] = 0
-    return np.mod(values, np.maximum(np.asarray(chunks, np.int64), 1))
-
-
-def chunk_sql(band_col: str, chunks_col: str, id_col: str = "image_id") -> str:
-    """:func:`chunk_of` as a Spark SQL expression over columns (the same chunk, exactly)."""
-    return (
-        f"pmod(coalesce(cast(conv(substring({id_col}, "
-        f"pmod({band_col} * {CHUNK_HEX}, {_CHUNK_SPAN}) + 1, {CHUNK_HEX}), 16, 10) "
-        f"as bigint), 0), greatest({chunks_col}, 1))"
+    d = np.maximum(np.asarray(distance, np.float64), 1e-12)
+    c = width / d
+    return np.clip(
+        1.0 - 2.0 * ndtr(-c) - 2.0 / (math.sqrt(2.0 * math.pi) * c) * (1.0 - np.exp(-(c**2) / 2)),
+        0.0,
+        1.0,
     )
 
 
 @dataclass(frozen=True)
-class BucketResult:
-    """One bucket's answer: directed edges (member -> one of its k nearest) and pairs scored."""
+class GraphLsh:
+    """The graph's LSH: ``bands`` band keys per vector, each from ``keys`` E2LSH values of
+    ``width``; seeded directions for the median splits of buckets over the cap."""
 
-    image_id: np.ndarray  # (e,) object
-    neighbour_id: np.ndarray  # (e,) object
-    distance: np.ndarray  # (e,) float64
-    pairs: int
+    dim: int
+    bands: int
+    keys: int
+    width: float
+    seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.bands < 1 or self.keys < 1 or not self.width > 0:
+            raise AnnError(f"bad graph LSH {self}: dim, bands, keys >= 1 and width > 0")
 
-def owned_pairs(
-    ids: Sequence[str], hashes: np.ndarray, band: int, keys_per_band: int, capped: Capped
-) -> np.ndarray:
-    """(m, m) bool, upper triangle: the pairs of this bucket of band ``band`` that no earlier
-    band compared (they share no earlier bucket, or not the same chunk of a capped one)."""
-    m = len(ids)
-    owned = np.triu(np.ones((m, m), bool), 1)
-    for b in range(band):
-        cols = hashes[:, b * keys_per_band : (b + 1) * keys_per_band]
-        same = np.ones((m, m), bool)
-        for c in range(keys_per_band):
-            same &= cols[:, c, None] == cols[None, :, c]
-        band_caps = capped.get(b)
-        if band_caps:
-            chunks = np.array([band_caps.get(tuple(int(v) for v in row), 1) for row in cols])
-            if (chunks > 1).any():
-                ch = chunk_of(ids, b, chunks)
-                same &= ch[:, None] == ch[None, :]
-        owned &= ~same
-    return owned
+    @cached_property
+    def _planes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        a = rng.standard_normal((self.dim, self.bands * self.keys))
+        b = rng.uniform(0.0, self.width, self.bands * self.keys)
+        s = rng.standard_normal((self.dim, self.bands * SPLIT_LEVELS))
+        return a, b, s
 
+    def band_keys(self, x: np.ndarray) -> np.ndarray:
+        """(n, bands) int64: each vector's bucket key per band (its ``keys`` values mixed)."""
+        x = self._check(x)
+        a, b, _ = self._planes
+        h = np.floor((x @ a + b) / self.width).astype(np.int64).view(np.uint64)
+        h = h.reshape(len(x), self.bands, self.keys)
+        acc = np.zeros((len(x), self.bands), np.uint64)
+        for j in range(self.keys):
+            acc = (acc * _MIX) ^ h[:, :, j]
+        return acc.view(np.int64)
 
-def bucket_neighbours(
-    ids: Sequence[str],
-    x: np.ndarray,
-    hashes: np.ndarray,
-    band: int,
-    keys_per_band: int,
-    k: int,
-    capped: Capped | None = None,
-) -> BucketResult:
-    """Each member's k nearest among the pairs this bucket owns (:func:`owned_pairs`).
+    def split_values(self, x: np.ndarray, band: int) -> np.ndarray:
+        """(m, SPLIT_LEVELS) float64: the projections a bucket of ``band`` is split on."""
+        _, _, s = self._planes
+        return self._check(x) @ s[:, band * SPLIT_LEVELS : (band + 1) * SPLIT_LEVELS]
 
-    ``ids`` are the members' image ids, ``x`` their vectors (m, dim), ``hashes`` their full
-    hash rows (m, bands * keys_per_band). Distances are float64; ties go to the lower id.
-    """
-    m = len(ids)
-    if m < 2 or k < 1:
-        return _empty_result()
-    if x.shape[0] != m or hashes.shape[0] != m:
-        raise AnnError(f"bucket of {m} ids with {x.shape[0]} vectors, {hashes.shape[0]} hashes")
-    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")  # ties -> lower id
-    sids = np.asarray(ids, dtype=object)[order]
-    xs = np.asarray(x, np.float64)[order]
-    hs = np.asarray(hashes, np.int64)[order]
-    owned = owned_pairs(list(sids), hs, band, keys_per_band, capped or {})
-    pairs = int(owned.sum())
-    if not pairs:
-        return _empty_result()
-    sq = (xs * xs).sum(1)
-    d = sq[:, None] + sq[None, :] - 2.0 * (xs @ xs.T)
-    np.maximum(d, 0.0, out=d)
-    np.sqrt(d, out=d)
-    d[~(owned | owned.T)] = np.inf
-    top = smallest_k(d, min(k, m - 1))
-    rows = np.repeat(np.arange(m), top.shape[1])
-    cols = top.ravel()
-    dist = d[rows, cols]
-    keep = np.isfinite(dist)
-    return BucketResult(sids[rows[keep]], sids[cols[keep]], dist[keep], pairs)
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise AnnError(f"vectors of shape {x.shape} for a graph LSH of {self.dim} dims")
+        return x
 
+    def entry(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "bands": self.bands,
+            "keys": self.keys,
+            "width": self.width,
+            "seed": self.seed,
+        }
 
-def _empty_result() -> BucketResult:
-    empty = np.empty(0, dtype=object)
-    return BucketResult(empty, empty, np.empty(0), 0)
-
-
-def bucket_sizes(hashes: np.ndarray, keys_per_band: int) -> dict[int, dict[tuple[int, ...], int]]:
-    """band -> {band key: members} for an (n, bands * keys_per_band) hash matrix."""
-    out: dict[int, dict[tuple[int, ...], int]] = {}
-    for b in range(hashes.shape[1] // keys_per_band):
-        keys, counts = np.unique(
-            hashes[:, b * keys_per_band : (b + 1) * keys_per_band], axis=0, return_counts=True
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> GraphLsh:
+        return cls(
+            int(entry["dim"]),
+            int(entry["bands"]),
+            int(entry["keys"]),
+            float(entry["width"]),
+            int(entry["seed"]),
         )
-        out[b] = {tuple(int(v) for v in key): int(c) for key, c in zip(keys, counts, strict=True)}
-    return out
 
 
-def capped_buckets(
-    sizes: Mapping[int, Mapping[tuple[int, ...], int]], cap: int
-) -> dict[int, dict[tuple[int, ...], int]]:
-    """The buckets over ``cap`` members and the chunks each is split into (ceil(size / cap))."""
-    return {
-        b: {key: -(-size // cap) for key, size in keys.items() if size > cap}
-        for b, keys in sizes.items()
+def predicted_recall(near: np.ndarray, width: float, keys: int, bands: int) -> float:
+    """The share of the true neighbours (``near``: their distances) that share a bucket with
+    their query in at least one of ``bands`` bands of ``keys`` values of ``width``."""
+    p = collision_probability(near, width) ** keys
+    return float(np.mean(1.0 - (1.0 - p) ** bands))
+
+
+def tune_graph_lsh(
+    near: np.ndarray,
+    pairs: np.ndarray,
+    n: int,
+    dim: int,
+    *,
+    target: float,
+    cap: int,
+    seed: int = 0,
+) -> tuple[GraphLsh, dict[str, Any]]:
+    """The cheapest graph LSH predicted to reach ``target`` recall@k.
+
+    ``near``: distances of true k nearest neighbours (the validation queries', exact over the
+    whole index); ``pairs``: distances of random pairs of references. For every width and keys
+    per band of the grid, the fewest bands reaching ``target`` (:func:`predicted_recall`);
+    cost per band: n rows through the shuffle (``ROW_COST`` pairs each) plus the pairs that
+    collide, n^2 / 2 x the mean collision probability of random pairs; buckets expected over
+    ``cap`` / 2 members are ruled out. Without any candidate reaching ``target``, the one with
+    the highest predicted recall (the entry says so)."""
+    near = np.asarray(near, np.float64).ravel()
+    pairs = np.asarray(pairs, np.float64).ravel()
+    if not len(near) or not len(pairs):
+        raise AnnError("tuning the graph LSH needs neighbour and pair distances")
+    median = float(np.median(pairs))
+    if not median > 0:
+        raise AnnError("every sampled pair is at distance 0: the vectors are all equal")
+    best: tuple[float, float, int, int, float] | None = None  # cost, recall, bands, keys, width
+    fallback: tuple[tuple[float, float], float, int, int, float] | None = None
+    bands_grid = np.arange(1, MAX_BANDS + 1)
+    for factor in WIDTH_FACTORS:
+        width = factor * median
+        p_near = collision_probability(near, width)
+        p_far = collision_probability(pairs, width)
+        for keys in range(1, MAX_KEYS + 1):
+            collide = float(np.mean(p_far**keys))
+            if 1 + (n - 1) * collide > cap / 2:
+                continue
+            recall = np.mean(1.0 - (1.0 - p_near[:, None] ** keys) ** bands_grid, axis=0)
+            per_band = n * ROW_COST + n * (n - 1) / 2 * collide
+            ok = np.flatnonzero(recall >= target)
+            if len(ok):
+                bands = int(bands_grid[ok[0]])
+                if best is None or bands * per_band < best[0]:
+                    best = (bands * per_band, float(recall[ok[0]]), bands, keys, width)
+            rank = (-float(recall[-1]), MAX_BANDS * per_band)
+            if fallback is None or rank < fallback[0]:
+                fallback = (rank, float(recall[-1]), MAX_BANDS, keys, width)
+    chosen = best or fallback
+    if chosen is None:
+        raise AnnError(f"no graph LSH keeps the expected bucket under half the cap {cap}")
+    _, recall, bands, keys, width = chosen
+    lsh = GraphLsh(dim, bands, keys, width, seed)
+    collide = float(np.mean(collision_probability(pairs, width) ** keys))
+    return lsh, {
+        "predicted_recall": round(recall, 4),
+        "target_recall": target,
+        "reached": best is not None,
+        "expected_bucket": round(1 + (n - 1) * collide, 2),
+        "expected_pairs": int(bands * n * (n - 1) / 2 * collide),
+        "median_pair_distance": median,
+        "method": "E2LSH collision probabilities of the validation queries' exact neighbour "
+        "distances and of random sample pairs; least rows x ROW_COST + pairs",
     }
 
 
+@dataclass(frozen=True)
+class BucketResult:
+    """One bucket's answer: directed edges (member -> one of its k nearest), pairs scored,
+    leaves (1 unless the bucket was split) and the largest leaf."""
+
+    image_id: np.ndarray  # (e,) the ids' type
+    neighbour_id: np.ndarray  # (e,)
+    distance: np.ndarray  # (e,) float64
+    pairs: int
+    leaves: int
+    largest_leaf: int
+
+
+def split_leaves(values: np.ndarray, cap: int) -> list[np.ndarray]:
+    """Positions of a bucket's members grouped into leaves of at most ``cap``: a group over
+    the cap is halved at the median of its ``values`` column for its level (ties: lower
+    position first), level by level (``values``: (m, levels))."""
+    m, levels = values.shape
+    leaves, stack = [], [(np.arange(m), 0)]
+    while stack:
+        idx, level = stack.pop()
+        if len(idx) <= cap or level >= levels:
+            leaves.append(idx)
+            continue
+        order = idx[np.lexsort((idx, values[idx, level]))]
+        half = len(order) // 2
+        stack += [(order[half:], level + 1), (order[:half], level + 1)]
+    return leaves
+
+
+def bucket_neighbours(
+    ids: Sequence[Any] | np.ndarray,
+    x: np.ndarray,
+    lsh: GraphLsh,
+    band: int,
+    k: int,
+    cap: int,
+) -> BucketResult:
+    """Each member's k nearest in its leaf of this bucket of band ``band``.
+
+    ``ids`` are the members' ids (any sortable type; ties go to the lower id), ``x`` their
+    vectors (m, dim). Leaves: :func:`split_leaves` when the bucket is over ``cap``. Distances
+    of the kept pairs are float64, recomputed pair by pair (the same in every bucket).
+    """
+    m = len(ids)
+    if m < 2 or k < 1:
+        return _empty_result(m)
+    if x.shape[0] != m:
+        raise AnnError(f"bucket of {m} ids with {x.shape[0]} vectors")
+    arr = np.asarray(ids)
+    order = np.argsort(arr, kind="stable")
+    sids = arr[order]
+    xs = np.asarray(x, np.float64)[order]
+    leaves = split_leaves(lsh.split_values(xs, band), cap) if m > cap else [np.arange(m)]
+    src, dst, pairs = [], [], 0
+    for leaf in leaves:
+        g = len(leaf)
+        if g < 2:
+            continue
+        pairs += g * (g - 1) // 2
+        xl = xs[leaf]
+        sq = (xl * xl).sum(1)
+        d = sq[:, None] + sq[None, :] - 2.0 * (xl @ xl.T)
+        np.fill_diagonal(d, np.inf)
+        top = smallest_k(d, min(k, g - 1))
+        src.append(np.repeat(leaf, top.shape[1]))
+        dst.append(leaf[top.ravel()])
+    if not src:
+        return _empty_result(m, len(leaves), max(len(leaf) for leaf in leaves))
+    s, t = np.concatenate(src), np.concatenate(dst)
+    diff = xs[s] - xs[t]
+    dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return BucketResult(
+        sids[s], sids[t], dist, pairs, len(leaves), max(len(leaf) for leaf in leaves)
+    )
+
+
+def _empty_result(m: int, leaves: int = 1, largest: int = 0) -> BucketResult:
+    empty = np.empty(0, dtype=object)
+    return BucketResult(empty, empty, np.empty(0), 0, leaves, largest or m)
+
+
 def local_graph(
-    ids: Sequence[str], x: np.ndarray, hashes: np.ndarray, keys_per_band: int, k: int, cap: int
-) -> tuple[dict[str, list[tuple[float, str]]], int]:
+    ids: Sequence[Any], x: np.ndarray, lsh: GraphLsh, k: int, cap: int
+) -> tuple[dict[Any, list[tuple[float, Any]]], dict[str, int]]:
     """The whole graph in one process, bucket by bucket as the Spark job builds it (tests and
     benchmarks compare the two): each image's k nearest as sorted (distance, id) lists, and
-    the number of pairs scored."""
+    the work done (pairs scored, buckets split, largest leaf)."""
     ids = list(ids)
-    hashes = np.asarray(hashes, np.int64)
-    capped = capped_buckets(bucket_sizes(hashes, keys_per_band), cap)
-    found: dict[str, list[tuple[float, str]]] = {i: [] for i in ids}
-    pairs = 0
-    for b in range(hashes.shape[1] // keys_per_band):
-        cols = hashes[:, b * keys_per_band : (b + 1) * keys_per_band]
-        chunks = np.array([capped[b].get(tuple(int(v) for v in row), 1) for row in cols])
-        chunk = chunk_of(ids, b, chunks)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, row in enumerate(cols):
-            groups.setdefault((*(int(v) for v in row), int(chunk[i])), []).append(i)
-        for members in groups.values():
-            r = bucket_neighbours(
-                [ids[i] for i in members], x[members], hashes[members], b, keys_per_band, k, capped
-            )
-            pairs += r.pairs
+    arr = np.asarray(ids)
+    keys = lsh.band_keys(x)
+    found: dict[Any, dict[Any, float]] = {i: {} for i in ids}
+    stats = {"pairs": 0, "split": 0, "largest_leaf": 0}
+    for b in range(lsh.bands):
+        _, inverse = np.unique(keys[:, b], return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
+        for members in np.split(order, starts[1:]):
+            if len(members) < 2:
+                continue
+            r = bucket_neighbours(arr[members], x[members], lsh, b, k, cap)
+            stats["pairs"] += r.pairs
+            stats["split"] += int(r.leaves > 1)
+            stats["largest_leaf"] = max(stats["largest_leaf"], r.largest_leaf)
             for s, t, d in zip(r.image_id, r.neighbour_id, r.distance, strict=True):
-                found[s].append((float(d), str(t)))
-    return {i: sorted(v)[:k] for i, v in found.items()}, pairs
+                found[s][t] = float(d)
+    graph = {i: sorted((d, t) for t, d in v.items())[:k] for i, v in found.items()}
+    return graph, stats
 
 
 def exact_neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -446,20 +446,40 @@ def write_version(
     )
 
 
+def graph_near_distances(exact_rows: pd.DataFrame, k: int) -> np.ndarray:
+    """The distances of each validation query's k nearest other references (exact)."""
+    rows = exact_rows[exact_rows["image_id"] != exact_rows["query_id"]]
+    rows = rows.sort_values(["query_id", "distance", "image_id"])
+    return rows.groupby("query_id").head(k)["distance"].to_numpy(np.float64)
+
+
+def sample_pair_distances(x: np.ndarray, seed: int, pairs: int = 20_000) -> np.ndarray:
+    """Distances of seeded random pairs of distinct rows of the driver sample ``x``."""
+    if len(x) < 2:
+        return np.zeros(0)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, len(x), pairs)
+    b = (a + rng.integers(1, len(x), pairs)) % len(x)
+    diff = x[a].astype(np.float64) - x[b]
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
 def neighbour_graph(
     reference: DataFrame,
     args: argparse.Namespace,
     out_dir: Path,
     exact_rows: pd.DataFrame,
     queries: list[str],
+    sample: np.ndarray,
     n: int,
-    dim: int,
-    bands: int,
-    keys_per_band: int,
     space: str,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph),
-    written into ``out_dir``; their manifest entries (None, None with --graph-k 0)."""
+    written into ``out_dir``; their manifest entries (None, None with --graph-k 0).
+
+    ``exact_rows``: the validation ``queries``' exact neighbours over the whole index
+    (query_id, image_id, distance); with the driver ``sample`` of vectors they tune the graph's
+    LSH."""
     if args.graph_k == 0:
         return None, None
     from imgsim.ann.search import scan_is_cheaper
@@ -470,6 +490,7 @@ def neighbour_graph(
         return rows[rows["kind"] == "exact"][["query_id", "image_id", "distance"]]
 
     t0 = time.perf_counter()
+    dim = int(sample.shape[1])
     if scan_is_cheaper(None, n, dim, 1.0, args.scan_below):
         graph, entry = ng.scan_graph(reference, args.graph_k, n, exact)
         entry["method"] = (
@@ -477,19 +498,26 @@ def neighbour_graph(
             f"{args.scan_below}, where a scan costs less than the LSH buckets)"
         )
     else:
-        graph, entry = ng.build_graph(
-            reference,
-            bands=bands,
-            keys_per_band=keys_per_band,
-            k=args.graph_k,
+        from imgsim.ann.graph import tune_graph_lsh
+
+        lsh, tuning = tune_graph_lsh(
+            graph_near_distances(exact_rows, args.graph_k),
+            sample_pair_distances(sample, args.seed),
+            n,
+            dim,
+            target=target_recall(args),
             cap=args.graph_bucket_cap,
-            dim=dim,
+            seed=args.seed,
         )
+        log.info("graph LSH %s: %s", lsh.entry(), tuning)
+        graph, entry = ng.build_graph(reference, lsh, k=args.graph_k, cap=args.graph_bucket_cap)
         graph, fill = ng.fill_short(graph, reference, args.graph_k, n, exact)
         entry.update(
             **fill,
-            method="lsh: band-key buckets of the version's LSH, each pair scored once "
-            "(float64), top-k per image; images left short filled by exact search",
+            tuning=tuning,
+            method="lsh: the graph's own E2LSH (tuned for the recall target), buckets over "
+            "the cap split at projection medians, each leaf scored in float64, top-k per "
+            "image; images left short filled by exact search",
         )
     edges = ng.write_graph(graph, out_dir / "neighbours")
     graph = reference.sparkSession.read.parquet(str(out_dir / "neighbours")).cache()
@@ -610,10 +638,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         out_dir,
         parts[parts["kind"] == "exact"],
         queries["image_id"].tolist(),
+        x,
         n,
-        dim,
-        bands,
-        keys_per_band,
         (projection_entry or {}).get("kind", "none"),
     )
 

@@ -1,16 +1,19 @@
 """The neighbour graph and near-duplicate groups of a version, on Spark (a stage of the fit job).
 
-From the hashed reference table (image_id, vector, hashes: the version's LSH in its projected
-space):
+From the reference table (image_id, vector: the version's projected space) and the graph's
+own LSH (:class:`imgsim.ann.graph.GraphLsh`, tuned per version by
+:func:`imgsim.ann.graph.tune_graph_lsh`):
 
-1. every reference is exploded into its band keys and the buckets are counted; buckets over
-   the cap are split into chunks (:func:`imgsim.ann.graph.chunk_sql`);
-2. the rows are shuffled by bucket (band, chunk, key) and sorted, and each partition walks its
-   buckets: :func:`imgsim.ann.graph.bucket_neighbours` scores the pairs the bucket owns (each
-   pair once, in the first band it collides in) with one float64 Gram product and keeps each
-   member's k nearest;
-3. the k nearest per image over all its buckets are the graph; an image the LSH left with
-   fewer than k neighbours is answered by an exact scan (up to ``FILL_MAX`` of them);
+1. every reference gets a node number (its rank by image id, so ties by node are ties by id)
+   and is exploded into its band keys; the buckets are counted and single-member buckets
+   dropped;
+2. the rows are shuffled by bucket (band, key) and sorted, and each partition walks its
+   buckets: :func:`imgsim.ann.graph.bucket_neighbours` splits a bucket over the cap at
+   medians of seeded projections and scores each leaf with one float64 Gram product, keeping
+   each member's k nearest;
+3. the k nearest per image over all its buckets (a pair found in several bands once) are the
+   graph; an image left with fewer than k neighbours is answered by an exact scan (up to
+   ``FILL_MAX`` of them);
 4. edges at or under the duplicate distance form the near-duplicate groups (connected
    components, :func:`imgsim.ann.graph.duplicate_groups`).
 
@@ -25,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -33,6 +36,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
+
+if TYPE_CHECKING:
+    from imgsim.ann.graph import GraphLsh
 
 log = logging.getLogger("imgsim.neighbour_graph")
 
@@ -48,10 +54,12 @@ SHARED_BROADCAST_MAX = 2_000_000
 
 EDGE_SCHEMA = T.StructType(
     [
-        T.StructField("image_id", T.StringType()),
-        T.StructField("neighbour_id", T.StringType()),
+        T.StructField("node", T.LongType()),
+        T.StructField("neighbour", T.LongType()),
         T.StructField("distance", T.DoubleType()),
         T.StructField("pairs", T.LongType()),
+        T.StructField("split", T.LongType()),
+        T.StructField("leaf", T.LongType()),
     ]
 )
 
@@ -60,93 +68,126 @@ class GraphError(ValueError):
     """The graph cannot be built as asked (the message says why and what to change)."""
 
 
-def _bucket_stage(
-    exploded: DataFrame, capped: dict[int, dict[tuple[int, ...], int]], keys_per_band: int, k: int
-) -> DataFrame:
-    """Each bucket's owned pairs scored; every member's k nearest among them (EDGE_SCHEMA)."""
-    bc = exploded.sparkSession.sparkContext.broadcast(capped)
+def _vectors(column: pd.Series) -> np.ndarray:
+    return np.stack(column.map(lambda v: np.asarray(v, np.float32)).to_list())
+
+
+def explode_bands(nodes: DataFrame, lsh: GraphLsh, vectors: bool) -> DataFrame:
+    """(node, vector) -> one row per band: band, key (and node, vector with ``vectors``)."""
+    schema = "band int, key bigint" + (", node bigint, vector array<float>" if vectors else "")
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            if batch.empty:
+                continue
+            keys = lsh.band_keys(_vectors(batch["vector"]))
+            m = len(batch)
+            out = {"band": np.tile(np.arange(lsh.bands, dtype=np.int32), m), "key": keys.ravel()}
+            if vectors:
+                out["node"] = np.repeat(batch["node"].to_numpy(), lsh.bands)
+                out["vector"] = np.repeat(batch["vector"].to_numpy(), lsh.bands)
+            yield pd.DataFrame(out)
+
+    return nodes.select("node", "vector").mapInPandas(run, schema)
+
+
+def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame:
+    """Each bucket's leaves scored; every member's k nearest among them (EDGE_SCHEMA; the
+    work done rides on the first row of each output frame)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from imgsim.ann.graph import bucket_neighbours
 
-        caps = bc.value
         pending: pd.DataFrame | None = None
 
+        def starts_of(frame: pd.DataFrame) -> np.ndarray:
+            b, key = frame["band"].to_numpy(), frame["key"].to_numpy()
+            return np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (key[1:] != key[:-1])])
+
         def buckets(frame: pd.DataFrame, final: bool) -> Iterator[pd.DataFrame]:
-            g = frame["gkey"].to_numpy()
-            starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-            ends = np.r_[starts[1:], len(g)]
+            starts = starts_of(frame)
+            ends = np.r_[starts[1:], len(frame)]
             if not final:  # the last bucket may go on in the next batch
                 starts, ends = starts[:-1], ends[:-1]
-            out = []
+            out, pairs, split, leaf = [], 0, 0, 0
             for s, e in zip(starts, ends, strict=True):
                 if e - s < 2:
                     continue
                 part = frame.iloc[s:e]
-                x = np.stack(part["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
-                h = np.stack(part["hashes"].map(lambda v: np.asarray(v, np.int64)).to_list())
                 r = bucket_neighbours(
-                    part["image_id"].tolist(),
-                    x,
-                    h,
+                    part["node"].to_numpy(),
+                    _vectors(part["vector"]),
+                    lsh,
                     int(part["band"].iloc[0]),
-                    keys_per_band,
                     k,
-                    caps,
+                    cap,
+                )
+                pairs, split, leaf = (
+                    pairs + r.pairs,
+                    split + (r.leaves > 1),
+                    max(leaf, r.largest_leaf),
                 )
                 if len(r.image_id):
-                    pairs = np.zeros(len(r.image_id), np.int64)
-                    pairs[0] = r.pairs
                     out.append(
                         pd.DataFrame(
                             {
-                                "image_id": r.image_id,
-                                "neighbour_id": r.neighbour_id,
+                                "node": r.image_id.astype(np.int64),
+                                "neighbour": r.neighbour_id.astype(np.int64),
                                 "distance": r.distance,
-                                "pairs": pairs,
                             }
                         )
                     )
             if out:
-                yield pd.concat(out, ignore_index=True)
+                edges = pd.concat(out, ignore_index=True)
+                work = np.zeros((3, len(edges)), np.int64)
+                work[:, 0] = pairs, split, leaf
+                edges["pairs"], edges["split"], edges["leaf"] = work
+                yield edges
 
         for batch in batches:
             if batch.empty:
                 continue
             frame = batch if pending is None else pd.concat([pending, batch], ignore_index=True)
             yield from buckets(frame, final=False)
-            g = frame["gkey"].to_numpy()
-            last = int(np.flatnonzero(np.r_[True, g[1:] != g[:-1]])[-1])
-            pending = frame.iloc[last:].reset_index(drop=True)
+            pending = frame.iloc[int(starts_of(frame)[-1]) :].reset_index(drop=True)
         if pending is not None and len(pending):
             yield from buckets(pending, final=True)
 
-    return exploded.select("gkey", "band", "image_id", "vector", "hashes").mapInPandas(
-        run, EDGE_SCHEMA
-    )
+    return rows.select("band", "key", "node", "vector").mapInPandas(run, EDGE_SCHEMA)
 
 
 def top_k(edges: DataFrame, k: int) -> DataFrame:
-    """Each image's k nearest edges: image_id, rank (1 = nearest), neighbour_id, distance."""
-    w = Window.partitionBy("image_id").orderBy("distance", "neighbour_id")
+    """Each node's k nearest distinct neighbours: node, rank (1 = nearest), neighbour,
+    distance. A pair found in several buckets has the same distance in each (recomputed pair
+    by pair), so it ranks once."""
+    w = Window.partitionBy("node").orderBy("distance", "neighbour")
     return (
-        edges.withColumn("rank", F.row_number().over(w))
+        edges.withColumn("rank", F.dense_rank().over(w))
         .filter(F.col("rank") <= k)
-        .select("image_id", F.col("rank").cast("int"), "neighbour_id", "distance")
+        .dropDuplicates(["node", "neighbour"])
+        .select("node", F.col("rank").cast("int"), "neighbour", "distance")
+    )
+
+
+def node_numbers(reference: DataFrame) -> DataFrame:
+    """image_id -> node: the rank of the id (0-based), so node order is id order."""
+    spark = reference.sparkSession
+    ranked = reference.select("image_id").orderBy("image_id").rdd.zipWithIndex()
+    return spark.createDataFrame(
+        ranked.map(lambda r: (r[0][0], r[1])), "image_id string, node bigint"
     )
 
 
 def build_graph(
-    reference: DataFrame, *, bands: int, keys_per_band: int, k: int, cap: int, dim: int
+    reference: DataFrame, lsh: GraphLsh, *, k: int, cap: int
 ) -> tuple[DataFrame, dict[str, Any]]:
-    """The graph of ``reference`` (image_id, vector, hashes) before the exact fill, and its
-    bucket statistics for the manifest."""
+    """The graph of ``reference`` (image_id, vector) before the exact fill, and its bucket
+    statistics for the manifest."""
     spark = reference.sparkSession
-    ref = reference.select("image_id", "vector", "hashes")
-    exploded = ref.withColumn("band", F.explode(F.sequence(F.lit(0), F.lit(bands - 1)))).withColumn(
-        "key", F.slice("hashes", F.col("band") * keys_per_band + 1, F.lit(keys_per_band))
-    )
-    counts = exploded.groupBy("band", "key").count().cache()
+    names = node_numbers(reference).cache()
+    nodes = reference.select("image_id", "vector").join(names, "image_id").cache()
+    n = nodes.count()
+    counts = explode_bands(nodes, lsh, vectors=False).groupBy("band", "key").count().cache()
     stats = cast(
         Any,
         counts.agg(
@@ -154,64 +195,55 @@ def build_graph(
             F.max("count").alias("largest"),
             F.sum(F.when(F.col("count") > 1, 1).otherwise(0)).alias("shared"),
             F.sum(F.when(F.col("count") > 1, F.col("count")).otherwise(0)).alias("rows"),
-            F.sum(F.when(F.col("count") > cap, 1).otherwise(0)).alias("capped"),
+            F.sum(F.when(F.col("count") > cap, 1).otherwise(0)).alias("over_cap"),
         ).first(),
     )
-    capped: dict[int, dict[tuple[int, ...], int]] = {b: {} for b in range(bands)}
-    capped_rows = counts.filter(F.col("count") > cap).collect()
-    for row in capped_rows:
-        capped[int(row.band)][tuple(int(v) for v in row.key)] = -(-int(row["count"]) // cap)
-    from imgsim.ann.graph import chunk_sql
-
+    rows = explode_bands(nodes, lsh, vectors=True)
     shared = int(stats.shared or 0)
     if shared <= SHARED_BROADCAST_MAX:
-        # the buckets with pairs, and their chunks: a broadcast inner join drops the rows of
-        # single-member buckets (no pairs) before the shuffle that carries the vectors
-        buckets = counts.filter(F.col("count") > 1).select(
-            "band", "key", F.ceil(F.col("count") / F.lit(cap)).cast("bigint").alias("chunks")
+        # the buckets with pairs: a broadcast inner join drops the rows of single-member
+        # buckets (no pairs) before the shuffle that carries the vectors
+        rows = rows.join(
+            F.broadcast(counts.filter(F.col("count") > 1).select("band", "key")), ["band", "key"]
         )
-        exploded = exploded.join(F.broadcast(buckets), ["band", "key"], "inner").withColumn(
-            "chunk", F.expr(chunk_sql("band", "chunks"))
-        )
-    elif capped_rows:
-        caps = spark.createDataFrame(
-            [(int(r.band), list(r.key), -(-int(r["count"]) // cap)) for r in capped_rows],
-            "band int, key array<bigint>, chunks bigint",
-        )
-        exploded = exploded.join(F.broadcast(caps), ["band", "key"], "left").withColumn(
-            "chunk", F.expr(chunk_sql("band", "coalesce(chunks, 1)"))
-        )
+        shuffled = int(stats.rows or 0)
     else:
-        exploded = exploded.withColumn("chunk", F.lit(0).cast("bigint"))
-    n = reference.count()
-    rows = int(stats.rows or 0) if shared <= SHARED_BROADCAST_MAX else n * bands
+        shuffled = n * lsh.bands
     partitions = max(
-        spark.sparkContext.defaultParallelism, int(rows * (dim * 4 + 200) // PARTITION_BYTES)
+        spark.sparkContext.defaultParallelism,
+        int(shuffled * (lsh.dim * 4 + 64) // PARTITION_BYTES),
     )
-    grouped = (
-        exploded.withColumn(
-            "gkey", F.concat_ws("/", "band", "chunk", F.array_join(F.col("key"), ","))
-        )
-        .repartition(partitions, "gkey")
-        .sortWithinPartitions("gkey")
+    grouped = rows.repartition(partitions, "band", "key").sortWithinPartitions(
+        "band", "key", "node"
     )
-    edges = _bucket_stage(grouped, capped, keys_per_band, k).cache()
-    pairs = cast(Any, edges.agg(F.sum("pairs")).first())[0] or 0
+    edges = _bucket_stage(grouped, lsh, k, cap).cache()
+    work = cast(Any, edges.agg(F.sum("pairs"), F.sum("split"), F.max("leaf")).first())
     counts.unpersist()
     info = {
         "k": k,
         "bucket_cap": cap,
+        "lsh": lsh.entry(),
         "buckets": int(stats.buckets or 0),
-        "shared_buckets": int(stats.shared or 0),
+        "shared_buckets": shared,
         "largest_bucket": int(stats.largest or 0),
-        "capped_buckets": int(stats.capped or 0),
-        "pairs_compared": int(pairs),
-        "pairs_share": float(pairs) / max(n * (n - 1) / 2, 1),
+        "split_buckets": int(work[1] or 0),
+        "largest_leaf": int(work[2] or 0),
+        "pairs_compared": int(work[0] or 0),
+        "pairs_share": float(work[0] or 0) / max(n * (n - 1) / 2, 1),
         "partitions": partitions,
-        "shuffled_rows": rows,
+        "shuffled_rows": shuffled,
     }
+    neighbours = names.select(
+        F.col("image_id").alias("neighbour_id"), F.col("node").alias("neighbour")
+    )
+    graph = (
+        top_k(edges.select("node", "neighbour", "distance"), k)
+        .join(names, "node")
+        .join(neighbours, "neighbour")
+        .select("image_id", "rank", "neighbour_id", "distance")
+    )
     # cached: the short-list fill and the write (with its sort's sampling pass) both read it
-    return top_k(edges.drop("pairs"), k).cache(), info
+    return graph.cache(), info
 
 
 def fill_short(
