@@ -1,24 +1,26 @@
 """Neighbour-graph cost: how the fit job's graph stage grows with the number of references.
 
     .venv/bin/python benchmarks/bench_graph.py [--sizes 16000,100000,1000000]
-        [--driver-memory 8g] [--timeout-s 0]
+        [--space lda|none] [--driver-memory 8g] [--timeout-s 0]
 
-Each size n is a store of n efficientnet_lite0 vectors (1280-d): the 1,960 real embeddings of
-the shared Stanford Cars sample (cached by lsh_data.py) plus n - 1,960 synthetic ones of the
-same shape and spread (:class:`Generator`: a real vector pulled towards the mean plus Gaussian
+Each size n is a store of n efficientnet_lite0 vectors: the 1,960 real embeddings of the
+shared Stanford Cars sample (cached by lsh_data.py) plus n - 1,960 synthetic ones of the same
+shape and spread (:class:`Generator`: a real vector pulled towards the mean plus Gaussian
 noise of the real vectors' covariance, so the covariance stays the real one; label: the
-source's class). Ids are sha256 hex strings (the graph's bucket chunks read hex digits of the
-id). The stores are kept under test-output/bench/graph-stores/ and reused.
+source's class), stored in the search space: by default the LDA the index DAG learns from the
+labelled real sample (195-d, L2-normalised, as the fit job's projection step leaves them),
+with ``--space none`` the raw 1280-d embeddings. Ids are sha256 hex strings. The stores are
+kept under test-output/bench/graph-stores/ and reused.
 
 For every size the fit job (``spark_jobs/fit_lsh.py``) runs under ``spark-submit --master
-local[*]`` with the same explicit LSH parameters (:data:`LSH`; projection none, i.e. the
-L2-normalised 1280-d embeddings), the graph's defaults (k=10, bucket cap 1,000) and the raw
-space's duplicate distance (0.41, bench_duplicates.py). The numbers come from the version's
-manifest (``neighbours``, ``metrics``, ``duplicates``). Peak memory: the largest sum of the
-RSS of the job's process tree (the driver JVM, which runs the executor in local mode, the
-Python driver and the Python workers), sampled every 0.5 s with psutil (forked Python workers
-share pages, so the sum is an upper bound). Results of earlier invocations with the same
-settings are kept, so the largest size can run on its own (``--sizes 1000000``).
+local[*]`` with the same explicit query LSH (:data:`LSH`), ``--scan-below 0`` (the graph's
+LSH path at every size), the graph's defaults (k=10, bucket cap 1,000; its own LSH tuned by
+the job per size) and the space's duplicate distance (bench_duplicates.py). The numbers come
+from the version's manifest (``neighbours``, ``metrics``, ``duplicates``). Peak memory: the
+largest sum of the RSS of the job's process tree (the driver JVM, which runs the executor in
+local mode, the Python driver and the Python workers), sampled every 0.5 s with psutil (forked
+Python workers share pages, so the sum is an upper bound). Results of earlier invocations with
+the same settings are kept, so the largest size can run on its own (``--sizes 1000000``).
 """
 
 from __future__ import annotations
@@ -59,21 +61,22 @@ from imgsim.ann.tuning import data_scale
 
 NAME = "graph"
 DEFAULT_SIZES = (16_000, 100_000, 1_000_000)
-DIM = 1280
+RAW_DIM = 1280
 #: share of a synthetic vector's deviation from the mean that is fresh noise (the rest is its
 #: real source's deviation, scaled by sqrt(1 - MIX**2)): the covariance stays the real one
 MIX = 0.6
 SEED = 7
-#: the LSH of every size: 8 bands of 2 keys; bucketLength = BUCKET_FACTOR x the real sample's
-#: median pair distance / sqrt(1280) (the fit job's own rule for --bucket-length 0, computed
-#: once on the real vectors so that every size gets the same width)
+#: the version's query LSH of every size (the graph tunes its own): 8 bands of 2 keys;
+#: bucketLength = BUCKET_FACTOR x the real sample's median pair distance / sqrt(dim) (the fit
+#: job's own rule for --bucket-length 0, computed once on the real vectors)
 LSH = {"bands": 8, "keys_per_band": 2}
+#: the graph's largest number of bands (imgsim.ann.graph.MAX_BANDS), for the disk estimate
+GRAPH_MAX_BANDS = 32
 BUCKET_FACTOR = 0.5
 GRAPH_K = 10
 BUCKET_CAP = 1000
-#: bench_duplicates.py's rule measured in the raw embedding space (the search space here); the
-#: setting's default (0.51) is for the LDA space
-DUPLICATE_DISTANCE = 0.41
+#: bench_duplicates.py's distances per search space
+DUPLICATE_DISTANCE = {"lda": 0.51, "none": 0.41}
 VALIDATION_SAMPLE = 200
 ROWS_PER_SHARD = 50_000
 STORES = WORK_DIR / "graph-stores"
@@ -94,20 +97,40 @@ class Generator:
     (real_i - mean) + MIX * g, g ~ N(0, covariance of the real unit vectors), then L2
     normalised (as the fit job does)."""
 
-    def __init__(self, real: np.ndarray) -> None:
+    def __init__(self, real: np.ndarray, projection: Any = None) -> None:
         self.real = l2_normalize(real.astype(np.float32))
         self.mean = self.real.mean(0)
         centred = self.real - self.mean
         _, s, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
         self.centred = centred
         self.basis = ((s / math.sqrt(len(centred) - 1))[:, None] * vt).astype(np.float32)
+        #: the search space the store holds: the embeddings, or their projection (LDA)
+        self.projection = projection
+        self.dim = int(projection.dims) if projection is not None else RAW_DIM
+        self.real_space = self.to_space(self.real)
+
+    def to_space(self, x: np.ndarray) -> np.ndarray:
+        if self.projection is None:
+            return x
+        return np.asarray(self.projection.apply(x), np.float32)
 
     def draw(self, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(count, dim) unit vectors and the real row each was drawn around."""
+        """(count, dim) unit vectors of the search space, and the real row each was drawn
+        around."""
         src = rng.integers(0, len(self.real), count)
         z = rng.standard_normal((count, self.basis.shape[0]), dtype=np.float32)
         x = self.mean + math.sqrt(1 - MIX * MIX) * self.centred[src] + MIX * (z @ self.basis)
-        return l2_normalize(x.astype(np.float32)), src
+        return self.to_space(l2_normalize(x.astype(np.float32))), src
+
+
+def lda_projection(real: np.ndarray, labels: np.ndarray) -> Any:
+    """The LDA the index DAG would learn from the real sample (imgsim.ann.projection.choose)."""
+    from imgsim.ann.projection import choose, stats_from_arrays
+
+    unit = l2_normalize(real)
+    return choose(
+        stats_from_arrays(unit, labels), "lda", cv_vectors=unit, cv_labels=labels
+    ).projection
 
 
 def spread(x: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -127,7 +150,15 @@ def build_store(n: int, root: Path, gen: Generator, labels: np.ndarray) -> dict[
     from imgsim.fsutil import atomic_write_json
     from imgsim.store import write_catalog, write_shard
 
-    record = {"n": n, "real": len(gen.real), "mix": MIX, "seed": SEED, "backbone": BACKBONE}
+    record = {
+        "n": n,
+        "real": len(gen.real),
+        "mix": MIX,
+        "seed": SEED,
+        "backbone": BACKBONE,
+        "space": "none" if gen.projection is None else gen.projection.kind,
+        "dim": gen.dim,
+    }
     marker = root / "bench-store.json"
     if marker.exists() and json.loads(marker.read_text()).get("store") == record:
         return json.loads(marker.read_text())
@@ -143,23 +174,23 @@ def build_store(n: int, root: Path, gen: Generator, labels: np.ndarray) -> dict[
     sample: list[np.ndarray] = []
     while start < n:
         stop = min(n, start + ROWS_PER_SHARD)
-        x = np.empty((stop - start, DIM), np.float32)
+        x = np.empty((stop - start, gen.dim), np.float32)
         lo = max(0, min(real_n, stop) - start)  # real rows in this shard
         if lo:
-            x[:lo] = gen.real[start : start + lo]
+            x[:lo] = gen.real_space[start : start + lo]
         if stop - start > lo:
             x[lo:], src = gen.draw(stop - start - lo, rng)
             classes[start + lo : stop] = labels[src]
         if len(sample) < 2:
             sample.append(x[:5000])
         ids = [image_id(i) for i in range(start, stop)]
-        write_shard(layout, BACKBONE, "bench", shard, list(zip(ids, x, strict=True)), DIM)
+        write_shard(layout, BACKBONE, "bench", shard, list(zip(ids, x, strict=True)), gen.dim)
         shard, start = shard + 1, stop
     write_catalog(
         layout,
         (catalog_row(image_id(i), f"images/bench/{i}.jpg", classes[i], "bench") for i in range(n)),
     )
-    atomic_write_json(layout.backbone_record(BACKBONE), {"name": BACKBONE, "dim": DIM})
+    atomic_write_json(layout.backbone_record(BACKBONE), {"name": BACKBONE, "dim": gen.dim})
     mixed = np.concatenate(sample)
     info = {
         "store": record,
@@ -231,7 +262,9 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def fit_command(root: Path, version: str, bucket_length: float, driver_memory: str) -> list[str]:
+def fit_command(
+    root: Path, version: str, bucket_length: float, driver_memory: str, duplicate_distance: float
+) -> list[str]:
     return [
         str(Path(sys.executable).parent / "spark-submit"),
         "--master",
@@ -263,10 +296,12 @@ def fit_command(root: Path, version: str, bucket_length: float, driver_memory: s
         str(VALIDATION_SAMPLE),
         "--graph-k",
         str(GRAPH_K),
+        "--scan-below",
+        "0",
         "--graph-bucket-cap",
         str(BUCKET_CAP),
         "--duplicate-distance",
-        str(DUPLICATE_DISTANCE),
+        str(duplicate_distance),
         "--run-id",
         "bench-graph",
     ]
@@ -314,12 +349,17 @@ def kill_tree(pid: int) -> None:
 
 
 def run_fit(
-    n: int, root: Path, bucket_length: float, driver_memory: str, timeout_s: float
+    n: int,
+    root: Path,
+    bucket_length: float,
+    driver_memory: str,
+    timeout_s: float,
+    duplicate_distance: float,
 ) -> dict[str, Any]:
     version = f"vbench-graph-{n}"
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"fit-{n}.log"
-    cmd = fit_command(root, version, bucket_length, driver_memory)
+    cmd = fit_command(root, version, bucket_length, driver_memory, duplicate_distance)
     code = code_state()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -415,19 +455,20 @@ def stage_seconds(log_path: Path) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def disk_need(n: int) -> int:
+def disk_need(n: int, dim: int) -> int:
     """Bytes of local disk a size needs, roughly: its store, the cached and shuffled vector
     tables the job spills (4 x n x dim x 4 bytes) and the bucket stage's shuffle twice (map
-    output, then the sort's spills). The 1M run filled 66 GB and failed in the bucket stage."""
-    vectors = n * DIM * 4
-    return 5 * vectors + 2 * shuffle_estimate(n)["bytes"]
+    output, then the sort's spills). A 1M run of 1280-d vectors in 8 bands filled 66 GB."""
+    vectors = n * dim * 4
+    return 5 * vectors + 2 * shuffle_estimate(n, dim)["bytes"]
 
 
-def shuffle_estimate(n: int) -> dict[str, Any]:
+def shuffle_estimate(n: int, dim: int, bands: int = GRAPH_MAX_BANDS // 2) -> dict[str, Any]:
     """The bucket stage's exploded rows, by neighbour_graph.build_graph's own formula
-    (n x bands x (dim x 4 + 200) bytes, 64 MiB per partition)."""
-    rows = n * LSH["bands"]
-    total = rows * (DIM * 4 + 200)
+    (n x bands x (dim x 4 + 64) bytes, 64 MiB per partition; bands: the graph's tuning
+    decides, half its most by default)."""
+    rows = n * bands
+    total = rows * (dim * 4 + 64)
     return {
         "exploded_rows": rows,
         "bytes": total,
@@ -491,7 +532,7 @@ def plot(sizes: dict[str, Any]) -> str | None:
         ax.plot(ns, g0 * (ns / ns[0]) ** power, color="0.6", ls=ls, lw=1, label=f"~ n^{power}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("references n (1,960 real + synthetic, 1280-d)")
+    ax.set_xlabel("references n (1,960 real + synthetic)")
     ax.set_ylabel("seconds")
     ax.set_title("fit job stages vs n (log-log)")
     ax.legend(fontsize=7)
@@ -516,22 +557,24 @@ def section(data: dict[str, Any]) -> str:
     rows = []
     for n, r in sorted(data["sizes"].items(), key=lambda kv: int(kv[0])):
         if r.get("status") != "ok":
-            rows.append([f"{int(n):,}", r.get("status")] + ["-"] * 10 + [r["wall_seconds"]])
+            rows.append([f"{int(n):,}", r.get("status")] + ["-"] * 11 + [r["wall_seconds"]])
             continue
         g = r["neighbours"]
+        lsh, tuning = g.get("lsh") or {}, g.get("tuning") or {}
         rows.append(
             [
                 f"{int(n):,}",
                 f"ok ({r.get('graph_method', '?')})",
                 r["graph_seconds"],
-                r["fit_seconds"],
                 r["hash_and_write_seconds"],
                 r["evaluation_seconds"],
                 r["peak_rss_gib"]["tree"],
+                f"{lsh.get('bands', '-')} x {lsh.get('keys', '-')}",
+                tuning.get("predicted_recall", "-"),
                 r["graph_recall_at_10"],
                 f"{100 * g['pairs_share']:.2f}%",
-                f"{g['capped_buckets']} / {g['buckets']:,}",
-                g["largest_bucket"],
+                f"{g.get('split_buckets', '-')} / {g.get('shared_buckets', 0):,}",
+                f"{g['largest_bucket']:,} / {g.get('largest_leaf', '-')}",
                 f"{g['short']} / {g['filled']}",
                 r["wall_seconds"],
             ]
@@ -541,14 +584,15 @@ def section(data: dict[str, Any]) -> str:
             "n",
             "status",
             "graph s",
-            "LSH fit s",
             "hash+write s",
             "evaluation s",
             "peak RSS GiB",
+            "graph LSH bands x keys",
+            "predicted recall@10",
             "graph recall@10",
-            "pairs compared",
-            "capped / buckets",
-            "largest bucket",
+            "pairs scored / all pairs",
+            "split / shared buckets",
+            "largest bucket / leaf",
             "short / filled",
             "job wall s",
         ],
@@ -558,25 +602,35 @@ def section(data: dict[str, Any]) -> str:
     lines = [
         "## Neighbour graph cost (`bench_graph.py`)",
         "",
-        f"Stores of n efficientnet_lite0 vectors ({DIM}-d): the {cfg['real']:,} real embeddings "
-        "of the shared sample plus synthetic ones of the same covariance (a real vector's "
-        f"deviation from the mean scaled by sqrt(1 - {MIX}^2) plus {MIX} x Gaussian noise of "
-        "the real covariance). The fit job under `spark-submit --master local[*] "
-        "--driver-memory` (per size: "
+        f"Stores of n efficientnet_lite0 vectors in the {cfg['projection']} search space "
+        f"({cfg['dim']}-d"
+        + (
+            ": the LDA the index DAG learns from the labelled real sample, applied to every "
+            "vector and L2-normalised, as the fit job's projection step does"
+            if cfg["projection"] == "lda"
+            else ""
+        )
+        + f"): the {cfg['real']:,} real embeddings "
+        "of the shared sample plus synthetic ones of the same covariance (a real 1280-d "
+        f"vector's deviation from the mean scaled by sqrt(1 - {MIX}^2) plus {MIX} x Gaussian "
+        "noise of the real covariance; label: the source's class). The fit job under "
+        "`spark-submit --master local[*] --driver-memory` (per size: "
         + ", ".join(
             f"{int(n):,}: {r.get('driver_memory')}"
             for n, r in sorted(data["sizes"].items(), key=lambda kv: int(kv[0]))
         )
-        + "), projection none, the same LSH for every "
-        f"size: {cfg['bands']} bands x {cfg['keys_per_band']} keys, bucketLength "
-        f"{cfg['bucket_length']:.5g} ({BUCKET_FACTOR} x the real set's median pair distance / "
-        f"sqrt({DIM}), the job's own rule for `--bucket-length 0`), graph k={GRAPH_K}, bucket "
-        f"cap {cfg['bucket_cap']}, duplicate distance {cfg['duplicate_distance']} (the raw "
-        f"space's, bench_duplicates.py), validation sample {VALIDATION_SAMPLE}, the job's "
-        "default `--scan-below` (status column: the graph's method in the manifest, `lsh` = "
-        "the band-key buckets, `scan` = exact). Peak RSS: the "
-        "largest sum of the RSS of the job's process tree (JVM + Python driver + Python "
-        "workers; psutil every 0.5 s; shared pages of forked workers counted twice).",
+        + "); the version's query LSH the same for every size "
+        f"({cfg['bands']} bands x {cfg['keys_per_band']} keys, bucketLength "
+        f"{cfg['bucket_length']:.5g}); the graph's own LSH tuned by the job for each size "
+        "(`imgsim.ann.graph.tune_graph_lsh`: the validation queries' exact neighbour "
+        "distances and random pair distances, target recall 0.95); graph k="
+        f"{GRAPH_K}, bucket cap {cfg['bucket_cap']} (larger buckets split at projection "
+        f"medians), duplicate distance {cfg['duplicate_distance']}, validation sample "
+        f"{VALIDATION_SAMPLE}, `--scan-below 0` (the LSH path at every size; the job's "
+        "default would scan the smaller stores exactly). Peak RSS: the largest sum of the "
+        "RSS of the job's process tree (JVM + Python driver + Python workers; psutil every "
+        "0.5 s; shared pages of forked workers counted twice). Pairs scored: a pair that "
+        "shares buckets in several bands is scored in each.",
         "",
         table,
         "",
@@ -622,6 +676,13 @@ def main() -> int:
         help="comma-separated store sizes (default 16000,100000,1000000)",
     )
     ap.add_argument("--quick", action="store_true", help="16,000 vectors only")
+    ap.add_argument(
+        "--space",
+        choices=("lda", "none"),
+        default="lda",
+        help="search space of the stores: the LDA of the real sample (default) or the raw "
+        "1280-d embeddings",
+    )
     ap.add_argument("--driver-memory", default="8g", help="spark-submit --driver-memory")
     ap.add_argument(
         "--timeout-s", type=float, default=0, help="stop a size's fit job after this (0: none)"
@@ -641,25 +702,29 @@ def main() -> int:
     sizes = [16_000] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
     started = time.perf_counter()
     real = load_real()
-    gen = Generator(real.vectors)
-    bucket_length = BUCKET_FACTOR * data_scale(gen.real, 42)
+    gen = Generator(
+        real.vectors, lda_projection(real.vectors, real.labels) if args.space == "lda" else None
+    )
+    bucket_length = BUCKET_FACTOR * data_scale(gen.real_space, 42)
+    duplicate_distance = DUPLICATE_DISTANCE[args.space]
     probe_rng = np.random.default_rng(1)
     config = {
         "real": len(gen.real),
-        "dim": DIM,
+        "dim": gen.dim,
         "mix": MIX,
         "bands": LSH["bands"],
         "keys_per_band": LSH["keys_per_band"],
         "bucket_length": bucket_length,
         "graph_k": GRAPH_K,
         "bucket_cap": BUCKET_CAP,
-        "duplicate_distance": DUPLICATE_DISTANCE,
+        "duplicate_distance": duplicate_distance,
         "validation_sample": VALIDATION_SAMPLE,
-        "projection": "none",
+        "projection": args.space,
+        "graph_lsh": "tuned per size",
         "master": "local[*]",
     }
     spread_info = {
-        "real": spread(gen.real),
+        "real": spread(gen.real_space),
         "synthetic": spread(gen.draw(5000, probe_rng)[0]),
     }
     previous = RESULTS_DIR / f"{NAME}.json"
@@ -676,9 +741,9 @@ def main() -> int:
         root = STORES / f"n{n}"
         WORK_DIR.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(WORK_DIR).free + (_du(root) if root.exists() else 0)
-        if disk_need(n) > free and not args.force:
+        if disk_need(n, gen.dim) > free and not args.force:
             print(
-                f"skipping {n:,}: needs about {disk_need(n) / 2**30:.0f} GiB of local disk, "
+                f"skipping {n:,}: needs about {disk_need(n, gen.dim) / 2**30:.0f} GiB of disk, "
                 f"{free / 2**30:.0f} GiB free (--force runs it anyway)",
                 flush=True,
             )
@@ -689,10 +754,11 @@ def main() -> int:
         if args.build_only:
             continue
         print(f"fit job on {n:,} vectors ...", flush=True)
-        r = run_fit(n, root, bucket_length, args.driver_memory, args.timeout_s)
+        r = run_fit(n, root, bucket_length, args.driver_memory, args.timeout_s, duplicate_distance)
         r["store"] = store
         r["driver_memory"] = args.driver_memory
-        r["shuffle_estimate"] = shuffle_estimate(n)
+        bands = ((r.get("neighbours") or {}).get("lsh") or {}).get("bands")
+        r["shuffle_estimate"] = shuffle_estimate(n, gen.dim, *([bands] if bands else []))
         r["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         results[str(n)] = r
         print(

@@ -355,9 +355,10 @@ class Settings(BaseSettings):
         le=100,
         title="Neighbours per reference in the graph (0 = no graph)",
         description="each reference's k nearest references, computed by the fit job from the "
-        "version's LSH buckets; 0 skips the graph and the near-duplicate groups",
+        "graph's own LSH buckets (tuned per version); 0 skips the graph and the near-duplicate "
+        "groups",
     )
-    graph_bucket_cap: int = Field(1000, ge=2)  # larger LSH buckets are split for the graph
+    graph_bucket_cap: int = Field(1000, ge=2)  # larger graph buckets are split at medians
     # 0: the distance measured for the version's search space (imgsim.ann.graph
     # DUPLICATE_DISTANCE, benchmarks/bench_duplicates.py)
     duplicate_distance: float = Field(

@@ -42,11 +42,13 @@ DUPLICATE_DISTANCE = {"lda": 0.51, "none": 0.41}
 
 #: median splits a bucket over the cap can take (a leaf then has at most 2**-levels of it)
 SPLIT_LEVELS = 24
-#: the tuner's cost of moving one exploded row through the bucket shuffle, in pairs scored
-ROW_COST = 64.0
+#: the tuner's cost of one exploded row (explode, bucket shuffle, walk, its k edges through the
+#: top-k), in pairs scored: about 30 us against 0.03 us in bench_graph.py's 100k run (3.2M rows
+#: and 587M pairs in a 121 s bucket stage on 2 cores, the Gram products about 15 s of it)
+ROW_COST = 1000.0
 #: the tuner's grid: bands, keys per band, and widths as multiples of the median pair distance
 MAX_BANDS = 32
-MAX_KEYS = 16
+MAX_KEYS = 24
 WIDTH_FACTORS = tuple(float(f) for f in np.geomspace(0.05, 8.0, 23))
 
 _MIX = np.uint64(0x100000001B3)
@@ -155,8 +157,9 @@ def tune_graph_lsh(
     per band of the grid, the fewest bands reaching ``target`` (:func:`predicted_recall`);
     cost per band: n rows through the shuffle (``ROW_COST`` pairs each) plus the pairs that
     collide, n^2 / 2 x the mean collision probability of random pairs; buckets expected over
-    ``cap`` / 2 members are ruled out. Without any candidate reaching ``target``, the one with
-    the highest predicted recall (the entry says so)."""
+    ``cap`` members are ruled out (larger ones are split; some are, as sizes vary). Without
+    any candidate reaching ``target``, the one with the highest predicted recall (the entry
+    says so)."""
     near = np.asarray(near, np.float64).ravel()
     pairs = np.asarray(pairs, np.float64).ravel()
     if not len(near) or not len(pairs):
@@ -173,7 +176,7 @@ def tune_graph_lsh(
         p_far = collision_probability(pairs, width)
         for keys in range(1, MAX_KEYS + 1):
             collide = float(np.mean(p_far**keys))
-            if 1 + (n - 1) * collide > cap / 2:
+            if 1 + (n - 1) * collide > cap:
                 continue
             recall = np.mean(1.0 - (1.0 - p_near[:, None] ** keys) ** bands_grid, axis=0)
             per_band = n * ROW_COST + n * (n - 1) / 2 * collide
@@ -187,7 +190,7 @@ def tune_graph_lsh(
                 fallback = (rank, float(recall[-1]), MAX_BANDS, keys, width)
     chosen = best or fallback
     if chosen is None:
-        raise AnnError(f"no graph LSH keeps the expected bucket under half the cap {cap}")
+        raise AnnError(f"no graph LSH keeps the expected bucket under the cap {cap}")
     _, recall, bands, keys, width = chosen
     lsh = GraphLsh(dim, bands, keys, width, seed)
     collide = float(np.mean(collision_probability(pairs, width) ** keys))

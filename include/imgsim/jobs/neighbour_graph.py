@@ -93,65 +93,65 @@ def explode_bands(nodes: DataFrame, lsh: GraphLsh, vectors: bool) -> DataFrame:
 
 def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame:
     """Each bucket's leaves scored; every member's k nearest among them (EDGE_SCHEMA; the
-    work done rides on the first row of each output frame)."""
+    work done rides on the first row of each output frame). Rows arrive sorted by (band,
+    key, node); a bucket may go on from one Arrow batch into the next."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from imgsim.ann.graph import bucket_neighbours
 
-        pending: pd.DataFrame | None = None
+        def starts_of(band: np.ndarray, key: np.ndarray) -> np.ndarray:
+            return np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (key[1:] != key[:-1])])
 
-        def starts_of(frame: pd.DataFrame) -> np.ndarray:
-            b, key = frame["band"].to_numpy(), frame["key"].to_numpy()
-            return np.flatnonzero(np.r_[True, (b[1:] != b[:-1]) | (key[1:] != key[:-1])])
-
-        def buckets(frame: pd.DataFrame, final: bool) -> Iterator[pd.DataFrame]:
-            starts = starts_of(frame)
-            ends = np.r_[starts[1:], len(frame)]
-            if not final:  # the last bucket may go on in the next batch
-                starts, ends = starts[:-1], ends[:-1]
-            out, pairs, split, leaf = [], 0, 0, 0
+        def walk(cols: tuple[np.ndarray, ...], upto: int) -> pd.DataFrame | None:
+            band, key, node, vec = cols
+            starts = starts_of(band[:upto], key[:upto])
+            ends = np.r_[starts[1:], upto]
+            src, dst, dist, pairs, split, leaf = [], [], [], 0, 0, 0
             for s, e in zip(starts, ends, strict=True):
                 if e - s < 2:
                     continue
-                part = frame.iloc[s:e]
-                r = bucket_neighbours(
-                    part["node"].to_numpy(),
-                    _vectors(part["vector"]),
-                    lsh,
-                    int(part["band"].iloc[0]),
-                    k,
-                    cap,
-                )
-                pairs, split, leaf = (
-                    pairs + r.pairs,
-                    split + (r.leaves > 1),
-                    max(leaf, r.largest_leaf),
-                )
-                if len(r.image_id):
-                    out.append(
-                        pd.DataFrame(
-                            {
-                                "node": r.image_id.astype(np.int64),
-                                "neighbour": r.neighbour_id.astype(np.int64),
-                                "distance": r.distance,
-                            }
-                        )
-                    )
-            if out:
-                edges = pd.concat(out, ignore_index=True)
-                work = np.zeros((3, len(edges)), np.int64)
+                r = bucket_neighbours(node[s:e], vec[s:e], lsh, int(band[s]), k, cap)
+                pairs, split = pairs + r.pairs, split + (r.leaves > 1)
+                leaf = max(leaf, r.largest_leaf)
+                src.append(r.image_id)
+                dst.append(r.neighbour_id)
+                dist.append(r.distance)
+            if not src:
+                return None
+            edges = pd.DataFrame(
+                {
+                    "node": np.concatenate(src).astype(np.int64),
+                    "neighbour": np.concatenate(dst).astype(np.int64),
+                    "distance": np.concatenate(dist),
+                }
+            )
+            work = np.zeros((3, len(edges)), np.int64)
+            if len(edges):
                 work[:, 0] = pairs, split, leaf
-                edges["pairs"], edges["split"], edges["leaf"] = work
-                yield edges
+            edges["pairs"], edges["split"], edges["leaf"] = work
+            return edges
 
+        pending: tuple[np.ndarray, ...] | None = None
         for batch in batches:
             if batch.empty:
                 continue
-            frame = batch if pending is None else pd.concat([pending, batch], ignore_index=True)
-            yield from buckets(frame, final=False)
-            pending = frame.iloc[int(starts_of(frame)[-1]) :].reset_index(drop=True)
-        if pending is not None and len(pending):
-            yield from buckets(pending, final=True)
+            cols: tuple[np.ndarray, ...] = (
+                batch["band"].to_numpy(),
+                batch["key"].to_numpy(),
+                batch["node"].to_numpy(),
+                _vectors(batch["vector"]),
+            )
+            if pending is not None:
+                cols = tuple(np.concatenate([a, b]) for a, b in zip(pending, cols, strict=True))
+            last = int(starts_of(cols[0], cols[1])[-1])  # the last bucket may go on
+            out = walk(cols, last)
+            if out is not None:
+                yield out
+            pending = tuple(c[last:] for c in cols)
+        if pending is not None and len(pending[0]):
+            out = walk(pending, len(pending[0]))
+            if out is not None:
+                yield out
 
     return rows.select("band", "key", "node", "vector").mapInPandas(run, EDGE_SCHEMA)
 
@@ -241,9 +241,13 @@ def build_graph(
         .join(names, "node")
         .join(neighbours, "neighbour")
         .select("image_id", "rank", "neighbour_id", "distance")
+        .cache()  # the short-list fill and the write (with its sort's sampling) both read it
     )
-    # cached: the short-list fill and the write (with its sort's sampling pass) both read it
-    return graph.cache(), info
+    graph.count()
+    edges.unpersist()  # k x bands edges per image: give the memory (or disk) back
+    nodes.unpersist()
+    names.unpersist()
+    return graph, info
 
 
 def fill_short(
