@@ -645,6 +645,18 @@ def section(data: dict[str, Any]) -> str:
         "",
     ]
     for n, r in sorted(data["sizes"].items(), key=lambda kv: int(kv[0])):
+        if r.get("status") == "ok":
+            g, stages = r["neighbours"], r.get("spark_stage_seconds", {})
+            bucket = next((v for k, v in stages.items() if "neighbour_graph.py" in k), None)
+            gib = g["shuffled_rows"] * (cfg["dim"] * 4 + 64) / 2**30
+            lines.append(
+                f"* n={int(n):,}: {g['shuffled_rows']:,} exploded rows through the bucket "
+                f"shuffle (about {gib:.1f} GiB, {g['partitions']} partitions), "
+                f"{g['pairs_compared']:,} pairs scored; the longest graph stage (explode, "
+                f"shuffle, bucket walk) {bucket} s of the graph's {r['graph_seconds']} s; peak "
+                f"RSS by kind: {r['peak_rss_gib']}; measured with code {r['code']}."
+            )
+            continue
         if r.get("status") != "ok":
             est = r.get("shuffle_estimate", {})
             lines.append(

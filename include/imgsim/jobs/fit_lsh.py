@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--graph-bucket-cap",
         type=int,
         default=setting_default("graph_bucket_cap"),
-        help="LSH buckets larger than this are split into chunks for the graph",
+        help="graph buckets larger than this are split at projection medians (leaves <= cap)",
     )
     p.add_argument(
         "--scan-below",
