@@ -147,14 +147,19 @@ def _check_inputs(
     return ex
 
 
-def median_pair_distance(x: np.ndarray, seed: int = 0, pairs: int = 8000) -> float:
-    """Median L2 distance between random distinct pairs of rows."""
+def pair_distances(x: np.ndarray, seed: int = 0, pairs: int = 8000) -> np.ndarray:
+    """float64 L2 distances of up to ``pairs`` seeded random distinct pairs of rows."""
     rng = np.random.default_rng(seed)
     i, j = rng.integers(0, x.shape[0], size=(2, pairs))
     keep = i != j
-    if not keep.any():
+    return np.linalg.norm(x[i[keep]].astype(np.float64) - x[j[keep]], axis=1)
+
+
+def median_pair_distance(x: np.ndarray, seed: int = 0, pairs: int = 8000) -> float:
+    """Median L2 distance between random distinct pairs of rows."""
+    d = pair_distances(x, seed, pairs)
+    if not len(d):
         return 1.0
-    d = np.linalg.norm(x[i[keep]].astype(np.float64) - x[j[keep]], axis=1)
     return float(np.median(d)) or 1.0
 
 

@@ -453,17 +453,6 @@ def graph_near_distances(exact_rows: pd.DataFrame, k: int) -> np.ndarray:
     return rows.groupby("query_id").head(k)["distance"].to_numpy(np.float64)
 
 
-def sample_pair_distances(x: np.ndarray, seed: int, pairs: int = 20_000) -> np.ndarray:
-    """Distances of seeded random pairs of distinct rows of the driver sample ``x``."""
-    if len(x) < 2:
-        return np.zeros(0)
-    rng = np.random.default_rng(seed)
-    a = rng.integers(0, len(x), pairs)
-    b = (a + rng.integers(1, len(x), pairs)) % len(x)
-    diff = x[a].astype(np.float64) - x[b]
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
-
-
 def neighbour_graph(
     reference: DataFrame,
     args: argparse.Namespace,
@@ -499,10 +488,11 @@ def neighbour_graph(
         )
     else:
         from imgsim.ann.graph import tune_graph_lsh
+        from imgsim.ann.tuning import pair_distances
 
         lsh, tuning = tune_graph_lsh(
             graph_near_distances(exact_rows, args.graph_k),
-            sample_pair_distances(sample, args.seed),
+            pair_distances(sample, args.seed, 20_000),
             n,
             dim,
             target=target_recall(args),
