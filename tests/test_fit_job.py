@@ -242,6 +242,24 @@ def test_fit_recall_matches_numpy_twin(spark, tmp_path: Path) -> None:
     assert params.num_hash_tables == 3
 
 
+def test_arrow_vector_columns_round_trip_and_refuse_bad_rows() -> None:
+    """The graph stages read and write vectors as whole Arrow columns (no per-row Python)."""
+    import pyarrow as pa
+
+    from imgsim.jobs.neighbour_graph import GraphError, arrow_list, arrow_vectors
+
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    col = arrow_list(x)
+    assert col.to_pylist()[1] == [3.0, 4.0, 5.0]
+    assert (arrow_vectors(col, 3) == x).all()
+    assert (arrow_vectors(col.slice(2), 3) == x[2:]).all()  # a slice keeps its offsets
+    assert (arrow_vectors(pa.chunked_array([col.slice(0, 1), col.slice(1)]), 3) == x).all()
+    with pytest.raises(GraphError, match="other than 4 dimensions"):
+        arrow_vectors(col, 4)
+    with pytest.raises(GraphError, match="null"):
+        arrow_vectors(pa.array([[1.0, 2.0, 3.0], None], pa.list_(pa.float32())), 3)
+
+
 def test_bad_arguments_are_refused() -> None:
     for version, flags in (("../evil", ""), ("v", "--bucket-length -1")):
         with pytest.raises(SystemExit):

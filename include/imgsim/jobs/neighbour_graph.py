@@ -68,41 +68,69 @@ class GraphError(ValueError):
     """The graph cannot be built as asked (the message says why and what to change)."""
 
 
-def _vectors(column: pd.Series) -> np.ndarray:
-    return np.stack(column.map(lambda v: np.asarray(v, np.float32)).to_list())
+def arrow_vectors(column: Any, dim: int) -> np.ndarray:
+    """(m, dim) float32 from an Arrow list<float> column (one copy, no per-row Python)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise GraphError("a reference vector is null")
+    offsets = column.offsets.to_numpy()
+    if len(column) and not (np.diff(offsets) == dim).all():
+        raise GraphError(f"reference vectors of other than {dim} dimensions")
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values[offsets[0] : offsets[0] + len(column) * dim].reshape(len(column), dim)
+
+
+def arrow_list(x: np.ndarray) -> Any:
+    """An Arrow list<float> column of the rows of ``x`` (m, dim)."""
+    import pyarrow as pa
+
+    m, dim = x.shape
+    offsets = pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x).ravel()))
 
 
 def explode_bands(nodes: DataFrame, lsh: GraphLsh, vectors: bool) -> DataFrame:
     """(node, vector) -> one row per band: band, key (and node, vector with ``vectors``)."""
     schema = "band int, key bigint" + (", node bigint, vector array<float>" if vectors else "")
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for batch in batches:
-            if batch.empty:
-                continue
-            keys = lsh.band_keys(_vectors(batch["vector"]))
-            m = len(batch)
-            out = {"band": np.tile(np.arange(lsh.bands, dtype=np.int32), m), "key": keys.ravel()}
-            if vectors:
-                out["node"] = np.repeat(batch["node"].to_numpy(), lsh.bands)
-                out["vector"] = np.repeat(batch["vector"].to_numpy(), lsh.bands)
-            yield pd.DataFrame(out)
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
 
-    return nodes.select("node", "vector").mapInPandas(run, schema)
+        for batch in batches:
+            m = batch.num_rows
+            if not m:
+                continue
+            x = arrow_vectors(batch.column("vector"), lsh.dim)
+            cols = {
+                "band": pa.array(np.tile(np.arange(lsh.bands, dtype=np.int32), m)),
+                "key": pa.array(lsh.band_keys(x).ravel()),
+            }
+            if vectors:
+                node = batch.column("node").to_numpy(zero_copy_only=False)
+                cols["node"] = pa.array(np.repeat(node.astype(np.int64), lsh.bands))
+                cols["vector"] = arrow_list(np.repeat(x, lsh.bands, axis=0))
+            yield pa.RecordBatch.from_pydict(cols)
+
+    return nodes.select("node", "vector").mapInArrow(run, schema)
 
 
 def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame:
     """Each bucket's leaves scored; every member's k nearest among them (EDGE_SCHEMA; the
-    work done rides on the first row of each output frame). Rows arrive sorted by (band,
+    work done rides on the first row of each output batch). Rows arrive sorted by (band,
     key, node); a bucket may go on from one Arrow batch into the next."""
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+
         from imgsim.ann.graph import bucket_neighbours
 
         def starts_of(band: np.ndarray, key: np.ndarray) -> np.ndarray:
             return np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (key[1:] != key[:-1])])
 
-        def walk(cols: tuple[np.ndarray, ...], upto: int) -> pd.DataFrame | None:
+        def walk(cols: tuple[np.ndarray, ...], upto: int) -> Any:
             band, key, node, vec = cols
             starts = starts_of(band[:upto], key[:upto])
             ends = np.r_[starts[1:], upto]
@@ -118,28 +146,30 @@ def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame
                 dist.append(r.distance)
             if not src:
                 return None
-            edges = pd.DataFrame(
+            source = np.concatenate(src).astype(np.int64)
+            work = np.zeros((3, len(source)), np.int64)
+            if len(source):
+                work[:, 0] = pairs, split, leaf
+            return pa.RecordBatch.from_pydict(
                 {
-                    "node": np.concatenate(src).astype(np.int64),
-                    "neighbour": np.concatenate(dst).astype(np.int64),
-                    "distance": np.concatenate(dist),
+                    "node": pa.array(source),
+                    "neighbour": pa.array(np.concatenate(dst).astype(np.int64)),
+                    "distance": pa.array(np.concatenate(dist).astype(np.float64)),
+                    "pairs": pa.array(work[0]),
+                    "split": pa.array(work[1]),
+                    "leaf": pa.array(work[2]),
                 }
             )
-            work = np.zeros((3, len(edges)), np.int64)
-            if len(edges):
-                work[:, 0] = pairs, split, leaf
-            edges["pairs"], edges["split"], edges["leaf"] = work
-            return edges
 
         pending: tuple[np.ndarray, ...] | None = None
         for batch in batches:
-            if batch.empty:
+            if not batch.num_rows:
                 continue
             cols: tuple[np.ndarray, ...] = (
-                batch["band"].to_numpy(),
-                batch["key"].to_numpy(),
-                batch["node"].to_numpy(),
-                _vectors(batch["vector"]),
+                batch.column("band").to_numpy(zero_copy_only=False),
+                batch.column("key").to_numpy(zero_copy_only=False),
+                batch.column("node").to_numpy(zero_copy_only=False),
+                arrow_vectors(batch.column("vector"), lsh.dim),
             )
             if pending is not None:
                 cols = tuple(np.concatenate([a, b]) for a, b in zip(pending, cols, strict=True))
@@ -153,7 +183,7 @@ def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame
             if out is not None:
                 yield out
 
-    return rows.select("band", "key", "node", "vector").mapInPandas(run, EDGE_SCHEMA)
+    return rows.select("band", "key", "node", "vector").mapInArrow(run, EDGE_SCHEMA)
 
 
 def top_k(edges: DataFrame, k: int) -> DataFrame:
