@@ -14,7 +14,7 @@ kept under test-output/bench/graph-stores/ and reused.
 
 For every size the fit job (``spark_jobs/fit_lsh.py``) runs under ``spark-submit --master
 local[*]`` with the same explicit query LSH (:data:`LSH`), ``--scan-below 0`` (the graph's
-LSH path at every size), the graph's defaults (k=10, bucket cap 1,000; its own LSH tuned by
+cells at every size), the graph's defaults (k=10, cap 1,000; its own k-means cells trained by
 the job per size) and the space's duplicate distance (bench_duplicates.py). The numbers come
 from the version's manifest (``neighbours``, ``metrics``, ``duplicates``). Peak memory: the
 largest sum of the RSS of the job's process tree (the driver JVM, which runs the executor in
@@ -70,8 +70,8 @@ SEED = 7
 #: bucketLength = BUCKET_FACTOR x the real sample's median pair distance / sqrt(dim) (the fit
 #: job's own rule for --bucket-length 0, computed once on the real vectors)
 LSH = {"bands": 8, "keys_per_band": 2}
-#: the graph's largest number of bands (imgsim.ann.graph.MAX_BANDS), for the disk estimate
-GRAPH_MAX_BANDS = 32
+#: the graph's probes assumed by the disk estimate (the job's tuning decides: 1-4 measured)
+GRAPH_PROBES = 4
 BUCKET_FACTOR = 0.5
 GRAPH_K = 10
 BUCKET_CAP = 1000
@@ -457,17 +457,18 @@ def stage_seconds(log_path: Path) -> dict[str, float]:
 
 def disk_need(n: int, dim: int) -> int:
     """Bytes of local disk a size needs, roughly: its store, the cached and shuffled vector
-    tables the job spills (4 x n x dim x 4 bytes) and the bucket stage's shuffle twice (map
-    output, then the sort's spills). A 1M run of 1280-d vectors in 8 bands filled 66 GB."""
+    tables the job spills (4 x n x dim x 4 bytes) and the cell stage's shuffle twice (map
+    output, then the sort's spills). A 1M run of 1280-d vectors in 8 LSH bands (the design
+    before the cells) filled 66 GB."""
     vectors = n * dim * 4
     return 5 * vectors + 2 * shuffle_estimate(n, dim)["bytes"]
 
 
-def shuffle_estimate(n: int, dim: int, bands: int = GRAPH_MAX_BANDS // 2) -> dict[str, Any]:
-    """The bucket stage's exploded rows, by neighbour_graph.build_graph's own formula
-    (n x bands x (dim x 4 + 64) bytes, 64 MiB per partition; bands: the graph's tuning
-    decides, half its most by default)."""
-    rows = n * bands
+def shuffle_estimate(n: int, dim: int, probes: int = GRAPH_PROBES) -> dict[str, Any]:
+    """The cell stage's exploded rows, by neighbour_graph.build_graph's own formula
+    (n x probes x (dim x 4 + 64) bytes, 64 MiB per partition; probes: the graph's tuning
+    decides)."""
+    rows = n * probes
     total = rows * (dim * 4 + 64)
     return {
         "exploded_rows": rows,
@@ -560,7 +561,7 @@ def section(data: dict[str, Any]) -> str:
             rows.append([f"{int(n):,}", r.get("status")] + ["-"] * 11 + [r["wall_seconds"]])
             continue
         g = r["neighbours"]
-        lsh, tuning = g.get("lsh") or {}, g.get("tuning") or {}
+        cells, tuning = g.get("cells") or {}, g.get("tuning") or {}
         rows.append(
             [
                 f"{int(n):,}",
@@ -569,12 +570,12 @@ def section(data: dict[str, Any]) -> str:
                 r["hash_and_write_seconds"],
                 r["evaluation_seconds"],
                 r["peak_rss_gib"]["tree"],
-                f"{lsh.get('bands', '-')} x {lsh.get('keys', '-')}",
+                f"{cells.get('cells', '-'):,} x {cells.get('probes', '-')}",
                 tuning.get("predicted_recall", "-"),
                 r["graph_recall_at_10"],
                 f"{100 * g['pairs_share']:.2f}%",
-                f"{g.get('split_buckets', '-')} / {g.get('shared_buckets', 0):,}",
-                f"{g['largest_bucket']:,} / {g.get('largest_leaf', '-')}",
+                f"{g.get('split_cells', '-')} / {g.get('cells_used', 0):,}",
+                f"{g.get('largest_cell', 0):,} / {g.get('largest_leaf', '-')}",
                 f"{g['short']} / {g['filled']}",
                 r["wall_seconds"],
             ]
@@ -587,12 +588,12 @@ def section(data: dict[str, Any]) -> str:
             "hash+write s",
             "evaluation s",
             "peak RSS GiB",
-            "graph LSH bands x keys",
+            "graph cells x probes",
             "predicted recall@10",
             "graph recall@10",
             "pairs scored / all pairs",
-            "split / shared buckets",
-            "largest bucket / leaf",
+            "split / used cells",
+            "largest cell (rows) / leaf",
             "short / filled",
             "job wall s",
         ],
@@ -621,16 +622,18 @@ def section(data: dict[str, Any]) -> str:
         )
         + "); the version's query LSH the same for every size "
         f"({cfg['bands']} bands x {cfg['keys_per_band']} keys, bucketLength "
-        f"{cfg['bucket_length']:.5g}); the graph's own LSH tuned by the job for each size "
-        "(`imgsim.ann.graph.tune_graph_lsh`: the validation queries' exact neighbour "
-        "distances and random pair distances, target recall 0.95); graph k="
-        f"{GRAPH_K}, bucket cap {cfg['bucket_cap']} (larger buckets split at projection "
+        f"{cfg['bucket_length']:.5g}); the graph's own cells trained by the job for each size "
+        "(`imgsim.ann.graph.tune_graph_cells`: k-means of a sample, about cap / 4 references "
+        "per cell; the fewest probes whose share of the validation queries' exact neighbours "
+        "in a probed cell reaches the target recall 0.95); graph k="
+        f"{GRAPH_K}, cap {cfg['bucket_cap']} homes per leaf (larger cells split at projection "
         f"medians), duplicate distance {cfg['duplicate_distance']}, validation sample "
-        f"{VALIDATION_SAMPLE}, `--scan-below 0` (the LSH path at every size; the job's "
+        f"{VALIDATION_SAMPLE}, `--scan-below 0` (the cells at every size; the job's "
         "default would scan the smaller stores exactly). Peak RSS: the largest sum of the "
         "RSS of the job's process tree (JVM + Python driver + Python workers; psutil every "
-        "0.5 s; shared pages of forked workers counted twice). Pairs scored: a pair that "
-        "shares buckets in several bands is scored in each.",
+        "0.5 s; shared pages of forked workers counted twice). Pairs scored: a reference "
+        "against the homes of each cell it probes (a pair that meets in several cells is "
+        "scored in each).",
         "",
         table,
         "",
@@ -650,18 +653,20 @@ def section(data: dict[str, Any]) -> str:
             bucket = next((v for k, v in stages.items() if "neighbour_graph.py" in k), None)
             gib = g["shuffled_rows"] * (cfg["dim"] * 4 + 64) / 2**30
             lines.append(
-                f"* n={int(n):,}: {g['shuffled_rows']:,} exploded rows through the bucket "
+                f"* n={int(n):,}: {g['shuffled_rows']:,} exploded rows through the cell "
                 f"shuffle (about {gib:.1f} GiB, {g['partitions']} partitions), "
-                f"{g['pairs_compared']:,} pairs scored; the longest graph stage (explode, "
-                f"shuffle, bucket walk) {bucket} s of the graph's {r['graph_seconds']} s; peak "
-                f"RSS by kind: {r['peak_rss_gib']}; measured with code {r['code']}."
+                f"{g['pairs_compared']:,} pairs scored; the graph's tuning "
+                f"{(g.get('tuning') or {}).get('seconds', '-')} s; the longest graph stage "
+                f"(explode, shuffle, cell walk) {bucket} s of the graph's "
+                f"{r['graph_seconds']} s; peak RSS by kind: {r['peak_rss_gib']}; "
+                f"measured with code {r['code']}."
             )
             continue
         if r.get("status") != "ok":
             est = r.get("shuffle_estimate", {})
             lines.append(
                 f"* n={int(n):,}: {r['status']} after {r['wall_seconds']} s "
-                f"(bucket stage: {est.get('exploded_rows', 0):,} exploded rows, about "
+                f"(cell stage: {est.get('exploded_rows', 0):,} exploded rows, about "
                 f"{est.get('gib')} GiB to shuffle). {r.get('reason', '')} Log tail: `"
                 + " | ".join(r.get("log_tail", [])[-3:])[:400]
                 + "`"
@@ -732,7 +737,7 @@ def main() -> int:
         "duplicate_distance": duplicate_distance,
         "validation_sample": VALIDATION_SAMPLE,
         "projection": args.space,
-        "graph_lsh": "tuned per size",
+        "graph_partition": "k-means cells, probes tuned per size",
         "master": "local[*]",
     }
     spread_info = {
@@ -769,8 +774,8 @@ def main() -> int:
         r = run_fit(n, root, bucket_length, args.driver_memory, args.timeout_s, duplicate_distance)
         r["store"] = store
         r["driver_memory"] = args.driver_memory
-        bands = ((r.get("neighbours") or {}).get("lsh") or {}).get("bands")
-        r["shuffle_estimate"] = shuffle_estimate(n, gen.dim, *([bands] if bands else []))
+        probes = ((r.get("neighbours") or {}).get("cells") or {}).get("probes")
+        r["shuffle_estimate"] = shuffle_estimate(n, gen.dim, *([probes] if probes else []))
         r["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         results[str(n)] = r
         print(

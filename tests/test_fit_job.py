@@ -144,7 +144,7 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     on the same hashes; the planted near-duplicates form their groups; validate passes."""
     import pyarrow.parquet as pq
 
-    from imgsim.ann.graph import GraphLsh, exact_neighbours, local_graph
+    from imgsim.ann.graph import GraphCells, exact_neighbours, local_graph
 
     copies = {390: 10, 391: 10, 392: 20}
     layout = make_store(tmp_path / "data", n=400, dim=16, gone=0, copies=copies)
@@ -166,17 +166,19 @@ def test_neighbour_graph_is_the_numpy_twins_and_finds_the_duplicates(spark, tmp_
     ids = ref["image_id"]
     x = np.array(ref["vector"], dtype=np.float32)
     entry = manifest["neighbours"]
-    lsh = GraphLsh.from_entry(entry["lsh"])  # the graph's own LSH, tuned for this index
-    assert entry["tuning"]["predicted_recall"] > 0 and lsh.dim == 16
-    twin, work = local_graph(ids, x, lsh, k=6, cap=12)
+    # the graph's own cells, trained for this index, with their centroids in the version
+    assert manifest["files"]["neighbours_cells"] == entry["file"]
+    cells = GraphCells.load(staged / entry["file"], entry["cells"])
+    assert entry["tuning"]["predicted_recall"] > 0 and cells.dim == 16
+    assert entry["tuning"]["probes"] == cells.probes and cells.cells == 12  # 400 // 32
+    twin, work = local_graph(ids, x, cells, k=6, cap=12)
     graph = pq.read_table(staged / "neighbours").to_pandas()
-    assert entry["split_buckets"] == work["split"] > 0
-    assert entry["largest_bucket"] > 12 >= entry["largest_leaf"] == work["largest_leaf"]
+    assert entry["split_cells"] == work["split"] > 0
+    assert entry["largest_cell"] == work["largest_cell"] > 12
+    assert entry["largest_leaf"] == work["largest_leaf"]
     assert entry["pairs_compared"] == work["pairs"]
-    # only the rows of buckets with two or more members went through the bucket shuffle
-    keys = lsh.band_keys(x)
-    sizes = [np.unique(keys[:, b], return_counts=True)[1] for b in range(lsh.bands)]
-    assert entry["shuffled_rows"] == sum(int(c[c > 1].sum()) for c in sizes)
+    assert entry["cells_used"] == len(np.unique(cells.probe_cells(x)))
+    assert entry["shuffled_rows"] == 400 * cells.probes
     assert entry["edges"] == len(graph)
     # short lists were completed by exact search; the rest are the twin's, in the same order
     exact_idx, _ = exact_neighbours(x, 6)

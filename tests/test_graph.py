@@ -1,8 +1,9 @@
-"""The neighbour graph's core (imgsim.ann.graph): its LSH, tuning, splits, exactness, groups."""
+"""The neighbour graph's core (imgsim.ann.graph): its cells, tuning, splits, exactness, groups."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +11,16 @@ import pytest
 from imgsim.ann import l2_normalize
 from imgsim.ann.brp import AnnError
 from imgsim.ann.graph import (
-    GraphLsh,
+    GraphCells,
+    balanced_kmeans,
     bucket_neighbours,
-    collision_probability,
     duplicate_groups,
     exact_neighbours,
+    kmeans,
     local_graph,
-    predicted_recall,
+    probe_recall,
     split_leaves,
-    tune_graph_lsh,
+    tune_graph_cells,
 )
 
 
@@ -46,48 +48,91 @@ def recall_of(graph: dict, ids: list, x: np.ndarray, k: int) -> float:
     )
 
 
-def test_one_bucket_is_exact_search() -> None:
+def test_one_cell_is_exact_search() -> None:
     rng = np.random.default_rng(0)
     x = l2_normalize(rng.normal(size=(60, 16)))
     ids = sha_ids(60)
-    lsh = GraphLsh(16, bands=1, keys=1, width=1e6)  # every image in one bucket
-    assert len(set(lsh.band_keys(x)[:, 0])) == 1
-    r = bucket_neighbours(ids, x, lsh, band=0, k=5, cap=1000)
+    cells = GraphCells(x.mean(0, keepdims=True), probes=1)  # every image at home in one cell
+    assert (cells.probe_cells(x) == 0).all()
+    r = bucket_neighbours(ids, x, np.ones(60, bool), cells, k=5, cap=1000)
     idx, _dist = exact_neighbours(x, 5)
     got: dict[str, list[str]] = {}
-    for s, t in zip(r.image_id, r.neighbour_id, strict=True):
+    for s, t in zip(r.source, r.target, strict=True):
         got.setdefault(s, []).append(t)
     for i, image_id in enumerate(ids):
         assert got[image_id] == [ids[j] for j in idx[i]]
     assert r.pairs == 60 * 59 // 2 and r.leaves == 1
-    # the kept distances are float64 pair by pair: the same in any other bucket
-    small = bucket_neighbours(ids[:7], x[:7], lsh, band=0, k=5, cap=1000)
-    both = {(s, t): d for s, t, d in zip(r.image_id, r.neighbour_id, r.distance, strict=True)}
+    # the kept distances are float64 pair by pair: the same in any other cell
+    small = bucket_neighbours(ids[:7], x[:7], np.ones(7, bool), cells, k=5, cap=1000)
+    both = {(s, t): d for s, t, d in zip(r.source, r.target, r.distance, strict=True)}
     shared = [
         (s, t, d)
-        for s, t, d in zip(small.image_id, small.neighbour_id, small.distance, strict=True)
+        for s, t, d in zip(small.source, small.target, small.distance, strict=True)
         if (s, t) in both
     ]
     assert shared and all(both[(s, t)] == d for s, t, d in shared)
 
 
-def test_hash_collisions_follow_the_e2lsh_probability() -> None:
-    rng = np.random.default_rng(1)
-    dim, width = 32, 0.5
-    lsh = GraphLsh(dim, bands=2000, keys=1, width=width, seed=3)
-    for d in (0.1, 0.4, 0.8, 1.4):
-        a = l2_normalize(rng.normal(size=(1, dim)))
-        step = rng.normal(size=(1, dim))
-        step -= (step @ a.T) * a
-        b = a + d * l2_normalize(step)
-        keys = lsh.band_keys(np.vstack([a, b]))
-        share = float(np.mean(keys[0] == keys[1]))
-        assert abs(share - float(collision_probability(np.array([d]), width)[0])) < 0.04, d
-    # keys per band AND the values: two bands of 3 keys agree less often than of 1
-    lsh3 = GraphLsh(dim, bands=2000, keys=3, width=width, seed=3)
-    k3 = lsh3.band_keys(np.vstack([a, b]))
-    p = float(collision_probability(np.array([1.4]), width)[0])
-    assert abs(float(np.mean(k3[0] == k3[1])) - p**3) < 0.03
+def test_probes_are_scored_against_homes_only() -> None:
+    rng = np.random.default_rng(3)
+    x = l2_normalize(rng.normal(size=(30, 8)))
+    ids = sha_ids(30)
+    home = np.arange(30) < 10  # 10 homes, 20 rows that only probe the cell
+    cells = GraphCells(x[:1], probes=1)
+    r = bucket_neighbours(ids, x, home, cells, k=3, cap=1000)
+    assert r.pairs == 10 * 9 // 2 + 10 * 20
+    homes = {ids[i] for i in range(10)}
+    # every edge has a home at one end; a probe gets its 3 nearest homes, a home its 3
+    # nearest of all 29 others
+    assert all(s in homes or t in homes for s, t in zip(r.source, r.target, strict=True))
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    np.fill_diagonal(d, np.inf)
+    edges: dict[str, set[str]] = {}
+    for s, t in zip(r.source, r.target, strict=True):
+        edges.setdefault(s, set()).add(t)
+    for i in (0, 15):
+        cand = np.arange(10) if i >= 10 else np.arange(30)
+        want = {ids[j] for j in cand[np.argsort(d[i, cand], kind="stable")[:3]]}
+        assert want <= edges[ids[i]]
+    # no home in the cell: nothing to score
+    none = bucket_neighbours(ids, x, np.zeros(30, bool), cells, k=3, cap=1000)
+    assert none.pairs == 0 and not len(none.source)
+
+
+def test_kmeans_finds_the_clusters_and_balances_the_cells() -> None:
+    x = clustered(800, 16, 8, 0.05, seed=1)
+    c = kmeans(x, 8, seed=2)
+    label = GraphCells(c, 1).probe_cells(x)[:, 0]
+    # each true cluster (100 rows in a run) lands in a cell of its own
+    assert sorted(set(label[i : i + 100]).pop() for i in range(0, 800, 100)) == list(range(8))
+    assert all(len(set(label[i : i + 100])) == 1 for i in range(0, 800, 100))
+    # from other seeds two clusters can share a cell (and one take two): the re-cut splits
+    # a cell of twice the mean or more
+    c = kmeans(x, 8, seed=0)
+    assert np.bincount(GraphCells(c, 1).probe_cells(x)[:, 0]).max() == 200
+    label = GraphCells(balanced_kmeans(x, 8, seed=0), 1).probe_cells(x)[:, 0]
+    assert np.bincount(label).max() == 100
+    # one tight cluster of 600 and 4 loose ones of 50: k-means gives the tight one a cell of
+    # its own; the re-cut splits it into 4 of about the mean
+    big = np.vstack([clustered(600, 16, 1, 0.02, seed=3), clustered(200, 16, 4, 0.3, seed=4)])
+    assert np.bincount(GraphCells(kmeans(big, 5, seed=0), 1).probe_cells(big)[:, 0]).max() == 600
+    cells = GraphCells(balanced_kmeans(big, 5, seed=0), 1)
+    sizes = np.bincount(cells.probe_cells(big)[:, 0])
+    assert cells.cells == 8 and sizes.max() < 2 * 160 and sizes.sum() == 800
+    with pytest.raises(AnnError, match="at least as many"):
+        kmeans(x[:3], 4, seed=0)
+
+
+def test_probe_recall_is_the_share_of_pairs_that_meet() -> None:
+    rng = np.random.default_rng(4)
+    c = np.eye(4)  # four cells on the axes
+    cells = GraphCells(c, 1)
+    q = np.array([[1.0, 0.1, 0, 0], [1.0, 0, 0, 0], [0, 0.1, 0.05, 1.0]])
+    v = np.array([[0.1, 1.0, 0, 0], [0.9, 0, 0, 0.1], [1.0, 0, 0.5, 0.2]])
+    # pair 0: homes 0 and 1, each the other's second cell; pair 1: the same home; pair 2:
+    # homes 3 and 0, cell 0 the query's fourth, cell 3 the neighbour's third
+    assert probe_recall(cells, q, v).tolist() == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert len(probe_recall(GraphCells(rng.normal(size=(40, 4)), 1), q, v)) == 16
 
 
 def test_split_leaves_halve_at_medians_until_under_the_cap() -> None:
@@ -102,55 +147,72 @@ def test_split_leaves_halve_at_medians_until_under_the_cap() -> None:
     assert split_leaves(values[:50], cap=100)[0].tolist() == list(range(50))
 
 
-def test_split_buckets_bound_the_work_and_keep_neighbours_together() -> None:
+def test_split_cells_bound_the_work_and_keep_neighbours_together() -> None:
     n = 800
     x = clustered(n, 16, 20, 0.15, seed=4)
     ids = sha_ids(n)
-    lsh = GraphLsh(16, bands=4, keys=1, width=50.0)  # wide buckets: everything in one
-    graph, work = local_graph(ids, x, lsh, k=5, cap=100)
-    _, whole = local_graph(ids, x, lsh, k=5, cap=10_000)
-    assert work["split"] == 4 and work["largest_leaf"] <= 100
+    cells = GraphCells(x.mean(0, keepdims=True), probes=1)  # one cell: everything at home
+    values = cells.split_values(x)
+    home = np.arange(n) % 2 == 0
+    leaves = split_leaves(values, cap=100, home=home)  # the cap counts homes
+    assert max(int(home[leaf].sum()) for leaf in leaves) <= 100 and len(leaves) == 4
+    graph, work = local_graph(ids, x, cells, k=5, cap=100)
+    _, whole = local_graph(ids, x, cells, k=5, cap=10_000)
+    assert work["split"] == 1 and work["largest_leaf"] <= 100 and work["largest_cell"] == n
     assert work["pairs"] < 0.15 * whole["pairs"]  # the cap bounds the work ...
-    # ... and the median splits keep neighbours together (a split into 8 chunks at random
-    # would keep 1/8 of a member's neighbours with it per band: recall about 0.42 in 4 bands)
-    assert recall_of(graph, ids, x, 5) > 0.8
+    # ... and the median splits keep neighbours together far more often than 8 chunks at
+    # random would (1/8 of a member's neighbours with it); the tuner sizes cells so that a
+    # split is the exception
+    assert recall_of(graph, ids, x, 5) > 0.5
 
 
-def test_tuned_graph_reaches_its_recall_at_a_fraction_of_the_pairs() -> None:
+def test_tuned_graph_reaches_its_predicted_recall_at_a_fraction_of_the_pairs(
+    tmp_path: Path,
+) -> None:
     n, k = 4000, 10
     x = clustered(n, 32, 50, 0.25, seed=5)
     ids = sha_ids(n)
-    _idx, dist = exact_neighbours(x, k)
-    rng = np.random.default_rng(0)
-    a, b = rng.integers(0, n, 20_000), rng.integers(0, n, 20_000)
-    pairs = np.linalg.norm(x[a] - x[b], axis=1)[a != b]
-    lsh, info = tune_graph_lsh(dist[:200], pairs, n, 32, target=0.9, cap=1000, seed=1)
+    idx, _dist = exact_neighbours(x, k)
+    q = np.arange(0, n, 20)  # 200 validation queries
+    pairs = (np.repeat(x[q], k, axis=0), x[idx[q].ravel()])
+    cells, info = tune_graph_cells(x, *pairs, n, target=0.9, cap=200, seed=1)
     assert info["reached"] and info["predicted_recall"] >= 0.9
+    assert info["cells"] == cells.cells >= 80 and info["probes"] == cells.probes
     assert info["predicted_recall"] == round(
-        predicted_recall(dist[:200], lsh.width, lsh.keys, lsh.bands), 4
+        float(probe_recall(cells, *pairs)[cells.probes - 1]), 4
     )
-    graph, work = local_graph(ids, x, lsh, k=k, cap=1000)
+    graph, work = local_graph(ids, x, cells, k=k, cap=1000)
     recall = recall_of(graph, ids, x, k)
-    assert recall > 0.83 and abs(recall - info["predicted_recall"]) < 0.08
-    assert work["pairs"] < 0.7 * n * (n - 1) / 2
+    assert recall > 0.88 and abs(recall - info["predicted_recall"]) < 0.05
+    assert work["pairs"] < 0.25 * n * (n - 1) / 2
     # the distances are the exact float64 ones
     r0 = graph[ids[0]]
     d = np.linalg.norm(x[[ids.index(t) for _, t in r0]].astype(np.float64) - x[0], axis=1)
     assert np.allclose([dd for dd, _ in r0], d, atol=1e-9)
-    # an unreachable target: the highest predicted recall, and the entry says so
-    lsh2, info2 = tune_graph_lsh(dist[:200], pairs, n, 32, target=1.01, cap=1000)
-    assert not info2["reached"] and lsh2.bands == 32
+    # an unreachable target: the most probes, and the entry says so
+    cells2, info2 = tune_graph_cells(x, *pairs, n, target=1.01, cap=200)
+    assert not info2["reached"] and cells2.probes == 16
+    # the centroids round-trip through their file
+    cells.save(tmp_path / "cells.npy")
+    back = GraphCells.load(tmp_path / "cells.npy", cells.entry())
+    assert np.array_equal(back.centroids, cells.centroids) and back.entry() == cells.entry()
 
 
-def test_graph_lsh_refuses_bad_input() -> None:
-    with pytest.raises(AnnError, match="width > 0"):
-        GraphLsh(8, bands=2, keys=1, width=0.0)
+def test_graph_cells_refuse_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(AnnError, match=r"probes 3 not in 1\.\.2"):
+        GraphCells(np.zeros((2, 8)), probes=3)
+    with pytest.raises(AnnError, match="finite"):
+        GraphCells(np.full((2, 8), np.nan), probes=1)
     with pytest.raises(AnnError, match="16 dims"):
-        GraphLsh(16, 2, 1, 0.5).band_keys(np.zeros((3, 8)))
-    with pytest.raises(AnnError, match="all equal"):
-        tune_graph_lsh(np.ones(5), np.zeros(10), 100, 8, target=0.9, cap=100)
-    lsh = GraphLsh(8, 2, 3, 0.7, seed=9)
-    assert GraphLsh.from_entry(lsh.entry()) == lsh
+        GraphCells(np.zeros((2, 16)), 1).probe_cells(np.zeros((3, 8)))
+    with pytest.raises(AnnError, match="needs training vectors"):
+        tune_graph_cells(
+            np.zeros((10, 8)), np.zeros((0, 8)), np.zeros((0, 8)), 10, target=0.9, cap=100
+        )
+    cells = GraphCells(np.eye(3), 2)
+    cells.save(tmp_path / "c.npy")
+    with pytest.raises(AnnError, match="the manifest says"):
+        GraphCells.load(tmp_path / "c.npy", {**cells.entry(), "cells": 4})
 
 
 def test_duplicate_groups_are_connected_components_largest_first() -> None:
@@ -167,5 +229,7 @@ def test_duplicate_groups_are_connected_components_largest_first() -> None:
 
 
 def test_bucket_input_must_agree() -> None:
-    with pytest.raises(AnnError, match="bucket of 3 ids"):
-        bucket_neighbours(["a", "b", "c"], np.zeros((2, 4)), GraphLsh(4, 1, 1, 1.0), 0, 5, 10)
+    with pytest.raises(AnnError, match="cell of 3 ids"):
+        bucket_neighbours(
+            ["a", "b", "c"], np.zeros((2, 4)), np.ones(3, bool), GraphCells(np.eye(4), 1), 5, 10
+        )

@@ -1,21 +1,27 @@
-"""The neighbour graph of an index: every reference's k nearest references, from LSH buckets.
+"""The neighbour graph of an index: every reference's k nearest references, from k-means cells.
 
-The graph has its own LSH (:class:`GraphLsh`, E2LSH of Datar et al. 2004: ``bands`` bands of
-``keys`` hash values ``floor((x . a + b) / width)`` with Gaussian ``a`` and uniform offsets
-``b``), tuned per version by :func:`tune_graph_lsh` for the graph's recall target at the least
-cost from the index's own distances: the exact k nearest distances of the validation queries
-(over the whole index) and the distances of random pairs. Its buckets therefore stay about
-the same size as the index grows (more keys per band, more bands), where the query LSH's
-buckets, tuned on a fixed sample, grow with n.
+The graph partitions the index with its own quantiser (:class:`GraphCells`, trained per
+version by :func:`tune_graph_cells`): k-means centroids on a sample of the index, about
+``cap / 4`` references per cell, so the cells stay the same size as the index grows. Each
+reference is *stored* in its nearest cell (its home) and *probes* its ``probes`` nearest cells
+(the home among them): a pair is scored where one of the two probes the other's home, the
+inverted-file search of Jegou et al. (2011) run for every reference at once, a self-join on
+cell ids. The tuner picks the fewest probes whose predicted recall reaches the target from the
+validation queries' exact neighbours over the whole index (the share of them that share a
+probed cell with their query, read off the centroids: no guess at a distribution).
 
-The members of a bucket are compared with one another in one float64 Gram product and each
-member keeps its k nearest; the kept distances are recomputed pair by pair in float64, so a
-pair scored in several bands gets the same distance in each (duplicates are dropped before the
-top-k). A bucket with more than ``cap`` members is split like a random projection tree: at
-the median of its members' projections on a seeded direction (one per band and level), again
-and again until every leaf has at most ``cap`` members; pairs are scored within leaves. Close
-pairs stay together far more often than under a random split, and no bucket costs more than
-``cap``^2 / 2 pairs.
+Data-adaptive cells replaced random-projection buckets (E2LSH, until this release): on the
+bench's 1M vectors the tuned E2LSH reached recall@10 0.58 at its band budget, because random
+hyperplanes cut through the dense regions where the near neighbours are; k-means cells follow
+them (benchmarks/README.md, "Neighbour graph cost").
+
+A cell's members are scored in one float64 Gram product of its rows against its homes; each
+row keeps its k nearest homes and each home its k nearest rows. The kept distances are
+recomputed pair by pair in float64, so a pair scored in several cells gets the same distance
+in each (duplicates are dropped before the top-k). A cell with more than ``cap`` rows is split
+like a random projection tree: at the median of its rows' projections on a seeded direction
+(one per level), again and again until every leaf has at most ``cap`` rows; pairs are scored
+within leaves, so no cell costs more than ``cap``^2 pairs.
 
 Near-duplicate groups are the connected components of the graph's edges under a distance
 (:func:`duplicate_groups`).
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -40,247 +46,338 @@ from imgsim.ann.search import smallest_k
 #: was not measured: a whitened version gets no groups unless IMGSIM_DUPLICATE_DISTANCE is set.
 DUPLICATE_DISTANCE = {"lda": 0.51, "none": 0.41}
 
-#: median splits a bucket over the cap can take (a leaf then has at most 2**-levels of it)
+#: median splits a cell over the cap can take (a leaf then has at most 2**-levels of it)
 SPLIT_LEVELS = 24
-#: the tuner's cost of one exploded row (explode, bucket shuffle, walk, its k edges through the
-#: top-k), in pairs scored: about 30 us against 0.03 us in bench_graph.py's 100k run (3.2M rows
-#: and 587M pairs in a 121 s bucket stage on 2 cores, the Gram products about 15 s of it)
-ROW_COST = 1000.0
-#: the tuner's grid: bands, keys per band, and widths as multiples of the median pair distance
-MAX_BANDS = 32
-MAX_KEYS = 24
-WIDTH_FACTORS = tuple(float(f) for f in np.geomspace(0.05, 8.0, 23))
+#: a cell's homes: the cap over CELL_FILL (a cell holds its homes and the probes of about
+#: probes x as many other references)
+CELL_FILL = 4
+#: the most cells a reference probes
+MAX_PROBES = 16
+#: k-means: training vectors per centroid (faiss warns under 39; 32 measured as enough here),
+#: at least TRAIN_MIN of them (where the index has as many), and Lloyd iterations
+TRAIN_PER_CELL = 32
+TRAIN_MIN = 50_000
+KMEANS_ITERATIONS = 10
+#: rows of a Gram product against the centroids at a time (bounds the memory)
+CHUNK_ROWS = 8192
 
-_MIX = np.uint64(0x100000001B3)
+
+def _squared_to(x: np.ndarray, centroids: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Squared distances of the rows of ``x`` to every centroid (float64), less |x|^2 (the
+    same for every centroid of a row, so the order is the distance order)."""
+    return norms[None, :] - 2.0 * (x @ centroids.T)
 
 
-def collision_probability(distance: np.ndarray, width: float) -> np.ndarray:
-    """P[one E2LSH hash value agrees] for points ``distance`` apart (Datar et al. 2004):
-    1 - 2 Phi(-c) - 2 / (sqrt(2 pi) c) (1 - exp(-c^2 / 2)), c = width / distance."""
-    from scipy.special import ndtr
+def kmeans(x: np.ndarray, cells: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
+    """(cells, dim) float64 centroids of ``x`` by Lloyd's algorithm from ``cells`` distinct
+    seeded rows (faiss's default: k-means++ seeding measured 51 s for 4,000 cells of 195-d on
+    2 cores, more than the iterations; :func:`balanced_kmeans` re-cuts what it would fix); a
+    cell left empty restarts at the row farthest from its centroid."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or not 1 <= cells <= len(x):
+        raise AnnError(f"k-means of {cells} cells needs at least as many vectors, got {x.shape}")
+    rng = np.random.default_rng(seed)
+    centroids = x[rng.choice(len(x), cells, replace=False)].copy()
+    for _ in range(iterations):
+        norms = (centroids * centroids).sum(1)
+        label = np.empty(len(x), np.int64)
+        best = np.empty(len(x))
+        for s in range(0, len(x), CHUNK_ROWS):
+            d = _squared_to(x[s : s + CHUNK_ROWS], centroids, norms)
+            label[s : s + CHUNK_ROWS] = d.argmin(1)
+            best[s : s + CHUNK_ROWS] = d[np.arange(len(d)), label[s : s + CHUNK_ROWS]]
+        counts = np.bincount(label, minlength=cells)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, label, x)
+        full = counts > 0
+        centroids[full] = sums[full] / counts[full, None]
+        empty = np.flatnonzero(~full)
+        if len(empty):  # restart them at the rows worst served
+            far = np.argsort(-(best + (x * x).sum(1)), kind="stable")[: len(empty)]
+            centroids[empty] = x[far]
+    return centroids
 
-    d = np.maximum(np.asarray(distance, np.float64), 1e-12)
-    c = width / d
-    return np.clip(
-        1.0 - 2.0 * ndtr(-c) - 2.0 / (math.sqrt(2.0 * math.pi) * c) * (1.0 - np.exp(-(c**2) / 2)),
-        0.0,
-        1.0,
+
+def balanced_kmeans(x: np.ndarray, cells: int, seed: int) -> np.ndarray:
+    """:func:`kmeans`, then every cell with twice the mean share of ``x`` or more re-cut by
+    k-means of its own members into cells of about the mean (k-means cells of real data vary
+    several-fold, and a random start can leave two clusters in one cell)."""
+    x = np.asarray(x, np.float64)
+    centroids = kmeans(x, cells, seed)
+    norms = (centroids * centroids).sum(1)
+    label = np.concatenate(
+        [
+            _squared_to(x[s : s + CHUNK_ROWS], centroids, norms).argmin(1)
+            for s in range(0, len(x), CHUNK_ROWS)
+        ]
     )
+    mean = len(x) / cells
+    out = []
+    for c in range(cells):
+        members = x[label == c]
+        parts = math.ceil(len(members) / mean)
+        if len(members) >= 2 * mean and parts <= len(members):
+            out.append(kmeans(members, parts, seed + 1 + c))
+        else:
+            out.append(centroids[c : c + 1])
+    return np.concatenate(out)
 
 
-@dataclass(frozen=True)
-class GraphLsh:
-    """The graph's LSH: ``bands`` band keys per vector, each from ``keys`` E2LSH values of
-    ``width``; seeded directions for the median splits of buckets over the cap."""
+@dataclass(frozen=True, eq=False)
+class GraphCells:
+    """The graph's partition: k-means ``centroids`` (cells, dim); every reference probes its
+    ``probes`` nearest cells; seeded directions for the median splits of cells over the cap."""
 
-    dim: int
-    bands: int
-    keys: int
-    width: float
+    centroids: np.ndarray = field(repr=False)
+    probes: int
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dim < 1 or self.bands < 1 or self.keys < 1 or not self.width > 0:
-            raise AnnError(f"bad graph LSH {self}: dim, bands, keys >= 1 and width > 0")
+        c = np.asarray(self.centroids, np.float64)
+        if c.ndim != 2 or not len(c) or not c.shape[1] or not np.isfinite(c).all():
+            raise AnnError(f"graph cells need finite (cells, dim) centroids, got {c.shape}")
+        if not 1 <= self.probes <= len(c):
+            raise AnnError(f"graph cells: probes {self.probes} not in 1..{len(c)} cells")
+        object.__setattr__(self, "centroids", c)
+
+    @property
+    def cells(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
 
     @cached_property
-    def _planes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(self.seed)
-        a = rng.standard_normal((self.dim, self.bands * self.keys))
-        b = rng.uniform(0.0, self.width, self.bands * self.keys)
-        s = rng.standard_normal((self.dim, self.bands * SPLIT_LEVELS))
-        return a, b, s
+    def _norms(self) -> np.ndarray:
+        return (self.centroids * self.centroids).sum(1)
 
-    def band_keys(self, x: np.ndarray) -> np.ndarray:
-        """(n, bands) int64: each vector's bucket key per band (its ``keys`` values mixed)."""
+    @cached_property
+    def _split_directions(self) -> np.ndarray:
+        return np.random.default_rng(self.seed).standard_normal((self.dim, SPLIT_LEVELS))
+
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        """(n, cells): squared distances to the centroids less |x|^2 (distance order)."""
+        return _squared_to(self._check(x), self.centroids, self._norms)
+
+    def probe_cells(self, x: np.ndarray, probes: int | None = None) -> np.ndarray:
+        """(n, probes) int64: each vector's nearest cells, nearest first (column 0: its home;
+        ties: the lower cell)."""
         x = self._check(x)
-        a, b, _ = self._planes
-        h = np.floor((x @ a + b) / self.width).astype(np.int64).view(np.uint64)
-        h = h.reshape(len(x), self.bands, self.keys)
-        acc = np.zeros((len(x), self.bands), np.uint64)
-        for j in range(self.keys):
-            acc = (acc * _MIX) ^ h[:, :, j]
-        return acc.view(np.int64)
+        m = self.probes if probes is None else probes
+        out = np.empty((len(x), m), np.int64)
+        for s in range(0, len(x), CHUNK_ROWS):
+            d = self.distances(x[s : s + CHUNK_ROWS])
+            part = np.argpartition(d, m - 1, axis=1)[:, :m] if m < self.cells else None
+            if part is None:
+                part = np.broadcast_to(np.arange(self.cells), d.shape)
+            dd = np.take_along_axis(d, part, 1)
+            order = np.lexsort((part, dd), axis=1)
+            out[s : s + len(d)] = np.take_along_axis(part, order, 1)
+        return out
 
-    def split_values(self, x: np.ndarray, band: int) -> np.ndarray:
-        """(m, SPLIT_LEVELS) float64: the projections a bucket of ``band`` is split on."""
-        _, _, s = self._planes
-        return self._check(x) @ s[:, band * SPLIT_LEVELS : (band + 1) * SPLIT_LEVELS]
+    def split_values(self, x: np.ndarray) -> np.ndarray:
+        """(m, SPLIT_LEVELS) float64: the projections a cell over the cap is split on."""
+        return self._check(x) @ self._split_directions
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise AnnError(f"vectors of shape {x.shape} for a graph LSH of {self.dim} dims")
+            raise AnnError(f"vectors of shape {x.shape} for graph cells of {self.dim} dims")
         return x
 
     def entry(self) -> dict[str, Any]:
-        return {
-            "dim": self.dim,
-            "bands": self.bands,
-            "keys": self.keys,
-            "width": self.width,
-            "seed": self.seed,
-        }
+        """The manifest's record (the centroids go to their own file: :meth:`save`)."""
+        return {"cells": self.cells, "dim": self.dim, "probes": self.probes, "seed": self.seed}
+
+    def save(self, path: Any) -> None:
+        """The centroids as a .npy file, written whole or not at all."""
+        from pathlib import Path
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            np.save(f, self.centroids)
+        tmp.replace(path)
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any]) -> GraphLsh:
-        return cls(
-            int(entry["dim"]),
-            int(entry["bands"]),
-            int(entry["keys"]),
-            float(entry["width"]),
-            int(entry["seed"]),
-        )
+    def load(cls, path: Any, entry: dict[str, Any]) -> GraphCells:
+        """The cells of a manifest ``entry`` with their centroids from ``path``."""
+        centroids = np.load(path, allow_pickle=False)
+        cells = cls(centroids, int(entry["probes"]), int(entry["seed"]))
+        if (cells.cells, cells.dim) != (int(entry["cells"]), int(entry["dim"])):
+            raise AnnError(f"{path} holds {centroids.shape} centroids, the manifest says {entry}")
+        return cells
 
 
-def predicted_recall(near: np.ndarray, width: float, keys: int, bands: int) -> float:
-    """The share of the true neighbours (``near``: their distances) that share a bucket with
-    their query in at least one of ``bands`` bands of ``keys`` values of ``width``."""
-    p = collision_probability(near, width) ** keys
-    return float(np.mean(1.0 - (1.0 - p) ** bands))
+def cell_count(n: int, cap: int, train: int) -> int:
+    """Cells for ``n`` references: about cap / CELL_FILL homes each, at most one per
+    TRAIN_PER_CELL training vectors."""
+    return max(1, min(math.ceil(n / max(cap // CELL_FILL, 1)), train // TRAIN_PER_CELL, n))
 
 
-def tune_graph_lsh(
-    near: np.ndarray,
-    pairs: np.ndarray,
+def train_size(n: int, cap: int) -> int:
+    """How many vectors of an index of ``n`` the cells are trained on."""
+    return min(n, max(TRAIN_MIN, TRAIN_PER_CELL * math.ceil(n / max(cap // CELL_FILL, 1))))
+
+
+def probe_recall(cells: GraphCells, queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """recall[m - 1] for m = 1..MAX_PROBES (at most the cells): the share of the (query,
+    neighbour) pairs (``queries[i]`` and ``neighbours[i]``: their vectors) that meet with m
+    probes, the neighbour's home among the query's m nearest cells or the other way round."""
+    q, v = cells.distances(queries), cells.distances(neighbours)
+    rows = np.arange(len(q))
+    hq, hv = q.argmin(1), v.argmin(1)
+    # a cell's rank for a vector: the cells strictly nearer (ties: the lower cell first)
+    rank_q = (q < q[rows, hv][:, None]).sum(1) + (
+        (q == q[rows, hv][:, None]) & (np.arange(cells.cells) < hv[:, None])
+    ).sum(1)
+    rank_v = (v < v[rows, hq][:, None]).sum(1) + (
+        (v == v[rows, hq][:, None]) & (np.arange(cells.cells) < hq[:, None])
+    ).sum(1)
+    meet = np.minimum(rank_q, rank_v)
+    top = min(MAX_PROBES, cells.cells)
+    return np.array([float(np.mean(meet < m)) for m in range(1, top + 1)])
+
+
+def tune_graph_cells(
+    train: np.ndarray,
+    queries: np.ndarray,
+    neighbours: np.ndarray,
     n: int,
-    dim: int,
     *,
     target: float,
     cap: int,
     seed: int = 0,
-) -> tuple[GraphLsh, dict[str, Any]]:
-    """The cheapest graph LSH predicted to reach ``target`` recall@k.
-
-    ``near``: distances of true k nearest neighbours (the validation queries', exact over the
-    whole index); ``pairs``: distances of random pairs of references. For every width and keys
-    per band of the grid, the fewest bands reaching ``target`` (:func:`predicted_recall`);
-    cost per band: n rows through the shuffle (``ROW_COST`` pairs each) plus the pairs that
-    collide, n^2 / 2 x the mean collision probability of random pairs; buckets expected over
-    ``cap`` members are ruled out (larger ones are split; some are, as sizes vary). Without
-    any candidate reaching ``target``, the one with the highest predicted recall (the entry
-    says so)."""
-    near = np.asarray(near, np.float64).ravel()
-    pairs = np.asarray(pairs, np.float64).ravel()
-    if not len(near) or not len(pairs):
-        raise AnnError("tuning the graph LSH needs neighbour and pair distances")
-    median = float(np.median(pairs))
-    if not median > 0:
-        raise AnnError("every sampled pair is at distance 0: the vectors are all equal")
-    best: tuple[float, float, int, int, float] | None = None  # cost, recall, bands, keys, width
-    fallback: tuple[tuple[float, float], float, int, int, float] | None = None
-    bands_grid = np.arange(1, MAX_BANDS + 1)
-    for factor in WIDTH_FACTORS:
-        width = factor * median
-        p_near = collision_probability(near, width)
-        p_far = collision_probability(pairs, width)
-        for keys in range(1, MAX_KEYS + 1):
-            collide = float(np.mean(p_far**keys))
-            if 1 + (n - 1) * collide > cap:
-                continue
-            recall = np.mean(1.0 - (1.0 - p_near[:, None] ** keys) ** bands_grid, axis=0)
-            per_band = n * ROW_COST + n * (n - 1) / 2 * collide
-            ok = np.flatnonzero(recall >= target)
-            if len(ok):
-                bands = int(bands_grid[ok[0]])
-                if best is None or bands * per_band < best[0]:
-                    best = (bands * per_band, float(recall[ok[0]]), bands, keys, width)
-            rank = (-float(recall[-1]), MAX_BANDS * per_band)
-            if fallback is None or rank < fallback[0]:
-                fallback = (rank, float(recall[-1]), MAX_BANDS, keys, width)
-    chosen = best or fallback
-    if chosen is None:
-        raise AnnError(f"no graph LSH keeps the expected bucket under the cap {cap}")
-    _, recall, bands, keys, width = chosen
-    lsh = GraphLsh(dim, bands, keys, width, seed)
-    collide = float(np.mean(collision_probability(pairs, width) ** keys))
-    return lsh, {
-        "predicted_recall": round(recall, 4),
+) -> tuple[GraphCells, dict[str, Any]]:
+    """The graph's cells for ``n`` references: k-means on the ``train`` vectors (a sample of
+    the index), and the fewest probes predicted to reach ``target`` recall (:func:`probe_recall`
+    of the validation queries and their exact neighbours over the whole index, pair by pair:
+    ``queries[i]``, ``neighbours[i]``). Without enough probes to reach it, MAX_PROBES (the
+    entry says so)."""
+    train = np.asarray(train, np.float64)
+    if train.ndim != 2 or not len(train) or not len(queries) or len(queries) != len(neighbours):
+        raise AnnError(
+            "tuning the graph cells needs training vectors and (query, neighbour) pairs, got "
+            f"{np.shape(train)}, {np.shape(queries)}, {np.shape(neighbours)}"
+        )
+    centroids = balanced_kmeans(train, cell_count(n, cap, len(train)), seed)
+    count = len(centroids)
+    probe = GraphCells(centroids, 1, seed)
+    recall = probe_recall(probe, queries, neighbours)
+    ok = np.flatnonzero(recall >= target)
+    probes = int(ok[0]) + 1 if len(ok) else len(recall)
+    cells = GraphCells(centroids, probes, seed)
+    homes = np.bincount(cells.probe_cells(train, 1)[:, 0], minlength=count) * (n / len(train))
+    probed = cells.probe_cells(train[:CHUNK_ROWS])
+    return cells, {
+        "cells": count,
+        "probes": probes,
+        "predicted_recall": round(float(recall[probes - 1]), 4),
+        "recall_by_probes": [round(float(r), 4) for r in recall],
         "target_recall": target,
-        "reached": best is not None,
-        "expected_bucket": round(1 + (n - 1) * collide, 2),
-        "expected_pairs": int(bands * n * (n - 1) / 2 * collide),
-        "median_pair_distance": median,
-        "method": "E2LSH collision probabilities of the validation queries' exact neighbour "
-        "distances and of random sample pairs; least rows x ROW_COST + pairs",
+        "reached": bool(len(ok)),
+        "train_vectors": len(train),
+        "mean_cell": round(n / count, 1),
+        "largest_cell_expected": int(homes.max()),
+        # each reference against the homes of the cells it probes (pairs of two homes twice)
+        "expected_scorings": int(n * float(homes[probed].sum(1).mean())),
+        "method": "k-means cells on a sample of the index; fewest probes whose share of the "
+        "validation queries' exact neighbours in a probed home cell reaches the target",
     }
 
 
 @dataclass(frozen=True)
 class BucketResult:
-    """One bucket's answer: directed edges (member -> one of its k nearest), pairs scored,
-    leaves (1 unless the bucket was split) and the largest leaf."""
+    """One cell's answer: directed edges (member -> one of its k nearest), pairs scored,
+    leaves (1 unless the cell was split) and the largest leaf."""
 
-    image_id: np.ndarray  # (e,) the ids' type
-    neighbour_id: np.ndarray  # (e,)
+    source: np.ndarray  # (e,) the ids' type (node numbers in the Spark job)
+    target: np.ndarray  # (e,)
     distance: np.ndarray  # (e,) float64
     pairs: int
     leaves: int
     largest_leaf: int
 
 
-def split_leaves(values: np.ndarray, cap: int) -> list[np.ndarray]:
-    """Positions of a bucket's members grouped into leaves of at most ``cap``: a group over
-    the cap is halved at the median of its ``values`` column for its level (ties: lower
-    position first), level by level (``values``: (m, levels))."""
+def split_leaves(values: np.ndarray, cap: int, home: np.ndarray | None = None) -> list[np.ndarray]:
+    """Positions of a cell's rows grouped into leaves of at most ``cap`` homes (``home``: which
+    rows are homes; None: all): a group over the cap is cut where half its homes lie below, in
+    the order of its ``values`` column for its level (ties: lower position first), level by
+    level (``values``: (m, levels))."""
     m, levels = values.shape
+    weight = np.ones(m, np.int64) if home is None else np.asarray(home, np.int64)
     leaves, stack = [], [(np.arange(m), 0)]
     while stack:
         idx, level = stack.pop()
-        if len(idx) <= cap or level >= levels:
+        homes = int(weight[idx].sum())
+        if homes <= cap or level >= levels:
             leaves.append(idx)
             continue
         order = idx[np.lexsort((idx, values[idx, level]))]
-        half = len(order) // 2
-        stack += [(order[half:], level + 1), (order[:half], level + 1)]
+        cut = int(np.searchsorted(np.cumsum(weight[order]), homes // 2, side="right"))
+        stack += [(order[cut:], level + 1), (order[:cut], level + 1)]
     return leaves
+
+
+def _nearest_edges(d: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: int) -> tuple:
+    """Each row's k nearest columns of ``d`` (inf: not a pair) as (rows, cols) positions."""
+    top = smallest_k(d, min(k, d.shape[1]))
+    keep = np.isfinite(np.take_along_axis(d, top, 1))
+    return np.repeat(rows, top.shape[1])[keep.ravel()], cols[top[keep]]
 
 
 def bucket_neighbours(
     ids: Sequence[Any] | np.ndarray,
     x: np.ndarray,
-    lsh: GraphLsh,
-    band: int,
+    home: np.ndarray,
+    cells: GraphCells,
     k: int,
     cap: int,
 ) -> BucketResult:
-    """Each member's k nearest in its leaf of this bucket of band ``band``.
-
-    ``ids`` are the members' ids (any sortable type; ties go to the lower id), ``x`` their
-    vectors (m, dim). Leaves: :func:`split_leaves` when the bucket is over ``cap``. Distances
-    of the kept pairs are float64, recomputed pair by pair (the same in every bucket).
-    """
+    """The k nearest edges of one cell's rows: ``ids`` (any sortable type; ties go to the
+    lower id), their vectors ``x`` (m, dim) and whether the cell is their ``home`` (else they
+    probe it). Every row gets its k nearest homes and every home its k nearest rows, within
+    its leaf (:func:`split_leaves` when the cell has more than ``cap`` rows); probes are not
+    scored against probes. Distances of the kept pairs are float64, recomputed pair by pair
+    (the same in every cell)."""
     m = len(ids)
-    if m < 2 or k < 1:
+    home = np.asarray(home, bool)
+    if x.shape[0] != m or home.shape != (m,):
+        raise AnnError(f"cell of {m} ids with {x.shape[0]} vectors and {home.shape} home flags")
+    if m < 2 or k < 1 or not home.any():
         return _empty_result(m)
-    if x.shape[0] != m:
-        raise AnnError(f"bucket of {m} ids with {x.shape[0]} vectors")
     arr = np.asarray(ids)
     order = np.argsort(arr, kind="stable")
-    sids = arr[order]
+    sids, hs = arr[order], home[order]
     xs = np.asarray(x, np.float64)[order]
-    leaves = split_leaves(lsh.split_values(xs, band), cap) if m > cap else [np.arange(m)]
+    over = int(hs.sum()) > cap
+    leaves = split_leaves(cells.split_values(xs), cap, hs) if over else [np.arange(m)]
     src, dst, pairs = [], [], 0
     for leaf in leaves:
-        g = len(leaf)
-        if g < 2:
+        at = np.flatnonzero(hs[leaf])  # the homes' positions in the leaf
+        g, h = len(leaf), len(at)
+        if g < 2 or not h:
             continue
-        pairs += g * (g - 1) // 2
+        pairs += h * (h - 1) // 2 + h * (g - h)
         xl = xs[leaf]
         sq = (xl * xl).sum(1)
-        d = sq[:, None] + sq[None, :] - 2.0 * (xl @ xl.T)
-        np.fill_diagonal(d, np.inf)
-        top = smallest_k(d, min(k, g - 1))
-        src.append(np.repeat(leaf, top.shape[1]))
-        dst.append(leaf[top.ravel()])
+        d = sq[:, None] + sq[at][None, :] - 2.0 * (xl @ xl[at].T)  # rows x homes
+        d[at, np.arange(h)] = np.inf  # not itself
+        s, t = _nearest_edges(d, leaf, leaf[at], k)
+        src.append(s)
+        dst.append(t)
+        if h < g:  # each home's k nearest of all the rows (with only homes: the same edges)
+            s, t = _nearest_edges(d.T, leaf[at], leaf, k)
+            src.append(s)
+            dst.append(t)
+    largest = max(len(leaf) for leaf in leaves)
     if not src:
-        return _empty_result(m, len(leaves), max(len(leaf) for leaf in leaves))
+        return _empty_result(m, len(leaves), largest)
     s, t = np.concatenate(src), np.concatenate(dst)
     diff = xs[s] - xs[t]
     dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    return BucketResult(
-        sids[s], sids[t], dist, pairs, len(leaves), max(len(leaf) for leaf in leaves)
-    )
+    return BucketResult(sids[s], sids[t], dist, pairs, len(leaves), largest)
 
 
 def _empty_result(m: int, leaves: int = 1, largest: int = 0) -> BucketResult:
@@ -289,29 +386,29 @@ def _empty_result(m: int, leaves: int = 1, largest: int = 0) -> BucketResult:
 
 
 def local_graph(
-    ids: Sequence[Any], x: np.ndarray, lsh: GraphLsh, k: int, cap: int
+    ids: Sequence[Any], x: np.ndarray, cells: GraphCells, k: int, cap: int
 ) -> tuple[dict[Any, list[tuple[float, Any]]], dict[str, int]]:
-    """The whole graph in one process, bucket by bucket as the Spark job builds it (tests and
+    """The whole graph in one process, cell by cell as the Spark job builds it (tests and
     benchmarks compare the two): each image's k nearest as sorted (distance, id) lists, and
-    the work done (pairs scored, buckets split, largest leaf)."""
+    the work done (pairs scored, cells split, largest cell and leaf)."""
     ids = list(ids)
     arr = np.asarray(ids)
-    keys = lsh.band_keys(x)
+    probe = cells.probe_cells(x)
+    cell = probe.ravel()
+    member = np.repeat(np.arange(len(ids)), probe.shape[1])
+    home = np.tile(np.arange(probe.shape[1]) == 0, len(ids))
     found: dict[Any, dict[Any, float]] = {i: {} for i in ids}
-    stats = {"pairs": 0, "split": 0, "largest_leaf": 0}
-    for b in range(lsh.bands):
-        _, inverse = np.unique(keys[:, b], return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
-        for members in np.split(order, starts[1:]):
-            if len(members) < 2:
-                continue
-            r = bucket_neighbours(arr[members], x[members], lsh, b, k, cap)
-            stats["pairs"] += r.pairs
-            stats["split"] += int(r.leaves > 1)
-            stats["largest_leaf"] = max(stats["largest_leaf"], r.largest_leaf)
-            for s, t, d in zip(r.image_id, r.neighbour_id, r.distance, strict=True):
-                found[s][t] = float(d)
+    stats = {"pairs": 0, "split": 0, "largest_cell": 0, "largest_leaf": 0}
+    order = np.argsort(cell, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(cell[order]) != 0])
+    for rows in np.split(order, starts[1:]):
+        stats["largest_cell"] = max(stats["largest_cell"], len(rows))
+        r = bucket_neighbours(arr[member[rows]], x[member[rows]], home[rows], cells, k, cap)
+        stats["pairs"] += r.pairs
+        stats["split"] += int(r.leaves > 1)
+        stats["largest_leaf"] = max(stats["largest_leaf"], r.largest_leaf)
+        for s, t, d in zip(r.source, r.target, r.distance, strict=True):
+            found[s][t] = float(d)
     graph = {i: sorted((d, t) for t, d in v.items())[:k] for i, v in found.items()}
     return graph, stats
 

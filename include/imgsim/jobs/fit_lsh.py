@@ -446,11 +446,42 @@ def write_version(
     )
 
 
-def graph_near_distances(exact_rows: pd.DataFrame, k: int) -> np.ndarray:
-    """The distances of each validation query's k nearest other references (exact)."""
+def graph_pairs(
+    reference: DataFrame, exact_rows: pd.DataFrame, queries: list[str], q_vec: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The validation queries' exact k nearest other references as (query, neighbour) vector
+    pairs (the neighbours' vectors read from ``reference``)."""
     rows = exact_rows[exact_rows["image_id"] != exact_rows["query_id"]]
-    rows = rows.sort_values(["query_id", "distance", "image_id"])
-    return rows.groupby("query_id").head(k)["distance"].to_numpy(np.float64)
+    rows = rows.sort_values(["query_id", "distance", "image_id"]).groupby("query_id").head(k)
+    wanted = sorted(set(rows["image_id"]))
+    spark = reference.sparkSession
+    found = cast(
+        pd.DataFrame,
+        reference.select("image_id", "vector")
+        .join(
+            F.broadcast(spark.createDataFrame([(i,) for i in wanted], "image_id string")),
+            "image_id",
+        )
+        .toPandas(),
+    )
+    vec = dict(zip(found["image_id"], found["vector"], strict=True))
+    at = {q: i for i, q in enumerate(queries)}
+    keep = rows[rows["query_id"].isin(at) & rows["image_id"].isin(vec)]
+    if not len(keep):
+        raise ValueError("no validation query has an exact neighbour to tune the graph on")
+    return (
+        q_vec[keep["query_id"].map(at).to_numpy()],
+        np.stack([np.asarray(vec[i], np.float32) for i in keep["image_id"]]),
+    )
+
+
+def graph_train(reference: DataFrame, n: int, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of about ``size`` reference vectors (the graph's k-means training set)."""
+    part = reference.select("vector")
+    if size < n:
+        part = part.sample(fraction=min(1.0, 1.1 * size / n), seed=seed).limit(size)
+    rows = cast(pd.DataFrame, part.toPandas())
+    return np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
 
 
 def neighbour_graph(
@@ -467,8 +498,8 @@ def neighbour_graph(
     written into ``out_dir``; their manifest entries (None, None with --graph-k 0).
 
     ``exact_rows``: the validation ``queries``' exact neighbours over the whole index
-    (query_id, image_id, distance); with the driver ``sample`` of vectors they tune the graph's
-    LSH."""
+    (query_id, image_id, distance); the queries' vectors are the first rows of ``sample``.
+    They choose the graph cells' probes."""
     if args.graph_k == 0:
         return None, None
     from imgsim.ann.search import scan_is_cheaper
@@ -487,27 +518,31 @@ def neighbour_graph(
             f"{args.scan_below}, where a scan costs less than the LSH buckets)"
         )
     else:
-        from imgsim.ann.graph import tune_graph_lsh
-        from imgsim.ann.tuning import pair_distances
+        from imgsim.ann.graph import train_size, tune_graph_cells
 
-        lsh, tuning = tune_graph_lsh(
-            graph_near_distances(exact_rows, args.graph_k),
-            pair_distances(sample, args.seed, 20_000),
+        cap = args.graph_bucket_cap
+        t_tune = time.perf_counter()
+        cells, tuning = tune_graph_cells(
+            graph_train(reference, n, train_size(n, cap), args.seed),
+            *graph_pairs(reference, exact_rows, queries, sample, args.graph_k),
             n,
-            dim,
             target=target_recall(args),
-            cap=args.graph_bucket_cap,
+            cap=cap,
             seed=args.seed,
         )
-        log.info("graph LSH %s: %s", lsh.entry(), tuning)
-        graph, entry = ng.build_graph(reference, lsh, k=args.graph_k, cap=args.graph_bucket_cap)
+        tuning["seconds"] = round(time.perf_counter() - t_tune, 3)
+        cells.save(out_dir / ng.CELLS_FILE)
+        log.info("graph cells %s: %s", cells.entry(), tuning)
+        graph, entry = ng.build_graph(reference, cells, k=args.graph_k, cap=cap)
         graph, fill = ng.fill_short(graph, reference, args.graph_k, n, exact)
         entry.update(
             **fill,
             tuning=tuning,
-            method="lsh: the graph's own E2LSH (tuned for the recall target), buckets over "
-            "the cap split at projection medians, each leaf scored in float64, top-k per "
-            "image; images left short filled by exact search",
+            file=ng.CELLS_FILE,
+            method="cells: k-means cells of the index, each reference stored in its nearest "
+            "and probing its nearest few (as many as the recall target needs), each cell's "
+            "rows scored against its homes in float64 (cells over the cap split at "
+            "projection medians), top-k per image; images left short filled by exact search",
         )
     edges = ng.write_graph(graph, out_dir / "neighbours")
     graph = reference.sparkSession.read.parquet(str(out_dir / "neighbours")).cache()
@@ -691,6 +726,11 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             "model": "model",
             "reference": "reference",
             **({"neighbours": "neighbours", "duplicates": "duplicates"} if graph_entry else {}),
+            **(
+                {"neighbours_cells": graph_entry["file"]}
+                if graph_entry and "file" in graph_entry
+                else {}
+            ),
             **(
                 {"projection": projection_entry["file"]}
                 if projection_entry and "file" in projection_entry

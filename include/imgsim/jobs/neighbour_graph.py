@@ -1,25 +1,24 @@
 """The neighbour graph and near-duplicate groups of a version, on Spark (a stage of the fit job).
 
 From the reference table (image_id, vector: the version's projected space) and the graph's
-own LSH (:class:`imgsim.ann.graph.GraphLsh`, tuned per version by
-:func:`imgsim.ann.graph.tune_graph_lsh`):
+own cells (:class:`imgsim.ann.graph.GraphCells`, trained per version by
+:func:`imgsim.ann.graph.tune_graph_cells`):
 
 1. every reference gets a node number (its rank by image id, so ties by node are ties by id)
-   and is exploded into its band keys; the buckets are counted and single-member buckets
-   dropped;
-2. the rows are shuffled by bucket (band, key) and sorted, and each partition walks its
-   buckets: :func:`imgsim.ann.graph.bucket_neighbours` splits a bucket over the cap at
-   medians of seeded projections and scores each leaf with one float64 Gram product, keeping
-   each member's k nearest;
-3. the k nearest per image over all its buckets (a pair found in several bands once) are the
+   and one row per probed cell (the nearest: its home);
+2. the rows are shuffled by cell and sorted, and each partition walks its cells:
+   :func:`imgsim.ann.graph.bucket_neighbours` splits a cell over the cap at medians of
+   seeded projections and scores each leaf's rows against its homes with one float64 Gram
+   product, keeping k nearest per row and per home;
+3. the k nearest per image over all its cells (a pair found in several cells once) are the
    graph; an image left with fewer than k neighbours is answered by an exact scan (up to
    ``FILL_MAX`` of them);
 4. edges at or under the duplicate distance form the near-duplicate groups (connected
    components, :func:`imgsim.ann.graph.duplicate_groups`).
 
 Written into the version as ``neighbours/`` (image_id, rank, neighbour_id, distance; rank 1 is
-the nearest) and ``duplicates/`` (group, size, image_id, path, class_id, class_name,
-nearest_id, nearest_distance; group 0 is the largest).
+the nearest), ``neighbours-cells.npy`` (the centroids) and ``duplicates/`` (group, size,
+image_id, path, class_id, class_name, nearest_id, nearest_distance; group 0 is the largest).
 """
 
 from __future__ import annotations
@@ -38,27 +37,29 @@ from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 if TYPE_CHECKING:
-    from imgsim.ann.graph import GraphLsh
+    from imgsim.ann.graph import GraphCells
 
 log = logging.getLogger("imgsim.neighbour_graph")
 
-#: images the LSH left short of k neighbours that an exact scan completes (more: left short)
+#: images the cells left short of k neighbours that an exact scan completes (more: left short)
 FILL_MAX = 5000
 #: edges under the duplicate distance collected on the driver (more: the distance is too big)
 MAX_DUPLICATE_EDGES = 5_000_000
-#: bytes of exploded rows per shuffle partition of the bucket stage
+#: bytes of exploded rows per shuffle partition of the cell stage
 PARTITION_BYTES = 64 << 20
-#: buckets with two or more members up to which their table is broadcast to drop the rows of
-#: single-member buckets before the bucket shuffle (more: every row is shuffled)
-SHARED_BROADCAST_MAX = 2_000_000
+#: the file of the graph's centroids in a version
+CELLS_FILE = "neighbours-cells.npy"
 
 EDGE_SCHEMA = T.StructType(
     [
         T.StructField("node", T.LongType()),
         T.StructField("neighbour", T.LongType()),
         T.StructField("distance", T.DoubleType()),
+        # the work of the batch's cells, on its first row (0 on the others)
         T.StructField("pairs", T.LongType()),
+        T.StructField("cells", T.LongType()),
         T.StructField("split", T.LongType()),
+        T.StructField("largest", T.LongType()),
         T.StructField("leaf", T.LongType()),
     ]
 )
@@ -92,9 +93,8 @@ def arrow_list(x: np.ndarray) -> Any:
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x).ravel()))
 
 
-def explode_bands(nodes: DataFrame, lsh: GraphLsh, vectors: bool) -> DataFrame:
-    """(node, vector) -> one row per band: band, key (and node, vector with ``vectors``)."""
-    schema = "band int, key bigint" + (", node bigint, vector array<float>" if vectors else "")
+def explode_cells(nodes: DataFrame, cells: GraphCells) -> DataFrame:
+    """(node, vector) -> one row per probed cell: cell, home (the nearest), node, vector."""
 
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -103,61 +103,63 @@ def explode_bands(nodes: DataFrame, lsh: GraphLsh, vectors: bool) -> DataFrame:
             m = batch.num_rows
             if not m:
                 continue
-            x = arrow_vectors(batch.column("vector"), lsh.dim)
-            cols = {
-                "band": pa.array(np.tile(np.arange(lsh.bands, dtype=np.int32), m)),
-                "key": pa.array(lsh.band_keys(x).ravel()),
-            }
-            if vectors:
-                node = batch.column("node").to_numpy(zero_copy_only=False)
-                cols["node"] = pa.array(np.repeat(node.astype(np.int64), lsh.bands))
-                cols["vector"] = arrow_list(np.repeat(x, lsh.bands, axis=0))
-            yield pa.RecordBatch.from_pydict(cols)
+            x = arrow_vectors(batch.column("vector"), cells.dim)
+            probe = cells.probe_cells(x)
+            node = batch.column("node").to_numpy(zero_copy_only=False).astype(np.int64)
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "cell": pa.array(probe.ravel().astype(np.int32)),
+                    "home": pa.array(np.tile(np.arange(cells.probes) == 0, m)),
+                    "node": pa.array(np.repeat(node, cells.probes)),
+                    "vector": arrow_list(np.repeat(x, cells.probes, axis=0)),
+                }
+            )
 
+    schema = "cell int, home boolean, node bigint, vector array<float>"
     return nodes.select("node", "vector").mapInArrow(run, schema)
 
 
-def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame:
-    """Each bucket's leaves scored; every member's k nearest among them (EDGE_SCHEMA; the
-    work done rides on the first row of each output batch). Rows arrive sorted by (band,
-    key, node); a bucket may go on from one Arrow batch into the next."""
+def _cell_stage(rows: DataFrame, cells: GraphCells, k: int, cap: int) -> DataFrame:
+    """Each cell's leaves scored (EDGE_SCHEMA; the work done rides on the first row of each
+    output batch). Rows arrive sorted by (cell, node); a cell may go on from one Arrow batch
+    into the next."""
 
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
         from imgsim.ann.graph import bucket_neighbours
 
-        def starts_of(band: np.ndarray, key: np.ndarray) -> np.ndarray:
-            return np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (key[1:] != key[:-1])])
+        def starts_of(cell: np.ndarray) -> np.ndarray:
+            return np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
 
         def walk(cols: tuple[np.ndarray, ...], upto: int) -> Any:
-            band, key, node, vec = cols
-            starts = starts_of(band[:upto], key[:upto])
+            cell, home, node, vec = cols
+            starts = starts_of(cell[:upto])
             ends = np.r_[starts[1:], upto]
-            src, dst, dist, pairs, split, leaf = [], [], [], 0, 0, 0
+            src, dst, dist = [], [], []
+            work = np.zeros(5, np.int64)  # pairs, cells, split, largest, leaf
             for s, e in zip(starts, ends, strict=True):
-                if e - s < 2:
-                    continue
-                r = bucket_neighbours(node[s:e], vec[s:e], lsh, int(band[s]), k, cap)
-                pairs, split = pairs + r.pairs, split + (r.leaves > 1)
-                leaf = max(leaf, r.largest_leaf)
-                src.append(r.image_id)
-                dst.append(r.neighbour_id)
+                r = bucket_neighbours(node[s:e], vec[s:e], home[s:e], cells, k, cap)
+                work[:3] += r.pairs, 1, r.leaves > 1
+                work[3:] = np.maximum(work[3:], (e - s, r.largest_leaf))
+                src.append(r.source)
+                dst.append(r.target)
                 dist.append(r.distance)
-            if not src:
-                return None
-            source = np.concatenate(src).astype(np.int64)
-            work = np.zeros((3, len(source)), np.int64)
-            if len(source):
-                work[:, 0] = pairs, split, leaf
+            source = np.concatenate(src).astype(np.int64) if src else np.zeros(0, np.int64)
+            if not len(source):  # the work still counts: one row to the node -1
+                src, dst, dist = [np.array([-1])], [np.array([-1])], [np.array([np.inf])]
+                source = np.array([-1], np.int64)
+            stats = np.zeros((5, len(source)), np.int64)
+            stats[:, 0] = work
             return pa.RecordBatch.from_pydict(
                 {
                     "node": pa.array(source),
                     "neighbour": pa.array(np.concatenate(dst).astype(np.int64)),
                     "distance": pa.array(np.concatenate(dist).astype(np.float64)),
-                    "pairs": pa.array(work[0]),
-                    "split": pa.array(work[1]),
-                    "leaf": pa.array(work[2]),
+                    **{
+                        name: pa.array(stats[i])
+                        for i, name in enumerate(("pairs", "cells", "split", "largest", "leaf"))
+                    },
                 }
             )
 
@@ -166,29 +168,26 @@ def _bucket_stage(rows: DataFrame, lsh: GraphLsh, k: int, cap: int) -> DataFrame
             if not batch.num_rows:
                 continue
             cols: tuple[np.ndarray, ...] = (
-                batch.column("band").to_numpy(zero_copy_only=False),
-                batch.column("key").to_numpy(zero_copy_only=False),
+                batch.column("cell").to_numpy(zero_copy_only=False),
+                batch.column("home").to_numpy(zero_copy_only=False).astype(bool),
                 batch.column("node").to_numpy(zero_copy_only=False),
-                arrow_vectors(batch.column("vector"), lsh.dim),
+                arrow_vectors(batch.column("vector"), cells.dim),
             )
             if pending is not None:
                 cols = tuple(np.concatenate([a, b]) for a, b in zip(pending, cols, strict=True))
-            last = int(starts_of(cols[0], cols[1])[-1])  # the last bucket may go on
-            out = walk(cols, last)
-            if out is not None:
-                yield out
+            last = int(starts_of(cols[0])[-1])  # the last cell may go on
+            if last:
+                yield walk(cols, last)
             pending = tuple(c[last:] for c in cols)
         if pending is not None and len(pending[0]):
-            out = walk(pending, len(pending[0]))
-            if out is not None:
-                yield out
+            yield walk(pending, len(pending[0]))
 
-    return rows.select("band", "key", "node", "vector").mapInArrow(run, EDGE_SCHEMA)
+    return rows.select("cell", "home", "node", "vector").mapInArrow(run, EDGE_SCHEMA)
 
 
 def top_k(edges: DataFrame, k: int) -> DataFrame:
     """Each node's k nearest distinct neighbours: node, rank (1 = nearest), neighbour,
-    distance. A pair found in several buckets has the same distance in each (recomputed pair
+    distance. A pair found in several cells has the same distance in each (recomputed pair
     by pair), so it ranks once."""
     w = Window.partitionBy("node").orderBy("distance", "neighbour")
     return (
@@ -209,55 +208,39 @@ def node_numbers(reference: DataFrame) -> DataFrame:
 
 
 def build_graph(
-    reference: DataFrame, lsh: GraphLsh, *, k: int, cap: int
+    reference: DataFrame, cells: GraphCells, *, k: int, cap: int
 ) -> tuple[DataFrame, dict[str, Any]]:
-    """The graph of ``reference`` (image_id, vector) before the exact fill, and its bucket
+    """The graph of ``reference`` (image_id, vector) before the exact fill, and its cell
     statistics for the manifest."""
     spark = reference.sparkSession
     names = node_numbers(reference).cache()
-    nodes = reference.select("image_id", "vector").join(names, "image_id").cache()
-    n = nodes.count()
-    counts = explode_bands(nodes, lsh, vectors=False).groupBy("band", "key").count().cache()
-    stats = cast(
-        Any,
-        counts.agg(
-            F.count("*").alias("buckets"),
-            F.max("count").alias("largest"),
-            F.sum(F.when(F.col("count") > 1, 1).otherwise(0)).alias("shared"),
-            F.sum(F.when(F.col("count") > 1, F.col("count")).otherwise(0)).alias("rows"),
-            F.sum(F.when(F.col("count") > cap, 1).otherwise(0)).alias("over_cap"),
-        ).first(),
-    )
-    rows = explode_bands(nodes, lsh, vectors=True)
-    shared = int(stats.shared or 0)
-    if shared <= SHARED_BROADCAST_MAX:
-        # the buckets with pairs: a broadcast inner join drops the rows of single-member
-        # buckets (no pairs) before the shuffle that carries the vectors
-        rows = rows.join(
-            F.broadcast(counts.filter(F.col("count") > 1).select("band", "key")), ["band", "key"]
-        )
-        shuffled = int(stats.rows or 0)
-    else:
-        shuffled = n * lsh.bands
+    nodes = reference.select("image_id", "vector").join(names, "image_id")
+    n = names.count()
+    shuffled = n * cells.probes
     partitions = max(
         spark.sparkContext.defaultParallelism,
-        int(shuffled * (lsh.dim * 4 + 64) // PARTITION_BYTES),
+        int(shuffled * (cells.dim * 4 + 64) // PARTITION_BYTES),
     )
-    grouped = rows.repartition(partitions, "band", "key").sortWithinPartitions(
-        "band", "key", "node"
+    grouped = (
+        explode_cells(nodes, cells)
+        .repartition(partitions, "cell")
+        .sortWithinPartitions("cell", "node")
     )
-    edges = _bucket_stage(grouped, lsh, k, cap).cache()
-    work = cast(Any, edges.agg(F.sum("pairs"), F.sum("split"), F.max("leaf")).first())
-    counts.unpersist()
+    edges = _cell_stage(grouped, cells, k, cap).cache()
+    work = cast(
+        Any,
+        edges.agg(
+            F.sum("pairs"), F.sum("cells"), F.sum("split"), F.max("largest"), F.max("leaf")
+        ).first(),
+    )
     info = {
         "k": k,
         "bucket_cap": cap,
-        "lsh": lsh.entry(),
-        "buckets": int(stats.buckets or 0),
-        "shared_buckets": shared,
-        "largest_bucket": int(stats.largest or 0),
-        "split_buckets": int(work[1] or 0),
-        "largest_leaf": int(work[2] or 0),
+        "cells": cells.entry(),
+        "cells_used": int(work[1] or 0),
+        "largest_cell": int(work[3] or 0),
+        "split_cells": int(work[2] or 0),
+        "largest_leaf": int(work[4] or 0),
         "pairs_compared": int(work[0] or 0),
         "pairs_share": float(work[0] or 0) / max(n * (n - 1) / 2, 1),
         "partitions": partitions,
@@ -267,15 +250,14 @@ def build_graph(
         F.col("image_id").alias("neighbour_id"), F.col("node").alias("neighbour")
     )
     graph = (
-        top_k(edges.select("node", "neighbour", "distance"), k)
+        top_k(edges.filter(F.col("node") >= 0).select("node", "neighbour", "distance"), k)
         .join(names, "node")
         .join(neighbours, "neighbour")
         .select("image_id", "rank", "neighbour_id", "distance")
         .cache()  # the short-list fill and the write (with its sort's sampling) both read it
     )
     graph.count()
-    edges.unpersist()  # k x bands edges per image: give the memory (or disk) back
-    nodes.unpersist()
+    edges.unpersist()  # k x probes x 2 edges per image: give the memory (or disk) back
     names.unpersist()
     return graph, info
 
