@@ -358,7 +358,7 @@ class Settings(BaseSettings):
         "graph's own LSH buckets (tuned per version); 0 skips the graph and the near-duplicate "
         "groups",
     )
-    graph_bucket_cap: int = Field(1000, ge=2)  # larger graph buckets are split at medians
+    graph_bucket_cap: int = Field(1000, ge=2)  # graph cells hold ~1/4 of it; more: split
     # 0: the distance measured for the version's search space (imgsim.ann.graph
     # DUPLICATE_DISTANCE, benchmarks/bench_duplicates.py)
     duplicate_distance: float = Field(
