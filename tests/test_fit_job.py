@@ -127,9 +127,10 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
 
     graph = manifest["neighbours"]
     assert graph["method"].startswith("scan") and graph["recall_at_k"] == 1.0
-    # no projection: the near-duplicate distance measured for the raw space
+    # no projection: the near-duplicate distance applies to the graph's own distances
     assert manifest["duplicates"]["distance"] == 0.41
-    assert manifest["duplicates"]["distance_source"].startswith("measured for the none space")
+    assert manifest["duplicates"]["distance_source"].startswith("measured on copies")
+    assert manifest["duplicates"]["space"] == "search"
     ref = pq.read_table(staged / "reference").to_pydict()
     idx, dist = exact_neighbours(np.array(ref["vector"], np.float32), 10)
     table = pq.read_table(staged / "neighbours").to_pandas().sort_values(["image_id", "rank"])

@@ -22,6 +22,7 @@ VERSION = "v20260101T000000Z-0000aa"
 
 
 BANDED = "v20260101T000000Z-0000bb"
+COPIES = {497: 3, 498: 3, 499: 40}
 PROJECTED = "v20260101T000000Z-0000cc"
 
 
@@ -36,7 +37,11 @@ def fit_and_publish(spark, layout, version: str, flags: str) -> None:
 
 @pytest.fixture(scope="module")
 def published(spark, tmp_path_factory: pytest.TempPathFactory):
-    layout = make_store(tmp_path_factory.mktemp("qjob") / "data", n=500, dim=16, gone=0)
+    # three near-copies: the duplicate groups of the projected version are decided between the
+    # embeddings, not in its 6-d LDA space (where many distinct vectors lie within 0.41)
+    layout = make_store(
+        tmp_path_factory.mktemp("qjob") / "data", n=500, dim=16, gone=0, copies=COPIES
+    )
     fit_and_publish(
         spark,
         layout,
@@ -78,6 +83,40 @@ def test_a_projected_version_keeps_its_projection(published) -> None:
     assert model.projection is not None and model.projection.kind == "lda"
     assert model.manifest["files"]["projection"] == "projection/projection.npz"
     assert model.manifest["fit_settings"]["projection"] == "lda"
+
+
+def test_a_projected_version_decides_duplicates_between_the_embeddings(published) -> None:
+    import pyarrow.parquet as pq
+
+    from imgsim.ann import l2_normalize
+    from imgsim.versions.models import version_dir
+
+    model = load_model(published, PROJECTED)
+    entry = model.manifest["duplicates"]
+    assert entry["space"].startswith("embeddings") and entry["distance"] == 0.41
+    assert entry["candidates"] == "each image's 5 nearest in the graph, rescored"
+    dup = pq.read_table(version_dir(published, PROJECTED) / "duplicates").to_pandas()
+    hexid = [f"{i:064x}" for i in range(500)]
+    groups = dup.groupby("group")["image_id"].apply(set).to_dict()
+    assert groups == {0: {hexid[3], hexid[497], hexid[498]}, 1: {hexid[40], hexid[499]}}
+    # the distances are between the L2-normalised embeddings (the store's vectors)
+    shards = sorted(published.embeddings("random").rglob("*.parquet"))
+    vec = {
+        i: v
+        for f in shards
+        for i, v in zip(
+            *pq.read_table(f, columns=["image_id", "vector"]).to_pydict().values(), strict=True
+        )
+    }
+    for row in dup.itertuples():
+        a, b = (
+            l2_normalize(np.asarray([vec[i]], np.float64))[0]
+            for i in (row.image_id, row.nearest_id)
+        )
+        assert row.nearest_distance == pytest.approx(np.linalg.norm(a - b), abs=1e-6)
+    # in the search space the same threshold would have joined far more
+    far = model.vectors[:, None] - model.vectors[None]
+    assert ((np.linalg.norm(far, axis=2) <= 0.41).sum() - 500) / 2 > 20
 
 
 NO_SCAN = (1.0, 0)  # the LSH itself, never the cheaper scan

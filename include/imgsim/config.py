@@ -355,20 +355,21 @@ class Settings(BaseSettings):
         le=100,
         title="Neighbours per reference in the graph (0 = no graph)",
         description="each reference's k nearest references, computed by the fit job from the "
-        "graph's own LSH buckets (tuned per version); 0 skips the graph and the near-duplicate "
-        "groups",
+        "graph's own k-means cells (learned per version); 0 skips the graph and the "
+        "near-duplicate groups",
     )
     graph_bucket_cap: int = Field(1000, ge=2)  # graph cells hold ~1/4 of it; more: split
-    # 0: the distance measured for the version's search space (imgsim.ann.graph
+    # 0: the distance measured on copies of sample photos (imgsim.ann.graph
     # DUPLICATE_DISTANCE, benchmarks/bench_duplicates.py)
     duplicate_distance: float = Field(
         0.0,
         ge=0,
         le=2,
         title="Near-duplicate distance",
-        description="graph edges at or under this distance (search space, unit vectors) "
-        "join near-duplicate groups; 0: the distance measured for the version's search space "
-        "(LDA 0.51, none 0.41; whiten: not measured, no groups)",
+        description="pairs at or under this distance between the L2-normalised embeddings "
+        "join near-duplicate groups (where the search space is a projection, each image's "
+        "5 nearest in the graph are rescored between the embeddings); 0: the distance "
+        "measured on copies of sample photos (0.41)",
     )
 
     def __init__(self, **values: Any) -> None:

@@ -40,11 +40,15 @@ import numpy as np
 from imgsim.ann.brp import AnnError
 from imgsim.ann.search import smallest_k
 
-#: near-duplicate distance per search space (projection kind), measured by
+#: near-duplicate distance between L2-normalised embeddings (not the search space: a learned
+#: projection pulls photos of one model together and hides copies), measured by
 #: benchmarks/bench_duplicates.py on copies of 300 sample photos: the largest distance at which
-#: at most 0.5% of the photos have a distinct photo within it (results/duplicates.md). Whitening
-#: was not measured: a whitened version gets no groups unless IMGSIM_DUPLICATE_DISTANCE is set.
-DUPLICATE_DISTANCE = {"lda": 0.51, "none": 0.41}
+#: at most 0.5% of the photos have a distinct photo within it (results/duplicates.md)
+DUPLICATE_DISTANCE = 0.41
+#: where the search space is a projection, the candidates rescored in the embedding space:
+#: each image's DUPLICATE_RANK nearest in the graph (bench_duplicates.py: copies meet their
+#: original within it)
+DUPLICATE_RANK = 5
 
 #: median splits a cell over the cap can take (a leaf then has at most 2**-levels of it)
 SPLIT_LEVELS = 24

@@ -492,14 +492,16 @@ def neighbour_graph(
     queries: list[str],
     sample: np.ndarray,
     n: int,
-    space: str,
+    raw: DataFrame | None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph),
     written into ``out_dir``; their manifest entries (None, None with --graph-k 0).
 
     ``exact_rows``: the validation ``queries``' exact neighbours over the whole index
     (query_id, image_id, distance); the queries' vectors are the first rows of ``sample``.
-    They choose the graph cells' probes."""
+    They choose the graph cells' probes. ``raw``: (image_id, vector) of the L2-normalised
+    embeddings where the search space is a projection of them (None: the search space is
+    the embeddings): near-duplicates are decided there."""
     if args.graph_k == 0:
         return None, None
     from imgsim.ann.search import scan_is_cheaper
@@ -551,22 +553,17 @@ def neighbour_graph(
         images=n,
         **ng.graph_recall(graph, exact_rows, queries, args.graph_k, n),
         mode="full",
-        mode_reason="the projection and the LSH are fitted anew for every version",
+        mode_reason="the projection and the graph's cells are learned anew for every version",
         seconds=round(time.perf_counter() - t0, 3),
     )
     from imgsim.ann.graph import DUPLICATE_DISTANCE
 
-    threshold = args.duplicate_distance or DUPLICATE_DISTANCE.get(space)
-    duplicates = ng.write_duplicates(
-        graph, reference, -1.0 if threshold is None else threshold, out_dir / "duplicates"
-    )
-    duplicates["distance"] = threshold
+    threshold = args.duplicate_distance or DUPLICATE_DISTANCE
+    duplicates = ng.write_duplicates(graph, reference, threshold, out_dir / "duplicates", raw=raw)
     duplicates["distance_source"] = (
         "IMGSIM_DUPLICATE_DISTANCE"
         if args.duplicate_distance
-        else f"measured for the {space} space (benchmarks/bench_duplicates.py)"
-        if threshold is not None
-        else f"none: no distance measured for the {space} space; set IMGSIM_DUPLICATE_DISTANCE"
+        else "measured on copies of sample photos (benchmarks/bench_duplicates.py)"
     )
     log.info("neighbour graph: %s; duplicates: %s", entry, duplicates)
     return entry, duplicates
@@ -595,8 +592,11 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
 
     raw_dim = dims[0]
     projection_entry: dict[str, Any] | None = None
+    raw: DataFrame | None = None  # the embeddings, where a projection replaces them
     if args.projection_dir is not None:
+        embedded = data
         data, projection_entry = apply_projection(data, args.projection_dir, out_dir)
+        raw = None if data is embedded else embedded.select("image_id", "vector")
     dim = int(projection_entry["dims"]) if projection_entry else raw_dim
     bucket_length, median_distance = args.bucket_length, None
     bands, tuning = args.num_hash_tables, None
@@ -665,7 +665,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         queries["image_id"].tolist(),
         x,
         n,
-        (projection_entry or {}).get("kind", "none"),
+        raw,
     )
 
     backbone_file = layout.backbone_record(args.backbone)

@@ -14,7 +14,8 @@ own cells (:class:`imgsim.ann.graph.GraphCells`, trained per version by
    graph; an image left with fewer than k neighbours is answered by an exact scan (up to
    ``FILL_MAX`` of them);
 4. edges at or under the duplicate distance form the near-duplicate groups (connected
-   components, :func:`imgsim.ann.graph.duplicate_groups`).
+   components, :func:`imgsim.ann.graph.duplicate_groups`); where the search space is a
+   projection, each image's first few edges are rescored between the embeddings first.
 
 Written into the version as ``neighbours/`` (image_id, rank, neighbour_id, distance; rank 1 is
 the nearest), ``neighbours-cells.npy`` (the centroids) and ``duplicates/`` (group, size,
@@ -69,8 +70,9 @@ class GraphError(ValueError):
     """The graph cannot be built as asked (the message says why and what to change)."""
 
 
-def arrow_vectors(column: Any, dim: int) -> np.ndarray:
-    """(m, dim) float32 from an Arrow list<float> column (one copy, no per-row Python)."""
+def arrow_vectors(column: Any, dim: int | None = None) -> np.ndarray:
+    """(m, dim) float32 from an Arrow list<float> column (one copy, no per-row Python); dim
+    None: the first row's."""
     import pyarrow as pa
 
     if isinstance(column, pa.ChunkedArray):
@@ -78,6 +80,8 @@ def arrow_vectors(column: Any, dim: int) -> np.ndarray:
     if column.null_count:
         raise GraphError("a reference vector is null")
     offsets = column.offsets.to_numpy()
+    if dim is None:
+        dim = int(offsets[1] - offsets[0]) if len(column) else 0
     if len(column) and not (np.diff(offsets) == dim).all():
         raise GraphError(f"reference vectors of other than {dim} dimensions")
     values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
@@ -354,17 +358,64 @@ def write_graph(graph: DataFrame, out: Path) -> int:
     return int(graph.sparkSession.read.parquet(str(out)).count())
 
 
+def raw_distances(pairs: DataFrame, raw: DataFrame) -> DataFrame:
+    """(image_id, neighbour_id) pairs with their distance between the ``raw`` vectors
+    (image_id, vector; float64 from the float32 vectors, on Arrow batches)."""
+    joined = pairs.join(raw.select("image_id", F.col("vector").alias("a")), "image_id").join(
+        raw.select(F.col("image_id").alias("neighbour_id"), F.col("vector").alias("b")),
+        "neighbour_id",
+    )
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            a, b = (arrow_vectors(batch.column(c)) for c in ("a", "b"))
+            if a.shape != b.shape:
+                raise GraphError(f"embeddings of {a.shape[1]} and {b.shape[1]} dimensions")
+            diff = a.astype(np.float64) - b
+            yield pa.RecordBatch.from_pydict(
+                {
+                    "image_id": batch.column("image_id"),
+                    "neighbour_id": batch.column("neighbour_id"),
+                    "distance": pa.array(np.sqrt(np.einsum("ij,ij->i", diff, diff))),
+                }
+            )
+
+    schema = "image_id string, neighbour_id string, distance double"
+    return joined.select("image_id", "neighbour_id", "a", "b").mapInArrow(run, schema)
+
+
 def write_duplicates(
-    graph: DataFrame, reference: DataFrame, threshold: float, out: Path
+    graph: DataFrame,
+    reference: DataFrame,
+    threshold: float,
+    out: Path,
+    raw: DataFrame | None = None,
 ) -> dict[str, Any]:
     """Near-duplicate groups of the graph's edges at or under ``threshold``, written to
-    ``out``; their counts for the manifest."""
-    from imgsim.ann.graph import duplicate_groups
+    ``out``; their counts for the manifest. With ``raw`` (image_id, vector: the embeddings
+    the search space projects), each image's DUPLICATE_RANK nearest are rescored there and
+    the threshold applies to those distances."""
+    from imgsim.ann.graph import DUPLICATE_RANK, duplicate_groups
 
     t0 = time.perf_counter()
-    near = graph.filter(F.col("distance") <= threshold).select(
-        "image_id", "neighbour_id", "distance"
-    )
+    near = graph.select("image_id", "neighbour_id", "distance")
+    entry: dict[str, Any] = {"space": "search", "candidates": "every graph edge"}
+    if raw is not None:
+        first = graph.filter(F.col("rank") <= DUPLICATE_RANK)
+        pairs = first.select(
+            F.least("image_id", "neighbour_id").alias("image_id"),
+            F.greatest("image_id", "neighbour_id").alias("neighbour_id"),
+        ).distinct()
+        near = raw_distances(pairs, raw)
+        entry = {
+            "space": "embeddings (L2-normalised, before the projection)",
+            "candidates": f"each image's {DUPLICATE_RANK} nearest in the graph, rescored",
+        }
+    near = near.filter(F.col("distance") <= threshold)
     edges = cast(pd.DataFrame, near.limit(MAX_DUPLICATE_EDGES + 1).toPandas())
     if len(edges) > MAX_DUPLICATE_EDGES:
         raise GraphError(
@@ -409,6 +460,7 @@ def write_duplicates(
     sizes = np.bincount(g.group) if len(g.group) else np.zeros(0, np.int64)
     return {
         "distance": threshold,
+        **entry,
         "groups": len(sizes),
         "images": len(g.image_id),
         "largest": int(sizes.max()) if len(sizes) else 0,
