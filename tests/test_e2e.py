@@ -189,6 +189,20 @@ def test_second_run_embeds_exactly_the_new_photos(
     assert m["version"] != first_run["manifest"]["version"]
     assert current_version(layout) == m["version"]
     assert published_versions(layout) == sorted([first_run["manifest"]["version"], m["version"]])
+    # 20 new of 1,960 (1%, under IMGSIM_PROJECTION_REFRESH): the run kept the first version's
+    # LDA, so the search space did not move and the exact graph was updated, not rescanned
+    first = first_run["manifest"]
+    assert m["projection"]["reuse"] == {
+        "from": first["version"],
+        "previous": first["version"],
+        "learned_on": 1960,
+        "changed": 20,
+        "refresh": 0.05,
+    }
+    graph = m["neighbours"]
+    assert graph["mode"] == "incremental" and graph["previous"] == first["version"]
+    assert graph["changes"]["new"] == 20 and graph["changes"]["gone"] == 0
+    assert graph["recall_at_k"] == 1.0
 
 
 def test_third_run_with_nothing_new_publishes_nothing(

@@ -351,3 +351,71 @@ def test_explicit_parameters_are_not_tuned() -> None:
     ):
         with pytest.raises(SystemExit):
             fit_args(Layout(Path("x")), "v1", bad)
+
+
+def test_a_daily_change_updates_the_exact_graph_instead_of_rescanning(
+    spark, tmp_path: Path
+) -> None:
+    """Same space as CURRENT (no projection, same backbone): new images and those that lost
+    a neighbour are scanned afresh, the others keep their lists plus the new images; the
+    result is the exact graph of the new index."""
+    import pyarrow.parquet as pq
+
+    from imgsim.ann.graph import exact_neighbours
+    from imgsim.versions.models import publish
+
+    layout = make_store(tmp_path / "data", n=300, dim=8, gone=0)
+    first, second = "v20260101T000000Z-0000f1", "v20260102T000000Z-0000f2"
+    m1 = fit(spark, layout, first, "--num-hash-tables 4 --bucket-length 2.0 --sample-size 30")
+    assert m1["neighbours"]["mode"] == "full"
+    assert m1["neighbours"]["mode_reason"] == "no published version to update"
+    ids = [f"{i:064x}" for i in range(300)]
+    validate(layout, first, ids, recall_floor=0.0)
+    publish(layout, first)
+    # the next day: 12 new images (one a near-copy of image 7), images 0-4 gone
+    rng = np.random.default_rng(5)
+    new = [f"{i:064x}" for i in range(300, 312)]
+    x_new = rng.normal(size=(12, 8)).astype(np.float32)
+    old = {
+        i: np.asarray(v, np.float32)
+        for f in sorted(layout.embeddings("random").rglob("*.parquet"))
+        for i, v in zip(
+            *pq.read_table(f, columns=["image_id", "vector"]).to_pydict().values(), strict=True
+        )
+    }
+    x_new[0] = old[ids[7]] + 0.001
+    write_shard(layout, "random", "run2", 0, list(zip(new, x_new, strict=True)), 8)
+    catalog = pq.read_table(layout.catalog).to_pylist()
+    for row in catalog:
+        if row["image_id"] in ids[:5]:
+            row["status"] = "gone"
+    extra = {**catalog[-1], "status": "live"}
+    write_catalog(
+        layout,
+        catalog + [{**extra, "image_id": i, "path": f"images/b/{i[-3:]}.jpg"} for i in new],
+    )
+    spark.catalog.clearCache()  # the first fit cached the catalog (one application per run)
+    m2 = fit(spark, layout, second, "--num-hash-tables 4 --bucket-length 2.0 --sample-size 30")
+    entry = m2["neighbours"]
+    assert entry["mode"] == "incremental" and entry["previous"] == first
+    assert entry["changes"]["new"] == 12 and entry["changes"]["gone"] == 5
+    assert 0 < entry["changes"]["lost"] < 100
+    assert entry["mode_reason"].startswith(f"12 new, 5 gone and {entry['changes']['lost']} ")
+    staged = layout.staging / second
+    ref = pq.read_table(staged / "reference").to_pydict()
+    idx, dist = exact_neighbours(np.array(ref["vector"], np.float32), 10)
+    table = pq.read_table(staged / "neighbours").to_pandas().sort_values(["image_id", "rank"])
+    got = table.groupby("image_id")["neighbour_id"].apply(list).to_dict()
+    want = {i: [ref["image_id"][j] for j in idx[r]] for r, i in enumerate(ref["image_id"])}
+    assert got == want  # the exact graph of the new index
+    near = table.groupby("image_id")["distance"].apply(list).to_dict()
+    assert all(np.allclose(near[i], dist[r], atol=1e-9) for r, i in enumerate(ref["image_id"]))
+    assert got[ids[7]][0] == new[0] and entry["recall_at_k"] == 1.0
+    assert set(table["rank"]) == set(range(1, 11))
+    # a changed k cannot reuse the graph
+    third = "v20260103T000000Z-0000f3"
+    validate(layout, second, ids[5:] + new, recall_floor=0.0)
+    publish(layout, second)
+    m3 = fit(spark, layout, third, "--num-hash-tables 4 --bucket-length 2.0 --graph-k 5")
+    assert m3["neighbours"]["mode"] == "full"
+    assert m3["neighbours"]["mode_reason"] == f"k changed (10 in {second}, now 5)"

@@ -340,6 +340,14 @@ class Settings(BaseSettings):
         "PCA-whitening; lda, whiten, or none (L2-normalised embeddings as they are)",
     )
     projection_min_coverage: Share = 0.5  # labelled share of the references lda needs
+    projection_refresh: Share = Field(
+        0.05,
+        title="Projection refresh",
+        description="an index run keeps CURRENT's projection (the search space) while the "
+        "references added or gone since it was learned are at most this share of those it "
+        "was learned on (and none was relabelled, no class is new); the fit job then updates "
+        "CURRENT's exact neighbour graph instead of rescanning. 0: learned anew every run",
+    )
     projection_engine: str = "auto"  # auto, local, spark: where the projection is learned
     projection_local_max: int = Field(200_000, ge=1)  # auto: in the task up to this many refs
     query_expansion: int = Field(0, ge=0)  # search again with each query + its first N answers

@@ -615,7 +615,8 @@ def fit_plan(
         version,
         "full rebuild asked for" if full_rebuild and not changed else "; ".join(changed),
     )
-    return {**plan, "refit_because": changed or ["full rebuild"]}
+    because = [*changed, "full rebuild"] if full_rebuild else changed
+    return {**plan, "refit_because": because}
 
 
 def refit_reasons(
@@ -679,8 +680,77 @@ def submit_fit(plan: dict[str, Any], run_id: str, master: str = "local[*]") -> N
         raise PipelineError(f"fit_lsh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
+def reusable_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any] | str:
+    """CURRENT's projection entry, with its ``reuse`` record updated, where this run may keep
+    it (IMGSIM_PROJECTION_REFRESH): the same projection settings and backbone, no kept
+    reference relabelled, no class new to it, and the references added or gone since it was
+    learned at most that share of the ones it was learned on. Else why it is learned anew.
+
+    A kept projection keeps the search space, so the fit job can update CURRENT's exact
+    neighbour graph instead of rescanning (imgsim.jobs.fit_lsh.previous_graph)."""
+    import pyarrow.parquet as pq
+
+    from imgsim.catalog import live_rows
+    from imgsim.store import embedded_ids
+    from imgsim.versions.models import VersionNotFound, read_manifest, version_dir
+
+    refresh = settings.projection_refresh
+    if refresh <= 0:
+        return "IMGSIM_PROJECTION_REFRESH is 0: learned anew every run"
+    layout = settings.layout
+    try:
+        current = read_manifest(layout)
+    except VersionNotFound:
+        return "no published version"
+    entry = dict(current.get("projection") or {})
+    version = current["version"]
+    if entry.get("kind", "none") == "none" or not entry.get("file"):
+        return f"CURRENT ({version}) has no learned projection"
+    before = current.get("fit_settings") or {}
+    for key in ("projection", "projection_min_coverage", "seed"):
+        if before.get(key) != plan.get(key):
+            return f"the projection settings changed since {version} ({key})"
+    record = layout.backbone_record(plan["backbone"])
+    if current.get("backbone") != (read_json(record) if record.exists() else None):
+        return f"the backbone changed since {version}"
+    if "full rebuild" in plan.get("refit_because", []):
+        return "a full rebuild was asked for"
+    where = version_dir(layout, version)
+    ref = pq.read_table(where / current["files"]["reference"], columns=["image_id", "class_id"])
+    old = dict(zip(*ref.to_pydict().values(), strict=True))
+    rows = live_rows(layout)
+    indexed = {r["image_id"] for r in rows} & embedded_ids(layout, plan["backbone"])
+    now = {r["image_id"]: r["class_id"] for r in rows if r["image_id"] in indexed}
+    relabelled = sum(1 for i, c in now.items() if i in old and old[i] != c)
+    if relabelled:
+        return f"{relabelled} references were relabelled since {version}"
+    classes = {c for c in old.values() if c is not None}
+    fresh = {c for i, c in now.items() if i not in old and c is not None} - classes
+    if fresh:
+        return f"{len(fresh)} classes new since {version}"
+    reuse = dict(entry.get("reuse") or {})
+    learned_on = int(reuse.get("learned_on", len(old)))
+    changed = int(reuse.get("changed", 0)) + len(now.keys() - old.keys()) + len(old.keys() - now)
+    if changed > refresh * learned_on:
+        return (
+            f"{changed} references added or gone since it was learned on {learned_on}: more "
+            f"than IMGSIM_PROJECTION_REFRESH {refresh:g} of them"
+        )
+    entry["reuse"] = {
+        "from": reuse.get("from", version),
+        "previous": version,
+        "learned_on": learned_on,
+        "changed": changed,
+        "refresh": refresh,
+    }
+    entry["source"] = where / entry["file"]
+    return entry
+
+
 def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
-    """Learn the plan's projection from the live references (:mod:`imgsim.ann.projection`).
+    """Learn the plan's projection from the live references (:mod:`imgsim.ann.projection`),
+    or keep CURRENT's where the change since it was learned is small
+    (:func:`reusable_projection`).
 
     Engine ``local`` (the default up to IMGSIM_PROJECTION_LOCAL_MAX references) computes the
     statistics here from the store, chunk by chunk; ``spark`` submits
@@ -688,19 +758,30 @@ def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]
     executors. Both write ``projection.json`` (+ ``projection.npz``) into the plan's
     ``projection_dir``, which the fit job puts into the version.
     """
+    import shutil
     import time
 
-    from imgsim.ann.projection import read_choice
+    from imgsim.ann.projection import CHOICE_FILE, MATRIX_FILE, read_choice
 
     t0 = time.perf_counter()
     out = Path(plan["projection_dir"])
-    engine = settings.projection_engine
-    if engine == "auto":
-        engine = "local" if plan["expected_count"] <= settings.projection_local_max else "spark"
-    if engine == "local":
-        _learn_projection_local(settings, plan, out)
+    kept = reusable_projection(settings, plan)
+    if isinstance(kept, dict):
+        engine = "kept"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept.pop("source"), out / f".{MATRIX_FILE}.tmp")
+        (out / f".{MATRIX_FILE}.tmp").replace(out / MATRIX_FILE)
+        kept.pop("file", None)  # read_choice names the copy; its sha256 still holds
+        atomic_write_json(out / CHOICE_FILE, kept)
     else:
-        _learn_projection_spark(plan, out)
+        log.info("projection learned anew: %s", kept)
+        engine = settings.projection_engine
+        if engine == "auto":
+            engine = "local" if plan["expected_count"] <= settings.projection_local_max else "spark"
+        if engine == "local":
+            _learn_projection_local(settings, plan, out)
+        else:
+            _learn_projection_spark(plan, out)
     entry, _ = read_choice(out)
     summary = {
         "kind": entry["kind"],
@@ -708,6 +789,8 @@ def learn_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]
         "reason": entry.get("reason"),
         "coverage": entry.get("coverage"),
         "engine": engine,
+        "kept": entry.get("reuse") if engine == "kept" else None,
+        "learned_anew_because": None if engine == "kept" else kept,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     log.info(

@@ -484,6 +484,60 @@ def graph_train(reference: DataFrame, n: int, size: int, seed: int) -> np.ndarra
     return np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
 
 
+def space_fingerprint(version_dir: Path, projection_file: str | None) -> str:
+    """What the search space is: "none" (the embeddings) or the sha256 of the projection's
+    arrays (not of the file: a kept projection is saved again, with new zip timestamps)."""
+    if not projection_file:
+        return "none"
+    import hashlib
+
+    digest = hashlib.sha256()
+    with np.load(version_dir / projection_file, allow_pickle=False) as arrays:
+        for name in sorted(arrays.files):
+            a = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+            digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def previous_graph(
+    layout: Layout, k: int, backbone: dict[str, Any], space: str
+) -> tuple[str, Path] | str:
+    """CURRENT's version and directory where its exact graph can be updated in place of a
+    new scan (same k, backbone and search space), else why not."""
+    from imgsim.versions.models import (
+        VersionDamaged,
+        VersionNotFound,
+        current_version,
+        read_manifest,
+        version_dir,
+    )
+
+    version = current_version(layout)
+    if version is None:
+        return "no published version to update"
+    try:
+        m = read_manifest(layout, version)
+    except (VersionNotFound, VersionDamaged) as exc:
+        return f"CURRENT cannot be read ({exc})"
+    graph = m.get("neighbours") or {}
+    where = version_dir(layout, version)
+    if not graph or not (where / m["files"].get("neighbours", "-")).exists():
+        return f"CURRENT ({version}) has no neighbour graph"
+    if not str(graph.get("method", "")).startswith("scan"):
+        return f"CURRENT's graph ({version}) is not an exact scan"
+    if graph.get("k") != k:
+        return f"k changed ({graph.get('k')} in {version}, now {k})"
+    if m.get("backbone") != backbone:
+        return f"the backbone changed since {version}"
+    if space_fingerprint(where, m["files"].get("projection")) != space:
+        return (
+            f"the search space changed since {version} (the projection is learned anew for "
+            "every index run)"
+        )
+    return version, where
+
+
 def neighbour_graph(
     reference: DataFrame,
     args: argparse.Namespace,
@@ -493,6 +547,7 @@ def neighbour_graph(
     sample: np.ndarray,
     n: int,
     raw: DataFrame | None,
+    previous: tuple[str, Path] | str,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph),
     written into ``out_dir``; their manifest entries (None, None with --graph-k 0).
@@ -501,7 +556,8 @@ def neighbour_graph(
     (query_id, image_id, distance); the queries' vectors are the first rows of ``sample``.
     They choose the graph cells' probes. ``raw``: (image_id, vector) of the L2-normalised
     embeddings where the search space is a projection of them (None: the search space is
-    the embeddings): near-duplicates are decided there."""
+    the embeddings): near-duplicates are decided there. ``previous``: CURRENT's version and
+    directory where its exact graph can be updated (:func:`previous_graph`), else why not."""
     if args.graph_k == 0:
         return None, None
     from imgsim.ann.search import scan_is_cheaper
@@ -513,11 +569,46 @@ def neighbour_graph(
 
     t0 = time.perf_counter()
     dim = int(sample.shape[1])
+    mode: dict[str, Any] = {
+        "mode": "full",
+        "mode_reason": "the graph's cells are learned anew for every version",
+    }
     if scan_is_cheaper(None, n, dim, 1.0, args.scan_below):
-        graph, entry = ng.scan_graph(reference, args.graph_k, n, exact)
+        changes = None
+        if isinstance(previous, str):
+            mode["mode_reason"] = previous
+        else:
+            changes = ng.graph_changes(
+                reference.sparkSession.read.parquet(str(previous[1] / "neighbours")), reference
+            )
+            again = len(set(changes["new"]) | set(changes["lost"]))
+            mode = {
+                "mode": "incremental" if 2 * again <= n else "full",
+                "mode_reason": f"{len(changes['new'])} new, {len(changes['gone'])} gone and "
+                f"{len(changes['lost'])} that lost a neighbour since {previous[0]}: "
+                + (
+                    f"{again} of {n} scanned afresh, the others keep their lists plus the "
+                    "new images"
+                    if 2 * again <= n
+                    else f"{again} of {n} to scan afresh: a full scan costs about as much"
+                ),
+                "previous": previous[0],
+                "changes": {key: len(v) for key, v in changes.items()},
+            }
+        if mode["mode"] == "incremental" and changes is not None and not isinstance(previous, str):
+            graph = ng.incremental_scan_graph(
+                reference,
+                reference.sparkSession.read.parquet(str(previous[1] / "neighbours")),
+                changes,
+                args.graph_k,
+                exact,
+            )
+            entry = {"k": args.graph_k, "short": 0, "filled": 0}
+        else:
+            graph, entry = ng.scan_graph(reference, args.graph_k, n, exact)
         entry["method"] = (
             f"scan: exact search of every reference ({n} x {dim} is below IMGSIM_SCAN_BELOW "
-            f"{args.scan_below}, where a scan costs less than the LSH buckets)"
+            f"{args.scan_below}, where a scan costs less than the cells)"
         )
     else:
         from imgsim.ann.graph import train_size, tune_graph_cells
@@ -552,8 +643,7 @@ def neighbour_graph(
         edges=edges,
         images=n,
         **ng.graph_recall(graph, exact_rows, queries, args.graph_k, n),
-        mode="full",
-        mode_reason="the projection and the graph's cells are learned anew for every version",
+        **mode,
         seconds=round(time.perf_counter() - t0, 3),
     )
     from imgsim.ann.graph import DUPLICATE_DISTANCE
@@ -657,6 +747,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         hash_and_write_seconds=round(write_s, 3),
         evaluation_seconds=round(time.perf_counter() - t0, 3),
     )
+    backbone_file = layout.backbone_record(args.backbone)
+    backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
     graph_entry, duplicates_entry = neighbour_graph(
         reference,
         args,
@@ -666,10 +758,13 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         x,
         n,
         raw,
+        previous_graph(
+            layout,
+            args.graph_k,
+            backbone,
+            space_fingerprint(out_dir, (projection_entry or {}).get("file")),
+        ),
     )
-
-    backbone_file = layout.backbone_record(args.backbone)
-    backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": args.version,

@@ -334,6 +334,81 @@ def scan_graph(
     }
 
 
+def graph_changes(previous: DataFrame, reference: DataFrame) -> dict[str, list[str]]:
+    """What changed since the ``previous`` graph (image_id, rank, neighbour_id, distance):
+    images new to ``reference``, gone from it, and the kept ones that lost a neighbour."""
+    now = reference.select("image_id")
+    before = previous.select("image_id").distinct()
+    gone = before.join(now, "image_id", "left_anti")
+    lost = (
+        previous.join(gone.select(F.col("image_id").alias("neighbour_id")), "neighbour_id")
+        .select("image_id")
+        .distinct()
+        .join(now, "image_id")
+    )
+
+    def ids(df: DataFrame) -> list[str]:
+        return sorted(r[0] for r in df.collect())
+
+    return {
+        "new": ids(now.join(before, "image_id", "left_anti")),
+        "gone": ids(gone),
+        "lost": ids(lost),
+    }
+
+
+def incremental_scan_graph(
+    reference: DataFrame,
+    previous: DataFrame,
+    changes: dict[str, list[str]],
+    k: int,
+    exact: Any,
+) -> DataFrame:
+    """The exact graph of ``reference`` from the ``previous`` exact graph in the same space:
+    new images and those that lost a neighbour are scanned afresh (``exact`` as in
+    :func:`scan_graph`); every other image keeps its previous list, merged with its distances
+    to the new images (float64, as the scan computes them)."""
+    from imgsim.ann.search import smallest_k
+
+    rows = cast(pd.DataFrame, reference.select("image_id", "vector").toPandas())
+    ids = rows["image_id"].to_numpy()
+    x = np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
+    at = {i: j for j, i in enumerate(ids)}
+    again = sorted(set(changes["new"]) | set(changes["lost"]))
+    spark = reference.sparkSession
+    fresh = exact_edges(spark, again, x[[at[i] for i in again]], k, exact) if again else None
+    keep = np.ones(len(ids), bool)
+    keep[[at[i] for i in again]] = False
+    kept_ids = ids[keep]
+    new = [at[i] for i in changes["new"]]
+    merged = previous.join(
+        F.broadcast(spark.createDataFrame([(str(i),) for i in kept_ids], "image_id string")),
+        "image_id",
+    ).select("image_id", "neighbour_id", "distance")
+    if new and len(kept_ids):
+        xk = x[keep].astype(np.float64)
+        # each kept image to every new one, the scan's formula (float64 differences)
+        d = np.stack([np.sqrt(((xk - x[j].astype(np.float64)) ** 2).sum(1)) for j in new], axis=1)
+        top = smallest_k(d, min(k, len(new)))
+        edges = pd.DataFrame(
+            {
+                "image_id": np.repeat(kept_ids, top.shape[1]).astype(str),
+                "neighbour_id": ids[np.asarray(new)[top.ravel()]].astype(str),
+                "distance": np.take_along_axis(d, top, 1).ravel(),
+            }
+        )
+        merged = merged.unionByName(
+            spark.createDataFrame(edges, "image_id string, neighbour_id string, distance double")
+        )
+    w = Window.partitionBy("image_id").orderBy("distance", "neighbour_id")
+    graph = (
+        merged.withColumn("rank", F.row_number().over(w))
+        .filter(F.col("rank") <= k)
+        .select("image_id", F.col("rank").cast("int"), "neighbour_id", "distance")
+    )
+    return graph if fresh is None else graph.unionByName(fresh)
+
+
 def graph_recall(
     graph: DataFrame, exact_rows: pd.DataFrame, queries: list[str], k: int, n: int
 ) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""An index run keeps CURRENT's projection while the references change little
+(imgsim.index.pipeline.reusable_projection, learn_projection)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imgsim.ann.projection import Projection, read_choice
+from imgsim.config import Layout, Settings
+from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.index import pipeline
+from imgsim.store import write_catalog
+from test_fit_job import make_store
+
+VERSION = "v20260101T000000Z-00c0de"
+
+
+def published_with_projection(root: Path, learned_on: int) -> tuple[Layout, Settings]:
+    """A store of 400 images and a CURRENT version whose LDA was learned on the first
+    ``learned_on`` of them (classes k % 7)."""
+    layout = make_store(root, n=400, dim=16, gone=0)
+    settings = Settings(data_root=root)
+    where = layout.models / VERSION
+    proj = Projection("lda", np.zeros(16), np.random.default_rng(0).normal(size=(16, 6)), {})
+    entry = {**proj.save(where / "projection"), "requested": "lda", "reason": "learned"}
+    ids = [f"{i:064x}" for i in range(learned_on)]
+    pq.write_table(
+        pa.table({"image_id": ids, "class_id": [k % 7 for k in range(learned_on)]}),
+        where / "reference.parquet",
+    )
+    atomic_write_json(
+        where / "manifest.json",
+        {
+            "version": VERSION,
+            "backbone": read_json(layout.backbone_record("random")),
+            "projection": entry,
+            "fit_settings": {
+                "projection": "lda",
+                "projection_min_coverage": settings.projection_min_coverage,
+                "seed": settings.lsh_seed,
+            },
+            "files": {"reference": "reference.parquet", "projection": entry["file"]},
+        },
+    )
+    layout.current_pointer.write_text(VERSION + "\n")
+    return layout, settings
+
+
+def plan_of(settings: Settings, out: Path) -> dict:
+    return {
+        "backbone": "random",
+        "projection": "lda",
+        "projection_min_coverage": settings.projection_min_coverage,
+        "seed": settings.lsh_seed,
+        "projection_dir": str(out),
+        "expected_count": 400,
+    }
+
+
+def test_a_small_change_keeps_currents_projection(tmp_path: Path) -> None:
+    layout, settings = published_with_projection(tmp_path / "data", learned_on=390)
+    summary = pipeline.learn_projection(settings, plan_of(settings, tmp_path / "out"))
+    assert summary["engine"] == "kept" and summary["learned_anew_because"] is None
+    assert summary["kept"] == {
+        "from": VERSION,
+        "previous": VERSION,
+        "learned_on": 390,
+        "changed": 10,  # 10 new of 390: under 5%
+        "refresh": 0.05,
+    }
+    entry, proj = read_choice(tmp_path / "out")  # the sha256 of the copy checks out
+    assert entry["kind"] == "lda" and entry["reason"] == "learned" and proj is not None
+    saved = np.load(layout.models / VERSION / "projection" / "projection.npz")
+    assert np.array_equal(proj.matrix, saved["matrix"])
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("many", "30 references added or gone since it was learned on 370: more than"),
+        ("relabel", "1 references were relabelled since"),
+        ("new class", "1 classes new since"),
+        ("refresh 0", "IMGSIM_PROJECTION_REFRESH is 0: learned anew every run"),
+        ("settings", "the projection settings changed since"),
+    ],
+)
+def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason: str) -> None:
+    layout, settings = published_with_projection(
+        tmp_path / "data", learned_on=370 if change == "many" else 395
+    )
+    plan = plan_of(settings, tmp_path / "out")
+    if change in ("relabel", "new class"):
+        rows = pq.read_table(layout.catalog).to_pylist()
+        target = 3 if change == "relabel" else 398  # a kept image, or a new one
+        rows[target]["class_id"] = 99
+        write_catalog(layout, rows)
+    if change == "refresh 0":
+        settings = Settings(data_root=tmp_path / "data", projection_refresh=0.0)
+    if change == "settings":
+        plan["projection_min_coverage"] = 0.9
+    got = pipeline.reusable_projection(settings, plan)
+    assert isinstance(got, str) and got.startswith(reason)
