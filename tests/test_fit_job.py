@@ -419,3 +419,60 @@ def test_a_daily_change_updates_the_exact_graph_instead_of_rescanning(
     m3 = fit(spark, layout, third, "--num-hash-tables 4 --bucket-length 2.0 --graph-k 5")
     assert m3["neighbours"]["mode"] == "full"
     assert m3["neighbours"]["mode_reason"] == f"k changed (10 in {second}, now 5)"
+
+
+def add_images(layout: Any, first: int, x: np.ndarray, run: str) -> list[str]:
+    """Images ``first``, ``first`` + 1, ... with vectors ``x``, live in the catalog."""
+    import pyarrow.parquet as pq
+
+    ids = [f"{i:064x}" for i in range(first, first + len(x))]
+    write_shard(layout, "random", run, 0, list(zip(ids, x, strict=True)), x.shape[1])
+    catalog = pq.read_table(layout.catalog).to_pylist()
+    extra = {**catalog[-1], "status": "live"}
+    write_catalog(
+        layout,
+        catalog + [{**extra, "image_id": i, "path": f"images/{run}/{i[-3:]}.jpg"} for i in ids],
+    )
+    return ids
+
+
+def test_a_small_change_scores_only_the_touched_cells_again(spark, tmp_path: Path) -> None:
+    """Same space as CURRENT, the cells path: CURRENT's cells are kept and only the cells of
+    the new images are scored again; the graph equals a whole build with those cells."""
+    import pyarrow.parquet as pq
+
+    from imgsim.ann.graph import GraphCells, local_graph
+    from imgsim.versions.models import publish
+
+    layout = make_store(tmp_path / "data", n=400, dim=16, gone=0)
+    flags = (
+        "--num-hash-tables 4 --bucket-length 2.0 --sample-size 50 --scan-below 0 "
+        "--graph-k 6 --graph-bucket-cap 200 --target-recall 0.5"
+    )
+    first, second = "v20260101T000000Z-0000c1", "v20260102T000000Z-0000c2"
+    m1 = fit(spark, layout, first, flags)
+    assert m1["neighbours"]["method"].startswith("cells") and m1["neighbours"]["mode"] == "full"
+    validate(layout, first, [f"{i:064x}" for i in range(400)], recall_floor=0.0)
+    publish(layout, first)
+    x_old = np.array(
+        pq.read_table(layout.staging.parent / first / "reference").to_pydict()["vector"]
+    )
+    new = add_images(layout, 400, np.stack([x_old[3] + 0.01, -x_old[5]]).astype(np.float32), "r2")
+    spark.catalog.clearCache()  # the first fit cached the catalog (one application per run)
+    m2 = fit(spark, layout, second, flags)
+    entry = m2["neighbours"]
+    cells = GraphCells.load(layout.staging / second / entry["file"], entry["cells"])
+    assert entry["mode"] == "incremental", entry["mode_reason"]
+    assert entry["changes"] == {"new": 2, "gone": 0, "lost": 0}
+    assert 0 < entry["cells_scored_again"] <= cells.cells // 2
+    assert entry["tuning"]["kept_from"] == first and entry["split_cells"] == 0
+    ref = pq.read_table(layout.staging / second / "reference").to_pydict()
+    ids, x = ref["image_id"], np.array(ref["vector"], np.float32)
+    twin, work = local_graph(ids, x, cells, k=6, cap=200)
+    assert work["split"] == 0
+    graph = pq.read_table(layout.staging / second / "neighbours").to_pandas()
+    got = graph.sort_values(["image_id", "rank"]).groupby("image_id")["neighbour_id"].apply(list)
+    assert len(got) == 402
+    for image_id, want in twin.items():
+        assert len(want) == 6 and got[image_id] == [t for _, t in want], image_id
+    assert got[new[0]][0] == f"{3:064x}"

@@ -502,9 +502,9 @@ def space_fingerprint(version_dir: Path, projection_file: str | None) -> str:
 
 def previous_graph(
     layout: Layout, k: int, backbone: dict[str, Any], space: str
-) -> tuple[str, Path] | str:
-    """CURRENT's version and directory where its exact graph can be updated in place of a
-    new scan (same k, backbone and search space), else why not."""
+) -> dict[str, Any] | str:
+    """CURRENT's graph where it can be updated instead of built anew (same k, backbone and
+    search space): its version, directory and manifest entry; else why not."""
     from imgsim.versions.models import (
         VersionDamaged,
         VersionNotFound,
@@ -524,8 +524,6 @@ def previous_graph(
     where = version_dir(layout, version)
     if not graph or not (where / m["files"].get("neighbours", "-")).exists():
         return f"CURRENT ({version}) has no neighbour graph"
-    if not str(graph.get("method", "")).startswith("scan"):
-        return f"CURRENT's graph ({version}) is not an exact scan"
     if graph.get("k") != k:
         return f"k changed ({graph.get('k')} in {version}, now {k})"
     if m.get("backbone") != backbone:
@@ -535,7 +533,10 @@ def previous_graph(
             f"the search space changed since {version} (the projection is learned anew for "
             "every index run)"
         )
-    return version, where
+    method = str(graph.get("method", "")).split(":")[0]
+    if method == "cells" and not (where / str(graph.get("file", "-"))).exists():
+        return f"CURRENT's graph cells ({version}) are missing"
+    return {"version": version, "dir": where, "method": method, "entry": graph}
 
 
 def neighbour_graph(
@@ -547,7 +548,7 @@ def neighbour_graph(
     sample: np.ndarray,
     n: int,
     raw: DataFrame | None,
-    previous: tuple[str, Path] | str,
+    previous: dict[str, Any] | str,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The version's neighbour graph and near-duplicate groups (imgsim.jobs.neighbour_graph),
     written into ``out_dir``; their manifest entries (None, None with --graph-k 0).
@@ -556,8 +557,8 @@ def neighbour_graph(
     (query_id, image_id, distance); the queries' vectors are the first rows of ``sample``.
     They choose the graph cells' probes. ``raw``: (image_id, vector) of the L2-normalised
     embeddings where the search space is a projection of them (None: the search space is
-    the embeddings): near-duplicates are decided there. ``previous``: CURRENT's version and
-    directory where its exact graph can be updated (:func:`previous_graph`), else why not."""
+    the embeddings): near-duplicates are decided there. ``previous``: CURRENT's graph where
+    it can be updated (:func:`previous_graph`), else why not."""
     if args.graph_k == 0:
         return None, None
     from imgsim.ann.search import scan_is_cheaper
@@ -569,36 +570,47 @@ def neighbour_graph(
 
     t0 = time.perf_counter()
     dim = int(sample.shape[1])
-    mode: dict[str, Any] = {
-        "mode": "full",
-        "mode_reason": "the graph's cells are learned anew for every version",
-    }
-    if scan_is_cheaper(None, n, dim, 1.0, args.scan_below):
-        changes = None
-        if isinstance(previous, str):
-            mode["mode_reason"] = previous
+    spark = reference.sparkSession
+    kind = "scan" if scan_is_cheaper(None, n, dim, 1.0, args.scan_below) else "cells"
+    mode: dict[str, Any] = {"mode": "full", "mode_reason": previous}
+    changes: dict[str, list[str]] | None = None
+    if isinstance(previous, dict):
+        if previous["method"] != kind:
+            mode["mode_reason"] = (
+                f"CURRENT's graph ({previous['version']}) is {previous['method']}, this one {kind}"
+            )
         else:
             changes = ng.graph_changes(
-                reference.sparkSession.read.parquet(str(previous[1] / "neighbours")), reference
+                spark.read.parquet(str(previous["dir"] / "neighbours")), reference
             )
-            again = len(set(changes["new"]) | set(changes["lost"]))
-            mode = {
-                "mode": "incremental" if 2 * again <= n else "full",
-                "mode_reason": f"{len(changes['new'])} new, {len(changes['gone'])} gone and "
-                f"{len(changes['lost'])} that lost a neighbour since {previous[0]}: "
+            mode.update(
+                previous=previous["version"],
+                changes={key: len(v) for key, v in changes.items()},
+            )
+    again = sorted(set(changes["new"]) | set(changes["lost"])) if changes else []
+    counts = (
+        f"{len(changes['new'])} new, {len(changes['gone'])} gone and {len(changes['lost'])} "
+        f"that lost a neighbour since {mode.get('previous')}: "
+        if changes
+        else ""
+    )
+    if kind == "scan":
+        if changes is not None:
+            cheaper = 2 * len(again) <= n
+            mode.update(
+                mode="incremental" if cheaper else "full",
+                mode_reason=counts
                 + (
-                    f"{again} of {n} scanned afresh, the others keep their lists plus the "
-                    "new images"
-                    if 2 * again <= n
-                    else f"{again} of {n} to scan afresh: a full scan costs about as much"
+                    f"{len(again)} of {n} scanned afresh, the others keep their lists plus "
+                    "the new images"
+                    if cheaper
+                    else f"{len(again)} of {n} to scan afresh: a full scan costs about as much"
                 ),
-                "previous": previous[0],
-                "changes": {key: len(v) for key, v in changes.items()},
-            }
-        if mode["mode"] == "incremental" and changes is not None and not isinstance(previous, str):
+            )
+        if mode["mode"] == "incremental" and isinstance(previous, dict) and changes:
             graph = ng.incremental_scan_graph(
                 reference,
-                reference.sparkSession.read.parquet(str(previous[1] / "neighbours")),
+                spark.read.parquet(str(previous["dir"] / "neighbours")),
                 changes,
                 args.graph_k,
                 exact,
@@ -611,22 +623,60 @@ def neighbour_graph(
             f"{args.scan_below}, where a scan costs less than the cells)"
         )
     else:
-        from imgsim.ann.graph import train_size, tune_graph_cells
+        from imgsim.ann.graph import GraphCells, train_size, tune_graph_cells
 
         cap = args.graph_bucket_cap
         t_tune = time.perf_counter()
-        cells, tuning = tune_graph_cells(
-            graph_train(reference, n, train_size(n, cap), args.seed),
-            *graph_pairs(reference, exact_rows, queries, sample, args.graph_k),
-            n,
-            target=target_recall(args),
-            cap=cap,
-            seed=args.seed,
-        )
-        tuning["seconds"] = round(time.perf_counter() - t_tune, 3)
-        cells.save(out_dir / ng.CELLS_FILE)
-        log.info("graph cells %s: %s", cells.entry(), tuning)
-        graph, entry = ng.build_graph(reference, cells, k=args.graph_k, cap=cap)
+        touched: list[int] = []
+        if changes is not None and isinstance(previous, dict):
+            cells = GraphCells.load(
+                previous["dir"] / previous["entry"]["file"], previous["entry"]["cells"]
+            )
+            touched = ng.touched_cells(reference, again, cells)
+            cheaper = 2 * len(touched) <= cells.cells
+            mode.update(
+                mode="incremental" if cheaper else "full",
+                mode_reason=counts
+                + f"their cells are {len(touched)} of {cells.cells}"
+                + (
+                    ": only those are scored again, with CURRENT's cells"
+                    if cheaper
+                    else ": the cells are learned and scored anew"
+                ),
+            )
+        if mode["mode"] == "incremental" and isinstance(previous, dict) and changes:
+            tuning = {
+                **(previous["entry"].get("tuning") or {}),
+                "kept_from": previous["version"],
+                "seconds": 0.0,
+            }
+            cells.save(out_dir / ng.CELLS_FILE)
+            graph, entry = ng.incremental_cell_graph(
+                reference,
+                spark.read.parquet(str(previous["dir"] / "neighbours")),
+                changes,
+                cells,
+                touched,
+                k=args.graph_k,
+                cap=cap,
+            )
+        else:
+            if not isinstance(previous, dict) or changes is None:
+                mode["mode_reason"] = (
+                    f"{mode['mode_reason']}: the cells are learned and scored anew"
+                )
+            cells, tuning = tune_graph_cells(
+                graph_train(reference, n, train_size(n, cap), args.seed),
+                *graph_pairs(reference, exact_rows, queries, sample, args.graph_k),
+                n,
+                target=target_recall(args),
+                cap=cap,
+                seed=args.seed,
+            )
+            tuning["seconds"] = round(time.perf_counter() - t_tune, 3)
+            cells.save(out_dir / ng.CELLS_FILE)
+            log.info("graph cells %s: %s", cells.entry(), tuning)
+            graph, entry = ng.build_graph(reference, cells, k=args.graph_k, cap=cap)
         graph, fill = ng.fill_short(graph, reference, args.graph_k, n, exact)
         entry.update(
             **fill,

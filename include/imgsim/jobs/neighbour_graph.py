@@ -409,6 +409,98 @@ def incremental_scan_graph(
     return graph if fresh is None else graph.unionByName(fresh)
 
 
+def touched_cells(reference: DataFrame, ids: list[str], cells: GraphCells) -> list[int]:
+    """The cells the images ``ids`` are stored in or probe (where their pairs are scored)."""
+    if not ids:
+        return []
+    spark = reference.sparkSession
+    chosen = reference.select("image_id", "vector").join(
+        F.broadcast(spark.createDataFrame([(i,) for i in ids], "image_id string")), "image_id"
+    )
+    nodes = chosen.select(F.lit(0).cast("bigint").alias("node"), "vector")
+    return sorted(r[0] for r in explode_cells(nodes, cells).select("cell").distinct().collect())
+
+
+def incremental_cell_graph(
+    reference: DataFrame,
+    previous: DataFrame,
+    changes: dict[str, list[str]],
+    cells: GraphCells,
+    touched: list[int],
+    *,
+    k: int,
+    cap: int,
+) -> tuple[DataFrame, dict[str, Any]]:
+    """The graph of ``reference`` from the ``previous`` one built with the same ``cells`` in
+    the same space: only the ``touched`` cells (those of the new images and of the images
+    that lost a neighbour: :func:`touched_cells`) are scored again. New images and those
+    that lost a neighbour take their lists from that scoring alone (every pair of theirs
+    meets in a touched cell); every other image merges its previous list with it. Before
+    the exact fill, as :func:`build_graph`."""
+    spark = reference.sparkSession
+    names = node_numbers(reference).cache()
+    nodes = reference.select("image_id", "vector").join(names, "image_id")
+    n = names.count()
+    cell_ids = F.broadcast(spark.createDataFrame([(int(c),) for c in touched], "cell int"))
+    rows = explode_cells(nodes, cells).join(cell_ids, "cell")
+    shuffled = rows.count() if touched else 0
+    partitions = max(
+        spark.sparkContext.defaultParallelism,
+        int(shuffled * (cells.dim * 4 + 64) // PARTITION_BYTES),
+    )
+    grouped = rows.repartition(partitions, "cell").sortWithinPartitions("cell", "node")
+    edges = _cell_stage(grouped, cells, k, cap).cache()
+    work = cast(
+        Any,
+        edges.agg(
+            F.sum("pairs"), F.sum("cells"), F.sum("split"), F.max("largest"), F.max("leaf")
+        ).first(),
+    )
+    neighbours = names.select(
+        F.col("image_id").alias("neighbour_id"), F.col("node").alias("neighbour")
+    )
+    fresh = (
+        edges.filter(F.col("node") >= 0)
+        .join(names, "node")
+        .join(neighbours, "neighbour")
+        .select("image_id", "neighbour_id", "distance")
+    )
+    again = spark.createDataFrame(
+        [(i,) for i in sorted(set(changes["new"]) | set(changes["lost"]))], "image_id string"
+    )
+    kept = (
+        previous.join(names.select("image_id"), "image_id")  # still indexed
+        .join(F.broadcast(again), "image_id", "left_anti")
+        .select("image_id", "neighbour_id", "distance")
+    )
+    w = Window.partitionBy("image_id").orderBy("distance", "neighbour_id")
+    graph = (
+        kept.unionByName(fresh)
+        .dropDuplicates(["image_id", "neighbour_id"])
+        .withColumn("rank", F.row_number().over(w))
+        .filter(F.col("rank") <= k)
+        .select("image_id", F.col("rank").cast("int"), "neighbour_id", "distance")
+        .cache()
+    )
+    graph.count()
+    edges.unpersist()
+    names.unpersist()
+    return graph, {
+        "k": k,
+        "bucket_cap": cap,
+        "cells": cells.entry(),
+        "cells_used": int(work[1] or 0),
+        "cells_scored_again": len(touched),
+        "largest_cell": int(work[3] or 0),
+        "split_cells": int(work[2] or 0),
+        "largest_leaf": int(work[4] or 0),
+        "pairs_compared": int(work[0] or 0),
+        "pairs_share": float(work[0] or 0) / max(n * (n - 1) / 2, 1),
+        "partitions": partitions,
+        "shuffled_rows": shuffled,
+    }
+
+
 def graph_recall(
     graph: DataFrame, exact_rows: pd.DataFrame, queries: list[str], k: int, n: int
 ) -> dict[str, Any]:
