@@ -215,7 +215,13 @@ def write_graph(out: Path, ids: list[str], vectors: np.ndarray, k: int = 3) -> d
     )
     return {
         "neighbours": {"k": k, "recall_at_k": 1.0, "edges": len(ids) * k, "queries": len(ids)},
-        "duplicates": {"distance": 0.05, "groups": 1, "images": 2, "largest": 2},
+        "duplicates": {
+            "distance": 0.05,
+            "space": "embeddings (L2-normalised, before the projection)",
+            "groups": 1,
+            "images": 2,
+            "largest": 2,
+        },
     }
 
 

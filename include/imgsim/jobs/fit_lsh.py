@@ -132,8 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--duplicate-distance",
         type=float,
         default=setting_default("duplicate_distance"),
-        help="graph edges at or under this distance form near-duplicate groups; 0: the "
-        "distance measured for the version's search space",
+        help="pairs at or under this distance between the L2-normalised embeddings form "
+        "near-duplicate groups (each image's first graph edges, rescored where the search "
+        "space is a projection); 0: the distance measured on copies of sample photos",
     )
     p.add_argument(
         "--projection-dir",
