@@ -35,7 +35,16 @@ from common import PLOTS_DIR, WORK_DIR, md_table, require_sample, write_result
 log = logging.getLogger("bench_incremental")
 
 BACKBONE = "efficientnet_lite0"
-STAGES = ("catalog", "plan_shards", "embed", "fit_plan", "fit_lsh", "validate", "publish")
+STAGES = (
+    "catalog",
+    "plan_shards",
+    "embed",
+    "fit_plan",
+    "learn_projection",
+    "fit_lsh",
+    "validate",
+    "publish",
+)
 
 
 def prepare_root(
@@ -117,11 +126,15 @@ def index_run(
             full_rebuild,
         ),
     )
-    published = None
+    published, learned, graph = None, None, None
     if plan:
+        learned = stage("learn_projection", lambda: pipeline.learn_projection(settings, plan))
         stage("fit_lsh", lambda: pipeline.submit_fit(plan, run_id))
         stage("validate", lambda: pipeline.validate(settings, plan))
         published = stage("publish", lambda: pipeline.publish(settings, plan["version"]))
+        from imgsim.versions.models import read_manifest
+
+        graph = read_manifest(settings.layout, plan["version"]).get("neighbours") or {}
     total = sum(times.values())
     log.info(
         "%s: %d shard(s), %d embedded, %s, %.1f s",
@@ -141,6 +154,10 @@ def index_run(
         "indexed": published["indexed"] if published else None,
         "stages_s": times,
         "total_s": total,
+        # the projection learned or kept (CURRENT's), the graph built or updated
+        "projection": learned["engine"] if learned else None,
+        "graph_mode": graph.get("mode") if graph else None,
+        "graph_mode_reason": graph.get("mode_reason") if graph else None,
     }
 
 
@@ -202,6 +219,13 @@ def section(data: dict[str, Any]) -> str:
             "it starts a JVM, reads every vector, refits and measures recall, whatever the number "
             "of new photos; embedding is "
             f"{inc['stages_s'].get('embed', 0.0) / inc['total_s']:.0%}.",
+            "- The projection and the graph per run: "
+            + "; ".join(
+                f"{name}: projection {r.get('projection') or '-'}, graph "
+                f"{r.get('graph_mode') or '-'}"
+                for name, r in runs.items()
+            )
+            + f". The incremental run's graph: {inc.get('graph_mode_reason') or '-'}.",
             f"- **nothing new: {none['total_s']:.1f} s**, embedded {none['embedded']}, refit: "
             f"{'yes' if none['refit'] else 'no'} (`fit_plan` short-circuits: the set of live "
             "embedded images, backbone and LSH parameters equal the current version's).",
