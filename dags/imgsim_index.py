@@ -38,8 +38,8 @@ Builds the reference index of car photos and keeps it current, one run per day.
 | `embed_spark` | engine `spark`: spark-submit `spark_jobs/embed_images.py`, the same code and the same store files, spread over Spark executors | the same |
 | `embed_summary` | totals over the shards' result records, the same for both engines (images, embedded, quarantined by reason) | XCom |
 | `fit_plan` | skips the rest when nothing changed since the current version | XCom: version |
-| `learn_projection` | learns the search space from the live references (Param `projection`, default `IMGSIM_PROJECTION`=auto): Fisher LDA from the labels (shrinkage and dims cross-validated inside the references) when they cover the index, else PCA-whitening; `none` opts out. In the task, or on Spark for large indexes | `runs/<run>/projection/` |
-| `fit_lsh` | spark-submit `spark_jobs/fit_lsh.py`: projects the live embeddings, fits BucketedRandomProjectionLSH in that space | `models/lsh/.staging/<version>/` |
+| `learn_projection` | learns the search space from the live references (Param `projection`, default `IMGSIM_PROJECTION`=auto): Fisher LDA from the labels (shrinkage and dims cross-validated inside the references) when they cover the index, else PCA-whitening; `none` opts out. In the task, or on Spark for large indexes. A run that changes little (`IMGSIM_PROJECTION_REFRESH`) keeps CURRENT's projection instead | `runs/<run>/projection/` |
+| `fit_lsh` | spark-submit `spark_jobs/fit_lsh.py`: projects the live embeddings, fits BucketedRandomProjectionLSH in that space, builds (or, in CURRENT's space, updates) the neighbour graph and the near-duplicate groups | `models/lsh/.staging/<version>/` |
 | `validate` | counts, snapshot, recall@5 against exact search >= floor, NumPy re-hash equals Spark's | `validation.json` |
 | `publish` | atomic rename + `CURRENT` pointer; emits the `imgsim_lsh_model` asset | `models/lsh/<version>/` |
 

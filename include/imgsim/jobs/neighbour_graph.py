@@ -211,25 +211,18 @@ def node_numbers(reference: DataFrame) -> DataFrame:
     )
 
 
-def build_graph(
-    reference: DataFrame, cells: GraphCells, *, k: int, cap: int
+def _score_cells(
+    rows: DataFrame, cells: GraphCells, *, k: int, cap: int, n: int, shuffled: int
 ) -> tuple[DataFrame, dict[str, Any]]:
-    """The graph of ``reference`` (image_id, vector) before the exact fill, and its cell
-    statistics for the manifest."""
-    spark = reference.sparkSession
-    names = node_numbers(reference).cache()
-    nodes = reference.select("image_id", "vector").join(names, "image_id")
-    n = names.count()
-    shuffled = n * cells.probes
+    """The cell stage over ``rows`` (cell, home, node, vector; ``shuffled`` of them) of an
+    index of ``n``: its edges (EDGE_SCHEMA, cached: unpersist it; node -1 rows only carry
+    work) and its statistics for the manifest."""
+    spark = rows.sparkSession
     partitions = max(
         spark.sparkContext.defaultParallelism,
         int(shuffled * (cells.dim * 4 + 64) // PARTITION_BYTES),
     )
-    grouped = (
-        explode_cells(nodes, cells)
-        .repartition(partitions, "cell")
-        .sortWithinPartitions("cell", "node")
-    )
+    grouped = rows.repartition(partitions, "cell").sortWithinPartitions("cell", "node")
     edges = _cell_stage(grouped, cells, k, cap).cache()
     work = cast(
         Any,
@@ -237,7 +230,7 @@ def build_graph(
             F.sum("pairs"), F.sum("cells"), F.sum("split"), F.max("largest"), F.max("leaf")
         ).first(),
     )
-    info = {
+    return edges, {
         "k": k,
         "bucket_cap": cap,
         "cells": cells.entry(),
@@ -250,13 +243,33 @@ def build_graph(
         "partitions": partitions,
         "shuffled_rows": shuffled,
     }
+
+
+def _named(edges: DataFrame, names: DataFrame) -> DataFrame:
+    """Edges by node (node, neighbour, ...) with both ends' image ids (image_id,
+    neighbour_id) in their place."""
     neighbours = names.select(
         F.col("image_id").alias("neighbour_id"), F.col("node").alias("neighbour")
     )
+    return edges.join(names, "node").join(neighbours, "neighbour").drop("node", "neighbour")
+
+
+def build_graph(
+    reference: DataFrame, cells: GraphCells, *, k: int, cap: int
+) -> tuple[DataFrame, dict[str, Any]]:
+    """The graph of ``reference`` (image_id, vector) before the exact fill, and its cell
+    statistics for the manifest."""
+    names = node_numbers(reference).cache()
+    nodes = reference.select("image_id", "vector").join(names, "image_id")
+    n = names.count()
+    edges, info = _score_cells(
+        explode_cells(nodes, cells), cells, k=k, cap=cap, n=n, shuffled=n * cells.probes
+    )
     graph = (
-        top_k(edges.filter(F.col("node") >= 0).select("node", "neighbour", "distance"), k)
-        .join(names, "node")
-        .join(neighbours, "neighbour")
+        _named(
+            top_k(edges.filter(F.col("node") >= 0).select("node", "neighbour", "distance"), k),
+            names,
+        )
         .select("image_id", "rank", "neighbour_id", "distance")
         .cache()  # the short-list fill and the write (with its sort's sampling) both read it
     )
@@ -443,28 +456,10 @@ def incremental_cell_graph(
     n = names.count()
     cell_ids = F.broadcast(spark.createDataFrame([(int(c),) for c in touched], "cell int"))
     rows = explode_cells(nodes, cells).join(cell_ids, "cell")
-    shuffled = rows.count() if touched else 0
-    partitions = max(
-        spark.sparkContext.defaultParallelism,
-        int(shuffled * (cells.dim * 4 + 64) // PARTITION_BYTES),
+    edges, info = _score_cells(
+        rows, cells, k=k, cap=cap, n=n, shuffled=rows.count() if touched else 0
     )
-    grouped = rows.repartition(partitions, "cell").sortWithinPartitions("cell", "node")
-    edges = _cell_stage(grouped, cells, k, cap).cache()
-    work = cast(
-        Any,
-        edges.agg(
-            F.sum("pairs"), F.sum("cells"), F.sum("split"), F.max("largest"), F.max("leaf")
-        ).first(),
-    )
-    neighbours = names.select(
-        F.col("image_id").alias("neighbour_id"), F.col("node").alias("neighbour")
-    )
-    fresh = (
-        edges.filter(F.col("node") >= 0)
-        .join(names, "node")
-        .join(neighbours, "neighbour")
-        .select("image_id", "neighbour_id", "distance")
-    )
+    fresh = _named(edges.filter(F.col("node") >= 0).select("node", "neighbour", "distance"), names)
     again = spark.createDataFrame(
         [(i,) for i in sorted(set(changes["new"]) | set(changes["lost"]))], "image_id string"
     )
@@ -485,20 +480,7 @@ def incremental_cell_graph(
     graph.count()
     edges.unpersist()
     names.unpersist()
-    return graph, {
-        "k": k,
-        "bucket_cap": cap,
-        "cells": cells.entry(),
-        "cells_used": int(work[1] or 0),
-        "cells_scored_again": len(touched),
-        "largest_cell": int(work[3] or 0),
-        "split_cells": int(work[2] or 0),
-        "largest_leaf": int(work[4] or 0),
-        "pairs_compared": int(work[0] or 0),
-        "pairs_share": float(work[0] or 0) / max(n * (n - 1) / 2, 1),
-        "partitions": partitions,
-        "shuffled_rows": shuffled,
-    }
+    return graph, {**info, "cells_scored_again": len(touched)}
 
 
 def graph_recall(
