@@ -516,6 +516,32 @@ def real_only(gen: Generator, seed: int = 0) -> dict[str, Any]:
     }
 
 
+def cluster_estimate(n: int, r: dict[str, Any], dim: int) -> str:
+    """What the ``n`` run would need on docker-compose.yaml's Spark cluster (2 workers x 2
+    cores, 4 GiB each by default), from this run's measured figures: an estimate, not a
+    measurement (no Docker engine on the machine that measured)."""
+    g = r["neighbours"]
+    stages = r.get("spark_stage_seconds", {})
+    cell = next((v for k, v in stages.items() if "neighbour_graph.py" in k), 0.0)
+    tune = float((g.get("tuning") or {}).get("seconds") or 0.0)
+    gib = g["shuffled_rows"] * (dim * 4 + 64) / 2**30
+    workers_gib = r["peak_rss_gib"].get("python_workers", 0.0)
+    rest = max(r["graph_seconds"] - tune, 0.0)
+    return (
+        f"On the compose cluster (two workers of 2 cores and 4 GiB each, `SPARK_WORKER_CORES`, "
+        f"`SPARK_WORKER_MEMORY`), the n={n:,} graph would need about {gib:.1f} GiB of shuffle "
+        f"files spread over the workers' local disks (written once, read once), Python "
+        f"workers of about {workers_gib:.1f} GiB per 2 cores here (a cell of up to the cap "
+        "in homes and its probes, plus the Arrow batches), and the driver the k-means "
+        f"training set ({g.get('tuning', {}).get('train_vectors', '-')} vectors; "
+        f"{tune:.0f} s here, on the driver whatever the cluster). The partition-parallel "
+        f"rest ({rest:.0f} s here on 2 cores, the longest stage {cell} s) would take about "
+        f"{rest / 2:.0f} s on the cluster's 4 cores if it scales with cores, so about "
+        f"{tune + rest / 2:.0f} s for the graph: an estimate from this run, not a measurement "
+        "(this machine has no Docker engine)."
+    )
+
+
 def slope(points: list[tuple[int, float]]) -> float | None:
     pts = [(n, v) for n, v in points if v and v > 0]
     if len(pts) < 2:
@@ -718,6 +744,9 @@ def section(data: dict[str, Any]) -> str:
                 + " | ".join(r.get("log_tail", [])[-3:])[:400]
                 + "`"
             )
+    largest = max((int(n) for n, r in data["sizes"].items() if r.get("status") == "ok"), default=0)
+    if largest:
+        lines += ["", cluster_estimate(largest, data["sizes"][str(largest)], cfg["dim"])]
     lines += [
         "",
         "Measured by: "
