@@ -105,3 +105,31 @@ def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason
         plan["projection_min_coverage"] = 0.9
     got = pipeline.reusable_projection(settings, plan)
     assert isinstance(got, str) and got.startswith(reason)
+
+
+def test_currents_graph_is_updated_only_in_its_own_space(tmp_path: Path) -> None:
+    from imgsim.jobs.fit_lsh import previous_graph, space_fingerprint
+
+    layout, _ = published_with_projection(tmp_path / "data", learned_on=395)
+    where = layout.models / VERSION
+    manifest = read_json(where / "manifest.json")
+    (where / "neighbours").mkdir()
+    manifest["neighbours"] = {"k": 10, "method": "scan: exact"}
+    manifest["files"]["neighbours"] = "neighbours"
+    atomic_write_json(where / "manifest.json", manifest)
+    backbone = manifest["backbone"]
+    space = space_fingerprint(where, "projection/projection.npz")
+    got = previous_graph(layout, 10, backbone, space)
+    assert isinstance(got, dict) and got["method"] == "scan" and got["version"] == VERSION
+    # the same arrays saved again (new zip timestamps): the same space
+    proj = Projection(
+        "lda", np.zeros(16), np.load(where / "projection/projection.npz")["matrix"], {}
+    )
+    proj.save(tmp_path / "again" / "projection")
+    assert space_fingerprint(tmp_path / "again", "projection/projection.npz") == space
+    assert previous_graph(layout, 10, backbone, "none").startswith("the search space changed")
+    assert previous_graph(layout, 5, backbone, space) == f"k changed (10 in {VERSION}, now 5)"
+    assert previous_graph(layout, 10, {"name": "x"}, space).startswith("the backbone changed")
+    # a damaged projection in CURRENT never blocks the new fit: it is built in full
+    (where / "projection/projection.npz").write_bytes(b"not an npz")
+    assert "cannot be read" in previous_graph(layout, 10, backbone, space)

@@ -529,7 +529,13 @@ def previous_graph(
         return f"k changed ({graph.get('k')} in {version}, now {k})"
     if m.get("backbone") != backbone:
         return f"the backbone changed since {version}"
-    if space_fingerprint(where, m["files"].get("projection")) != space:
+    import zipfile
+
+    try:
+        before = space_fingerprint(where, m["files"].get("projection"))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # never block a new fit
+        return f"CURRENT's projection ({version}) cannot be read: {exc}"
+    if before != space:
         return (
             f"the search space changed since {version} (the projection is learned anew for "
             "every index run)"
