@@ -87,6 +87,8 @@ def test_a_small_change_keeps_currents_projection(tmp_path: Path) -> None:
         ("new class", "1 classes new since"),
         ("refresh 0", "IMGSIM_PROJECTION_REFRESH is 0: learned anew every run"),
         ("settings", "the projection settings changed since"),
+        ("damaged", "CURRENT's reference table (v20260101T000000Z-00c0de) cannot be read"),
+        ("no file", "CURRENT's projection file (v20260101T000000Z-00c0de) is missing"),
     ],
 )
 def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason: str) -> None:
@@ -103,6 +105,10 @@ def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason
         settings = Settings(data_root=tmp_path / "data", projection_refresh=0.0)
     if change == "settings":
         plan["projection_min_coverage"] = 0.9
+    if change == "damaged":
+        (layout.models / VERSION / "reference.parquet").write_bytes(b"PAR1 truncated")
+    if change == "no file":
+        (layout.models / VERSION / "projection" / "projection.npz").unlink()
     got = pipeline.reusable_projection(settings, plan)
     assert isinstance(got, str) and got.startswith(reason)
 

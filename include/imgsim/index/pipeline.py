@@ -716,7 +716,12 @@ def reusable_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, A
     if "full rebuild" in plan.get("refit_because", []):
         return "a full rebuild was asked for"
     where = version_dir(layout, version)
-    ref = pq.read_table(where / current["files"]["reference"], columns=["image_id", "class_id"])
+    if not (where / entry["file"]).is_file():
+        return f"CURRENT's projection file ({version}) is missing"
+    try:
+        ref = pq.read_table(where / current["files"]["reference"], columns=["image_id", "class_id"])
+    except (OSError, ValueError) as exc:  # pyarrow's errors are ValueErrors or OSErrors
+        return f"CURRENT's reference table ({version}) cannot be read: {exc}"
     old = dict(zip(*ref.to_pydict().values(), strict=True))
     rows = live_rows(layout)
     indexed = {r["image_id"] for r in rows} & embedded_ids(layout, plan["backbone"])
