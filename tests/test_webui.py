@@ -736,7 +736,7 @@ def test_duplicate_groups_page_lists_the_groups_with_links(
     publish_with_graph(layout)
     page = client.get("/duplicates").text
     assert 'id="group-count">1<' in page
-    assert "at or under distance 0.050 between the embeddings" in page
+    assert "at or under distance 0.050 between the embeddings (<code>" in page
     assert page.count('class="query duplicate-group"') == 1
     assert f'href="reference/{IDS[0]}?version={NEW}"' in page
     assert f'href="reference/{IDS[1]}?version={NEW}"' in page
