@@ -890,6 +890,9 @@ def test_fit_plan_skips_when_nothing_changed(settings: Settings) -> None:
     grown = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
     assert grown["expected_count"] == len(IDS) + 1
     assert grown["fingerprint"] == snapshot_fingerprint([*IDS, "e" * 64])
+    # a full rebuild asked for is said beside the other reasons (it relearns the projection)
+    rebuilt = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET, full_rebuild=True)
+    assert rebuilt["refit_because"][-1] == "full rebuild" and len(rebuilt["refit_because"]) > 1
 
 
 def test_fit_plan_refits_for_another_backbone(settings: Settings) -> None:

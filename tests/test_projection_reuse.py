@@ -89,6 +89,7 @@ def test_a_small_change_keeps_currents_projection(tmp_path: Path) -> None:
         ("settings", "the projection settings changed since"),
         ("damaged", "CURRENT's reference table (v20260101T000000Z-00c0de) cannot be read"),
         ("no file", "CURRENT's projection file (v20260101T000000Z-00c0de) is missing"),
+        ("full rebuild", "a full rebuild was asked for"),
     ],
 )
 def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason: str) -> None:
@@ -105,6 +106,8 @@ def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason
         settings = Settings(data_root=tmp_path / "data", projection_refresh=0.0)
     if change == "settings":
         plan["projection_min_coverage"] = 0.9
+    if change == "full rebuild":  # with other reasons beside it (fit_plan keeps them all)
+        plan["refit_because"] = ["labels changed", "full rebuild"]
     if change == "damaged":
         (layout.models / VERSION / "reference.parquet").write_bytes(b"PAR1 truncated")
     if change == "no file":
