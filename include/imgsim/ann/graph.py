@@ -18,10 +18,10 @@ them (benchmarks/README.md, "Neighbour graph cost").
 A cell's members are scored in one float64 Gram product of its rows against its homes; each
 row keeps its k nearest homes and each home its k nearest rows. The kept distances are
 recomputed pair by pair in float64, so a pair scored in several cells gets the same distance
-in each (duplicates are dropped before the top-k). A cell with more than ``cap`` rows is split
-like a random projection tree: at the median of its rows' projections on a seeded direction
-(one per level), again and again until every leaf has at most ``cap`` rows; pairs are scored
-within leaves, so no cell costs more than ``cap``^2 pairs.
+in each (duplicates are dropped before the top-k). A cell storing more than ``cap``
+references (homes) is split like a random projection tree: where half its homes lie below on
+a seeded direction (one per level), again and again until every leaf stores at most ``cap``;
+pairs are scored within leaves, so a leaf costs at most its rows x ``cap`` pairs.
 
 Near-duplicate groups are the connected components of the graph's edges under a distance
 (:func:`duplicate_groups`).
@@ -108,13 +108,7 @@ def balanced_kmeans(x: np.ndarray, cells: int, seed: int) -> np.ndarray:
     several-fold, and a random start can leave two clusters in one cell)."""
     x = np.asarray(x, np.float64)
     centroids = kmeans(x, cells, seed)
-    norms = (centroids * centroids).sum(1)
-    label = np.concatenate(
-        [
-            _squared_to(x[s : s + CHUNK_ROWS], centroids, norms).argmin(1)
-            for s in range(0, len(x), CHUNK_ROWS)
-        ]
-    )
+    label = GraphCells(centroids, 1).probe_cells(x, 1)[:, 0]
     mean = len(x) / cells
     out = []
     for c in range(cells):
@@ -342,7 +336,7 @@ def bucket_neighbours(
     """The k nearest edges of one cell's rows: ``ids`` (any sortable type; ties go to the
     lower id), their vectors ``x`` (m, dim) and whether the cell is their ``home`` (else they
     probe it). Every row gets its k nearest homes and every home its k nearest rows, within
-    its leaf (:func:`split_leaves` when the cell has more than ``cap`` rows); probes are not
+    its leaf (:func:`split_leaves` when the cell has more than ``cap`` homes); probes are not
     scored against probes. Distances of the kept pairs are float64, recomputed pair by pair
     (the same in every cell)."""
     m = len(ids)

@@ -581,15 +581,15 @@ def neighbour_graph(
     kind = "scan" if scan_is_cheaper(None, n, dim, 1.0, args.scan_below) else "cells"
     mode: dict[str, Any] = {"mode": "full", "mode_reason": previous}
     changes: dict[str, list[str]] | None = None
+    before: DataFrame | None = None  # CURRENT's graph, read once
     if isinstance(previous, dict):
         if previous["method"] != kind:
             mode["mode_reason"] = (
                 f"CURRENT's graph ({previous['version']}) is {previous['method']}, this one {kind}"
             )
         else:
-            changes = ng.graph_changes(
-                spark.read.parquet(str(previous["dir"] / "neighbours")), reference
-            )
+            before = spark.read.parquet(str(previous["dir"] / "neighbours"))
+            changes = ng.graph_changes(before, reference)
             mode.update(
                 previous=previous["version"],
                 changes={key: len(v) for key, v in changes.items()},
@@ -614,10 +614,10 @@ def neighbour_graph(
                     else f"{len(again)} of {n} to scan afresh: a full scan costs about as much"
                 ),
             )
-        if mode["mode"] == "incremental" and isinstance(previous, dict) and changes:
+        if mode["mode"] == "incremental" and before is not None and changes:
             graph = ng.incremental_scan_graph(
                 reference,
-                spark.read.parquet(str(previous["dir"] / "neighbours")),
+                before,
                 changes,
                 args.graph_k,
                 exact,
@@ -651,7 +651,12 @@ def neighbour_graph(
                     else ": the cells are learned and scored anew"
                 ),
             )
-        if mode["mode"] == "incremental" and isinstance(previous, dict) and changes:
+        if (
+            mode["mode"] == "incremental"
+            and isinstance(previous, dict)
+            and before is not None
+            and changes
+        ):
             tuning = {
                 **(previous["entry"].get("tuning") or {}),
                 "kept_from": previous["version"],
@@ -660,7 +665,7 @@ def neighbour_graph(
             cells.save(out_dir / ng.CELLS_FILE)
             graph, entry = ng.incremental_cell_graph(
                 reference,
-                spark.read.parquet(str(previous["dir"] / "neighbours")),
+                before,
                 changes,
                 cells,
                 touched,
