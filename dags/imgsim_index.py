@@ -31,7 +31,7 @@ Builds the reference index of car photos and keeps it current, one run per day.
 | --- | --- | --- |
 | `download` | fetches the archive, labels and optional class names, each from the first of its locations that gives the right bytes (http/https/file/local path, or a local folder of images; md5/sha256-checked, resumable, transient errors retried, skipped when current). A permanent error (404, bad URL, wrong bytes) fails the task at once | `raw/` |
 | `extract` | safe extraction (no paths outside the target, no links or devices), once per archive | `images/<archive>/` |
-| `catalog` | sha256 id per image; archive + `incoming/<logical date>/`; labels matched by path; fails when they match under `min_label_coverage` of the archive's images; marks gone images; diff against the embedding store; reports label coverage | `catalog/catalog.parquet` |
+| `catalog` | picks the embedder (Param `embedder`, default `IMGSIM_EMBEDDER`=current: the trained embedder the `imgsim_train` DAG published, else the frozen backbone; a new one means every reference is embedded again); sha256 id per image; archive + `incoming/<logical date>/`; labels matched by path; fails when they match under `min_label_coverage` of the archive's images; marks gone images; diff against the embedding store; reports label coverage | `catalog/catalog.parquet` |
 | `plan_shards` | splits the new images into shards | `runs/<run>/shards/` |
 | `choose_embed_engine` | picks the engine (Param `embed_engine`, default `IMGSIM_EMBED_ENGINE`): the mapped `embed` tasks or the Spark job; neither when nothing is new | `runs/<run>/spark_embed.json` (spark) |
 | `embed` | engine `tasks`: one mapped task per shard: decode, RGB, 224x224 thumbnail, batched CNN embedding; bad images quarantined | `embeddings/<backbone>/`, `thumbs/`, `quarantine/` |
@@ -78,6 +78,7 @@ Backfill past days (each reads its own `incoming/<date>/`):
         ),
         "min_label_coverage": setting_param(DEFAULTS, "min_label_coverage"),
         "backbone": setting_param(DEFAULTS, "backbone"),
+        "embedder": setting_param(DEFAULTS, "embedder"),
         "num_hash_tables": setting_param(DEFAULTS, "lsh_num_hash_tables"),
         "bucket_length": setting_param(DEFAULTS, "lsh_bucket_length"),
         "projection": setting_param(DEFAULTS, "projection"),
@@ -166,28 +167,31 @@ def imgsim_index() -> None:
                 params["full_rebuild"],
                 names["path"] if names else None,
                 params["min_label_coverage"],
+                params["embedder"],
             )
 
     @task
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
         from imgsim.index import pipeline
 
-        return pipeline.plan_shards(Settings.from_env(), cataloged["to_embed_file"], run_id)
+        return pipeline.plan_shards(
+            Settings.from_env(), cataloged["to_embed_file"], run_id, cataloged["backbone"]
+        )
 
     @task(max_active_tis_per_dagrun=2)
     def embed(shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        return pipeline.embed_shard(Settings.from_env(), shard["spec"], params["backbone"])
+        return pipeline.embed_shard(Settings.from_env(), shard["spec"], shard["backbone"])
 
     @task.branch
     def choose_embed_engine(
-        shards: list[dict[str, Any]], params: dict[str, Any], run_id: str
+        shards: list[dict[str, Any]], cataloged: dict[str, Any], params: dict[str, Any], run_id: str
     ) -> str:
         from imgsim.index import pipeline
 
         route, job = pipeline.embed_route(
-            Settings.from_env(), params["embed_engine"], shards, run_id, params["backbone"]
+            Settings.from_env(), params["embed_engine"], shards, run_id, cataloged["backbone"]
         )
         get_current_context()["ti"].xcom_push(key="spark_job", value=job)
         return EMBED_ROUTES[route]
@@ -207,12 +211,14 @@ def imgsim_index() -> None:
         return pipeline.embed_summary(shards, params["embed_engine"])
 
     @task.short_circuit(trigger_rule="none_failed")
-    def fit_plan(embedded: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    def fit_plan(
+        embedded: dict[str, Any], cataloged: dict[str, Any], params: dict[str, Any]
+    ) -> dict[str, Any]:
         from imgsim.index import pipeline
 
         return pipeline.fit_plan(
             Settings.from_env(),
-            params["backbone"],
+            cataloged["backbone"],
             params["num_hash_tables"],
             params["bucket_length"],
             params["full_rebuild"],
@@ -257,12 +263,12 @@ def imgsim_index() -> None:
     extracted = extract(fetched)
     cataloged = catalog(extracted, fetched)
     shards = plan_shards(cataloged)
-    chosen = choose_embed_engine(shards)
+    chosen = choose_embed_engine(shards, cataloged)
     embedded = embed.expand(shard=shards)
     summary = embed_summary(shards)
     chosen >> [embedded, embed_spark, summary]
     [embedded, embed_spark] >> summary  # type: ignore[operator]
-    planned = fit_plan(summary)
+    planned = fit_plan(summary, cataloged)
     learned = learn_projection(planned)
     learned >> fit_lsh
     validated = validate(planned)

@@ -8,3 +8,7 @@ from airflow.sdk import Asset
 
 #: A new model version was published; the event's ``extra`` carries ``{"version": ...}``.
 LSH_MODEL = Asset(name="imgsim_lsh_model", uri="imgsim://models/lsh/CURRENT", group="imgsim")
+
+#: A trained embedder was published (imgsim_train); ``extra`` carries ``{"version": ...}``. The
+#: index DAG reads the CURRENT embedder in its catalog task (its next daily run re-embeds with it).
+EMBEDDER = Asset(name="imgsim_embedder", uri="imgsim://models/embedder/CURRENT", group="imgsim")

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from imgsim.config import ConfigError, Settings
+from imgsim.training.train import TrainingError
+from imgsim.versions.embedders import EmbedderDamaged
 from imgsim.versions.models import VersionDamaged
 
 
@@ -37,6 +39,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     """List the published versions, their files' state and CURRENT; 1 when something is wrong
     (CURRENT names no published version, or a version is damaged)."""
     from imgsim.ann.projection import describe as describe_projection
+    from imgsim.embedding.trained import base_of, embedder_of
     from imgsim.versions.models import (
         check_version,
         current_version,
@@ -54,6 +57,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     else:
         print(
             f"{'':2}{'version':<26}{'created (UTC)':<21}{'images':>8}  {'backbone':<20}"
+            f"{'embedder':<26}"
             f"{'search space':<22}{'LSH keys':<34}{'bucket':>9}{'recall@5':>10}  files"
         )
     for v in reversed(versions):
@@ -62,12 +66,13 @@ def cmd_versions(args: argparse.Namespace) -> int:
             m = read_manifest(layout, v)
             row = (
                 f"{m['created_at'][:19]:<21}{m['counts']['indexed']:>8}  "
-                f"{m['backbone'].get('name', '?'):<20}"
+                f"{base_of(m['backbone'].get('name', '?')):<20}"
+                f"{embedder_of(m['backbone'].get('name', '')):<26}"
                 f"{describe_projection(m.get('projection')):<22}{describe_lsh(m['lsh']):<34}"
                 f"{m['lsh']['bucketLength']:>9.4g}{m['metrics']['recall_at_k']:>10.3f}"
             )
         except (VersionDamaged, LookupError, KeyError, TypeError, ValueError) as exc:
-            row = f"{'manifest unreadable: ' + str(exc)[:80]:<124}"
+            row = f"{'manifest unreadable: ' + str(exc)[:80]:<150}"
         print(f"{'*' if v == current else ' ':2}{v:<26}{row}  {integrity.status}")
         for problem in integrity.problems:
             print(f"{'':4}! {problem}")
@@ -101,11 +106,48 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from imgsim.versions.embedders import current_embedder
     from imgsim.versions.models import rollback
 
     layout = Settings.from_env().layout
     rollback(layout, args.version)
-    print(f"CURRENT -> {args.version}")
+    print(f"CURRENT -> {args.version} (embedder: {current_embedder(layout) or 'frozen'})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the embedding on the data root's labelled references; publish it if it beats the
+    frozen backbone + LDA on the held-out photos."""
+    from imgsim.training.train import TrainConfig, run_training
+
+    settings = Settings.from_env()
+    config = TrainConfig.from_settings(
+        settings, epochs=args.epochs, mode=args.mode, device=args.device
+    )
+    print(
+        f"training {config.base} -> {config.dim}-d ({config.mode} mode, {config.epochs} epochs) "
+        f"on the labelled references of {settings.data_root}"
+    )
+
+    def progress(point: dict[str, Any]) -> None:
+        print(
+            f"  epoch {point['epoch']}/{config.epochs}: loss {point['loss']:.3f}, held-out "
+            f"hit@1 {point['held_hit_at_1']:.3f}, precision@5 {point['held_precision_at_5']:.3f}"
+            f" ({point['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    result = run_training(settings, config, run_id="cli", progress=progress)
+    m = result.metrics
+    print(
+        f"  held-out ({m['held_out']} photos) hit@1: frozen {m['frozen']['raw']['hit_at_1']:.3f}, "
+        f"frozen + LDA {m['frozen']['lda'].get('hit_at_1', float('nan')):.3f}, trained "
+        f"{m['trained']['raw']['hit_at_1']:.3f}, trained + LDA "
+        f"{m['trained']['lda'].get('hit_at_1', float('nan')):.3f}"
+    )
+    print(f"{result.reason}")
+    if result.published:
+        print("next: the next imgsim_index run embeds every reference with it")
     return 0
 
 
@@ -195,6 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             query_share=args.query_share,
             k=args.k,
             backbone=args.backbone,
+            train_epochs=args.train_epochs,
         )
     else:
         if not (args.images and args.labels):
@@ -230,6 +273,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "space, compared: share of the index, QE: query expansion):"
         )
         print("\n".join(ev.table(report)))
+    training = report.get("training")
+    if training:
+        print(f"  training: {training['reason']}")
+    trained = report.get("trained")
+    if trained:
+        print(
+            f"  frozen vs trained embedder ({trained['backbone']}), the same {trained['queries']}"
+            " queries, as lookups answer:"
+        )
+        for name, r in (("frozen", report), ("trained", trained)):
+            print(
+                f"    {name:<8} {r['projection']['kind']:<6} precision@{k} "
+                f"{r[f'precision_at_{k}']:.3f}  hit@1 {r['hit_at_1']:.3f}  hit@{k} "
+                f"{r[f'hit_at_{k}']:.3f}"
+            )
+        print("\n".join(ev.table(trained)))
     print(f"  written: {Path(args.out) / 'evaluation.json'}, {Path(args.out) / 'evaluation.png'}")
     return 0
 
@@ -281,8 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--query-share", type=float, default=0.2)
     ev.add_argument("--backbone", default="efficientnet_lite0")
     ev.add_argument("-k", type=int, default=5)
+    ev.add_argument(
+        "--train-epochs",
+        type=int,
+        help="with --sample: also train the embedding on the reference part for this many "
+        "epochs, rebuild the index with it and report the trained rows beside the frozen ones",
+    )
     ev.add_argument("--out", default="evaluation", help="folder for evaluation.json/.png")
     ev.set_defaults(func=cmd_evaluate)
+    tr = sub.add_parser("train", help="train the embedding on the labelled references")
+    tr.add_argument("--epochs", type=int, help="epochs (default IMGSIM_TRAIN_EPOCHS, 8)")
+    tr.add_argument(
+        "--mode", choices=("auto", "top", "full"), help="default IMGSIM_TRAIN_MODE (auto)"
+    )
+    tr.add_argument("--device", help="default IMGSIM_DEVICE (auto: cuda when available)")
+    tr.set_defaults(func=cmd_train)
     rb = sub.add_parser("rollback", help="make another (intact) published version current")
     rb.add_argument("version")
     rb.set_defaults(func=cmd_rollback)
@@ -297,7 +369,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ConfigError, LookupError, ValueError, FileNotFoundError, VersionDamaged) as exc:
+    except (
+        ConfigError,
+        LookupError,
+        ValueError,
+        FileNotFoundError,
+        VersionDamaged,
+        EmbedderDamaged,
+        TrainingError,
+    ) as exc:
         print(f"imgsim: error: {exc}", file=sys.stderr)
         return 2
 

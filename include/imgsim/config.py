@@ -49,6 +49,7 @@ RESNET18_WEIGHTS_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pt
 BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 #: How the backbone runs: PyTorch, or ONNX Runtime on the CPU in fp32 or static int8.
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
+TRAIN_MODES = ("auto", "top", "full")
 #: Where the index DAG embeds: mapped Airflow tasks, or one Spark application.
 EMBED_ENGINES = ("tasks", "spark")
 #: the learned projection in front of the search (imgsim.ann.projection)
@@ -107,6 +108,12 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "projection": (
         PROJECTIONS,
         "auto: lda when labels cover the references, else whiten; none: no projection",
+    ),
+    "train_mode": (
+        TRAIN_MODES,
+        "auto: top on a CPU, full on a GPU; top: the frozen stages' outputs cached once and "
+        "only the top stages and the head trained; full: every layer, with random-resized-crop "
+        "and flip augmentation of the images",
     ),
     "projection_engine": (
         PROJECTION_ENGINES,
@@ -227,6 +234,11 @@ class Layout:
     @property
     def staging(self) -> Path:
         return self.models / ".staging"
+
+    @property
+    def embedders(self) -> Path:
+        """Trained embedder versions (imgsim.versions.embedders) and their CURRENT pointer."""
+        return self.root / "models" / "embedder"
 
     @property
     def current_pointer(self) -> Path:
@@ -380,6 +392,32 @@ class Settings(BaseSettings):
         "measured on copies of sample photos (0.41)",
     )
 
+    # the trained embedder (imgsim.training, imgsim.embedding.trained)
+    embedder: str = Field(
+        "current",
+        title="Embedder",
+        description="current: the data root's CURRENT trained embedder when it was trained on "
+        "the backbone, else the frozen backbone; frozen: the backbone as it is; or an embedder "
+        "version (e20261207T081500Z-3fa9c2). A different embedder than the current index's "
+        "re-embeds every reference",
+    )
+    train_schedule: str = "@weekly"  # imgsim_train's timetable (also runs after each publish)
+    train_refresh: Share = Field(
+        0.1,
+        title="Retrain when the labels changed by",
+        description="after an index publish, imgsim_train retrains when the labelled "
+        "references grew or changed by more than this share of those the embedder was "
+        "trained on, or gained a class",
+    )
+    train_epochs: int = Field(8, ge=1, le=200, title="Training epochs")
+    train_mode: str = "auto"  # TRAIN_MODES
+    train_holdout: Share = 0.1  # share of each class's labelled photos held out (picks the epoch)
+    train_dim: int = Field(512, ge=8, le=4096)  # the trained embedding's dimensions
+    train_batch_size: int = Field(64, ge=2)
+    train_lr: float = Field(0.002, gt=0, le=1)  # AdamW's peak (one-cycle) learning rate
+    train_seed: int = Field(0, ge=0)
+    train_min_images: int = Field(20, ge=2)  # fewer labelled photos: no training
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -438,6 +476,16 @@ class Settings(BaseSettings):
             return date.fromisoformat(value).isoformat()
         except ValueError:
             raise ValueError("is not a date (YYYY-MM-DD)") from None
+
+    @pydantic.field_validator("embedder")
+    @classmethod
+    def _embedder(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("current", "frozen") or re.fullmatch(r"e\d{8}T\d{6}Z-[0-9a-f]{6}", value):
+            return value
+        raise ValueError(
+            "must be current, frozen or an embedder version such as e20261207T081500Z-3fa9c2"
+        )
 
     @property
     def layout(self) -> Layout:

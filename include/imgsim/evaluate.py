@@ -117,7 +117,10 @@ def evaluate(
 
     model = load_model(settings.layout, version)
     backbone = load_query_backbone(
-        model.manifest, weights_path=settings.weights_path, device=settings.device
+        model.manifest,
+        weights_path=settings.weights_path,
+        device=settings.device,
+        embedders=settings.layout.embedders,
     )
     good, bad = embed_files(
         backbone,
@@ -425,6 +428,7 @@ def build_reference_index(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     cat = pipeline.catalog(settings, str(src), str(labels_csv), "2026-01-01", run_id, backbone)
+    backbone = cat["backbone"]  # the CURRENT trained embedder, once there is one
     for shard in pipeline.plan_shards(settings, cat["to_embed_file"], run_id):
         pipeline.embed_shard(settings, shard["spec"], backbone)
     seconds["catalog_and_embed"] = time.perf_counter() - t0
@@ -457,13 +461,41 @@ def evaluate_sample(
     query_share: float = 0.2,
     k: int = 5,
     backbone: str = "efficientnet_lite0",
+    train_epochs: int | None = None,
 ) -> dict[str, Any]:
-    settings = Settings.from_env().replace(data_root=data_root.resolve(), backbone=backbone)
+    """The frozen backbone's version, evaluated; with ``train_epochs``, then the embedding
+    trained on the reference part (``imgsim train``'s code: the queries are never trained on),
+    the index rebuilt with it as the next index run would, and evaluated the same way
+    (``report["trained"]``; ``report["training"]``: the held-out comparison)."""
+    settings = Settings.from_env().replace(
+        data_root=data_root.resolve(), backbone=backbone, embedder="current"
+    )
     reference, queries = split_sample(sample, seed, query_share)
     version, seconds = build_reference_index(settings, sample, reference, backbone)
     query_set = [LabelledImage(sample / "images" / r["image"], int(r["Class"])) for r in queries]
     report = evaluate(settings, query_set, version=version, k=k)
     report["build_seconds"] = seconds
+    if train_epochs:
+        from imgsim.training.train import TrainConfig, run_training
+
+        result = run_training(
+            settings, TrainConfig.from_settings(settings, epochs=train_epochs), run_id="evaluate"
+        )
+        report["training"] = {
+            "published": result.published,
+            "version": result.version,
+            "reason": result.reason,
+            "held_out": result.metrics,
+            "curve": result.curve,
+            "seconds": result.seconds,
+        }
+        if result.published:
+            trained_version, trained_seconds = build_reference_index(
+                settings, sample, reference, backbone, run_id="evaluate-trained"
+            )
+            trained = evaluate(settings, query_set, version=trained_version, k=k)
+            trained["build_seconds"] = trained_seconds
+            report["trained"] = trained
     report["split"] = {
         "seed": seed,
         "query_share": query_share,

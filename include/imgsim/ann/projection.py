@@ -331,15 +331,28 @@ def label_precision(
     queries: np.ndarray, q_labels: np.ndarray, refs: np.ndarray, r_labels: np.ndarray, k: int = 5
 ) -> tuple[float, float]:
     """(precision@k, hit@1) of exact search of unit ``queries`` among unit ``refs``."""
+    m = label_metrics(queries, q_labels, refs, r_labels, k)
+    return m["precision"], m["hit_at_1"]
+
+
+def label_metrics(
+    queries: np.ndarray, q_labels: np.ndarray, refs: np.ndarray, r_labels: np.ndarray, k: int = 5
+) -> dict[str, float]:
+    """precision@k, hit@1 and hit@k of exact search of unit ``queries`` among unit ``refs``
+    (nearest = largest inner product)."""
     if len(queries) == 0 or len(refs) == 0:
-        return 0.0, 0.0
+        return {"precision": 0.0, "hit_at_1": 0.0, "hit_at_k": 0.0}
     sims = queries @ refs.T
     kk = min(k, refs.shape[0])
     top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
     order = np.take_along_axis(sims, top, 1).argsort(axis=1)[:, ::-1]
     top = np.take_along_axis(top, order, 1)
     same = r_labels[top] == q_labels[:, None]
-    return float(same.sum(1).mean() / k), float(same[:, 0].mean())
+    return {
+        "precision": float(same.sum(1).mean() / k),
+        "hit_at_1": float(same[:, 0].mean()),
+        "hit_at_k": float(same.any(axis=1).mean()),
+    }
 
 
 def cv_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:

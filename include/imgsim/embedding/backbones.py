@@ -359,30 +359,12 @@ EFFICIENTNET_PREPROCESSING = (
 )
 
 
-def load_backbone(
-    name: str,
-    *,
-    weights_path: str = "",
-    device: str = "auto",
-    runtime: str = "torch",
-    cache_dir: Path | None = None,
-) -> Backbone:
-    """Build the named backbone once, in eval mode, on the chosen device and runtime.
-
-    The ONNX runtimes run on the CPU; their model file is exported (and quantized) into
-    ``cache_dir`` the first time (default: ``~/.cache/imgsim/models``).
-    """
+def base_model(
+    name: str, weights_path: str = ""
+) -> tuple[torch.nn.Module, BackboneSpec, Callable[[Image], torch.Tensor]]:
+    """A base backbone's model (CPU, its pretrained weights), spec and preprocessing."""
     import torch
 
-    runtime = resolve_runtime(runtime, device, None)
-    if runtime != "torch":
-        if device not in ("auto", "cpu"):
-            raise ValueError(
-                f"runtime {runtime} runs on the CPU (ONNX Runtime's CPU provider);"
-                f" device {device!r} needs IMGSIM_RUNTIME=torch"
-            )
-        device = "cpu"
-    dev = choose_device(device)
     if name in ("resnet18", "random"):
         from torchvision.models import resnet18
 
@@ -424,14 +406,113 @@ def load_backbone(
         spec = BackboneSpec(name, 1280, wpath.name, sha256_file(wpath), EFFICIENTNET_PREPROCESSING)
         preprocess = _efficientnet_preprocess()
     else:
-        raise ValueError(f"unknown backbone {name!r}: use resnet18, efficientnet_lite0 or random")
+        raise ValueError(
+            f"unknown backbone {name!r}: use resnet18, efficientnet_lite0, random or a trained "
+            "embedder <base>@<version>"
+        )
+    return model, spec, preprocess
+
+
+def _trained_model(
+    name: str, embedders: Path | None
+) -> tuple[torch.nn.Module, BackboneSpec, Callable[[Image], torch.Tensor], Path | None]:
+    """A published trained embedder: its network with the published weights (sha256 checked),
+    its spec, its base backbone's preprocessing and its published ONNX file."""
+    import torch
+
+    from imgsim.config import Settings
+    from imgsim.embedding.trained import ONNX, WEIGHTS, parse_trained_name, read_embedder_dir
+
+    parsed = parse_trained_name(name)
+    assert parsed is not None
+    root = embedders if embedders is not None else Settings.from_env().layout.embedders
+    folder = root / parsed.version
+    manifest = read_embedder_dir(folder, hashes=True)
+    model = build_embedder_net(manifest["base"]["name"], int(manifest["dim"]))
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    spec = BackboneSpec(
+        name,
+        int(manifest["dim"]),
+        f"{parsed.version}/{WEIGHTS}",
+        manifest["files"][WEIGHTS]["sha256"],
+        manifest["preprocessing"],
+    )
+    onnx_file = folder / ONNX if ONNX in manifest["files"] else None
+    return model, spec, preprocess_for(manifest["base"]["name"]), onnx_file
+
+
+def preprocess_for(base: str) -> Callable[[Image], torch.Tensor]:
+    """The preprocessing of base backbone ``base`` (a trained embedder keeps its base's)."""
+    if base == "efficientnet_lite0":
+        return _efficientnet_preprocess()
+    return _square_preprocess(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def build_embedder_net(
+    base: str, dim: int, weights_path: str = "", pretrained: bool = False
+) -> Any:
+    """The embedder network of ``base`` (:func:`imgsim.embedding.trained.embedder_net`):
+    random weights unless ``pretrained`` (then the base backbone's ImageNet ones, to train)."""
+    from imgsim.embedding.trained import embedder_net, split_backbone
+
+    if pretrained:
+        model, _, _ = base_model(base, weights_path)
+    elif base in ("resnet18", "random"):
+        from torchvision.models import resnet18
+
+        model = resnet18(weights=None)
+    elif base == "efficientnet_lite0":
+        import timm
+
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    else:
+        raise ValueError(f"backbone {base!r} cannot be trained")
+    frozen, top, feat = split_backbone(model, base)
+    return embedder_net(frozen, top, feat, dim).eval()
+
+
+def load_backbone(
+    name: str,
+    *,
+    weights_path: str = "",
+    device: str = "auto",
+    runtime: str = "torch",
+    cache_dir: Path | None = None,
+    embedders: Path | None = None,
+) -> Backbone:
+    """Build the named backbone once, in eval mode, on the chosen device and runtime.
+
+    ``name`` is a base backbone (``resnet18``, ``efficientnet_lite0``, ``random``) or a trained
+    embedder ``<base>@<version>`` (:mod:`imgsim.embedding.trained`), loaded from ``embedders``
+    (the data root's ``models/embedder/``; default: IMGSIM_DATA_ROOT's). The ONNX runtimes run
+    on the CPU; their model file is exported (and quantized) into ``cache_dir`` the first time
+    (default: ``~/.cache/imgsim/models``); a trained embedder's fp32 file is the one published
+    with it.
+    """
+    import torch
+
+    runtime = resolve_runtime(runtime, device, None)
+    if runtime != "torch":
+        if device not in ("auto", "cpu"):
+            raise ValueError(
+                f"runtime {runtime} runs on the CPU (ONNX Runtime's CPU provider);"
+                f" device {device!r} needs IMGSIM_RUNTIME=torch"
+            )
+        device = "cpu"
+    dev = choose_device(device)
+    onnx_file: Path | None = None
+    if "@" in name:
+        model, spec, preprocess, onnx_file = _trained_model(name, embedders)
+    else:
+        model, spec, preprocess = base_model(name, weights_path)
 
     model.eval()
     if runtime != "torch":
-        backbone = _onnx_backbone(model, spec, preprocess, runtime, cache_dir)
+        backbone = _onnx_backbone(model, spec, preprocess, runtime, cache_dir, onnx_file)
         backbone.square_input = True
         return backbone
-    model = model.to(dev, memory_format=torch.channels_last)
+    model = model.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
     log.info("loaded backbone %s (%s, %d-d) on %s", spec.name, spec.weights, spec.dim, dev)
     return Backbone(spec=spec, model=model, preprocess=preprocess, device=dev, square_input=True)
 
@@ -442,6 +523,7 @@ def _onnx_backbone(
     preprocess: Callable[[Image], torch.Tensor],
     runtime: str,
     cache_dir: Path | None,
+    onnx_file: Path | None = None,
 ) -> Backbone:
     import dataclasses
 
@@ -450,9 +532,12 @@ def _onnx_backbone(
     from imgsim.embedding import onnx_runtime
 
     folder = cache_dir if cache_dir is not None else default_model_cache()
-    path = onnx_runtime.ensure_model_file(
-        model, preprocess, spec.name, spec.weights_sha256, runtime, folder
-    )
+    if onnx_file is not None and runtime == "onnx":
+        path = onnx_file  # published with the trained embedder, its sha256 checked
+    else:
+        path = onnx_runtime.ensure_model_file(
+            model, preprocess, spec.name, spec.weights_sha256, runtime, folder
+        )
     runner = onnx_runtime.open_runner(path, torch.get_num_threads())
     spec = dataclasses.replace(spec, runtime=runtime)
     log.info(

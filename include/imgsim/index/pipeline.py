@@ -234,6 +234,55 @@ def run_day(ds: str | None, run_after: Any = None) -> str:
     return str(run_after.date().isoformat())
 
 
+def resolve_embedder(
+    settings: Settings, backbone: str, embedder: str | None = None
+) -> dict[str, Any]:
+    """The backbone name this run embeds with: ``backbone`` itself, or the trained embedder
+    ``<backbone>@<version>`` that ``embedder`` (default IMGSIM_EMBEDDER) names.
+
+    ``current``: the data root's CURRENT embedder when it was trained on ``backbone``; none, one
+    trained on another backbone, or a damaged one (said in the result and the log) mean the
+    frozen backbone. ``frozen``: the backbone as it is. A version: that one, which must be
+    published and intact (else :class:`imgsim.versions.embedders.EmbedderNotFound` or
+    ``EmbedderDamaged``, permanent errors)."""
+    from imgsim.embedding.trained import base_of, trained_name
+    from imgsim.versions.embedders import EmbedderDamaged, current_embedder, read_embedder
+
+    choice = embedder if embedder is not None else settings.embedder
+    layout = settings.layout
+    base = base_of(backbone)
+    if choice == "frozen":
+        return {"backbone": base, "embedder": None, "reason": "the frozen backbone (asked for)"}
+    version = current_embedder(layout) if choice == "current" else choice
+    if version is None:
+        return {"backbone": base, "embedder": None, "reason": "no trained embedder published"}
+    try:
+        manifest = read_embedder(layout, version, hashes=True)  # a few MB: cheap, once a run
+    except EmbedderDamaged as exc:
+        if choice != "current":
+            raise
+        log.warning("the CURRENT embedder cannot be used, embedding with %s: %s", base, exc)
+        return {"backbone": base, "embedder": None, "reason": f"CURRENT embedder damaged: {exc}"}
+    trained_base = manifest["base"]["name"]
+    if trained_base != base:
+        if choice != "current":
+            raise PipelineError(
+                f"embedder {version} was trained on {trained_base}, not on the backbone "
+                f"{base} this run embeds with; set the backbone to {trained_base}"
+            )
+        return {
+            "backbone": base,
+            "embedder": None,
+            "reason": f"the CURRENT embedder {version} was trained on {trained_base}, not {base}",
+        }
+    how = "CURRENT" if choice == "current" else "asked for"
+    return {
+        "backbone": trained_name(base, version),
+        "embedder": version,
+        "reason": f"trained embedder {version} ({how})",
+    }
+
+
 def catalog(
     settings: Settings,
     image_root: str,
@@ -244,13 +293,16 @@ def catalog(
     full_rebuild: bool = False,
     class_names_path: str | None = None,
     min_label_coverage: float | None = None,
+    embedder: str | None = None,
 ) -> dict[str, Any]:
     """Update the catalog from the archive and ``incoming/<run_date>/``; save what to embed.
 
     The labels must match at least ``min_label_coverage`` (default: the setting) of the
     archive's images, else ``LabelCoverageError`` and nothing is written. Class names missing
     from the labels file come from ``class_names_path``. The result holds
-    ``label_coverage`` (all live images) and ``archive_label_coverage``.
+    ``label_coverage`` (all live images) and ``archive_label_coverage``, and ``backbone``: the
+    backbone or trained embedder (:func:`resolve_embedder`) the rest of the run embeds and fits
+    with. A new embedder has no vectors in its store yet, so every live image is to embed.
     """
     from imgsim.catalog import Source, check_label_coverage, incoming_source, update_catalog
     from imgsim.sources.labels import (
@@ -262,6 +314,9 @@ def catalog(
     )
 
     layout = settings.layout
+    chosen = resolve_embedder(settings, backbone, embedder)
+    backbone = chosen["backbone"]
+    log.info("embedding with %s: %s", backbone, chosen["reason"])
     labels = read_labels(Path(labels_path))
     if class_names_path:
         labels = with_class_names(labels, read_class_names(Path(class_names_path)))
@@ -287,16 +342,27 @@ def catalog(
         diff.label_coverage["classes"],
         archive_coverage,
     )
+    if diff.to_embed and len(diff.to_embed) == diff.label_coverage["images"] and chosen["embedder"]:
+        log.info(
+            "every live image (%d) is embedded with %s: its store is new",
+            len(diff.to_embed),
+            backbone,
+        )
     return {
         **diff.summary(),
         "label_coverage": diff.label_coverage,
         "archive_label_coverage": archive_coverage,
         "to_embed_file": str(todo),
+        "backbone": backbone,
+        "embedder": chosen,
     }
 
 
-def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dict[str, Any]]:
-    """Split the images to embed into shard files; one mapped embed task per shard."""
+def plan_shards(
+    settings: Settings, to_embed_file: str, run_id: str, backbone: str | None = None
+) -> list[dict[str, Any]]:
+    """Split the images to embed into shard files; one mapped embed task per shard (each
+    names ``backbone``, the one catalog chose, when given)."""
     todo: list[dict[str, str]] = read_json(to_embed_file)
     key = run_key(run_id)
     shard_dir = settings.layout.runs / key / "shards"
@@ -305,7 +371,14 @@ def plan_shards(settings: Settings, to_embed_file: str, run_id: str) -> list[dic
     for i, start in enumerate(range(0, len(todo), size)):
         spec = shard_dir / f"shard-{i:05d}.json"
         atomic_write_json(spec, {"run_key": key, "shard": i, "items": todo[start : start + size]})
-        shards.append({"spec": str(spec), "shard": i, "images": len(todo[start : start + size])})
+        shards.append(
+            {
+                "spec": str(spec),
+                "shard": i,
+                "images": len(todo[start : start + size]),
+                **({"backbone": backbone} if backbone else {}),
+            }
+        )
     log.info("%d images to embed in %d shard(s) of at most %d", len(todo), len(shards), size)
     return shards
 
@@ -364,6 +437,7 @@ def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[
         device=settings.device,
         runtime=embed_runtime(settings, backbone_name),
         cache_dir=settings.model_cache,
+        embedders=layout.embedders,
     )
     check_backbone_record(layout, backbone.spec.as_dict())
     items = [
@@ -587,6 +661,14 @@ def fit_plan(
     wanted = fit_settings(
         settings, num_hash_tables, bucket_length, projection or settings.projection
     )
+    advised = embedder_projection(layout, backbone)
+    if wanted["projection"] == "auto" and advised == "none":
+        log.info(
+            "projection auto -> none: LDA on %s's vectors did not raise its held-out hit@1 "
+            "(measured when it was trained)",
+            backbone,
+        )
+        wanted["projection"] = "none"
     record = layout.backbone_record(backbone)
     spec = read_json(record) if record.exists() else {"name": backbone}
     version = new_version()
@@ -617,6 +699,18 @@ def fit_plan(
     )
     because = [*changed, "full rebuild"] if full_rebuild else changed
     return {**plan, "refit_because": because}
+
+
+def embedder_projection(layout: Layout, backbone: str) -> str | None:
+    """The projection a trained embedder was measured best with (``lda`` or ``none``); None
+    for a frozen backbone."""
+    from imgsim.embedding.trained import parse_trained_name
+    from imgsim.versions.embedders import read_embedder
+
+    parsed = parse_trained_name(backbone)
+    if parsed is None:
+        return None
+    return str(read_embedder(layout, parsed.version).get("projection") or "lda")
 
 
 def refit_reasons(

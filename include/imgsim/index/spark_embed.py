@@ -152,19 +152,29 @@ def item_rows(shards: list[PlannedShard]) -> list[tuple[int, int, str, str]]:
 
 # -- executors ----------------------------------------------------------------------------------
 
-_BACKBONES: dict[tuple[str, str, str, str, str], Backbone] = {}
+_BACKBONES: dict[tuple[str, str, str, str, str, str], Backbone] = {}
 
 
 def cached_backbone(
-    name: str, weights_path: str, device: str, runtime: str = "torch", cache_dir: Path | None = None
+    name: str,
+    weights_path: str,
+    device: str,
+    runtime: str = "torch",
+    cache_dir: Path | None = None,
+    embedders: Path | None = None,
 ) -> Backbone:
     """The backbone, loaded at most once per Python worker process."""
     from imgsim.embedding.backbones import load_backbone
 
-    key = (name, weights_path, device, runtime, str(cache_dir))
+    key = (name, weights_path, device, runtime, str(cache_dir), str(embedders))
     if key not in _BACKBONES:
         _BACKBONES[key] = load_backbone(
-            name, weights_path=weights_path, device=device, runtime=runtime, cache_dir=cache_dir
+            name,
+            weights_path=weights_path,
+            device=device,
+            runtime=runtime,
+            cache_dir=cache_dir,
+            embedders=embedders,
         )
         log.info(
             "%s process %d on %s loaded the %s backbone (kept for its later tasks)",
@@ -214,7 +224,7 @@ def embed_partition(
     configure_threads(task_threads(job.num_threads))
     layout = job.layout
     backbone = cached_backbone(
-        job.backbone, job.weights_path, job.device, job.runtime, job.cache_dir
+        job.backbone, job.weights_path, job.device, job.runtime, job.cache_dir, layout.embedders
     )
     if backbone.spec.as_dict() != expected_spec:
         raise RuntimeError(

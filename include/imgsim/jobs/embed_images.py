@@ -96,7 +96,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     # On the CPU: the driver only needs the spec (and, for ONNX, exports the model file once
     # into the cache before executors on this machine look for it).
     driver_backbone = cached_backbone(
-        job.backbone, job.weights_path, "cpu", job.runtime, job.cache_dir
+        job.backbone, job.weights_path, "cpu", job.runtime, job.cache_dir, job.layout.embedders
     )
     spec = driver_backbone.spec.as_dict()
     check_backbone_record(job.layout, spec)

@@ -239,8 +239,12 @@ def load_query_backbone(
     weights_path: str = "",
     device: str = "auto",
     cache_dir: Path | None = None,
+    embedders: Path | None = None,
 ) -> Any:
     """Build the backbone recorded in ``manifest`` and check it is exactly the same one.
+
+    A trained embedder (``<base>@<version>``) is loaded from ``embedders`` (the data root's
+    ``models/embedder/``), so every query embeds with the embedder of the version it searches.
 
     It runs on the runtime the manifest records (torch when it names none), whatever
     IMGSIM_RUNTIME says; ``cache_dir`` holds the ONNX files (default: IMGSIM_MODEL_CACHE, where
@@ -259,6 +263,7 @@ def load_query_backbone(
         device="cpu" if runtime != "torch" else device,
         runtime=runtime,
         cache_dir=cache_dir,
+        embedders=embedders,
     )
     have = backbone.spec.as_dict()
     diffs = {k: (recorded.get(k), have[k]) for k in have if recorded.get(k) != have[k]}
@@ -298,7 +303,10 @@ class Searcher:
         """``version`` (default CURRENT) with its backbone, per ``settings`` (imgsim.config)."""
         model = model or load_model(settings.layout, version)
         backbone = backbone or load_query_backbone(
-            model.manifest, weights_path=settings.weights_path, device=settings.device
+            model.manifest,
+            weights_path=settings.weights_path,
+            device=settings.device,
+            embedders=settings.layout.embedders,
         )
         return cls(
             model,

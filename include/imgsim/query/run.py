@@ -149,7 +149,10 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     vectors: dict[str, Any] = {}
     if pending:
         backbone = load_query_backbone(
-            manifest, weights_path=settings.weights_path, device=settings.device
+            manifest,
+            weights_path=settings.weights_path,
+            device=settings.device,
+            embedders=settings.layout.embedders,
         )
         good, bad = embed_files(
             backbone,

@@ -747,7 +747,10 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
         backbone = _BACKBONE_CACHE.get(bkey)
         if backbone is None:
             backbone = load_query_backbone(
-                model.manifest, weights_path=settings.weights_path, device=settings.device
+                model.manifest,
+                weights_path=settings.weights_path,
+                device=settings.device,
+                embedders=settings.layout.embedders,
             )
             _BACKBONE_CACHE.clear()
             _BACKBONE_CACHE[bkey] = backbone

@@ -496,7 +496,11 @@ def publish(layout: Layout, version: str, *, keep: int = 5) -> str:
 
 
 def rollback(layout: Layout, version: str) -> str:
-    """Point CURRENT at an older published version, atomically."""
+    """Point CURRENT at an older published version, atomically, and the CURRENT embedder at
+    the one it was built with (``frozen`` for a frozen backbone), so that the next index run
+    keeps embedding with it."""
+    from imgsim.versions.embedders import set_current_embedder
+
     with models_lock(layout):
         if version not in published_versions(layout):
             raise VersionNotFound(
@@ -504,6 +508,9 @@ def rollback(layout: Layout, version: str) -> str:
                 f"{layout.models}; published: {published_versions(layout)}"
             )
         verify_version(layout, version, hashes=True)  # never roll back onto a damaged one
+        backbone = str(read_manifest(layout, version).get("backbone", {}).get("name", ""))
+        if "@" in backbone or layout.embedders.exists():
+            set_current_embedder(layout, backbone)  # checks the embedder first
         atomic_write_text(layout.current_pointer, version + "\n")
     log.info("rolled back: CURRENT -> %s", version)
     return version

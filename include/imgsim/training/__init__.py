@@ -1,0 +1,1 @@
+"""Training the embedding on the references' labels (:mod:`imgsim.training.train`)."""
