@@ -67,7 +67,7 @@ versions: $(STAMP) ## list the published model versions
 
 BENCH_ARGS ?=
 bench: $(STAMP) ## run every benchmark and rebuild benchmarks/README.md from their results
-	$(ENV) && for b in quality embedding incremental lsh search latency duplicates graph; do \
+	$(ENV) && for b in quality training embedding incremental lsh search latency duplicates graph; do \
 	  echo "== benchmarks/bench_$$b.py"; $(PY) benchmarks/bench_$$b.py $(BENCH_ARGS); done
 	$(PY) benchmarks/report.py
 

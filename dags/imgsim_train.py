@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import AssetOrTimeSchedule, Param, dag, get_current_context, task
@@ -42,7 +42,8 @@ and after each published index version (retrains when they grew or changed by mo
     start_date=datetime.fromisoformat(DEFAULTS.index_start_date),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 0},
+    # a transient failure (a worker lost) is retried once; permanent ones fail at once
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=1)},
     tags=["imgsim", "train"],
     doc_md=DOC,
     params={

@@ -346,3 +346,28 @@ def test_rollback_brings_the_embedder_of_the_version_back(tmp_path: Path) -> Non
     assert (layout.embedders / "CURRENT").read_text().strip() == FROZEN
     rollback(layout, "v20261202T000000Z-bbbbbb")
     assert current_embedder(layout) == version
+
+
+@pytest.mark.slow
+def test_full_mode_trains_every_layer_on_augmented_images(sample_dir: Path, tmp_path: Path) -> None:
+    """The GPU path (IMGSIM_DEVICE=cuda picks it), run here on the CPU: every layer learns."""
+    import torch
+
+    from imgsim.embedding.backbones import build_embedder_net
+    from imgsim.training.train import run_training
+    from imgsim.versions.embedders import embedder_dir
+
+    settings = build_root(sample_dir, tmp_path / "data", classes=(9, 10))
+    config = TrainConfig.from_settings(
+        settings, epochs=1, batch_size=8, publish="always", mode="full", device="cpu"
+    )
+    result = run_training(settings, config)
+    assert result.manifest and result.manifest["mode"] == "full"
+    assert result.manifest["frozen_stages"] == "none"
+    assert "random-resized crop" in result.manifest["augmentation"]
+    trained = torch.load(
+        embedder_dir(settings.layout, result.version) / "embedder.pt", weights_only=True
+    )
+    start = build_embedder_net("random", 512, pretrained=True).state_dict()
+    key = "frozen.0.weight"  # conv1: frozen on the CPU path, trained here
+    assert not torch.equal(trained[key], start[key])

@@ -50,6 +50,7 @@ BACKBONES = ("resnet18", "efficientnet_lite0", "random")
 #: How the backbone runs: PyTorch, or ONNX Runtime on the CPU in fp32 or static int8.
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 TRAIN_MODES = ("auto", "top", "full")
+TRAIN_PUBLISH = ("better", "always")
 #: Where the index DAG embeds: mapped Airflow tasks, or one Spark application.
 EMBED_ENGINES = ("tasks", "spark")
 #: the learned projection in front of the search (imgsim.ann.projection)
@@ -114,6 +115,12 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
         "auto: top on a CPU, full on a GPU; top: the frozen stages' outputs cached once and "
         "only the top stages and the head trained; full: every layer, with random-resized-crop "
         "and flip augmentation of the images",
+    ),
+    "train_publish": (
+        TRAIN_PUBLISH,
+        "better: publish a trained embedder only if its held-out hit@1 beats the frozen "
+        "backbone + LDA on the same photos; always: publish it regardless (experiments; the "
+        "manifest records both)",
     ),
     "projection_engine": (
         PROJECTION_ENGINES,
@@ -417,6 +424,7 @@ class Settings(BaseSettings):
     train_lr: float = Field(0.002, gt=0, le=1)  # AdamW's peak (one-cycle) learning rate
     train_seed: int = Field(0, ge=0)
     train_min_images: int = Field(20, ge=2)  # fewer labelled photos: no training
+    train_publish: str = "better"  # TRAIN_PUBLISH
 
     def __init__(self, **values: Any) -> None:
         try:

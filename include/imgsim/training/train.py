@@ -107,6 +107,7 @@ class TrainConfig:
             "device": settings.device,
             "min_images": settings.train_min_images,
             "weights_path": settings.weights_path,
+            "publish": settings.train_publish,
         }
         values.update({k: v for k, v in changes.items() if v is not None})
         return cls(**values)
@@ -786,13 +787,19 @@ def trigger_of(dag_run: Any) -> str:
 def run_task(
     settings: Settings, epochs: int | None, mode: str | None, run_id: str
 ) -> dict[str, Any]:
-    """The ``imgsim_train`` DAG's ``train`` task (and ``imgsim train``): a summary for XCom."""
+    """The ``imgsim_train`` DAG's ``train`` task: a summary for XCom. Permanent errors (too few
+    labels, a NaN loss, another run training, a bad setting) fail the task at once."""
     from imgsim.config import check_setting
 
     if mode is not None:
         check_setting("train_mode", mode, "training mode (Param mode or IMGSIM_TRAIN_MODE)")
     config = TrainConfig.from_settings(settings, epochs=epochs, mode=mode)
-    result = run_training(settings, config, run_id=run_id)
+    try:
+        result = run_training(settings, config, run_id=run_id)
+    except (TrainingError, ValueError) as exc:  # permanent: no retry can fix them
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
     print(result.reason)
     return {
         "published": result.published,
