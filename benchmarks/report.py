@@ -10,7 +10,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, RESULTS_DIR
 
-ORDER = ["quality", "training_train", "training_sample", "embedding", "incremental", "lsh", "search", "latency", "duplicates", "graph"]
+ORDER = [
+    "quality",
+    "training_train",
+    "training_sample",
+    "embedding",
+    "incremental",
+    "lsh",
+    "search",
+    "latency",
+    "duplicates",
+    "graph",
+]
 
 HEADER = """# imgsim benchmarks
 

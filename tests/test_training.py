@@ -371,3 +371,30 @@ def test_full_mode_trains_every_layer_on_augmented_images(sample_dir: Path, tmp_
     start = build_embedder_net("random", 512, pretrained=True).state_dict()
     key = "frozen.0.weight"  # conv1: frozen on the CPU path, trained here
     assert not torch.equal(trained[key], start[key])
+
+
+@pytest.mark.slow
+def test_auto_projection_follows_what_was_measured_for_the_embedder(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """An embedder whose vectors did better without LDA (held-out) is indexed without it
+    under IMGSIM_PROJECTION=auto; one that did better with it keeps LDA."""
+    import shutil
+
+    from imgsim.index import pipeline
+    from imgsim.versions.embedders import embedder_dir
+
+    settings, result = trained["settings"], trained["result"]
+    copy = settings.replace(data_root=tmp_path / "data")
+    shutil.copytree(settings.data_root, copy.data_root)
+    name = result.manifest["name"]
+    path = embedder_dir(copy.layout, result.version) / "manifest.json"
+    for measured, expected in (("none", "none"), ("lda", "auto")):
+        manifest = json.loads(path.read_text())
+        manifest["projection"] = measured
+        path.write_text(json.dumps(manifest))
+        assert pipeline.embedder_projection(copy.layout, name) == measured
+        plan = pipeline.fit_plan(copy, name, 0, 0.0, full_rebuild=True, projection="auto")
+        assert plan["projection"] == expected
+        plan = pipeline.fit_plan(copy, name, 0, 0.0, full_rebuild=True, projection="lda")
+        assert plan["projection"] == "lda"  # asked for by name: kept

@@ -113,6 +113,21 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
         shutil.copyfileobj(fin, fout, length=1 << 20)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created, with its folder) for the ``with`` block;
+    ``wait=False`` raises ``BlockingIOError`` at once when another process holds it."""
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

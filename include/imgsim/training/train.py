@@ -28,7 +28,6 @@ torch is imported inside functions only.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import resource
 import tempfile
@@ -538,19 +537,14 @@ def baseline(metrics: dict[str, Any]) -> tuple[str, float]:
 @contextlib.contextmanager
 def training_lock(layout: Layout) -> Iterator[None]:
     """One training run per data root at a time; a second fails at once, saying so."""
-    layout.embedders.mkdir(parents=True, exist_ok=True)
-    with open(layout.embedders / ".train.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise TrainingBusy(
-                f"another training run holds {layout.embedders / '.train.lock'}; wait for it "
-                "to finish"
-            ) from None
-        try:
+    from imgsim.fsutil import exclusive_lock
+
+    lock = layout.embedders / ".train.lock"
+    try:
+        with exclusive_lock(lock, wait=False):
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise TrainingBusy(f"another training run holds {lock}; wait for it to finish") from None
 
 
 def peak_rss_mib() -> float:

@@ -14,14 +14,12 @@ index versions name them, and a rollback must find them.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,14 @@ from imgsim.embedding.trained import (  # noqa: F401 (the names readers import f
     parse_trained_name,
     read_embedder_dir,
 )
-from imgsim.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json
-from imgsim.versions.models import MANIFEST, file_checksums
+from imgsim.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    fsync_dir,
+    read_json,
+)
+from imgsim.versions.models import MANIFEST, file_checksums, new_version
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,7 @@ FROZEN = "frozen"
 
 
 def new_embedder_version(now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
-    return f"e{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return new_version(now, prefix="e")
 
 
 def check_embedder_version(version: str) -> str:
@@ -68,13 +71,8 @@ def embedder_dir(layout: Layout, version: str) -> Path:
 
 @contextmanager
 def embedders_lock(layout: Layout) -> Iterator[None]:
-    layout.embedders.mkdir(parents=True, exist_ok=True)
-    with open(layout.embedders / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(layout.embedders / ".lock"):
+        yield
 
 
 def published_embedders(layout: Layout) -> list[str]:

@@ -16,7 +16,6 @@ until a later check finds it whole. Versions published before checksums existed 
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -30,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout
-from imgsim.fsutil import atomic_write_json, atomic_write_text, fsync_dir, read_json, sha256_file
+from imgsim.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    fsync_dir,
+    read_json,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +69,11 @@ class VersionDamaged(RuntimeError):
         )
 
 
-def new_version(now: datetime | None = None) -> str:
-    """A sortable, unique version name such as ``v20261122T171400Z-3fa9c2``."""
+def new_version(now: datetime | None = None, prefix: str = "v") -> str:
+    """A sortable, unique version name such as ``v20261122T171400Z-3fa9c2`` (``prefix`` e for
+    an embedder version)."""
     now = now or datetime.now(UTC)
-    return f"v{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{prefix}{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def check_version_name(version: str) -> str:
@@ -80,13 +87,8 @@ def check_version_name(version: str) -> str:
 @contextmanager
 def models_lock(layout: Layout) -> Iterator[None]:
     """An exclusive lock over CURRENT changes (publish, rollback, prune) on this data root."""
-    layout.models.mkdir(parents=True, exist_ok=True)
-    with open(layout.models / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(layout.models / ".lock"):
+        yield
 
 
 def current_version(layout: Layout) -> str | None:
