@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import random
@@ -123,6 +124,52 @@ def _query_vectors(backbone: str, settings: Any, paths: list[Path]) -> tuple[np.
     return np.stack([good[str(p)] for p in paths]), time.perf_counter() - t0
 
 
+def render(data: dict[str, Any], argv: list[str]) -> str:
+    """The Markdown section of a result (``--report-only`` re-renders it from the JSON)."""
+    table = data["queries"]
+    emb = data["embedder"]
+    sec = data["seconds"]
+    rows_md = [
+        [name, m["dims"], m["hit_at_1"], m["precision_at_5"], m["hit_at_5"]]
+        for name, m in table.items()
+    ]
+    label = (
+        "the 8,144-photo training split (2 queries per class, seed 0, never indexed or trained on)"
+        if data["set"] == "train"
+        else "the 1,960-photo sample's seed-0 split (2 queries, 8 references per class)"
+    )
+    curve_md = md_table(
+        ["epoch", "loss", "held-out hit@1", "held-out P@5", "s"],
+        [
+            [c["epoch"], c["loss"], c["held_hit_at_1"], c["held_precision_at_5"], c["seconds"]]
+            for c in emb["curve"]
+        ],
+    )
+    q = data["query_embed_images_per_s"]
+    store = data["embed_store_images_per_s"]
+    frozen_store = f"{store['frozen']} images/s" if store.get("frozen") else "not measured (--keep)"
+    split = data["split"]
+    return f"""## Training the embedding ({data["set"]})
+
+`{" ".join(["benchmarks/bench_training.py", *argv])}`: {label};
+{split["references"]} references, {split["queries"]} queries, exact search, label metrics of
+the queries (frozen: efficientnet_lite0 as it is; trained: its top trained by `imgsim train`).
+
+{md_table(["embedding", "dims", "hit@1", "precision@5", "hit@5"], rows_md)}
+
+Trained hit@1 minus frozen + LDA: **{data["trained_minus_frozen_lda_hit_at_1"]:+.3f}**. Training
+({emb["mode"]} mode, {emb["epochs"]} epochs, best {emb["best_epoch"]} by held-out hit@1 on
+{emb["held_out"]["held_out"]} photos): cache of the frozen stages {sec.get("training_cache")} s,
+epochs {sec.get("training_train")} s, the whole run {sec.get("training_total")} s; peak RSS
+{data["peak_rss_mib_training"] / 1024:.1f} GiB. Embedding with the default runtime (ONNX fp32),
+the same {split["queries"]} query photos one after the other in one process: frozen
+{q["frozen"]} images/s, trained {q["trained"]} images/s; the embed tasks over the references:
+frozen {frozen_store}, trained {store["trained"]} images/s.
+
+{curve_md}
+"""
+
+
 def main() -> None:
     from imgsim.config import Settings
     from imgsim.index import pipeline
@@ -134,7 +181,18 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="reuse the data root of an earlier run")
+    p.add_argument(
+        "--report-only", action="store_true", help="re-render the .md from results/*.json"
+    )
     args = p.parse_args()
+    if args.report_only:
+        from common import RESULTS_DIR
+
+        data = json.loads((RESULTS_DIR / f"training_{args.set}.json").read_text())
+        md = render(data, data["command"].split()[1:])
+        (RESULTS_DIR / f"training_{args.set}.md").write_text(md.rstrip() + "\n")
+        print(md)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = WORK_DIR / f"training-{args.set}"
     images, rows = _rows_train(work) if args.set == "train" else _rows_sample()
@@ -231,38 +289,7 @@ def main() -> None:
         },
         "threads": os.cpu_count(),
     }
-    rows_md = [
-        [name, m["dims"], m["hit_at_1"], m["precision_at_5"], m["hit_at_5"]]
-        for name, m in table.items()
-    ]
-    label = (
-        "the 8,144-photo training split (2 queries per class, seed 0, never indexed or trained on)"
-        if args.set == "train"
-        else "the 1,960-photo sample's seed-0 split (2 queries, 8 references per class)"
-    )
-    curve_md = md_table(
-        ["epoch", "loss", "held-out hit@1", "held-out P@5", "s"],
-        [
-            [c["epoch"], c["loss"], c["held_hit_at_1"], c["held_precision_at_5"], c["seconds"]]
-            for c in result.curve
-        ],
-    )
-    md = f"""## Training the embedding ({args.set})
-
-`{" ".join(["benchmarks/bench_training.py", *sys.argv[1:]])}`: {label};
-{len(refs)} references, {len(queries)} queries, exact search, label metrics of the queries.
-
-{md_table(["embedding", "dims", "hit@1", "precision@5", "hit@5"], rows_md)}
-
-Trained hit@1 minus frozen + LDA: **{gain:+.3f}**. Training ({data["embedder"]["mode"]},
-{args.epochs} epochs, best {data["embedder"]["best_epoch"]}): cache {result.seconds.get("cache")} s,
-train {result.seconds.get("train")} s, whole run {result.seconds.get("total")} s; peak RSS of
-the process {train_rss / 1024:.1f} GiB. Embed task throughput over the references (ONNX fp32):
-frozen {data["embed_store_images_per_s"]["frozen"]} images/s, trained
-{data["embed_store_images_per_s"]["trained"]} images/s.
-
-{curve_md}
-"""
+    md = render(data, sys.argv[1:])
     write_result(f"training_{args.set}", data, md)
     print(md)
 
