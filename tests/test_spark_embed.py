@@ -313,7 +313,8 @@ def test_the_dag_wires_both_engines(airflow_env: dict[str, str]) -> None:
     assert wiring["branch"] == ["embed", "embed_spark", "embed_summary"]
     assert wiring["summary_up"] == ["choose_embed_engine", "embed", "embed_spark", "plan_shards"]
     assert wiring["summary_rule"] == "none_failed_min_one_success"
-    assert wiring["fit_plan_up"] == ["embed_summary"]
+    # fit_plan takes the embedder catalog chose (imgsim.index.pipeline.resolve_embedder)
+    assert wiring["fit_plan_up"] == ["catalog", "embed_summary"]
     assert wiring["engine_param"] == ["tasks", "spark"]
     assert wiring["engine_default"] == "spark"  # IMGSIM_EMBED_ENGINE sets the default
 
