@@ -213,11 +213,9 @@ def _thumb_batches(
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
-    from PIL import Image
 
     def load(ref: Reference) -> Any:
-        with Image.open(ref.thumb) as im:
-            return preprocess(im.convert("RGB"))
+        return _load_tensor(ref, preprocess)
 
     chunks = [refs[i : i + batch_size] for i in range(0, len(refs), batch_size)]
     with ThreadPoolExecutor(max_workers=2) as pool:
