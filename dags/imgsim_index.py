@@ -174,15 +174,17 @@ def imgsim_index() -> None:
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
         from imgsim.index import pipeline
 
-        return pipeline.plan_shards(
-            Settings.from_env(), cataloged["to_embed_file"], run_id, cataloged["backbone"]
-        )
+        with pipeline.fail_fast():
+            return pipeline.plan_shards(
+                Settings.from_env(), cataloged["to_embed_file"], run_id, cataloged["backbone"]
+            )
 
     @task(max_active_tis_per_dagrun=2)
     def embed(shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        return pipeline.embed_shard(Settings.from_env(), shard["spec"], shard["backbone"])
+        with pipeline.fail_fast():
+            return pipeline.embed_shard(Settings.from_env(), shard["spec"], shard["backbone"])
 
     @task.branch
     def choose_embed_engine(
@@ -190,9 +192,10 @@ def imgsim_index() -> None:
     ) -> str:
         from imgsim.index import pipeline
 
-        route, job = pipeline.embed_route(
-            Settings.from_env(), params["embed_engine"], shards, run_id, cataloged["backbone"]
-        )
+        with pipeline.fail_fast():
+            route, job = pipeline.embed_route(
+                Settings.from_env(), params["embed_engine"], shards, run_id, cataloged["backbone"]
+            )
         get_current_context()["ti"].xcom_push(key="spark_job", value=job)
         return EMBED_ROUTES[route]
 
@@ -208,7 +211,8 @@ def imgsim_index() -> None:
     def embed_summary(shards: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        return pipeline.embed_summary(shards, params["embed_engine"])
+        with pipeline.fail_fast():
+            return pipeline.embed_summary(shards, params["embed_engine"])
 
     @task.short_circuit(trigger_rule="none_failed")
     def fit_plan(
@@ -216,22 +220,24 @@ def imgsim_index() -> None:
     ) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        return pipeline.fit_plan(
-            Settings.from_env(),
-            cataloged["backbone"],
-            params["num_hash_tables"],
-            params["bucket_length"],
-            params["full_rebuild"],
-            embedded=embedded,
-            projection=params["projection"],
-            run_id=get_current_context()["run_id"],
-        )
+        with pipeline.fail_fast():
+            return pipeline.fit_plan(
+                Settings.from_env(),
+                cataloged["backbone"],
+                params["num_hash_tables"],
+                params["bucket_length"],
+                params["full_rebuild"],
+                embedded=embedded,
+                projection=params["projection"],
+                run_id=get_current_context()["run_id"],
+            )
 
     @task
     def learn_projection(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        return pipeline.learn_projection(Settings.from_env(), plan)
+        with pipeline.fail_fast():
+            return pipeline.learn_projection(Settings.from_env(), plan)
 
     fit_lsh = spark_task(
         "fit_lsh",
@@ -247,13 +253,15 @@ def imgsim_index() -> None:
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        return pipeline.validate(Settings.from_env(), plan)
+        with pipeline.fail_fast():
+            return pipeline.validate(Settings.from_env(), plan)
 
     @task(outlets=[LSH_MODEL])
     def publish(plan: dict[str, Any], run_id: str) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        published = pipeline.publish(Settings.from_env(), plan["version"], run_id)
+        with pipeline.fail_fast():
+            published = pipeline.publish(Settings.from_env(), plan["version"], run_id)
         get_current_context()["outlet_events"][LSH_MODEL].extra = published
         return published
 

@@ -80,21 +80,25 @@ the in-process twin of the published model, without starting a JVM; more by one 
 def imgsim_query() -> None:
     @task.short_circuit
     def collect(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+        from imgsim.errors import fail_fast
         from imgsim.query import run as query
 
-        return query.collect(
-            Settings.from_env(),
-            run_id,
-            list(params["image_paths"]),
-            params["k"],
-            params["version"] or None,
-        )
+        with fail_fast():
+            return query.collect(
+                Settings.from_env(),
+                run_id,
+                list(params["image_paths"]),
+                params["k"],
+                params["version"] or None,
+            )
 
     @task.branch
     def embed(plan: dict[str, Any]) -> str:
+        from imgsim.errors import fail_fast
         from imgsim.query import run as query
 
-        done = query.embed_and_route(Settings.from_env(), plan["run_dir"])
+        with fail_fast():
+            done = query.embed_and_route(Settings.from_env(), plan["run_dir"])
         get_current_context()["ti"].xcom_push(key="embedded", value=done)
         return QUERY_ROUTES[done["engine"]]
 
@@ -120,9 +124,11 @@ def imgsim_query() -> None:
 
     @task(trigger_rule="none_failed_min_one_success")
     def write_results(plan: dict[str, Any]) -> dict[str, Any]:
+        from imgsim.errors import fail_fast
         from imgsim.query import run as query
 
-        return query.finalize(Settings.from_env(), plan["run_dir"])
+        with fail_fast():
+            return query.finalize(Settings.from_env(), plan["run_dir"])
 
     planned = collect()
     embedded = embed(planned)

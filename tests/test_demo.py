@@ -102,3 +102,41 @@ def test_demo_view_shows_tasks_progress_and_failures() -> None:
         "x embed[0] FAILED after 5 s",
     ]
     assert view.tasks_failed == ["embed[0]"]
+
+
+def test_a_failed_task_shows_its_error_not_its_traceback() -> None:
+    """The quiet view prints a failed task's error (the traceback's last line, Airflow's
+    wrapper dropped) under its line and keeps it for the summary."""
+    view = DemoView(clock=lambda: 0.0)
+    feed = [
+        "[info] [DAG TEST] starting task_id=catalog map_index=-1",
+        "2026-12-07T11:25:41Z [error    ] Task failed with exception     [task]",
+        "Traceback (most recent call last):",
+        '  File "/x/catalog.py", line 1, in check',
+        "imgsim.catalog.LabelCoverageError: the labels name 0 of 48 images (0%); expected",
+        "",
+        "The above exception was the direct cause of the following exception:",
+        "",
+        "Traceback (most recent call last):",
+        "airflow.sdk.exceptions.AirflowFailException: LabelCoverageError: the labels name 0 "
+        "of 48 images (0%); expected",
+        "Fix: give the labels file that belongs to these images",
+        "2026-12-07T11:25:41Z [info     ] ::group::Post Execute          [task]",
+        "[info] [DAG TEST] end task task_id=catalog map_index=-1",
+        "[info] [DAG TEST] starting task_id=fit_plan map_index=-1",
+        "ValueError: a line outside a failed task is not an error of it",
+        "[info] [DAG TEST] end task task_id=fit_plan map_index=-1",
+    ]
+    shown = [out for line in feed if (out := view.feed(line)) is not None]
+    assert shown == [
+        "  > catalog started",
+        "  x catalog FAILED after 0 s\n"
+        "      LabelCoverageError: the labels name 0 of 48 images (0%); expected\n"
+        "      Fix: give the labels file that belongs to these images",
+        "  > fit_plan started",
+        "  + fit_plan done in 0 s",
+    ]
+    assert view.errors == {
+        "catalog": "LabelCoverageError: the labels name 0 of 48 images (0%); expected\n"
+        "      Fix: give the labels file that belongs to these images"
+    }

@@ -368,7 +368,7 @@ def test_a_daily_change_updates_the_exact_graph_instead_of_rescanning(
     first, second = "v20260101T000000Z-0000f1", "v20260102T000000Z-0000f2"
     m1 = fit(spark, layout, first, "--num-hash-tables 4 --bucket-length 2.0 --sample-size 30")
     assert m1["neighbours"]["mode"] == "full"
-    assert m1["neighbours"]["mode_reason"] == "no published version to update"
+    assert m1["neighbours"]["mode_reason"] == "no base to update: no published version"
     ids = [f"{i:064x}" for i in range(300)]
     validate(layout, first, ids, recall_floor=0.0)
     publish(layout, first)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -893,6 +894,63 @@ def test_fit_plan_skips_when_nothing_changed(settings: Settings) -> None:
     # a full rebuild asked for is said beside the other reasons (it relearns the projection)
     rebuilt = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET, full_rebuild=True)
     assert rebuilt["refit_because"][-1] == "full rebuild" and len(rebuilt["refit_because"]) > 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("manifest cut short", "manifest.json is not valid JSON"),
+        ("manifest lacks keys", "its manifest.json lacks snapshot.fingerprint"),
+        ("reference truncated", "reference/part-0.parquet has"),
+        ("version folder gone", "is not published under"),
+        ("CURRENT garbage", "CURRENT names 'not a version', which is not a version name"),
+    ],
+)
+def test_a_damaged_current_means_a_full_build_that_says_why(
+    settings: Settings, damage: str, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing or damaged CURRENT never blocks the index run: the plan builds in full, reuses
+    nothing of it (base none) and says why in the log and in the plan the fit job records."""
+    layout = settings.layout
+    first = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    assert first["base"] == "none" and first["base_reason"] == "no published version"
+    publish_plan(settings, first)
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}  # whole: nothing to do
+    where = layout.models / first["version"]
+    manifest = where / "manifest.json"
+    if damage == "manifest cut short":
+        manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    elif damage == "manifest lacks keys":
+        data = read_json(manifest)
+        del data["snapshot"]
+        atomic_write_json(manifest, data)
+    elif damage == "reference truncated":
+        part = where / "reference" / "part-0.parquet"
+        part.write_bytes(part.read_bytes()[:100])
+    elif damage == "version folder gone":
+        shutil.rmtree(where)
+    else:
+        layout.current_pointer.write_text("not a version\n")
+    with caplog.at_level("WARNING", logger="imgsim.index.pipeline"):
+        plan = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET)
+    assert plan, "a damaged CURRENT must be rebuilt, not skipped"
+    assert plan["base"] == "none" and said in plan["base_reason"], plan["base_reason"]
+    assert plan["refit_because"] == [plan["base_reason"]]
+    assert plan["base_reason"].startswith("CURRENT cannot be built on:")
+    assert "building" in caplog.text and said in caplog.text
+    # ... and the rebuilt version publishes over it
+    publish_plan(settings, plan)
+    assert models.current_version(layout) == plan["version"]
+    assert pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET) == {}
+
+
+def test_a_whole_current_is_the_plans_base(settings: Settings) -> None:
+    publish_plan(settings, pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET))
+    current = models.current_version(settings.layout)
+    plan = pipeline.fit_plan(settings, BACKBONE, TABLES + 1, BUCKET)
+    assert plan["base"] == current and current in plan["base_reason"]
+    rebuilt = pipeline.fit_plan(settings, BACKBONE, TABLES, BUCKET, full_rebuild=True)
+    assert rebuilt["base"] == "none" and rebuilt["base_reason"] == "a full rebuild was asked for"
 
 
 def test_fit_plan_refits_for_another_backbone(settings: Settings) -> None:

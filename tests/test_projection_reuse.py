@@ -15,6 +15,7 @@ from imgsim.config import Layout, Settings
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.index import pipeline
 from imgsim.store import write_catalog
+from imgsim.versions.models import record_checksums
 from test_fit_job import make_store
 
 VERSION = "v20260101T000000Z-00c0de"
@@ -45,8 +46,11 @@ def published_with_projection(root: Path, learned_on: int) -> tuple[Layout, Sett
                 "seed": settings.lsh_seed,
             },
             "files": {"reference": "reference.parquet", "projection": entry["file"]},
+            "snapshot": {"fingerprint": "-"},
+            "counts": {"indexed": learned_on},
         },
     )
+    record_checksums(where)  # as publish does
     layout.current_pointer.write_text(VERSION + "\n")
     return layout, settings
 
@@ -87,9 +91,11 @@ def test_a_small_change_keeps_currents_projection(tmp_path: Path) -> None:
         ("new class", "1 classes new since"),
         ("refresh 0", "IMGSIM_PROJECTION_REFRESH is 0: learned anew every run"),
         ("settings", "the projection settings changed since"),
-        ("damaged", "CURRENT's reference table (v20260101T000000Z-00c0de) cannot be read"),
-        ("no file", "CURRENT's projection file (v20260101T000000Z-00c0de) is missing"),
+        ("damaged", f"{VERSION} is damaged: reference.parquet has 14 bytes"),
+        ("altered", f"{VERSION} is damaged: projection/projection.npz has been altered"),
+        ("no file", f"{VERSION} is damaged: projection/projection.npz is missing"),
         ("full rebuild", "a full rebuild was asked for"),
+        ("no base", "CURRENT cannot be built on: v"),
     ],
 )
 def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason: str) -> None:
@@ -112,6 +118,13 @@ def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason
         (layout.models / VERSION / "reference.parquet").write_bytes(b"PAR1 truncated")
     if change == "no file":
         (layout.models / VERSION / "projection" / "projection.npz").unlink()
+    if change == "altered":  # the same size, one byte changed: only its sha256 tells
+        npz = layout.models / VERSION / "projection" / "projection.npz"
+        data = bytearray(npz.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        npz.write_bytes(bytes(data))
+    if change == "no base":  # the fit plan found CURRENT damaged: nothing of it is reused
+        plan.update(base="none", base_reason=f"CURRENT cannot be built on: {VERSION} is damaged")
     got = pipeline.reusable_projection(settings, plan)
     assert isinstance(got, str) and got.startswith(reason)
 
@@ -126,6 +139,7 @@ def test_currents_graph_is_updated_only_in_its_own_space(tmp_path: Path) -> None
     manifest["neighbours"] = {"k": 10, "method": "scan: exact"}
     manifest["files"]["neighbours"] = "neighbours"
     atomic_write_json(where / "manifest.json", manifest)
+    record_checksums(where)
     backbone = manifest["backbone"]
     space = space_fingerprint(where, "projection/projection.npz")
     got = previous_graph(layout, 10, backbone, space)
@@ -139,6 +153,15 @@ def test_currents_graph_is_updated_only_in_its_own_space(tmp_path: Path) -> None
     assert previous_graph(layout, 10, backbone, "none").startswith("the search space changed")
     assert previous_graph(layout, 5, backbone, space) == f"k changed (10 in {VERSION}, now 5)"
     assert previous_graph(layout, 10, {"name": "x"}, space).startswith("the backbone changed")
-    # a damaged projection in CURRENT never blocks the new fit: it is built in full
+    # the fit plan's choice holds: no base, or a named one
+    assert previous_graph(layout, 10, backbone, space, "none").startswith(
+        "the fit plan builds in full"
+    )
+    assert previous_graph(layout, 10, backbone, space, VERSION)["version"] == VERSION
+    # a damaged graph or projection in the base never blocks the new fit: it is built in full
+    (where / "neighbours" / "part-0.parquet").write_bytes(b"x")  # not recorded at publish
+    assert "was not part of the version" in previous_graph(layout, 10, backbone, space)
+    (where / "neighbours" / "part-0.parquet").unlink()
     (where / "projection/projection.npz").write_bytes(b"not an npz")
-    assert "cannot be read" in previous_graph(layout, 10, backbone, space)
+    got = previous_graph(layout, 10, backbone, space)
+    assert got.startswith(f"no base to update: {VERSION} is damaged: projection/projection.npz")

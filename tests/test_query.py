@@ -148,6 +148,57 @@ def test_finalize_writes_results_ledgers_and_empties_the_inbox(settings: Setting
     assert again["pending"] == 0
 
 
+def test_inbox_photos_of_one_name_in_two_folders_both_survive(settings: Settings) -> None:
+    """``inbox/a/x.jpg`` and ``inbox/b/x.jpg`` both leave the inbox, each to its own place
+    beside its own answers; a photo replaced during the run stays in the inbox unanswered;
+    nothing ever overwrites a file in processed/."""
+    layout = settings.layout
+    box = query.inbox(layout)
+    red = photo(box / "a" / "x.jpg", (200, 0, 0))
+    blue = photo(box / "b" / "x.jpg", (0, 0, 200))
+    late = photo(box / "late.jpg", (0, 200, 0))
+    plan = query.collect(settings, "manual__6", [], k=1)
+    run_dir = Path(plan["run_dir"])
+    ids = {q["query_path"]: q["query_id"] for q in read_json(run_dir / "queries.json")["queries"]}
+    red_id, blue_id = ids[str(red.absolute())], ids[str(blue.absolute())]
+    write_neighbours(
+        run_dir,
+        [
+            {
+                "query_id": qid,
+                "image_id": make_ids(6)[i],
+                "path": f"images/car_ims/00000{i}.jpg",
+                "class_id": i,
+                "class_name": None,
+                "distance": 0.1,
+                "candidates": 6,
+                "rank": 1,
+            }
+            for i, qid in enumerate([red_id, blue_id, ids[str(late.absolute())]])
+        ],
+    )
+    photo(late, (0, 199, 0))  # replaced in the inbox while the run answers the first one
+    taken = layout.queries / "processed" / run_dir.name / "a" / "x.jpg"
+    photo(taken, (9, 9, 9))  # a file already there is never replaced
+    taken_bytes = taken.read_bytes()
+    query.finalize(settings, str(run_dir))
+
+    results = {q["query_path"]: q for q in read_json(run_dir / "results.json")["queries"]}
+    red_copy = Path(results[str(red.absolute())]["query_copy"])
+    blue_copy = Path(results[str(blue.absolute())]["query_copy"])
+    assert blue_copy == layout.queries / "processed" / run_dir.name / "b" / "x.jpg"
+    assert red_copy == taken.with_name("x.1.jpg") and taken.read_bytes() == taken_bytes
+    assert sha256_file(red_copy) == red_id and sha256_file(blue_copy) == blue_id
+    assert results[str(red.absolute())]["neighbours"][0]["image_id"] == make_ids(6)[0]
+    assert results[str(blue.absolute())]["neighbours"][0]["image_id"] == make_ids(6)[1]
+    assert not red.exists() and not blue.exists()
+    assert late.exists() and "query_copy" not in results[str(late.absolute())]
+    assert "replaced in the inbox" in results[str(late.absolute())]["note"]
+    assert results[str(late.absolute())]["picture_gone"]  # no picture of other bytes
+    again = query.collect(settings, "manual__7", [], k=1)  # the next run answers the new bytes
+    assert again["pending"] == 1
+
+
 # -- a damaged version (issue 13 item 7) ---------------------------------------------------------
 
 
@@ -461,3 +512,35 @@ def test_the_spark_query_job_passes_query_expansion_on(
         flags = "--k 3 --expansion 2 --scan-share 0.5 --scan-below 7"
         query_lsh.main(query_argv(published.data_root, version, tmp_path / "run", flags))
     assert seen == {"k": 3, "expansion": 2, "scan": (0.5, 7)}
+
+
+@pytest.mark.parametrize("kind", ["backbone", "onnx"])
+def test_imgsim_query_says_a_backbone_or_onnx_error_in_one_line(
+    settings: Settings,
+    kind: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A version built with another backbone, or an ONNX model that ONNX Runtime cannot load:
+    ``imgsim query`` prints one line and exits 2, never a traceback."""
+    from imgsim import cli
+    from imgsim.embedding.onnx_runtime import open_runner
+    from imgsim.query import lookup
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a protobuf")
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        if kind == "backbone":
+            raise BackboneMismatch("the version's backbone differs from this one's")
+        return open_runner(broken)  # ONNX Runtime's own error, turned into one line
+
+    monkeypatch.setenv("IMGSIM_DATA_ROOT", str(settings.data_root))
+    monkeypatch.setattr(lookup.Searcher, "load", load)
+    image = photo(tmp_path / "q.jpg", (10, 120, 200))
+    assert cli.main(["query", str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgsim: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert ("backbone differs" if kind == "backbone" else f"cannot load {broken}") in err

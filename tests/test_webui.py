@@ -814,3 +814,95 @@ def test_a_rollback_posted_from_another_site_or_to_no_version_is_refused(
     assert forged.status_code == 403 and "cross-site" in forged.text
     assert missing.status_code == 404
     assert layout.current_pointer.read_text().strip() == NEW
+
+
+# -- faults (issue 23 item 7) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/reference/" + IDS[0], "/duplicates", "/map", "/search"])
+def test_with_current_missing_every_page_shows_the_error_box_not_a_500(
+    client: TestClient, layout: Layout, page: str
+) -> None:
+    publish_two_versions(layout)
+    atomic_write_text(layout.current_pointer, "v20990101T000000Z-cccccc\n")
+    resp = client.get(page, headers=HTML)
+    assert resp.status_code in (200, 409), resp.text  # the upload form itself stays (200)
+    assert "v20990101T000000Z-cccccc" in resp.text and "not a published version" in resp.text
+    assert "rollback" in resp.text
+    if page != "/search":
+        assert 'class="error' in resp.text or "error" in resp.text.lower()
+
+
+def test_a_version_deleted_under_a_page_is_a_409_box(client: TestClient, layout: Layout) -> None:
+    """A version named on a page that goes while the page is built (read_manifest's
+    VersionNotFound deep inside a reader): the error page, 409, not a 500."""
+    import shutil
+
+    publish_two_versions(layout)
+    original = webui._chosen_version
+
+    def chosen_then_gone(lay: Layout, version: str | None) -> str:
+        got = original(lay, version)
+        shutil.rmtree(lay.models / got)
+        return got
+
+    webui._chosen_version = chosen_then_gone  # type: ignore[assignment]
+    try:
+        resp = client.get("/duplicates", headers=HTML)
+    finally:
+        webui._chosen_version = original  # type: ignore[assignment]
+    assert resp.status_code == 409 and "not found" in resp.text
+
+
+def test_an_upload_with_current_missing_stores_nothing(client: TestClient, layout: Layout) -> None:
+    publish_two_versions(layout)
+    atomic_write_text(layout.current_pointer, "v20990101T000000Z-cccccc\n")
+    resp = client.post("/search", files={"image": ("car.png", png_bytes(), "image/png")})
+    assert resp.status_code == 409 and "v20990101T000000Z-cccccc" in resp.text
+    uploads = layout.queries / "uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []
+
+
+def test_the_uploads_folder_is_capped_oldest_first(tmp_path: Path) -> None:
+    import os
+
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_bytes(b"x" * 100)
+        os.utime(folder / f"{i}.jpg", ns=(i * 10**9, i * 10**9))
+    layout = Layout(tmp_path)
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "uploads").symlink_to(folder)
+    kept = webui.save_upload(layout, b"y" * 150, "jpg", max_bytes=400)
+    left = sorted(p.name for p in folder.iterdir())
+    assert kept.name in left and sum((folder / n).stat().st_size for n in left) <= 400
+    assert left == sorted([kept.name, "3.jpg", "4.jpg"])  # 0, 1 and 2 (the oldest) went
+    # one upload larger than the cap alone is still kept (it is being answered)
+    big = webui.save_upload(layout, b"z" * 1000, "jpg", max_bytes=400)
+    assert [p.name for p in folder.iterdir()] == [big.name]
+
+
+def test_a_signed_in_user_refused_sees_a_403_page_not_the_login_form(
+    app: FastAPI, layout: Layout, simple_auth: None
+) -> None:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    publish_two_versions(layout)
+    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(
+        username="viewer", role="viewer"
+    )
+    with TestClient(app) as c:
+        resp = c.get(f"/rollback?version={OLD}", headers=HTML, follow_redirects=False)
+        photo = c.get("/photo?path=../secret.png", headers=HTML, follow_redirects=False)
+    assert resp.status_code == 403 and "location" not in resp.headers
+    assert "may not roll back" in resp.text and "<form" not in resp.text.split("<main")[-1]
+    assert photo.status_code == 403 and "only images inside the data root" in photo.text
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden"])
+def test_run_names_that_are_dots_are_refused(client: TestClient, layout: Layout, name: str) -> None:
+    (layout.queries / "results").mkdir(parents=True)
+    atomic_write_json(layout.queries / "results.json", {"queries": []})
+    atomic_write_json(layout.queries / "results" / "results.json", {"queries": []})
+    assert client.get("/gallery", params={"run": name}).status_code == 404

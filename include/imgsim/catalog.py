@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout
+from imgsim.errors import PermanentError
 from imgsim.fsutil import sha256_file
 from imgsim.sources.labels import LabelMatch, LabelRecord, find_images, match_labels, read_labels
 from imgsim.store import embedded_ids, quarantined_ids, read_catalog, write_catalog
@@ -32,7 +33,7 @@ INCOMING_LABELS = "labels.csv"
 EXAMPLES = 3  # example names shown from each side when labels do not match
 
 
-class LabelCoverageError(ValueError):
+class LabelCoverageError(ValueError, PermanentError):
     """The labels match too few images; the message shows examples from both sides and the fix."""
 
 

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from imgsim.config import ConfigError, Settings
+from imgsim.embedding.onnx_runtime import OnnxRuntimeError
+from imgsim.errors import PermanentError
 from imgsim.training.train import TrainingError
-from imgsim.versions.embedders import EmbedderDamaged
 from imgsim.versions.models import VersionDamaged
 
 
@@ -370,12 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (
+        PermanentError,  # imgsim.errors: a damaged version, a backbone mismatch, bad labels ...
+        OnnxRuntimeError,
         ConfigError,
         LookupError,
         ValueError,
         FileNotFoundError,
-        VersionDamaged,
-        EmbedderDamaged,
         TrainingError,
     ) as exc:
         print(f"imgsim: error: {exc}", file=sys.stderr)

@@ -21,6 +21,8 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, Va
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings import PydanticBaseSettingsSource as Source
 
+from imgsim.errors import PermanentError
+
 #: The project checkout (``include/imgsim/config.py`` -> project root).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +61,7 @@ PROJECTIONS = ("auto", "none", "whiten", "lda")
 PROJECTION_ENGINES = ("auto", "local", "spark")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, PermanentError):
     """A setting has a value imgsim cannot use; the message names the variable."""
 
 
@@ -344,6 +346,7 @@ class Settings(BaseSettings):
     validation_sample: int = Field(200, ge=1)
     keep_versions: int = Field(5, ge=1)
     max_image_pixels: int = Field(90_000_000, ge=1)
+    uploads_max_mb: int = Field(1024, ge=1)  # the UI's uploads folder: oldest go past this
     download_timeout_s: float = Field(60.0, ge=0.1)
     download_retries: int = Field(5, ge=0)
     query_roots: Paths = ()  # folders query images may also come from

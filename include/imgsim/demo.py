@@ -150,6 +150,20 @@ _TASK_ERROR = re.compile(
     r"\[DAG TEST\] Error running task|Task failed; ti=|Task failed with "
     r"exception"
 )
+#: The last line of a Python traceback: ``package.module.SomeError: its text`` (builtins
+#: unqualified: ``ValueError: ...``). What a failed task's line on the terminal repeats.
+_EXCEPTION_LINE = re.compile(
+    r"^((?:[a-z_]\w*\.)+[A-Z]\w*|[A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?:: (.*))?$"
+)
+#: Airflow's wrappers whose text is the error itself (imgsim.errors.fail_fast's message is
+#: already "ClassName: text").
+_WRAPPERS = ("AirflowFailException", "AirflowException", "AirflowTaskTerminated")
+#: Lines after an error's first one that are not its text: log records, traceback frames.
+_NOT_ERROR_TEXT = re.compile(
+    r"^(\d{4}-\d\d-\d\dT|\[|Traceback |The above exception|During handling|  File )"
+)
+#: At most this much of an error's text is shown on the terminal (the log has it all).
+ERROR_CHARS = 1500
 #: imgsim's own progress lines (imgsim.sources.download, imgsim.index.pipeline,
 #: imgsim.embedding.infer).
 _PROGRESS = [
@@ -173,7 +187,8 @@ _PROGRESS = [
         "fit",
         re.compile(
             r"(nothing changed since \S+ \(\d+ images\): no refit"
-            r"|no current model: fitting \S+)"
+            r"|no current model: fitting \S+"
+            r"|CURRENT cannot be built on: .*? \(nothing of it is reused\))"
         ),
     ),
 ]
@@ -195,6 +210,9 @@ class DemoView:
         self.current: tuple[str, str] | None = None
         self.last_progress: dict[str, float] = {}
         self.tasks_failed: list[str] = []
+        self.errors: dict[str, str] = {}  # failed task -> its error's text (the last attempt's)
+        self._error: dict[tuple[str, str], str] = {}
+        self._continues = False  # the lines after an error's first one are its text too
 
     @staticmethod
     def _name(task_id: str, map_index: str) -> str:
@@ -211,11 +229,27 @@ class DemoView:
             took = self.clock() - self.started.get(key, self.clock())
             self.current = None
             if key in self.failed:
-                self.tasks_failed.append(self._name(*key))
-                return f"  x {self._name(*key)} FAILED after {took:.0f} s"
+                self.failed.discard(key)  # a retry of the task starts afresh
+                name = self._name(*key)
+                self.tasks_failed.append(name)
+                error = self._error.pop(key, "")
+                if error:
+                    self.errors[name] = error
+                return f"  x {name} FAILED after {took:.0f} s" + (
+                    f"\n      {error}" if error else ""
+                )
             return f"  + {self._name(*key)} done in {took:.0f} s"
         if _TASK_ERROR.search(line) and self.current is not None:
             self.failed.add(self.current)
+            return None
+        if self.current in self.failed and self.current is not None:
+            if m := _EXCEPTION_LINE.match(line):
+                self._error[self.current] = _error_text(m.group(1), m.group(2) or "")
+                self._continues = True
+            elif self._continues and line.strip() and not _NOT_ERROR_TEXT.match(line):
+                self._error[self.current] = _error_text("", self._error[self.current], line)
+            else:
+                self._continues = False
             return None
         for kind, pattern in _PROGRESS:
             if m := pattern.search(line):
@@ -230,6 +264,19 @@ class DemoView:
                 self.last_progress[kind] = now
                 return f"      {m.group(1)}"
         return None
+
+
+def _error_text(qualified: str, text: str, more: str = "") -> str:
+    """A traceback's last lines as a person reads them: ``SomeError: text`` (the wrapper's
+    name dropped where its text is the error), at most :data:`ERROR_CHARS` long; ``more``:
+    a further line of the same text (``qualified`` empty: ``text`` is what was shown so far)."""
+    if not qualified:
+        shown = f"{text}\n      {more.strip()}"
+    else:
+        name = qualified.rsplit(".", 1)[-1]
+        shown = text.strip() if name in _WRAPPERS and text.strip() else f"{name}: {text}"
+        shown = shown.strip().rstrip(":").strip()
+    return shown if len(shown) <= ERROR_CHARS else shown[: ERROR_CHARS - 3] + "..."
 
 
 def _embed_complete(text: str) -> bool:
@@ -320,10 +367,15 @@ def run_demo(env: dict[str, str], logical_date: str | None = None, verbose: bool
                 [airflow_bin, "dags", "test", "imgsim_index", logical_date], env, logfile, show
             )
     if rc != 0 or view.tasks_failed:
-        failed = f" (failed: {', '.join(view.tasks_failed)})" if view.tasks_failed else ""
-        print(
-            f"imgsim_index failed (exit {rc}){failed}; the full log is {log_path}", file=sys.stderr
+        failed = (
+            f" (failed: {', '.join(dict.fromkeys(view.tasks_failed))})" if view.tasks_failed else ""
         )
+        print(
+            f"\nimgsim_index failed (exit {rc}){failed}; the full log is {log_path}",
+            file=sys.stderr,
+        )
+        for task_name, error in view.errors.items():
+            print(f"  {task_name}: {error}", file=sys.stderr)
         return rc or 1
     print()
     print(summary(data_root))

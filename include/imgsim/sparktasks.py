@@ -35,6 +35,8 @@ FIT_PLAN_ARGS = {
     "--graph-bucket-cap": "graph_bucket_cap",
     "--duplicate-distance": "duplicate_distance",
     "--scan-below": "scan_below",
+    "--base": "base",
+    "--base-reason": "base_reason",
 }
 
 

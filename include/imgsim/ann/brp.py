@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from imgsim.errors import PermanentError
 
-class AnnError(ValueError):
+
+class AnnError(ValueError, PermanentError):
     """Bad input to the search core (the message says which)."""
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import PROJECTIONS, setting_default
+from imgsim.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ MIN_LDA_CLASSES = 2
 CV_SAMPLE = 20_000
 
 
-class ProjectionError(ValueError):
+class ProjectionError(ValueError, PermanentError):
     """A projection cannot be learned or applied; the message says why and what to do."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgsim.config import default_model_cache, setting_default
+from imgsim.errors import PermanentError
 from imgsim.fsutil import sha256_file
 
 if TYPE_CHECKING:
@@ -46,11 +47,11 @@ WEIGHTS_FETCH_RETRIES = 2
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
-class WeightsNotFound(FileNotFoundError):
+class WeightsNotFound(FileNotFoundError, PermanentError):
     """Pretrained weights are missing; the message names every place that was looked at."""
 
 
-class WeightsHashMismatch(ValueError):
+class WeightsHashMismatch(ValueError, PermanentError):
     """Downloaded weights whose sha256 does not start with the prefix in their file name."""
 
 

@@ -178,7 +178,13 @@ class OnnxRunner:
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        try:
+            out = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        except Exception as exc:  # onnxruntime's own errors
+            raise OnnxRuntimeError(
+                f"ONNX Runtime failed on a batch of {x.shape} with {self.path}: "
+                f"{str(exc).strip().splitlines()[0][:300]}"
+            ) from exc
         return np.asarray(out, dtype=np.float32)
 
 
@@ -199,5 +205,12 @@ def open_runner(path: Path, num_threads: int = 0) -> OnnxRunner:
     # No busy-waiting between ops: the decode threads need those cycles. Measured on 2 cores,
     # 96 photos, onnx-int8: 54 vs 45 images/s end to end, 85 vs 72 forward only.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...)
+        raise OnnxRuntimeError(
+            f"ONNX Runtime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}. "
+            "Delete the file to export it again (a published embedder: `imgsim rollback` to "
+            "a version whose embedder is whole)"
+        ) from exc
     return OnnxRunner(path, session)

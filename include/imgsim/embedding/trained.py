@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgsim.errors import PermanentError
+
 if TYPE_CHECKING:
     import torch
 
@@ -52,11 +54,11 @@ CURVE = "curve.json"
 LABELS = "labels.json"  # image id -> class id of the references when it was trained
 
 
-class EmbedderNotFound(LookupError):
+class EmbedderNotFound(LookupError, PermanentError):
     """No such embedder version (or none published)."""
 
 
-class EmbedderDamaged(RuntimeError):
+class EmbedderDamaged(RuntimeError, PermanentError):
     """An embedder version's files differ from those its manifest recorded at publish."""
 
     def __init__(self, version: str, problems: list[str], where: Path) -> None:
@@ -99,7 +101,7 @@ def read_embedder_dir(folder: Path, *, hashes: bool = False) -> dict[str, Any]:
     return manifest
 
 
-class EmbedderError(ValueError):
+class EmbedderError(ValueError, PermanentError):
     """A trained embedder cannot be named, found or loaded as asked."""
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout, Settings
+from imgsim.errors import PermanentError
 from imgsim.fsutil import atomic_write_json, read_json, run_key
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(RuntimeError, PermanentError):
     pass
 
 
@@ -28,40 +29,26 @@ class PipelineError(RuntimeError):
 
 
 def is_permanent(exc: BaseException, *, downloads_retried: bool = False) -> bool:
-    """True for errors that no retry can fix: a bad URL, HTTP 404, wrong bytes, a bad archive,
-    labels that do not fit, a bad setting. Transient ones (network, disk) are False.
+    """True for errors that no retry can fix (:mod:`imgsim.errors`): a bad URL, HTTP 404,
+    wrong bytes, a bad archive, labels that do not fit, a bad setting, a damaged version.
 
     ``downloads_retried``: every download error is final, because the downloader has already
     retried its transient failures (retries happen at one level only).
     """
-    from imgsim.catalog import LabelCoverageError
-    from imgsim.config import ConfigError
-    from imgsim.sources.archive import ArchiveError
+    from imgsim.errors import is_permanent as permanent
     from imgsim.sources.download import DownloadError
-    from imgsim.sources.labels import LabelsError
 
-    if isinstance(exc, DownloadError):
-        return exc.permanent or downloads_retried
-    return isinstance(
-        exc, (ArchiveError, LabelsError, LabelCoverageError, ConfigError, SourceError)
-    )
+    return permanent(exc, retried=(DownloadError,) if downloads_retried else ())
 
 
-@contextlib.contextmanager
-def fail_fast(*, downloads_retried: bool = False) -> Iterator[None]:
-    """For task bodies: a permanent error fails the task at once, without Airflow retries.
+def fail_fast(*, downloads_retried: bool = False) -> contextlib.AbstractContextManager[None]:
+    """For the index DAG's task bodies: :func:`imgsim.errors.fail_fast` (a permanent error
+    fails the task at once, without retries); see :func:`is_permanent` for
+    ``downloads_retried``."""
+    from imgsim.errors import fail_fast as failing_fast
+    from imgsim.sources.download import DownloadError
 
-    It is re-raised as ``AirflowFailException`` with the same message; any other error is
-    left to the task's retries. See :func:`is_permanent` for ``downloads_retried``.
-    """
-    try:
-        yield
-    except Exception as exc:
-        if not is_permanent(exc, downloads_retried=downloads_retried):
-            raise
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException(str(exc)) from exc
+    return failing_fast(retried=(DownloadError,) if downloads_retried else ())
 
 
 class SourceError(PipelineError):
@@ -644,7 +631,7 @@ def fit_plan(
     """
     from imgsim.catalog import live_rows
     from imgsim.store import embedded_ids, labels_fingerprint, snapshot_fingerprint
-    from imgsim.versions.models import VersionNotFound, new_version, read_manifest
+    from imgsim.versions.models import base_version, new_version
 
     layout = settings.layout
     rows = live_rows(layout)
@@ -683,11 +670,15 @@ def fit_plan(
         "projection_dir": str(layout.runs / run_key(run_id) / "projection" / version),
         "embedded": embedded or {},
     }
-    try:
-        current = read_manifest(layout)
-    except VersionNotFound:
-        log.info("no current model: fitting %s", plan["version"])
-        return plan
+    base = base_version(layout, None)
+    if base == "no published version":
+        log.info("no current model: fitting %s", version)
+        return {**plan, "base": "none", "base_reason": "no published version"}
+    if isinstance(base, str):
+        why = f"CURRENT cannot be built on: {base}"
+        log.warning("%s; building %s in full (nothing of it is reused)", why, version)
+        return {**plan, "base": "none", "base_reason": why, "refit_because": [why]}
+    current = base.manifest
     changed = refit_reasons(current, fingerprint, labels, spec, wanted)
     if not changed and not full_rebuild:
         log.info("nothing changed since %s (%d images): no refit", current["version"], len(indexed))
@@ -697,8 +688,19 @@ def fit_plan(
         version,
         "full rebuild asked for" if full_rebuild and not changed else "; ".join(changed),
     )
-    because = [*changed, "full rebuild"] if full_rebuild else changed
-    return {**plan, "refit_because": because}
+    if full_rebuild:
+        return {
+            **plan,
+            "base": "none",
+            "base_reason": "a full rebuild was asked for",
+            "refit_because": [*changed, "full rebuild"],
+        }
+    return {
+        **plan,
+        "base": base.version,
+        "base_reason": f"builds on CURRENT {base.version} (checked whole)",
+        "refit_because": changed,
+    }
 
 
 def embedder_projection(layout: Layout, backbone: str) -> str | None:
@@ -786,18 +788,19 @@ def reusable_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, A
 
     from imgsim.catalog import live_rows
     from imgsim.store import embedded_ids
-    from imgsim.versions.models import VersionNotFound, read_manifest, version_dir
+    from imgsim.versions.models import base_version
 
     refresh = settings.projection_refresh
     if refresh <= 0:
         return "IMGSIM_PROJECTION_REFRESH is 0: learned anew every run"
     layout = settings.layout
-    try:
-        current = read_manifest(layout)
-    except VersionNotFound:
-        return "no published version"
+    if plan.get("base", "") == "none":
+        return str(plan.get("base_reason") or "the run has no base version")
+    base = base_version(layout, plan.get("base") or None, reuse=("projection", "reference"))
+    if isinstance(base, str):
+        return base
+    current, version, where = base.manifest, base.version, base.dir
     entry = dict(current.get("projection") or {})
-    version = current["version"]
     if entry.get("kind", "none") == "none" or not entry.get("file"):
         return f"CURRENT ({version}) has no learned projection"
     before = current.get("fit_settings") or {}
@@ -809,7 +812,6 @@ def reusable_projection(settings: Settings, plan: dict[str, Any]) -> dict[str, A
         return f"the backbone changed since {version}"
     if "full rebuild" in plan.get("refit_because", []):
         return "a full rebuild was asked for"
-    where = version_dir(layout, version)
     if not (where / entry["file"]).is_file():
         return f"CURRENT's projection file ({version}) is missing"
     try:

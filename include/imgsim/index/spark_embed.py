@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from imgsim.config import Layout, Settings, setting_default
+from imgsim.errors import PermanentError
 from imgsim.fsutil import read_json
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ EMBEDDED_SCHEMA = "shard int, pos int, image_id string, vector array<float>, rea
 RESULT_SCHEMA = "shard int, embedded int, quarantined string, file string"
 
 
-class EmbedJobError(ValueError):
+class EmbedJobError(ValueError, PermanentError):
     """The job file or a shard spec is unusable; the message names the file."""
 
 

@@ -111,6 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-size", type=int, default=setting_default("validation_sample"))
     p.add_argument("--run-id", default="manual")
     p.add_argument(
+        "--base",
+        default="current",
+        help="the published version this fit may build on (update its graph), checked whole "
+        "first: 'current' (CURRENT), a version, or 'none' for a full build (the fit plan's)",
+    )
+    p.add_argument(
+        "--base-reason", default="", help="why the fit plan chose --base (kept in the manifest)"
+    )
+    p.add_argument(
         "--graph-k",
         type=int,
         default=setting_default("graph_k"),
@@ -502,29 +511,29 @@ def space_fingerprint(version_dir: Path, projection_file: str | None) -> str:
 
 
 def previous_graph(
-    layout: Layout, k: int, backbone: dict[str, Any], space: str
+    layout: Layout, k: int, backbone: dict[str, Any], space: str, base: str = "current"
 ) -> dict[str, Any] | str:
-    """CURRENT's graph where it can be updated instead of built anew (same k, backbone and
-    search space): its version, directory and manifest entry; else why not."""
-    from imgsim.versions.models import (
-        VersionDamaged,
-        VersionNotFound,
-        current_version,
-        read_manifest,
-        version_dir,
-    )
+    """The base version's graph (``base``: the fit plan's, or CURRENT) where it can be updated
+    instead of built anew (same k, backbone and search space): its version, directory and
+    manifest entry; else why not. The base is checked first
+    (:func:`imgsim.versions.models.base_version`): a missing or damaged one, or a graph,
+    cells or projection file whose sha256 differs from the recorded one, means a full build."""
+    from imgsim.versions.models import base_version
 
-    version = current_version(layout)
-    if version is None:
-        return "no published version to update"
-    try:
-        m = read_manifest(layout, version)
-    except (VersionNotFound, VersionDamaged) as exc:
-        return f"CURRENT cannot be read ({exc})"
+    if base == "none":
+        return "the fit plan builds in full (no base version)"
+    checked = base_version(
+        layout,
+        None if base == "current" else base,
+        reuse=("neighbours", "neighbours_cells", "projection"),
+    )
+    if isinstance(checked, str):
+        return f"no base to update: {checked}"
+    m, version, where = checked.manifest, checked.version, checked.dir
     graph = m.get("neighbours") or {}
-    where = version_dir(layout, version)
-    if not graph or not (where / m["files"].get("neighbours", "-")).exists():
-        return f"CURRENT ({version}) has no neighbour graph"
+    neighbours = checked.file("neighbours")
+    if not graph or neighbours is None or not neighbours.exists():
+        return f"{version} has no neighbour graph"
     if graph.get("k") != k:
         return f"k changed ({graph.get('k')} in {version}, now {k})"
     if m.get("backbone") != backbone:
@@ -534,7 +543,7 @@ def previous_graph(
     try:
         before = space_fingerprint(where, m["files"].get("projection"))
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # never block a new fit
-        return f"CURRENT's projection ({version}) cannot be read: {exc}"
+        return f"{version}'s projection cannot be read: {exc}"
     if before != space:
         return (
             f"the search space changed since {version} (the projection is learned anew for "
@@ -542,7 +551,7 @@ def previous_graph(
         )
     method = str(graph.get("method", "")).split(":")[0]
     if method == "cells" and not (where / str(graph.get("file", "-"))).exists():
-        return f"CURRENT's graph cells ({version}) are missing"
+        return f"{version}'s graph cells are missing"
     return {"version": version, "dir": where, "method": method, "entry": graph}
 
 
@@ -825,6 +834,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             args.graph_k,
             backbone,
             space_fingerprint(out_dir, (projection_entry or {}).get("file")),
+            args.base,
         ),
     )
     manifest = {
@@ -832,6 +842,10 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         "version": args.version,
         "created_at": datetime.now(UTC).isoformat(),
         "run_id": args.run_id,
+        "base": {
+            "version": None if args.base == "none" else args.base,
+            "reason": args.base_reason or None,
+        },
         "backbone": backbone,
         "embedding_dim": raw_dim,
         "search_dim": dim,

@@ -37,6 +37,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from imgsim.errors import PermanentError
+
 if TYPE_CHECKING:
     from imgsim.ann.graph import GraphCells
 
@@ -66,7 +68,7 @@ EDGE_SCHEMA = T.StructType(
 )
 
 
-class GraphError(ValueError):
+class GraphError(ValueError, PermanentError):
     """The graph cannot be built as asked (the message says why and what to change)."""
 
 

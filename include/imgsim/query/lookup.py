@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import Layout, setting_default
+from imgsim.errors import PermanentError
 from imgsim.versions.models import (
     banding,
     measured_share,
@@ -30,7 +31,7 @@ from imgsim.versions.models import (
 log = logging.getLogger(__name__)
 
 
-class BackboneMismatch(RuntimeError):
+class BackboneMismatch(RuntimeError, PermanentError):
     """The embedder at hand differs from the one the model version was built with."""
 
 

@@ -229,6 +229,8 @@ class _Images:
             )
 
     def query(self, query: Mapping[str, Any]) -> Image | None:
+        if query.get("picture_gone"):  # replaced during its run (imgsim.query.run.inbox_moves)
+            return None
         candidates = [query.get("query_path"), query.get("query_copy")]
         paths = [Path(str(p)) for p in candidates if p]
         return self._first(paths, f"query {_query_name(query)}")

@@ -326,6 +326,68 @@ def read_neighbours(run_dir: Path) -> tuple[dict[str, list[dict[str, Any]]], dic
     return out, counts
 
 
+def inbox_moves(
+    layout: Layout, run_name: str, queries: list[dict[str, Any]]
+) -> list[tuple[Path, Path]]:
+    """Where each inbox image of a run goes when the run is done: answered ones (and those
+    answered before) to ``processed/<run>/``, rejected ones to ``rejected/<run>/``, under
+    their path relative to the inbox (``inbox/a/x.jpg`` and ``inbox/b/x.jpg`` stay apart).
+    Sets each moved query's ``query_copy``.
+
+    An image whose bytes changed since the run collected it (replaced in the inbox during the
+    run) stays in the inbox, unanswered, for the next run; so does one that is gone."""
+    box = inbox(layout).absolute()
+    moves: list[tuple[Path, Path]] = []
+    for q in queries:
+        source = Path(q["query_path"])
+        if q["source"] != "inbox" or not source.is_file():
+            continue
+        if q.get("query_id") and sha256_file(source) != q["query_id"]:
+            log.warning("%s changed during the run; left in the inbox for the next run", source)
+            q["note"] = (
+                "replaced in the inbox during the run: the answers are for the photo collected, "
+                "the new one is left there for the next run"
+            )
+            q["picture_gone"] = True  # the bytes answered are no longer on disk: no picture
+            continue
+        try:
+            relative = source.absolute().relative_to(box)
+        except ValueError:
+            relative = Path(source.name)
+        folder = "rejected" if q["status"] == REJECTED else "processed"
+        target = free_name(layout.queries / folder / run_name / relative)
+        moves.append((source, target))
+        q["query_copy"] = str(target)
+    return moves
+
+
+def free_name(target: Path) -> Path:
+    """``target``, or its first numbered twin (``x.1.jpg``) that names no file yet."""
+    candidate, n = target, 0
+    while candidate.exists():
+        n += 1
+        candidate = target.with_name(f"{target.stem}.{n}{target.suffix}")
+    return candidate
+
+
+def move_out(source: Path, target: Path) -> Path:
+    """Move ``source`` to ``target`` (or a free twin of it) without ever replacing a file:
+    a hard link that fails on a taken name, then the unlink; a plain rename after a check
+    where hard links are not possible. Returns where it went."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        target = free_name(target)
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            continue  # taken between the check and the link: the next twin
+        except OSError:  # no hard links on this filesystem
+            os.replace(source, target)
+            return target
+        source.unlink()
+        return target
+
+
 def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     """Assemble and write the results; ledger the answers; move inbox images out of the inbox."""
     from imgsim.query.lookup import answer_fields
@@ -365,14 +427,7 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
                     indexed,
                 )
             )
-    # Inbox images leave the inbox: answered ones to processed/, rejected ones to rejected/.
-    moves: list[tuple[Path, Path]] = []
-    for q in plan["queries"]:
-        if q["source"] == "inbox" and Path(q["query_path"]).exists():
-            folder = "rejected" if q["status"] == REJECTED else "processed"
-            target = layout.queries / folder / rdir.name / Path(q["query_path"]).name
-            moves.append((Path(q["query_path"]), target))
-            q["query_copy"] = str(target)
+    moves = inbox_moves(layout, rdir.name, plan["queries"])
     # Order matters for crash safety: results, then the ledger, then the moves. A crash before
     # the moves leaves the images in the inbox, and the next run finds them in the ledger.
     paths = write_results(rdir, plan, layout)
@@ -383,8 +438,7 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
                 {"run_id": plan["run_id"], "results": str(paths["results_json"])},
             )
     for source, target in moves:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
+        move_out(source, target)
     summary = {
         s: sum(q["status"] == s for q in plan["queries"]) for s in (ANSWERED, REJECTED, ALREADY)
     }

@@ -71,7 +71,8 @@ DEFAULT_K, MAX_K = 5, 50
 RECENT_RUNS = 12
 
 IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+#: a run folder's name (imgsim.fsutil.run_key): never "." or "..", nor any hidden name
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$")
 
 #: The signed-in Airflow user (401 without a valid token); every route depends on it.
 CurrentUser = Annotated[BaseUser, Depends(get_user)]
@@ -118,7 +119,9 @@ def login_url(request: Request) -> str:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    if exc.status_code in (401, 403) and request.method == "GET" and _wants_html(request):
+    # Not signed in: the login page. Signed in but refused (403): a page that says why (the
+    # login page would only send a signed-in user back here, in a loop).
+    if exc.status_code == 401 and request.method == "GET" and _wants_html(request):
         return RedirectResponse(login_url(request), status_code=303)
     if _wants_html(request):
         page = render(
@@ -129,6 +132,27 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         )
         return HTMLResponse(page, status_code=exc.status_code, headers=exc.headers)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _version_error(request: Request, exc: Exception) -> Response:
+    """A missing or damaged model version, on any page: the error box that says which and what
+    to do (409), never a 500."""
+    title = "Model version damaged" if "damaged" in str(exc) else "Model version not found"
+    if _wants_html(request):
+        page = render("error.html", ui=_ui(request.scope, None, ""), title=title, message=str(exc))
+        return HTMLResponse(page, status_code=409, headers={"Cache-Control": "no-store"})
+    return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
+def _register_version_errors() -> None:
+    from imgsim.embedding.trained import EmbedderDamaged, EmbedderNotFound
+    from imgsim.versions.models import VersionDamaged, VersionNotFound
+
+    for error in (VersionDamaged, VersionNotFound, EmbedderDamaged, EmbedderNotFound):
+        app.add_exception_handler(error, _version_error)  # type: ignore[arg-type]
+
+
+_register_version_errors()
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +389,8 @@ def _relative(path: Path, layout: Layout) -> str | None:
 
 def _query_src(layout: Layout, query: Mapping[str, Any]) -> str | None:
     """The URL of a result's query image, if a copy of it lies inside the data root."""
+    if query.get("picture_gone"):  # replaced in the inbox during its run: not these bytes
+        return None
     for key in ("query_copy", "query_path"):
         raw = query.get(key)
         if raw and Path(str(raw)).is_file():
@@ -461,6 +487,14 @@ def _chosen_version(layout: Layout, version: str | None) -> str:
         current = current_version(layout)
         if current is None:
             raise HTTPException(404, "no published model version yet; trigger imgsim_index first")
+        if current not in published_versions(layout):
+            raise HTTPException(
+                409,
+                f"CURRENT ({layout.current_pointer}) names {current[:80]!r}, which is not a "
+                f"published version under {layout.models}. Make a published one current on the "
+                "versions page (or `imgsim rollback VERSION`), or trigger imgsim_index, which "
+                "builds a new one in full.",
+            )
         return current
     try:  # (also the rollback's target check)
         check_version_name(version)
@@ -707,14 +741,48 @@ def sniff_image(data: bytes, filename: str) -> str:
     return UPLOAD_FORMATS[fmt]
 
 
-def save_upload(layout: Layout, data: bytes, ext: str) -> Path:
-    """Keep the upload as ``queries/uploads/<sha256>.<ext>`` (atomic; same bytes, same file)."""
+def save_upload(layout: Layout, data: bytes, ext: str, max_bytes: int | None = None) -> Path:
+    """Keep the upload as ``queries/uploads/<sha256>.<ext>`` (atomic; same bytes, same file),
+    then trim the folder to ``max_bytes`` (IMGSIM_UPLOADS_MAX_MB): the oldest uploads go first,
+    never the one just kept."""
+    import os
+
     from imgsim.fsutil import atomic_write_bytes, sha256_bytes
 
     target = layout.queries / "uploads" / f"{sha256_bytes(data)}.{ext}"
     if not target.is_file():
         atomic_write_bytes(target, data)
+    else:
+        os.utime(target)  # uploaded again: the newest now
+    if max_bytes is not None:
+        trim_uploads(target.parent, max_bytes, keep=target)
     return target
+
+
+def trim_uploads(folder: Path, max_bytes: int, keep: Path) -> list[Path]:
+    """Delete the oldest files of ``folder`` (by mtime) until the rest fit in ``max_bytes``;
+    ``keep`` stays whatever its size. Returns what was deleted."""
+    files = []
+    for p in folder.iterdir():
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # deleted by a request beside this one
+            continue
+        if p.is_file():
+            files.append((st.st_mtime_ns, p.name, st.st_size, p))
+    total = sum(size for _, _, size, _ in files)
+    gone = []
+    for _, _, size, p in sorted(files):
+        if total <= max_bytes:
+            break
+        if p == keep:
+            continue
+        p.unlink(missing_ok=True)
+        total -= size
+        gone.append(p)
+    if gone:
+        log.info("uploads over %d bytes: deleted the %d oldest", max_bytes, len(gone))
+    return gone
 
 
 _LOAD_LOCK = threading.Lock()
@@ -757,13 +825,27 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
     return model, backbone
 
 
-def answer_upload(settings: Settings, path: Path, k: int) -> dict[str, Any]:
+def ready_model(settings: Settings) -> tuple[Any, Any]:
+    """The CURRENT version and its backbone, loaded, or the UploadError that says why no
+    model can answer (checked before an upload is stored)."""
+    from imgsim.embedding.onnx_runtime import OnnxRuntimeError
+    from imgsim.errors import PermanentError
+
+    try:
+        return _model_and_backbone(settings)
+    except (PermanentError, OnnxRuntimeError) as exc:
+        raise UploadError(409, str(exc)) from exc
+
+
+def answer_upload(
+    settings: Settings, path: Path, k: int, ready: tuple[Any, Any] | None = None
+) -> dict[str, Any]:
     """Embed the saved upload with the current version's backbone and look it up."""
     from imgsim.query.lookup import Answer, BackboneMismatch, Searcher
     from imgsim.versions.models import VersionDamaged
 
     try:
-        model, backbone = _model_and_backbone(settings)
+        model, backbone = ready or ready_model(settings)
         searcher = Searcher.load(settings, batch_size=1, model=model, backbone=backbone)
         (ans,) = searcher.search_files([path], k).values()
     except (BackboneMismatch, VersionDamaged) as exc:
@@ -797,16 +879,10 @@ def _search_page(
 
 @app.get("/search", include_in_schema=False)
 def search_page(request: Request, user: CurrentUser, settings: AppSettings) -> Response:
-    from imgsim.versions.models import current_version
-
-    version = current_version(settings.layout)
-    if version is None:
-        return _search_page(
-            request,
-            user,
-            DEFAULT_K,
-            error="No published model version yet; trigger imgsim_index first.",
-        )
+    try:
+        version = _chosen_version(settings.layout, None)
+    except HTTPException as exc:  # none yet, or CURRENT names no published version
+        return _search_page(request, user, DEFAULT_K, error=str(exc.detail))
     return _search_page(request, user, DEFAULT_K, current=version)
 
 
@@ -932,8 +1008,11 @@ async def search_upload(
             raise UploadError(400, "no file in the form; choose an image to upload.")
         data = await _read_limited(image, MAX_UPLOAD_BYTES)
         ext = await run_in_threadpool(sniff_image, data, filename)
-        saved = await run_in_threadpool(save_upload, layout, data, ext)
-        answer = await run_in_threadpool(answer_upload, settings, saved, k)
+        ready = await run_in_threadpool(ready_model, settings)  # nothing kept if none answers
+        saved = await run_in_threadpool(
+            save_upload, layout, data, ext, settings.uploads_max_mb * 1024 * 1024
+        )
+        answer = await run_in_threadpool(answer_upload, settings, saved, k, ready)
     except UploadError as exc:
         return _search_page(request, user, k, exc.status, error=exc.message)
     query = {**answer, "query_name": filename, "query_path": str(saved)}

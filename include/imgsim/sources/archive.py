@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from imgsim.errors import PermanentError
 from imgsim.fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, read_json, sha256_file
 
 MARKER_NAME = ".imgsim-extracted.json"
@@ -50,7 +51,7 @@ _READ_ERRORS = (
 )
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(RuntimeError, PermanentError):
     """An archive was refused or could not be read; the message names the archive and entry."""
 
     def __init__(self, message: str, *, archive: Path | None = None, entry: str | None = None):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from imgsim.errors import PermanentError
 from imgsim.fsutil import TMP_PREFIX, atomic_open
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -43,7 +44,7 @@ CSV_CLASS_NAME = "class_name"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
-class LabelsError(ValueError):
+class LabelsError(ValueError, PermanentError):
     """A labels file cannot be used; the message names the file and the problem."""
 
 

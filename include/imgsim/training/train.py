@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import Layout, Settings
+from imgsim.errors import PermanentError
 from imgsim.fsutil import TMP_PREFIX, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,11 @@ class TrainingError(RuntimeError):
     """Training could not run or finish; nothing was published."""
 
 
-class TrainingDataError(TrainingError, ValueError):
+class TrainingDataError(TrainingError, ValueError, PermanentError):
     """Too few labelled references to train on."""
 
 
-class TrainingDiverged(TrainingError):
+class TrainingDiverged(TrainingError, PermanentError):
     """The loss became NaN or infinite."""
 
 

@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout
+from imgsim.errors import PermanentError
 from imgsim.fsutil import (
     atomic_write_json,
     atomic_write_text,
@@ -44,15 +45,15 @@ VERSION_RE = re.compile(r"^v\d{8}T\d{6}Z-[0-9a-f]{6}$")
 MANIFEST = "manifest.json"
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(RuntimeError, PermanentError):
     """A fitted version did not pass validation; CURRENT was left unchanged."""
 
 
-class VersionNotFound(LookupError):
+class VersionNotFound(LookupError, PermanentError):
     pass
 
 
-class VersionDamaged(RuntimeError):
+class VersionDamaged(RuntimeError, PermanentError):
     """A published version's files differ from those recorded in its manifest at publish."""
 
     def __init__(self, version: str, problems: list[str], where: Path | None = None) -> None:
@@ -209,12 +210,16 @@ def _remember(layout: Layout, result: Integrity) -> None:
         log.warning("could not record the check of %s: %s", result.version, exc)
 
 
-def check_version(layout: Layout, version: str, *, hashes: bool = False) -> Integrity:
+def check_version(
+    layout: Layout, version: str, *, hashes: bool = False, only: Sequence[str] | None = None
+) -> Integrity:
     """Compare a published version's files with the sizes (and, with ``hashes``, the sha256)
     recorded at publish; report missing, changed and unexpected files. Never raises for damage.
 
-    A sizes-only check also reports the problems that the last hash check found (kept until a
-    later hash check finds the version whole). A hash check's result is kept for that purpose.
+    ``only``: with ``hashes``, the sha256 of just these files (relative paths; a folder names
+    every file under it), the sizes of all. A sizes-only check also reports the problems that
+    the last hash check found (kept until a later whole hash check finds the version whole).
+    A hash check's result is kept for that purpose (a partial one only when it finds damage).
     """
     vdir = version_dir(layout, version)
     try:
@@ -234,7 +239,7 @@ def check_version(layout: Layout, version: str, *, hashes: bool = False) -> Inte
         size = path.stat().st_size
         if size != want.get("size"):
             problems.append(f"{rel} has {size} bytes, {want.get('size')} were recorded")
-        elif hashes and sha256_file(path) != want.get("sha256"):
+        elif hashes and _selected(rel, only) and sha256_file(path) != want.get("sha256"):
             problems.append(f"{rel} has been altered (its sha256 differs from the recorded one)")
     problems += [
         f"{rel} was not part of the version when it was published"
@@ -242,13 +247,18 @@ def check_version(layout: Layout, version: str, *, hashes: bool = False) -> Inte
     ]
     if hashes:
         result = Integrity(version, True, True, problems, datetime.now(UTC).isoformat())
-        _remember(layout, result)
+        if only is None or problems:
+            _remember(layout, result)
         return result
     if not problems:
         last = _remembered(layout, version)
         if last and last.get("problems"):
             return Integrity(version, True, False, list(last["problems"]), last.get("checked_at"))
     return Integrity(version, True, False, problems)
+
+
+def _selected(rel: str, only: Sequence[str] | None) -> bool:
+    return only is None or any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in only)
 
 
 def verify_version(layout: Layout, version: str, *, hashes: bool = False) -> Integrity:
@@ -274,6 +284,82 @@ def reading_version(layout: Layout, version: str) -> Iterator[Integrity]:
         if full.problems:
             raise VersionDamaged(version, full.problems, version_dir(layout, version)) from exc
         raise
+
+
+# -- a published version as the base of a new run -----------------------------------------------
+
+#: What a manifest must hold for a run to build on it (the fit plan compares these).
+BASE_KEYS = (
+    ("version",),
+    ("snapshot", "fingerprint"),
+    ("counts", "indexed"),
+    ("files", "reference"),
+    ("backbone", "name"),
+    ("fit_settings",),
+)
+
+
+@dataclass(frozen=True)
+class Base:
+    """A published version a new run may build on (reuse its projection, update its graph):
+    its manifest is complete and its files are those recorded at publish."""
+
+    version: str
+    dir: Path
+    manifest: dict[str, Any]
+
+    def file(self, key: str) -> Path | None:
+        """The path of the manifest's ``files[key]`` (None when the version has none)."""
+        name = (self.manifest.get("files") or {}).get(key)
+        return self.dir / str(name) if name else None
+
+
+def base_version(layout: Layout, version: str | None, *, reuse: Sequence[str] = ()) -> Base | str:
+    """``version`` (CURRENT when None) checked as the base of a new run, or why it cannot be.
+
+    Checked: the name is a published version, its manifest is JSON with every
+    :data:`BASE_KEYS` entry, every file has the size recorded at publish (and no hash check
+    found damage), and the files the run will reuse (``reuse``: keys of the manifest's
+    ``files``, e.g. ``projection``, ``reference``, ``neighbours``, ``neighbours_cells``) have
+    the recorded sha256, so no damaged byte is carried into a new version. Never raises for a
+    missing or damaged version: the caller builds in full and says why (the returned text).
+    """
+    if version is None:
+        try:
+            version = current_version(layout)
+        except OSError as exc:
+            return f"CURRENT cannot be read ({exc})"
+        if version is None:
+            return "no published version"
+    if not VERSION_RE.match(version):
+        return f"CURRENT names {version[:80]!r}, which is not a version name"
+    if version not in published_versions(layout):
+        return f"{version} is not published under {layout.models}"
+    try:
+        manifest = read_manifest(layout, version)
+    except (VersionNotFound, VersionDamaged, OSError) as exc:
+        problems = getattr(exc, "problems", None) or [str(exc)]
+        return f"{version} is damaged: {'; '.join(problems[:3])}"
+    missing = [".".join(keys) for keys in BASE_KEYS if _lookup(manifest, keys) is None]
+    if missing or manifest["version"] != version:
+        what = f"lacks {', '.join(missing)}" if missing else f"names {manifest['version']!r}"
+        return f"{version} is damaged: its {MANIFEST} {what}"
+    files = manifest.get("files") or {}
+    wanted = [str(files[key]) for key in reuse if files.get(key)]
+    integrity = check_version(layout, version, hashes=bool(wanted), only=wanted)
+    if integrity.problems:
+        shown = "; ".join(integrity.problems[:3])
+        more = len(integrity.problems) - 3
+        return f"{version} is damaged: {shown}" + (f" (and {more} more)" if more > 0 else "")
+    return Base(version, version_dir(layout, version), manifest)
+
+
+def _lookup(mapping: Any, keys: Sequence[str]) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.config import Layout
+from imgsim.errors import PermanentError
 from imgsim.fsutil import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ LIVE_RUN_STATES = frozenset({"queued", "running"})
 MAX_WAIT = timedelta(days=1)
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(RuntimeError, PermanentError):
     """The run does not hold the lease it needs (another run took it over)."""
 
 
