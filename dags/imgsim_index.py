@@ -98,7 +98,7 @@ def imgsim_index() -> None:
     # IMGSIM_LEASE_REQUEUE_S later (no quick re-queue: Airflow 3.3's reschedule race).
     @task
     def take_lease(run_id: str, dag_run: Any = None) -> None:
-        from imgsim.versions.runlease import take_for_run
+        from imgsim.versions.runlease import deployment_id, take_for_run
 
         settings = Settings.from_env()
         take_for_run(
@@ -109,13 +109,16 @@ def imgsim_index() -> None:
             hold_s=settings.lease_hold_s,
             requeue_s=settings.lease_requeue_s,
             waiting_since=getattr(dag_run, "start_date", None),
+            deployment=deployment_id(settings.deployment_id),
+            ttl_s=settings.lease_ttl_s,
         )
 
     @task
     def release_lease(run_id: str) -> bool:
-        from imgsim.versions.runlease import release
+        from imgsim.versions.runlease import deployment_id, release
 
-        return release(Settings.from_env().layout, run_id)
+        settings = Settings.from_env()
+        return release(settings.layout, run_id, deployment=deployment_id(settings.deployment_id))
 
     # The downloader retries transient errors itself: any download error is final here.
     @task
@@ -123,7 +126,7 @@ def imgsim_index() -> None:
         from imgsim.index import pipeline
 
         settings = Settings.from_env()
-        with pipeline.fail_fast(downloads_retried=True):
+        with pipeline.index_task(downloads_retried=True):
             return pipeline.download_sources(
                 settings,
                 params["archive_url"],
@@ -138,7 +141,7 @@ def imgsim_index() -> None:
         from imgsim.index import pipeline
 
         archive = fetched["archive"]
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.extract(
                 Settings.from_env(), archive["path"], archive["sha256"], archive.get("kind", "file")
             )
@@ -156,7 +159,7 @@ def imgsim_index() -> None:
 
         day = pipeline.run_day(ds, dag_run.run_after if dag_run is not None else None)
         names = fetched.get("class_names")
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.catalog(
                 Settings.from_env(),
                 extracted["root"],
@@ -174,7 +177,7 @@ def imgsim_index() -> None:
     def plan_shards(cataloged: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.plan_shards(
                 Settings.from_env(), cataloged["to_embed_file"], run_id, cataloged["backbone"]
             )
@@ -183,7 +186,7 @@ def imgsim_index() -> None:
     def embed(shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.embed_shard(Settings.from_env(), shard["spec"], shard["backbone"])
 
     @task.branch
@@ -192,7 +195,7 @@ def imgsim_index() -> None:
     ) -> str:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             route, job = pipeline.embed_route(
                 Settings.from_env(), params["embed_engine"], shards, run_id, cataloged["backbone"]
             )
@@ -211,7 +214,7 @@ def imgsim_index() -> None:
     def embed_summary(shards: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.embed_summary(shards, params["embed_engine"])
 
     @task.short_circuit(trigger_rule="none_failed")
@@ -220,7 +223,7 @@ def imgsim_index() -> None:
     ) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.fit_plan(
                 Settings.from_env(),
                 cataloged["backbone"],
@@ -236,7 +239,7 @@ def imgsim_index() -> None:
     def learn_projection(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.learn_projection(Settings.from_env(), plan)
 
     fit_lsh = spark_task(
@@ -253,14 +256,14 @@ def imgsim_index() -> None:
     def validate(plan: dict[str, Any]) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             return pipeline.validate(Settings.from_env(), plan)
 
     @task(outlets=[LSH_MODEL])
     def publish(plan: dict[str, Any], run_id: str) -> dict[str, Any]:
         from imgsim.index import pipeline
 
-        with pipeline.fail_fast():
+        with pipeline.index_task():
             published = pipeline.publish(Settings.from_env(), plan["version"], run_id)
         get_current_context()["outlet_events"][LSH_MODEL].extra = published
         return published

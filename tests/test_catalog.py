@@ -433,8 +433,41 @@ def test_quarantined_images_are_not_embedded(layout: Layout, archive: Path) -> N
     assert diff.quarantined_skipped == 1
     assert diff.live == 2  # quarantined, not gone
 
+    # a full rebuild tries every image again (formerly quarantine was forever)
     rebuild = run(layout, archive, DAY1, full_rebuild=True)
-    assert [t["image_id"] for t in rebuild.to_embed] == [good]
+    assert sorted(t["image_id"] for t in rebuild.to_embed) == sorted([good, bad])
+
+
+def test_quarantine_binds_only_under_the_settings_it_was_decided_by(
+    layout: Layout, archive: Path
+) -> None:
+    """A too_large image comes back when IMGSIM_MAX_IMAGE_PIXELS is raised; an old record of
+    a transient read error never binds; an image that embeds after all leaves quarantine."""
+    from imgsim.store import binding_quarantine, quarantined_ids, release_from_quarantine
+
+    big = write_image(archive / "000001.jpg", 1)
+    flaky = write_image(archive / "000002.jpg", 2)
+    broken = write_image(archive / "000003.jpg", 3)
+    run(layout, archive, DAY1)
+    quarantine(
+        layout, big, archive / "000001.jpg", "too_large", "x", "run1", {"max_image_pixels": 1000}
+    )
+    quarantine(layout, flaky, archive / "000002.jpg", "unreadable", "EIO", "run1")
+    quarantine(
+        layout, broken, archive / "000003.jpg", "corrupt", "x", "run1", {"max_image_pixels": 1000}
+    )
+    assert set(binding_quarantine(layout, 1000)) == {big, broken}
+    diff = update_catalog(
+        layout, [Source("archive:car_ims", archive)], DAY1, BACKBONE, max_image_pixels=1000
+    )
+    assert [t["image_id"] for t in diff.to_embed] == [flaky]
+    raised = update_catalog(
+        layout, [Source("archive:car_ims", archive)], DAY1, BACKBONE, max_image_pixels=2000
+    )
+    assert sorted(t["image_id"] for t in raised.to_embed) == sorted([big, flaky])
+    assert release_from_quarantine(layout, [big, flaky]) == 2
+    assert set(quarantined_ids(layout)) == {broken}
+    assert not list(layout.quarantine.glob(f"{big}.*"))
 
 
 def test_missing_source_folder_raises_and_keeps_catalog(layout: Layout, archive: Path) -> None:
@@ -536,3 +569,21 @@ def test_data_root_through_a_link_and_a_source_by_its_real_path(tmp_path: Path) 
         layout, [Source("archive:car_ims", real / "images" / "car_ims", LABELS)], DAY1, BACKBONE
     )
     assert rows_by_id(layout)[iid]["path"] == "images/car_ims/000001.jpg"
+
+
+def test_a_transient_read_error_is_retried_later_never_quarantined(
+    layout: Layout, tmp_path: Path
+) -> None:
+    from imgsim.embedding.infer import Rejected
+    from imgsim.imaging import ImageRejected, load_rgb
+    from imgsim.store import quarantined_ids, set_aside
+
+    with pytest.raises(ImageRejected) as info:  # the file system's error (EISDIR), not a decode
+        load_rgb(tmp_path)
+    assert info.value.transient and info.value.reason == "unreadable"
+    flaky = Rejected("a" * 64, tmp_path / "x.jpg", "unreadable", "EIO", transient=True)
+    assert set_aside(layout, flaky, "run1", 1000) == "retry:unreadable"
+    assert quarantined_ids(layout) == {}
+    big = Rejected("b" * 64, tmp_path / "y.jpg", "too_large", "5000x5000")
+    assert set_aside(layout, big, "run1", 1000) == "too_large"
+    assert quarantined_ids(layout)["b" * 64]["settings"] == {"max_image_pixels": 1000}

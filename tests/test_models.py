@@ -502,6 +502,62 @@ def test_prune_keeps_newest_and_never_current(layout: Layout) -> None:
     )
 
 
+def test_rollback_waits_for_an_index_run_in_flight(layout: Layout) -> None:
+    """An index run holding the lease would publish over a rollback: refused while its
+    heartbeat is fresh, done once it expired or with force."""
+    from datetime import UTC, datetime, timedelta
+
+    from imgsim.versions import runlease
+
+    v1 = staged_and_published(layout, version_at(0))
+    v2 = staged_and_published(layout, version_at(1))
+    assert runlease.try_acquire(layout, "scheduled__x", lambda _: True, deployment="db:A") is None
+    with pytest.raises(models.IndexRunInFlight, match="scheduled__x"):
+        models.rollback(layout, v1)
+    assert models.current_version(layout) == v2  # unchanged
+    old = datetime.now(UTC) - timedelta(hours=4)
+    lease = runlease.read_lease(layout)
+    runlease._write(runlease.lease_path(layout), runlease.replace_heartbeat(lease, old))
+    assert models.rollback(layout, v1, ttl_s=3600) == v1  # no heartbeat for 4 h: dead
+    runlease.heartbeat(layout, "scheduled__x", "db:A")
+    assert models.rollback(layout, v2, force=True) == v2
+
+
+def test_prune_never_deletes_a_version_a_query_run_pinned(layout: Layout) -> None:
+    import os
+
+    vs = [staged_and_published(layout, version_at(i)) for i in range(3)]
+    models.pin_version(layout, vs[0], "manual__q1")
+    with models.models_lock(layout):
+        assert models.prune(layout, keep=1) == [vs[1]]  # vs[0] is read by a query run
+    assert models.published_versions(layout) == [vs[0], vs[2]]
+    models.unpin_version(layout, "manual__q1")
+    pin = models.pin_version(layout, vs[0], "crashed__q2")
+    os.utime(pin, (0, 0))  # a pin older than a day: its run is gone
+    with models.models_lock(layout):
+        assert models.prune(layout, keep=1) == [vs[0]]
+    assert not pin.exists()
+
+
+def test_a_query_run_pins_its_version_until_it_finishes(tmp_path: Path) -> None:
+    from imgsim.query import run as query
+
+    settings = Settings(data_root=tmp_path / "data")
+    layout = settings.layout
+    v = staged_and_published(layout, version_at(0))
+    inbox = query.inbox(layout)
+    inbox.mkdir(parents=True)
+    (inbox / "x.jpg").write_bytes(b"not decoded here")
+    plan = query.collect(settings, "manual__pin", [], k=1)
+    assert models.pinned_versions(layout) == {v}
+    rows = read_json(Path(plan["run_dir"]) / "queries.json")
+    for q in rows["queries"]:
+        q.update(status="rejected", reason="not_an_image", detail="x")
+    atomic_write_json(Path(plan["run_dir"]) / "queries.json", rows)
+    query.finalize(settings, plan["run_dir"])
+    assert models.pinned_versions(layout) == set()
+
+
 def test_prune_with_fewer_versions_than_keep_is_a_noop(layout: Layout) -> None:
     vs = [staged_and_published(layout, version_at(i)) for i in range(2)]
     assert models.prune(layout, keep=5) == []

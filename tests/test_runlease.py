@@ -36,7 +36,7 @@ def test_first_run_takes_the_lease_and_a_second_waits(tmp_path: Path) -> None:
     assert holder is not None and holder.run_id == "run-a"
     assert read_lease(layout).run_id == "run-a"  # the waiting run changed nothing
     ensure_held(layout, "run-a")
-    with pytest.raises(LeaseLost, match="held by run-a"):
+    with pytest.raises(LeaseLost, match="held by run 'run-a'"):
         ensure_held(layout, "run-b")
 
 
@@ -271,3 +271,76 @@ def test_take_for_run_requeues_then_fails_after_a_day(
     release(layout, "run-a")
     assert take_for_run(layout, "run-b", "imgsim_index", waiting_since=now, **kw) is None
     assert read_lease(layout).run_id == "run-b"
+
+
+# -- two deployments on one data root (issue 23 item 4) -----------------------------------------
+
+
+def test_a_run_of_another_deployment_is_never_taken_for_gone_while_it_beats(
+    tmp_path: Path,
+) -> None:
+    """Deployment B's database does not know A's runs: B waits while A's heartbeat is fresh
+    (formerly the unknown run counted as gone and was taken over), then takes over once it
+    expired."""
+    from datetime import UTC, datetime, timedelta
+
+    layout = Layout(tmp_path)
+    t0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    assert try_acquire(layout, "run-a", alive(), deployment="db:A", now=t0) is None
+    nobody = alive()  # B's database: no such run
+    later = t0 + timedelta(seconds=3000)
+    held = try_acquire(layout, "run-b", nobody, deployment="db:B", ttl_s=3600, now=later)
+    assert held is not None and held.run_id == "run-a" and held.deployment == "db:A"
+    # A beats: still A's an hour and a half after it started
+    assert runlease.heartbeat(layout, "run-a", "db:A")
+    assert not runlease.heartbeat(layout, "run-a", "db:B")  # B cannot renew A's lease
+    beat = read_lease(layout).last_seen()
+    assert try_acquire(layout, "run-b", nobody, deployment="db:B", ttl_s=3600) is not None
+    # no heartbeat for longer than the TTL: B takes over, and A may no longer publish
+    expired = beat + timedelta(seconds=3601)
+    assert try_acquire(layout, "run-b", nobody, deployment="db:B", ttl_s=3600, now=expired) is None
+    assert read_lease(layout).deployment == "db:B"
+    with pytest.raises(LeaseLost, match="deployment db:B"):
+        ensure_held(layout, "run-a", deployment="db:A")
+
+
+def test_equal_run_ids_on_two_deployments_are_two_runs(tmp_path: Path) -> None:
+    """``scheduled__2026-12-07`` on the laptop and on the cluster: not "a retry of the
+    holder's own task"; neither may publish or release the other's lease."""
+    layout = Layout(tmp_path)
+    run = "scheduled__2026-12-07T00:00:00+00:00"
+    assert try_acquire(layout, run, alive(), deployment="db:A") is None
+    assert try_acquire(layout, run, alive(run), deployment="db:B") is not None
+    with pytest.raises(LeaseLost):
+        ensure_held(layout, run, deployment="db:B")
+    assert release(layout, run, deployment="db:B") is False
+    ensure_held(layout, run, deployment="db:A")
+    assert release(layout, run, deployment="db:A") is True
+
+
+def test_keep_alive_renews_the_heartbeat_while_a_task_runs(tmp_path: Path) -> None:
+    import time
+
+    layout = Layout(tmp_path)
+    assert try_acquire(layout, "run-a", alive(), deployment="db:A") is None
+    path = lease_path(layout)
+    before = json.loads(path.read_text())
+    before["heartbeat_at"] = "2026-01-01T00:00:00+00:00"
+    path.write_text(json.dumps(before))
+    with runlease.keep_alive(layout, "run-a", "db:A", every_s=0.05):
+        time.sleep(0.2)
+    assert read_lease(layout).heartbeat_at > "2026-01-01T00:00:00+00:00"
+    assert read_lease(layout).acquired_at == before["acquired_at"]
+
+
+def test_the_deployment_id_is_a_hash_of_the_metadata_db_never_its_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "postgresql+psycopg2://airflow:s3cret@postgres/airflow"
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", secret)
+    got = runlease.deployment_id()
+    assert got.startswith("db:") and "s3cret" not in got and len(got) == 15
+    assert runlease.deployment_id() == got  # the same in every process of the deployment
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", secret.replace("postgres/", "pg2/"))
+    assert runlease.deployment_id() != got
+    assert runlease.deployment_id("laptop") == "laptop"  # IMGSIM_DEPLOYMENT_ID

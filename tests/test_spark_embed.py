@@ -67,8 +67,32 @@ def test_embed_summary_names_a_missing_shard(tmp_path: Path) -> None:
         pipeline.shard_result_path(spec),
         {"shard": 0, "embedded": 1, "quarantined": {}, "file": str(part)},
     )
-    with pytest.raises(pipeline.PipelineError, match=r"1 embedded \+ 0 quarantined != 2"):
+    with pytest.raises(
+        pipeline.PipelineError, match=r"1 embedded \+ 0 quarantined \+ 0 to retry != 2"
+    ):
         pipeline.embed_summary([{"spec": str(spec), "shard": 0, "images": 2}], "spark")
+
+
+def test_a_shard_counts_images_left_for_a_later_run_apart(tmp_path: Path) -> None:
+    """An image whose read failed for the file system's reason is neither embedded nor
+    quarantined: the shard's result and the summary count it as ``retry_later``."""
+    layout = Layout(tmp_path)
+    spec = tmp_path / "runs" / "r" / "shards" / "shard-00000.json"
+    vector = np.ones(4, np.float32)
+    result = pipeline.finish_shard(
+        layout,
+        spec,
+        "random",
+        "r",
+        0,
+        [("a" * 64, vector)],
+        {"retry:unreadable": 1, "corrupt": 1},
+        4,
+    )
+    assert result["quarantined"] == {"corrupt": 1}
+    assert result["retry_later"] == {"unreadable": 1}
+    summary = pipeline.embed_summary([{"spec": str(spec), "shard": 0, "images": 3}], "tasks")
+    assert summary["retry_later"] == 1 and summary["quarantined_total"] == 1
 
 
 # -- the Spark job against the in-task path ---------------------------------------------------

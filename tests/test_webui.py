@@ -906,3 +906,19 @@ def test_run_names_that_are_dots_are_refused(client: TestClient, layout: Layout,
     atomic_write_json(layout.queries / "results.json", {"queries": []})
     atomic_write_json(layout.queries / "results" / "results.json", {"queries": []})
     assert client.get("/gallery", params={"run": name}).status_code == 404
+
+
+def test_a_rollback_while_an_index_run_holds_the_lease_is_refused(
+    app: FastAPI, layout: Layout, simple_auth: None
+) -> None:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    from imgsim.versions import runlease
+
+    publish_two_versions(layout)
+    runlease.try_acquire(layout, "scheduled__2026-12-07", lambda _: True, deployment="db:A")
+    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="op", role="op")
+    with TestClient(app) as c:
+        done = c.post("/rollback", data={"version": OLD}, headers=HTML, follow_redirects=False)
+    assert done.status_code == 409 and "scheduled__2026-12-07" in done.text
+    assert layout.current_pointer.read_text().strip() == NEW

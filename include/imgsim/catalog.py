@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgsim.config import Layout
+from imgsim.config import Layout, setting_default
 from imgsim.errors import PermanentError
 from imgsim.fsutil import sha256_file
 from imgsim.sources.labels import LabelMatch, LabelRecord, find_images, match_labels, read_labels
-from imgsim.store import embedded_ids, quarantined_ids, read_catalog, write_catalog
+from imgsim.store import binding_quarantine, embedded_ids, read_catalog, write_catalog
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +151,20 @@ def update_catalog(
     backbone: str,
     *,
     full_rebuild: bool = False,
+    max_image_pixels: int = setting_default("max_image_pixels"),
 ) -> CatalogDiff:
     """Scan ``sources``, update the catalog atomically and return what must be embedded.
 
+    Quarantined images are left out while their record binds
+    (:func:`imgsim.store.binding_quarantine`: not on a full rebuild, not for a transient read
+    error, not for a size rejection once ``max_image_pixels`` is larger than it was).
     Runs under an exclusive lock on the catalog, so two runs at once cannot lose an update.
     """
-    import fcntl
+    from imgsim.fsutil import exclusive_lock
 
     layout.catalog_dir.mkdir(parents=True, exist_ok=True)
-    with open(layout.catalog_dir / ".lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _update_catalog(layout, sources, run_date, backbone, full_rebuild)
+    with exclusive_lock(layout.catalog_dir / ".lock"):
+        return _update_catalog(layout, sources, run_date, backbone, full_rebuild, max_image_pixels)
 
 
 def _name_classes(rows: Iterable[dict[str, Any]]) -> None:
@@ -175,7 +178,12 @@ def _name_classes(rows: Iterable[dict[str, Any]]) -> None:
 
 
 def _update_catalog(
-    layout: Layout, sources: Iterable[Source], run_date: str, backbone: str, full_rebuild: bool
+    layout: Layout,
+    sources: Iterable[Source],
+    run_date: str,
+    backbone: str,
+    full_rebuild: bool,
+    max_image_pixels: int,
 ) -> CatalogDiff:
     previous = read_catalog(layout)
     # Only live rows vouch for a path's bytes: a gone row may share its path with the live row
@@ -260,7 +268,7 @@ def _update_catalog(
 
     live = {iid: r for iid, r in rows.items() if r["status"] == LIVE}
     have = set() if full_rebuild else embedded_ids(layout, backbone)
-    bad = quarantined_ids(layout)
+    bad = binding_quarantine(layout, max_image_pixels, full_rebuild=full_rebuild)
     to_embed = [
         {"image_id": iid, "path": live[iid]["path"]}
         for iid in sorted(live)

@@ -110,8 +110,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from imgsim.versions.embedders import current_embedder
     from imgsim.versions.models import rollback
 
-    layout = Settings.from_env().layout
-    rollback(layout, args.version)
+    settings = Settings.from_env()
+    layout = settings.layout
+    rollback(layout, args.version, force=args.force, ttl_s=settings.lease_ttl_s)
     print(f"CURRENT -> {args.version} (embedder: {current_embedder(layout) or 'frozen'})")
     return 0
 
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
     rb = sub.add_parser("rollback", help="make another (intact) published version current")
     rb.add_argument("version")
+    rb.add_argument(
+        "--force",
+        action="store_true",
+        help="roll back even while an index run holds the lease (only if that run is dead)",
+    )
     rb.set_defaults(func=cmd_rollback)
     return p
 

@@ -355,6 +355,9 @@ class Settings(BaseSettings):
     lease_poke_s: float = Field(30.0, ge=1.0)
     lease_hold_s: float = Field(120.0, ge=0.0)  # a waiting index run keeps its slot this long
     lease_requeue_s: float = Field(300.0, ge=30.0)  # ... then is re-queued this much later
+    # another deployment's lease without a heartbeat this long is taken over (runlease)
+    lease_ttl_s: float = Field(10_800.0, ge=60.0)
+    deployment_id: str = ""  # "": a hash of the Airflow metadata DB's URL (runlease)
     projection: str = Field(  # imgsim.ann.projection
         "auto",
         title="Projection (search space)",

@@ -29,11 +29,18 @@ THUMB_SIZE = 224
 class ImageRejected(ValueError):
     """An input that cannot be used as an image; ``reason`` is a short machine-readable code."""
 
-    def __init__(self, path: str | Path, reason: str, detail: str) -> None:
+    def __init__(self, path: str | Path, reason: str, detail: str, transient: bool = False) -> None:
         super().__init__(f"{path}: {reason}: {detail}")
         self.path = str(path)
         self.reason = reason
         self.detail = detail
+        # True for a read error of the file system (EIO, a vanished NFS handle, EACCES...):
+        # trying again later may work, so the image is not quarantined
+        self.transient = transient
+
+
+#: Rejection reasons decided by IMGSIM_MAX_IMAGE_PIXELS: a larger limit re-admits the image.
+SIZE_REASONS = frozenset({"too_large", "decompression_bomb"})
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def load_rgb(
     try:
         size = p.stat().st_size
     except OSError as exc:
-        raise ImageRejected(p, "unreadable", str(exc)) from exc
+        raise ImageRejected(p, "unreadable", str(exc), transient=True) from exc
     if size == 0:
         raise ImageRejected(p, "empty", "the file has 0 bytes")
     try:
@@ -85,7 +92,11 @@ def load_rgb(
         raise ImageRejected(p, "decompression_bomb", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageRejected(p, "not_an_image", "not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error, not the decoder's
+            raise ImageRejected(p, "unreadable", str(exc), transient=True) from exc
+        raise ImageRejected(p, "corrupt", f"{type(exc).__name__}: {exc}") from exc
+    except (SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(p, "corrupt", f"{type(exc).__name__}: {exc}") from exc
     return DecodedImage(rgb, (width, height), mode, fmt)
 

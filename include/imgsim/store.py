@@ -18,6 +18,7 @@ from typing import Any
 
 from imgsim.config import Layout
 from imgsim.fsutil import TMP_PREFIX, atomic_open, atomic_write_json
+from imgsim.imaging import SIZE_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +215,30 @@ class QuarantineRecord:
     detail: str
     run_key: str
     quarantined_at: str
+    settings: dict[str, Any] | None = None  # what it was decided under (max_image_pixels)
+
+
+#: Reasons of quarantine records that never bind: an older version's transient read error.
+TRANSIENT_REASONS = frozenset({"unreadable"})
+#: What a record without ``settings`` was decided under (the setting's default then).
+LEGACY_MAX_IMAGE_PIXELS = 90_000_000
+#: An image counted under this prefix in a shard's result was not quarantined: retried later.
+RETRY_PREFIX = "retry:"
 
 
 def quarantine(
-    layout: Layout, image_id: str, source: Path, reason: str, detail: str, run_key: str
+    layout: Layout,
+    image_id: str,
+    source: Path,
+    reason: str,
+    detail: str,
+    run_key: str,
+    settings: dict[str, Any] | None = None,
 ) -> QuarantineRecord:
-    """Copy a rejected input into quarantine/ with a reason file (the original is not touched)."""
+    """Copy a rejected input into quarantine/ with a reason file (the original is not touched);
+    ``settings``: those the rejection was decided under (``max_image_pixels``)."""
     record = QuarantineRecord(
-        image_id, str(source), reason, detail, run_key, datetime.now(UTC).isoformat()
+        image_id, str(source), reason, detail, run_key, datetime.now(UTC).isoformat(), settings
     )
     layout.quarantine.mkdir(parents=True, exist_ok=True)
     copy = layout.quarantine / f"{image_id}{source.suffix.lower()}"
@@ -230,6 +247,68 @@ def quarantine(
             shutil.copyfileobj(fin, fout)
     atomic_write_json(layout.quarantine / f"{image_id}.json", record.__dict__)
     return record
+
+
+def set_aside(layout: Layout, rejected: Any, run_key: str, max_image_pixels: int) -> str:
+    """An image the embed step could not use (``imgsim.embedding.infer.Rejected``): quarantined
+    with the setting it was decided under, or, for a transient read error, left for a later
+    run (not quarantined). Returns the key it is counted under in the shard's result (the
+    reason, or ``retry:<reason>``)."""
+    if getattr(rejected, "transient", False):
+        log.warning(
+            "could not read %s (%s): not quarantined, the next run tries again",
+            rejected.path,
+            rejected.detail,
+        )
+        return RETRY_PREFIX + rejected.reason
+    quarantine(
+        layout,
+        rejected.key,
+        rejected.path,
+        rejected.reason,
+        rejected.detail,
+        run_key,
+        {"max_image_pixels": int(max_image_pixels)},
+    )
+    return str(rejected.reason)
+
+
+def release_from_quarantine(layout: Layout, image_ids: Iterable[str]) -> int:
+    """Forget the quarantine records (and copies) of images that embedded after all (a
+    re-try under a larger limit, a full rebuild); returns how many there were."""
+    if not layout.quarantine.exists():
+        return 0
+    released = 0
+    for iid in image_ids:
+        record = layout.quarantine / f"{iid}.json"
+        if record.exists():
+            for copy in layout.quarantine.glob(f"{iid}.*"):
+                copy.unlink(missing_ok=True)
+            released += 1
+    if released:
+        log.info("%d image(s) embedded after all: released from quarantine", released)
+    return released
+
+
+def binding_quarantine(
+    layout: Layout, max_image_pixels: int, *, full_rebuild: bool = False
+) -> dict[str, dict[str, Any]]:
+    """The quarantine records that still exclude their image from this run: none on a full
+    rebuild; never an old transient read error; a size rejection only while the limit is at
+    most the one it was decided under (raising IMGSIM_MAX_IMAGE_PIXELS re-admits it)."""
+    if full_rebuild:
+        return {}
+    binding = {}
+    for iid, rec in quarantined_ids(layout).items():
+        reason = rec.get("reason")
+        if reason in TRANSIENT_REASONS:
+            continue
+        if reason in SIZE_REASONS:
+            decided = (rec.get("settings") or {}).get("max_image_pixels", LEGACY_MAX_IMAGE_PIXELS)
+            if max_image_pixels > int(decided):
+                continue
+        binding[iid] = rec
+    return binding
 
 
 def quarantined_ids(layout: Layout) -> dict[str, dict[str, Any]]:

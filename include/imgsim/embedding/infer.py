@@ -48,6 +48,11 @@ class Rejected:
     path: Path
     reason: str
     detail: str
+    transient: bool = False  # a read error: retried by a later run, never quarantined
+
+
+#: A read error of the file system is tried again this often, after these pauses (seconds).
+READ_RETRY_PAUSES_S = (0.2, 1.0)
 
 
 def configure_threads(num_threads: int) -> None:
@@ -62,10 +67,15 @@ def configure_threads(num_threads: int) -> None:
 
 
 def _prepare(item: EmbedItem, backbone: Backbone, max_pixels: int) -> torch.Tensor | Rejected:
-    try:
-        decoded = load_rgb(item.path, max_pixels=max_pixels)
-    except ImageRejected as exc:
-        return Rejected(item.key, item.path, exc.reason, exc.detail)
+    for pause in (*READ_RETRY_PAUSES_S, None):
+        try:
+            decoded = load_rgb(item.path, max_pixels=max_pixels)
+            break
+        except ImageRejected as exc:
+            if not exc.transient or pause is None:
+                return Rejected(item.key, item.path, exc.reason, exc.detail, exc.transient)
+            log.info("reading %s failed (%s); trying again in %.1f s", item.path, exc, pause)
+            time.sleep(pause)
     image: Image = decoded.image
     if item.thumb_path is not None and not item.thumb_path.exists():
         thumb = resize_square(image)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,25 @@ def fail_fast(*, downloads_retried: bool = False) -> contextlib.AbstractContextM
     from imgsim.sources.download import DownloadError
 
     return failing_fast(retried=(DownloadError,) if downloads_retried else ())
+
+
+@contextlib.contextmanager
+def index_task(*, downloads_retried: bool = False) -> Iterator[None]:
+    """The body of an imgsim_index task: :func:`fail_fast`, and the run's lease heartbeat
+    renewed while it runs (:func:`imgsim.versions.runlease.keep_alive`), so that another
+    deployment sharing the data root never takes a live run's lease over."""
+    from airflow.sdk import get_current_context
+
+    from imgsim.versions.runlease import deployment_id, keep_alive
+
+    settings = Settings.from_env()
+    run_id = str(get_current_context()["run_id"])
+    me = deployment_id(settings.deployment_id)
+    with (
+        fail_fast(downloads_retried=downloads_retried),
+        keep_alive(settings.layout, run_id, me, every_s=settings.lease_ttl_s / 6),
+    ):
+        yield
 
 
 class SourceError(PipelineError):
@@ -318,7 +337,14 @@ def catalog(
         sources.append(daily)
     else:
         log.info("no drop folder %s for this run", layout.incoming_day(run_date))
-    diff = update_catalog(layout, sources, run_date, backbone, full_rebuild=full_rebuild)
+    diff = update_catalog(
+        layout,
+        sources,
+        run_date,
+        backbone,
+        full_rebuild=full_rebuild,
+        max_image_pixels=settings.max_image_pixels,
+    )
     todo = layout.runs / run_key(run_id) / "to_embed.json"
     atomic_write_json(todo, diff.to_embed)
     log.info(
@@ -413,7 +439,7 @@ def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[
     """Embed one shard: decode, resize, batched inference, one Parquet file; quarantine bad."""
     from imgsim.embedding.backbones import load_backbone
     from imgsim.embedding.infer import EmbedItem, Rejected, configure_threads, embed_items
-    from imgsim.store import quarantine
+    from imgsim.store import set_aside
 
     layout = settings.layout
     spec = read_json(spec_path)
@@ -437,8 +463,8 @@ def embed_shard(settings: Settings, spec_path: str, backbone_name: str) -> dict[
         items, backbone, batch_size=settings.batch_size, max_pixels=settings.max_image_pixels
     ):
         if isinstance(res, Rejected):
-            quarantine(layout, res.key, res.path, res.reason, res.detail, spec["run_key"])
-            rejected[res.reason] = rejected.get(res.reason, 0) + 1
+            key = set_aside(layout, res, spec["run_key"], settings.max_image_pixels)
+            rejected[key] = rejected.get(key, 0) + 1
         else:
             good.append((res.key, res.vector))
     return finish_shard(
@@ -469,22 +495,33 @@ def finish_shard(
     rejected: dict[str, int],
     dim: int,
 ) -> dict[str, Any]:
-    """Write one shard's Parquet file, then its result record (both engines end here)."""
-    from imgsim.store import write_shard
+    """Write one shard's Parquet file, then its result record (both engines end here).
+
+    ``rejected``: reason -> count of the images set aside (:func:`imgsim.store.set_aside`);
+    ``retry:<reason>`` ones were not quarantined (``retry_later``: the next run tries them)."""
+    from imgsim.store import RETRY_PREFIX, release_from_quarantine, write_shard
 
     path = write_shard(layout, backbone_name, run_key, shard, good, dim)
+    release_from_quarantine(layout, (iid for iid, _ in good))
+    retry = {
+        r.removeprefix(RETRY_PREFIX): n for r, n in rejected.items() if r.startswith(RETRY_PREFIX)
+    }
+    quarantined = {r: n for r, n in rejected.items() if not r.startswith(RETRY_PREFIX)}
     log.info(
-        "shard %s: %d embedded, %d quarantined %s -> %s",
+        "shard %s: %d embedded, %d quarantined %s, %d to retry later %s -> %s",
         shard,
         len(good),
-        sum(rejected.values()),
-        rejected,
+        sum(quarantined.values()),
+        quarantined,
+        sum(retry.values()),
+        retry,
         path,
     )
     result = {
         "shard": shard,
         "embedded": len(good),
-        "quarantined": dict(sorted(rejected.items())),
+        "quarantined": dict(sorted(quarantined.items())),
+        "retry_later": dict(sorted(retry.items())),
         "file": str(path),
     }
     atomic_write_json(shard_result_path(spec_path), result)
@@ -538,7 +575,7 @@ def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
     Fails, naming the shard, when a planned shard has no result, when its file is missing,
     or when its counts do not add up to the images planned for it.
     """
-    embedded, images = 0, 0
+    embedded, images, retry_later = 0, 0, 0
     reasons: dict[str, int] = {}
     files: list[str] = []
     for shard in shards:
@@ -550,10 +587,13 @@ def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
             )
         result = read_json(path)
         quarantined = sum(result["quarantined"].values())
-        if result["embedded"] + quarantined != shard["images"]:
+        later = sum((result.get("retry_later") or {}).values())
+        retry_later += later
+        if result["embedded"] + quarantined + later != shard["images"]:
             raise PipelineError(
                 f"shard {shard['shard']}: {result['embedded']} embedded + "
-                f"{quarantined} quarantined != {shard['images']} planned ({path})"
+                f"{quarantined} quarantined + {later} to retry != {shard['images']} planned "
+                f"({path})"
             )
         if not Path(result["file"]).exists():
             raise PipelineError(f"shard {shard['shard']}: {result['file']} is missing")
@@ -569,6 +609,7 @@ def embed_summary(shards: list[dict[str, Any]], engine: str) -> dict[str, Any]:
         "embedded": embedded,
         "quarantined": dict(sorted(reasons.items())),
         "quarantined_total": sum(reasons.values()),
+        "retry_later": retry_later,
         "files": files,
     }
     log.info(
@@ -1000,10 +1041,10 @@ def validate(settings: Settings, plan: dict[str, Any]) -> dict[str, Any]:
 def publish(settings: Settings, version: str, run_id: str | None = None) -> dict[str, Any]:
     """Make ``version`` current. With ``run_id``, only while that run holds the index lease."""
     from imgsim.versions.models import clean_staging, publish, read_manifest
-    from imgsim.versions.runlease import ensure_held
+    from imgsim.versions.runlease import deployment_id, ensure_held
 
     if run_id is not None:
-        ensure_held(settings.layout, run_id)
+        ensure_held(settings.layout, run_id, deployment=deployment_id(settings.deployment_id))
     publish(settings.layout, version, keep=settings.keep_versions)
     clean_staging(settings.layout)
     manifest = read_manifest(settings.layout, version)

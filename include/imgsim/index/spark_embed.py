@@ -219,7 +219,7 @@ def embed_partition(
 ) -> Iterator[pd.DataFrame]:
     """``mapInPandas`` body: decode, thumbnail, batched inference; quarantine bad images."""
     from imgsim.embedding.infer import EmbedItem, Rejected, configure_threads, embed_items
-    from imgsim.store import quarantine
+    from imgsim.store import set_aside
 
     worker_logging()
     configure_threads(task_threads(job.num_threads))
@@ -244,8 +244,8 @@ def embed_partition(
         )
         for (shard, pos), res in zip(places, results, strict=True):
             if isinstance(res, Rejected):
-                quarantine(layout, res.key, res.path, res.reason, res.detail, job.run_key)
-                rows.append((shard, pos, res.key, None, res.reason))
+                key = set_aside(layout, res, job.run_key, job.max_image_pixels)
+                rows.append((shard, pos, res.key, None, key))
             else:
                 rows.append((shard, pos, res.key, res.vector, None))
             if len(rows) >= flush_every:

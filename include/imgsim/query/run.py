@@ -55,7 +55,12 @@ def collect(
     Returns ``{}`` when there is nothing to look at (the rest of the run is skipped).
     """
     from imgsim.sources.labels import find_images
-    from imgsim.versions.models import current_version, read_manifest, verify_version
+    from imgsim.versions.models import (
+        current_version,
+        pin_version,
+        read_manifest,
+        verify_version,
+    )
 
     layout = settings.layout
     if not 1 <= int(k) <= 100:
@@ -71,6 +76,7 @@ def collect(
     manifest = read_manifest(layout, pinned)  # VersionNotFound names the problem
     pinned = manifest["version"]
     verify_version(layout, pinned)  # VersionDamaged names file and rollback
+    pin_version(layout, pinned, run_key(run_id))  # no publish prunes it during this run
     roots = settings.allowed_query_roots
     queries: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -392,7 +398,7 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
     """Assemble and write the results; ledger the answers; move inbox images out of the inbox."""
     from imgsim.query.lookup import answer_fields
     from imgsim.query.results import write_results
-    from imgsim.versions.models import read_manifest
+    from imgsim.versions.models import read_manifest, unpin_version
 
     layout = settings.layout
     rdir = Path(run_dir)
@@ -439,6 +445,7 @@ def finalize(settings: Settings, run_dir: str) -> dict[str, Any]:
             )
     for source, target in moves:
         move_out(source, target)
+    unpin_version(layout, run_key(plan["run_id"]))
     summary = {
         s: sum(q["status"] == s for q in plan["queries"]) for s in (ANSWERED, REJECTED, ALREADY)
     }

@@ -344,14 +344,14 @@ def rollback_version(
     version: Annotated[str, Form(max_length=100)],
 ) -> Response:
     """Point CURRENT at ``version`` (:func:`imgsim.versions.models.rollback`, as the CLI)."""
-    from imgsim.versions.models import VersionDamaged, VersionNotFound, rollback
+    from imgsim.versions.models import IndexRunInFlight, VersionDamaged, VersionNotFound, rollback
 
     _require_trigger(user)
     _same_origin(request)
     _rollback_target(settings.layout, version)
     try:
-        rollback(settings.layout, version)
-    except (VersionDamaged, VersionNotFound, ValueError) as exc:
+        rollback(settings.layout, version, ttl_s=settings.lease_ttl_s)
+    except (IndexRunInFlight, VersionDamaged, VersionNotFound, ValueError) as exc:
         raise HTTPException(409, str(exc)) from exc
     log.info("%s rolled CURRENT back to %s", _user_name(user), version)
     return RedirectResponse("./", status_code=303)

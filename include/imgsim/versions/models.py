@@ -583,12 +583,32 @@ def publish(layout: Layout, version: str, *, keep: int = 5) -> str:
     return version
 
 
-def rollback(layout: Layout, version: str) -> str:
+class IndexRunInFlight(RuntimeError, PermanentError):
+    """A rollback refused because an index run holds the lease: it would publish over it."""
+
+
+def rollback(
+    layout: Layout, version: str, *, force: bool = False, ttl_s: float | None = None
+) -> str:
     """Point CURRENT at an older published version, atomically, and the CURRENT embedder at
     the one it was built with (``frozen`` for a frozen backbone), so that the next index run
-    keeps embedding with it."""
-    from imgsim.versions.embedders import set_current_embedder
+    keeps embedding with it.
 
+    Refused (:class:`IndexRunInFlight`) while an index run holds the lease with a heartbeat
+    younger than ``ttl_s`` (IMGSIM_LEASE_TTL_S): that run would publish over the rollback.
+    ``force`` rolls back anyway (a run known dead whose lease has not expired yet)."""
+    from imgsim.versions.embedders import set_current_embedder
+    from imgsim.versions.runlease import LEASE_TTL_S, read_lease
+
+    holder = read_lease(layout)
+    if holder is not None and not force and not holder.expired(ttl_s or LEASE_TTL_S):
+        raise IndexRunInFlight(
+            f"cannot roll back now: index run {holder.run_id!r} (deployment "
+            f"{holder.deployment or 'unknown'}, on {holder.host} since {holder.acquired_at}) "
+            "holds the index lease and would publish over the rollback. Wait for it to finish "
+            "(or mark it failed in Airflow), then roll back; `imgsim rollback --force` if "
+            "that run is known dead."
+        )
     with models_lock(layout):
         if version not in published_versions(layout):
             raise VersionNotFound(
@@ -604,11 +624,63 @@ def rollback(layout: Layout, version: str) -> str:
     return version
 
 
+#: A query run's pin of its version lasts at most this long (a crashed run's pin expires).
+PIN_MAX_AGE_S = 24 * 3600.0
+
+
+def pins_dir(layout: Layout) -> Path:
+    return layout.models / ".pins"
+
+
+def pin_version(layout: Layout, version: str, holder: str) -> Path:
+    """Keep ``version`` from being pruned while ``holder`` (a query run) reads it."""
+    path = pins_dir(layout) / f"{holder}.json"
+    atomic_write_json(
+        path,
+        {
+            "version": check_version_name(version),
+            "holder": holder,
+            "pinned_at": datetime.now(UTC).isoformat(),
+        },
+    )
+    return path
+
+
+def unpin_version(layout: Layout, holder: str) -> None:
+    (pins_dir(layout) / f"{holder}.json").unlink(missing_ok=True)
+
+
+def pinned_versions(layout: Layout, max_age_s: float = PIN_MAX_AGE_S) -> set[str]:
+    """Versions a query run still reads (pins younger than ``max_age_s``; older ones are
+    removed: their runs are long gone)."""
+    found: set[str] = set()
+    folder = pins_dir(layout)
+    if not folder.is_dir():
+        return found
+    now = datetime.now(UTC).timestamp()
+    for path in folder.glob("*.json"):
+        try:
+            age = now - path.stat().st_mtime
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue  # being written or removed right now
+        if age > max_age_s:
+            path.unlink(missing_ok=True)
+            log.warning("removed the expired pin %s (%s)", path.name, record.get("version"))
+        elif isinstance(record, dict) and VERSION_RE.match(str(record.get("version", ""))):
+            found.add(str(record["version"]))
+    return found
+
+
 def prune(layout: Layout, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` published versions (never CURRENT). Caller holds lock."""
+    """Delete all but the newest ``keep`` published versions: never CURRENT, never one a
+    running query run pinned (:func:`pin_version`). Caller holds the lock."""
     versions = published_versions(layout)
     current = current_version(layout)
-    doomed = [v for v in versions[:-keep] if v != current] if keep > 0 else []
+    pinned = pinned_versions(layout)
+    doomed = [v for v in versions[:-keep] if v != current and v not in pinned] if keep > 0 else []
+    for v in sorted(pinned & set(versions[:-keep] if keep > 0 else [])):
+        log.info("kept old version %s: a query run reads it", v)
     for v in doomed:
         # Rename first so a half-deleted directory is never seen as a version.
         trash = layout.models / f".trash-{v}"

@@ -15,12 +15,21 @@ run has waited a day (then it fails, naming the holder). The re-queue delay is l
 in Airflow 3.3 a reschedule-mode sensor re-queued within seconds could meet the executor's late
 report of its previous poke and be failed into a retry.
 
-A lease whose holder is no longer running (failed, killed, marked failed by hand, or deleted)
-is stale: ``holder_alive`` says so, and the next run takes it over with a warning. When the
-holder's state cannot be read (a metadata-database hiccup), the lease fails *closed*: the read
-is retried, and if it still fails the holder counts as alive and the run keeps waiting, so two
-runs never embed and publish at the same time. Re-acquiring by the holder itself (a retried
-task) is allowed.
+The lease names the deployment that holds it (:func:`deployment_id`: ``IMGSIM_DEPLOYMENT_ID``,
+else a hash of the Airflow metadata database's URL, so every scheduler, worker and API server
+of one deployment agree and two deployments differ) and carries a heartbeat (``heartbeat_at``),
+renewed every ``IMGSIM_LEASE_TTL_S / 6`` by every running task of the holder run
+(:func:`keep_alive`).
+
+A lease held by a run of *this* deployment whose run is no longer running (failed, killed,
+marked failed by hand, or deleted) is stale: ``holder_alive`` asks this deployment's database,
+and the next run takes it over with a warning. When the holder's state cannot be read (a
+metadata-database hiccup), the lease fails *closed*: the read is retried, and if it still fails
+the holder counts as alive and the run keeps waiting. A lease held by *another* deployment
+(whose runs this database does not know) is taken over only once its heartbeat is older than
+``IMGSIM_LEASE_TTL_S``; equal run ids on two deployments (``scheduled__<date>``) are two runs,
+never "a retry of the holder's own task". Re-acquiring by the holder itself (a retried task of
+the same run on the same deployment) is allowed.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from typing import Any
 
 from imgsim.config import Layout
 from imgsim.errors import PermanentError
-from imgsim.fsutil import atomic_write_json, read_json
+from imgsim.fsutil import atomic_write_json, exclusive_lock, read_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,9 @@ INDEX_LEASE = "index"
 LIVE_RUN_STATES = frozenset({"queued", "running"})
 #: A run waits at most this long for the lease, then fails naming the holder.
 MAX_WAIT = timedelta(days=1)
+#: IMGSIM_LEASE_TTL_S's default: another deployment's lease without a heartbeat for this long
+#: is taken over (longer than any gap between two tasks of a run and any one Spark job).
+LEASE_TTL_S = 3 * 3600.0
 
 
 class LeaseLost(RuntimeError, PermanentError):
@@ -62,6 +74,8 @@ class Lease:
     acquired_at: str
     host: str
     pid: int
+    deployment: str = ""  # deployment_id() of the holder ("" in leases before it existed)
+    heartbeat_at: str = ""  # last sign of life of the holder run ("": acquired_at)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Lease:
@@ -70,7 +84,45 @@ class Lease:
             acquired_at=str(d.get("acquired_at", "")),
             host=str(d.get("host", "")),
             pid=int(d.get("pid", 0)),
+            deployment=str(d.get("deployment", "")),
+            heartbeat_at=str(d.get("heartbeat_at", "")),
         )
+
+    def last_seen(self) -> datetime | None:
+        try:
+            return datetime.fromisoformat(self.heartbeat_at or self.acquired_at)
+        except ValueError:
+            return None
+
+    def expired(self, ttl_s: float, now: datetime | None = None) -> bool:
+        """No heartbeat for ``ttl_s`` (or none readable)."""
+        seen = self.last_seen()
+        return seen is None or (now or datetime.now(UTC)) - seen > timedelta(seconds=ttl_s)
+
+    def held_by(self, run_id: str, deployment: str) -> bool:
+        return self.run_id == run_id and self.deployment == deployment
+
+
+def deployment_id(explicit: str = "") -> str:
+    """Who this Airflow deployment is, the same in all of its processes: ``explicit``
+    (IMGSIM_DEPLOYMENT_ID) when set, else ``db:`` + the first 12 hex digits of the sha256 of
+    the metadata database's URL (never the URL itself: it may hold a password), else the host.
+    """
+    if explicit:
+        return explicit
+    import hashlib
+
+    url = os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if not url:
+        try:
+            from airflow.configuration import conf
+
+            url = str(conf.get("database", "sql_alchemy_conn", fallback="") or "")
+        except Exception:  # no Airflow configuration in this process
+            url = ""
+    if url:
+        return "db:" + hashlib.sha256(url.encode()).hexdigest()[:12]
+    return f"host:{socket.gethostname()}"
 
 
 def lease_path(layout: Layout, name: str = INDEX_LEASE) -> Path:
@@ -79,15 +131,8 @@ def lease_path(layout: Layout, name: str = INDEX_LEASE) -> Path:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive_lock(path.with_name(path.name + ".lock")):
+        yield
 
 
 def read_lease(layout: Layout, name: str = INDEX_LEASE) -> Lease | None:
@@ -104,56 +149,147 @@ def read_lease(layout: Layout, name: str = INDEX_LEASE) -> Lease | None:
 
 
 def try_acquire(
-    layout: Layout, run_id: str, holder_alive: Callable[[str], bool], name: str = INDEX_LEASE
+    layout: Layout,
+    run_id: str,
+    holder_alive: Callable[[str], bool],
+    name: str = INDEX_LEASE,
+    *,
+    deployment: str = "",
+    ttl_s: float = LEASE_TTL_S,
+    now: datetime | None = None,
 ) -> Lease | None:
-    """Take the lease for ``run_id``. Returns None when taken, else the live lease in the way.
+    """Take the lease for ``run_id`` of ``deployment``. Returns None when taken, else the live
+    lease in the way.
 
-    ``holder_alive(run_id)`` says whether another holder's run is still queued or running.
+    ``holder_alive(run_id)`` says whether a holder run of this deployment is still queued or
+    running; another deployment's holder is alive while its heartbeat is younger than
+    ``ttl_s``.
     """
     if not run_id:
         raise ValueError("run_id must not be empty")
     path = lease_path(layout, name)
+    now = now or datetime.now(UTC)
     with _locked(path):
         current = read_lease(layout, name)
-        if current is not None and current.run_id != run_id:
-            try:
-                holder_is_alive = holder_alive(current.run_id)
-            except HolderStateUnknown as exc:
-                log.warning(
-                    "%s; the %s lease stays with run %r and this run keeps waiting",
-                    exc,
-                    name,
-                    current.run_id,
-                )
-                return current
-            if holder_is_alive:
+        if current is not None and current.held_by(run_id, deployment):
+            _write(path, replace_heartbeat(current, now))  # a retry of the holder's own task
+            return None
+        if current is not None:
+            why = _why_gone(current, holder_alive, deployment, ttl_s, now, name)
+            if why is None:
                 return current
             log.warning(
-                "taking over the %s lease from run %r, which is no longer running "
-                "(held since %s on %s)",
+                "taking over the %s lease from run %r of deployment %s (held since %s on %s): %s",
                 name,
                 current.run_id,
+                current.deployment or "unknown",
                 current.acquired_at,
                 current.host,
+                why,
             )
-        if current is not None and current.run_id == run_id:
-            return None  # a retry of the holder's own task
-        lease = Lease(
-            run_id=run_id,
-            acquired_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-        )
-        atomic_write_json(path, asdict(lease))
-        log.info("run %r holds the %s lease %s", run_id, name, path)
+        stamp = now.isoformat(timespec="seconds")
+        lease = Lease(run_id, stamp, socket.gethostname(), os.getpid(), deployment, stamp)
+        _write(path, lease)
+        log.info("run %r (deployment %s) holds the %s lease %s", run_id, deployment, name, path)
         return None
 
 
-def ensure_held(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> None:
-    """Raise LeaseLost unless ``run_id`` holds the lease (checked before publishing)."""
+def _why_gone(
+    current: Lease,
+    holder_alive: Callable[[str], bool],
+    deployment: str,
+    ttl_s: float,
+    now: datetime,
+    name: str,
+) -> str | None:
+    """Why ``current``'s holder is gone (None: alive, or not known to be gone)."""
+    if current.deployment != deployment:
+        if not current.expired(ttl_s, now):
+            return None
+        seen = current.heartbeat_at or current.acquired_at
+        return (
+            f"another deployment's run, no heartbeat since {seen} "
+            f"(more than IMGSIM_LEASE_TTL_S {ttl_s:.0f} s)"
+        )
+    try:
+        if holder_alive(current.run_id):
+            return None
+    except HolderStateUnknown as exc:
+        log.warning(
+            "%s; the %s lease stays with run %r and this run keeps waiting",
+            exc,
+            name,
+            current.run_id,
+        )
+        return None
+    return "that run is no longer running"
+
+
+def replace_heartbeat(lease: Lease, now: datetime) -> Lease:
+    return Lease(**{**asdict(lease), "heartbeat_at": now.isoformat(timespec="seconds")})
+
+
+def _write(path: Path, lease: Lease) -> None:
+    atomic_write_json(path, asdict(lease))
+
+
+def heartbeat(layout: Layout, run_id: str, deployment: str = "", name: str = INDEX_LEASE) -> bool:
+    """Renew the lease's heartbeat if ``run_id`` of ``deployment`` holds it; whether it did."""
+    path = lease_path(layout, name)
+    if not path.exists():
+        return False
+    with _locked(path):
+        current = read_lease(layout, name)
+        if current is None or not current.held_by(run_id, deployment):
+            return False
+        _write(path, replace_heartbeat(current, datetime.now(UTC)))
+        return True
+
+
+@contextlib.contextmanager
+def keep_alive(
+    layout: Layout,
+    run_id: str,
+    deployment: str = "",
+    every_s: float = LEASE_TTL_S / 6,
+    name: str = INDEX_LEASE,
+) -> Iterator[None]:
+    """While the block runs, renew the heartbeat of ``run_id``'s lease every ``every_s`` (a
+    daemon thread; nothing happens if the run does not hold the lease)."""
+    import threading
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                heartbeat(layout, run_id, deployment, name)
+            except Exception as exc:  # a damaged lease file or a full disk: say so, go on
+                log.warning("could not renew the %s lease's heartbeat: %s", name, exc)
+            if stop.wait(every_s):
+                return
+
+    thread = threading.Thread(target=beat, name=f"imgsim-{name}-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def ensure_held(
+    layout: Layout, run_id: str, name: str = INDEX_LEASE, *, deployment: str = ""
+) -> None:
+    """Raise LeaseLost unless ``run_id`` of ``deployment`` holds the lease (checked before
+    publishing and rolling back)."""
     current = read_lease(layout, name)
-    if current is None or current.run_id != run_id:
-        holder = current.run_id if current else "nobody"
+    if current is None or not current.held_by(run_id, deployment):
+        holder = (
+            f"run {current.run_id!r} of deployment {current.deployment or 'unknown'}"
+            if current
+            else "nobody"
+        )
         raise LeaseLost(
             f"run {run_id!r} does not hold the {name} lease ({lease_path(layout, name)}"
             f" is held by {holder}); another index run took over, so this run "
@@ -161,12 +297,12 @@ def ensure_held(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> None:
         )
 
 
-def release(layout: Layout, run_id: str, name: str = INDEX_LEASE) -> bool:
-    """Give the lease back if ``run_id`` holds it. Returns whether it did."""
+def release(layout: Layout, run_id: str, name: str = INDEX_LEASE, *, deployment: str = "") -> bool:
+    """Give the lease back if ``run_id`` of ``deployment`` holds it. Returns whether it did."""
     path = lease_path(layout, name)
     with _locked(path):
         current = read_lease(layout, name)
-        if current is None or current.run_id != run_id:
+        if current is None or not current.held_by(run_id, deployment):
             return False
         path.unlink()
         log.info("run %r released the %s lease", run_id, name)
@@ -229,12 +365,14 @@ def wait_for_lease(
     hold_s: float,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    deployment: str = "",
+    ttl_s: float = LEASE_TTL_S,
 ) -> Lease | None:
     """Try every ``poke_s`` for at most ``hold_s``: None once ``run_id`` holds the lease, else
     the lease still in the way (the caller then gives its worker slot back)."""
     deadline = clock() + hold_s
     while True:
-        holder = try_acquire(layout, run_id, holder_alive)
+        holder = try_acquire(layout, run_id, holder_alive, deployment=deployment, ttl_s=ttl_s)
         if holder is None:
             return None
         log.info(
@@ -259,6 +397,8 @@ def take_for_run(
     hold_s: float,
     requeue_s: float,
     waiting_since: datetime | None,
+    deployment: str = "",
+    ttl_s: float = LEASE_TTL_S,
 ) -> None:
     """The lease task: returns once ``run_id`` holds the lease.
 
@@ -266,7 +406,15 @@ def take_for_run(
     Airflow's reschedule request (re-queued ``requeue_s`` later, no worker slot held in
     between). After :data:`MAX_WAIT` since ``waiting_since`` (the run's start), it fails.
     """
-    holder = wait_for_lease(layout, run_id, airflow_run_alive(dag_id), poke_s=poke_s, hold_s=hold_s)
+    holder = wait_for_lease(
+        layout,
+        run_id,
+        airflow_run_alive(dag_id),
+        poke_s=poke_s,
+        hold_s=hold_s,
+        deployment=deployment,
+        ttl_s=ttl_s,
+    )
     if holder is None:
         return
     from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
