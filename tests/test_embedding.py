@@ -240,6 +240,7 @@ def test_resnet18_without_weights_names_both_places(
     # offline: nothing listens there, as no server answers a machine without network
     url = f"http://127.0.0.1:{_closed_port()}/models/{RESNET18_FILE}"
     monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", url)
+    monkeypatch.setenv("IMGSIM_DOWNLOAD_RETRIES", "1")  # offline: each retry waits its backoff
     settings = Settings.from_env()
     assert settings.weights_path == str(missing)
     assert settings.resnet18_weights_url == url
@@ -263,6 +264,29 @@ def test_resnet18_weights_url_empty_means_no_download(
     monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", "")
     with pytest.raises(WeightsNotFound, match="IMGSIM_RESNET18_WEIGHTS_URL is empty"):
         resolve_resnet18_weights("")
+
+
+def test_the_weights_download_follows_the_download_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMGSIM_DOWNLOAD_TIMEOUT_S and IMGSIM_DOWNLOAD_RETRIES reach the weights download (as
+    they reach the archive's): the offline attempt is made that often, with that timeout."""
+    import imgsim.embedding.backbones as backbones
+
+    seen: dict[str, object] = {}
+
+    def fetch(url: str, checkpoints: Path, **kwargs: object) -> Path:
+        seen.update(kwargs)
+        raise OSError("offline")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("IMGSIM_DOWNLOAD_TIMEOUT_S", "7.5")
+    monkeypatch.setenv("IMGSIM_DOWNLOAD_RETRIES", "1")
+    monkeypatch.setenv("IMGSIM_RESNET18_WEIGHTS_URL", f"http://127.0.0.1:9/{RESNET18_FILE}")
+    monkeypatch.setattr(backbones, "fetch_weights", fetch)
+    with pytest.raises(WeightsNotFound, match="offline"):
+        resolve_resnet18_weights("")
+    assert seen == {"retries": 1, "timeout_s": 7.5}
 
 
 def _closed_port() -> int:

@@ -389,6 +389,64 @@ def test_validate_staged_failures(
     assert not (layout.models / v).exists()
 
 
+def test_validation_counts_short_neighbour_lists_and_fails_above_a_small_share(
+    layout: Layout,
+) -> None:
+    """Images left with fewer than k graph neighbours (above FILL_MAX the fit leaves them
+    short): validation counts them per image, compares with the manifest's count and fails the
+    version when more than MAX_SHORT_SHARE of the references are short."""
+    ids = make_ids(120)
+    v = version_at(0)
+    build_version(layout.staging, v, ids, graph=True)
+    part = layout.staging / v / "neighbours" / "part-0.parquet"
+    edges = pq.read_table(part)
+    manifest_path = layout.staging / v / "manifest.json"
+    manifest = read_json(manifest_path)
+    manifest["neighbours"]["short_lists"] = 0
+    atomic_write_json(manifest_path, manifest)
+    report = models.validate_staged(
+        layout,
+        v,
+        expected_count=120,
+        expected_fingerprint=snapshot_fingerprint(ids),
+        backbone=BACKBONE,
+        recall_floor=0.8,
+    )
+    assert report.checks["graph_short_lists"] == 0
+    # one image keeps 1 of its 3 neighbours (under 1%: passes, if the manifest says so)
+    rows = edges.to_pylist()
+    cut = [r for r in rows if not (r["image_id"] == ids[5] and r["rank"] > 1)]
+    pq.write_table(pa.Table.from_pylist(cut, schema=edges.schema), part)
+    manifest["neighbours"].update(short_lists=1, edges=len(cut))
+    atomic_write_json(manifest_path, manifest)
+    report = models.validate_staged(
+        layout,
+        v,
+        expected_count=120,
+        expected_fingerprint=snapshot_fingerprint(ids),
+        backbone=BACKBONE,
+        recall_floor=0.8,
+    )
+    assert report.checks["graph_short_lists"] == 1
+    # five short (4%) and a manifest that says none: fails, naming both
+    short = set(ids[:5])
+    cut = [r for r in rows if not (r["image_id"] in short and r["rank"] > 1)]
+    pq.write_table(pa.Table.from_pylist(cut, schema=edges.schema), part)
+    manifest["neighbours"].update(short_lists=0, edges=len(cut))
+    atomic_write_json(manifest_path, manifest)
+    with pytest.raises(ValidationFailed) as info:
+        models.validate_staged(
+            layout,
+            v,
+            expected_count=120,
+            expected_fingerprint=snapshot_fingerprint(ids),
+            backbone=BACKBONE,
+            recall_floor=0.8,
+        )
+    assert "5 of 120 references (4.2%) have fewer than 3 neighbours" in str(info.value)
+    assert "records 0 references with fewer than 3 neighbours, the graph has 5" in str(info.value)
+
+
 def test_validate_staged_without_manifest(layout: Layout) -> None:
     v = version_at(0)
     stage(layout, v)
@@ -1057,3 +1115,48 @@ def test_describe_lsh_names_plain_and_banded_keys() -> None:
         describe_lsh({"numHashTables": 10, "keys_per_band": 2, "probes": 2})
         == "5 bands x 2 keys, 2 probes"
     )
+
+
+def test_publish_flushes_every_file_of_the_version_before_current_moves(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spark's executors wrote the version's files; publish fsyncs each of them (and the
+    folders) before the rename and the new CURRENT can name them (a power loss right after
+    must not leave CURRENT pointing at empty files)."""
+    import os
+
+    v = version_at(0)
+    stage(layout, v)
+    validate(layout, v)
+    staged = layout.staging / v
+    expected = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    flushed: list[str] = []
+    events: list[str] = []
+    real_fsync, real_open = os.fsync, os.open
+    names: dict[int, str] = {}
+
+    def opening(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        names[fd] = str(path)
+        return fd
+
+    def fsync(fd: int) -> None:
+        name = names.get(fd, "")
+        if name.startswith(str(staged)) and Path(name).is_file():
+            flushed.append(Path(name).relative_to(staged).as_posix())
+        real_fsync(fd)
+
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any) -> None:
+        if Path(src) == staged:
+            events.append(f"rename after {len(flushed)} flushed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    models.publish(layout, v)
+    assert expected <= set(flushed)  # every file Spark (here: the test) wrote
+    assert events == [f"rename after {len(flushed)} flushed"]
+    assert models.current_version(layout) == v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -544,3 +545,28 @@ def test_imgsim_query_says_a_backbone_or_onnx_error_in_one_line(
     assert err.startswith("imgsim: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert ("backbone differs" if kind == "backbone" else f"cannot load {broken}") in err
+
+
+def test_the_query_side_runs_on_imgsim_num_threads(settings: Settings) -> None:
+    """IMGSIM_NUM_THREADS reaches the CLI's, the upload's and the query DAG's backbone (they
+    all load it through lookup.query_backbone)."""
+    import torch
+
+    from imgsim.query.lookup import query_backbone
+
+    before = torch.get_num_threads()
+    try:
+        manifest = {
+            "version": VERSION,
+            "backbone": {
+                "name": "random",
+                "dim": 512,
+                "weights": "random(seed=0)",
+                "weights_sha256": "",
+            },
+        }
+        with contextlib.suppress(BackboneMismatch):  # the spec check comes after the threads
+            query_backbone(settings.replace(num_threads=1), manifest)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

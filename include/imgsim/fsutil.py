@@ -29,6 +29,27 @@ def run_key(run_id: str) -> str:
     return key[:120]
 
 
+def fsync_tree(root: Path) -> int:
+    """fsync every file under ``root``, then every folder, deepest first, so that what another
+    process wrote there (Spark's executors) is on disk before a rename publishes it. Returns
+    the number of files flushed; an error flushing one raises (publishing must stop)."""
+    files = 0
+    folders = [root]
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            folders.append(path)
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            files += 1
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        fsync_dir(folder)
+    return files
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry so a rename survives a power loss (best effort)."""
     try:

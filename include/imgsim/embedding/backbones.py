@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 RESNET18_FILE = "resnet18-f37072fd.pth"
 #: torchvision's rule (torch.hub.HASH_REGEX): ``name-<sha256 prefix>.ext``.
 HASH_PREFIX_RE = re.compile(r"-([a-f0-9]*)\.")
-#: Retries of a weights download (offline, all three attempts fail within about 3.5 s).
-WEIGHTS_FETCH_RETRIES = 2
 EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 
 
@@ -154,7 +152,7 @@ def fetch_weights(
     checkpoints: Path,
     *,
     timeout_s: float = setting_default("download_timeout_s"),
-    retries: int = WEIGHTS_FETCH_RETRIES,
+    retries: int = setting_default("download_retries"),
 ) -> Path:
     """Download ``url`` into ``checkpoints/`` as torchvision does, resumably, hash checked.
 
@@ -211,17 +209,23 @@ def resolve_resnet18_weights(
     weights_path: str = "",
     weights_url: str | None = None,
     *,
-    fetch_retries: int = WEIGHTS_FETCH_RETRIES,
+    fetch_retries: int | None = None,
+    timeout_s: float | None = None,
 ) -> Path:
     """Find the ResNet-18 ImageNet weights (``weights_path``, then the torch hub cache), else
-    fetch them from ``weights_url`` (default ``IMGSIM_RESNET18_WEIGHTS_URL``; empty: never).
-    Raises :class:`WeightsNotFound` naming every place looked at and why the fetch failed."""
+    fetch them from ``weights_url`` (default ``IMGSIM_RESNET18_WEIGHTS_URL``; empty: never),
+    with ``timeout_s`` and ``fetch_retries`` (default IMGSIM_DOWNLOAD_TIMEOUT_S and
+    IMGSIM_DOWNLOAD_RETRIES, as every download). Raises :class:`WeightsNotFound` naming every
+    place looked at and why the fetch failed."""
     from imgsim.sources.download import DownloadError
 
-    if weights_url is None:
+    if weights_url is None or fetch_retries is None or timeout_s is None:
         from imgsim.config import Settings
 
-        weights_url = Settings.from_env().resnet18_weights_url
+        settings = Settings.from_env()
+        weights_url = settings.resnet18_weights_url if weights_url is None else weights_url
+        fetch_retries = settings.download_retries if fetch_retries is None else fetch_retries
+        timeout_s = settings.download_timeout_s if timeout_s is None else timeout_s
     checkpoints = torch_hub_checkpoint_dir()
     candidates: list[Path] = []
     if weights_path:
@@ -236,7 +240,9 @@ def resolve_resnet18_weights(
     fetched = ""
     if weights_url:
         try:
-            return fetch_weights(weights_url, checkpoints, retries=fetch_retries)
+            return fetch_weights(
+                weights_url, checkpoints, retries=fetch_retries, timeout_s=timeout_s
+            )
         except WeightsHashMismatch:
             raise
         except (DownloadError, OSError) as exc:

@@ -710,9 +710,13 @@ def neighbour_graph(
         )
     edges = ng.write_graph(graph, out_dir / "neighbours")
     graph = reference.sparkSession.read.parquet(str(out_dir / "neighbours")).cache()
+    need = min(args.graph_k, n - 1)
+    full = graph.groupBy("image_id").count().filter(F.col("count") >= need).count()
     entry.update(
         edges=edges,
         images=n,
+        short_lists=n - int(full),  # references with fewer than min(k, n - 1) neighbours
+        short_share=round((n - int(full)) / max(n, 1), 6),
         **ng.graph_recall(graph, exact_rows, queries, args.graph_k, n),
         **mode,
         seconds=round(time.perf_counter() - t0, 3),

@@ -277,6 +277,21 @@ def load_query_backbone(
     return backbone
 
 
+def query_backbone(settings: Any, manifest: dict[str, Any]) -> Any:
+    """:func:`load_query_backbone` per ``settings`` (imgsim.config): its weights file, device
+    and embedders, with IMGSIM_NUM_THREADS intra-op threads (the CLI, the upload and the query
+    DAG all load their backbone here)."""
+    from imgsim.embedding.infer import configure_threads
+
+    configure_threads(settings.num_threads)
+    return load_query_backbone(
+        manifest,
+        weights_path=settings.weights_path,
+        device=settings.device,
+        embedders=settings.layout.embedders,
+    )
+
+
 @dataclass
 class Searcher:
     """A published version and the backbone it was built with: image files in, answers out.
@@ -303,12 +318,7 @@ class Searcher:
     ) -> Searcher:
         """``version`` (default CURRENT) with its backbone, per ``settings`` (imgsim.config)."""
         model = model or load_model(settings.layout, version)
-        backbone = backbone or load_query_backbone(
-            model.manifest,
-            weights_path=settings.weights_path,
-            device=settings.device,
-            embedders=settings.layout.embedders,
-        )
+        backbone = backbone or query_backbone(settings, model.manifest)
         return cls(
             model,
             backbone,

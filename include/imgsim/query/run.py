@@ -144,7 +144,7 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     import pyarrow as pa
 
     from imgsim.ann import l2_normalize
-    from imgsim.query.lookup import embed_files, load_query_backbone
+    from imgsim.query.lookup import embed_files, query_backbone
     from imgsim.store import write_parquet_atomic
     from imgsim.versions.models import read_manifest
 
@@ -154,12 +154,7 @@ def embed(settings: Settings, run_dir: str) -> dict[str, Any]:
     pending = [q for q in plan["queries"] if q["status"] == PENDING]
     vectors: dict[str, Any] = {}
     if pending:
-        backbone = load_query_backbone(
-            manifest,
-            weights_path=settings.weights_path,
-            device=settings.device,
-            embedders=settings.layout.embedders,
-        )
+        backbone = query_backbone(settings, manifest)
         good, bad = embed_files(
             backbone,
             [Path(q["query_path"]) for q in pending],

@@ -792,7 +792,7 @@ _BACKBONE_CACHE: dict[str, Any] = {}
 
 def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
     """The CURRENT version loaded for lookups, and its backbone (cached between requests)."""
-    from imgsim.query.lookup import load_model, load_query_backbone
+    from imgsim.query.lookup import load_model, query_backbone
     from imgsim.versions.models import current_version
 
     layout = settings.layout
@@ -814,12 +814,7 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
         )
         backbone = _BACKBONE_CACHE.get(bkey)
         if backbone is None:
-            backbone = load_query_backbone(
-                model.manifest,
-                weights_path=settings.weights_path,
-                device=settings.device,
-                embedders=settings.layout.embedders,
-            )
+            backbone = query_backbone(settings, model.manifest)
             _BACKBONE_CACHE.clear()
             _BACKBONE_CACHE[bkey] = backbone
     return model, backbone

@@ -35,6 +35,7 @@ from imgsim.fsutil import (
     atomic_write_text,
     exclusive_lock,
     fsync_dir,
+    fsync_tree,
     read_json,
     sha256_file,
 )
@@ -503,6 +504,7 @@ def _check_graph(
         ]
     graph = pq.read_table(staged / "neighbours", columns=["image_id", "neighbour_id"])
     checks["graph_edges"] = graph.num_rows
+    problems += _check_short_lists(graph, entry, len(ids), checks)
     if graph.num_rows != entry.get("edges"):
         problems.append(
             f"neighbours/ has {graph.num_rows} edges, the manifest {entry.get('edges')}"
@@ -517,6 +519,39 @@ def _check_graph(
     if not named <= ids:
         problems.append(
             f"{len(named - ids)} images in neighbours/ or duplicates/ are not references"
+        )
+    return problems
+
+
+#: A version whose graph leaves more than this share of its references with fewer than k
+#: neighbours fails validation (a few are filled by exact search; more is a broken graph).
+MAX_SHORT_SHARE = 0.01
+
+
+def _check_short_lists(
+    graph: Any, entry: dict[str, Any], n: int, checks: dict[str, Any]
+) -> list[str]:
+    """Count, per reference, its neighbours in the graph: those with fewer than min(k, n - 1)
+    are short. The count must be what the manifest records, and at most MAX_SHORT_SHARE."""
+    import pyarrow.compute as pc
+
+    need = min(int(entry.get("k") or 0), n - 1)
+    counts = graph.group_by("image_id").aggregate([("neighbour_id", "count")])
+    full = int(pc.sum(pc.greater_equal(counts.column("neighbour_id_count"), need)).as_py() or 0)
+    short = n - full
+    checks["graph_short_lists"] = short
+    problems = []
+    recorded = entry.get("short_lists")
+    if recorded is not None and recorded != short:
+        problems.append(
+            f"the manifest records {recorded} references with fewer than {need} neighbours, "
+            f"the graph has {short}"
+        )
+    if short > MAX_SHORT_SHARE * n:
+        problems.append(
+            f"{short} of {n} references ({short / max(n, 1):.1%}) have fewer than {need} "
+            f"neighbours in the graph (at most {MAX_SHORT_SHARE:.0%} may): raise "
+            "IMGSIM_GRAPH_BUCKET_CAP or lower IMGSIM_GRAPH_K"
         )
     return problems
 
@@ -575,6 +610,7 @@ def publish(layout: Layout, version: str, *, keep: int = 5) -> str:
             if not report.exists() or read_json(report)["checks"].get("problems"):
                 raise ValidationFailed(f"{version} has not passed validation; not publishing")
             record_checksums(staged)  # the final staging directory, every file in it
+            fsync_tree(staged)  # Spark's files on disk before the rename and CURRENT name them
             os.rename(staged, final)
             fsync_dir(layout.models)
         atomic_write_text(layout.current_pointer, version + "\n")
