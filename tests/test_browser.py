@@ -113,9 +113,9 @@ class Airflow:
         except OSError:
             return ""
 
-    def password(self) -> str:
+    def password(self, user: str = "admin") -> str:
         path = self.home / "simple_auth_manager_passwords.json.generated"
-        return str(json.loads(path.read_text())["admin"])
+        return str(json.loads(path.read_text())[user])
 
     def request(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
         headers = {"Accept": "application/json"}
@@ -378,6 +378,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
                 "IMGSIM_ARCHIVE_URL": f"{url}/car_ims.tgz",
                 "IMGSIM_LABELS_URL": f"{url}/cars_annos.mat",
                 "IMGSIM_BACKBONE": "efficientnet_lite0",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -650,6 +651,33 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             )
             driver.switch_to.default_content()
             steps.shot("map")
+
+            # 10. Faults (issue 23): CURRENT naming no published version is an error box that
+            # says which and what to do (formerly a 500) ...
+            saved = layout.current_pointer.read_text()
+            layout.current_pointer.write_text("v20990101T000000Z-cccccc\n")
+            driver.get(airflow.base + "/imgsim/duplicates")
+            box = visible(driver, "#error")
+            assert "v20990101T000000Z-cccccc" in box.text, box.text
+            assert "not a published version" in box.text and "rollback" in box.text
+            steps.shot("current-missing")
+            layout.current_pointer.write_text(saved)
+            # ... and a signed-in viewer following a rollback link sees why it is refused (403),
+            # not the login form (which would only send it back here, in a loop).
+            viewer = airflow.request(
+                "POST",
+                "/auth/token",
+                {"username": "viewer", "password": airflow.password("viewer")},
+                auth=False,
+            )
+            driver.delete_cookie("_token")
+            driver.add_cookie({"name": "_token", "value": viewer["access_token"], "path": "/"})
+            driver.get(airflow.base + f"/imgsim/rollback?version={version}")
+            refused = visible(driver, "#error")
+            assert "may not roll back" in refused.text, refused.text
+            assert "/auth/login" not in driver.current_url
+            assert not driver.find_elements(By.CSS_SELECTOR, "input[name=password]")
+            steps.shot("viewer-refused")
         except Exception:
             with suppress(Exception):
                 driver.switch_to.default_content()
