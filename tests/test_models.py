@@ -400,42 +400,18 @@ def test_validation_counts_short_neighbour_lists_and_fails_above_a_small_share(
     build_version(layout.staging, v, ids, graph=True)
     part = layout.staging / v / "neighbours" / "part-0.parquet"
     edges = pq.read_table(part)
+    rows = edges.to_pylist()
     manifest_path = layout.staging / v / "manifest.json"
     manifest = read_json(manifest_path)
-    manifest["neighbours"]["short_lists"] = 0
-    atomic_write_json(manifest_path, manifest)
-    report = models.validate_staged(
-        layout,
-        v,
-        expected_count=120,
-        expected_fingerprint=snapshot_fingerprint(ids),
-        backbone=BACKBONE,
-        recall_floor=0.8,
-    )
-    assert report.checks["graph_short_lists"] == 0
-    # one image keeps 1 of its 3 neighbours (under 1%: passes, if the manifest says so)
-    rows = edges.to_pylist()
-    cut = [r for r in rows if not (r["image_id"] == ids[5] and r["rank"] > 1)]
-    pq.write_table(pa.Table.from_pylist(cut, schema=edges.schema), part)
-    manifest["neighbours"].update(short_lists=1, edges=len(cut))
-    atomic_write_json(manifest_path, manifest)
-    report = models.validate_staged(
-        layout,
-        v,
-        expected_count=120,
-        expected_fingerprint=snapshot_fingerprint(ids),
-        backbone=BACKBONE,
-        recall_floor=0.8,
-    )
-    assert report.checks["graph_short_lists"] == 1
-    # five short (4%) and a manifest that says none: fails, naming both
-    short = set(ids[:5])
-    cut = [r for r in rows if not (r["image_id"] in short and r["rank"] > 1)]
-    pq.write_table(pa.Table.from_pylist(cut, schema=edges.schema), part)
-    manifest["neighbours"].update(short_lists=0, edges=len(cut))
-    atomic_write_json(manifest_path, manifest)
-    with pytest.raises(ValidationFailed) as info:
-        models.validate_staged(
+
+    def validated(short: set[str], recorded: int) -> Any:
+        """The graph with ``short`` images cut to 1 neighbour, the manifest saying
+        ``recorded``: validation's report."""
+        cut = [r for r in rows if not (r["image_id"] in short and r["rank"] > 1)]
+        pq.write_table(pa.Table.from_pylist(cut, schema=edges.schema), part)
+        manifest["neighbours"].update(short_lists=recorded, edges=len(cut))
+        atomic_write_json(manifest_path, manifest)
+        return models.validate_staged(
             layout,
             v,
             expected_count=120,
@@ -443,6 +419,13 @@ def test_validation_counts_short_neighbour_lists_and_fails_above_a_small_share(
             backbone=BACKBONE,
             recall_floor=0.8,
         )
+
+    assert validated(set(), 0).checks["graph_short_lists"] == 0
+    # one image keeps 1 of its 3 neighbours (under 1%: passes, if the manifest says so)
+    assert validated({ids[5]}, 1).checks["graph_short_lists"] == 1
+    # five short (4%) and a manifest that says none: fails, naming both
+    with pytest.raises(ValidationFailed) as info:
+        validated(set(ids[:5]), 0)
     assert "5 of 120 references (4.2%) have fewer than 3 neighbours" in str(info.value)
     assert "records 0 references with fewer than 3 neighbours, the graph has 5" in str(info.value)
 

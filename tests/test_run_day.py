@@ -303,6 +303,33 @@ def test_kaggle_layout_with_matching_csv_and_class_names_indexes_with_names(
         assert not list(settings.layout.raw.glob("*.jpg"))
 
 
+def test_class_names_beside_the_labels_are_used_when_none_is_given(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The Kaggle CSV names classes by number; a names file in its folder (cars_meta.mat,
+    class_names.csv or names.csv, as copies of the dataset carry) names them without
+    IMGSIM_CLASS_NAMES_URL; with none there, the pages say "class N"."""
+    archive = kaggle_zip(tmp_path / "stanford-cars.zip")
+    labels = tmp_path / "labels" / "cardatasettrain.csv"
+    labels.parent.mkdir()
+    labels.write_text(
+        ",x1,y1,x2,y2,Class,image\n"
+        + "".join(
+            f"{i},0,0,9,9,{cls},{name}\n" for i, (name, (cls, _)) in enumerate(KAGGLE.items())
+        )
+    )
+    assert pipeline.names_beside(str(labels)) == []
+    fetched = pipeline.download_sources(settings, archive.as_uri(), str(labels), "", "", "")
+    assert fetched["class_names"] is None
+    (labels.parent / "class_names.csv").write_text("Class,class_name\n1,Audi TT 2012\n2,BMW M3\n")
+    assert pipeline.names_beside(labels.as_uri()) == [str(labels.parent / "class_names.csv")]
+    fetched = pipeline.download_sources(settings, archive.as_uri(), str(labels), "", "", "")
+    assert fetched["class_names"]["url"] == str(labels.parent / "class_names.csv")
+    index(settings, fetched)
+    assert {r["class_name"] for r in live_rows(settings.layout)} == {"Audi TT 2012", "BMW M3"}
+    assert pipeline.names_beside("https://example.org/labels/cars_annos.mat") == []
+
+
 def test_a_folder_name_taken_by_an_extracted_archive_is_refused(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -89,7 +89,9 @@ def publish_two_versions(layout: Layout) -> None:
 @pytest.fixture
 def app(layout: Layout) -> Iterator[FastAPI]:
     """webui.app with this test's settings (its data root; no weights file, device auto)."""
-    webui.app.dependency_overrides[webui.get_settings] = lambda: Settings(data_root=layout.root)
+    webui.app.dependency_overrides[webui.get_settings] = lambda: Settings(
+        data_root=layout.root, ui_preload=False
+    )
     webui._MODEL_CACHE.clear()
     webui._BACKBONE_CACHE.clear()
     try:
@@ -922,3 +924,88 @@ def test_a_rollback_while_an_index_run_holds_the_lease_is_refused(
         done = c.post("/rollback", data={"version": OLD}, headers=HTML, follow_redirects=False)
     assert done.status_code == 409 and "scheduled__2026-12-07" in done.text
     assert layout.current_pointer.read_text().strip() == NEW
+
+
+# -- what a data team looks at (issue 25 item 1) -------------------------------------------------
+
+
+def test_the_similar_page_heads_a_labelled_reference_with_its_class(
+    client: TestClient, layout: Layout
+) -> None:
+    from imgsim.versions.graph import similar_to
+
+    build_version(layout.models, NEW, IDS, graph=True)
+    atomic_write_text(layout.current_pointer, NEW + "\n")
+    ref = similar_to(layout, NEW, IDS[0]).reference
+    page = client.get(f"/reference/{IDS[0]}").text
+    heading = page.split('id="reference-label">')[1].split("<")[0].strip()
+    assert ref.get("class_id") is not None and heading == f"class {ref['class_id']}"
+
+
+def test_rollback_to_the_current_version_is_not_offered(
+    app: FastAPI, layout: Layout, simple_auth: None
+) -> None:
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    publish_two_versions(layout)
+    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="op", role="op")
+    with TestClient(app) as c:
+        confirm = c.get(f"/rollback?version={NEW}", headers=HTML)
+        done = c.post("/rollback", data={"version": NEW}, headers=HTML, follow_redirects=False)
+    assert confirm.status_code == 409 and "is CURRENT already" in confirm.text
+    assert "instead of" not in confirm.text
+    assert done.status_code == 409
+
+
+def test_a_duplicates_page_past_the_last_says_how_many_there_are(
+    client: TestClient, layout: Layout
+) -> None:
+    build_version(layout.models, NEW, IDS, graph=True)
+    atomic_write_text(layout.current_pointer, NEW + "\n")
+    assert client.get("/duplicates?page=1").status_code == 200
+    resp = client.get("/duplicates?page=99", headers=HTML)
+    assert resp.status_code == 404
+    assert "page 99 of the duplicate groups does not exist" in resp.text
+    assert "1 group on 1 page" in resp.text
+
+
+def test_the_upload_page_loads_the_model_in_the_background(
+    app: FastAPI, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    publish_two_versions(layout)
+    release = threading.Event()
+    loads: list[str] = []
+
+    def slow_load(settings: Settings) -> tuple[str, str]:
+        loads.append(str(settings.layout.root))
+        release.wait(10)
+        webui._MODEL_CACHE[(str(settings.layout.root), NEW)] = "model"
+        webui._BACKBONE_CACHE["b"] = "backbone"
+        return "model", "backbone"
+
+    monkeypatch.setattr(webui, "_model_and_backbone", slow_load)
+    app.dependency_overrides[webui.get_settings] = lambda: Settings(data_root=layout.root)
+    app.dependency_overrides[get_user] = FakeUser
+    webui._WARMING.clear()
+    with TestClient(app) as c:
+        first = c.get("/search").text
+        second = c.get("/search").text  # one load only, still running
+        release.set()
+        webui._WARMING[f"{layout.root}:{NEW}"].join(10)
+        third = c.get("/search").text
+    assert 'id="model-loading"' in first and 'id="model-loading"' in second
+    assert 'id="model-loading"' not in third
+    assert loads == [str(layout.root)]
+
+
+def test_pages_say_when_the_classes_have_no_names(client: TestClient, layout: Layout) -> None:
+    build_version(layout.models, NEW, IDS, graph=True)  # class ids, no class names
+    atomic_write_text(layout.current_pointer, NEW + "\n")
+    for page in (f"/reference/{IDS[0]}", "/duplicates", "/map"):
+        assert 'id="names-missing"' in client.get(page).text, page
+    assert 'id="names-missing"' not in client.get("/").text
+    assert webui.names_missing([{"class_id": 1, "class_name": "Audi TT 2012"}]) is False
+    assert webui.names_missing([(None, None), (3, "BMW M3")]) is False
+    assert webui.names_missing([(3, None)]) is True

@@ -347,6 +347,7 @@ class Settings(BaseSettings):
     keep_versions: int = Field(5, ge=1)
     max_image_pixels: int = Field(90_000_000, ge=1)
     uploads_max_mb: int = Field(1024, ge=1)  # the UI's uploads folder: oldest go past this
+    ui_preload: bool = True  # the upload page loads the model and CNN in the background
     download_timeout_s: float = Field(60.0, ge=0.1)
     download_retries: int = Field(5, ge=0)
     query_roots: Paths = ()  # folders query images may also come from

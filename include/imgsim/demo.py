@@ -106,7 +106,7 @@ def summary(data_root: Path) -> str:
         f"  images indexed  : {m['counts']['indexed']} of {len(live)} live "
         f"(quarantined: {len(quarantined_ids(layout))})",
         f"  labels          : {cov['labelled_images']} of {cov['images']} images labelled "
-        f"({100 * cov['share']:.0f}%), {cov['classes']} classes",
+        f"({100 * cov['share']:.0f}%), {cov['classes']} classes{names_note(live)}",
         f"  search space    : {describe_projection(proj)}"
         f"{': ' + proj['reason'] if proj.get('reason') else ''}",
         f"  backbone        : {m['backbone'].get('name')} {m['backbone'].get('dim')}-d "
@@ -125,6 +125,20 @@ def summary(data_root: Path) -> str:
         f"{layout.queries / 'inbox'} and trigger imgsim_query); make airflow for the UI",
     ]
     return "\n".join(lines)
+
+
+def names_note(rows: list[dict[str, Any]]) -> str:
+    """How the run summary says whether the labelled classes have names."""
+    labelled = {r["class_id"] for r in rows if r["class_id"] is not None}
+    named = {r["class_id"] for r in rows if r["class_id"] is not None and r["class_name"]}
+    if not labelled or named == labelled:
+        return ""
+    if not named:
+        return (
+            " (no class names: give cars_meta.mat with IMGSIM_CLASS_NAMES_URL, or put it "
+            "beside the labels)"
+        )
+    return f" ({len(labelled) - len(named)} without a name)"
 
 
 def describe_graph(manifest: dict[str, Any]) -> str:

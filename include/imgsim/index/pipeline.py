@@ -119,8 +119,16 @@ def download_sources(
         ("class_names", "class-names file", class_names_url, "", LABELS_HELP, False),
     ):
         if name == "class_names" and not _locations(urls):
-            out[name] = None
-            continue
+            urls = names_beside(out["labels"]["url"])
+            if not urls:
+                log.info(
+                    "class names: none given (IMGSIM_CLASS_NAMES_URL) and no %s beside the "
+                    "labels: the pages will name classes by number",
+                    " or ".join(NAMES_BESIDE_LABELS),
+                )
+                out[name] = None
+                continue
+            log.info("class names: %s, found beside the labels", urls[0])
         if not _locations(urls):
             raise SourceError(
                 f"no {what} location given (Param {name}_url or "
@@ -158,6 +166,26 @@ def download_sources(
             "failed_locations": list(res.tried),
         }
     return out
+
+
+#: Class-name files looked for in the labels' folder when none is given (Stanford's own
+#: cars_meta.mat first; the names CSVs that copies of the dataset carry).
+NAMES_BESIDE_LABELS = ("cars_meta.mat", "class_names.csv", "names.csv")
+
+
+def names_beside(labels_location: str) -> list[str]:
+    """The class-names file beside a local labels file (``cars_meta.mat`` beside
+    ``cars_annos.mat`` or the Kaggle CSV), as a one-item location list; [] when the labels are
+    not local or nothing is there (remote folders are not probed: a guess is not a request)."""
+    from imgsim.sources.download import local_path
+
+    labels = local_path(labels_location)
+    if labels is None or not labels.is_file():
+        return []
+    for name in NAMES_BESIDE_LABELS:
+        if (labels.parent / name).is_file():
+            return [str(labels.parent / name)]
+    return []
 
 
 def _locations(urls: str | Sequence[str] | None) -> list[str]:

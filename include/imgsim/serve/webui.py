@@ -178,6 +178,15 @@ def _ui(scope: Mapping[str, Any], user: Any, active: str) -> dict[str, str]:
     }
 
 
+def names_missing(items: Any) -> bool:
+    """Whether labelled items (rows with class_id / class_name) come without class names."""
+    return any(
+        (it.get("class_id") if isinstance(it, Mapping) else it[0]) is not None
+        and not (it.get("class_name") if isinstance(it, Mapping) else it[1])
+        for it in items
+    )
+
+
 def _html(
     request: Request,
     template: str,
@@ -299,9 +308,12 @@ def may_trigger_index(user: Any) -> bool:
 
 
 def _rollback_target(layout: Layout, version: str) -> dict[str, Any]:
-    from imgsim.versions.models import read_manifest
+    from imgsim.versions.models import current_version, read_manifest
 
-    return read_manifest(layout, _chosen_version(layout, version))
+    chosen = _chosen_version(layout, version)
+    if chosen == current_version(layout):
+        raise HTTPException(409, f"{chosen} is CURRENT already: there is nothing to roll back")
+    return read_manifest(layout, chosen)
 
 
 def _require_trigger(user: Any) -> None:
@@ -542,6 +554,8 @@ def similar_page(
         user=user,
         active="",
         similar=similar,
+        reference_label=class_label(similar.reference),
+        names_missing=names_missing([similar.reference, *similar.neighbours]),
         picture=_neighbour_src(layout, similar.reference),
         neighbours=neighbours,
         current=current_version(layout),
@@ -580,6 +594,13 @@ def duplicates_page(
         for g in groups
     ]
     total = int(entry.get("groups") or 0)
+    pages = max(1, -(-total // GROUPS_PER_PAGE))
+    if page > pages:
+        raise HTTPException(
+            404,
+            f"page {page} of the duplicate groups does not exist: {chosen} has {total} group"
+            f"{'' if total == 1 else 's'} on {pages} page{'' if pages == 1 else 's'}",
+        )
     return _html(
         request,
         "duplicates.html",
@@ -588,9 +609,10 @@ def duplicates_page(
         version=chosen,
         current=current_version(layout),
         groups=view,
+        names_missing=names_missing(m for g in groups for m in g.members),
         entry=entry,
         page=page,
-        pages=max(1, -(-total // GROUPS_PER_PAGE)),
+        pages=pages,
     )
 
 
@@ -638,6 +660,7 @@ def map_page(
         points=points,
         dots=dots,
         classes=len({c for c in points.class_id if c is not None}),
+        names_missing=names_missing(zip(points.class_id, points.class_name, strict=True)),
         current=current_version(layout),
     )
 
@@ -820,6 +843,37 @@ def _model_and_backbone(settings: Settings) -> tuple[Any, Any]:
     return model, backbone
 
 
+_WARMING: dict[str, threading.Thread] = {}
+
+
+def warm_model(settings: Settings) -> bool:
+    """Load the CURRENT version and its CNN in a background thread, once per version, so the
+    first upload does not wait for them (about 12 s on 2 cores); True while that load runs
+    (the page says so). A failure is left for the upload to report."""
+    from imgsim.versions.models import current_version
+
+    version = current_version(settings.layout)
+    if version is None or not settings.ui_preload:
+        return False
+    key = f"{settings.layout.root}:{version}"
+    with _LOAD_LOCK:
+        if (str(settings.layout.root), version) in _MODEL_CACHE and _BACKBONE_CACHE:
+            return False
+        thread = _WARMING.get(key)
+        if thread is None:
+
+            def warm() -> None:
+                try:
+                    _model_and_backbone(settings)
+                except Exception as exc:  # the upload itself says what is wrong
+                    log.warning("could not load %s for uploads ahead of time: %s", version, exc)
+
+            thread = threading.Thread(target=warm, name="imgsim-warm-model", daemon=True)
+            _WARMING[key] = thread
+            thread.start()
+    return thread.is_alive()
+
+
 def ready_model(settings: Settings) -> tuple[Any, Any]:
     """The CURRENT version and its backbone, loaded, or the UploadError that says why no
     model can answer (checked before an upload is stored)."""
@@ -868,7 +922,7 @@ def _search_page(
         k=k,
         max_k=MAX_K,
         max_mb=MAX_UPLOAD_BYTES // (1024 * 1024),
-        **{"error": None, "current": None, "answer": None, **context},
+        **{"error": None, "current": None, "answer": None, "loading": False, **context},
     )
 
 
@@ -878,7 +932,8 @@ def search_page(request: Request, user: CurrentUser, settings: AppSettings) -> R
         version = _chosen_version(settings.layout, None)
     except HTTPException as exc:  # none yet, or CURRENT names no published version
         return _search_page(request, user, DEFAULT_K, error=str(exc.detail))
-    return _search_page(request, user, DEFAULT_K, current=version)
+    loading = warm_model(settings)
+    return _search_page(request, user, DEFAULT_K, current=version, loading=loading)
 
 
 #: Room for the multipart framing and the other form fields around the file.

@@ -915,8 +915,9 @@ def split_locations(value: str | Sequence[str]) -> list[str]:
     return [loc for item in items for loc in str(item or "").split()]
 
 
-def _local_folder(location: str) -> Path | None:
-    """The folder ``location`` names (a plain path or ``file://`` URL), or None."""
+def local_path(location: str) -> Path | None:
+    """The local file or folder ``location`` names (a plain path or ``file://`` URL), or None
+    (another scheme)."""
     parts = urlsplit(location)
     if parts.scheme == "file" and parts.netloc in ("", "localhost"):
         raw = urllib.request.url2pathname(unquote(parts.path))
@@ -925,10 +926,15 @@ def _local_folder(location: str) -> Path | None:
     else:
         return None
     try:
-        path = Path(raw).expanduser().resolve()
+        return Path(raw).expanduser().resolve()
     except (OSError, RuntimeError):
         return None
-    return path if path.is_dir() else None
+
+
+def _local_folder(location: str) -> Path | None:
+    """The folder ``location`` names (a plain path or ``file://`` URL), or None."""
+    path = local_path(location)
+    return path if path is not None and path.is_dir() else None
 
 
 def fetch_first(
