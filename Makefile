@@ -69,6 +69,7 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## run every benchmark and rebuild benchmarks/README.md from their results
 	$(ENV) && for b in quality training embedding incremental lsh search latency duplicates graph; do \
 	  echo "== benchmarks/bench_$$b.py"; $(PY) benchmarks/bench_$$b.py $(BENCH_ARGS); done
+	$(ENV) && $(PY) benchmarks/bench_duplicates.py --set train
 	$(PY) benchmarks/report.py
 
 lock: ## re-freeze requirements.lock from the current .venv

@@ -531,7 +531,20 @@ def main() -> None:
     ap.add_argument(
         "--originals", type=int, default=300, help="photos copied (default 300 of the 1,960)"
     )
+    ap.add_argument(
+        "--set",
+        choices=("sample", "train"),
+        default="sample",
+        help="sample: the distance threshold on the 1,960-photo sample; train: the copy "
+        "verifier against the distance rule on the 8,144 training photos "
+        "(benchmarks/duplicates_train.py)",
+    )
     args = ap.parse_args()
+    if args.set == "train":
+        from duplicates_train import run
+
+        run(args.originals, args.seed)
+        return
     sample = require_sample()
     started = time.perf_counter()
     with open(sample / "labels.csv", newline="") as fh:

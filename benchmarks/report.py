@@ -20,6 +20,7 @@ ORDER = [
     "search",
     "latency",
     "duplicates",
+    "duplicates_train",
     "graph",
 ]
 

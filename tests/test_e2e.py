@@ -129,6 +129,21 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
     # The learn_projection task: every photo is labelled, so auto learns LDA from the labels
     # (cross-validated inside the references); the LSH lives in its space, and validation
     # re-projected stored vectors in NumPy and found Spark's.
+    # Near-duplicates: every candidate pair verified as one photo on its thumbnails; the
+    # sample's known same-photo pairs (found by eye, benchmarks/bench_duplicates.py) grouped.
+    dup = m["duplicates"]
+    assert dup["verification"]["min_inliers"] == 90
+    assert dup["verification"]["unverifiable"] == 0
+    assert dup["verification"]["same_photo"] <= dup["verification"]["candidates"]
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_duplicates import SAMPLE_DUPLICATES
+
+    members = pq.read_table(layout.models / m["version"] / "duplicates").to_pylist()
+    group_of = {Path(r["path"]).name: r["group"] for r in members}
+    together = [a for a, b in SAMPLE_DUPLICATES if a in group_of and group_of.get(b) == group_of[a]]
+    assert len(together) >= 5, (together, dup)
     proj = m["projection"]
     assert proj["kind"] == "lda" and proj["requested"] == "auto"
     assert proj["coverage"]["labelled_images"] == 1960 and proj["coverage"]["classes"] == 196

@@ -106,6 +106,8 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
         "graph_k": 10,
         "graph_bucket_cap": 1000,
         "duplicate_distance": 0.0,
+        "duplicate_verifier": "none",  # random vectors, no thumbnails (tests/jobargs.py)
+        "duplicate_min_inliers": 0,
         "scan_below": 4_000_000,
     }
     staged = layout.staging / "v20260101T000000Z-abcdef"

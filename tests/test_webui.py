@@ -1009,3 +1009,21 @@ def test_pages_say_when_the_classes_have_no_names(client: TestClient, layout: La
     assert webui.names_missing([{"class_id": 1, "class_name": "Audi TT 2012"}]) is False
     assert webui.names_missing([(None, None), (3, "BMW M3")]) is False
     assert webui.names_missing([(3, None)]) is True
+
+
+def test_a_duplicate_group_under_two_labels_is_flagged(client: TestClient, layout: Layout) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    build_version(layout.models, NEW, IDS, graph=True)  # group 0: ids 0 and 1
+    atomic_write_text(layout.current_pointer, NEW + "\n")
+    part = layout.models / NEW / "duplicates" / "part-0.parquet"
+    table = pq.read_table(part).to_pylist()
+    page = client.get("/duplicates").text
+    same = len({r["class_id"] for r in table}) == 1
+    assert ('data-labels-differ="1"' in page) == (not same)
+    for r in table:
+        r["class_id"] = 1 if r["image_id"] == IDS[0] else 2
+    pq.write_table(pa.Table.from_pylist(table), part)
+    page = client.get("/duplicates").text
+    assert 'data-labels-differ="1"' in page and "same photo, two labels" in page

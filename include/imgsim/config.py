@@ -59,6 +59,7 @@ EMBED_ENGINES = ("tasks", "spark")
 PROJECTIONS = ("auto", "none", "whiten", "lda")
 #: where it is learned: in the task (NumPy, streaming the store) or a Spark application
 PROJECTION_ENGINES = ("auto", "local", "spark")
+DUPLICATE_VERIFIERS = ("orb", "none")
 
 
 class ConfigError(ValueError, PermanentError):
@@ -123,6 +124,11 @@ CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
         "better: publish a trained embedder only if its held-out hit@1 beats the frozen "
         "backbone + LDA on the same photos; always: publish it regardless (experiments; the "
         "manifest records both)",
+    ),
+    "duplicate_verifier": (
+        DUPLICATE_VERIFIERS,
+        "orb: a candidate pair is one photo only when ORB keypoints of the two thumbnails "
+        "match on one RANSAC transform (mirror included); none: every pair under the distance",
     ),
     "projection_engine": (
         PROJECTION_ENGINES,
@@ -405,6 +411,8 @@ class Settings(BaseSettings):
         "5 nearest in the graph are rescored between the embeddings); 0: the distance "
         "measured on copies of sample photos (0.41)",
     )
+    duplicate_verifier: str = "orb"  # imgsim.ann.copies: is a candidate pair the same photo
+    duplicate_min_inliers: int = Field(0, ge=0)  # 0: imgsim.ann.copies.MIN_INLIERS (measured)
 
     # the trained embedder (imgsim.training, imgsim.embedding.trained)
     embedder: str = Field(

@@ -34,6 +34,8 @@ FIT_PLAN_ARGS = {
     "--graph-k": "graph_k",
     "--graph-bucket-cap": "graph_bucket_cap",
     "--duplicate-distance": "duplicate_distance",
+    "--duplicate-verifier": "duplicate_verifier",
+    "--duplicate-min-inliers": "duplicate_min_inliers",
     "--scan-below": "scan_below",
     "--base": "base",
     "--base-reason": "base_reason",

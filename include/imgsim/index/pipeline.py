@@ -673,6 +673,8 @@ def fit_settings(
         "graph_k": settings.graph_k,
         "graph_bucket_cap": settings.graph_bucket_cap,
         "duplicate_distance": settings.duplicate_distance,
+        "duplicate_verifier": settings.duplicate_verifier,
+        "duplicate_min_inliers": settings.duplicate_min_inliers,
         "scan_below": settings.scan_below,
     }
 

@@ -146,6 +146,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "space is a projection); 0: the distance measured on copies of sample photos",
     )
     p.add_argument(
+        "--duplicate-verifier",
+        choices=("orb", "none"),
+        default=setting_default("duplicate_verifier"),
+        help="orb: keep a candidate pair only when the thumbnails are the same photo "
+        "(imgsim.ann.copies); none: every pair under the distance",
+    )
+    p.add_argument(
+        "--duplicate-min-inliers",
+        type=int,
+        default=setting_default("duplicate_min_inliers"),
+        help="RANSAC inliers from which a pair is one photo; 0: the measured default",
+    )
+    p.add_argument(
         "--projection-dir",
         type=Path,
         default=None,
@@ -724,7 +737,17 @@ def neighbour_graph(
     from imgsim.ann.graph import DUPLICATE_DISTANCE
 
     threshold = args.duplicate_distance or DUPLICATE_DISTANCE
-    duplicates = ng.write_duplicates(graph, reference, threshold, out_dir / "duplicates", raw=raw)
+    duplicates = ng.write_duplicates(
+        graph,
+        reference,
+        threshold,
+        out_dir / "duplicates",
+        raw=raw,
+        thumbs=Layout(args.data_root.resolve()).thumbs
+        if args.duplicate_verifier == "orb"
+        else None,
+        min_inliers=args.duplicate_min_inliers,
+    )
     duplicates["distance_source"] = (
         "IMGSIM_DUPLICATE_DISTANCE"
         if args.duplicate_distance
@@ -884,6 +907,8 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             "graph_k": args.graph_k,
             "graph_bucket_cap": args.graph_bucket_cap,
             "duplicate_distance": args.duplicate_distance,
+            "duplicate_verifier": args.duplicate_verifier,
+            "duplicate_min_inliers": args.duplicate_min_inliers,
             "scan_below": args.scan_below,
         },
         "snapshot": {

@@ -545,11 +545,16 @@ def write_duplicates(
     threshold: float,
     out: Path,
     raw: DataFrame | None = None,
+    thumbs: Path | None = None,
+    min_inliers: int = 0,
 ) -> dict[str, Any]:
     """Near-duplicate groups of the graph's edges at or under ``threshold``, written to
     ``out``; their counts for the manifest. With ``raw`` (image_id, vector: the embeddings
     the search space projects), each image's DUPLICATE_RANK nearest are rescored there and
-    the threshold applies to those distances."""
+    the threshold applies to those distances. With ``thumbs`` (the data root's thumbnails),
+    each such candidate pair is kept only if it is the same photo
+    (:class:`imgsim.ann.copies.CopyVerifier`, ``min_inliers``; 0: its measured default):
+    groups are the connected pieces of the verified pairs."""
     from imgsim.ann.graph import DUPLICATE_RANK, duplicate_groups
 
     t0 = time.perf_counter()
@@ -573,6 +578,10 @@ def write_duplicates(
             f"more than {MAX_DUPLICATE_EDGES} edges are at or under the duplicate distance "
             f"{threshold}: it is far too large (IMGSIM_DUPLICATE_DISTANCE)"
         )
+    candidates = len(edges)
+    verified = verify_candidates(edges, thumbs, min_inliers) if thumbs is not None else {}
+    if thumbs is not None:
+        edges = edges.loc[edges["same_photo"].astype(bool).to_numpy()].reset_index(drop=True)
     g = duplicate_groups(
         edges["image_id"].to_numpy(), edges["neighbour_id"].to_numpy(), edges["distance"], threshold
     )
@@ -609,12 +618,60 @@ def write_duplicates(
         .parquet(str(out))
     )
     sizes = np.bincount(g.group) if len(g.group) else np.zeros(0, np.int64)
+    classes = cast(  # the group members' labels only (a few rows, not the index)
+        pd.DataFrame,
+        F.broadcast(members.select("image_id"))
+        .join(reference.select("image_id", "class_id"), "image_id")
+        .toPandas(),
+    )
+    conflicts = _label_conflicts(g.group, g.image_id, classes.set_index("image_id")["class_id"])
     return {
         "distance": threshold,
         **entry,
+        "candidate_edges": candidates,
+        "verification": verified or None,
         "groups": len(sizes),
         "images": len(g.image_id),
         "largest": int(sizes.max()) if len(sizes) else 0,
         "edges": len(edges),
+        "label_conflicts": conflicts,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def verify_candidates(edges: pd.DataFrame, thumbs: Path, min_inliers: int) -> dict[str, Any]:
+    """Score each candidate pair with the copy verifier on its thumbnails; adds the columns
+    ``inliers`` and ``same_photo`` to ``edges``; the counts for the manifest."""
+    from imgsim.ann.copies import MIN_INLIERS, verify_pairs
+
+    need = min_inliers or MIN_INLIERS
+    t0 = time.perf_counter()
+    scores = verify_pairs(
+        zip(edges["image_id"], edges["neighbour_id"], strict=True),
+        lambda iid: thumbs / f"{iid}.jpg",
+        need,
+    )
+    edges["inliers"] = [-1 if s is None else s.inliers for s in scores]
+    edges["same_photo"] = [s is not None and s.same(need) for s in scores]
+    return {
+        "method": "ORB keypoints of the two thumbnails, ratio test, RANSAC similarity "
+        "transform (mirror tried too): imgsim.ann.copies",
+        "min_inliers": need,
+        "min_inliers_source": "IMGSIM_DUPLICATE_MIN_INLIERS"
+        if min_inliers
+        else "measured (benchmarks/bench_duplicates.py)",
+        "candidates": len(edges),
+        "same_photo": int(edges["same_photo"].sum()),
+        "unverifiable": int(sum(s is None for s in scores)),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _label_conflicts(group: np.ndarray, image_id: np.ndarray, class_of: pd.Series) -> int:
+    """Groups whose members carry two or more labels ("same photo, two labels": label noise)."""
+    seen: dict[int, set[Any]] = {}
+    for gid, iid in zip(group.tolist(), image_id.tolist(), strict=True):
+        cls = class_of.get(str(iid))
+        if cls is not None and not (isinstance(cls, float) and np.isnan(cls)):
+            seen.setdefault(int(gid), set()).add(int(cls))
+    return sum(1 for labels in seen.values() if len(labels) > 1)

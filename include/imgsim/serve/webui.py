@@ -586,6 +586,7 @@ def duplicates_page(
     view = [
         {
             "group": g.group,
+            "labels_differ": len({m.get("class_id") for m in g.members} - {None}) > 1,
             "members": [
                 {**m, "label": class_label(m), "picture": _neighbour_src(layout, m)}
                 for m in g.members
