@@ -129,8 +129,9 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
     # The learn_projection task: every photo is labelled, so auto learns LDA from the labels
     # (cross-validated inside the references); the LSH lives in its space, and validation
     # re-projected stored vectors in NumPy and found Spark's.
-    # Near-duplicates: every candidate pair verified as one photo on its thumbnails; the
-    # sample's known same-photo pairs (found by eye, benchmarks/bench_duplicates.py) grouped.
+    # Near-duplicates: every candidate pair verified as one photo on its thumbnails. Every group
+    # is a pair known to be one photo (found by eye: the sample's list and the training set's,
+    # benchmarks/bench_duplicates.py and duplicates_train.py); most known pairs are found.
     dup = m["duplicates"]
     assert dup["verification"]["min_inliers"] == 90
     assert dup["verification"]["unverifiable"] == 0
@@ -139,11 +140,16 @@ def test_first_run_indexes_every_sample_photo(first_run: dict[str, Any]) -> None
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_duplicates import SAMPLE_DUPLICATES
+    from duplicates_train import SAME_BY_EYE
 
+    known = {frozenset(p) for p in (*SAMPLE_DUPLICATES, *SAME_BY_EYE)}
     members = pq.read_table(layout.models / m["version"] / "duplicates").to_pylist()
-    group_of = {Path(r["path"]).name: r["group"] for r in members}
-    together = [a for a, b in SAMPLE_DUPLICATES if a in group_of and group_of.get(b) == group_of[a]]
-    assert len(together) >= 5, (together, dup)
+    groups: dict[int, set[str]] = {}
+    for r in members:
+        groups.setdefault(r["group"], set()).add(Path(r["path"]).name)
+    assert groups and all(frozenset(g) in known for g in groups.values()), groups
+    found = sum(frozenset(p) in {frozenset(g) for g in groups.values()} for p in SAMPLE_DUPLICATES)
+    assert found >= 4, (groups, dup)  # 4 of 10 on this machine: the others are no candidates
     proj = m["projection"]
     assert proj["kind"] == "lda" and proj["requested"] == "auto"
     assert proj["coverage"]["labelled_images"] == 1960 and proj["coverage"]["classes"] == 196
