@@ -33,8 +33,76 @@ from imgsim.imaging import DEMO_CLASSES, synthetic_car  # noqa: E402  (re-export
 __all__ = ["DEMO_CLASSES", "synthetic_car"]
 
 
+#: Photos of the demo archive that are copies of another one of their class, as copies reach a
+#: real archive, so the duplicates page shows what it is for: (class, variant) -> (variant it
+#: copies, how: ``mirror`` + JPEG 70, or ``crop`` 90% + JPEG 80).
+DEMO_COPIES = {(0, 7): (0, "mirror"), (1, 7): (2, "crop")}
+
+
+def demo_photo(class_index: int, variant: int) -> bytes:
+    """A photo of the demo archive: :func:`imgsim.imaging.synthetic_car` on its own seeded
+    scenery (clouds, a fence, stones on the road), so no two drawings are the same picture;
+    the :data:`DEMO_COPIES` are copies of another photo. Deterministic."""
+    import random
+
+    from PIL import Image, ImageDraw, ImageOps
+
+    copied = DEMO_COPIES.get((class_index, variant))
+    if copied is not None:
+        source, how = copied
+        with Image.open(io.BytesIO(demo_photo(class_index, source))) as im:
+            img = im.convert("RGB")
+        w, h = img.size
+        if how == "mirror":
+            img, quality = ImageOps.mirror(img), 70
+        else:
+            img, quality = img.crop((w // 20, h // 20, w - w // 20, h - h // 20)), 80
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    import numpy as np
+
+    rng = random.Random(7919 * class_index + variant)
+    with Image.open(io.BytesIO(synthetic_car(class_index, variant))) as im:
+        drawing = im.convert("RGB")
+    w, h = drawing.size
+    sky = np.asarray(drawing, np.int16)[40, w - 1]
+    # each photo's own shot of the car: stretched unevenly (no similarity maps one onto another)
+    sx, sy = rng.uniform(0.65, 1.3), rng.uniform(0.8, 1.2)
+    stretched = drawing.resize((round(w * sx), round(h * sy)), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (w, h), tuple(int(v) for v in sky))
+    canvas.paste(stretched, (0, h - stretched.height) if sy < 1 else (0, 0))
+    car = np.asarray(canvas, np.int16)
+    greys = np.flatnonzero(np.abs(car[:, 2] - 90).sum(axis=1) < 40)
+    road_top = int(greys[0]) if len(greys) else int(h * 0.72)
+    scenery = Image.fromarray(np.broadcast_to(sky, car.shape).astype(np.uint8))
+    draw = ImageDraw.Draw(scenery)
+    for _ in range(rng.randint(3, 6)):  # clouds
+        cx, cy, r = rng.randint(0, w), rng.randint(30, int(h * 0.3)), rng.randint(12, 40)
+        draw.ellipse([cx - 2 * r, cy - r, cx + 2 * r, cy + r], fill=(245, 245, 245))
+    for x in range(rng.randint(0, 30), w, rng.randint(18, 40)):  # a fence behind the car
+        draw.line([x, int(h * 0.55), x, road_top], fill=(120, 90, 60), width=3)
+    draw.rectangle([0, road_top, w, h], fill=(90, 90, 90))
+    for _ in range(rng.randint(10, 20)):  # birds
+        bx, by = rng.randint(0, w), rng.randint(20, int(h * 0.4))
+        draw.line([bx - 6, by - 3, bx, by, bx + 6, by - 4], fill=(30, 30, 30), width=2)
+    for _ in range(rng.randint(8, 16)):  # stones on the road
+        sx, sy = rng.randint(0, w), rng.randint(road_top + 4, h)
+        draw.ellipse([sx, sy, sx + rng.randint(3, 9), sy + rng.randint(2, 6)], fill=(50, 50, 50))
+    back = np.asarray(scenery, np.int16)
+    rows = np.arange(h)[:, None]
+    behind = ((np.abs(car - sky).sum(axis=2) < 40) & (rows < road_top)) | (
+        (np.abs(car - 90).sum(axis=2) < 40) & (rows >= road_top)
+    )  # the drawing's sky and road: the scenery shows there, the car and its label stay
+    out = np.where(behind[..., None], back, car).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(out).save(buf, format="JPEG", quality=88)
+    return buf.getvalue()
+
+
 def build_demo_archive(out_dir: Path, per_class: int = 8) -> tuple[Path, Path]:
-    """Write ``car_ims.tgz`` and ``cars_annos.mat`` (Stanford AI Lab layout) into ``out_dir``."""
+    """Write ``car_ims.tgz`` and ``cars_annos.mat`` (Stanford AI Lab layout) into ``out_dir``:
+    :func:`demo_photo` of each demo class and variant (two of them copies of another)."""
     from imgsim.fsutil import atomic_open
     from imgsim.sources.labels import write_cars_annos_mat
 
@@ -53,7 +121,7 @@ def build_demo_archive(out_dir: Path, per_class: int = 8) -> tuple[Path, Path]:
             for v in range(per_class):
                 n += 1
                 name = f"car_ims/{n:06d}.jpg"
-                data = synthetic_car(c, v)
+                data = demo_photo(c, v)
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
                 tar.addfile(info, io.BytesIO(data))
