@@ -759,6 +759,13 @@ def test_map_page_places_every_reference_coloured_by_class(
 # -- rollback from the versions page: only roles that may trigger DAG runs ------------------
 
 
+def sign_in(app: FastAPI, role: str) -> None:
+    """Requests come from a user of ``role`` (its name), as SimpleAuthManager signs them in."""
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username=role, role=role)
+
+
 @pytest.fixture
 def simple_auth() -> Iterator[None]:
     """Airflow's SimpleAuthManager answers the permission checks (roles as configured)."""
@@ -778,10 +785,9 @@ def simple_auth() -> Iterator[None]:
 def test_rollback_is_offered_to_and_accepted_from_roles_that_may_trigger_runs(
     app: FastAPI, layout: Layout, simple_auth: None, role: str, allowed: bool
 ) -> None:
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     publish_two_versions(layout)
-    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username=role, role=role)
+    sign_in(app, role)
     with TestClient(app) as c:
         versions = c.get("/").text
         confirm = c.get(f"/rollback?version={OLD}")
@@ -802,12 +808,9 @@ def test_rollback_is_offered_to_and_accepted_from_roles_that_may_trigger_runs(
 def test_a_rollback_posted_from_another_site_or_to_no_version_is_refused(
     app: FastAPI, layout: Layout, simple_auth: None
 ) -> None:
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     publish_two_versions(layout)
-    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(
-        username="admin", role="admin"
-    )
+    sign_in(app, "admin")
     with TestClient(app) as c:
         forged = c.post(
             "/rollback", data={"version": OLD}, headers={"Origin": "https://evil.example"}
@@ -888,12 +891,9 @@ def test_the_uploads_folder_is_capped_oldest_first(tmp_path: Path) -> None:
 def test_a_signed_in_user_refused_sees_a_403_page_not_the_login_form(
     app: FastAPI, layout: Layout, simple_auth: None
 ) -> None:
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     publish_two_versions(layout)
-    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(
-        username="viewer", role="viewer"
-    )
+    sign_in(app, "viewer")
     with TestClient(app) as c:
         resp = c.get(f"/rollback?version={OLD}", headers=HTML, follow_redirects=False)
         photo = c.get("/photo?path=../secret.png", headers=HTML, follow_redirects=False)
@@ -913,13 +913,12 @@ def test_run_names_that_are_dots_are_refused(client: TestClient, layout: Layout,
 def test_a_rollback_while_an_index_run_holds_the_lease_is_refused(
     app: FastAPI, layout: Layout, simple_auth: None
 ) -> None:
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     from imgsim.versions import runlease
 
     publish_two_versions(layout)
     runlease.try_acquire(layout, "scheduled__2026-12-07", lambda _: True, deployment="db:A")
-    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="op", role="op")
+    sign_in(app, "op")
     with TestClient(app) as c:
         done = c.post("/rollback", data={"version": OLD}, headers=HTML, follow_redirects=False)
     assert done.status_code == 409 and "scheduled__2026-12-07" in done.text
@@ -945,10 +944,9 @@ def test_the_similar_page_heads_a_labelled_reference_with_its_class(
 def test_rollback_to_the_current_version_is_not_offered(
     app: FastAPI, layout: Layout, simple_auth: None
 ) -> None:
-    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     publish_two_versions(layout)
-    app.dependency_overrides[get_user] = lambda: SimpleAuthManagerUser(username="op", role="op")
+    sign_in(app, "op")
     with TestClient(app) as c:
         confirm = c.get(f"/rollback?version={NEW}", headers=HTML)
         done = c.post("/rollback", data={"version": NEW}, headers=HTML, follow_redirects=False)

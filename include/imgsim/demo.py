@@ -45,6 +45,7 @@ def demo_photo(class_index: int, variant: int) -> bytes:
     the :data:`DEMO_COPIES` are copies of another photo. Deterministic."""
     import random
 
+    import numpy as np
     from PIL import Image, ImageDraw, ImageOps
 
     copied = DEMO_COPIES.get((class_index, variant))
@@ -60,8 +61,6 @@ def demo_photo(class_index: int, variant: int) -> bytes:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=quality)
         return buf.getvalue()
-    import numpy as np
-
     rng = random.Random(7919 * class_index + variant)
     with Image.open(io.BytesIO(synthetic_car(class_index, variant))) as im:
         drawing = im.convert("RGB")
@@ -87,8 +86,8 @@ def demo_photo(class_index: int, variant: int) -> bytes:
         bx, by = rng.randint(0, w), rng.randint(20, int(h * 0.4))
         draw.line([bx - 6, by - 3, bx, by, bx + 6, by - 4], fill=(30, 30, 30), width=2)
     for _ in range(rng.randint(8, 16)):  # stones on the road
-        sx, sy = rng.randint(0, w), rng.randint(road_top + 4, h)
-        draw.ellipse([sx, sy, sx + rng.randint(3, 9), sy + rng.randint(2, 6)], fill=(50, 50, 50))
+        x0, y0 = rng.randint(0, w), rng.randint(road_top + 4, h)
+        draw.ellipse([x0, y0, x0 + rng.randint(3, 9), y0 + rng.randint(2, 6)], fill=(50, 50, 50))
     back = np.asarray(scenery, np.int16)
     rows = np.arange(h)[:, None]
     behind = ((np.abs(car - sky).sum(axis=2) < 40) & (rows < road_top)) | (
@@ -324,7 +323,7 @@ class DemoView:
         if _TASK_ERROR.search(line) and self.current is not None:
             self.failed.add(self.current)
             return None
-        if self.current in self.failed and self.current is not None:
+        if self.current is not None and self.current in self.failed:
             if m := _EXCEPTION_LINE.match(line):
                 self._error[self.current] = _error_text(m.group(1), m.group(2) or "")
                 self._continues = True

@@ -36,9 +36,8 @@ def is_permanent(exc: BaseException, *, downloads_retried: bool = False) -> bool
     retried its transient failures (retries happen at one level only).
     """
     from imgsim.errors import is_permanent as permanent
-    from imgsim.sources.download import DownloadError
 
-    return permanent(exc, retried=(DownloadError,) if downloads_retried else ())
+    return permanent(exc, retried=_retried(downloads_retried))
 
 
 def fail_fast(*, downloads_retried: bool = False) -> contextlib.AbstractContextManager[None]:
@@ -46,9 +45,15 @@ def fail_fast(*, downloads_retried: bool = False) -> contextlib.AbstractContextM
     fails the task at once, without retries); see :func:`is_permanent` for
     ``downloads_retried``."""
     from imgsim.errors import fail_fast as failing_fast
+
+    return failing_fast(retried=_retried(downloads_retried))
+
+
+def _retried(downloads_retried: bool) -> tuple[type[BaseException], ...]:
+    """The error classes a lower level has retried already (the downloader's)."""
     from imgsim.sources.download import DownloadError
 
-    return failing_fast(retried=(DownloadError,) if downloads_retried else ())
+    return (DownloadError,) if downloads_retried else ()
 
 
 @contextlib.contextmanager

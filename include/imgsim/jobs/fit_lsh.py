@@ -59,7 +59,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from imgsim.config import Layout, setting_default
+from imgsim.config import DUPLICATE_VERIFIERS, Layout, setting_default
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.jobs import run_application
 from imgsim.jobs.spark_io import live_vectors, read_embeddings, read_live_catalog
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--duplicate-verifier",
-        choices=("orb", "none"),
+        choices=DUPLICATE_VERIFIERS,
         default=setting_default("duplicate_verifier"),
         help="orb: keep a candidate pair only when the thumbnails are the same photo "
         "(imgsim.ann.copies); none: every pair under the distance",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from imgsim.config import Layout, setting_default
+from imgsim.config import Layout, Settings, setting_default
 from imgsim.errors import PermanentError
 from imgsim.versions.models import (
     banding,
@@ -277,7 +277,7 @@ def load_query_backbone(
     return backbone
 
 
-def query_backbone(settings: Any, manifest: dict[str, Any]) -> Any:
+def query_backbone(settings: Settings, manifest: dict[str, Any]) -> Any:
     """:func:`load_query_backbone` per ``settings`` (imgsim.config): its weights file, device
     and embedders, with IMGSIM_NUM_THREADS intra-op threads (the CLI, the upload and the query
     DAG all load their backbone here)."""

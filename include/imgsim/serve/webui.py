@@ -137,7 +137,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 def _version_error(request: Request, exc: Exception) -> Response:
     """A missing or damaged model version, on any page: the error box that says which and what
     to do (409), never a 500."""
-    title = "Model version damaged" if "damaged" in str(exc) else "Model version not found"
+    title = "Model version not found" if isinstance(exc, LookupError) else "Model version damaged"
     if _wants_html(request):
         page = render("error.html", ui=_ui(request.scope, None, ""), title=title, message=str(exc))
         return HTMLResponse(page, status_code=409, headers={"Cache-Control": "no-store"})
