@@ -109,6 +109,7 @@ def test_fit_writes_a_version_that_validates(spark, tmp_path: Path) -> None:
         "duplicate_verifier": "none",  # random vectors, no thumbnails (tests/jobargs.py)
         "duplicate_min_inliers": 0,
         "scan_below": 4_000_000,
+        "map_points": 4000,
     }
     staged = layout.staging / "v20260101T000000Z-abcdef"
     assert read_json(staged / "manifest.json") == manifest
@@ -371,6 +372,12 @@ def test_a_daily_change_updates_the_exact_graph_instead_of_rescanning(
     m1 = fit(spark, layout, first, "--num-hash-tables 4 --bucket-length 2.0 --sample-size 30")
     assert m1["neighbours"]["mode"] == "full"
     assert m1["neighbours"]["mode_reason"] == "no base to update: no published version"
+    # the map: every reference laid out (t-SNE) in this version, stored with it
+    map1 = m1["map"]
+    assert map1["points"] == 300 and map1["layout"] == "tsne" and map1["mode"] == "full"
+    assert map1["laid_out_in"] == first and map1["placed"] == 0
+    assert m1["files"]["map"] == "map.parquet"
+    xy1 = stored_map(layout.staging / first)
     ids = [f"{i:064x}" for i in range(300)]
     validate(layout, first, ids, recall_floor=0.0)
     publish(layout, first)
@@ -414,6 +421,14 @@ def test_a_daily_change_updates_the_exact_graph_instead_of_rescanning(
     assert all(np.allclose(near[i], dist[r], atol=1e-9) for r, i in enumerate(ref["image_id"]))
     assert got[ids[7]][0] == new[0] and entry["recall_at_k"] == 1.0
     assert set(table["rank"]) == set(range(1, 11))
+    # the map: the 12 new images placed into the first layout, the others kept where they were
+    map2 = m2["map"]
+    assert map2["mode"] == "incremental" and map2["previous"] == first, map2["mode_reason"]
+    assert map2["laid_out_in"] == first and map2["placed"] == 12 and map2["points"] == 307
+    assert map2["mode_reason"].startswith(f"12 new and 5 gone since {first}")
+    xy2 = stored_map(staged)
+    assert set(xy2) == set(ids[5:] + new)
+    assert all(xy2[i] == xy1[i] for i in ids[5:])
     # a changed k cannot reuse the graph
     third = "v20260103T000000Z-0000f3"
     validate(layout, second, ids[5:] + new, recall_floor=0.0)
@@ -421,6 +436,15 @@ def test_a_daily_change_updates_the_exact_graph_instead_of_rescanning(
     m3 = fit(spark, layout, third, "--num-hash-tables 4 --bucket-length 2.0 --graph-k 5")
     assert m3["neighbours"]["mode"] == "full"
     assert m3["neighbours"]["mode_reason"] == f"k changed (10 in {second}, now 5)"
+    assert m3["map"]["mode"] == "kept" and m3["map"]["placed"] == 12  # same space, same images
+    assert stored_map(layout.staging / third) == xy2
+
+
+def stored_map(version_dir: Path) -> dict[str, tuple[float, float]]:
+    from imgsim.ann.layout import read_map
+
+    got = read_map(version_dir / "map.parquet")
+    return {i: (float(x), float(y)) for i, (x, y) in zip(got["image_id"], got["xy"], strict=True)}
 
 
 def add_images(layout: Any, first: int, x: np.ndarray, run: str) -> list[str]:

@@ -70,11 +70,14 @@ def build_version(
     seed: int = 0,
     manifest_overrides: dict[str, Any] | None = None,
     graph: bool = False,
+    with_map: bool | None = None,
 ) -> dict[str, Any]:
     """A fitted version laid out as spark_jobs/fit_lsh.py writes it, under ``root/version``.
 
     With ``graph``, also its neighbour graph (exact, k=3) and one duplicate group (the first
-    two ids) as imgsim.jobs.neighbour_graph writes them.
+    two ids) as imgsim.jobs.neighbour_graph writes them, and (``with_map``, by default as
+    ``graph``) a stored map: the vectors' principal plane, as imgsim.jobs.version_map writes
+    a map (its layout is tested on its own).
 
     model/metadata/part-00000: Spark's JSON metadata line; model/data/*.parquet: one row with
     the random matrix as a dense, row-major (isTransposed) MatrixUDT; reference/*.parquet: the
@@ -173,6 +176,9 @@ def build_version(
     }
     if graph:
         manifest.update(write_graph(out, ids, vectors))
+    if graph if with_map is None else with_map:
+        manifest["map"] = write_test_map(out, ids, vectors)
+        manifest["files"]["map"] = manifest["map"]["file"]
     for key, value in (manifest_overrides or {}).items():
         manifest[key] = value
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -223,6 +229,23 @@ def write_graph(out: Path, ids: list[str], vectors: np.ndarray, k: int = 3) -> d
             "images": 2,
             "largest": 2,
         },
+    }
+
+
+def write_test_map(out: Path, ids: list[str], vectors: np.ndarray) -> dict[str, Any]:
+    """map.parquet of a built version (the vectors' principal plane); its manifest entry."""
+    from imgsim.ann.layout import MAP_FILE, principal_plane, write_map
+
+    write_map(out / MAP_FILE, ids, principal_plane(vectors), np.zeros(len(ids), bool))
+    return {
+        "file": MAP_FILE,
+        "points": len(ids),
+        "references": len(ids),
+        "layout": "tsne",
+        "laid_out_in": out.name,
+        "placed": 0,
+        "same_class_nearest_on_map": 0.5,
+        "same_class_nearest_in_space": 0.25,
     }
 
 

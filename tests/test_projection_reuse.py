@@ -130,7 +130,7 @@ def test_the_projection_is_learned_anew_when(tmp_path: Path, change: str, reason
 
 
 def test_currents_graph_is_updated_only_in_its_own_space(tmp_path: Path) -> None:
-    from imgsim.jobs.fit_lsh import previous_graph, space_fingerprint
+    from imgsim.jobs.bases import previous_graph, space_fingerprint
 
     layout, _ = published_with_projection(tmp_path / "data", learned_on=395)
     where = layout.models / VERSION
@@ -165,3 +165,34 @@ def test_currents_graph_is_updated_only_in_its_own_space(tmp_path: Path) -> None
     (where / "projection/projection.npz").write_bytes(b"not an npz")
     got = previous_graph(layout, 10, backbone, space)
     assert got.startswith(f"no base to update: {VERSION} is damaged: projection/projection.npz")
+
+
+def test_currents_map_is_built_on_only_in_its_own_space_and_as_recorded(tmp_path: Path) -> None:
+    """The base's stored map takes the new references in its search space only; a map file
+    whose bytes differ from those recorded at publish means a new layout, never a dead end."""
+    from imgsim.ann.layout import MAP_FILE, write_map
+    from imgsim.jobs.bases import previous_map, space_fingerprint
+
+    layout, _ = published_with_projection(tmp_path / "data", learned_on=395)
+    where = layout.models / VERSION
+    manifest = read_json(where / "manifest.json")
+    backbone = manifest["backbone"]
+    space = space_fingerprint(where, "projection/projection.npz")
+    assert previous_map(layout, backbone, space) == f"{VERSION} has no stored map"
+    ids = [f"{i:064x}" for i in range(20)]
+    write_map(where / MAP_FILE, ids, np.arange(40.0).reshape(20, 2), np.zeros(20, bool))
+    manifest["map"] = {"points": 20, "laid_out_in": VERSION}
+    manifest["files"]["map"] = MAP_FILE
+    atomic_write_json(where / "manifest.json", manifest)
+    record_checksums(where)
+    got = previous_map(layout, backbone, space)
+    assert isinstance(got, dict) and got["version"] == VERSION
+    assert got["file"] == where / MAP_FILE and got["entry"]["points"] == 20
+    assert previous_map(layout, backbone, "none").startswith("the search space changed")
+    assert previous_map(layout, {"name": "x"}, space).startswith("the backbone changed")
+    assert previous_map(layout, backbone, space, "none").startswith("the fit plan builds in full")
+    data = bytearray((where / MAP_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte: only the sha256 tells
+    (where / MAP_FILE).write_bytes(bytes(data))
+    got = previous_map(layout, backbone, space)
+    assert got.startswith(f"no base to update: {VERSION} is damaged: {MAP_FILE} has been altered")

@@ -413,6 +413,15 @@ class Settings(BaseSettings):
     )
     duplicate_verifier: str = "orb"  # imgsim.ann.copies: is a candidate pair the same photo
     duplicate_min_inliers: int = Field(0, ge=0)  # 0: imgsim.ann.copies.MIN_INLIERS (measured)
+    # the version's 2-D map (imgsim.ann.layout, imgsim.jobs.version_map); 0: no map
+    map_points: int = Field(
+        4000,
+        ge=0,
+        le=20000,
+        title="References on the map",
+        description="the fit job lays out (t-SNE) a sample of about this many references, "
+        "chosen by image id, and stores the map with the version; 0: no map",
+    )
 
     # the trained embedder (imgsim.training, imgsim.embedding.trained)
     embedder: str = Field(

@@ -37,6 +37,7 @@ FIT_PLAN_ARGS = {
     "--duplicate-verifier": "duplicate_verifier",
     "--duplicate-min-inliers": "duplicate_min_inliers",
     "--scan-below": "scan_below",
+    "--map-points": "map_points",
     "--base": "base",
     "--base-reason": "base_reason",
 }

@@ -681,6 +681,7 @@ def fit_settings(
         "duplicate_verifier": settings.duplicate_verifier,
         "duplicate_min_inliers": settings.duplicate_min_inliers,
         "scan_below": settings.scan_below,
+        "map_points": settings.map_points,
     }
 
 

@@ -21,15 +21,18 @@ includes them (``--tune-keys-per-band``, ``--tune-probes``).
 Reads ``catalog/catalog.parquet`` (live images) and ``embeddings/<backbone>/part-*.parquet``
 (newest vector per image id) and L2-normalises the vectors. With ``--projection-dir`` (what
 ``spark_jobs/learn_projection.py`` or the DAG's learn_projection task wrote) they are mapped
-into the learned space, the version keeps the map (``projection/``), and, when auto-tuning,
-the LSH takes the learn step's held-out tuning (the map pulls its training vectors together,
+into the learned space, the version keeps the projection (``projection/``), and, when
+auto-tuning, the LSH takes the learn step's held-out tuning (it pulls its training vectors together,
 so leave-one-out tuning on them would overstate recall). Then it fits the LSH, hashes the
 reference set and writes, into ``models/lsh/.staging/<version>/``:
 
 * ``model/``      the Spark model (``BucketedRandomProjectionLSHModel.load``)
 * ``reference/``  the hashed reference table: image_id, path, class_id, class_name,
                   vector (array<float>, unit length), hashes (array<bigint>, one per table)
-* ``projection/``  the learned map, when there is one
+* ``projection/``  the learned projection, when there is one
+* ``neighbours/``, ``duplicates/`` the neighbour graph and near-duplicate groups
+  (:mod:`imgsim.jobs.neighbour_graph`)
+* ``map.parquet`` the 2-D map of (a sample of) the references (:mod:`imgsim.jobs.version_map`)
 * ``manifest.json`` written last: backbone, projection, LSH parameters, the fit settings it
   received (``fit_settings``), snapshot (ids and labels fingerprints), counts and metrics
   (leave-one-out recall@k against exact search on a sample, computed partition by partition).
@@ -62,7 +65,9 @@ from pyspark.sql import types as T
 from imgsim.config import DUPLICATE_VERIFIERS, Layout, setting_default
 from imgsim.fsutil import atomic_write_json, read_json
 from imgsim.jobs import run_application
+from imgsim.jobs.bases import previous_graph, previous_map, space_fingerprint
 from imgsim.jobs.spark_io import live_vectors, read_embeddings, read_live_catalog
+from imgsim.jobs.version_map import build_map
 from imgsim.store import labels_fingerprint, snapshot_fingerprint
 
 log = logging.getLogger("imgsim.fit_lsh")
@@ -136,6 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=setting_default("scan_below"),
         help="references x dims below which the graph is computed by exact search",
+    )
+    p.add_argument(
+        "--map-points",
+        type=int,
+        default=setting_default("map_points"),
+        help="references on the version's 2-D map (t-SNE of a sample chosen by image id, "
+        "imgsim.jobs.version_map); 0: no map",
     )
     p.add_argument(
         "--duplicate-distance",
@@ -507,67 +519,6 @@ def graph_train(reference: DataFrame, n: int, size: int, seed: int) -> np.ndarra
     return np.stack(rows["vector"].map(lambda v: np.asarray(v, np.float32)).to_list())
 
 
-def space_fingerprint(version_dir: Path, projection_file: str | None) -> str:
-    """What the search space is: "none" (the embeddings) or the sha256 of the projection's
-    arrays (not of the file: a kept projection is saved again, with new zip timestamps)."""
-    if not projection_file:
-        return "none"
-    import hashlib
-
-    digest = hashlib.sha256()
-    with np.load(version_dir / projection_file, allow_pickle=False) as arrays:
-        for name in sorted(arrays.files):
-            a = np.ascontiguousarray(arrays[name])
-            digest.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
-            digest.update(a.tobytes())
-    return digest.hexdigest()
-
-
-def previous_graph(
-    layout: Layout, k: int, backbone: dict[str, Any], space: str, base: str = "current"
-) -> dict[str, Any] | str:
-    """The base version's graph (``base``: the fit plan's, or CURRENT) where it can be updated
-    instead of built anew (same k, backbone and search space): its version, directory and
-    manifest entry; else why not. The base is checked first
-    (:func:`imgsim.versions.models.base_version`): a missing or damaged one, or a graph,
-    cells or projection file whose sha256 differs from the recorded one, means a full build."""
-    from imgsim.versions.models import base_version
-
-    if base == "none":
-        return "the fit plan builds in full (no base version)"
-    checked = base_version(
-        layout,
-        None if base == "current" else base,
-        reuse=("neighbours", "neighbours_cells", "projection"),
-    )
-    if isinstance(checked, str):
-        return f"no base to update: {checked}"
-    m, version, where = checked.manifest, checked.version, checked.dir
-    graph = m.get("neighbours") or {}
-    neighbours = checked.file("neighbours")
-    if not graph or neighbours is None or not neighbours.exists():
-        return f"{version} has no neighbour graph"
-    if graph.get("k") != k:
-        return f"k changed ({graph.get('k')} in {version}, now {k})"
-    if m.get("backbone") != backbone:
-        return f"the backbone changed since {version}"
-    import zipfile
-
-    try:
-        before = space_fingerprint(where, m["files"].get("projection"))
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # never block a new fit
-        return f"{version}'s projection cannot be read: {exc}"
-    if before != space:
-        return (
-            f"the search space changed since {version} (the projection is learned anew for "
-            "every index run)"
-        )
-    method = str(graph.get("method", "")).split(":")[0]
-    if method == "cells" and not (where / str(graph.get("file", "-"))).exists():
-        return f"{version}'s graph cells are missing"
-    return {"version": version, "dir": where, "method": method, "entry": graph}
-
-
 def neighbour_graph(
     reference: DataFrame,
     args: argparse.Namespace,
@@ -847,6 +798,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
     )
     backbone_file = layout.backbone_record(args.backbone)
     backbone = read_json(backbone_file) if backbone_file.exists() else {"name": args.backbone}
+    space = space_fingerprint(out_dir, (projection_entry or {}).get("file"))
     graph_entry, duplicates_entry = neighbour_graph(
         reference,
         args,
@@ -856,13 +808,16 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         x,
         n,
         raw,
-        previous_graph(
-            layout,
-            args.graph_k,
-            backbone,
-            space_fingerprint(out_dir, (projection_entry or {}).get("file")),
-            args.base,
-        ),
+        previous_graph(layout, args.graph_k, backbone, space, args.base),
+    )
+    map_entry = build_map(
+        reference,
+        n,
+        out_dir,
+        version=args.version,
+        max_points=args.map_points,
+        seed=args.seed,
+        previous=previous_map(layout, backbone, space, args.base),
     )
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -910,6 +865,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
             "duplicate_verifier": args.duplicate_verifier,
             "duplicate_min_inliers": args.duplicate_min_inliers,
             "scan_below": args.scan_below,
+            "map_points": args.map_points,
         },
         "snapshot": {
             "fingerprint": snapshot_fingerprint(ids),
@@ -921,6 +877,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metrics,
         "neighbours": graph_entry,
         "duplicates": duplicates_entry,
+        "map": map_entry,
         "spark": {"version": spark.version, "master": spark.sparkContext.master},
         "files": {
             "model": "model",
@@ -931,6 +888,7 @@ def run(spark: SparkSession, args: argparse.Namespace) -> dict[str, Any]:
                 if graph_entry and "file" in graph_entry
                 else {}
             ),
+            **({"map": map_entry["file"]} if map_entry else {}),
             **(
                 {"projection": projection_entry["file"]}
                 if projection_entry and "file" in projection_entry

@@ -12,7 +12,7 @@ server, with menu entries in the Airflow navigation:
 - ``/imgsim/reference/<image_id>``: "similar to this reference", from the version's neighbour
   graph (no embedding); every reference thumbnail of the other pages links here;
 - ``/imgsim/duplicates``: the version's near-duplicate groups, largest first;
-- ``/imgsim/map``: a 2-D map (PCA) of the version's references, coloured by class;
+- ``/imgsim/map``: the version's stored 2-D map (t-SNE) of its references, coloured by class;
 - ``/imgsim/rollback``: make another published version CURRENT (confirmation first), for the
   users whose Airflow role may trigger imgsim_index runs (403 for the others);
 - ``/imgsim/thumb/<image_id>`` and ``/imgsim/photo?path=...``: the pictures of those pages.
@@ -619,10 +619,15 @@ def duplicates_page(
 
 @cache
 def _map_of(root: str, version: str) -> Any:
-    """The map of a published version (immutable, so computed once per API server)."""
+    """The stored map of a published version (immutable, so read once per API server)."""
     from imgsim.versions.graph import map_points
 
     return map_points(Layout(Path(root)), version)
+
+
+def class_colour(class_id: int | None) -> str:
+    """A class's colour on the map (golden-angle hues: neighbouring ids differ); grey: none."""
+    return "#999" if class_id is None else f"hsl({(int(class_id) * 137.508) % 360:.0f},70%,42%)"
 
 
 @app.get("/map", include_in_schema=False)
@@ -632,26 +637,49 @@ def map_page(
     settings: AppSettings,
     version: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
-    """A 2-D map of the version's references (PCA), coloured by class."""
+    """The version's stored 2-D map (t-SNE, laid out by the fit job), coloured by class,
+    with a legend of its classes and the islands' names on it."""
+    from imgsim.query.results import class_label
+    from imgsim.versions.graph import NoMap, map_classes
     from imgsim.versions.models import VersionDamaged, current_version
 
     layout = settings.layout
     chosen = _chosen_version(layout, version)
     try:
         points = _map_of(str(layout.root), chosen)
-    except (VersionDamaged, ValueError) as exc:
+    except (VersionDamaged, NoMap, ValueError) as exc:
         raise _graph_error(exc) from exc
     dots = [
         {
             "id": image_id,
             "x": round(20 + 960 * float(x), 1),
             "y": round(980 - 960 * float(y), 1),
-            "colour": "#999" if cid is None else f"hsl({(int(cid) * 137.508) % 360:.0f},70%,42%)",
-            "label": name or ("no label" if cid is None else f"class {cid}"),
+            "class": "" if cid is None else str(cid),
+            "colour": class_colour(cid),
+            "label": class_label({"class_id": cid, "class_name": name})
+            + (" (placed into an earlier layout)" if placed else ""),
         }
-        for image_id, cid, name, (x, y) in zip(
-            points.image_id, points.class_id, points.class_name, points.xy, strict=True
+        for image_id, cid, name, (x, y), placed in zip(
+            points.image_id,
+            points.class_id,
+            points.class_name,
+            points.xy,
+            points.placed,
+            strict=True,
         )
+    ]
+    classes = [
+        {
+            "id": c.class_id,
+            "label": class_label({"class_id": c.class_id, "class_name": c.name}),
+            "colour": class_colour(c.class_id),
+            "count": c.count,
+            "near": c.near,
+            "island": c.island,
+            "x": round(20 + 960 * c.x, 1),
+            "y": round(980 - 960 * c.y, 1),
+        }
+        for c in map_classes(points)
     ]
     return _html(
         request,
@@ -659,8 +687,11 @@ def map_page(
         user=user,
         active="map",
         points=points,
+        entry=points.entry,
         dots=dots,
-        classes=len({c for c in points.class_id if c is not None}),
+        classes=sorted(classes, key=lambda c: str(c["label"]).lower()),
+        islands=[c for c in classes if c["island"]],
+        unlabelled=sum(1 for c in points.class_id if c is None),
         names_missing=names_missing(zip(points.class_id, points.class_name, strict=True)),
         current=current_version(layout),
     )

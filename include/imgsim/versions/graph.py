@@ -1,6 +1,7 @@
 """Reading a published version's neighbour graph and near-duplicate groups (no Spark, no model).
 
-The fit job writes them (:mod:`imgsim.jobs.neighbour_graph`): ``neighbours/`` (image_id, rank,
+The fit job writes them (:mod:`imgsim.jobs.neighbour_graph`, and the map:
+:mod:`imgsim.jobs.version_map`): ``neighbours/`` (image_id, rank,
 neighbour_id, distance) and ``duplicates/`` (group, size, image_id, path, class_id, class_name,
 nearest_id, nearest_distance). Reads go through :func:`imgsim.versions.models.reading_version`,
 so a damaged version is reported as damaged. Parquet filters read only the row groups that can
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgsim.config import Layout
-from imgsim.versions.models import read_manifest, reading_version, version_dir
+from imgsim.versions.models import VersionDamaged, read_manifest, reading_version, version_dir
 
 REFERENCE_COLUMNS = ["image_id", "path", "class_id", "class_name"]
 
@@ -112,59 +113,108 @@ def duplicate_groups(
     return out, dict(manifest.get("duplicates") or {})
 
 
-#: points on the 2-D map at most (a seeded sample of the references beyond that)
-MAP_POINTS = 4000
+class NoMap(LookupError):
+    """The version has no stored map (fitted before maps, or with IMGSIM_MAP_POINTS=0)."""
+
+
+#: a class is an island on the map when at least this share of its points lie within
+#: :data:`ISLAND_RADIUS` (of the map's width) of its median point
+ISLAND_SHARE = 0.5
+ISLAND_RADIUS = 0.05
 
 
 @dataclass(frozen=True)
 class MapPoints:
-    """A 2-D layout of (a sample of) a version's references: PCA of its search-space vectors."""
+    """The stored 2-D map of (a sample of) a version's references (imgsim.jobs.version_map)."""
 
     version: str
     total: int  # references in the version
     image_id: list[str]
     class_id: list[int | None]
     class_name: list[str | None]
-    xy: Any  # (n, 2) float64 in [0, 1]
-    explained: tuple[float, float]  # variance share of the two components
+    xy: Any  # (n, 2) float64 in [0, 1], the aspect ratio kept
+    placed: list[bool]  # placed into an earlier version's layout, not laid out with the rest
+    entry: dict[str, Any]  # the manifest's ``map``: method, counts, how it was made
 
 
-def map_points(layout: Layout, version: str, max_points: int = MAP_POINTS) -> MapPoints:
-    """The references (a sample of about ``max_points``, chosen by image id: the same every
-    time) projected on the two leading principal components of their search-space vectors,
-    scaled to the unit square. The reference table is streamed, never read whole."""
-    import numpy as np
-    import pyarrow.dataset as ds
+@dataclass(frozen=True)
+class MapClass:
+    """One class on the map: where its points are and whether they form an island."""
+
+    class_id: int
+    name: str | None
+    count: int
+    x: float  # the median point, in [0, 1]
+    y: float
+    near: float  # share of its points within ISLAND_RADIUS of the median point
+
+    @property
+    def island(self) -> bool:
+        return self.count >= 3 and self.near >= ISLAND_SHARE
+
+
+def map_points(layout: Layout, version: str) -> MapPoints:
+    """The version's stored map with each point's class; NoMap when it has none. The map's
+    file is read through :func:`imgsim.versions.models.reading_version` (a damaged file is
+    reported as damage), the classes from the reference table (only the map's rows)."""
+    from imgsim.ann.layout import LayoutError, read_map, unit_square
 
     with reading_version(layout, version):
         manifest = read_manifest(layout, version)
-        total = int((manifest.get("counts") or {}).get("indexed") or 0)
-        # the first 8 hex digits of a sha256 id are uniform: keep those under the share
-        cut = int(min(1.0, max_points / max(total, 1)) * 0xFFFFFFFF)
-        ids: list[str] = []
-        classes: list[int | None] = []
-        names: list[str | None] = []
-        vectors: list[Any] = []
-        dataset = ds.dataset(version_dir(layout, version) / "reference", format="parquet")
-        for batch in dataset.to_batches(columns=["image_id", "class_id", "class_name", "vector"]):
-            rows = batch.to_pydict()
-            for i, image_id in enumerate(rows["image_id"]):
-                try:
-                    keep = int(image_id[:8], 16) <= cut
-                except ValueError:
-                    keep = True
-                if keep:
-                    ids.append(image_id)
-                    classes.append(rows["class_id"][i])
-                    names.append(rows["class_name"][i])
-                    vectors.append(rows["vector"][i])
-    if len(ids) < 3:
-        raise ValueError(f"version {version} has too few references for a map ({len(ids)})")
-    x = np.asarray(vectors, np.float64)
-    x -= x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    xy = x @ vt[:2].T
-    lo, hi = xy.min(axis=0), xy.max(axis=0)
-    xy = (xy - lo) / np.where(hi > lo, hi - lo, 1.0)
-    var = s**2 / max(float((s**2).sum()), 1e-12)
-    return MapPoints(version, total, ids, classes, names, xy, (float(var[0]), float(var[1])))
+        entry = manifest.get("map") or {}
+        name = (manifest.get("files") or {}).get("map")
+        if not entry or not name:
+            raise NoMap(
+                f"version {version} has no stored map (fitted before maps, with "
+                "IMGSIM_MAP_POINTS=0, or with fewer than 3 references); the next index run "
+                "lays one out"
+            )
+        try:
+            stored = read_map(version_dir(layout, version) / str(name))
+        except LayoutError as exc:
+            raise VersionDamaged(version, [str(exc)]) from exc
+        ids = stored["image_id"]
+        refs = reference_rows(layout, version, ids)
+    missing = [i for i in ids if i not in refs]
+    if missing:
+        raise VersionDamaged(
+            version, [f"its map names {len(missing)} image(s) that are not references"]
+        )
+    total = int((manifest.get("counts") or {}).get("indexed") or 0)
+    return MapPoints(
+        version,
+        total,
+        ids,
+        [refs[i].get("class_id") for i in ids],
+        [refs[i].get("class_name") for i in ids],
+        unit_square(stored["xy"]),
+        [bool(p) for p in stored["placed"]],
+        dict(entry),
+    )
+
+
+def map_classes(points: MapPoints) -> list[MapClass]:
+    """The labelled classes on the map, most points first: their median point and how much
+    of the class lies around it (:attr:`MapClass.island`)."""
+    import numpy as np
+
+    members: dict[int, list[int]] = {}
+    for i, cid in enumerate(points.class_id):
+        if cid is not None:
+            members.setdefault(int(cid), []).append(i)
+    out = []
+    for cid, rows in members.items():
+        xy = points.xy[rows]
+        centre = np.median(xy, axis=0)
+        near = float((np.linalg.norm(xy - centre, axis=1) <= ISLAND_RADIUS).mean())
+        out.append(
+            MapClass(
+                cid,
+                points.class_name[rows[0]],
+                len(rows),
+                float(centre[0]),
+                float(centre[1]),
+                round(near, 3),
+            )
+        )
+    return sorted(out, key=lambda c: (-c.count, c.class_id))

@@ -453,6 +453,7 @@ def validate_staged(
     if not 0 <= probes <= keys_per_band:
         problems.append(f"probes {probes} must be between 0 and keys_per_band {keys_per_band}")
     problems += _check_graph(staged, manifest, set(ids), recall_floor, checks)
+    problems += _check_map(staged, manifest, set(ids), checks)
     head = ref.slice(0, hash_check_rows)
     if head.num_rows:
         x = np.stack([np.asarray(v, np.float32) for v in head.column("vector").to_pylist()])
@@ -472,6 +473,36 @@ def validate_staged(
         raise ValidationFailed(f"version {version} failed validation: " + "; ".join(problems))
     log.info("version %s validated: %s", version, checks)
     return report
+
+
+def _check_map(
+    staged: Path, manifest: dict[str, Any], ids: set[str], checks: dict[str, Any]
+) -> list[str]:
+    """The stored map (when the version has one): one row per point the manifest counts, each
+    a distinct reference of this version, every coordinate finite."""
+    from imgsim.ann.layout import LayoutError, read_map
+
+    entry = manifest.get("map")
+    if not entry:
+        return []
+    name = (manifest.get("files") or {}).get("map")
+    if not name or not (staged / str(name)).is_file():
+        return ["the manifest lists a map but its file is missing"]
+    try:
+        stored = read_map(staged / str(name))
+    except LayoutError as exc:
+        return [str(exc)]
+    named = stored["image_id"]
+    checks["map_points"] = len(named)
+    problems = []
+    if len(named) != entry.get("points") or len(set(named)) != len(named):
+        problems.append(
+            f"the map has {len(named)} rows ({len(set(named))} distinct ids), the "
+            f"manifest {entry.get('points')}"
+        )
+    if not set(named) <= ids:
+        problems.append(f"the map names {len(set(named) - ids)} image(s) that are not references")
+    return problems
 
 
 def _check_graph(
