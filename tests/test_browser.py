@@ -639,6 +639,27 @@ def test_the_imgsim_pages_in_the_airflow_ui(env: dict[str, str], tmp_path: Path)
             driver.find_element(By.ID, "nav-map").click()
             visible(driver, "#map circle")
             assert len(driver.find_elements(By.CSS_SELECTOR, "#map circle")) == 48
+            # the dots are the layout the fit job stored with the version (t-SNE), not one
+            # the page computes
+            from imgsim.ann.layout import read_map, unit_square
+
+            assert manifest["map"]["layout"] == "tsne" and manifest["map"]["points"] == 48
+            stored = read_map(layout.models / version / manifest["files"]["map"])
+            for iid, (x, y) in zip(stored["image_id"], unit_square(stored["xy"]), strict=True):
+                dot = driver.find_element(By.CSS_SELECTOR, f'#map circle[data-id="{iid}"]')
+                assert abs(float(dot.get_attribute("cx")) - (20 + 960 * x)) < 0.11
+                assert abs(float(dot.get_attribute("cy")) - (980 - 960 * y)) < 0.11
+            assert "t-SNE of the search space" in driver.find_element(By.ID, "map-method").text
+            # the legend picks out a class: its dots stay, the others fade
+            pick = driver.find_elements(By.CSS_SELECTOR, "#legend button")[0]
+            picked = pick.get_attribute("data-class")
+            pick.click()
+            opacity = {
+                c.get_attribute("data-class") == picked: c.get_attribute("fill-opacity")
+                for c in driver.find_elements(By.CSS_SELECTOR, "#map circle")
+            }
+            assert opacity == {True: "0.75", False: "0.06"}, opacity
+            pick.click()  # again: all classes
             from selenium.webdriver.common.action_chains import ActionChains
 
             ActionChains(driver).move_to_element(

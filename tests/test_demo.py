@@ -140,3 +140,44 @@ def test_a_failed_task_shows_its_error_not_its_traceback() -> None:
         "catalog": "LabelCoverageError: the labels name 0 of 48 images (0%); expected\n"
         "      Fix: give the labels file that belongs to these images"
     }
+
+
+def test_the_summary_lines_of_an_updated_graph_and_a_placed_map() -> None:
+    """A daily run updates CURRENT's graph (no share of pairs compared: the summary once
+    failed with KeyError 'pairs_share' after the index was built) and places new references
+    into the map."""
+    from imgsim.demo import describe_graph, describe_map
+
+    manifest = {
+        "version": "v2",
+        "neighbours": {
+            "k": 10,
+            "recall_at_k": 1.0,
+            "mode": "incremental",
+            "previous": "v1",
+            "changes": {"new": 3, "gone": 1, "lost": 0},
+            "seconds": 12.5,
+        },
+        "duplicates": {"groups": 4, "distance": 0.41},
+        "map": {
+            "points": 4036,
+            "references": 8133,
+            "layout": "tsne",
+            "laid_out_in": "v1",
+            "placed": 3,
+            "seconds": 2.0,
+            "same_class_nearest_on_map": 0.9035,
+            "same_class_nearest_in_space": 0.8748,
+        },
+    }
+    assert describe_graph(manifest) == (
+        "k=10, recall@10 1.000 against exact search, updated from v1 (3 new, 1 gone), 12 s; "
+        "4 near-duplicate group(s) at distance <= 0.41"
+    )
+    assert describe_map(manifest) == (
+        "4036 of 8133 references, t-SNE, 3 placed into v1's layout, 2 s; nearest point on "
+        "the map of the same class: 90% (in the search space: 87%)"
+    )
+    manifest["map"]["laid_out_in"] = "v2"
+    assert ", laid out anew, " in describe_map(manifest)
+    assert describe_map({"version": "v2"}).startswith("none (IMGSIM_MAP_POINTS=0")

@@ -725,11 +725,14 @@ def test_similar_to_a_reference_shows_its_graph_neighbours_as_links(
 
 
 def test_a_version_without_a_graph_says_so(client: TestClient, layout: Layout) -> None:
-    publish_two_versions(layout)  # versions from before graphs
+    publish_two_versions(layout)  # versions from before graphs (and maps)
     for url in (f"/reference/{IDS[0]}", "/duplicates"):
         resp = client.get(url, headers=HTML)
         assert resp.status_code == 409
         assert "has no neighbour graph" in resp.text
+    resp = client.get("/map", headers=HTML)
+    assert resp.status_code == 409 and "has no stored map" in resp.text
+    assert "the next index run lays one out" in resp.text
 
 
 def test_duplicate_groups_page_lists_the_groups_with_links(
@@ -748,12 +751,45 @@ def test_duplicate_groups_page_lists_the_groups_with_links(
 def test_map_page_places_every_reference_coloured_by_class(
     client: TestClient, layout: Layout
 ) -> None:
+    from imgsim.ann.layout import read_map, unit_square
+
     publish_with_graph(layout)
     page = client.get("/map").text
     assert 'id="map-count">12<' in page
     assert page.count("<circle ") == 12
     assert len(set(re.findall(r'fill="(hsl\([^"]+\))"', page))) == 3  # class ids 1, 2, 3
     assert f'href="reference/{IDS[5]}?version={NEW}"' in page
+    # the dots are where the stored map puts them (nothing laid out by the page)
+    stored = read_map(layout.models / NEW / "map.parquet")
+    for iid, (x, y) in zip(stored["image_id"], unit_square(stored["xy"]), strict=True):
+        dot = re.search(rf'<circle cx="([0-9.]+)" cy="([0-9.]+)"[^>]*data-id="{iid}"', page)
+        assert dot is not None, iid
+        assert abs(float(dot[1]) - (20 + 960 * x)) < 0.06
+        assert abs(float(dot[2]) - (980 - 960 * y)) < 0.06
+    # the legend: one entry per class, with its count on the map
+    legend = re.findall(r'<li><button type="button" data-class="(\d+)" title="(\d+) on', page)
+    assert sorted(legend) == [("1", "4"), ("2", "4"), ("3", "4")]
+    assert "t-SNE of the search space" in page and "<b>50%</b>" in page
+    # altered map bytes: a damaged version, said so (never a map of garbage)
+    webui._map_of.cache_clear()
+    (layout.models / NEW / "map.parquet").write_bytes(b"PAR1 cut short")
+    resp = client.get("/map", headers=HTML)
+    assert resp.status_code == 409 and "is damaged" in resp.text
+
+
+def test_island_names_never_cover_each_other() -> None:
+    islands = [
+        {"x": 500.0, "y": 500.0, "label": "Audi A5 Coupe 2012"},
+        {"x": 510.0, "y": 505.0, "label": "Audi S5 Coupe 2012"},  # on the first: left out
+        {"x": 500.0, "y": 530.0, "label": "BMW M3 Coupe 2012"},  # below it: fits
+        {"x": 900.0, "y": 100.0, "label": "Geo Metro Convertible 1993"},
+    ]
+    named = webui.island_names(islands)
+    assert [i["label"] for i in named] == [
+        "Audi A5 Coupe 2012",
+        "BMW M3 Coupe 2012",
+        "Geo Metro Convertible 1993",
+    ]
 
 
 # -- rollback from the versions page: only roles that may trigger DAG runs ------------------

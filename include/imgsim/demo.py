@@ -184,6 +184,7 @@ def summary(data_root: Path) -> str:
         f"({metrics['queries']} queries, {100 * metrics['candidates_share']:.0f}% of the index "
         "compared)",
         f"  neighbour graph : {describe_graph(m)}",
+        f"  map             : {describe_map(m)}",
         f"  data root       : {layout.root}",
         f"  model           : {layout.models / m['version']}",
         f"  catalog         : {layout.catalog}",
@@ -209,17 +210,52 @@ def names_note(rows: list[dict[str, Any]]) -> str:
 
 
 def describe_graph(manifest: dict[str, Any]) -> str:
-    """One line on a version's neighbour graph and near-duplicate groups."""
+    """One line on a version's neighbour graph and near-duplicate groups (built in full, or
+    updated from the base's graph: then no share of pairs was compared)."""
     g, d = manifest.get("neighbours"), manifest.get("duplicates") or {}
     if not g:
         return "none (IMGSIM_GRAPH_K=0)"
+    if g.get("mode") == "incremental":
+        changes = g.get("changes") or {}
+        work = (
+            f"updated from {g.get('previous')} ({changes.get('new', 0)} new, "
+            f"{changes.get('gone', 0)} gone)"
+        )
+    elif g.get("pairs_share") is not None:
+        work = f"{100 * g['pairs_share']:.0f}% of the pairs compared"
+    else:
+        work = "built in full"
     return (
         f"k={g['k']}, recall@{g['k']} {g['recall_at_k']:.3f} against exact search, "
-        f"{100 * g['pairs_share']:.0f}% of the pairs compared, {g['seconds']:.0f} s; "
+        f"{work}, {g.get('seconds', 0):.0f} s; "
         + (
             f"{d.get('groups', 0)} near-duplicate group(s) at distance <= {d['distance']}"
             if d.get("distance") is not None
             else "no near-duplicate groups (no distance measured for this space)"
+        )
+    )
+
+
+def describe_map(manifest: dict[str, Any]) -> str:
+    """One line on a version's stored 2-D map (imgsim.jobs.version_map)."""
+    entry = manifest.get("map")
+    if not entry:
+        return "none (IMGSIM_MAP_POINTS=0, or fewer than 3 references)"
+    how = (
+        "laid out anew"
+        if entry.get("laid_out_in") in (None, manifest.get("version"))
+        else f"{entry.get('placed', 0)} placed into {entry['laid_out_in']}'s layout"
+    )
+    method = "t-SNE" if entry.get("layout") == "tsne" else "principal plane"
+    same = entry.get("same_class_nearest_on_map")
+    return (
+        f"{entry['points']} of {entry.get('references', entry['points'])} references, "
+        f"{method}, {how}, {entry.get('seconds', 0):.0f} s"
+        + (
+            f"; nearest point on the map of the same class: {same:.0%} (in the search "
+            f"space: {entry.get('same_class_nearest_in_space') or 0:.0%})"
+            if same is not None
+            else ""
         )
     )
 

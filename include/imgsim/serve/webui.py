@@ -630,6 +630,33 @@ def class_colour(class_id: int | None) -> str:
     return "#999" if class_id is None else f"hsl({(int(class_id) * 137.508) % 360:.0f},70%,42%)"
 
 
+#: the islands' names on the map: font size and the average width of a character, in the
+#: map's viewBox units (1000 wide)
+ISLAND_FONT = 10.0
+ISLAND_CHAR_WIDTH = 5.6
+
+
+def island_names(islands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The islands whose names fit on the map without covering another's, largest first (a
+    greedy pass: a name goes where it overlaps no name already placed). Islands are dicts
+    with x, y (viewBox units) and label; the others are named in the legend only."""
+    placed: list[tuple[float, float, float, float]] = []
+    named = []
+    for island in islands:
+        half = ISLAND_CHAR_WIDTH * len(str(island["label"])) / 2 + 2
+        box = (
+            float(island["x"]) - half,
+            float(island["y"]) - ISLAND_FONT,
+            float(island["x"]) + half,
+            float(island["y"]) + 3,
+        )
+        if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            continue
+        placed.append(box)
+        named.append(island)
+    return named
+
+
 @app.get("/map", include_in_schema=False)
 def map_page(
     request: Request,
@@ -691,6 +718,7 @@ def map_page(
         dots=dots,
         classes=sorted(classes, key=lambda c: str(c["label"]).lower()),
         islands=[c for c in classes if c["island"]],
+        named=island_names([c for c in classes if c["island"]]),
         unlabelled=sum(1 for c in points.class_id if c is None),
         names_missing=names_missing(zip(points.class_id, points.class_name, strict=True)),
         current=current_version(layout),
