@@ -70,7 +70,18 @@ bench: $(STAMP) ## run every benchmark and rebuild benchmarks/README.md from the
 	$(ENV) && for b in quality training embedding incremental lsh search latency duplicates graph; do \
 	  echo "== benchmarks/bench_$$b.py"; $(PY) benchmarks/bench_$$b.py $(BENCH_ARGS); done
 	$(ENV) && $(PY) benchmarks/bench_duplicates.py --set train
+	$(MAKE) bench-map
 	$(PY) benchmarks/report.py
+
+# the 8,144 training photos indexed as a user would (imgsim demo), then their map measured
+MAP_ROOT ?= test-output/bench/k8
+SHARED_DATA ?= ../shared/data
+bench-map: $(STAMP) ## index the 8,144 training photos (into MAP_ROOT) and measure their map
+	$(ENV) && export IMGSIM_DATA_ROOT=$(abspath $(MAP_ROOT))/data AIRFLOW_HOME=$(abspath $(MAP_ROOT))/airflow \
+	  IMGSIM_ARCHIVE_URL=$(abspath $(SHARED_DATA))/stanford_cars_train/cars_train.tgz \
+	  IMGSIM_LABELS_URL=$(abspath $(SHARED_DATA))/stanford_cars_labels/cardatasettrain.csv \
+	  IMGSIM_CLASS_NAMES_URL=$(abspath $(SHARED_DATA))/stanford_cars_labels/cars_meta.mat && \
+	  $(VENV)/bin/imgsim demo && $(PY) benchmarks/bench_map.py --data-root $$IMGSIM_DATA_ROOT
 
 lock: ## re-freeze requirements.lock from the current .venv
 	$(PY) -m pip freeze --all --exclude-editable | grep -v '^imgsim' > requirements.lock
@@ -81,4 +92,4 @@ clean-data: ## delete the local data root and Airflow home (keeps .venv)
 clean: clean-data ## also delete .venv
 	rm -rf $(VENV)
 
-.PHONY: help install browser-deps scaleout-deps demo test test-fast lint airflow versions bench lock clean-data clean
+.PHONY: bench-map help install browser-deps scaleout-deps demo test test-fast lint airflow versions bench lock clean-data clean

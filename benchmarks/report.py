@@ -22,6 +22,7 @@ ORDER = [
     "duplicates",
     "duplicates_train",
     "graph",
+    "map",
 ]
 
 HEADER = """# imgsim benchmarks

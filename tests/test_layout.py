@@ -51,8 +51,14 @@ def test_new_points_are_placed_among_their_own_class_and_the_old_ones_stay() -> 
     new_rows = rng.choice(len(labels), size=30, replace=False)
     old_rows = np.setdiff1d(np.arange(len(labels)), new_rows)
     old = lay_out(x[old_rows], seed=0, threads=1)
-    new_xy = place(x[old_rows], old.xy, x[new_rows], seed=0, threads=1)
+    new_xy = place(x[old_rows], old.xy, x[new_rows], seed=0)
     assert new_xy.shape == (30, 2) and np.isfinite(new_xy).all()
+    # at the median of its 3 nearest old points in the space, nudged by under a spacing
+    gap = ((x[new_rows][:, None, :] - x[old_rows][None, :, :]) ** 2).sum(axis=2)
+    median = np.median(old.xy[np.argsort(gap, axis=1)[:, :3]], axis=1)
+    spacing = np.median(np.sort(((old.xy[:, None] - old.xy[None]) ** 2).sum(2), axis=1)[:, 1])
+    assert (np.linalg.norm(new_xy - median, axis=1) < np.sqrt(spacing)).all()
+    np.testing.assert_array_equal(place(x[old_rows], old.xy, x[new_rows], seed=0), new_xy)
     # each new point's nearest old point on the map is of its class
     d = ((new_xy[:, None, :] - old.xy[None, :, :]) ** 2).sum(axis=2)
     nearest = np.asarray(labels)[old_rows][d.argmin(axis=1)]

@@ -26,6 +26,7 @@ from imgsim.ann.layout import (
     MAP_FILE,
     MAP_POINTS,
     MIN_TSNE_POINTS,
+    PLACE_NEIGHBOURS,
     RELAYOUT_SHARE,
     lay_out,
     place,
@@ -41,8 +42,9 @@ log = logging.getLogger("imgsim.version_map")
 AGREEMENT_POINTS = 4000
 METHOD = (
     "t-SNE (openTSNE, PCA initialisation, seeded) of the search-space vectors of a sample "
-    "chosen by image id; new references are placed into the previous layout (openTSNE "
-    f"transform, the others kept) until they are {RELAYOUT_SHARE:.0%} of it"
+    "chosen by image id; new references are placed into the previous layout (each at "
+    f"the median of its {PLACE_NEIGHBOURS} nearest, the others kept) until they are "
+    f"{RELAYOUT_SHARE:.0%} of it"
 )
 
 
