@@ -766,6 +766,7 @@ def test_map_page_places_every_reference_coloured_by_class(
         assert dot is not None, iid
         assert abs(float(dot[1]) - (20 + 960 * x)) < 0.06
         assert abs(float(dot[2]) - (980 - 960 * y)) < 0.06
+    assert "data-spread" not in page  # no two dots on one spot here
     # the legend: one entry per class, with its count on the map
     legend = re.findall(r'<li><button type="button" data-class="(\d+)" title="(\d+) on', page)
     assert sorted(legend) == [("1", "4"), ("2", "4"), ("3", "4")]
@@ -775,6 +776,17 @@ def test_map_page_places_every_reference_coloured_by_class(
     (layout.models / NEW / "map.parquet").write_bytes(b"PAR1 cut short")
     resp = client.get("/map", headers=HTML)
     assert resp.status_code == 409 and "is damaged" in resp.text
+
+
+def test_dots_on_one_spot_are_drawn_around_it() -> None:
+    dots = [{"x": 500.0, "y": 500.0} for _ in range(8)] + [{"x": 100.0, "y": 100.0}]
+    assert webui.spread_coincident(dots) == 7
+    spots = {(d["x"], d["y"]) for d in dots}
+    assert len(spots) == 9  # eight dots, not one
+    assert dots[0] == {"x": 500.0, "y": 500.0} and dots[8] == {"x": 100.0, "y": 100.0}
+    for i, d in enumerate(dots[1:8], start=1):
+        gap = ((d["x"] - 500) ** 2 + (d["y"] - 500) ** 2) ** 0.5
+        assert d["spread"] and abs(gap - 1.2 * webui.DOT_RADIUS * i**0.5) < 0.2
 
 
 def test_island_names_never_cover_each_other() -> None:
@@ -790,6 +802,10 @@ def test_island_names_never_cover_each_other() -> None:
         "BMW M3 Coupe 2012",
         "Geo Metro Convertible 1993",
     ]
+    # a name by the edge is moved inside the map, never cut off
+    edge = webui.island_names([{"x": 990.0, "y": 3.0, "label": "Geo Metro Convertible 1993"}])
+    half = webui.ISLAND_CHAR_WIDTH * 26 / 2 + 2
+    assert edge[0]["x"] == round(1000 - half, 1) and edge[0]["y"] == webui.ISLAND_FONT + 2
 
 
 # -- rollback from the versions page: only roles that may trigger DAG runs ------------------

@@ -636,6 +636,33 @@ ISLAND_FONT = 10.0
 ISLAND_CHAR_WIDTH = 5.6
 
 
+#: dots closer than this (viewBox units, the dot's radius) are drawn apart
+DOT_RADIUS = 4.5
+
+
+def spread_coincident(dots: list[dict[str, Any]], radius: float = DOT_RADIUS) -> int:
+    """Dots that fall on one spot are drawn around it on a sunflower spiral (in place), so
+    a tight island of eight looks like eight dots, not one (t-SNE draws the demo's synthetic
+    classes that tightly). The first dot of a spot stays where the map puts it, the i-th
+    moves by ``1.2 * radius * sqrt(i)``; each moved dot gets ``spread: True``. Returns how
+    many moved."""
+    import math
+
+    seen: dict[tuple[int, int], int] = {}
+    moved = 0
+    for dot in dots:
+        key = (round(float(dot["x"]) / radius), round(float(dot["y"]) / radius))
+        i = seen.get(key, 0)
+        seen[key] = i + 1
+        if i:
+            r, a = 1.2 * radius * math.sqrt(i), i * 2.399963
+            dot["x"] = round(float(dot["x"]) + r * math.cos(a), 1)
+            dot["y"] = round(float(dot["y"]) + r * math.sin(a), 1)
+            dot["spread"] = True
+            moved += 1
+    return moved
+
+
 def island_names(islands: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The islands whose names fit on the map without covering another's, largest first (a
     greedy pass: a name goes where it overlaps no name already placed). Islands are dicts
@@ -644,6 +671,12 @@ def island_names(islands: list[dict[str, Any]]) -> list[dict[str, Any]]:
     named = []
     for island in islands:
         half = ISLAND_CHAR_WIDTH * len(str(island["label"])) / 2 + 2
+        # inside the map: a name by the edge is moved in, never cut off
+        island = {
+            **island,
+            "x": round(min(max(float(island["x"]), half), 1000 - half), 1),
+            "y": round(max(float(island["y"]), ISLAND_FONT + 2), 1),
+        }
         box = (
             float(island["x"]) - half,
             float(island["y"]) - ISLAND_FONT,
@@ -708,6 +741,10 @@ def map_page(
         }
         for c in map_classes(points)
     ]
+    spread_coincident(dots)
+    islands = [c for c in classes if c["island"]]
+    named = island_names(islands)
+    shown = {c["id"]: c for c in named}
     return _html(
         request,
         "map.html",
@@ -717,8 +754,8 @@ def map_page(
         entry=points.entry,
         dots=dots,
         classes=sorted(classes, key=lambda c: str(c["label"]).lower()),
-        islands=[c for c in classes if c["island"]],
-        named=island_names([c for c in classes if c["island"]]),
+        islands=[shown.get(c["id"], c) for c in islands],
+        named=named,
         unlabelled=sum(1 for c in points.class_id if c is None),
         names_missing=names_missing(zip(points.class_id, points.class_name, strict=True)),
         current=current_version(layout),
