@@ -42,9 +42,6 @@ RELAYOUT_SHARE = 0.25
 #: a new point is placed at the median of this many nearest old points (measured:
 #: benchmarks/bench_map.py; 3 reached the search space's own share of same-class nearest)
 PLACE_NEIGHBOURS = 3
-#: the most points a map may have (the page draws each as an SVG circle)
-MAX_MAP_POINTS = 20000
-
 
 #: the map's file in a version: image_id, x, y (t-SNE units), placed; sorted by image id
 MAP_FILE = "map.parquet"
@@ -152,7 +149,7 @@ def place(
 
     openTSNE's own ``transform`` (median start, then optimised against the fixed points) was
     measured first and put only 23% of new training photos next to a point of their class,
-    against 82-84% for this (``benchmarks/bench_map.py``)."""
+    against 84-89% for this, as many as in the search space (``benchmarks/bench_map.py``)."""
     old_x, old_xy = _checked(old_x, "place: old points"), _checked(old_xy, "place: old layout")
     new_x = _checked(new_x, "place: new points")
     if old_x.shape[0] != old_xy.shape[0] or old_xy.shape[1] != 2:
@@ -164,27 +161,17 @@ def place(
     n_old = old_x.shape[0]
     if n_old < MIN_TSNE_POINTS:
         raise LayoutError(f"place: {n_old} old points are too few to place new ones among")
+    from imgsim.ann.graph import exact_neighbours
+    from imgsim.ann.search import smallest_k, squared_distances
+
     k = min(k or PLACE_NEIGHBOURS, n_old)
-    nearest = _nearest(new_x, old_x, k)
-    placed = np.median(old_xy[nearest], axis=1)
-    spacing = float(
-        np.median(np.linalg.norm(old_xy - old_xy[_nearest(old_xy, old_xy, 2)[:, 1]], axis=1))
-    )
+    placed = np.empty((new_x.shape[0], 2))
+    for lo in range(0, new_x.shape[0], 1024):  # exact, in blocks of rows
+        nearest = smallest_k(squared_distances(new_x[lo : lo + 1024], old_x), k)
+        placed[lo : lo + 1024] = np.median(old_xy[nearest], axis=1)
+    spacing = float(np.median(exact_neighbours(old_xy, 1)[1][:, 0]))
     rng = np.random.default_rng(seed)
     return placed + 0.1 * spacing * rng.standard_normal(placed.shape)
-
-
-def _nearest(q: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
-    """The indices of each row of ``q``'s ``k`` nearest rows of ``x`` (exact, nearest first),
-    in blocks of rows."""
-    squared = (x * x).sum(axis=1)
-    out = np.empty((q.shape[0], k), np.int64)
-    for lo in range(0, q.shape[0], 1024):
-        block = squared[None] - 2.0 * q[lo : lo + 1024] @ x.T
-        part = np.argpartition(block, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(block, part, axis=1).argsort(axis=1)
-        out[lo : lo + 1024] = np.take_along_axis(part, order, axis=1)
-    return out
 
 
 def _kl(embedding: Any) -> float | None:
@@ -196,17 +183,13 @@ def same_class_neighbours(points: np.ndarray, labels: Sequence[int | None]) -> f
     """The share of labelled points whose nearest other labelled point has the same label
     (None with fewer than two labelled points). On the map it says how much the islands are
     models; in the search space, how much there is to show."""
+    from imgsim.ann.graph import exact_neighbours
+
     keep = np.array([label is not None for label in labels], bool)
     if int(keep.sum()) < 2:
         return None
-    p = np.asarray(points, np.float64)[keep]
     lab = np.asarray([label for label in labels if label is not None])
-    squared = (p * p).sum(axis=1)
-    nearest = np.empty(len(p), np.int64)
-    for lo in range(0, len(p), 1024):  # brute force in blocks: exact in any dimension
-        block = squared[lo : lo + 1024, None] - 2.0 * p[lo : lo + 1024] @ p.T + squared[None]
-        block[np.arange(block.shape[0]), np.arange(lo, lo + block.shape[0])] = np.inf
-        nearest[lo : lo + 1024] = block.argmin(axis=1)
+    nearest = exact_neighbours(np.asarray(points, np.float64)[keep], 1)[0][:, 0]
     return round(float((lab[nearest] == lab).mean()), 4)
 
 

@@ -24,7 +24,6 @@ from pyspark.sql import functions as F
 
 from imgsim.ann.layout import (
     MAP_FILE,
-    MAP_POINTS,
     MIN_TSNE_POINTS,
     PLACE_NEIGHBOURS,
     RELAYOUT_SHARE,
@@ -171,6 +170,3 @@ def build_map(
     }
     log.info("map: %s", entry)
     return entry
-
-
-__all__ = ["MAP_FILE", "MAP_POINTS", "build_map", "map_sample"]
